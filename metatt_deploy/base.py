@@ -68,7 +68,7 @@ def load_classifier(name: str, label_names: list[str], dtype: torch.dtype = torc
         eos = config.eos_token_id
         config.pad_token_id = eos[0] if isinstance(eos, list) else eos
     return _friendly_load(
-        lambda: AutoModelForSequenceClassification.from_pretrained(path, config=config, torch_dtype=dtype),
+        lambda: AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=dtype),
         name,
         "model",
     )
