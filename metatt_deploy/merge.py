@@ -53,3 +53,22 @@ def merge_adapter(
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / MERGE_RECORD, record)
     return record
+
+
+def merge_factored(
+    adapter_dir: str | Path,
+    output: str | Path,
+    *,
+    tasks: list[str] | None = None,
+    onnx: bool = True,
+    base_model: str | None = None,
+    force: bool = False,
+) -> dict:
+    """The factored bundle of a multi-task adapter: base model once, shared cores once, one small file per task.
+
+    With ``tasks`` and an existing bundle of the same shared cores as ``output``, only those tasks are
+    added to it. Layout and checks: factored.py and docs/multitask.md.
+    """
+    from .factored import write_bundle
+
+    return write_bundle(adapter_dir, output, tasks=tasks, onnx=onnx, base_model=base_model, force=force)

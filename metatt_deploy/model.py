@@ -206,6 +206,10 @@ def load_adapter(directory: str | Path, base_model: str | None = None, tokenizer
     task = config.tasks[0]
     model = load_classifier(base, config.label_names[task])
     attach(model, config, cores)
+    if config.multitask:  # one head per task, routed per row (multitask.py)
+        from .multitask import add_task_heads
+
+        add_task_heads(model, config)
     load_head(model, heads, config)
     tok = None
     if tokenizer:
@@ -235,6 +239,10 @@ def merge_and_unload(model: nn.Module, task: str | None = None) -> nn.Module:
             base.weight.data.copy_(w.to(base.weight.dtype))
             setattr(parent, child, base)
     delattr(model, ADAPTER_ATTR)
+    if config.multitask:  # that task's head becomes the classifier, its labels the model's
+        from .multitask import select_task_head
+
+        select_task_head(model, config, t)
     for p in model.parameters():
         p.requires_grad_(False)
     return model

@@ -77,6 +77,8 @@ class TrainConfig:
             raise MetaTTError("--lr must be positive")
         if self.rank_schedule and self.method == "lora":
             raise MetaTTError("--rank-schedule applies to MetaTT methods only; drop it for --method lora")
+        if self.moments not in ("project", "reset"):  # else it would fail only at the first cut
+            raise MetaTTError(f"unknown --moments '{self.moments}'; use project or reset")
 
 
 # What differs per method: how the model is wrapped, saved and restored. Everything else is shared.
@@ -173,8 +175,10 @@ def _load_checkpoint(run: Path, cfg: TrainConfig, model: nn.Module) -> tuple[dic
     params = {k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")}
     if cfg.method != "lora":
         adapter = mt.get_adapter(model)
-        n = len(adapter.cores)
-        adapter.set_cores([params.pop(f"{mt.ADAPTER_ATTR}.cores.{k}") for k in range(n)])
+        names = {id(p): n for n, p in model.named_parameters()}
+        keys = [names[id(c)] for c in adapter.cores]
+        if all(k in params for k in keys):  # all cores trained (ranks may have been cut): rebuild them
+            adapter.set_cores([params.pop(k) for k in keys])
     current = _trainable(model)
     with torch.no_grad():
         for name, value in params.items():
@@ -204,9 +208,27 @@ def _loader(ds, collator, batch_size: int, order: list[int] | None = None) -> Da
     return DataLoader(ds.with_format("torch", columns=cols), batch_size=batch_size, shuffle=False, collate_fn=collator)
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The shuffled order of epoch ``epoch``: a pure function of the seed, for exact resumes."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+def epoch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, group: int = 50) -> list[int]:
+    """The example order of epoch ``epoch``: a pure function of the seed, for exact resumes.
+
+    Length-grouped like transformers' LengthGroupedSampler: shuffle, sort each window of
+    ``group`` batches by length so a batch pads to similar lengths (on CPU, padding is most of
+    the cost of short sentences), then shuffle the order of the batches.
+    """
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    perm = torch.randperm(len(lengths), generator=g).tolist()
+    window = batch_size * group
+    batches = []
+    for start in range(0, len(perm), window):
+        chunk = sorted(perm[start:start + window], key=lambda i: -lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]]
+
+
+def _by_length(ds) -> list[int]:
+    """Indices sorted by length: evaluation order does not matter, padding does."""
+    lengths = [len(ids) for ids in ds["input_ids"]]
+    return sorted(range(len(lengths)), key=lengths.__getitem__)
 
 
 @torch.no_grad()
@@ -222,12 +244,17 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator, num
     return compute_metrics(np.concatenate(preds), np.concatenate(labels), num_labels)
 
 
-def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
-    """Run (or resume) a training run into ``cfg.output``; returns the final metrics."""
+def prepare_run(cfg: TrainConfig, force: bool) -> tuple[Path, bool]:
+    """Check ``cfg``, decide between a fresh run and a resume, write train_config.json.
+
+    Returns (run directory, resuming). Shared by single- and multi-task training.
+    """
     cfg.check()
     run = Path(cfg.output)
     resuming = (run / "checkpoint" / "state.json").is_file() and not force
-    if run.exists() and not resuming and any(run.iterdir()) and not force:
+    # a folder holding only train_config.json is a run that failed before its first checkpoint
+    # (bad schedule, data, model): nothing to resume or lose, so the corrected command may reuse it
+    if run.exists() and not resuming and any(p.name != "train_config.json" for p in run.iterdir()) and not force:
         raise MetaTTError(f"output {run} already holds a finished or foreign run; pass --force to replace it or choose another --output")
     if resuming:
         saved = read_json(run / "train_config.json", "run config")
@@ -239,6 +266,22 @@ def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run / "train_config.json", asdict(cfg))
+    return run, resuming
+
+
+def warmup_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int, done_steps: int):
+    """Linear warm-up and decay, fast-forwarded by ``done_steps`` (after a resume or a rank cut)."""
+    sched = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    with warnings.catch_warnings():  # fast-forward before any opt.step()
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(done_steps):
+            sched.step()
+    return sched
+
+
+def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
+    """Run (or resume) a training run into ``cfg.output``; returns the final metrics."""
+    run, resuming = prepare_run(cfg, force)
 
     accelerator = Accelerator()
     torch.manual_seed(cfg.seed)
@@ -253,6 +296,7 @@ def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
         raise MetaTTError("training needs a train and a validation split; pass --validation FILE")
     collator = DataCollatorWithPadding(tokenizer)
     n_train = len(splits["train"])
+    lengths = [len(ids) for ids in splits["train"]["input_ids"]]
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total_steps = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
 
@@ -264,17 +308,12 @@ def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
 
     def build_optimizer():
         opt = _make_optimizer(cfg, model)
-        sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total_steps), total_steps)
-        with warnings.catch_warnings():  # fast-forward after a resume or rank cut, before any opt.step()
-            warnings.simplefilter("ignore", UserWarning)
-            for _ in range(state["global_step"]):
-                sched.step()
-        return opt, sched
+        return opt, warmup_schedule(cfg, opt, total_steps, state["global_step"])
 
     optimizer, scheduler = build_optimizer()
     _restore_moments(optimizer, model, moments)
     model, optimizer = accelerator.prepare(model, optimizer)
-    val_loader = accelerator.prepare(_loader(splits["validation"], collator, cfg.eval_batch_size))
+    val_loader = accelerator.prepare(_loader(splits["validation"], collator, cfg.eval_batch_size, _by_length(splits["validation"])))
     num_labels = len(task.label_names)
     counts = _count(model, cfg)
     accelerator.print(f"{cfg.method}: {counts['adapter']:,} trainable adapter parameters (+{counts['head']:,} head)")
@@ -286,11 +325,13 @@ def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
         if state["step_in_epoch"] == 0 and epoch in schedule:
             optimizer, scheduler = _cut_ranks(cfg, model, accelerator, optimizer, schedule[epoch], build_optimizer)
             counts = _count(model, cfg)
-        loader = accelerator.prepare(_loader(splits["train"], collator, cfg.batch_size, epoch_order(n_train, cfg.seed, epoch)))
+        loader = accelerator.prepare(_loader(splits["train"], collator, cfg.batch_size, epoch_order(lengths, cfg.batch_size, cfg.seed, epoch)))
         if state["step_in_epoch"]:
             loader = accelerator.skip_first_batches(loader, state["step_in_epoch"])
         for batch in loader:
             t0 = time.perf_counter()
+            # dropout masks as a function of (seed, step), so a resumed run repeats them exactly
+            torch.manual_seed(cfg.seed * 1_000_003 + state["global_step"])
             loss = model(**batch).loss
             accelerator.backward(loss)
             optimizer.step()
@@ -397,7 +438,7 @@ def _finish(cfg, run, task, splits, collator, accelerator, state, counts) -> dic
     }
     if "test" in splits and accelerator.is_main_process:
         best = load_trained(run / "best", cfg, task.label_names)
-        loader = accelerator.prepare(_loader(splits["test"], collator, cfg.eval_batch_size))
+        loader = accelerator.prepare(_loader(splits["test"], collator, cfg.eval_batch_size, _by_length(splits["test"])))
         result["test"] = evaluate(accelerator.prepare(best), loader, accelerator, len(task.label_names))
         accelerator.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in result["test"].items()))
     if accelerator.is_main_process:

@@ -65,7 +65,7 @@ def main() -> None:
     for m, rs in results.items():
         rows.append({
             "method": m,
-            "lr": LR[m] if args.lr is None else args.lr,
+            "lr": f"{LR[m] if args.lr is None else args.lr:g}",
             "test accuracy (mean ± s.e.)": mean_se([r["test"]["accuracy"] for r in rs]),
             "best val accuracy": mean_se([r["best"]["accuracy"] for r in rs]),
             "test accuracy per seed": ", ".join(f"{r['test']['accuracy']:.4f}" for r in rs),
