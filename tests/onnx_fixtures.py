@@ -1,0 +1,65 @@
+"""A tiny random BERT with a non-trivial MetaTT adapter, merged, for the export/validate tests.
+
+Shared by test_export.py and test_validate.py (pytest puts this folder on sys.path). The model
+uses the embedded model's tokenizer (so real sentences tokenize) but only 2 layers of width 32;
+``initializer_range`` is large enough that logits are of order 1, so a 1e-4 parity bound is a
+real check and not satisfied by logits that are all near zero.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from metatt_deploy import tt
+from metatt_deploy.base import load_tokenizer
+from metatt_deploy.merge import merge_adapter
+from metatt_deploy.model import attach, build_config, get_adapter, save_adapter
+
+LABELS = ["negative", "positive"]
+LABELLED = [
+    ("A wonderful film, I loved every minute.", "positive"),
+    ("Dull, slow and badly acted.", "negative"),
+    ("One of the best things I have seen this year.", "positive"),
+    ("I want my money back.", "negative"),
+    ("Charming and funny.", "positive"),
+    ("The script is a mess.", "negative"),
+]
+
+
+@dataclass
+class Tiny:
+    base: Path
+    adapter: Path
+    merged: Path
+
+
+def build_tiny(root: Path, seed: int = 0) -> Tiny:
+    """Base model folder, adapter folder (random no-no-no-no cores) and merged folder under ``root``."""
+    tokenizer = load_tokenizer(None)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=128, initializer_range=0.2,
+        num_labels=2, id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)},
+    )
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(config).eval()
+    base = root / "base"
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    adapter_config = build_config(model, rank=4, base_model=str(base))
+    attach(model, adapter_config)
+    get_adapter(model).set_cores(tt.init_cores("no-no-no-no", adapter_config.core_shapes(), seed=1))
+    adapter = save_adapter(model, root / "adapter", tokenizer)
+    merged = root / "merged"
+    merge_adapter(adapter, merged)
+    return Tiny(base, adapter, merged)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
