@@ -12,6 +12,15 @@ from transformers import BertConfig, BertForSequenceClassification
 from metatt_deploy.base import load_tokenizer
 from metatt_deploy.data import load_task
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and far faster on a shared, oversubscribed CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 WORDS = {"positive": ["good", "great", "fine", "lovely", "happy"], "negative": ["bad", "awful", "poor", "sad", "boring"]}
 
 

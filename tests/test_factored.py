@@ -39,14 +39,6 @@ SENTENCES = ["A wonderful film.", "Dull and slow, badly acted.", "ok", "The best
 PAIRS = [("A man sleeps.", "A man is awake."), ("Two dogs run.", "Animals move.")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("factored")

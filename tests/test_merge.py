@@ -28,14 +28,6 @@ from metatt_deploy.tt import tt_full, tt_ranks
 SENTENCES = ["A wonderful film, I loved it.", "Dull and slow.", "Not bad at all, actually quite good!"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------ sweeps keep the function
 
 

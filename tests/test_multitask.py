@@ -37,15 +37,6 @@ from metatt_deploy.multitask import (
 )
 from tiny_models import inputs, tiny_model
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only add spin-wait contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 LABELS = {"movie": ["negative", "positive"], "nli": ["entailment", "neutral", "contradiction"], "four": ["a", "b", "c", "d"]}
 
 

@@ -24,14 +24,6 @@ TEXTS = ["A wonderful film.", ("A man sleeps.", "A man is awake."), "ok", "Dull 
 TASKS = ["movie", "nli", "four", "movie"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("runtime")

@@ -18,14 +18,6 @@ from metatt_deploy.tt import init_cores
 from metatt_deploy.train import TrainConfig, epoch_order, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _cfg(tiny_base, out, **kw) -> TrainConfig:
     base = dict(output=str(out), model=str(tiny_base), rank=4, lr=1e-2, epochs=2, batch_size=8, max_length=16, seed=0)
     return TrainConfig(**{**base, **kw})

@@ -14,67 +14,33 @@ import pytest
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
-from transformers import BertConfig, BertForSequenceClassification
 
 from metatt_deploy import model as mt
 from metatt_deploy import rounding
 from metatt_deploy import train as train_mod
-from metatt_deploy.base import load_tokenizer
 from metatt_deploy.data import load_task
 from metatt_deploy.errors import MetaTTError
 from metatt_deploy.tt import parameter_count, tt_full, tt_ranks
 from metatt_deploy.train import TrainConfig, train
 
-WORDS = {"positive": ["good", "great", "fine", "lovely", "happy"], "negative": ["bad", "awful", "poor", "sad", "boring"]}
+from conftest import sentiment_rows
+
 MODES = [32, 2, 4, 32]  # 4D modes of the tiny BERT with targets q,k,v,o: in, layer, matrix, out
 N_TRAIN, BATCH = 32, 8
 STEPS_PER_EPOCH = N_TRAIN // BATCH
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is faster, and far faster on a shared, oversubscribed CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> Path:
-    """A tiny BERT (with dropout, as real models have) and the embedded tokenizer, in a folder."""
-    root = tmp_path_factory.mktemp("tiny-base")
-    tokenizer = load_tokenizer(None)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=48, max_position_embeddings=64, num_labels=2,
-    )
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(root)
-    tokenizer.save_pretrained(root)
-    return root
-
-
-def _rows(n: int, offset: int) -> list[dict]:
-    rows = []
-    for i in range(offset, offset + n):
-        label = "positive" if i % 2 else "negative"
-        words = WORDS[label]
-        rows.append({"text": f"this was {words[i % 5]} and {words[(i // 5) % 5]} today", "label": label})
-    return rows
 
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-data")
     for name, n, offset in (("train", N_TRAIN, 0), ("validation", 16, 100)):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(n, offset)))
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(n, offset)))
     return load_task(train=str(root / "train.jsonl"), validation=str(root / "validation.jsonl"))
 
 
-def _config(base_dir: Path, output: Path, **overrides) -> TrainConfig:
+def _config(tiny_base: Path, output: Path, **overrides) -> TrainConfig:
     settings = dict(
-        output=str(output), model=str(base_dir), rank=4, lr=1e-2, epochs=4, batch_size=BATCH, eval_batch_size=16,
+        output=str(output), model=str(tiny_base), rank=4, lr=1e-2, epochs=4, batch_size=BATCH, eval_batch_size=16,
         max_length=16, seed=3, save_steps=1000,
     )
     return TrainConfig(**{**settings, **overrides})
@@ -129,11 +95,11 @@ def _step(value) -> float:
 
 
 @pytest.mark.parametrize("moments", ["project", "reset"])
-def test_schedule_cuts_ranks_and_rebuilds_the_optimizer(base_dir, task, tmp_path, monkeypatch, moments):
+def test_schedule_cuts_ranks_and_rebuilds_the_optimizer(tiny_base, task, tmp_path, monkeypatch, moments):
     recorder = _Recorder(monkeypatch)
     cuts = _spy_cuts(monkeypatch)
     out = tmp_path / "run"
-    result = train(_config(base_dir, out, rank_schedule="6,1:4,3:2", moments=moments), task)
+    result = train(_config(tiny_base, out, rank_schedule="6,1:4,3:2", moments=moments), task)
     steps_per_epoch = STEPS_PER_EPOCH
 
     # the cuts ran at the start of epochs 1 and 3 (0-based) and the history shows the shrinking adapter
@@ -181,7 +147,7 @@ def test_schedule_cuts_ranks_and_rebuilds_the_optimizer(base_dir, task, tmp_path
     assert tt_ranks([weights[f"core.{k}"] for k in range(4)]) == expected[best]
 
 
-def test_cut_discards_exactly_what_the_sweep_reports(base_dir, task, tmp_path, monkeypatch):
+def test_cut_discards_exactly_what_the_sweep_reports(tiny_base, task, tmp_path, monkeypatch):
     """The tensor after the cut is the sweep of the tensor before it (an independent sweep agrees)."""
     _Recorder(monkeypatch)
     seen = []
@@ -194,7 +160,7 @@ def test_cut_discards_exactly_what_the_sweep_reports(base_dir, task, tmp_path, m
 
     monkeypatch.setattr(rounding, "sweep", spy)
     cuts = _spy_cuts(monkeypatch)
-    train(_config(base_dir, tmp_path / "run", rank_schedule="6,1:3", epochs=2), task)
+    train(_config(tiny_base, tmp_path / "run", rank_schedule="6,1:3", epochs=2), task)
     (before, result), = seen
     assert result.ranks_before == [6, 6, 6] and result.ranks_after == [3, 3, 3]
     assert 0 < result.relative_error_bound < 1
@@ -217,59 +183,59 @@ def test_cut_discards_exactly_what_the_sweep_reports(base_dir, task, tmp_path, m
         ("8,1:oops", 3, "'oops' is not a valid rank"),
     ],
 )
-def test_schedule_errors_come_before_any_training_step(base_dir, task, tmp_path, monkeypatch, schedule, epochs, match):
+def test_schedule_errors_come_before_any_training_step(tiny_base, task, tmp_path, monkeypatch, schedule, epochs, match):
     recorder = _Recorder(monkeypatch)
     out = tmp_path / "run"
     with pytest.raises(MetaTTError, match=match):
-        train(_config(base_dir, out, rank_schedule=schedule, epochs=epochs), task)
+        train(_config(tiny_base, out, rank_schedule=schedule, epochs=epochs), task)
     assert recorder.losses == []
     assert not (out / "checkpoint").exists() and not (out / "best").exists()
     assert not out.exists() or {p.name for p in out.iterdir()} <= {"train_config.json"}
 
 
-def test_corrected_schedule_reuses_the_output_of_a_failed_run(base_dir, task, tmp_path, monkeypatch):
+def test_corrected_schedule_reuses_the_output_of_a_failed_run(tiny_base, task, tmp_path, monkeypatch):
     """A run that failed before its first checkpoint is not in the way: no --force needed."""
     recorder = _Recorder(monkeypatch)
     out = tmp_path / "run"
     with pytest.raises(MetaTTError, match="raises bond 1"):
-        train(_config(base_dir, out, rank_schedule="4,1:6", epochs=2), task)
-    result = train(_config(base_dir, out, rank_schedule="4,1:2", epochs=2), task)
+        train(_config(tiny_base, out, rank_schedule="4,1:6", epochs=2), task)
+    result = train(_config(tiny_base, out, rank_schedule="4,1:2", epochs=2), task)
     assert len(recorder.losses) == 2 * STEPS_PER_EPOCH and result["trainable_parameters"]["adapter"] == parameter_count(MODES, [2] * 3)
     assert json.loads((out / "train_config.json").read_text())["rank_schedule"] == "4,1:2"
 
 
-def test_schedule_above_what_the_mode_allows_after_the_start(base_dir, task, tmp_path, monkeypatch):
+def test_schedule_above_what_the_mode_allows_after_the_start(tiny_base, task, tmp_path, monkeypatch):
     """A schedule whose later entry exceeds the bond's bound fails in check_schedule, before training."""
     recorder = _Recorder(monkeypatch)
     with pytest.raises(MetaTTError, match="allows ranks 1 to 32"):
-        train(_config(base_dir, tmp_path / "run", rank_schedule="4,1:33"), task)
+        train(_config(tiny_base, tmp_path / "run", rank_schedule="4,1:33"), task)
     assert recorder.losses == []
 
 
-def test_rank_schedule_is_refused_for_lora_and_unknown_moments_up_front(base_dir, tmp_path):
+def test_rank_schedule_is_refused_for_lora_and_unknown_moments_up_front(tiny_base, tmp_path):
     with pytest.raises(MetaTTError, match="MetaTT methods only"):
-        train(_config(base_dir, tmp_path / "run", method="lora", rank_schedule="8,1:4"), None)
+        train(_config(tiny_base, tmp_path / "run", method="lora", rank_schedule="8,1:4"), None)
     with pytest.raises(MetaTTError, match="unknown --moments 'keep'"):
-        train(_config(base_dir, tmp_path / "run", rank_schedule="8,1:4", moments="keep"), None)
+        train(_config(tiny_base, tmp_path / "run", rank_schedule="8,1:4", moments="keep"), None)
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("schedule", [None, "6,1:3"])
-def test_interrupted_run_resumes_to_the_same_adapter(base_dir, task, tmp_path, monkeypatch, schedule):
+def test_interrupted_run_resumes_to_the_same_adapter(tiny_base, task, tmp_path, monkeypatch, schedule):
     """Stop mid-epoch after a checkpoint, re-run: the final adapter equals an uninterrupted run's."""
     cfg = dict(epochs=2, save_steps=3, rank_schedule=schedule)
     _Recorder(monkeypatch)
-    full = train(_config(base_dir, tmp_path / "full", **cfg), task)
+    full = train(_config(tiny_base, tmp_path / "full", **cfg), task)
 
     _Recorder(monkeypatch, stop_at=8)  # checkpoints at steps 3, 4 (epoch end) and 6; stop in step 8
     with pytest.raises(_Interrupted):
-        train(_config(base_dir, tmp_path / "cut", **cfg), task)
+        train(_config(tiny_base, tmp_path / "cut", **cfg), task)
     state = json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())
     assert (state["global_step"], state["epoch"], state["step_in_epoch"]) == (6, 1, 2)
     assert not (tmp_path / "cut" / "metrics.json").exists()
 
     recorder = _Recorder(monkeypatch)
-    resumed = train(_config(base_dir, tmp_path / "cut", **cfg), task)
+    resumed = train(_config(tiny_base, tmp_path / "cut", **cfg), task)
     assert len(recorder.losses) == 2  # steps 7 and 8 only
     assert resumed["history"] == full["history"]
     a = load_file(str(tmp_path / "full" / "checkpoint" / "trainable.safetensors"))
@@ -283,24 +249,24 @@ def test_interrupted_run_resumes_to_the_same_adapter(base_dir, task, tmp_path, m
         torch.testing.assert_close(wb[key], wa[key], atol=1e-6, rtol=1e-5, msg=key)
 
 
-def test_resume_with_other_settings_is_refused(base_dir, task, tmp_path, monkeypatch):
+def test_resume_with_other_settings_is_refused(tiny_base, task, tmp_path, monkeypatch):
     _Recorder(monkeypatch, stop_at=3)
     with pytest.raises(_Interrupted):
-        train(_config(base_dir, tmp_path / "run", epochs=2, save_steps=2, rank_schedule="6,1:3"), task)
+        train(_config(tiny_base, tmp_path / "run", epochs=2, save_steps=2, rank_schedule="6,1:3"), task)
     _Recorder(monkeypatch)
     with pytest.raises(MetaTTError, match="other settings"):
-        train(_config(base_dir, tmp_path / "run", epochs=2, save_steps=2, rank_schedule="6,1:2"), task)
+        train(_config(tiny_base, tmp_path / "run", epochs=2, save_steps=2, rank_schedule="6,1:2"), task)
 
 
-def test_cli_schedule_error_is_one_line(base_dir, tmp_path, monkeypatch):
+def test_cli_schedule_error_is_one_line(tiny_base, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from metatt_deploy.cli import app
 
     recorder = _Recorder(monkeypatch)
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in _rows(20, 0)))
-    args = ["train", "--train", str(data), "--model", str(base_dir), "-o", str(tmp_path / "run"), "--epochs", "2", "--max-length", "16"]
+    data.write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(20, 0)))
+    args = ["train", "--train", str(data), "--model", str(tiny_base), "-o", str(tmp_path / "run"), "--epochs", "2", "--max-length", "16"]
     for schedule, message in (("4,1:6", "raises bond 1 from 4 to 6"), ("4,2:2", "names epoch 2")):
         result = CliRunner().invoke(app, args + ["--rank-schedule", schedule])
         errors = [line for line in result.output.splitlines() if line.startswith("error: ")]  # (datasets' progress bars aside)
