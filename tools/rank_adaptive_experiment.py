@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 ARMS = ("fixed", "sweep-project", "sweep-reset")
 ARM_LABEL = {"fixed": "AdamW, fixed rank", "sweep-project": "AdamW + sweeps (project)", "sweep-reset": "AdamW + sweeps (reset)"}
-DEFAULT_SAMPLES = {"movie-sentiment": (1600, 400), "snli": (3000, 600)}
+DEFAULT_SAMPLES = {"movie-sentiment": (1600, 400), "snli": (2000, 500)}  # what docs/rank-adaptive.md reports
 CUT_RE = re.compile(r"rank cut \[([\d, ]+)\] -> \[([\d, ]+)\] \(relative error ([0-9.e+-]+)\)")
 
 
@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--schedule", default="10,1:8,2:6,3:4", help="rank schedule of the sweep arms")
     p.add_argument("--fixed-rank", type=int, default=4)
     p.add_argument("--moments-task", default="movie-sentiment", help="task that also gets the sweep-reset arm ('' for none)")
-    p.add_argument("--samples", default="", help="per task TRAIN/VAL, e.g. movie-sentiment=1600/400,snli=3000/600 (defaults those)")
+    p.add_argument("--samples", default="", help="per task TRAIN/VAL, e.g. snli=3000/600 (defaults: movie-sentiment=1600/400,snli=2000/500)")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--alpha", type=float, default=None, help="MetaTT alpha (default: the package default)")
@@ -228,7 +228,7 @@ def summarise(args, data: dict) -> tuple[list[dict], list[dict]]:
                 "final-epoch val acc %": _fmt(*final),
                 "test acc % (best ckpt)": _fmt(*test),
                 "final adapter params": vals[0]["history"][-1]["trainable"],
-                "median step s": f"{statistics.median(r['step_time_median_s'] for r in vals):.2f}",
+                "median step s (shared CPU)": f"{statistics.median(r['step_time_median_s'] for r in vals):.2f}",
                 "sweep rel. error per cut (mean)": ", ".join(f"{k}: {statistics.fmean(v):.3f}" for k, v in per_cut.items()),
             })
         fixed = arms.get("fixed", {})
@@ -280,6 +280,8 @@ def plot(args, data: dict, path: Path) -> None:
             ses = [statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else 0.0 for v in per_epoch]
             ax.plot(xs, means, marker="o", color=colors[arm], label=f"{ARM_LABEL[arm]} (n={len(runs)})")
             ax.fill_between(xs, [m - s for m, s in zip(means, ses)], [m + s for m, s in zip(means, ses)], color=colors[arm], alpha=0.15)
+            for r in runs.values():  # every seed, thin: a mean can hide one diverged run
+                ax.plot(xs, [h["accuracy"] * 100 for h in r["history"][:n_epochs]], color=colors[arm], alpha=0.35, linewidth=0.7)
         for epoch, ranks in schedule.items():
             if epoch == 0:
                 continue
@@ -292,7 +294,7 @@ def plot(args, data: dict, path: Path) -> None:
         ax.set_ylabel("validation accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"MetaTT-4D on all-MiniLM-L6-v2: fixed rank {args.fixed_rank} vs sweeps {args.schedule} (lr {args.lr:g}; mean ± s.e.)", fontsize=9, y=1.04)
+    fig.suptitle(f"MetaTT-4D on all-MiniLM-L6-v2: fixed rank {args.fixed_rank} vs sweeps {args.schedule} (lr {args.lr:g}; mean ± s.e., thin: seeds)", fontsize=9, y=1.04)
     save_figure(fig, path)
 
 
@@ -318,7 +320,7 @@ def report(args) -> dict:
             "Best validation accuracy per run, then mean ± standard error over seeds.\n",
             markdown_table(rows)]
     if diffs:
-        text += ["\nPaired by seed (same data, order and head initialisation):\n", markdown_table(diffs)]
+        text += ["\nPaired by seed (same data, data order, head initialisation and dropout masks):\n", markdown_table(diffs)]
     atomic_write_text(out / "results.md", "\n".join(text))
     plot(args, data, out / "rank-adaptive.png")
     if args.figure and (out / "rank-adaptive.png").is_file():
