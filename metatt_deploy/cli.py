@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -75,8 +74,8 @@ def train(
     lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (scaling alpha/r); default: equal to --rank.")] = None,
     init: Annotated[Optional[str], typer.Option(help="Per-core initialisation, e.g. ze-id-id-id (ze zeros, id identity, no normal std 0.2).")] = None,
     targets: Annotated[str, typer.Option(help="Matrix types to adapt: q,k,v,o,up,down (gate for LLaMA), or name=module_suffix pairs.")] = "q,k,v,o",
-    lr: Annotated[float, typer.Option(help="AdamW learning rate for the adapter.")] = 5e-3,
-    head_lr: Annotated[Optional[float], typer.Option(help="Learning rate of the classification head (default: --lr).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate for the adapter. Default: 1e-3 (MetaTT, LoRA, joint multi-task); 5e-3 with --add-task.")] = None,
+    head_lr: Annotated[Optional[float], typer.Option(help="Learning rate of the classification head(s). Default: 5e-3 for MetaTT (single- and multi-task), --lr for LoRA.")] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 3,
     batch_size: Annotated[int, typer.Option(help="Training batch size per device.")] = 32,
@@ -100,7 +99,7 @@ def train(
     With --task (repeated), train several tasks jointly; with --add-task and --from, add a task to a trained multi-task adapter.
     """
     if task_specs or add_task or from_adapter:
-        from .multitask import train_from_cli
+        from .multitask_train import train_from_cli
 
         if dataset or train_file or validation_file or test_file:
             raise MetaTTError("--task/--add-task name their own data; drop --dataset/--train/--validation/--test")

@@ -46,7 +46,9 @@ def merge_adapter(
         adapter = get_adapter(model)
         cores, rel_error = round_tt([c.detach() for c in adapter.cores], max_rank)
         adapter.set_cores(cores)
-        record.update(rounded_to=max_rank, ranks=list(config.ranks), rounding_relative_error=float(rel_error))
+        # "ranks" stays the trained adapter's; the merged update has the rounded bond ranks
+        record.update(rounded_to=max_rank, rounded_ranks=[int(c.shape[-1]) for c in cores[:-1]],
+                      rounding_relative_error=float(rel_error))
     merge_and_unload(model, config.tasks[task_index] if config.multitask else None)
     with atomic_dir(output, force=force) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

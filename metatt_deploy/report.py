@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -9,7 +10,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from tqdm.auto import tqdm  # noqa: E402
+
 from .atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
+
+
+def progress_bar(total: int, initial: int, desc: str, enabled: bool = True) -> tqdm:
+    """A training progress bar that keeps logs readable.
+
+    On a terminal it redraws often; when stderr is a file or pipe (CI, nohup, accelerate
+    launch) every redraw is a new line in the log, so it redraws at most every 30 seconds.
+    Callers update the postfix with ``refresh=False`` so it rides along with those redraws.
+    """
+    interactive = sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, mininterval=0.1 if interactive else 30.0,
+                maxinterval=10.0 if interactive else 60.0, dynamic_ncols=interactive)
 
 
 def markdown_table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = ".4f") -> str:

@@ -88,6 +88,21 @@ def test_4plus1d_per_row_tasks() -> None:
             ad.delta(x, 0, [(0, 0, D_OUT)])
 
 
+@pytest.mark.parametrize("shape", [(4, D_IN), (4, 5, D_IN), (4, 2, 5, D_IN)])
+def test_per_row_tasks_for_any_input_rank(shape) -> None:
+    """A pooled (batch, d) input and extra middle dimensions route rows like (batch, seq, d) does."""
+    ad = random_adapter(make_config(["in", "layer", "matrix", "task", "out"], [D_IN, L, M, T, D_OUT], [3, 2, 4, 3]))
+    full = full_tensor(ad)
+    x = torch.randn(*shape)
+    task_ids = torch.tensor([1, 2, 0, 1])
+    with torch.no_grad():
+        ad.use_task(task_ids)
+        out = ad.delta(x, 0, [(2, 0, D_OUT)])
+    assert out.shape == (*shape[:-1], D_OUT)
+    for row, t in enumerate(task_ids.tolist()):
+        torch.testing.assert_close(out[row], 1.5 * x[row] @ full[:, 0, 2, t, :], **CLOSE)
+
+
 def test_leading_block_for_non_square_targets() -> None:
     ad = random_adapter(make_config(["in", "layer", "matrix", "out"], [D_IN, L, M, D_OUT], [3, 3, 3]))
     full = full_tensor(ad)

@@ -161,7 +161,8 @@ def test_merge_max_rank_reports_the_true_error_and_merges_the_rounded_tensor(tin
     base, adapter_dir, cores = tiny
     out = tmp_path / "merged"
     record = merge_adapter(adapter_dir, out, max_rank=max_rank)
-    assert record["rounded_to"] == max_rank and record["ranks"] == [max_rank] * 3
+    assert record["rounded_to"] == max_rank and record["rounded_ranks"] == [max_rank] * 3
+    assert record["ranks"] == [6, 6, 6]  # the trained adapter's, kept for the record
 
     # the tensor the merge actually added, read back from the weights: (W' - W)^T / alpha per (l, m)
     alpha = record["alpha"]
@@ -196,7 +197,7 @@ def test_merge_max_rank_at_or_above_the_ranks_is_lossless(tiny, tmp_path):
     base, adapter_dir, _ = tiny
     exact = merge_adapter(adapter_dir, tmp_path / "exact")
     rounded = merge_adapter(adapter_dir, tmp_path / "rounded", max_rank=50)
-    assert rounded["rounding_relative_error"] < 1e-6 and rounded["ranks"] == exact["ranks"] == [6, 6, 6]
+    assert rounded["rounding_relative_error"] < 1e-6 and rounded["rounded_ranks"] == exact["ranks"] == [6, 6, 6]
     a = load_file(str(tmp_path / "exact" / "model.safetensors"))
     b = load_file(str(tmp_path / "rounded" / "model.safetensors"))
     for key in a:

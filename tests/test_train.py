@@ -70,6 +70,18 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(tiny_base, tiny_task, tmp
         train(_cfg(tiny_base, tmp_path / "run", epochs=1, rank=2), tiny_task)
 
 
+def test_learning_rate_defaults_per_method():
+    def rates(**kw):
+        cfg = TrainConfig(output="x", **kw)
+        return cfg.lr, cfg.head_lr
+
+    assert rates() == (1e-3, 5e-3)
+    assert rates(method="metatt-5d") == (1e-3, 5e-3)
+    assert rates(method="metatt-4d", lr=2e-3) == (2e-3, 5e-3)  # the head keeps its own default
+    assert rates(method="lora") == (1e-3, None)  # LoRA's head trains at --lr, as in PEFT
+    assert rates(method="lora", lr=3e-4, head_lr=1e-2) == (3e-4, 1e-2)
+
+
 def test_epoch_order_is_a_seeded_length_grouped_permutation():
     lengths = [i % 37 for i in range(1000)]
     a = epoch_order(lengths, 8, seed=1, epoch=0)

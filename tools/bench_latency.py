@@ -156,8 +156,8 @@ def factored_graph(adapter: Path, work: Path, rank: int, reuse: bool) -> tuple[P
                                             targets=config.targets, alpha=config.alpha, base_model=config.base_model,
                                             init="no-no-no-no-no")
             source = multitask.save_multitask(mtm, work / "random-multitask-adapter", load_tokenizer(config.base_model), force=True)
-            note = (f"factored graph of a random 2-task (4+1)D adapter with the same ranks and targets "
-                    f"(the adapter at hand is single-task; latency does not depend on the values)")
+            note = ("factored graph of a random 2-task (4+1)D adapter with the same ranks and targets "
+                    "(the adapter at hand is single-task; latency does not depend on the values)")
         factored.write_bundle(source, bundle, force=True)
         return graph, note
     except Exception as e:  # the factored path belongs to another module: report, do not fail the bench
@@ -349,9 +349,9 @@ def render(result: dict, png_name: str) -> str:
         f"- {s['threads']} intra-op threads for ONNX Runtime (CPUExecutionProvider) and PyTorch; {s['warmup']} warm-up calls, "
         f"up to {s['repeats']} timed calls (at most {s['max_seconds']:.0f} s) per runtime and shape, runtimes timed in "
         "interleaved blocks; p50 = median, p95 of single calls; inputs padded to the sequence length",
-        f"- ratio = p50 / p50 of the base model's ONNX export (no adapter) at the same shape",
+        "- ratio = p50 / p50 of the base model's ONNX export (no adapter) at the same shape",
         f"- factored: {result['factored']}",
-        f"- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
         "",
     ]
     batches, seqs = s["batch_sizes"], s["seq_lens"]

@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=12)
-    parser.add_argument("--switches", type=int, default=5)
+    parser.add_argument("--switches", type=int, default=15)
     args = parser.parse_args()
 
     bundle, merged, build_times = build(args.adapter, args.work)
@@ -138,7 +138,8 @@ def main() -> None:
     adapter_graph = make_session(bundle / ADAPTER_GRAPH, CPU, args.threads)
     sessions = {t: make_session(merged[t], CPU, args.threads) for t in tasks}
     results: dict = {"model": info["base_model"], "tasks": tasks, "threads": args.threads, "seq": args.seq,
-                     "provider": "CPUExecutionProvider", "build": build_times}
+                     "provider": "CPUExecutionProvider", "build": build_times,
+                     "machine": {"cpus": os.cpu_count(), "load_average_1min_start": os.getloadavg()[0]}}
 
     def fac(feed, ids):
         return factored.run(["logits"], {**feed, "task_ids": np.asarray(ids, dtype=np.int64)})[0]
@@ -157,29 +158,42 @@ def main() -> None:
         print("latency", latency[-1], flush=True)
     results["latency"] = latency
 
-    # ---- 1. task switch
+    # ---- 1. task switch: every switch is timed next to a call that stays on the same task, in the
+    # same state (right after a task-0 call), so machine drift cancels in the difference
     one = inputs(1, args.seq, vocab, seed=1)
-    steady = summarize(time_round_robin({"f": lambda: fac(one, [0])}, warmup=2, repeats=10, rounds=1)["f"])["p50_ms"]
-    steady_m = summarize(time_round_robin({"m": lambda: sessions[tasks[0]].run(["logits"], one)}, warmup=2, repeats=10, rounds=1)["m"])["p50_ms"]
-    switch_a, switch_b, fresh = [], [], []
-    for k in range(args.switches):
-        new = (k % (len(tasks) - 1)) + 1  # alternate away from task 0
-        fac(one, [0])
-        t0 = time.perf_counter()
-        fac(one, [new])
-        switch_a.append((time.perf_counter() - t0) * 1000)
-        t0 = time.perf_counter()
-        options, _adapter = run_options(bundle / TASKS_DIR / records[tasks[new]]["files"]["onnx_adapter"]["file"])
-        adapter_graph.run(["logits"], one, options)
-        switch_b.append((time.perf_counter() - t0) * 1000)
-        t0 = time.perf_counter()
-        fresh_session = make_session(merged[tasks[new]], CPU, args.threads)
-        fresh_session.run(["logits"], one)
-        fresh.append((time.perf_counter() - t0) * 1000)
-        del fresh_session
     options0, adapter0 = run_options(bundle / TASKS_DIR / records[tasks[0]]["files"]["onnx_adapter"]["file"])
-    steady_b = summarize(time_round_robin({"b": lambda: adapter_graph.run(["logits"], one, options0)},
-                                          warmup=2, repeats=10, rounds=1)["b"])["p50_ms"]
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1000
+
+    def adapter_switch(task: str) -> None:
+        options, _adapter = run_options(bundle / TASKS_DIR / records[task]["files"]["onnx_adapter"]["file"])
+        adapter_graph.run(["logits"], one, options)
+
+    def fresh_session(task: str) -> None:
+        make_session(merged[task], CPU, args.threads).run(["logits"], one)
+
+    same_a, switch_a, same_b, switch_b, same_m, fresh = [], [], [], [], [], []
+    for _ in range(2):  # warm-up
+        fac(one, [0])
+        adapter_graph.run(["logits"], one, options0)
+        sessions[tasks[0]].run(["logits"], one)
+    for k in range(args.switches):
+        new = tasks[(k % (len(tasks) - 1)) + 1]  # alternate away from task 0
+        fac(one, [0])
+        same_a.append(timed(lambda: fac(one, [0])))
+        fac(one, [0])
+        switch_a.append(timed(lambda: fac(one, [tasks.index(new)])))
+        adapter_graph.run(["logits"], one, options0)
+        same_b.append(timed(lambda: adapter_graph.run(["logits"], one, options0)))
+        adapter_graph.run(["logits"], one, options0)
+        switch_b.append(timed(lambda: adapter_switch(new)))
+        sessions[tasks[0]].run(["logits"], one)
+        same_m.append(timed(lambda: sessions[tasks[0]].run(["logits"], one)))
+        fresh.append(timed(lambda: fresh_session(new)))
+    steady, steady_b, steady_m = (float(np.median(v)) for v in (same_a, same_b, same_m))
     fa, fb, fm = float(np.median(switch_a)), float(np.median(switch_b)), float(np.median(fresh))
     results["switch"] = {
         "batch": 1, "seq": args.seq,
@@ -237,6 +251,7 @@ def main() -> None:
         "rss_merged_all_tasks_mib": resident([merged[t] for t in tasks], args.threads),
     }
     print("footprint", results["footprint"], flush=True)
+    results["machine"]["load_average_1min_end"] = os.getloadavg()[0]
     write_report(results, args.docs)
 
 
@@ -250,8 +265,9 @@ def write_report(r: dict, docs: Path) -> None:
         f"({', '.join(r['tasks'])}); ONNX Runtime {r['provider']}, {r['threads']} intra-op thread(s), random token ids "
         f"of length {r['seq']} (fixed shapes). Merged = optimum's plain fp32 export of each task's merged model; "
         "factored = `model_tasks.onnx` (task ids as an input) unless noted. Neither side uses ONNX Runtime's "
-        "transformer fusions. Timings were taken on a shared 2-core machine under load from other jobs: medians of "
-        "round-robin blocks, ratios matter more than absolute numbers.\n",
+        f"transformer fusions. Machine: {r['machine']['cpus']} CPUs, 1-minute load average "
+        f"{r['machine']['load_average_1min_start']:.1f} at the start and {r['machine']['load_average_1min_end']:.1f} at the "
+        "end (other jobs may share it); medians of round-robin blocks, so ratios matter more than absolute numbers.\n",
         "\n## Latency (p50)\n\n" + markdown_table(r["latency"], floatfmt=".3f"),
         "\n## Task switch (batch 1)\n\n" + markdown_table([
             {"how": "factored, task ids (another id in the next call)", "first call after switch ms": s["factored_task_ids_first_call_ms"],

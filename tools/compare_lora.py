@@ -22,20 +22,38 @@ from metatt_deploy.data import load_task
 from metatt_deploy.report import markdown_table, save_figure
 from metatt_deploy.train import TrainConfig, train
 
-LR = {"metatt-4d": 5e-3, "metatt-5d": 5e-3, "lora": 1e-3}
+
+def run_single(out: Path, dataset: str, method: str, seed: int, *, lr: float | None = None, head_lr: float | None = None, rank: int = 8,
+               targets: str = "q,k,v,o", epochs: int = 3, batch_size: int = 32, max_length: int = 64,
+               max_train_samples: int | None = None, max_eval_samples: int | None = None) -> dict:
+    """One single-task run into ``out``; a finished run is reused, an interrupted one resumes.
+
+    The data subset is drawn with seed 0 whatever the training seed, so seeds vary only the
+    training (initialisation, batch order, dropout), never the rows.
+    """
+    if (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text())
+    limits = {"train": max_train_samples, "validation": max_eval_samples, "test": max_eval_samples}
+    task = load_task(dataset=dataset, max_samples={k: v for k, v in limits.items() if v}, seed=0)
+    cfg = TrainConfig(
+        output=str(out), method=method, rank=rank, targets=targets.split(","), lr=lr,
+        head_lr=head_lr, epochs=epochs, batch_size=batch_size, max_length=max_length, seed=seed,
+    )
+    return train(cfg, task)
+
+
+def method_lr(args, method: str) -> float | None:
+    """--lr for every method, else --metatt-lr for MetaTT methods, else None (the method's default)."""
+    if args.lr is not None:
+        return args.lr
+    return args.metatt_lr if method.startswith("metatt") else None
 
 
 def run_one(args, method: str, seed: int) -> dict:
-    out = Path(args.runs) / args.task / f"{method}-s{seed}"
-    if (out / "metrics.json").is_file():
-        return json.loads((out / "metrics.json").read_text())
-    limits = {"train": args.max_train_samples, "validation": args.max_eval_samples, "test": args.max_eval_samples}
-    task = load_task(dataset=args.task, max_samples={k: v for k, v in limits.items() if v}, seed=0)
-    cfg = TrainConfig(
-        output=str(out), method=method, rank=args.rank, targets=args.targets.split(","), lr=LR[method] if args.lr is None else args.lr,
-        epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, seed=seed,
-    )
-    return train(cfg, task)
+    return run_single(Path(args.runs) / args.task / f"{method}-s{seed}", args.task, method, seed, lr=method_lr(args, method),
+                      rank=args.rank, targets=args.targets, epochs=args.epochs, batch_size=args.batch_size,
+                      max_length=args.max_length, max_train_samples=args.max_train_samples,
+                      max_eval_samples=args.max_eval_samples)
 
 
 def mean_se(values: list[float]) -> str:
@@ -52,7 +70,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--targets", default="q,k,v,o")
-    ap.add_argument("--lr", type=float, default=None, help="one lr for all methods (default: each method's tuned default)")
+    ap.add_argument("--lr", type=float, default=None, help="one lr for all methods (default: each method's default)")
+    ap.add_argument("--metatt-lr", type=float, default=None, help="lr of the MetaTT methods only")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--max-train-samples", type=int, default=None)
@@ -63,9 +82,10 @@ def main() -> None:
     results = {m: [run_one(args, m, s) for s in args.seeds] for m in args.methods}
     rows = []
     for m, rs in results.items():
+        run_cfg = json.loads((Path(args.runs) / args.task / f"{m}-s{args.seeds[0]}" / "train_config.json").read_text())
         rows.append({
             "method": m,
-            "lr": f"{LR[m] if args.lr is None else args.lr:g}",
+            "lr (adapter / head)": f"{run_cfg['lr']:g} / {run_cfg['head_lr'] or run_cfg['lr']:g}",
             "test accuracy (mean ± s.e.)": mean_se([r["test"]["accuracy"] for r in rs]),
             "best val accuracy": mean_se([r["best"]["accuracy"] for r in rs]),
             "test accuracy per seed": ", ".join(f"{r['test']['accuracy']:.4f}" for r in rs),
@@ -92,6 +112,8 @@ def main() -> None:
         f"{' '.join(map(str, args.seeds))} --epochs {args.epochs}"
         + (f" --max-train-samples {args.max_train_samples}" if args.max_train_samples else "")
         + (f" --max-eval-samples {args.max_eval_samples}" if args.max_eval_samples else "")
+        + (f" --lr {args.lr:g}" if args.lr is not None else "")
+        + (f" --metatt-lr {args.metatt_lr:g}" if args.metatt_lr is not None else "")
         + "`\n\n" + markdown_table(rows, floatfmt=".1f") + f"\n![validation curves]({Path(args.output).name}.png)\n"
     )
     atomic_write_text(f"{args.output}.md", text)
