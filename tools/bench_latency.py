@@ -344,8 +344,8 @@ def render(result: dict, png_name: str) -> str:
         "",
         f"- adapter: `{result['adapter']}` ({'trained' if result['adapter_trained'] else 'random, non-zero: latency only'}; "
         f"{result['adapter_method']}, ranks {result['adapter_ranks']}); base model `{result['base_model']}`",
-        f"- machine: {m['cpu_count']} CPU cores ({m['processor']}), shared; load average before/after "
-        f"{m['load_average_before'][0]} / {m['load_average_after'][0]} (1 min)",
+        f"- machine: {m['cpu_count']} CPU cores ({m['processor']}); 1-minute load average before/after "
+        f"{m['load_average_before'][0]} / {m['load_average_after'][0]}",
         f"- {s['threads']} intra-op threads for ONNX Runtime (CPUExecutionProvider) and PyTorch; {s['warmup']} warm-up calls, "
         f"up to {s['repeats']} timed calls (at most {s['max_seconds']:.0f} s) per runtime and shape, runtimes timed in "
         "interleaved blocks; p50 = median, p95 of single calls; inputs padded to the sequence length",
