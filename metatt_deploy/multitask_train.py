@@ -20,11 +20,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from matplotlib.ticker import MaxNLocator
+from transformers import DataCollatorWithPadding
 
+from .atomic import atomic_write_json, atomic_write_text
+from .base import DEFAULT_MODEL, load_classifier, load_tokenizer
 from .config import MetaTTConfig
+from .data import load_task, tokenize_task
 from .errors import MetaTTError
 from .multitask import MultiTaskModel, build_multitask, extend_tasks, load_multitask, parameter_counts, routers, save_multitask
-from .train import TrainConfig
+from .report import markdown_table, progress_bar, save_figure
+from .train import (TrainConfig, _load_checkpoint, _loader, _restore_moments, _save_checkpoint, epoch_order, evaluate,
+                    prepare_run, seed_step, warmup_schedule)
 
 SAMPLING = ("proportional", "temperature")
 DATA_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
@@ -65,8 +73,6 @@ def parse_task_spec(text: str) -> TaskSpec:
 
 def load_task_spec(spec: TaskSpec | str, *, max_samples: dict[str, int] | None = None, seed: int = 0, **options):
     """The TaskData of a ``--task`` value (named NAME), through data.load_task."""
-    from .data import load_task
-
     spec = parse_task_spec(spec) if isinstance(spec, str) else spec
     files = dict(zip(("train", "validation", "test"), spec.files))
     task = load_task(name=spec.name, dataset=spec.dataset, max_samples=max_samples, seed=seed, **files, **options)
@@ -96,8 +102,6 @@ def epoch_plan(lengths: Sequence[Sequence[int]], batch_size: int, probs: Sequenc
     one is used up, so a task sampled more often than its size cycles through it). Resuming
     replays the plan and skips the steps already done.
     """
-    from .train import epoch_order
-
     rng = np.random.default_rng([seed, epoch])
     steps = sum(math.ceil(len(n) / batch_size) for n in lengths)
     choice = rng.choice(len(lengths), size=steps, p=np.asarray(probs))
@@ -206,16 +210,6 @@ def _freeze_for_new_task(mtm: MultiTaskModel, new: int):
 
 def train_multitask(cfg: MultiTaskConfig, tasks: list, force: bool = False) -> dict:
     """Run (or resume) a multi-task run (or an --add-task run) into ``cfg.output``; returns the metrics."""
-    from accelerate import Accelerator
-    from transformers import DataCollatorWithPadding
-
-    from .atomic import atomic_write_json
-    from .base import load_classifier, load_tokenizer
-    from .data import tokenize_task
-    from .report import progress_bar
-    from .train import (_load_checkpoint, _loader, _restore_moments, _save_checkpoint, evaluate, prepare_run, seed_step,
-                        warmup_schedule)
-
     run, resuming = prepare_run(cfg, force)
     accelerator = Accelerator()
     torch.manual_seed(cfg.seed)
@@ -372,9 +366,6 @@ def write_multitask_report(run: Path, result: dict) -> None:
     """metrics.md (tasks, parameters, per-epoch per-task metrics, gradient norms, test) and curves.png."""
     import matplotlib.pyplot as plt
 
-    from .atomic import atomic_write_text
-    from .report import markdown_table, save_figure
-
     history = result["history"]
     names = [t["name"] for t in result["tasks"]]
     counts = result["trainable_parameters"]
@@ -405,8 +396,6 @@ def write_multitask_report(run: Path, result: dict) -> None:
     atomic_write_text(run / "metrics.md", "\n".join(text))
     if not history:
         return
-    from matplotlib.ticker import MaxNLocator
-
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for ax in (ax1, ax2):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -432,8 +421,6 @@ def train_from_cli(*, output: str, specs: list[str], add_task: str | None, from_
                    text_columns=None, label_column: str = "label", label_names=None, model: str | None = None,
                    force: bool = False, **knobs) -> dict:
     """`metatt-deploy train --task ... | --add-task ... --from ...`: load every task, build the config, train."""
-    from .base import DEFAULT_MODEL
-
     if add_task:
         if specs:
             raise MetaTTError("--add-task trains one new task against a frozen adapter; drop --task")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_models import HEAD_DIM, inputs, logits, random_cores, tiny_model
-from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 from typer.testing import CliRunner
 
 from metatt_deploy.base import load_tokenizer
@@ -88,19 +88,12 @@ def test_sweep_that_discards_changes_logits(kind, ranks):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(base folder, adapter folder, adapter cores) with random rank-6 cores."""
+def tiny(tmp_path_factory, tiny_base):
+    """(base folder, adapter folder, adapter cores) with random rank-6 cores on conftest's tiny BERT."""
     root = tmp_path_factory.mktemp("merge")
-    tokenizer = load_tokenizer(None)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=48, max_position_embeddings=64, initializer_range=0.2, num_labels=2,
-    )
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(config).eval()
-    base = root / "base"
-    model.save_pretrained(base)
-    tokenizer.save_pretrained(base)
+    tokenizer = load_tokenizer(str(tiny_base))
+    model = BertForSequenceClassification.from_pretrained(tiny_base).eval()
+    base = tiny_base
     adapter_config = build_config(model, rank=6, base_model=str(base))
     attach(model, adapter_config, random_cores(adapter_config.core_shapes(), seed=3, std=0.3))
     adapter_dir = save_adapter(model, root / "adapter", tokenizer)
