@@ -1,5 +1,5 @@
 """`python -m metatt_deploy` runs the command line, like the `metatt-deploy` script."""
 
-from .cli import app
+from metatt_deploy.cli import app
 
 app()

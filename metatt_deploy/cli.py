@@ -13,7 +13,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import MetaTTError
+from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.common.files import atomic_write_text, check_writable, read_json
+from metatt_deploy.export.merge import merge_adapter, merge_factored
+from metatt_deploy.export.onnx import MANIFEST_NAME, export_onnx
+from metatt_deploy.export.peft import to_peft
+from metatt_deploy.export.validate import REPORT_MD
+from metatt_deploy.export.validate import validate as run_validation
+from metatt_deploy.serving.runtime import Runtime, read_inputs
+from metatt_deploy.training.data import load_task
+from metatt_deploy.training.loop import TrainConfig
+from metatt_deploy.training.loop import train as run_training
+from metatt_deploy.training.multitask import train_from_cli
 
 app = typer.Typer(
     name="metatt-deploy",
@@ -99,8 +110,6 @@ def train(
     With --task (repeated), train several tasks jointly; with --add-task and --from, add a task to a trained multi-task adapter.
     """
     if task_specs or add_task or from_adapter:
-        from .multitask_train import train_from_cli
-
         if dataset or train_file or validation_file or test_file:
             raise MetaTTError("--task/--add-task name their own data; drop --dataset/--train/--validation/--test")
         result = train_from_cli(
@@ -119,8 +128,6 @@ def train(
             typer.echo("test accuracy: " + ", ".join(f"{n} {m['accuracy']:.4f}" for n, m in result["test"].items()))
         typer.echo(f"adapter: {output / 'best'}; report: {output / 'metrics.md'}")
         return
-    from .data import load_task
-    from .train import TrainConfig, train as run_training
 
     limits = {k: v for k, v in (("train", max_train_samples), ("validation", max_eval_samples), ("test", max_eval_samples)) if v}
     task = load_task(
@@ -167,7 +174,6 @@ def merge(
     if factored:
         if to != "hf" or max_rank is not None:
             raise MetaTTError("--factored writes its own bundle format; drop --to and --max-rank")
-        from .merge import merge_factored
 
         summary = merge_factored(adapter, output, tasks=_split([task]) if task else None, onnx=onnx,
                                  base_model=base_model, force=force)
@@ -177,14 +183,12 @@ def merge(
     if to == "peft":
         if max_rank is not None:
             raise MetaTTError("--max-rank applies to --to hf only; round the adapter first, or drop --max-rank")
-        from .peft_export import to_peft
 
         to_peft(adapter, output, task=task, force=force)
         typer.echo(f"wrote PEFT LoRA adapter {output} (load it with peft.PeftModel.from_pretrained(base, '{output}'))")
         return
     if to != "hf":
         raise MetaTTError(f"unknown --to '{to}'; use hf or peft")
-    from .merge import merge_adapter
 
     record = merge_adapter(adapter, output, task=task, base_model=base_model, max_rank=max_rank, force=force)
     extra = f"; rounding error {record['rounding_relative_error']:.3e}" if "rounding_relative_error" in record else ""
@@ -206,9 +210,6 @@ def export(
     force: Force = False,
 ) -> None:
     """Export a merged model to an ONNX bundle (model.onnx, tokenizer, manifest.json) and check its parity."""
-    from .atomic import read_json
-    from .export import MANIFEST_NAME, export_onnx
-
     out = export_onnx(model_dir, output, name=name, opset=opset, optimize=optimize, quantize=quantize, dtype=dtype,
                       force=force, adapter_dir=adapter, task=task)
     manifest = read_json(out / MANIFEST_NAME, "export manifest")
@@ -244,8 +245,6 @@ def validate(
     force: Force = False,
 ) -> None:
     """Compare an ONNX export with its unmerged adapter: logits parity, label agreement, accuracy, latency."""
-    from .validate import REPORT_MD, validate as run_validation
-
     try:
         sizes = [int(b) for b in _split([batch_sizes]) or []]
     except ValueError:
@@ -287,7 +286,6 @@ def predict(
     """Predict labels with a factored bundle: one JSON line per input (task, label, score, scores)."""
     import json
 
-    from .runtime import Runtime, read_inputs
 
     if batch_size < 1:
         raise MetaTTError("--batch-size must be at least 1")
@@ -298,7 +296,6 @@ def predict(
     if output is None:
         typer.echo(lines, nl=False)
         return
-    from .atomic import atomic_write_text, check_writable
 
     check_writable(output, force)
     atomic_write_text(output, lines)

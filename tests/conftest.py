@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from metatt_deploy.base import load_tokenizer
-from metatt_deploy.data import load_task
+from metatt_deploy.adapters.base_model import load_tokenizer
+from metatt_deploy.training.data import load_task
+
 
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():

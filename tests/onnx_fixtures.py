@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from metatt_deploy import tt
-from metatt_deploy.base import load_tokenizer
-from metatt_deploy.merge import merge_adapter
-from metatt_deploy.model import attach, build_config, get_adapter, save_adapter
+from metatt_deploy.adapters.base_model import load_tokenizer
+from metatt_deploy.adapters.model import attach, build_config, get_adapter, save_adapter
+from metatt_deploy.export.merge import merge_adapter
+from metatt_deploy.tt import cores as tt
 
 LABELS = ["negative", "positive"]
 LABELLED = [

@@ -43,9 +43,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from metatt_deploy import tt  # noqa: E402
-from metatt_deploy.export import SAMPLE_SENTENCES, export_onnx, library_versions, make_session, onnx_feeds  # noqa: E402
-from metatt_deploy.validate import summarize, time_round_robin  # noqa: E402
+from metatt_deploy.adapters import multitask
+from metatt_deploy.adapters.base_model import load_classifier, load_tokenizer, resolve_model
+from metatt_deploy.adapters.config import MetaTTConfig
+from metatt_deploy.adapters.model import attach, build_config, get_adapter, load_adapter, load_head, read_weights, save_adapter, split_state
+from metatt_deploy.export import factored
+from metatt_deploy.export.merge import merge_adapter
+from metatt_deploy.export.onnx import SAMPLE_SENTENCES, export_onnx, library_versions, make_session, onnx_feeds  # noqa: E402
+from metatt_deploy.export.validate import load_held_out, summarize, time_round_robin  # noqa: E402
+from metatt_deploy.tt import cores as tt  # noqa: E402
 
 ORDER = ["pytorch-adapter", "pytorch-merged", "ort-base", "ort-merged", "ort-merged-opt", "ort-merged-int8",
          "ort-merged-opt-int8", "ort-factored"]
@@ -87,8 +93,6 @@ def ints(text: str) -> list[int]:
 
 
 def find_trained_adapter() -> Path | None:
-    from metatt_deploy.config import MetaTTConfig
-
     found = []
     for config in (ROOT / "runs").glob("**/best/metatt_config.json"):
         try:
@@ -100,9 +104,6 @@ def find_trained_adapter() -> Path | None:
 
 
 def random_adapter(work: Path, rank: int) -> Path:
-    from metatt_deploy.base import load_classifier, load_tokenizer, resolve_model
-    from metatt_deploy.model import attach, build_config, get_adapter, save_adapter
-
     torch.manual_seed(0)
     model = load_classifier(None, ["negative", "positive"]).eval()
     config = build_config(model, rank=rank, base_model=resolve_model(None))
@@ -113,15 +114,10 @@ def random_adapter(work: Path, rank: int) -> Path:
 
 def base_without_adapter(adapter: Path, out: Path) -> Path:
     """The adapter's base model with the adapter's head and no adapter, as a Hugging Face folder."""
-    from metatt_deploy.base import load_classifier
-    from metatt_deploy.config import MetaTTConfig
-    from metatt_deploy.model import load_head, read_weights, split_state
-
     config = MetaTTConfig.load(adapter)
     _, heads = split_state(read_weights(adapter), config)
     model = load_classifier(config.base_model, config.label_names[config.tasks[0]])
     load_head(model, heads, config)
-    from metatt_deploy.base import load_tokenizer
 
     if out.exists():
         shutil.rmtree(out)
@@ -132,12 +128,6 @@ def base_without_adapter(adapter: Path, out: Path) -> Path:
 
 def factored_graph(adapter: Path, work: Path, rank: int, reuse: bool) -> tuple[Path | None, str]:
     """model_tasks.onnx of a factored bundle, and a note on what it is (or why it is missing)."""
-    try:
-        from metatt_deploy import factored, multitask
-        from metatt_deploy.base import load_classifier, load_tokenizer
-        from metatt_deploy.config import MetaTTConfig
-    except ImportError as e:
-        return None, f"skipped: no factored exporter in this build ({e})"
     bundle = work / "factored"
     graph = bundle / "model_tasks.onnx"
     if reuse and graph.is_file():
@@ -165,8 +155,6 @@ def factored_graph(adapter: Path, work: Path, rank: int, reuse: bool) -> tuple[P
 
 
 def build_exports(adapter: Path, work: Path, reuse: bool) -> dict[str, Path]:
-    from metatt_deploy.merge import merge_adapter
-
     merged = work / "merged"
     if not (reuse and (merged / "config.json").is_file()):
         merge_adapter(adapter, merged, force=True)
@@ -193,10 +181,6 @@ def build_exports(adapter: Path, work: Path, reuse: bool) -> dict[str, Path]:
 
 def accuracy(adapter, exports, tokenizer, data: str, max_examples: int, threads: int) -> dict:
     """Accuracy of the unmerged PyTorch adapter and every export on held-out data."""
-    from metatt_deploy.config import MetaTTConfig
-    from metatt_deploy.model import load_adapter
-    from metatt_deploy.validate import load_held_out
-
     config = MetaTTConfig.load(adapter)
     held = load_held_out(data, split="test", max_examples=max_examples, model_labels=config.label_names[config.tasks[0]])
     labels = np.asarray(held.labels)
@@ -220,7 +204,6 @@ def main() -> None:
 
     import transformers
 
-    from metatt_deploy.model import load_adapter
 
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore")

@@ -32,12 +32,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from metatt_deploy.atomic import atomic_write_json, atomic_write_text  # noqa: E402
-from metatt_deploy.export import export_onnx, make_session  # noqa: E402
-from metatt_deploy.factored import ADAPTER_GRAPH, TASK_GRAPH, TASKS_DIR, read_bundle, task_records, write_bundle  # noqa: E402
-from metatt_deploy.merge import merge_adapter  # noqa: E402
-from metatt_deploy.report import markdown_table, save_figure  # noqa: E402
-from metatt_deploy.validate import summarize, time_round_robin  # noqa: E402
+from metatt_deploy.common.files import atomic_write_json, atomic_write_text  # noqa: E402
+from metatt_deploy.common.report import markdown_table, save_figure  # noqa: E402
+from metatt_deploy.export.factored import ADAPTER_GRAPH, TASK_GRAPH, TASKS_DIR, read_bundle, task_records, write_bundle  # noqa: E402
+from metatt_deploy.export.merge import merge_adapter  # noqa: E402
+from metatt_deploy.export.onnx import export_onnx, make_session  # noqa: E402
+from metatt_deploy.export.validate import summarize, time_round_robin  # noqa: E402
 
 CPU = ["CPUExecutionProvider"]
 

@@ -16,11 +16,11 @@ import time
 
 import torch
 
-from metatt_deploy.base import DEFAULT_MODEL, load_classifier, load_tokenizer
-from metatt_deploy.data import load_task
-from metatt_deploy.report import markdown_table
-from metatt_deploy.atomic import atomic_write_text
-from metatt_deploy.train import TrainConfig, _count, _make_optimizer, _wrap_model
+from metatt_deploy.adapters.base_model import DEFAULT_MODEL, load_classifier, load_tokenizer
+from metatt_deploy.common.files import atomic_write_text
+from metatt_deploy.common.report import markdown_table
+from metatt_deploy.training.data import load_task
+from metatt_deploy.training.loop import TrainConfig, _count, _make_optimizer, _wrap_model
 
 
 def build(method: str, rank: int, targets: list[str], task):

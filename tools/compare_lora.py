@@ -17,10 +17,10 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from metatt_deploy.atomic import atomic_write_text
-from metatt_deploy.data import load_task
-from metatt_deploy.report import markdown_table, save_figure
-from metatt_deploy.train import TrainConfig, train
+from metatt_deploy.common.files import atomic_write_text
+from metatt_deploy.common.report import markdown_table, save_figure
+from metatt_deploy.training.data import load_task
+from metatt_deploy.training.loop import TrainConfig, train
 
 
 def run_single(out: Path, dataset: str, method: str, seed: int, *, lr: float | None = None, head_lr: float | None = None, rank: int = 8,

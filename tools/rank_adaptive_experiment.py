@@ -36,6 +36,12 @@ import time
 import traceback
 from pathlib import Path
 
+from metatt_deploy.common.files import atomic_write_json, atomic_write_text
+from metatt_deploy.common.report import markdown_table, plt, save_figure
+from metatt_deploy.training.data import load_task
+from metatt_deploy.training.loop import TrainConfig, train
+from metatt_deploy.training.schedule import parse_rank_schedule
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -91,8 +97,6 @@ def run_dir(args, task: str, arm: str, seed: int) -> Path:
 
 
 def make_config(args, task: str, arm: str, seed: int):
-    from metatt_deploy.train import TrainConfig
-
     extra = {}
     if args.alpha is not None:
         extra["alpha"] = args.alpha
@@ -132,8 +136,6 @@ class _Tee:
 
 
 def run_one(args, task_data, task: str, arm: str, seed: int) -> None:
-    from metatt_deploy.train import train
-
     out = run_dir(args, task, arm, seed)
     if (out / "metrics.json").is_file():
         return
@@ -260,9 +262,6 @@ def summarise(args, data: dict) -> tuple[list[dict], list[dict]]:
 
 
 def plot(args, data: dict, path: Path) -> None:
-    from metatt_deploy.report import plt, save_figure
-    from metatt_deploy.rounding import parse_rank_schedule
-
     schedule = parse_rank_schedule(args.schedule, 3)
     tasks = [t for t in data if any(data[t].values())]
     if not tasks:
@@ -299,9 +298,6 @@ def plot(args, data: dict, path: Path) -> None:
 
 
 def report(args) -> dict:
-    from metatt_deploy.atomic import atomic_write_json, atomic_write_text
-    from metatt_deploy.report import markdown_table
-
     data = collect(args)
     rows, diffs = summarise(args, data)
     out = lr_dir(args)
@@ -338,7 +334,6 @@ def main(argv=None) -> int:
         import torch
         import transformers
 
-        from metatt_deploy.data import load_task
 
         torch.set_num_threads(args.threads)
 
@@ -361,7 +356,6 @@ def main(argv=None) -> int:
                 _guarded(run_one, args, data, task, "sweep-reset", seed)
                 report(args)
     result = report(args)
-    from metatt_deploy.report import markdown_table
 
     print(markdown_table(result["rows"]))
     if result["paired"]:

@@ -1,0 +1,146 @@
+"""The MetaTT adapter: one tensor train whose slices give every adapted matrix its update.
+
+Modes, in core order (see docs/adapter-format.md):
+- 4D:      in, layer, matrix, out
+- 5D:      in, layer, matrix, head, head_dim
+- (4+1)D:  in, layer, matrix, task, out     (the task core sits after the matrix core)
+
+For the linear layer ``(layer l, matrix m)`` the update is factored as
+``x -> x @ A -> @ C[l, m] (-> @ G_task[:, t, :]) -> @ B`` with ``A`` the first core as a matrix,
+``C[l, m]`` the product of the layer and matrix slices (r x r) and ``B`` the output factor:
+the last core for 4D, or the head and head_dim cores contracted into one ``(r, H * D_h)``
+matrix for 5D (kilobytes; never the dense update). Training therefore costs
+``(D_in + D_out) r + r^2`` per token, like LoRA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from metatt_deploy.adapters.config import MetaTTConfig
+from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.tt.cores import chain, init_cores
+
+INDEX_MODES = ("layer", "matrix")
+
+
+class MetaTT(nn.Module):
+    """Holds the cores (trainable) and computes updates for any (layer, matrix, task)."""
+
+    def __init__(self, config: MetaTTConfig, cores: Sequence[torch.Tensor] | None = None, seed: int = 0):
+        super().__init__()
+        self.config = config
+        if cores is None:
+            cores = init_cores(config.init, config.core_shapes(), seed=seed)
+        self.cores = nn.ParameterList([nn.Parameter(c.detach().clone().float()) for c in cores])
+        self.alpha = float(config.alpha)
+        names = config.mode_names
+        self._layer, self._matrix = names.index("layer"), names.index("matrix")
+        self.task_mode = names.index("task") if "task" in names else None
+        # Which task each row of the next forward uses: None (single task), an int, or a
+        # LongTensor of shape (batch,). Set through `use_task`.
+        self.task_ids: int | torch.Tensor | None = None
+
+    def set_cores(self, cores: Sequence[torch.Tensor]) -> None:
+        """Replace the cores (e.g. after a rank-changing sweep); shapes may change."""
+        device = self.cores[0].device
+        self.cores = nn.ParameterList([nn.Parameter(c.detach().clone().float().to(device)) for c in cores])
+        self.config.ranks = [c.shape[-1] for c in cores[:-1]]
+
+    def use_task(self, task_ids: int | torch.Tensor | None) -> None:
+        self.task_ids = task_ids
+
+    def input_factor(self) -> torch.Tensor:
+        """A: the first core as a (D_in, r_1) matrix."""
+        return self.cores[0][0]
+
+    def output_factor(self) -> torch.Tensor:
+        """B: the cores after the index cores as one (r, D_out) matrix."""
+        if self.config.mode_names[-1] == "out":
+            return self.cores[-1][..., 0]
+        head, head_dim = self.cores[-2], self.cores[-1]
+        b = torch.einsum("ahb,bd->ahd", head, head_dim[..., 0])
+        return b.reshape(head.shape[0], -1)
+
+    def core_matrix(self, layer: int, matrix: int) -> torch.Tensor:
+        """C[l, m] = G_layer[:, l, :] @ G_matrix[:, m, :], of shape (r_1, r_3)."""
+        return chain([self.cores[self._layer][:, layer, :], self.cores[self._matrix][:, matrix, :]])
+
+    def _task_slices(self) -> torch.Tensor:
+        """The task core's slice for the active task(s): (r, r') or (batch, r, r')."""
+        if self.task_ids is None:
+            if self.config.mode_size("task") == 1:
+                return self.cores[self.task_mode][:, 0, :]
+            raise MetaTTError("this adapter serves several tasks: choose one (task=... / task_ids) before running it")
+        core = self.cores[self.task_mode]
+        if isinstance(self.task_ids, int):
+            return core[:, self.task_ids, :]
+        return core.index_select(1, self.task_ids).permute(1, 0, 2)
+
+    def delta(
+        self, x: torch.Tensor, layer: int, segments: Sequence[tuple[int, int, int]], out_features: int | None = None
+    ) -> torch.Tensor:
+        """alpha * x @ dW[l, m] for each segment, placed at its output units (no dense dW).
+
+        Segments are laid out by their start unit (not their matrix index); output units no
+        segment owns (e.g. k of GPT-2's fused c_attn when only q,v are targeted) get zeros, up
+        to ``out_features`` when given.
+        """
+        a, b = self.input_factor(), self.output_factor()
+        # slice only when a projection is narrower than the mode (leading-block scheme): unsliced,
+        # the q, k, v products x @ A of a layer are one node that ONNX Runtime computes once
+        z = x @ (a if x.shape[-1] == a.shape[0] else a[: x.shape[-1]])
+        outs, pos = [], 0
+        for m, start, end in sorted(segments, key=lambda s: s[1]):
+            zm = z @ self.core_matrix(layer, m)
+            if self.task_mode is not None:
+                t = self._task_slices()
+                zm = zm @ t if t.dim() == 2 else _per_row_matmul(zm, t)
+            if start > pos:
+                outs.append(zm.new_zeros(*zm.shape[:-1], start - pos))
+            outs.append(zm @ (b if end - start == b.shape[1] else b[:, : end - start]))
+            pos = end
+        if out_features is not None and out_features > pos:
+            outs.append(outs[-1].new_zeros(*outs[-1].shape[:-1], out_features - pos))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        return self.alpha * out
+
+    def dense_delta(self, layer: int, matrix: int, d_in: int, d_out: int, task: int | None = None) -> torch.Tensor:
+        """alpha * dW[l, m(, t)] as a (d_in, d_out) matrix: for merging and tests."""
+        c = self.core_matrix(layer, matrix)
+        if self.task_mode is not None:
+            c = c @ self.cores[self.task_mode][:, 0 if task is None else task, :]
+        return self.alpha * (self.input_factor()[:d_in] @ c @ self.output_factor()[:, :d_out])
+
+
+class MetaTTLayer(nn.Module):
+    """Wraps a frozen nn.Linear or Conv1D: y = base(x) + alpha * x @ dW."""
+
+    def __init__(self, base_layer: nn.Module, layer: int, segments: Sequence[tuple[int, int, int]], adapter: MetaTT):
+        super().__init__()
+        self.base_layer = base_layer
+        self.layer = layer
+        self.segments = [tuple(s) for s in segments]
+        # Not registered as a submodule: the adapter is shared by every wrapped layer and is
+        # registered once on the model, so its cores appear once in parameters and exports.
+        object.__setattr__(self, "adapter", adapter)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        return y + self.adapter.delta(x, self.layer, self.segments, y.shape[-1]).to(x.dtype)
+
+
+def _per_row_matmul(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Row b of ``z`` (batch, ..., r) times its own matrix ``t[b]`` (batch, r, q).
+
+    A batched MatMul rather than an einsum: ONNX Runtime runs Einsum through a generic
+    path that costs several times a MatMul per call, and the factored graph has one such
+    product per adapted projection (tools/bench_multitask.py measured the difference).
+    """
+    if z.dim() == 3:
+        return z @ t
+    return (z.reshape(z.shape[0], -1, z.shape[-1]) @ t).reshape(*z.shape[:-1], t.shape[-1])
+

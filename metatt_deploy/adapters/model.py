@@ -1,0 +1,255 @@
+"""Putting a MetaTT adapter on a Hugging Face model, saving it, loading it, merging it.
+
+The model keeps its own classes: adapted modules are wrapped in place (MetaTTLayer), the
+shared adapter is registered once as ``model.metatt``, the base is frozen and the
+classification head stays trainable and ships with the adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from metatt_deploy.adapters.base_model import load_classifier, load_tokenizer
+from metatt_deploy.adapters.config import DEFAULT_ALPHA, WEIGHTS_NAME, MetaTTConfig
+from metatt_deploy.adapters.heads import add_task_heads, select_task_head
+from metatt_deploy.adapters.layer import MetaTT, MetaTTLayer
+from metatt_deploy.adapters.targets import DEFAULT_TARGETS, TargetModule, find_targets, head_modules
+from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.common.files import atomic_dir
+
+ADAPTER_ATTR = "metatt"
+
+
+def build_config(
+    model: nn.Module,
+    *,
+    method: str = "metatt-4d",
+    rank: int | list[int] = 8,
+    alpha: float = DEFAULT_ALPHA,
+    init: str | None = None,
+    targets: str | list[str] = DEFAULT_TARGETS,
+    tasks: list[str] | None = None,
+    label_names: dict[str, list[str]] | None = None,
+    base_model: str = "",
+) -> MetaTTConfig:
+    """Derive modes, ranks and placement of an adapter for ``model`` (before attaching)."""
+    names, layers, modules = find_targets(model, targets)
+    d_in = max(m.in_features for m in modules)
+    d_out = max(e - s for m in modules for _, s, e in m.segments)  # a fused module's widest owned part
+    tasks = tasks or ["default"]
+    multitask = len(tasks) > 1
+    mode_names = ["in", "layer", "matrix"] + (["task"] if multitask else [])
+    mode_sizes = [d_in, len(layers), len(names)] + ([len(tasks)] if multitask else [])
+    if method == "metatt-4d":
+        mode_names.append("out")
+        mode_sizes.append(d_out)
+    elif method == "metatt-5d":
+        head_dim = _head_dim(model)
+        bad = [m.name for m in modules for _, s, e in m.segments if (e - s) % head_dim]
+        if bad or d_out % head_dim:
+            raise MetaTTError(f"metatt-5d needs output widths divisible by the head dim {head_dim} ({', '.join(bad)}); use metatt-4d")
+        mode_names += ["head", "head_dim"]
+        mode_sizes += [d_out // head_dim, head_dim]
+    else:
+        raise MetaTTError(f"unknown method '{method}'; use metatt-4d, metatt-5d or lora")
+    n_bonds = len(mode_sizes) - 1
+    ranks = [rank] * n_bonds if isinstance(rank, int) else list(rank)
+    config = MetaTTConfig(
+        method=method,
+        mode_names=mode_names,
+        mode_sizes=mode_sizes,
+        ranks=ranks,
+        alpha=float(alpha),
+        init=init or "-".join(["ze"] + ["id"] * n_bonds),
+        targets=names,
+        layers=layers,
+        modules=modules,
+        tasks=tasks,
+        label_names=label_names or {tasks[0]: [str(v) for v in model.config.id2label.values()]},
+        head_modules=head_modules(model),
+        base_model=base_model,
+        base_fingerprint=fingerprint(model, modules),
+        model_type=model.config.model_type,
+    )
+    config.validate()
+    return config
+
+
+def _head_dim(model: nn.Module) -> int:
+    cfg = model.config
+    if getattr(cfg, "head_dim", None):
+        return int(cfg.head_dim)
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+    if not heads or not hidden:
+        raise MetaTTError("cannot tell this model's head dimension; use metatt-4d")
+    return hidden // heads
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    return (module.base_layer if isinstance(module, MetaTTLayer) else module).weight
+
+
+def fingerprint(model: nn.Module, modules: list[TargetModule]) -> str:
+    """sha256 of the adapted base weights: tells an adapter's own base model from any other."""
+    h = hashlib.sha256()
+    for target in sorted(modules, key=lambda m: m.name):
+        w = _weight(model.get_submodule(target.name)).detach().to("cpu", torch.float32).contiguous()
+        h.update(target.name.encode())
+        h.update(w.numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def attach(model: nn.Module, config: MetaTTConfig, cores: list[torch.Tensor] | None = None, seed: int = 0) -> MetaTT:
+    """Wrap the target modules, register the adapter, freeze the base, train adapter and head."""
+    if hasattr(model, ADAPTER_ATTR):
+        raise MetaTTError("this model already carries a MetaTT adapter; load a fresh base model")
+    actual = fingerprint(model, config.modules)
+    if config.base_fingerprint and actual != config.base_fingerprint:
+        raise MetaTTError(
+            f"adapter was trained on base model '{config.base_model}' (fingerprint {config.base_fingerprint[:12]}), "
+            f"but this base has fingerprint {actual[:12]}; pass the adapter's own base model"
+        )
+    adapter = MetaTT(config, cores, seed=seed).to(next(model.parameters()).device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for target in config.modules:
+        parent_name, _, child = target.name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, MetaTTLayer(getattr(parent, child), target.layer, target.segments, adapter))
+    model.add_module(ADAPTER_ATTR, adapter)
+    for name in config.head_modules:
+        model.get_submodule(name).requires_grad_(True)
+    return adapter
+
+
+def get_adapter(model: nn.Module) -> MetaTT:
+    adapter = getattr(model, ADAPTER_ATTR, None)
+    if adapter is None:
+        raise MetaTTError("this model carries no MetaTT adapter")
+    return adapter
+
+
+def head_state(model: nn.Module, config: MetaTTConfig) -> dict[str, torch.Tensor]:
+    return {f"head.{m}.{k}": v for m in config.head_modules for k, v in model.get_submodule(m).state_dict().items()}
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What an adapter file holds: the cores and the classification head."""
+    adapter = get_adapter(model)
+    state = {f"core.{k}": c.detach() for k, c in enumerate(adapter.cores)}
+    state.update(head_state(model, adapter.config))
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def save_adapter(model: nn.Module, directory: str | Path, tokenizer=None, force: bool = False) -> Path:
+    """Write config JSON + safetensors (+ tokenizer) atomically into ``directory``."""
+    adapter = get_adapter(model)
+    with atomic_dir(directory, force=force) as tmp:
+        adapter.config.save(tmp)
+        save_file(adapter_state(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "metatt": "1"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(directory)
+
+
+def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise MetaTTError(f"adapter weights {path} are missing; pass a complete adapter directory")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise MetaTTError(f"adapter weights {path} are corrupt ({e}); re-create or re-download them") from None
+
+
+def split_state(state: dict[str, torch.Tensor], config: MetaTTConfig) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Cores (checked against the config's shapes) and head tensors of an adapter file."""
+    n = len(config.mode_names)
+    try:
+        cores = [state[f"core.{k}"] for k in range(n)]
+    except KeyError as e:
+        raise MetaTTError(f"adapter weights lack {e}; the file does not match its config, re-create it") from None
+    mode_sizes = [c.shape[1] for c in cores]
+    if mode_sizes != config.mode_sizes or any(c.dim() != 3 for c in cores):
+        raise MetaTTError(f"adapter cores have modes {mode_sizes} but the config says {config.mode_sizes}; re-create the adapter")
+    config.ranks = [c.shape[-1] for c in cores[:-1]]
+    heads = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+    return cores, heads
+
+
+def load_head(model: nn.Module, heads: dict[str, torch.Tensor], config: MetaTTConfig) -> None:
+    for name in config.head_modules:
+        module = model.get_submodule(name)
+        sub = {k[len(name) + 1:]: v for k, v in heads.items() if k.startswith(name + ".")}
+        try:
+            module.load_state_dict(sub)
+        except RuntimeError as e:
+            first = str(e).splitlines()[0]
+            raise MetaTTError(f"the saved head '{name}' does not fit this model ({first}); check the label count") from None
+
+
+def load_adapter(directory: str | Path, base_model: str | None = None, tokenizer: bool = True):
+    """Load the base model named in the adapter (or ``base_model``) and put the adapter on it.
+
+    Returns (model, config, tokenizer or None). The fingerprint check in ``attach`` rejects a
+    different base model with a clear message.
+    """
+    config = MetaTTConfig.load(directory)
+    cores, heads = split_state(read_weights(directory), config)
+    base = base_model or config.base_model
+    task = config.tasks[0]
+    model = load_classifier(base, config.label_names[task])
+    attach(model, config, cores)
+    if config.multitask:  # one head per task, routed per row (multitask.py)
+        add_task_heads(model, config)
+    load_head(model, heads, config)
+    tok = None
+    if tokenizer:
+        tok = load_tokenizer(str(directory) if (Path(directory) / "tokenizer_config.json").is_file() else base)
+    model.eval()
+    return model, config, tok
+
+
+def merge_and_unload(model: nn.Module, task: str | None = None) -> nn.Module:
+    """Fold alpha * dW into the base weights (in float32) and remove every trace of the adapter."""
+    adapter = get_adapter(model)
+    config = adapter.config
+    t = config.task_index(task) if config.multitask else None
+    with torch.no_grad():
+        for target in config.modules:
+            parent_name, _, child = target.name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            wrapper = getattr(parent, child)
+            base = wrapper.base_layer
+            w = base.weight.data.float()
+            for m, start, end in target.segments:
+                d = adapter.dense_delta(target.layer, m, target.in_features, end - start, t)
+                if target.transposed:
+                    w[:, start:end] += d
+                else:
+                    w[start:end, :] += d.T
+            base.weight.data.copy_(w.to(base.weight.dtype))
+            setattr(parent, child, base)
+    delattr(model, ADAPTER_ATTR)
+    if config.multitask:  # that task's head becomes the classifier, its labels the model's
+        select_task_head(model, config, t)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def count_trainable(model: nn.Module) -> dict[str, int]:
+    """Trainable parameters, split into adapter and head (heads are counted separately)."""
+    adapter = getattr(model, ADAPTER_ATTR, None)
+    config = adapter.config if adapter is not None else None
+    heads = config.head_modules if config else []
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    head = sum(p.numel() for n in heads for p in model.get_submodule(n).parameters() if p.requires_grad)
+    return {"adapter": total - head, "head": head, "total": total}

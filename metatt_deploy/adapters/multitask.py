@@ -1,0 +1,231 @@
+"""Multi-task MetaTT-(4+1)D models: one head per task, per-row task routing, saving, extending.
+
+Model side (docs/multitask.md has the user-facing rules):
+
+- The adapter is the (4+1)D tensor train of ``model.build_config(tasks=[...])``: every core is
+  shared except one ``r x r`` slice of the task core per task.
+- Each head module of the architecture (``classifier`` for BERT, ``pre_classifier`` and
+  ``classifier`` for DistilBERT, ...) is replaced by a `TaskHeads` router holding one copy per
+  task; in the last head module the label-producing ``nn.Linear`` has that task's label count.
+- `MultiTaskModel` is the forward that takes ``task_ids``: an int / task name (the whole batch)
+  or one id per row (a mixed batch). It sets ``adapter.use_task`` and the routers, so every row
+  uses its own task slice and head.
+
+Logits layout (the same in PyTorch, the factored ONNX graph and the runtime): ``(batch,
+max_labels)`` where ``max_labels`` is the largest label count among the model's tasks; row ``b``
+holds its task's ``n_t`` logits in columns ``0..n_t-1`` and `PAD_LOGIT` in the rest. A padded
+column never wins an argmax nor takes probability mass (exp(-1e4) == 0 in float32), so the loss
+and argmax can run on the padded tensor directly; `split_logits` cuts rows back to their tasks.
+PAD_LOGIT is finite (fp16-safe) so differences of padded tensors stay well defined.
+
+Training several tasks (task specs, sampling, the loop, adding a task) is multitask_train.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from metatt_deploy.adapters import model as mt
+from metatt_deploy.adapters.config import MetaTTConfig
+from metatt_deploy.adapters.heads import add_task_heads, new_head, routers
+from metatt_deploy.common.errors import MetaTTError
+
+
+class MultiTaskModel(nn.Module):
+    """A HF classifier carrying a (4+1)D adapter and per-task heads; forward takes ``task_ids``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        if not mt.get_adapter(model).config.multitask:
+            raise MetaTTError("this adapter has no task mode; multi-task models need an adapter trained with several --task")
+
+    @property
+    def metatt(self):  # lets model.get_adapter() and train.py's helpers find the adapter
+        return mt.get_adapter(self.model)
+
+    @property
+    def adapter_config(self) -> MetaTTConfig:
+        return self.metatt.config
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.adapter_config.tasks)
+
+    @property
+    def num_labels(self) -> list[int]:
+        cfg = self.adapter_config
+        return [len(cfg.label_names[t]) for t in cfg.tasks]
+
+    def task_ids_for(self, task_ids, batch: int) -> int | torch.Tensor:
+        """Normalise a task name, an index, names/indices per row or a LongTensor; unknown tasks are errors."""
+        cfg = self.adapter_config
+        if isinstance(task_ids, str):
+            return cfg.task_index(task_ids)
+        if isinstance(task_ids, (list, tuple)):
+            task_ids = torch.tensor([cfg.task_index(t) if isinstance(t, str) else int(t) for t in task_ids], dtype=torch.long)
+        if isinstance(task_ids, int):
+            ids = torch.tensor([task_ids])
+        elif isinstance(task_ids, torch.Tensor):
+            ids = task_ids = task_ids.reshape(-1).long().to(self.metatt.cores[0].device)
+            if not torch.jit.is_tracing() and ids.numel() != batch:
+                raise MetaTTError(f"task_ids has {ids.numel()} entries for a batch of {batch}; give one task id per row")
+        else:
+            raise MetaTTError("task_ids must be a task name, an int, a list of them or a LongTensor; pass one per row")
+        if not torch.jit.is_tracing() and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(cfg.tasks)):
+            bad = int(ids.max()) if int(ids.max()) >= len(cfg.tasks) else int(ids.min())
+            raise MetaTTError(f"unknown task id {bad}; this model has {len(cfg.tasks)} tasks: "
+                              + ", ".join(f"{i}={t}" for i, t in enumerate(cfg.tasks)))
+        return task_ids
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, task_ids=None, labels=None, **kwargs):
+        if task_ids is None:
+            raise MetaTTError(f"pass task_ids (one of {', '.join(self.tasks)}, or one per row) to a multi-task model")
+        batch = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[0]
+        ids = self.task_ids_for(task_ids, batch)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids, **kwargs}
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        adapter, heads = self.metatt, routers(self.model)
+        adapter.use_task(ids)
+        for r in heads:
+            r.task_ids = ids
+        try:
+            logits = self.model(**inputs).logits
+        finally:
+            adapter.use_task(None)
+            for r in heads:
+                r.task_ids = None
+        loss = F.cross_entropy(logits.float(), labels.long()) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def split_logits(logits: np.ndarray | torch.Tensor, task_ids: Sequence[int], num_labels: Sequence[int]) -> list:
+    """Row b of padded logits cut to its task's label count."""
+    return [logits[b, : num_labels[t]] for b, t in enumerate(task_ids)]
+
+
+# ---------------------------------------------------------------- building, saving, loading
+
+
+def build_multitask(
+    model: nn.Module,
+    tasks: Sequence[str],
+    label_names: dict[str, list[str]],
+    *,
+    method: str = "metatt-4d",
+    rank: int | list[int] = 8,
+    alpha: float = 4.0,
+    init: str | None = None,
+    targets="q,k,v,o",
+    base_model: str = "",
+    seed: int = 0,
+    cores: list[torch.Tensor] | None = None,
+) -> MultiTaskModel:
+    """Attach a (4+1)D adapter for ``tasks`` and per-task heads to ``model`` (a fresh HF classifier)."""
+    tasks = list(tasks)
+    if len(tasks) < 2:
+        raise MetaTTError("multi-task training needs at least two tasks; give --task twice or more (or use --dataset for one task)")
+    if len(set(tasks)) != len(tasks):
+        raise MetaTTError(f"task names repeat ({', '.join(tasks)}); give each task a distinct NAME=")
+    config = mt.build_config(model, method=method, rank=rank, alpha=alpha, init=init, targets=targets,
+                             tasks=tasks, label_names={t: list(label_names[t]) for t in tasks}, base_model=base_model)
+    mt.attach(model, config, cores, seed=seed)
+    add_task_heads(model, config, seed)
+    return MultiTaskModel(model)
+
+
+def load_multitask(directory: str | Path, base_model: str | None = None, tokenizer: bool = True):
+    """A saved multi-task adapter (a run's best/) as (MultiTaskModel, config, tokenizer or None)."""
+    config = MetaTTConfig.load(directory)
+    if not config.multitask:
+        raise MetaTTError(f"{directory} holds a single-task adapter; multi-task commands need one trained with several --task")
+    model, config, tok = mt.load_adapter(directory, base_model=base_model, tokenizer=tokenizer)
+    return MultiTaskModel(model).eval(), config, tok
+
+
+def save_multitask(mtm: MultiTaskModel, directory: str | Path, tokenizer=None, force: bool = False) -> Path:
+    """Same files as a single-task adapter: config JSON + safetensors (heads as head.<module>.heads.<t>.*)."""
+    return mt.save_adapter(mtm.model, directory, tokenizer=tokenizer, force=force)
+
+
+def shared_core_indices(config: MetaTTConfig) -> list[int]:
+    task = config.mode_names.index("task")
+    return [k for k in range(len(config.mode_names)) if k != task]
+
+
+def bundle_id(config: MetaTTConfig, cores: Sequence[torch.Tensor]) -> str:
+    """Identity of everything tasks share: base fingerprint, adapter layout, shared core values.
+
+    Adding a task (a new slice + head against the frozen adapter) keeps it; any retraining of the
+    shared cores changes it, so a task file records it and is refused by any other bundle.
+    """
+    layout = {
+        "base_fingerprint": config.base_fingerprint,
+        "method": config.method,
+        "mode_names": config.mode_names,
+        "shared_mode_sizes": [s for n, s in zip(config.mode_names, config.mode_sizes) if n != "task"],
+        "ranks": [c.shape[-1] for c in cores[:-1]],
+        "alpha": config.alpha,
+        "targets": config.targets,
+        "modules": [m.to_json() for m in config.modules],
+        "head_modules": config.head_modules,
+    }
+    h = hashlib.sha256(json.dumps(layout, sort_keys=True).encode())
+    for k in shared_core_indices(config):
+        h.update(cores[k].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def parameter_counts(mtm: MultiTaskModel) -> dict:
+    """Trainable parameters: shared cores, and per task its r x r slice plus its head."""
+    cfg = mtm.adapter_config
+    adapter = mtm.metatt
+    t_core = cfg.mode_names.index("task")
+    shared = sum(adapter.cores[k].numel() for k in shared_core_indices(cfg))
+    slice_size = adapter.cores[t_core].shape[0] * adapter.cores[t_core].shape[2]
+    per_task = {}
+    for t, task in enumerate(cfg.tasks):
+        head = sum(p.numel() for r in routers(mtm.model) for p in r.heads[t].parameters())
+        per_task[task] = {"task_slice": slice_size, "head": head, "total": slice_size + head}
+    total = shared + sum(v["total"] for v in per_task.values())
+    return {"shared_cores": shared, "per_task": per_task, "total": total,
+            "adapter_total": shared + slice_size * len(cfg.tasks)}
+
+
+def extend_tasks(mtm: MultiTaskModel, name: str, label_names: list[str], seed: int = 0) -> int:
+    """Append task ``name``: a new task-core slice (the mean of the existing ones) and a new head.
+
+    Returns the new task's index. Every existing slice, head and shared core is left bit-identical.
+    """
+    cfg = mtm.adapter_config
+    if name in cfg.tasks:
+        raise MetaTTError(f"task '{name}' is already in this adapter ({', '.join(cfg.tasks)}); choose another NAME")
+    adapter = mtm.metatt
+    t_core = cfg.mode_names.index("task")
+    with torch.no_grad():
+        old = adapter.cores[t_core].detach()
+        new_core = torch.cat([old, old.mean(dim=1, keepdim=True)], dim=1)
+    cores = [c.detach() for c in adapter.cores]
+    cores[t_core] = new_core
+    cfg.tasks = [*cfg.tasks, name]
+    cfg.label_names = {**cfg.label_names, name: list(label_names)}
+    cfg.mode_sizes = [*cfg.mode_sizes]
+    cfg.mode_sizes[t_core] += 1
+    adapter.set_cores(cores)
+    last = cfg.head_modules[-1]
+    index = len(cfg.tasks) - 1
+    for head_name, router in zip(cfg.head_modules, [mtm.model.get_submodule(n) for n in cfg.head_modules]):
+        template = router.heads[0]
+        router.heads.append(new_head(mtm.model, template, len(label_names), seed + 1000 + index)
+                            if head_name == last else copy.deepcopy(template))
+    return index

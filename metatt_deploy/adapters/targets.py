@@ -1,0 +1,191 @@
+"""Which modules of a Hugging Face model a MetaTT adapter adapts, and where they sit in the TT.
+
+Each architecture maps matrix-type names (q, k, v, o, up, down, gate) to a regular expression
+over module names whose first group is the layer number. The layer index of the TT is the rank
+of that number among the matched layers; the matrix index is the position of the type in the
+user's ``--targets`` list. GPT-2 fuses q, k and v into one Conv1D (``c_attn``): the three types
+then name thirds of its output, so one wrapped module feeds three matrix indices.
+
+Non-square targets and grouped-query attention use the *leading-block* scheme: the TT's input
+mode has the largest input width among the targets and its output mode the largest output
+width; a target of width ``d_in x d_out`` uses the first ``d_in`` rows of the input factor and
+the first ``d_out`` columns of the output factor. It costs no parameters beyond the largest
+target and keeps every matrix an exact slice of one tensor (so merging and LoRA export stay
+exact).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from metatt_deploy.common.errors import MetaTTError
+
+# matrix type -> (module-name regex with the layer number as group 1, part, parts)
+_ATTN_BERT = {
+    "q": (r"\.layer\.(\d+)\.attention\.self\.query$", 0, 1),
+    "k": (r"\.layer\.(\d+)\.attention\.self\.key$", 0, 1),
+    "v": (r"\.layer\.(\d+)\.attention\.self\.value$", 0, 1),
+    "o": (r"\.layer\.(\d+)\.attention\.output\.dense$", 0, 1),
+    "up": (r"\.layer\.(\d+)\.intermediate\.dense$", 0, 1),
+    "down": (r"\.layer\.(\d+)\.output\.dense$", 0, 1),
+}
+ARCHITECTURES: dict[str, dict] = {
+    "bert": {"targets": _ATTN_BERT, "head": ["classifier"]},
+    "roberta": {"targets": _ATTN_BERT, "head": ["classifier"]},
+    "xlm-roberta": {"targets": _ATTN_BERT, "head": ["classifier"]},
+    "mpnet": {
+        "targets": {
+            "q": (r"\.layer\.(\d+)\.attention\.attn\.q$", 0, 1),
+            "k": (r"\.layer\.(\d+)\.attention\.attn\.k$", 0, 1),
+            "v": (r"\.layer\.(\d+)\.attention\.attn\.v$", 0, 1),
+            "o": (r"\.layer\.(\d+)\.attention\.attn\.o$", 0, 1),
+            "up": (r"\.layer\.(\d+)\.intermediate\.dense$", 0, 1),
+            "down": (r"\.layer\.(\d+)\.output\.dense$", 0, 1),
+        },
+        "head": ["classifier"],
+    },
+    "distilbert": {
+        "targets": {
+            "q": (r"\.layer\.(\d+)\.attention\.q_lin$", 0, 1),
+            "k": (r"\.layer\.(\d+)\.attention\.k_lin$", 0, 1),
+            "v": (r"\.layer\.(\d+)\.attention\.v_lin$", 0, 1),
+            "o": (r"\.layer\.(\d+)\.attention\.out_lin$", 0, 1),
+            "up": (r"\.layer\.(\d+)\.ffn\.lin1$", 0, 1),
+            "down": (r"\.layer\.(\d+)\.ffn\.lin2$", 0, 1),
+        },
+        "head": ["pre_classifier", "classifier"],
+    },
+    "llama": {
+        "targets": {
+            "q": (r"\.layers\.(\d+)\.self_attn\.q_proj$", 0, 1),
+            "k": (r"\.layers\.(\d+)\.self_attn\.k_proj$", 0, 1),
+            "v": (r"\.layers\.(\d+)\.self_attn\.v_proj$", 0, 1),
+            "o": (r"\.layers\.(\d+)\.self_attn\.o_proj$", 0, 1),
+            "gate": (r"\.layers\.(\d+)\.mlp\.gate_proj$", 0, 1),
+            "up": (r"\.layers\.(\d+)\.mlp\.up_proj$", 0, 1),
+            "down": (r"\.layers\.(\d+)\.mlp\.down_proj$", 0, 1),
+        },
+        "head": ["score"],
+    },
+    "gpt2": {
+        "targets": {
+            "q": (r"\.h\.(\d+)\.attn\.c_attn$", 0, 3),
+            "k": (r"\.h\.(\d+)\.attn\.c_attn$", 1, 3),
+            "v": (r"\.h\.(\d+)\.attn\.c_attn$", 2, 3),
+            "o": (r"\.h\.(\d+)\.attn\.c_proj$", 0, 1),
+            "up": (r"\.h\.(\d+)\.mlp\.c_fc$", 0, 1),
+            "down": (r"\.h\.(\d+)\.mlp\.c_proj$", 0, 1),
+        },
+        "head": ["score"],
+    },
+}
+ARCHITECTURES["mistral"] = ARCHITECTURES["qwen2"] = ARCHITECTURES["llama"]
+DEFAULT_TARGETS = ["q", "k", "v", "o"]
+
+
+@dataclass
+class TargetModule:
+    """One wrapped module: its TT coordinates and the part of its output each matrix type owns."""
+
+    name: str
+    layer: int
+    in_features: int
+    out_features: int
+    segments: list[tuple[int, int, int]]  # (matrix index, first output unit, end output unit)
+    transposed: bool  # GPT-2 Conv1D stores its weight as (in, out)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> TargetModule:
+        return cls(**{**d, "segments": [tuple(s) for s in d["segments"]]})
+
+
+def module_dims(module: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, transposed) of an nn.Linear or a GPT-2 style Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return module.weight.shape[0], module.weight.shape[1], True
+    raise MetaTTError(f"module of type {type(module).__name__} cannot be adapted; target nn.Linear or Conv1D layers")
+
+
+def parse_targets(targets: str | list[str], model_type: str) -> dict[str, tuple[str, int, int]]:
+    """Resolve ``q,k,v,o`` (or ``name=regex`` pairs for other architectures) to patterns."""
+    items = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
+    items = [t for t in items if t]
+    if not items:
+        raise MetaTTError("no targets given; pass --targets q,k,v,o or name=regex pairs")
+    known = ARCHITECTURES.get(model_type, {}).get("targets", {})
+    out: dict[str, tuple[str, int, int]] = {}
+    for item in items:
+        name, _, pattern = item.partition("=")
+        if name in out:
+            raise MetaTTError(f"target '{name}' given twice; list each matrix type once")
+        if pattern:
+            if "(" not in pattern:  # a plain suffix: the layer number is the first .N. before it
+                pattern = r"\.(\d+)\..*" + re.escape(pattern) + "$"
+            out[name] = (pattern, 0, 1)
+        elif name in known:
+            out[name] = known[name]
+        else:
+            hint = f"known for {model_type}: {', '.join(known)}" if known else (
+                f"architecture '{model_type}' has no default targets; pass name=module_suffix pairs, "
+                "e.g. q=attn.q_proj"
+            )
+            raise MetaTTError(f"unknown target '{name}' ({hint})")
+    return out
+
+
+def find_targets(model: nn.Module, targets: str | list[str]) -> tuple[list[str], list[int], list[TargetModule]]:
+    """Match target patterns against ``model``'s modules.
+
+    Returns the matrix-type names (TT matrix-mode order), the original layer numbers (TT
+    layer-mode order) and one TargetModule per wrapped module.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    patterns = parse_targets(targets, model_type)
+    names = list(patterns)
+    hits: dict[str, dict] = {}
+    for module_name, module in model.named_modules():
+        full = "." + module_name
+        for m, (pattern, part, parts) in enumerate(patterns.values()):
+            match = re.search(pattern, full)
+            if not match:
+                continue
+            d_in, d_out, transposed = module_dims(module)
+            if d_out % parts:
+                raise MetaTTError(f"{module_name} has {d_out} outputs, not divisible into {parts} fused parts")
+            step = d_out // parts
+            entry = hits.setdefault(module_name, {
+                "layer": int(match.group(1)), "d_in": d_in, "d_out": d_out, "transposed": transposed, "segs": [],
+            })
+            entry["segs"].append((m, part * step, (part + 1) * step))
+    found = {m for e in hits.values() for m, _, _ in e["segs"]}
+    missing = [n for i, n in enumerate(names) if i not in found]
+    if missing:
+        raise MetaTTError(
+            f"targets {', '.join(missing)} match no module of this {model_type or 'model'}; "
+            "check --targets against the model's module names"
+        )
+    layers = sorted({e["layer"] for e in hits.values()})
+    modules = [
+        TargetModule(n, layers.index(e["layer"]), e["d_in"], e["d_out"], sorted(e["segs"]), e["transposed"])
+        for n, e in hits.items()
+    ]
+    return names, layers, modules
+
+
+def head_modules(model: nn.Module) -> list[str]:
+    """Names of the classification head's top modules, which train and ship with the adapter."""
+    model_type = getattr(model.config, "model_type", "")
+    if model_type in ARCHITECTURES:
+        return list(ARCHITECTURES[model_type]["head"])
+    found = [n for n in ("classifier", "score", "pre_classifier") if hasattr(model, n)]
+    if not found:
+        raise MetaTTError(f"cannot find the classification head of a {model_type} model; it needs a 'classifier' or 'score' module")
+    return found

@@ -1,0 +1,504 @@
+"""The factored bundle of a multi-task adapter (``merge --factored``) and its factored ONNX export.
+
+A bundle serves every task of a (4+1)D adapter from one copy of the base model and one copy of
+each shared core; a task is its ``r x r`` task-core slice plus its head (kilobytes). Layout
+(docs/multitask.md, "Factored bundle"):
+
+    bundle.json                 format, bundle id, adapter layout, the tasks baked into the ONNX graph
+    base/                       the base model (Hugging Face folder) + tokenizer, once
+    shared.safetensors          the shared cores ``core.<k>`` (every core but the task core), once
+    tasks/NAME.safetensors      ``task_slice`` (r x r) + ``head.<module>.<param>`` tensors
+    tasks/NAME.json             labels, bundle id, shapes and sha256 of the task's files
+    tasks/NAME.onnx_adapter     the same tensors as an ONNX Runtime adapter (for model_adapter.onnx)
+    model_tasks.onnx            form (a): input ``task_ids`` (int64, one per row); all baked tasks
+    model_adapter.onnx          form (b): task slice + head are inputs fed from an .onnx_adapter
+
+Both graphs hold the base weights and every shared core exactly once (one initializer each,
+used by every layer: the per-layer updates are never materialised); the export runs with
+constant folding off so the exporter cannot fold per-layer products into new initializers.
+
+Form (a) routes each row to its own task slice and head; logits are ``(batch, max_labels)``
+padded with `multitask.PAD_LOGIT`. Negative task ids are mapped past the last task inside the
+graph, so any id outside ``0..T-1`` fails in ONNX Runtime's Gather instead of wrapping around.
+Form (b) gives ``(batch, n_task)`` logits; its adapter inputs carry empty default initializers,
+so a run without an active adapter fails loudly (MatMul dimension mismatch) instead of
+answering for some default task.
+
+Every task file records the bundle id (a hash of the base fingerprint, the adapter layout and
+the shared core values); the ``.onnx_adapter`` carries its first 31 bits as its model version.
+A task trained later with ``train --add-task`` keeps the shared cores, hence the bundle id, and
+is added to an existing bundle without touching the graphs or the other tasks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from metatt_deploy.adapters import model as mt
+from metatt_deploy.adapters.config import MetaTTConfig
+from metatt_deploy.adapters.heads import PAD_LOGIT, add_task_heads, label_linear, routers, select_task_head
+from metatt_deploy.adapters.multitask import MultiTaskModel, bundle_id, load_multitask, shared_core_indices
+from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.common.files import atomic_dir, atomic_write_json, check_writable, read_json, sha256_file
+
+BUNDLE_FORMAT = 1
+BUNDLE_JSON = "bundle.json"
+BASE_DIR = "base"
+SHARED_FILE = "shared.safetensors"
+TASKS_DIR = "tasks"
+TASK_GRAPH = "model_tasks.onnx"
+ADAPTER_GRAPH = "model_adapter.onnx"
+ADAPTER_SUFFIX = ".onnx_adapter"
+TASK_SLICE = "task_slice"
+TASK_IDS = "task_ids"
+LOGITS = "logits"
+DEFAULT_OPSET = 17
+ADAPTER_FORMAT_VERSION = 1
+LOGITS_LAYOUT = (
+    f"(batch, max_labels) float32; row b holds its task's n_t logits in columns 0..n_t-1 and {PAD_LOGIT:g} "
+    "in the rest (model_tasks.onnx); (batch, n_t) for model_adapter.onnx"
+)
+
+
+def adapter_model_version(bid: str) -> int:
+    """The bundle id as the 31-bit model version stamped into every .onnx_adapter."""
+    return int(bid[:8], 16) & 0x7FFFFFFF
+
+
+# ---------------------------------------------------------------- ONNX export
+
+
+def text_inputs(model: nn.Module, tokenizer=None) -> list[str]:
+    """The tokenizer outputs the model's forward takes, in a fixed order."""
+    params = inspect.signature(model.forward).parameters
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    wanted = set(tokenizer.model_input_names) if tokenizer is not None else set(names)
+    return [n for n in names if n in params and (n in wanted or n == "input_ids")]
+
+
+def _dummy_text(model: nn.Module, names: list[str], batch: int = 2, seq: int = 8) -> list[torch.Tensor]:
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, max(4, vocab), (batch, seq), generator=g)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    return [out[n] for n in names]
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module):
+    """Eval for the export, the previous mode of every submodule afterwards.
+
+    (torch.onnx.export restores the *wrapper's* mode recursively, which would leave a model
+    that was in eval mode in training mode, dropout on.)
+    """
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], dynamic_axes: dict, opset: int) -> None:
+    import warnings
+
+    with _eval_mode(module), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, args, str(path), dynamo=False, input_names=input_names, output_names=[LOGITS],
+            dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=False,
+        )
+
+
+class _TaskIdGraph(nn.Module):
+    def __init__(self, mtm: MultiTaskModel, names: list[str]):
+        super().__init__()
+        self.mtm = mtm
+        self.names = names
+
+    def forward(self, *args):
+        *text, task_ids = args
+        # an id < 0 would wrap around in Gather: send it past the last task so it fails instead
+        task_ids = torch.where(task_ids < 0, torch.full_like(task_ids, len(self.mtm.tasks)), task_ids)
+        return self.mtm(**dict(zip(self.names, text)), task_ids=task_ids).logits
+
+
+def export_task_graph(mtm: MultiTaskModel, path: str | Path, names: list[str], opset: int = DEFAULT_OPSET) -> dict:
+    """Form (a): text inputs + ``task_ids`` (batch,) -> padded logits, every task baked in."""
+    text = _dummy_text(mtm.model, names)
+    task_ids = torch.arange(text[0].shape[0]) % len(mtm.tasks)
+    axes = {n: {0: "batch", 1: "sequence"} for n in names}
+    axes.update({TASK_IDS: {0: "batch"}, LOGITS: {0: "batch"}})
+    _export(_TaskIdGraph(mtm, names), (*text, task_ids), Path(path), [*names, TASK_IDS], axes, opset)
+    return {"file": Path(path).name, "inputs": [*names, TASK_IDS], "outputs": [LOGITS], "tasks": mtm.tasks,
+            "max_labels": max(mtm.num_labels), "opset": opset}
+
+
+@contextlib.contextmanager
+def _parameters_as(root: nn.Module, tensors: dict[str, torch.Tensor]):
+    """Let the given parameters of ``root`` be plain tensors (graph inputs while tracing).
+
+    torch.func.functional_call cannot run under the tracer; this swaps the attributes by hand
+    and restores every module's parameter order, which the exporter uses to name initializers.
+    """
+    saved = []
+    for path, value in tensors.items():
+        owner_name, _, name = path.rpartition(".")
+        owner = root.get_submodule(owner_name)
+        saved.append((owner, name, list(owner._parameters), owner._parameters.pop(name)))
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for owner, name, order, param in reversed(saved):
+            delattr(owner, name)
+            owner._parameters[name] = param
+            owner._parameters = OrderedDict((k, owner._parameters[k]) for k in order)
+
+
+def head_tensors(config: MetaTTConfig, hf: nn.Module, task: int) -> dict[str, torch.Tensor]:
+    """``head.<module>.<param>`` -> tensor of task ``task`` (the keys of task files and adapter inputs)."""
+    out = {}
+    for name in config.head_modules:
+        module = hf.get_submodule(name)
+        module = module.heads[task] if hasattr(module, "heads") else module
+        for k, v in module.state_dict().items():
+            out[f"head.{name}.{k}"] = v.detach().to("cpu", torch.float32).contiguous()
+    return out
+
+
+class _AdapterGraph(nn.Module):
+    def __init__(self, hf: nn.Module, names: list[str], task_core: str, head_keys: list[str]):
+        super().__init__()
+        self.hf = hf
+        self.names = names
+        self.task_core = task_core
+        self.head_keys = head_keys
+
+    def forward(self, *args):
+        n = len(self.names)
+        text, task_slice, head = args[:n], args[n], args[n + 1:]
+        swaps = {self.task_core: task_slice.unsqueeze(1)}
+        swaps.update({k[len("head."):]: v for k, v in zip(self.head_keys, head)})
+        adapter = mt.get_adapter(self.hf)
+        adapter.use_task(0)
+        try:
+            with _parameters_as(self.hf, swaps):
+                return self.hf(**dict(zip(self.names, text))).logits
+        finally:
+            adapter.use_task(None)
+
+
+def export_adapter_graph(mtm: MultiTaskModel, path: str | Path, names: list[str], opset: int = DEFAULT_OPSET) -> dict:
+    """Form (b): text inputs + ``task_slice`` + head tensors (fed from an .onnx_adapter) -> (batch, n_t) logits."""
+    import onnx
+    from onnx import numpy_helper
+
+    config = mtm.adapter_config
+    hf = copy.deepcopy(mtm.model)
+    hf_config = mt.get_adapter(hf).config
+    select_task_head(hf, hf_config, 0)
+    t_core = config.mode_names.index("task")
+    heads = head_tensors(config, mtm.model, 0)
+    slice0 = mtm.metatt.cores[t_core].detach()[:, 0, :].clone()
+    text = _dummy_text(hf, names)
+    keys = list(heads)
+    label_key = _label_keys(config, hf)
+    axes = {n: {0: "batch", 1: "sequence"} for n in names}
+    axes[LOGITS] = {0: "batch", 1: "num_labels"}
+    axes.update({k: {0: "num_labels"} for k in label_key})
+    module = _AdapterGraph(hf, names, f"{mt.ADAPTER_ATTR}.cores.{t_core}", keys)
+    _export(module, (*text, slice0, *heads.values()), Path(path), [*names, TASK_SLICE, *keys], axes, opset)
+    # Adapter inputs: every dim symbolic and an empty default, so they are overridable by an
+    # active adapter and a run without one fails instead of silently using a default task.
+    graph = onnx.load(str(path))
+    adapter_inputs = {TASK_SLICE: slice0, **heads}
+    for inp in graph.graph.input:
+        if inp.name in adapter_inputs:
+            value = adapter_inputs[inp.name]
+            for d, dim in enumerate(inp.type.tensor_type.shape.dim):
+                dim.Clear()
+                dim.dim_param = f"{inp.name}_dim{d}"
+            empty = np.zeros((0, *value.shape[1:]), dtype=np.float32)
+            graph.graph.initializer.append(numpy_helper.from_array(empty, inp.name))
+    onnx.save(graph, str(path))
+    return {"file": Path(path).name, "inputs": names, "adapter_inputs": [TASK_SLICE, *keys], "outputs": [LOGITS],
+            "opset": opset}
+
+
+def _label_keys(config: MetaTTConfig, hf: nn.Module) -> list[str]:
+    """Keys of the label-producing Linear's weight and bias (their first dim is the label count)."""
+    last = config.head_modules[-1]
+    parent, child, linear = label_linear(hf.get_submodule(last))
+    prefix = f"head.{last}." + (f"{_module_path(hf.get_submodule(last), parent)}{child}." if child else "")
+    return [prefix + "weight"] + ([prefix + "bias"] if linear.bias is not None else [])
+
+
+def _module_path(root: nn.Module, target: nn.Module) -> str:
+    for name, m in root.named_modules():
+        if m is target:
+            return f"{name}." if name else ""
+    return ""
+
+
+def write_onnx_adapter(path: str | Path, tensors: dict[str, torch.Tensor], bid: str) -> None:
+    """One task's slice + head as an ONNX Runtime adapter file stamped with the bundle's version."""
+    import onnxruntime as ort
+
+    # AdapterFormat.set_parameters keeps only the C-level values, not the numpy arrays behind them:
+    # the arrays must stay referenced here until the file is written, or it gets freed memory.
+    arrays = {k: np.ascontiguousarray(v.detach().cpu().numpy(), dtype=np.float32) for k, v in tensors.items()}
+    values = {k: ort.OrtValue.ortvalue_from_numpy(a) for k, a in arrays.items()}
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(ADAPTER_FORMAT_VERSION)
+    fmt.set_model_version(adapter_model_version(bid))
+    fmt.set_parameters(values)
+    fmt.export_adapter(str(path))
+    # read back (the returned OrtValues are views into the file: keep them referenced while comparing)
+    back = ort.AdapterFormat.read_adapter(str(path))
+    written = back.get_parameters()
+    if set(written) != set(arrays) or any(not np.array_equal(written[k].numpy(), a) for k, a in arrays.items()):
+        raise RuntimeError(f"the adapter file {path} does not hold the tensors written into it")
+    del written, back, values
+
+
+# ---------------------------------------------------------------- the bundle
+
+
+def _task_tensors(mtm: MultiTaskModel, t: int) -> dict[str, torch.Tensor]:
+    config = mtm.adapter_config
+    t_core = config.mode_names.index("task")
+    slice_ = mtm.metatt.cores[t_core].detach()[:, t, :].to("cpu", torch.float32).contiguous()
+    return {TASK_SLICE: slice_, **head_tensors(config, mtm.model, t)}
+
+
+def _write_task(directory: Path, mtm: MultiTaskModel, t: int, bid: str, onnx: bool) -> dict:
+    config = mtm.adapter_config
+    name = config.tasks[t]
+    tensors = _task_tensors(mtm, t)
+    files = {"safetensors": f"{name}.safetensors"}
+    save_file(tensors, str(directory / files["safetensors"]), metadata={"bundle_id": bid, "task": name})
+    if onnx:
+        files["onnx_adapter"] = f"{name}{ADAPTER_SUFFIX}"
+        write_onnx_adapter(directory / files["onnx_adapter"], tensors, bid)
+    record = {
+        "format_version": BUNDLE_FORMAT,
+        "task": name,
+        "bundle_id": bid,
+        "labels": list(config.label_names[name]),
+        "num_labels": len(config.label_names[name]),
+        "shapes": {k: list(v.shape) for k, v in tensors.items()},
+        "onnx_adapter_model_version": adapter_model_version(bid) if onnx else None,
+        "files": {kind: {"file": f, "sha256": sha256_file(directory / f)} for kind, f in files.items()},
+    }
+    atomic_write_json(directory / f"{name}.json", record)
+    return record
+
+
+def is_bundle(path: str | Path) -> bool:
+    return (Path(path) / BUNDLE_JSON).is_file()
+
+
+def read_bundle(path: str | Path) -> dict:
+    path = Path(path)
+    if not is_bundle(path):
+        raise MetaTTError(f"{path} is not a factored bundle (no {BUNDLE_JSON}); write one with metatt-deploy merge --factored")
+    info = read_json(path / BUNDLE_JSON, "bundle description")
+    if info.get("format_version") != BUNDLE_FORMAT:
+        raise MetaTTError(f"bundle format {info.get('format_version')} is not supported (this build reads {BUNDLE_FORMAT}); "
+                          "use the metatt-deploy version that wrote it")
+    return info
+
+
+def write_bundle(
+    adapter_dir: str | Path,
+    output: str | Path,
+    *,
+    tasks: list[str] | None = None,
+    onnx: bool = True,
+    opset: int = DEFAULT_OPSET,
+    base_model: str | None = None,
+    force: bool = False,
+) -> dict:
+    """Write (or extend) a factored bundle from a multi-task adapter; returns a summary.
+
+    Without ``tasks`` every task of the adapter is written and baked into model_tasks.onnx. If
+    ``output`` already is a bundle with the same bundle id and ``tasks`` are given, only those
+    task files are added (graphs and other tasks untouched): this is how a task trained with
+    ``train --add-task`` reaches a deployed bundle. A task already present needs ``force``.
+    """
+    output = Path(output)
+    mtm, config, tokenizer = load_multitask(adapter_dir, base_model=base_model)
+    bid = bundle_id(config, [c.detach() for c in mtm.metatt.cores])
+    chosen = list(config.tasks) if not tasks else [config.tasks[config.task_index(t)] for t in tasks]
+    if is_bundle(output) and tasks:
+        return _add_tasks(output, mtm, chosen, bid, force)
+    check_writable(output, force)
+    started = time.time()
+    if tasks:  # a bundle of a subset: the graph bakes only those tasks
+        keep = [config.tasks.index(t) for t in chosen]
+        mtm = _subset(mtm, keep)
+        config = mtm.adapter_config
+    with atomic_dir(output, force=force) as tmp:
+        base = mt.load_classifier(base_model or config.base_model, config.label_names[config.tasks[0]])
+        base.save_pretrained(tmp / BASE_DIR, safe_serialization=True)
+        del base
+        tokenizer.save_pretrained(tmp / BASE_DIR)
+        shared = {f"core.{k}": mtm.metatt.cores[k].detach().cpu().contiguous() for k in shared_core_indices(config)}
+        save_file(shared, str(tmp / SHARED_FILE), metadata={"bundle_id": bid})
+        (tmp / TASKS_DIR).mkdir()
+        records = [_write_task(tmp / TASKS_DIR, mtm, t, bid, onnx) for t in range(len(config.tasks))]
+        graphs = None
+        if onnx:
+            names = text_inputs(mtm.model, tokenizer)
+            graphs = {"task_graph": export_task_graph(mtm, tmp / TASK_GRAPH, names, opset),
+                      "adapter_graph": export_adapter_graph(mtm, tmp / ADAPTER_GRAPH, names, opset)}
+        layout = config.to_json()
+        info = {
+            "format_version": BUNDLE_FORMAT,
+            "kind": "metatt-factored-bundle",
+            "bundle_id": bid,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source_adapter": str(Path(adapter_dir).resolve()),
+            "base_model": config.base_model,
+            "base_fingerprint": config.base_fingerprint,
+            "base_dir": BASE_DIR,
+            "shared_file": SHARED_FILE,
+            "shared_cores": sorted(int(k.split(".")[1]) for k in shared),
+            "task_core": config.mode_names.index("task"),
+            "tasks": list(config.tasks),
+            "max_length": int(config.extra.get("max_length", 128)),
+            "pad_logit": PAD_LOGIT,
+            "logits_layout": LOGITS_LAYOUT,
+            "adapter_config": layout,
+            "onnx": graphs,
+            "seconds": round(time.time() - started, 1),
+        }
+        atomic_write_json(tmp / BUNDLE_JSON, info)
+    return {"bundle": str(output), "bundle_id": bid, "tasks": [r["task"] for r in records], "added": False}
+
+
+def _subset(mtm: MultiTaskModel, keep: list[int]) -> MultiTaskModel:
+    """A copy of ``mtm`` with only the tasks ``keep`` (in that order)."""
+    mtm = copy.deepcopy(mtm)
+    config = mtm.adapter_config
+    t_core = config.mode_names.index("task")
+    cores = [c.detach() for c in mtm.metatt.cores]
+    cores[t_core] = cores[t_core][:, keep, :]
+    config.tasks = [config.tasks[t] for t in keep]
+    config.label_names = {t: config.label_names[t] for t in config.tasks}
+    config.mode_sizes[t_core] = len(keep)
+    mtm.metatt.set_cores(cores)
+    for router in routers(mtm.model):
+        router.heads = nn.ModuleList([router.heads[t] for t in keep])
+    return mtm
+
+
+def _add_tasks(output: Path, mtm: MultiTaskModel, tasks: list[str], bid: str, force: bool) -> dict:
+    info = read_bundle(output)
+    if info["bundle_id"] != bid:
+        raise MetaTTError(
+            f"bundle {output} (id {info['bundle_id'][:12]}) was made from other shared cores than this adapter "
+            f"(id {bid[:12]}); add tasks trained with train --add-task --from the bundle's own adapter, or write a new bundle"
+        )
+    directory = output / TASKS_DIR
+    present = {p.stem for p in directory.glob("*.json")}
+    clash = [t for t in tasks if t in present]
+    if clash and not force:
+        raise MetaTTError(f"bundle {output} already has task(s) {', '.join(clash)}; pass --force to replace them")
+    written = []
+    for t in tasks:
+        # write into a staging folder, then move the files in, so a failure leaves the bundle as it was
+        with atomic_dir(output / f".stage-{t}", force=True) as stage:
+            _write_task(stage, mtm, mtm.adapter_config.tasks.index(t), bid, info.get("onnx") is not None)
+        stage = output / f".stage-{t}"
+        for f in sorted(stage.iterdir(), key=lambda p: p.suffix == ".json"):  # the JSON last: it makes the task visible
+            f.replace(directory / f.name)
+        stage.rmdir()
+        written.append(t)
+    return {"bundle": str(output), "bundle_id": bid, "tasks": written, "added": True}
+
+
+# ---------------------------------------------------------------- reading tasks back
+
+
+def task_records(bundle: str | Path, info: dict | None = None) -> list[dict]:
+    """Every task file's record, checked against the bundle id: graph-baked tasks first, then added ones by name."""
+    bundle = Path(bundle)
+    info = info or read_bundle(bundle)
+    records = {}
+    for path in sorted((bundle / TASKS_DIR).glob("*.json")):
+        rec = read_json(path, "task record")
+        check_task_record(rec, info, path)
+        records[rec["task"]] = rec
+    baked = [t for t in info["tasks"] if t in records]
+    return [records[t] for t in baked] + [records[t] for t in sorted(records) if t not in baked]
+
+
+def check_task_record(rec: dict, info: dict, path: Path) -> None:
+    if rec.get("bundle_id") != info["bundle_id"]:
+        raise MetaTTError(
+            f"task file {path.name} belongs to bundle {str(rec.get('bundle_id'))[:12]}, not to this bundle "
+            f"({info['bundle_id'][:12]}); remove it, or add the task with merge --factored from this bundle's adapter"
+        )
+    shapes = rec.get("shapes", {})
+    n = rec.get("num_labels")
+    label_shapes = [s for k, s in shapes.items() if k.startswith("head.")]
+    if n != len(rec.get("labels", [])) or not any(s and s[0] == n for s in label_shapes):
+        raise MetaTTError(f"task file {path.name} lists {len(rec.get('labels', []))} labels but its head has "
+                          f"{[s[0] for s in label_shapes]} outputs; re-write the task with merge --factored")
+
+
+def load_task_tensors(bundle: str | Path, rec: dict) -> dict[str, torch.Tensor]:
+    path = Path(bundle) / TASKS_DIR / rec["files"]["safetensors"]["file"]
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise MetaTTError(f"task file {path} is missing or corrupt ({e}); re-write it with merge --factored") from None
+    if {k: list(v.shape) for k, v in tensors.items()} != rec["shapes"]:
+        raise MetaTTError(f"task file {path.name} does not match its record {path.stem}.json; re-write the task")
+    return tensors
+
+
+def load_bundle(bundle: str | Path) -> MultiTaskModel:
+    """A bundle back in PyTorch: base + shared cores + every task's slice and head (for checks and merging)."""
+    bundle = Path(bundle)
+    info = read_bundle(bundle)
+    records = task_records(bundle, info)
+    if len(records) < 2:
+        raise MetaTTError(f"bundle {bundle} has {len(records)} task(s); a multi-task model needs two or more")
+    config = MetaTTConfig.from_json({**info["adapter_config"]})
+    t_core = info["task_core"]
+    try:
+        shared = load_file(str(bundle / SHARED_FILE))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise MetaTTError(f"{bundle / SHARED_FILE} is missing or corrupt ({e}); re-write the bundle") from None
+    tensors = [load_task_tensors(bundle, r) for r in records]
+    cores = [shared[f"core.{k}"] if k != t_core else torch.stack([t[TASK_SLICE] for t in tensors], dim=1)
+             for k in range(len(config.mode_names))]
+    config.tasks = [r["task"] for r in records]
+    config.label_names = {r["task"]: list(r["labels"]) for r in records}
+    config.mode_sizes[t_core] = len(records)
+    model = mt.load_classifier(str(bundle / info["base_dir"]), config.label_names[config.tasks[0]])
+    mt.attach(model, config, cores)
+    add_task_heads(model, config)
+    for t, tensors_t in enumerate(tensors):
+        for name in config.head_modules:
+            sub = {k[len(f"head.{name}."):]: v for k, v in tensors_t.items() if k.startswith(f"head.{name}.")}
+            try:
+                model.get_submodule(name).heads[t].load_state_dict(sub)
+            except RuntimeError as e:
+                raise MetaTTError(f"the head of task {config.tasks[t]} does not fit ({str(e).splitlines()[0]}); re-write the task") from None
+    return MultiTaskModel(model).eval()

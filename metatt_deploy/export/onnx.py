@@ -1,0 +1,539 @@
+"""Export a merged model to ONNX (through optimum), optionally optimised, int8 or fp16, with a manifest.
+
+An export bundle is a folder that ``optimum.onnxruntime.ORTModelForSequenceClassification``
+loads as it is: ``model.onnx`` (plus ``model.onnx_data`` for models over 2 GB), the model's
+``config.json``, the tokenizer files, and ``manifest.json``, which records what was exported
+(source folder, adapter and base model), how (opset, variant, library versions), every file's
+sha256, and the parity of the ONNX graph against the PyTorch merged model. The variants and
+manifest fields are documented in docs/export.md.
+
+Pipeline, all inside a temporary folder renamed into place at the end (nothing half-written):
+
+1. optimum ``main_export(task="text-classification")`` writes the fp32 graph;
+2. parity of that fp32 graph vs PyTorch on sample inputs, enforced at ``FP32_ATOL``;
+3. ``optimize``: ONNX Runtime's transformer optimizer fuses attention, layer norms, GELU and the
+   embeddings (opt_level 0: pure graph fusions, no provider-specific rewrites, so the file runs
+   on every execution provider);
+4. ``dtype="fp16"``: float16 weights and compute, float32 inputs/outputs (``keep_io_types``);
+5. ``quantize="int8"``: dynamic quantization, int8 weights (per output channel) of MatMul (and
+   fused Attention) nodes;
+6. parity of the final graph, loaded through ORTModelForSequenceClassification; enforced at
+   ``FP32_ATOL`` for fp32 graphs (plain or optimised), at ``FP16_ATOL`` (relative to the largest
+   logit) for fp16, reported only for int8 (quantization error is judged by accuracy: see
+   ``metatt-deploy validate --reference-onnx``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metatt_deploy import __version__
+from metatt_deploy.adapters.base_model import friendly_load
+from metatt_deploy.adapters.config import WEIGHTS_NAME, MetaTTConfig
+from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.common.files import atomic_dir, atomic_write_json, check_writable, read_json, sha256_file
+from metatt_deploy.export.merge import merge_adapter
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+ONNX_NAME = "model.onnx"
+MERGE_RECORD = "metatt_merge.json"  # written by merge.py into merged folders
+ADAPTER_CONFIG = "metatt_config.json"
+DEFAULT_ROOT = Path("exported")
+ONNX_TASK = "text-classification"
+DTYPES = ("fp32", "fp16")
+QUANTIZE = ("int8",)
+
+FP32_ATOL = 1e-4  # max |logit diff| ONNX fp32 (plain or optimised) vs PyTorch float32
+FP16_RTOL = 1e-2  # fp16: max |logit diff| <= FP16_RTOL * max(1, max |logit|)
+
+# Fused operators the transformer optimizer can produce, recorded in the manifest.
+FUSED_OPS = (
+    "EmbedLayerNormalization",
+    "Attention",
+    "MultiHeadAttention",
+    "SkipLayerNormalization",
+    "Gelu",
+    "FastGelu",
+    "BiasGelu",
+)
+# Hugging Face model_type -> ONNX Runtime optimizer model_type
+OPTIMIZER_MODEL_TYPES = {
+    "bert": "bert",
+    "roberta": "bert",
+    "xlm-roberta": "bert",
+    "camembert": "bert",
+    "distilbert": "bert",
+    "electra": "bert",
+    "mpnet": "bert",
+    "gpt2": "gpt2",
+}
+
+SAMPLE_SENTENCES = [
+    "A wonderful, heartfelt film with a superb cast.",
+    "The plot was dull and the acting even worse.",
+    "I have seen better, but it was not a waste of time.",
+    "Absolutely loved it!",
+    "Two hours of my life I will never get back, and the ending made no sense at all.",
+    "The soundtrack is great; the dialogue is not.",
+    "ok",
+    "An uneven but ultimately rewarding story about family, loss and the small joys of everyday life.",
+]
+
+
+# ---------------------------------------------------------------- ONNX Runtime helpers
+
+
+def available_providers(device: str = "auto") -> list[str]:
+    """Execution providers to use: CUDA first when ONNX Runtime offers it (``device="auto"``).
+
+    ``device`` is "auto", "cpu" or "cuda"; asking for CUDA where it is missing is a user error.
+    """
+    import onnxruntime as ort
+
+    offered = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in offered:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise MetaTTError("CUDAExecutionProvider is not available in this onnxruntime; install onnxruntime-gpu or use --device cpu")
+    return ["CPUExecutionProvider"]
+
+
+def make_session(path: str | Path, providers: list[str] | None = None, threads: int | None = None):
+    """An InferenceSession on ``path`` with all graph optimisations and ``threads`` intra-op threads."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=providers or available_providers())
+
+
+def onnx_feeds(session, encoding: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The inputs ``session`` takes, from a tokenizer encoding (torch or numpy), as int64 arrays."""
+    feeds = {}
+    for inp in session.get_inputs():
+        if inp.name in encoding:
+            value = encoding[inp.name]
+        elif inp.name == "token_type_ids":
+            value = np.zeros_like(_numpy(encoding["input_ids"]))
+        else:
+            raise MetaTTError(f"the ONNX model needs input '{inp.name}', which the tokenizer does not produce; re-export the model")
+        feeds[inp.name] = _numpy(value).astype(np.int64)
+    return feeds
+
+
+def _numpy(value: Any) -> np.ndarray:
+    return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+
+
+def library_versions() -> dict[str, str]:
+    out = {"metatt_deploy": __version__}
+    for dist in ("onnx", "onnxruntime", "onnxruntime-gpu", "optimum", "optimum-onnx", "transformers", "torch"):
+        try:
+            out[dist.replace("-", "_")] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def read_manifest(onnx_dir: str | Path) -> dict:
+    """The manifest of an export bundle (a clear error for folders that are not bundles)."""
+    onnx_dir = Path(onnx_dir)
+    if not (onnx_dir / ONNX_NAME).is_file():
+        raise MetaTTError(f"{onnx_dir} is not an ONNX export (no {ONNX_NAME}); pass a folder written by metatt-deploy export")
+    if not (onnx_dir / MANIFEST_NAME).is_file():
+        return {}
+    return read_json(onnx_dir / MANIFEST_NAME, "export manifest")
+
+
+def sample_encoding(tokenizer, max_length: int = 128) -> list[dict[str, Any]]:
+    """Parity inputs: the sample sentences as one padded batch, and the first one alone."""
+    batch = tokenizer(SAMPLE_SENTENCES, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    single = tokenizer(SAMPLE_SENTENCES[:1], truncation=True, max_length=max_length, return_tensors="pt")
+    return [dict(batch), dict(single)]
+
+
+# ---------------------------------------------------------------- export
+
+
+def export_onnx(
+    model_dir: str | Path,
+    output: str | Path | None = None,
+    *,
+    name: str | None = None,
+    opset: int | None = None,
+    optimize: bool = False,
+    quantize: str | None = None,
+    dtype: str = "fp32",
+    force: bool = False,
+    adapter_dir: str | Path | None = None,
+    task: str | None = None,
+) -> Path:
+    """Export ``model_dir`` to an ONNX bundle; returns the bundle folder.
+
+    ``model_dir`` is a merged model folder (``metatt-deploy merge``), any Hugging Face sequence
+    classifier folder, or a MetaTT adapter folder, which is then merged on the fly (``task``
+    picks the task of a multi-task adapter). ``output`` defaults to ``exported/<name>`` with
+    ``name`` the folder's name plus the variant (``-opt``, ``-int8``, ``-fp16``).
+    ``adapter_dir`` names the adapter for the manifest when the merged folder does not record it.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise MetaTTError(f"model directory not found: {model_dir}; pass a merged model folder (metatt-deploy merge) or an adapter folder")
+    if dtype not in DTYPES:
+        raise MetaTTError(f"unknown dtype '{dtype}'; use one of {', '.join(DTYPES)}")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise MetaTTError(f"unknown quantization '{quantize}'; use {', '.join(QUANTIZE)}")
+    if quantize and dtype != "fp32":
+        raise MetaTTError("--quantize int8 and --dtype fp16 exclude each other; choose one")
+    if opset is not None and not 11 <= opset <= 25:
+        raise MetaTTError(f"opset {opset} is out of range; use an opset between 11 and 25, or omit it for optimum's default")
+    is_adapter = (model_dir / ADAPTER_CONFIG).is_file()
+    if not is_adapter and not (model_dir / "config.json").is_file():
+        raise MetaTTError(f"{model_dir} holds neither a model (config.json) nor a MetaTT adapter ({ADAPTER_CONFIG}); pass a merged model folder")
+    if adapter_dir is not None and not (Path(adapter_dir) / ADAPTER_CONFIG).is_file():
+        raise MetaTTError(f"{adapter_dir} is not a MetaTT adapter (no {ADAPTER_CONFIG}); pass the adapter directory or omit --adapter")
+
+    variant = variant_suffix(optimize, quantize, dtype)
+    if output is None:
+        output = DEFAULT_ROOT / f"{name or model_dir.resolve().name}{variant}"
+    output = check_writable(output, force)
+
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="metatt-merge-") as merge_tmp:
+        source_kind = "merged" if (model_dir / MERGE_RECORD).is_file() else "model"
+        source = model_dir
+        if is_adapter:
+            adapter_dir = adapter_dir or model_dir
+            source = Path(merge_tmp) / "merged"
+            merge_adapter(model_dir, source, task=task)
+            source_kind = "adapter (merged on the fly)"
+        provenance = _provenance(source, adapter_dir)
+        with atomic_dir(output, force=force) as tmp:
+            manifest = _export_into(tmp, source, opset=opset, optimize=optimize, quantize=quantize, dtype=dtype)
+            manifest = {
+                "format_version": MANIFEST_VERSION,
+                "name": output.name,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "export_seconds": round(time.time() - started, 1),
+                "source": {"model_dir": str(model_dir.resolve()), "kind": source_kind},
+                **provenance,
+                **manifest,
+                "versions": library_versions(),
+                "files": {
+                    p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                    for p in sorted(tmp.rglob("*"))
+                    if p.is_file()
+                },
+            }
+            atomic_write_json(tmp / MANIFEST_NAME, manifest)
+    return output
+
+
+def variant_suffix(optimize: bool, quantize: str | None, dtype: str) -> str:
+    return ("-opt" if optimize else "") + (f"-{quantize}" if quantize else "") + ("-fp16" if dtype == "fp16" else "")
+
+
+def _provenance(source: Path, adapter_dir: str | Path | None) -> dict:
+    """Adapter and base model of the export, from the merge record and/or the adapter config."""
+    record = read_json(source / MERGE_RECORD, "merge record") if (source / MERGE_RECORD).is_file() else {}
+    recorded = record.get("adapter")
+    if adapter_dir is None and recorded and (Path(recorded) / ADAPTER_CONFIG).is_file():
+        adapter_dir = recorded
+    elif adapter_dir is not None and recorded and Path(recorded).resolve() != Path(adapter_dir).resolve():
+        raise MetaTTError(
+            f"the merged model records adapter {recorded}, not {adapter_dir}; pass the matching --adapter or omit it"
+        )
+    adapter = None
+    if adapter_dir is not None:
+        config = MetaTTConfig.load(adapter_dir)
+        weights = Path(adapter_dir) / WEIGHTS_NAME
+        adapter = {
+            "path": str(Path(adapter_dir).resolve()),
+            "method": config.method,
+            "mode_names": config.mode_names,
+            "mode_sizes": config.mode_sizes,
+            "ranks": config.ranks,
+            "alpha": config.alpha,
+            "targets": config.targets,
+            "tasks": config.tasks,
+            "weights_sha256": sha256_file(weights) if weights.is_file() else None,
+        }
+        record = {"base_model": config.base_model, "base_fingerprint": config.base_fingerprint,
+                  "method": config.method, **record}
+    elif recorded:
+        adapter = {"path": recorded, "method": record.get("method"), "ranks": record.get("ranks"),
+                   "note": "adapter folder not found; fields from the merge record"}
+    return {
+        "adapter": adapter,
+        "merge": record or None,
+        "base_model": record.get("base_model"),
+        "base_fingerprint": record.get("base_fingerprint"),
+        "task": record.get("task"),
+    }
+
+
+def _export_into(tmp: Path, source: Path, *, opset, optimize, quantize, dtype) -> dict:
+    """Run the pipeline into ``tmp``; returns the manifest's export-specific fields."""
+    import onnx
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+
+    hf_config = friendly_load(lambda: AutoConfig.from_pretrained(source), str(source), "model config")
+    architectures = hf_config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise MetaTTError(
+            f"{source} is not a sequence classifier (architectures: {', '.join(architectures) or 'none'}), so its head "
+            "would be random; export a merged adapter (metatt-deploy merge) or a classifier folder"
+        )
+    tokenizer = friendly_load(lambda: AutoTokenizer.from_pretrained(source), str(source), "tokenizer")
+    reference = friendly_load(
+        lambda: AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32), str(source), "model"
+    ).eval()
+    encodings = sample_encoding(tokenizer)
+    with torch.no_grad():
+        ref_logits = [reference(**enc).logits.numpy() for enc in encodings]
+    del reference
+
+    _run_main_export(source, tmp, opset)
+    model_path = tmp / ONNX_NAME
+    if not model_path.is_file():
+        raise RuntimeError(f"optimum wrote no {ONNX_NAME} into the export folder")
+    graph = onnx.load(str(model_path), load_external_data=False)
+    fields: dict[str, Any] = {
+        "pipeline_task": ONNX_TASK,
+        "model_type": hf_config.model_type,
+        "labels": {str(k): v for k, v in (hf_config.id2label or {}).items()},
+        "opset": next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None),
+        "inputs": [i.name for i in graph.graph.input],
+        "outputs": [o.name for o in graph.graph.output],
+        "variant": {"dtype": dtype, "optimize": bool(optimize), "quantize": quantize},
+    }
+    cpu = ["CPUExecutionProvider"]
+    fp32_parity = _parity(make_session(model_path, cpu), encodings, ref_logits)
+    fp32_parity.update(provider="CPUExecutionProvider", tolerance=FP32_ATOL)
+    _enforce(fp32_parity, "the fp32 ONNX export")
+    sizes = {"fp32_bytes": _model_bytes(tmp)}
+
+    if optimize:
+        fields["optimizer"], fields["fused_nodes"] = _optimize(tmp, hf_config, use_gpu=dtype == "fp16")
+    if dtype == "fp16":
+        _to_fp16(tmp)
+    if quantize == "int8":
+        fields["quantization"] = _quantize_int8(tmp)
+    sizes["final_bytes"] = _model_bytes(tmp)
+    fields["sizes"] = sizes
+
+    if optimize or quantize or dtype != "fp32":
+        providers = available_providers() if dtype == "fp16" else cpu
+        final = _ort_model_parity(tmp, providers, encodings, ref_logits)
+        if quantize:
+            final["tolerance"] = None
+            final["note"] = "int8 logits are reported, not enforced; judge int8 by accuracy (validate --reference-onnx)"
+        elif dtype == "fp16":
+            final["tolerance"] = FP16_RTOL * max(1.0, final["max_abs_logit"])
+            _enforce(final, "the fp16 ONNX export")
+        else:
+            final["tolerance"] = FP32_ATOL
+            _enforce(final, "the optimised ONNX export")
+    else:
+        final = _ort_model_parity(tmp, cpu, encodings, ref_logits)
+        final["tolerance"] = FP32_ATOL
+        _enforce(final, "the ONNX export")
+    fields["parity"] = {
+        "reference": "PyTorch float32 merged model (AutoModelForSequenceClassification) on CPU",
+        "inputs": f"{len(SAMPLE_SENTENCES)} sample sentences as one padded batch, plus the first one alone",
+        "fp32_export": fp32_parity,
+        "final": final,
+    }
+    return fields
+
+
+def _run_main_export(source: Path, tmp: Path, opset: int | None) -> None:
+    from optimum.exporters.onnx import main_export
+
+    try:
+        main_export(str(source), output=str(tmp), task=ONNX_TASK, opset=opset, do_validation=False)
+    except (ValueError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise MetaTTError(f"optimum cannot export {source} ({first}); export a supported sequence-classification model") from None
+
+
+def _parity(session, encodings, ref_logits) -> dict:
+    diffs, agree, total, max_logit = [], 0, 0, 0.0
+    for enc, ref in zip(encodings, ref_logits):
+        out = session.run(["logits"], onnx_feeds(session, enc))[0].astype(np.float32)
+        diffs.append(float(np.abs(out - ref).max()))
+        agree += int((out.argmax(-1) == ref.argmax(-1)).sum())
+        total += len(ref)
+        max_logit = max(max_logit, float(np.abs(ref).max()))
+    return {"max_abs_logit_diff": max(diffs), "label_agreement": agree / total, "examples": total,
+            "max_abs_logit": max_logit}
+
+
+def _ort_model_parity(folder: Path, providers: list[str], encodings, ref_logits) -> dict:
+    """Parity of the bundle as served: loaded by ORTModelForSequenceClassification."""
+    import torch
+    from optimum.onnxruntime import ORTModelForSequenceClassification
+
+    try:
+        model = ORTModelForSequenceClassification.from_pretrained(folder, providers=providers)
+    except Exception as e:  # a bundle optimum cannot load is a bug in this exporter, not a user error
+        raise RuntimeError(f"ORTModelForSequenceClassification cannot load the export: {e}") from e
+    diffs, agree, total, max_logit = [], 0, 0, 0.0
+    for enc, ref in zip(encodings, ref_logits):
+        with torch.no_grad():
+            feeds = {k: v for k, v in enc.items() if k in model.input_names}
+            out = model(**feeds).logits
+        out = _numpy(out).astype(np.float32)
+        diffs.append(float(np.abs(out - ref).max()))
+        agree += int((out.argmax(-1) == ref.argmax(-1)).sum())
+        total += len(ref)
+        max_logit = max(max_logit, float(np.abs(ref).max()))
+    return {"max_abs_logit_diff": max(diffs), "label_agreement": agree / total, "examples": total,
+            "max_abs_logit": max_logit, "provider": providers[0],
+            "loaded_with": "optimum.onnxruntime.ORTModelForSequenceClassification"}
+
+
+def _enforce(parity: dict, what: str) -> None:
+    if parity["max_abs_logit_diff"] > parity["tolerance"]:
+        raise MetaTTError(
+            f"{what} differs from the PyTorch model by {parity['max_abs_logit_diff']:.3g} in the logits "
+            f"(tolerance {parity['tolerance']:.3g}); try another --opset or export without --optimize"
+        )
+
+
+def _model_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name.startswith(ONNX_NAME))
+
+
+def _external(folder: Path) -> bool:
+    return any(p.name != ONNX_NAME and p.name.startswith(ONNX_NAME) for p in folder.iterdir())
+
+
+def _replace_model(folder: Path, write) -> None:
+    """Run ``write(path)`` into a stage folder, then swap the staged graph (and its data) in."""
+    stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=folder))
+    try:
+        write(stage / ONNX_NAME)
+        for old in [p for p in folder.iterdir() if p.is_file() and p.name.startswith(ONNX_NAME)]:
+            old.unlink()
+        for new in stage.iterdir():
+            os.replace(new, folder / new.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def optimizer_settings(hf_config) -> dict:
+    """model_type, num_heads and hidden_size for ONNX Runtime's transformer optimizer."""
+    model_type = OPTIMIZER_MODEL_TYPES.get(hf_config.model_type)
+    if model_type is None:
+        raise MetaTTError(
+            f"--optimize does not know the '{hf_config.model_type}' architecture (supported: "
+            f"{', '.join(sorted(OPTIMIZER_MODEL_TYPES))}); export without --optimize"
+        )
+    heads = getattr(hf_config, "num_attention_heads", None) or getattr(hf_config, "n_heads", None) or getattr(hf_config, "n_head", 0)
+    hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "dim", None) or getattr(hf_config, "n_embd", 0)
+    return {"model_type": model_type, "num_heads": int(heads), "hidden_size": int(hidden), "opt_level": 0}
+
+
+def _optimize(folder: Path, hf_config, use_gpu: bool) -> tuple[dict, dict]:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    settings = optimizer_settings(hf_config)
+    counts: dict[str, int] = {}
+
+    def write(path: Path) -> None:
+        optimized = optimize_model(str(folder / ONNX_NAME), use_gpu=use_gpu, **settings)
+        ops = Counter(node.op_type for node in optimized.model.graph.node)
+        counts.update({op: ops.get(op, 0) for op in FUSED_OPS})
+        optimized.save_model_to_file(str(path), use_external_data_format=_external(folder))
+
+    _replace_model(folder, write)
+    layers = getattr(hf_config, "num_hidden_layers", None) or getattr(hf_config, "n_layers", None) or getattr(hf_config, "n_layer", None)
+    if layers:
+        counts["complete"] = (
+            counts["Attention"] + counts["MultiHeadAttention"] == layers
+            and counts["SkipLayerNormalization"] >= layers
+            and counts["Gelu"] + counts["FastGelu"] + counts["BiasGelu"] == layers
+        )
+        counts["layers"] = int(layers)
+    return {**settings, "use_gpu": use_gpu}, counts
+
+
+def _to_fp16(folder: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    def write(path: Path) -> None:
+        model = OnnxModel(onnx.load(str(folder / ONNX_NAME)))
+        model.convert_float_to_float16(keep_io_types=True)
+        model.save_model_to_file(str(path), use_external_data_format=_external(folder))
+
+    _replace_model(folder, write)
+
+
+# Dynamic int8 quantization settings. Per-channel weight scales: on the embedded MiniLM with a
+# trained adapter they raise label agreement with the fp32 export from 92.7% to 96.0% (max logit
+# error 1.9 -> 0.6) at the same size and within timing noise of per-tensor scales (docs/export.md).
+INT8_SETTINGS = {
+    "method": "onnxruntime.quantization.quantize_dynamic",
+    "op_types": ["MatMul", "Attention"],
+    "weight_type": "QInt8",
+    "per_channel": True,
+    "activations": "uint8, per tensor, quantized at run time",
+}
+
+
+@contextlib.contextmanager
+def _root_log_level(level: int):
+    root = logging.getLogger()
+    old = root.level
+    root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.setLevel(old)
+
+
+def _quantize_int8(folder: Path) -> dict:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    def write(path: Path) -> None:
+        # the quantizer logs a generic "consider pre-processing" warning on the root logger
+        with _root_log_level(logging.ERROR):
+            _quantize(path)
+
+    def _quantize(path: Path) -> None:
+        quantize_dynamic(
+            folder / ONNX_NAME,
+            path,
+            op_types_to_quantize=INT8_SETTINGS["op_types"],
+            per_channel=INT8_SETTINGS["per_channel"],
+            weight_type=QuantType.QInt8,
+            use_external_data_format=_external(folder),
+            # fused graphs hold com.microsoft ops that ONNX shape inference cannot type
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+
+    _replace_model(folder, write)
+    return dict(INT8_SETTINGS)

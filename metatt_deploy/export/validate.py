@@ -1,0 +1,531 @@
+"""Validate an ONNX export against its UNMERGED adapter: parity, agreement, accuracy, latency.
+
+The reference is the PyTorch model exactly as trained (base + MetaTT adapter, not merged), so
+one check covers merging and exporting together. On held-out inputs it reports:
+
+- max |logit diff| ONNX vs PyTorch, enforced at 1e-4 for fp32 exports (plain or optimised), at
+  1e-2 x max(1, max |logit|) for fp16 exports, reported only for int8 exports;
+- agreement of the predicted labels, and the accuracy of each model when labels are present;
+- with ``reference_onnx`` (the fp32 export of the same model): accuracy change and label
+  agreement of this export vs the reference, and its speed-up;
+- latency p50/p95 on fixed-shape batches for PyTorch eager and ONNX Runtime (CPU execution
+  provider, plus CUDA when onnxruntime offers it), timed round-robin so machine load hits every
+  runtime alike.
+
+Results go to ``validation.json`` and ``validation.md`` in the ONNX folder (or ``output``). A
+parity failure is written to the report first, then raised.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metatt_deploy.adapters.config import WEIGHTS_NAME
+from metatt_deploy.adapters.model import get_adapter, load_adapter
+from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.common.files import atomic_write_json, atomic_write_text, check_writable, sha256_file
+from metatt_deploy.export.onnx import (
+    FP16_RTOL,
+    FP32_ATOL,
+    ONNX_NAME,
+    SAMPLE_SENTENCES,
+    available_providers,
+    library_versions,
+    make_session,
+    onnx_feeds,
+    read_manifest,
+)
+from metatt_deploy.training.data import FILE_FORMATS, TEXT_COLUMN_CANDIDATES, load_task
+
+REPORT_JSON = "validation.json"
+REPORT_MD = "validation.md"
+EVAL_BATCH = 16
+
+
+# ---------------------------------------------------------------- timing
+
+
+def summarize(times_s: Sequence[float]) -> dict[str, float]:
+    """p50 / p95 / mean in milliseconds of a list of durations in seconds."""
+    ms = np.asarray(times_s, dtype=np.float64) * 1000.0
+    return {
+        "p50_ms": round(float(np.median(ms)), 3),
+        "p95_ms": round(float(np.percentile(ms, 95)), 3),
+        "mean_ms": round(float(ms.mean()), 3),
+        "repeats": int(ms.size),
+    }
+
+
+ROUNDS = 3
+SETTLE_S = 0.05
+
+
+def time_round_robin(
+    fns: dict[Any, Callable[[], Any]],
+    *,
+    warmup: int = 3,
+    repeats: int = 30,
+    rounds: int = ROUNDS,
+    max_seconds: float | None = None,
+) -> dict[Any, list[float]]:
+    """Time every function ``repeats`` times, in ``rounds`` interleaved blocks.
+
+    Each function runs a block of consecutive calls per round, the functions taking turns, so
+    background load on a shared machine falls on all of them alike and their ratios hold up.
+    Blocks rather than single alternating calls: thread pools (ONNX Runtime's, OpenMP's)
+    spin-wait for a while after a call, and a different runtime started right then would
+    compete with those spinning threads; a short pause before each block lets them settle.
+    Every block starts with ``warmup`` untimed calls on its first round (one afterwards).
+    ``max_seconds`` caps each function's time per shape: every round gets an equal share, and a
+    block (warm-up or timed calls) stops once its share is spent, after at least one call; so
+    every function gets at least one timed call per round.
+    """
+    rounds = max(1, min(rounds, repeats))
+    per_round = [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(rounds)]
+    budget = None if max_seconds is None else max_seconds / rounds
+    times: dict[Any, list[float]] = {k: [] for k in fns}
+    for r, count in enumerate(per_round):
+        for key, fn in fns.items():
+            time.sleep(SETTLE_S)
+            start = time.perf_counter()
+            for _ in range(warmup if r == 0 else min(1, warmup)):
+                fn()
+                if budget is not None and time.perf_counter() - start > budget:
+                    break
+            start = time.perf_counter()
+            for _ in range(count):
+                t0 = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - t0)
+                if budget is not None and time.perf_counter() - start > budget:
+                    break
+    return times
+
+
+# ---------------------------------------------------------------- data
+
+
+class HeldOut:
+    """Texts (one or two columns) and optional labels, in the model's label ids."""
+
+    def __init__(self, texts: list[tuple[str, ...]], labels: list[int] | None, source: str, split: str | None):
+        self.texts, self.labels, self.source, self.split = texts, labels, source, split
+
+    def columns(self, rows: slice | list[int]) -> list[list[str]]:
+        picked = self.texts[rows] if isinstance(rows, slice) else [self.texts[i] for i in rows]
+        return [list(col) for col in zip(*picked)]
+
+
+def load_held_out(
+    data: str | None,
+    *,
+    split: str = "test",
+    max_examples: int = 200,
+    model_labels: Sequence[str] = (),
+    text_columns: Sequence[str] | None = None,
+    label_column: str = "label",
+    seed: int = 0,
+) -> HeldOut:
+    """Held-out examples: a builtin task or Hub name (``split``), a CSV/TSV/JSONL/JSON file, or samples."""
+    if max_examples < 1:
+        raise MetaTTError(f"--max-examples is {max_examples}; give at least 1")
+    if data is None:
+        return HeldOut([(s,) for s in SAMPLE_SENTENCES][:max_examples], None, "builtin sample sentences", None)
+
+    path = Path(data)
+    if path.suffix.lower() in (".csv", ".tsv", ".jsonl", ".json") or path.exists():
+        if not path.is_file():
+            raise MetaTTError(f"data file not found: {path}; check the path, or pass a builtin task name")
+        if label_column not in _file_columns(path):
+            return _unlabelled_file(path, text_columns, max_examples)
+        task = load_task(test=str(path), text_columns=text_columns, label_column=label_column,
+                         max_samples={"test": max_examples}, seed=seed)
+        split, source = "test", str(path)
+    else:
+        task = load_task(dataset=data, text_columns=text_columns, label_column=label_column, seed=seed)
+        if split not in task.splits:
+            raise MetaTTError(f"'{data}' has no '{split}' split (it has {', '.join(task.splits)}); pass --split")
+        if len(task.splits[split]) > max_examples:
+            task.splits[split] = task.splits[split].shuffle(seed=seed).select(range(max_examples))
+        source = data
+    ds = task.splits[split]
+    columns = ds.select_columns(list(task.text_columns))[:]
+    texts = list(zip(*(columns[c] for c in task.text_columns)))
+    mapping = _label_mapping(task.label_names, list(model_labels))
+    labels = [mapping[i] for i in ds.select_columns(["label"])[:]["label"]]
+    return HeldOut(texts, labels, source, split)
+
+
+def _file_columns(path: Path) -> list[str]:
+    """Column names of a data file, from its header or first record (cheap; no full read)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.suffix.lower() in (".csv", ".tsv"):
+                return next(csv.reader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","), [])
+            if path.suffix.lower() == ".json":
+                head = f.read(1)
+                if head == "[":  # a JSON array of records: read it all (JSON files are small)
+                    records = json.loads(head + f.read())
+                    return list(records[0]) if records and isinstance(records[0], dict) else []
+                f.seek(0)
+            for line in f:
+                if line.strip():
+                    record = json.loads(line)
+                    return list(record) if isinstance(record, dict) else []
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MetaTTError(f"could not read {path} ({e}); fix the file") from None
+    return []
+
+
+def _unlabelled_file(path: Path, text_columns: Sequence[str] | None, max_examples: int) -> HeldOut:
+    from datasets import load_dataset
+
+
+    builder, options = FILE_FORMATS[path.suffix.lower()]
+    try:
+        ds = load_dataset(builder, data_files=str(path), split="train", **options)
+    except Exception as e:  # the datasets reader's errors are all about the file's content
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise MetaTTError(f"could not read {path} ({first}); fix the file") from None
+    columns = list(text_columns) if text_columns else next(
+        (list(c) for c in TEXT_COLUMN_CANDIDATES if all(x in ds.column_names for x in c)), None
+    )
+    if not columns or any(c not in ds.column_names for c in columns):
+        raise MetaTTError(f"no text column found in {path} (columns: {', '.join(ds.column_names)}); pass --text-column")
+    ds = ds.select(range(min(max_examples, len(ds))))
+    values = ds.select_columns(columns)[:]
+    return HeldOut(list(zip(*(values[c] for c in columns))), None, str(path), None)
+
+
+def _label_mapping(data_labels: list[str], model_labels: list[str]) -> list[int]:
+    """data class id -> model class id, by name; integer labels map to themselves."""
+    if not model_labels or data_labels == model_labels:
+        return list(range(len(data_labels)))
+    if set(data_labels) <= set(model_labels):
+        return [model_labels.index(name) for name in data_labels]
+    if all(name.isdigit() and int(name) < len(model_labels) for name in data_labels):
+        return [int(name) for name in data_labels]
+    raise MetaTTError(
+        f"the data's labels ({', '.join(data_labels)}) are not the adapter's ({', '.join(model_labels)}); "
+        "pass held-out data of the adapter's task"
+    )
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(
+    adapter_dir: str | Path,
+    onnx_dir: str | Path,
+    *,
+    data: str | None = None,
+    split: str = "test",
+    max_examples: int = 200,
+    batch_sizes: Sequence[int] = (1, 8),
+    seq_len: int = 128,
+    repeats: int = 30,
+    warmup: int = 3,
+    max_seconds: float | None = 60.0,
+    threads: int | None = None,
+    reference_onnx: str | Path | None = None,
+    base_model: str | None = None,
+    task: str | None = None,
+    text_columns: Sequence[str] | None = None,
+    label_column: str = "label",
+    output: str | Path | None = None,
+    force: bool = False,
+) -> dict:
+    """Compare the ONNX export in ``onnx_dir`` with the unmerged adapter; write and return the report.
+
+    ``data``: a builtin task name (e.g. movie-sentiment), a Hub data set, a CSV/TSV/JSONL/JSON
+    file (labels optional), or None for built-in sample sentences. ``threads`` sets PyTorch's and
+    ONNX Runtime's intra-op threads alike (default: each library's own default). ``max_seconds``
+    caps the timed seconds per runtime and batch size (at least 3 calls are always timed).
+    """
+    import torch
+
+
+    onnx_dir = Path(onnx_dir)
+    if not Path(adapter_dir).is_dir():
+        raise MetaTTError(f"adapter directory not found: {adapter_dir}; pass the adapter folder (a run's best/)")
+    if not onnx_dir.is_dir():
+        raise MetaTTError(f"ONNX directory not found: {onnx_dir}; pass a folder written by metatt-deploy export")
+    manifest = read_manifest(onnx_dir)
+    reference_manifest = read_manifest(reference_onnx) if reference_onnx is not None else None
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise MetaTTError(f"batch sizes {list(batch_sizes)} must be positive integers; pass e.g. --batch-sizes 1,8")
+    if seq_len < 2 or repeats < 1 or warmup < 0:
+        raise MetaTTError("--seq-len must be at least 2, --repeats at least 1 and --warmup at least 0; fix the option")
+    out_dir = Path(output) if output is not None else onnx_dir
+    for name in (REPORT_JSON, REPORT_MD):
+        check_writable(out_dir / name, force)
+
+    model, config, tokenizer = load_adapter(adapter_dir, base_model=base_model)
+    task = task or manifest.get("task")
+    if config.multitask:
+        get_adapter(model).use_task(config.task_index(task))
+    elif task and task not in config.tasks:
+        raise MetaTTError(f"unknown task '{task}'; this adapter has tasks: {', '.join(config.tasks)}")
+    task_name = config.tasks[config.task_index(task) if config.multitask else 0]
+    model_labels = config.label_names.get(task_name) or next(iter(config.label_names.values()))
+    held = load_held_out(data, split=split, max_examples=max_examples, model_labels=model_labels,
+                         text_columns=text_columns, label_column=label_column)
+
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        report = _run(model, tokenizer, held, onnx_dir, manifest, reference_onnx, reference_manifest,
+                      batch_sizes=batch_sizes, seq_len=seq_len, repeats=repeats, warmup=warmup,
+                      max_seconds=max_seconds, threads=threads)
+    finally:
+        torch.set_num_threads(old_threads)
+    report = {
+        "adapter": str(Path(adapter_dir).resolve()),
+        "onnx_dir": str(onnx_dir.resolve()),
+        "reference_onnx": str(Path(reference_onnx).resolve()) if reference_onnx is not None else None,
+        "task": task_name,
+        "variant": manifest.get("variant", {"dtype": "fp32", "optimize": False, "quantize": None}),
+        "reference_variant": (reference_manifest or {}).get("variant") if reference_onnx is not None else None,
+        "adapter_matches_manifest": _matches(manifest, adapter_dir),
+        **report,
+        "versions": library_versions(),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / REPORT_JSON, report)
+    atomic_write_text(out_dir / REPORT_MD, render_markdown(report))
+    parity = report["parity"]
+    if parity["enforced"] and not parity["passed"]:
+        raise MetaTTError(
+            f"ONNX logits differ from the unmerged adapter by {parity['max_abs_logit_diff']:.3g} "
+            f"(tolerance {parity['tolerance']:.3g}; report in {out_dir / REPORT_MD}); re-merge and re-export the adapter"
+        )
+    return report
+
+
+def _matches(manifest: dict, adapter_dir: str | Path) -> bool | None:
+    """Whether the manifest names this adapter (by weights hash, else path); None when it names none."""
+    recorded = manifest.get("adapter") or {}
+    if recorded.get("weights_sha256") and (Path(adapter_dir) / WEIGHTS_NAME).is_file():
+        return recorded["weights_sha256"] == sha256_file(Path(adapter_dir) / WEIGHTS_NAME)
+    if recorded.get("path"):
+        return Path(recorded["path"]).resolve() == Path(adapter_dir).resolve()
+    return None
+
+
+def _tolerance(variant: dict, max_logit: float) -> float | None:
+    if variant.get("quantize"):
+        return None
+    if variant.get("dtype") == "fp16":
+        return FP16_RTOL * max(1.0, max_logit)
+    return FP32_ATOL
+
+
+def _encode(tokenizer, held: HeldOut, rows, seq_len: int, fixed: bool) -> dict:
+    return dict(tokenizer(
+        *held.columns(rows), padding="max_length" if fixed else True, truncation=True, max_length=seq_len,
+        return_tensors="pt",
+    ))
+
+
+def _run(model, tokenizer, held: HeldOut, onnx_dir: Path, manifest: dict, reference_onnx, reference_manifest, *,
+         batch_sizes, seq_len, repeats, warmup, max_seconds, threads) -> dict:
+    import torch
+
+
+    cpu = ["CPUExecutionProvider"]
+    session = make_session(onnx_dir / ONNX_NAME, cpu, threads)
+    ref_session = make_session(Path(reference_onnx) / ONNX_NAME, cpu, threads) if reference_onnx is not None else None
+
+    # --- logits on every held-out example, in batches padded to their longest member
+    pt_logits, onnx_logits, ref_logits = [], [], []
+    n = len(held.texts)
+    for start in range(0, n, EVAL_BATCH):
+        enc = _encode(tokenizer, held, slice(start, start + EVAL_BATCH), seq_len, fixed=False)
+        with torch.no_grad():
+            pt_logits.append(model(**enc).logits.float().numpy())
+        onnx_logits.append(session.run(["logits"], onnx_feeds(session, enc))[0].astype(np.float32))
+        if ref_session is not None:
+            ref_logits.append(ref_session.run(["logits"], onnx_feeds(ref_session, enc))[0].astype(np.float32))
+    pt, ox = np.concatenate(pt_logits), np.concatenate(onnx_logits)
+    ref = np.concatenate(ref_logits) if ref_logits else None
+    max_diff = float(np.abs(pt - ox).max())
+    max_logit = float(np.abs(pt).max())
+    variant = manifest.get("variant", {})
+    tolerance = _tolerance(variant, max_logit)
+    parity = {
+        "max_abs_logit_diff": max_diff,
+        "mean_abs_logit_diff": float(np.abs(pt - ox).mean()),
+        "max_abs_logit": max_logit,
+        "tolerance": tolerance,
+        "enforced": tolerance is not None,
+        "passed": tolerance is None or max_diff <= tolerance,
+        "label_agreement": float((pt.argmax(-1) == ox.argmax(-1)).mean()),
+        "reference": "PyTorch eager, base model + unmerged MetaTT adapter, float32, CPU",
+    }
+    accuracy = None
+    if held.labels is not None:
+        labels = np.asarray(held.labels)
+        accuracy = {"pytorch": float((pt.argmax(-1) == labels).mean()), "onnx": float((ox.argmax(-1) == labels).mean())}
+        if ref is not None:
+            accuracy["reference_onnx"] = float((ref.argmax(-1) == labels).mean())
+            accuracy["change_vs_reference_points"] = round(100 * (accuracy["onnx"] - accuracy["reference_onnx"]), 3)
+    versus_reference = None
+    if ref is not None:
+        versus_reference = {
+            "label_agreement": float((ref.argmax(-1) == ox.argmax(-1)).mean()),
+            "max_abs_logit_diff": float(np.abs(ref - ox).max()),
+        }
+
+    # --- latency on fixed-shape batches (seq_len tokens, padded), the same inputs for every runtime
+    runtimes: list[tuple[str, str, Callable[[dict], Callable[[], Any]]]] = []
+
+    def torch_runner(m):
+        def bind(enc):
+            def call():
+                with torch.no_grad():
+                    m(**enc)
+            return call
+        return bind
+
+    def ort_runner(s):
+        return lambda enc: (lambda feeds: (lambda: s.run(["logits"], feeds)))(onnx_feeds(s, enc))
+
+    runtimes.append(("pytorch eager (adapter unmerged)", "cpu", torch_runner(model)))
+    runtimes.append(("onnxruntime (this export)", "CPUExecutionProvider", ort_runner(session)))
+    if ref_session is not None:
+        runtimes.append(("onnxruntime (reference export)", "CPUExecutionProvider", ort_runner(ref_session)))
+    cuda_model = None
+    if "CUDAExecutionProvider" in available_providers():
+        gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        runtimes.append(("onnxruntime (this export)", "CUDAExecutionProvider", ort_runner(make_session(onnx_dir / ONNX_NAME, gpu))))
+        if reference_onnx is not None:
+            runtimes.append(("onnxruntime (reference export)", "CUDAExecutionProvider",
+                             ort_runner(make_session(Path(reference_onnx) / ONNX_NAME, gpu))))
+    if torch.cuda.is_available():
+        import copy
+
+        cuda_model = copy.deepcopy(model).cuda()
+
+        def cuda_bind(enc):
+            enc = {k: v.cuda() for k, v in enc.items()}
+
+            def call():
+                with torch.no_grad():
+                    cuda_model(**enc)
+                torch.cuda.synchronize()
+            return call
+        runtimes.append(("pytorch eager (adapter unmerged)", "cuda", cuda_bind))
+
+    results, speedups = [], []
+    for batch in batch_sizes:
+        rows = [i % n for i in range(batch)]
+        enc = _encode(tokenizer, held, rows, seq_len, fixed=True)
+        fns = {(name, provider): bind(enc) for name, provider, bind in runtimes}
+        times = time_round_robin(fns, warmup=warmup, repeats=repeats, max_seconds=max_seconds)
+        p50 = {}
+        for (name, provider), t in times.items():
+            stats = summarize(t)
+            p50[(name, provider)] = stats["p50_ms"]
+            results.append({"runtime": name, "provider": provider, "batch": batch, "seq_len": seq_len, **stats})
+        torch_p50 = p50[("pytorch eager (adapter unmerged)", "cpu")]
+        for provider in ("CPUExecutionProvider", "CUDAExecutionProvider"):
+            this = p50.get(("onnxruntime (this export)", provider))
+            if this is None:
+                continue
+            entry = {"batch": batch, "seq_len": seq_len, "provider": provider,
+                     "onnx_vs_pytorch_cpu": round(torch_p50 / this, 3)}
+            reference = p50.get(("onnxruntime (reference export)", provider))
+            if reference is not None:
+                entry["onnx_vs_reference"] = round(reference / this, 3)
+            speedups.append(entry)
+    return {
+        "data": {"source": held.source, "split": held.split, "examples": n, "labelled": held.labels is not None,
+                 "max_length": seq_len},
+        "parity": parity,
+        "accuracy": accuracy,
+        "versus_reference": versus_reference,
+        "latency": {
+            "settings": {"warmup": warmup, "repeats": repeats, "max_seconds": max_seconds, "seq_len": seq_len,
+                         "batch_sizes": list(batch_sizes),
+                         "threads": threads or "library default", "torch_threads": torch.get_num_threads(),
+                         "cpu_count": os.cpu_count(), "timing": "round-robin, medians (p50) and p95 of single calls"},
+            "results": results,
+            "speedups": speedups,
+        },
+    }
+
+
+# ---------------------------------------------------------------- report
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e-2 and value != 0 else f"{value:.{digits}g}"
+    return str(value)
+
+
+def render_markdown(report: dict) -> str:
+    p, v = report["parity"], report["variant"]
+    variant = ", ".join(filter(None, [v.get("dtype", "fp32"), "optimised" if v.get("optimize") else None, v.get("quantize")]))
+    lines = [
+        "# ONNX validation",
+        "",
+        f"- adapter: `{report['adapter']}` (task `{report['task']}`)",
+        f"- ONNX export: `{report['onnx_dir']}` ({variant})",
+        f"- data: {report['data']['source']}" + (f", split `{report['data']['split']}`" if report["data"]["split"] else "")
+        + f", {report['data']['examples']} examples, max {report['data']['max_length']} tokens",
+    ]
+    if report.get("reference_onnx"):
+        lines.append(f"- reference export: `{report['reference_onnx']}`")
+    lines += [
+        "",
+        "## Parity (ONNX vs PyTorch, adapter unmerged)",
+        "",
+        "| check | value |",
+        "|---|---|",
+        f"| max abs logit diff | {_fmt(p['max_abs_logit_diff'])} |",
+        f"| tolerance | {_fmt(p['tolerance']) if p['enforced'] else 'reported only (int8)'} |",
+        f"| passed | {_fmt(p['passed'])} |",
+        f"| predicted-label agreement | {_fmt(p['label_agreement'])} |",
+    ]
+    acc = report.get("accuracy")
+    if acc:
+        lines += [f"| accuracy, PyTorch | {_fmt(acc['pytorch'])} |", f"| accuracy, ONNX | {_fmt(acc['onnx'])} |"]
+        if "reference_onnx" in acc:
+            lines += [f"| accuracy, reference export | {_fmt(acc['reference_onnx'])} |",
+                      f"| accuracy change vs reference (points) | {_fmt(acc['change_vs_reference_points'])} |"]
+    if report.get("versus_reference"):
+        lines.append(f"| label agreement with reference export | {_fmt(report['versus_reference']['label_agreement'])} |")
+    lat = report["latency"]
+    lines += [
+        "",
+        "## Latency",
+        "",
+        f"Fixed-shape batches of {lat['settings']['seq_len']} tokens; {lat['settings']['warmup']} warm-up calls, "
+        f"up to {lat['settings']['repeats']} timed calls per runtime (capped at {lat['settings']['max_seconds']} s), "
+        f"in interleaved blocks; threads: {lat['settings']['threads']}.",
+        "",
+        "| runtime | device | batch | p50 ms | p95 ms |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in lat["results"]:
+        lines.append(f"| {r['runtime']} | {r['provider']} | {r['batch']} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} |")
+    if lat["speedups"]:
+        lines += ["", "| batch | provider | ONNX vs PyTorch eager (CPU) | vs reference export |", "|---:|---|---:|---:|"]
+        for s in lat["speedups"]:
+            lines.append(f"| {s['batch']} | {s['provider']} | {s['onnx_vs_pytorch_cpu']:.2f}x | "
+                         + (f"{s['onnx_vs_reference']:.2f}x" if "onnx_vs_reference" in s else "n/a") + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,296 @@
+"""Serving a factored bundle with ONNX Runtime: load once, predict any task, per call or per row.
+
+    from metatt_deploy.serving.runtime import Runtime
+    rt = Runtime("bundle/")                                   # one session, every task
+    rt.predict(["great film"], task="movie")                  # one task for the batch
+    rt.predict([("A man sleeps.", "A man is awake.")], task="snli")   # sentence pairs
+    rt.predict(["great film", ("a", "b")], tasks=["movie", "snli"])   # a task per row, one call
+
+Rows of tasks baked into ``model_tasks.onnx`` run in ONE call of that graph with one task id per
+row; switching tasks costs nothing (it is an input). Tasks added to the bundle later (``merge
+--factored --task NEW`` into an existing bundle) run through ``model_adapter.onnx`` with their
+``.onnx_adapter`` file as the active adapter, loaded on first use and kept; the base graph is
+never re-exported. ``form="tasks"`` or ``"adapter"`` forces one graph.
+
+Every task file is checked against the bundle before use: unknown task names or ids, a task
+file (or adapter file) of another bundle, and a head whose output count differs from the task's
+labels are MetaTTErrors, never a silent wrong answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+
+from metatt_deploy.adapters.base_model import friendly_load
+from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.export.factored import (
+    ADAPTER_GRAPH,
+    BASE_DIR,
+    TASK_GRAPH,
+    TASK_IDS,
+    TASKS_DIR,
+    adapter_model_version,
+    read_bundle,
+    task_records,
+)
+from metatt_deploy.export.onnx import make_session, onnx_feeds
+from metatt_deploy.training.data import TEXT_COLUMN_CANDIDATES
+
+Text = Union[str, Sequence[str]]  # a sentence, or a (sentence, sentence) pair
+FORMS = ("auto", "tasks", "adapter")
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class Runtime:
+    """A factored bundle on ONNX Runtime with its tokenizer."""
+
+    def __init__(self, bundle: str | Path, *, form: str = "auto", providers: list[str] | None = None,
+                 threads: int | None = None, max_length: int | None = None):
+        from transformers import AutoTokenizer
+
+
+        if form not in FORMS:
+            raise MetaTTError(f"unknown form '{form}'; use one of {', '.join(FORMS)}")
+        self.bundle = Path(bundle)
+        self.info = read_bundle(self.bundle)
+        if not self.info.get("onnx"):
+            raise MetaTTError(f"bundle {self.bundle} has no ONNX graphs; write it with merge --factored (without --no-onnx)")
+        self.form = form
+        self.providers = providers
+        self.threads = threads
+        self.max_length = max_length or int(self.info.get("max_length", 128))
+        self.records = {r["task"]: r for r in task_records(self.bundle, self.info)}
+        self.tasks = list(self.records)
+        self.baked = list(self.info["onnx"]["task_graph"]["tasks"])
+        base = self.bundle / self.info.get("base_dir", BASE_DIR)
+        self.tokenizer = friendly_load(lambda: AutoTokenizer.from_pretrained(base), str(base), "tokenizer")
+        self._task_session = None
+        self._adapter_session = None
+        self._adapters: dict[str, object] = {}
+        if form == "tasks":
+            self._tasks_graph()
+        if form == "adapter":
+            self._adapter_graph()
+
+    # ------------------------------------------------------------ sessions (lazy, kept)
+
+    def _session(self, name: str):
+        path = self.bundle / name
+        if not path.is_file():
+            raise MetaTTError(f"bundle {self.bundle} lacks {name}; re-write it with merge --factored")
+        return make_session(path, self.providers, self.threads)  # default: CUDA when offered, else CPU
+
+    def _tasks_graph(self):
+        if self._task_session is None:
+            self._task_session = self._session(TASK_GRAPH)
+        return self._task_session
+
+    def _adapter_graph(self):
+        if self._adapter_session is None:
+            self._adapter_session = self._session(ADAPTER_GRAPH)
+        return self._adapter_session
+
+    def _run_options(self, task: str):
+        """RunOptions with the task's .onnx_adapter active; the file is checked and loaded once."""
+        import onnxruntime as ort
+
+        if task not in self._adapters:
+            rec = self.records[task]
+            entry = rec["files"].get("onnx_adapter")
+            if entry is None:
+                raise MetaTTError(f"task '{task}' has no .onnx_adapter file; re-write it with merge --factored")
+            path = self.bundle / TASKS_DIR / entry["file"]
+            if not path.is_file():
+                raise MetaTTError(f"adapter file {path} is missing; re-write the task with merge --factored")
+            fmt = ort.AdapterFormat.read_adapter(str(path))
+            if fmt.get_model_version() != adapter_model_version(self.info["bundle_id"]):
+                raise MetaTTError(f"adapter file {path.name} was written for another bundle (version {fmt.get_model_version()}, "
+                                  f"this bundle {adapter_model_version(self.info['bundle_id'])}); re-write the task for this bundle")
+            params = fmt.get_parameters()
+            expected = set(self.info["onnx"]["adapter_graph"]["adapter_inputs"])
+            if set(params) != expected:
+                raise MetaTTError(f"adapter file {path.name} holds {sorted(params)}, the graph takes {sorted(expected)}; "
+                                  "re-write the task with merge --factored")
+            shapes = {k: list(np.asarray(v.numpy()).shape) for k, v in params.items()}
+            if shapes != rec["shapes"]:
+                raise MetaTTError(f"adapter file {path.name} does not match its task record ({shapes} vs {rec['shapes']}); "
+                                  "re-write the task")
+            adapter = ort.LoraAdapter()
+            adapter.Load(str(path))
+            self._adapters[task] = adapter
+        options = ort.RunOptions()
+        options.add_active_adapter(self._adapters[task])
+        return options
+
+    # ------------------------------------------------------------ tasks and inputs
+
+    def task_name(self, task: str | int) -> str:
+        """A task name from a name or an index into ``tasks``; unknown ones are errors."""
+        if isinstance(task, (int, np.integer)) and not isinstance(task, bool):
+            if not 0 <= int(task) < len(self.tasks):
+                raise MetaTTError(f"unknown task id {task}; this bundle has tasks "
+                                  + ", ".join(f"{i}={t}" for i, t in enumerate(self.tasks)))
+            return self.tasks[int(task)]
+        if task not in self.records:
+            raise MetaTTError(f"unknown task '{task}'; this bundle has tasks: {', '.join(self.tasks)}")
+        return task
+
+    def labels(self, task: str | int) -> list[str]:
+        return list(self.records[self.task_name(task)]["labels"])
+
+    def encode(self, texts: Sequence[Text]) -> dict[str, np.ndarray]:
+        """Tokenize sentences and sentence pairs (mixed allowed) into one padded int64 batch."""
+        features = []
+        for text in texts:
+            if isinstance(text, str):
+                features.append(self.tokenizer(text, truncation=True, max_length=self.max_length))
+            elif isinstance(text, (list, tuple)) and len(text) == 2 and all(isinstance(t, str) for t in text):
+                features.append(self.tokenizer(text[0], text[1], truncation=True, max_length=self.max_length))
+            else:
+                raise MetaTTError(f"each input must be a text or a pair of texts, got {type(text).__name__}: {str(text)[:60]}")
+        warned = self.tokenizer.deprecation_warnings.get("Asking-to-pad-a-fast-tokenizer", False)
+        self.tokenizer.deprecation_warnings["Asking-to-pad-a-fast-tokenizer"] = True  # mixed pairs/singles: pad here
+        try:
+            batch = self.tokenizer.pad(features, return_tensors="np")
+        finally:
+            self.tokenizer.deprecation_warnings["Asking-to-pad-a-fast-tokenizer"] = warned
+        return {k: np.asarray(v, dtype=np.int64) for k, v in batch.items()}
+
+    @staticmethod
+    def _feeds(session, encoding: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = {i.name for i in session.get_inputs()}
+        return onnx_feeds(_Only(session, names - {TASK_IDS}), encoding)
+
+    def _row_tasks(self, n: int, task, tasks) -> list[str]:
+        if (task is None) == (tasks is None):
+            raise MetaTTError("pass task=NAME for the whole batch or tasks=[...] with one task per row (not both)")
+        if tasks is None:
+            return [self.task_name(task)] * n
+        if len(tasks) != n:
+            raise MetaTTError(f"tasks has {len(tasks)} entries for {n} inputs; give one task per row")
+        return [self.task_name(t) for t in tasks]
+
+    # ------------------------------------------------------------ inference
+
+    def logits(self, texts: Sequence[Text], task: str | int | None = None, tasks: Sequence[str | int] | None = None) -> list[np.ndarray]:
+        """Per row, its task's logits (cut from the padded layout to the task's label count)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            return []
+        names = self._row_tasks(len(texts), task, tasks)
+        encoding = self.encode(texts)
+        out: list[np.ndarray | None] = [None] * len(texts)
+        use_graph = [self.form != "adapter" and t in self.baked for t in names]
+        if self.form == "tasks" and not all(use_graph):
+            missing = sorted({t for t, g in zip(names, use_graph) if not g})
+            raise MetaTTError(f"task(s) {', '.join(missing)} were added after model_tasks.onnx was exported; "
+                              "use form 'auto' or 'adapter'")
+        rows = [i for i, g in enumerate(use_graph) if g]
+        if rows:
+            session = self._tasks_graph()
+            sub = {k: v[rows] for k, v in encoding.items()}
+            feeds = self._feeds(session, sub)
+            feeds[TASK_IDS] = np.asarray([self.baked.index(names[i]) for i in rows], dtype=np.int64)
+            logits = session.run(["logits"], feeds)[0]
+            for j, i in enumerate(rows):
+                out[i] = logits[j, : self.records[names[i]]["num_labels"]]
+        for name in dict.fromkeys(n for n, g in zip(names, use_graph) if not g):
+            rows = [i for i, n in enumerate(names) if n == name and not use_graph[i]]
+            session = self._adapter_graph()
+            options = self._run_options(name)
+            logits = session.run(["logits"], self._feeds(session, {k: v[rows] for k, v in encoding.items()}), options)[0]
+            if logits.shape[-1] != self.records[name]["num_labels"]:
+                raise MetaTTError(f"task '{name}' produced {logits.shape[-1]} logits for {self.records[name]['num_labels']} labels; "
+                                  "re-write the task")
+            for j, i in enumerate(rows):
+                out[i] = logits[j]
+        return out  # type: ignore[return-value]
+
+    def predict(self, texts: Sequence[Text], task: str | int | None = None, tasks: Sequence[str | int] | None = None,
+                batch_size: int = 32) -> list[dict]:
+        """Per row: task, label, label_id, score (its probability) and the scores of every label."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        names = self._row_tasks(len(texts), task, tasks)
+        results = []
+        for start in range(0, len(texts), batch_size):
+            chunk = names[start:start + batch_size]
+            logits = self.logits(texts[start:start + batch_size], tasks=chunk)
+            for name, row in zip(chunk, logits):
+                p = softmax(row.astype(np.float64))
+                labels = self.records[name]["labels"]
+                k = int(p.argmax())
+                results.append({"task": name, "label": labels[k], "label_id": k, "score": float(p[k]),
+                                "scores": {lab: float(v) for lab, v in zip(labels, p)}})
+        return results
+
+
+class _Only:
+    """A session view whose get_inputs() leaves out some inputs (so onnx_feeds does not ask for task_ids)."""
+
+    def __init__(self, session, names: set[str]):
+        self._inputs = [i for i in session.get_inputs() if i.name in names]
+
+    def get_inputs(self):
+        return self._inputs
+
+
+PAIR_SEPARATOR = " ||| "
+
+
+def read_inputs(texts: Sequence[str] | None, path: str | Path | None, task: str | None) -> tuple[list, list[str], list]:
+    """Inputs of `metatt-deploy predict`: (texts or pairs, task per row, id per row or None).
+
+    ``--text`` values are sentences, or pairs written ``first ||| second``. A JSONL file has one
+    object per line with ``text`` (+ ``text_pair``) or a task's own columns (premise/hypothesis,
+    sentence1/sentence2, question/sentence, sentence), an optional ``task`` (else ``--task``) and
+    an optional ``id`` echoed in the output.
+    """
+    import json
+
+
+    if bool(texts) == bool(path):
+        raise MetaTTError("give inputs with --text (repeatable) or --input FILE.jsonl (one of them)")
+    rows: list = []
+    tasks: list[str] = []
+    ids: list = []
+    if texts:
+        if not task:
+            raise MetaTTError("pass --task NAME for --text inputs")
+        for t in texts:
+            first, sep, second = t.partition(PAIR_SEPARATOR)
+            rows.append((first, second) if sep else t)
+        return rows, [task] * len(rows), [None] * len(rows)
+    path = Path(path)
+    if not path.is_file():
+        raise MetaTTError(f"input file not found: {path}; check the path")
+    candidates = (("text", "text_pair"), *TEXT_COLUMN_CANDIDATES)
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MetaTTError(f"line {n} of {path.name} is not JSON ({e}); write one JSON object per line") from None
+        if not isinstance(obj, dict):
+            raise MetaTTError(f"line {n} of {path.name} is not a JSON object; write {{\"text\": ...}} per line")
+        columns = next((c for c in candidates if all(isinstance(obj.get(k), str) for k in c)), None)
+        if columns is None:
+            raise MetaTTError(f"line {n} of {path.name} has no text field (text, text_pair, premise/hypothesis, "
+                              "sentence1/sentence2, sentence); add one")
+        rows.append(obj[columns[0]] if len(columns) == 1 else (obj[columns[0]], obj[columns[1]]))
+        row_task = obj.get("task", task)
+        if not row_task:
+            raise MetaTTError(f"line {n} of {path.name} names no task; add \"task\" to the line or pass --task")
+        tasks.append(row_task)
+        ids.append(obj.get("id"))
+    if not rows:
+        raise MetaTTError(f"{path.name} has no inputs; write one JSON object per line")
+    return rows, tasks, ids

@@ -1,0 +1,97 @@
+"""metatt_deploy.adapters.targets: finding the adapted modules of every supported architecture."""
+
+from __future__ import annotations
+
+import pytest
+from tiny_models import ARCHS, FFN, HIDDEN, LAYERS, expected_qkvo, tiny_model
+from torch import nn
+
+from metatt_deploy.adapters.targets import TargetModule, find_targets, head_modules, module_dims, parse_targets
+from metatt_deploy.common.errors import MetaTTError
+
+ALL = list(ARCHS)
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, nn.Module]:
+    return {arch: tiny_model(arch) for arch in ALL}
+
+
+@pytest.mark.parametrize("arch", ALL)
+def test_default_targets_qkvo(models, arch: str) -> None:
+    names, layers, modules = find_targets(models[arch], ["q", "k", "v", "o"])
+    assert names == ["q", "k", "v", "o"]
+    assert layers == list(range(LAYERS))
+    got = {t.name: (t.layer, [tuple(s) for s in t.segments]) for t in modules}
+    assert got == expected_qkvo(arch)
+    for t in modules:
+        assert t.transposed == (arch == "gpt2")
+        assert t.in_features == HIDDEN
+        assert t.out_features == max(e for _, _, e in t.segments) or arch == "gpt2"
+    if arch == "gpt2":
+        assert {t.out_features for t in modules} == {3 * HIDDEN, HIDDEN}
+
+
+@pytest.mark.parametrize("arch", ALL)
+def test_ffn_up_down_non_square(models, arch: str) -> None:
+    targets = ["gate", "up", "down"] if arch == "llama" else ["up", "down"]
+    names, layers, modules = find_targets(models[arch], targets)
+    assert names == targets and layers == list(range(LAYERS))
+    assert len(modules) == len(targets) * LAYERS
+    for t in modules:
+        ((m, start, end),) = t.segments
+        kind = targets[m]
+        d_in, d_out = (FFN, HIDDEN) if kind == "down" else (HIDDEN, FFN)
+        assert (t.in_features, t.out_features, start, end) == (d_in, d_out, 0, d_out), t.name
+
+
+def test_string_targets_and_custom_suffix(models) -> None:
+    names, _, modules = find_targets(models["bert"], "q, v")
+    assert names == ["q", "v"] and len(modules) == 2 * LAYERS
+    names, layers, modules = find_targets(models["bert"], ["x=attention.self.query"])
+    assert names == ["x"] and layers == [0, 1]
+    assert sorted(t.name for t in modules) == [f"bert.encoder.layer.{i}.attention.self.query" for i in range(LAYERS)]
+
+
+def test_target_matrix_index_follows_the_users_order(models) -> None:
+    names, _, modules = find_targets(models["gpt2"], "v,q")
+    assert names == ["v", "q"]
+    c_attn = next(t for t in modules if t.name == "transformer.h.0.attn.c_attn")
+    assert sorted(c_attn.segments, key=lambda s: s[1]) == [(1, 0, HIDDEN), (0, 2 * HIDDEN, 3 * HIDDEN)]
+
+
+def test_unknown_and_unmatched_targets(models) -> None:
+    with pytest.raises(MetaTTError, match=r"unknown target 'qq' \(known for bert: q, k, v, o, up, down\)"):
+        find_targets(models["bert"], "q,qq")
+    with pytest.raises(MetaTTError, match="given twice"):
+        parse_targets("q,q", "bert")
+    with pytest.raises(MetaTTError, match="no targets"):
+        parse_targets(" , ", "bert")
+    with pytest.raises(MetaTTError, match="no default targets"):
+        parse_targets("q", "t5")
+    with pytest.raises(MetaTTError, match="targets z match no module"):
+        find_targets(models["bert"], "q,z=does.not.exist")
+    with pytest.raises(MetaTTError, match="cannot be adapted"):
+        find_targets(models["bert"], [r"ln=\.layer\.(\d+)\.output\.LayerNorm$"])
+
+
+def test_head_modules(models) -> None:
+    expected = {"bert": ["classifier"], "roberta": ["classifier"], "mpnet": ["classifier"],
+                "distilbert": ["pre_classifier", "classifier"], "llama": ["score"], "gpt2": ["score"]}
+    for arch, heads in expected.items():
+        assert head_modules(models[arch]) == heads
+        for h in heads:
+            models[arch].get_submodule(h)
+
+
+def test_module_dims_linear_and_conv1d(models) -> None:
+    assert module_dims(nn.Linear(3, 5)) == (3, 5, False)
+    c_attn = models["gpt2"].get_submodule("transformer.h.0.attn.c_attn")
+    assert module_dims(c_attn) == (HIDDEN, 3 * HIDDEN, True)
+    with pytest.raises(MetaTTError, match="cannot be adapted"):
+        module_dims(nn.Conv2d(1, 1, 1))
+
+
+def test_target_module_json_roundtrip() -> None:
+    t = TargetModule("a.b", 1, 4, 12, [(0, 0, 4), (2, 8, 12)], True)
+    assert TargetModule.from_json(t.to_json()) == t

@@ -1,0 +1,205 @@
+"""Sweeps that discard nothing leave the model alone; merge (and merge --max-rank) is exact.
+
+Tiny random BERTs only: the sweep test uses tests/tiny_models.py's vocabulary-64 model; the
+merge tests save a width-32 BERT with the embedded tokenizer (so the merged folder is a complete
+Hugging Face model) and ``initializer_range=0.2`` so logits are of order 1 and a 1e-5 parity
+bound is a real check.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import HEAD_DIM, inputs, logits, random_cores, tiny_model
+from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
+from typer.testing import CliRunner
+
+from metatt_deploy.adapters.base_model import load_tokenizer
+from metatt_deploy.adapters.model import attach, build_config, get_adapter, load_adapter, save_adapter
+from metatt_deploy.cli import app
+from metatt_deploy.export.merge import MERGE_RECORD, merge_adapter
+from metatt_deploy.tt.cores import tt_full, tt_ranks
+from metatt_deploy.tt.rounding import round_tt, sweep
+
+SENTENCES = ["A wonderful film, I loved it.", "Dull and slow.", "Not bad at all, actually quite good!"]
+
+
+# ------------------------------------------------------------------ sweeps keep the function
+
+
+def _adapted(kind: str, ranks: list[int]):
+    """A tiny BERT with random adapter cores of the given ranks: 4D, 5D or (4+1)D (tasks a, b)."""
+    model = tiny_model("bert")
+    if kind == "4+1d":
+        config = build_config(model, rank=ranks, tasks=["a", "b"], label_names={"a": ["x", "y", "z"], "b": ["u", "v", "w"]})
+    else:
+        config = build_config(model, method=f"metatt-{kind}", rank=ranks)
+    attach(model, config, random_cores(config.core_shapes(), seed=7))
+    return model, get_adapter(model)
+
+
+def _all_logits(model, adapter) -> list[torch.Tensor]:
+    batch = inputs()
+    if not adapter.config.multitask:
+        return [logits(model, batch)]
+    out = []
+    for t in range(len(adapter.config.tasks)):
+        adapter.use_task(t)
+        out.append(logits(model, batch))
+    return out
+
+
+@pytest.mark.parametrize(
+    "kind,ranks",
+    [("4d", [5, 6, 4]), ("5d", [5, 6, 4, 3]), ("4+1d", [5, 6, 2, 4])],
+)
+@pytest.mark.parametrize("target", ["same", "above", "both-directions"])
+def test_sweep_that_discards_nothing_leaves_logits_unchanged(kind, ranks, target):
+    model, adapter = _adapted(kind, ranks)
+    if kind == "5d":
+        assert adapter.config.mode_sizes[-1] == HEAD_DIM
+    before = _all_logits(model, adapter)
+    cores = [c.detach() for c in adapter.cores]
+    caps = ranks if target == "same" else [r + 3 for r in ranks] if target == "above" else 1000
+    result = sweep(cores, caps, direction="both" if target == "both-directions" else "left-to-right")
+    assert result.ranks_after == ranks and result.error_bound == 0.0
+    adapter.set_cores(result.cores)
+    assert any(not torch.equal(a, b) for a, b in zip(cores, adapter.cores))  # re-gauged, not copied
+    for old, new in zip(before, _all_logits(model, adapter)):
+        torch.testing.assert_close(new, old, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind,ranks", [("4d", [5, 6, 4]), ("4+1d", [5, 6, 2, 4])])
+def test_sweep_that_discards_changes_logits(kind, ranks):
+    """The check above can fail: a lossy sweep moves the logits well beyond its tolerance."""
+    model, adapter = _adapted(kind, ranks)
+    before = _all_logits(model, adapter)
+    result = sweep([c.detach() for c in adapter.cores], 1)
+    assert result.error_bound > 0
+    adapter.set_cores(result.cores)
+    assert max(float((a - b).abs().max()) for a, b in zip(before, _all_logits(model, adapter))) > 1e-3
+
+
+# ------------------------------------------------------------------ merge
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_base):
+    """(base folder, adapter folder, adapter cores) with random rank-6 cores on conftest's tiny BERT."""
+    root = tmp_path_factory.mktemp("merge")
+    tokenizer = load_tokenizer(str(tiny_base))
+    model = BertForSequenceClassification.from_pretrained(tiny_base).eval()
+    base = tiny_base
+    adapter_config = build_config(model, rank=6, base_model=str(base))
+    attach(model, adapter_config, random_cores(adapter_config.core_shapes(), seed=3, std=0.3))
+    adapter_dir = save_adapter(model, root / "adapter", tokenizer)
+    cores = [c.detach().clone() for c in get_adapter(model).cores]
+    return base, adapter_dir, cores
+
+
+def _batch(folder: Path) -> dict[str, torch.Tensor]:
+    return dict(load_tokenizer(str(folder))(SENTENCES, padding=True, return_tensors="pt"))
+
+
+def _hf_logits(folder: Path, batch) -> torch.Tensor:
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _adapted_weights(base: Path, adapter_dir: Path) -> dict[str, tuple[int, int, torch.Tensor]]:
+    """name -> (layer, matrix, base weight) of every adapted module, from the adapter's config."""
+    config = json.loads((adapter_dir / "metatt_config.json").read_text())
+    weights = load_file(str(base / "model.safetensors"))
+    out = {}
+    for module in config["modules"]:
+        (m, start, end), = module["segments"]
+        out[module["name"] + ".weight"] = (module["layer"], m, weights[module["name"] + ".weight"])
+    return out
+
+
+def test_cli_merge_matches_the_adapter_and_refuses_to_overwrite(tiny, tmp_path):
+    base, adapter_dir, _ = tiny
+    runner = CliRunner()
+    out = tmp_path / "merged"
+    result = runner.invoke(app, ["merge", str(adapter_dir), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "merged task" in result.output and (out / MERGE_RECORD).is_file()
+
+    batch = _batch(out)
+    merged = _hf_logits(out, batch)  # transformers only: no metatt code involved
+    model, _, _ = load_adapter(adapter_dir)
+    with torch.no_grad():
+        reference = model(**batch).logits
+    torch.testing.assert_close(merged, reference, atol=1e-5, rtol=0)
+    assert float((_hf_logits(base, batch) - reference).abs().max()) > 1e-2  # the adapter matters
+
+    again = runner.invoke(app, ["merge", str(adapter_dir), "-o", str(out)])
+    lines = [line for line in again.output.splitlines() if line.strip()]
+    assert again.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), again.output
+    assert "--force" in lines[0]
+    forced = runner.invoke(app, ["merge", str(adapter_dir), "-o", str(out), "--force"])
+    assert forced.exit_code == 0, forced.output
+
+    bad = runner.invoke(app, ["merge", str(adapter_dir), "-o", str(tmp_path / "m0"), "--max-rank", "0"])
+    assert bad.exit_code == 2 and "below 1" in bad.output and not (tmp_path / "m0").exists()
+
+
+@pytest.mark.parametrize("max_rank", [3, 1])
+def test_merge_max_rank_reports_the_true_error_and_merges_the_rounded_tensor(tiny, tmp_path, max_rank):
+    base, adapter_dir, cores = tiny
+    out = tmp_path / "merged"
+    record = merge_adapter(adapter_dir, out, max_rank=max_rank)
+    assert record["rounded_to"] == max_rank and record["rounded_ranks"] == [max_rank] * 3
+    assert record["ranks"] == [6, 6, 6]  # the trained adapter's, kept for the record
+
+    # the tensor the merge actually added, read back from the weights: (W' - W)^T / alpha per (l, m)
+    alpha = record["alpha"]
+    merged = load_file(str(out / "model.safetensors"))
+    full = tt_full([c.double() for c in cores])
+    applied = torch.zeros_like(full)
+    for name, (layer, matrix, w) in _adapted_weights(base, adapter_dir).items():
+        applied[:, layer, matrix, :] = (merged[name].double() - w.double()).T / alpha
+    true_error = float(torch.linalg.vector_norm(full - applied) / torch.linalg.vector_norm(full))
+    assert 0.01 < true_error < 1
+    assert record["rounding_relative_error"] == pytest.approx(true_error, rel=1e-4)
+
+    # and it is the rounded train's tensor, of the requested rank
+    rounded, error = round_tt(cores, max_rank)
+    assert tt_ranks(rounded) == [max_rank] * 3 and error == pytest.approx(true_error, rel=1e-4)
+    torch.testing.assert_close(applied, tt_full([c.double() for c in rounded]), atol=1e-5, rtol=0)
+    d_in = full.shape[0]
+    assert int(torch.linalg.matrix_rank(applied.reshape(d_in, -1), rtol=1e-4)) == max_rank
+
+    # the merged folder runs like the rounded adapter (and unlike the exact one)
+    model, _, _ = load_adapter(adapter_dir)
+    batch = _batch(out)
+    with torch.no_grad():
+        exact = model(**batch).logits
+        get_adapter(model).set_cores(rounded)
+        approx = model(**batch).logits
+    torch.testing.assert_close(_hf_logits(out, batch), approx, atol=1e-5, rtol=0)
+    assert float((approx - exact).abs().max()) > 1e-4
+
+
+def test_merge_max_rank_at_or_above_the_ranks_is_lossless(tiny, tmp_path):
+    base, adapter_dir, _ = tiny
+    exact = merge_adapter(adapter_dir, tmp_path / "exact")
+    rounded = merge_adapter(adapter_dir, tmp_path / "rounded", max_rank=50)
+    assert rounded["rounding_relative_error"] < 1e-6 and rounded["rounded_ranks"] == exact["ranks"] == [6, 6, 6]
+    a = load_file(str(tmp_path / "exact" / "model.safetensors"))
+    b = load_file(str(tmp_path / "rounded" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-5, msg=key)  # float32 round-off of re-gauged cores
+
+
+def test_cli_merge_max_rank_prints_the_recorded_error(tiny, tmp_path):
+    _, adapter_dir, _ = tiny
+    result = CliRunner().invoke(app, ["merge", str(adapter_dir), "-o", str(tmp_path / "m"), "--max-rank", "2"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "m" / MERGE_RECORD).read_text())
+    assert f"rounding error {record['rounding_relative_error']:.3e}" in result.output

@@ -1,0 +1,175 @@
+"""ONNX export: parity enforced and recorded, optimiser fusions, int8/fp16 variants, manifest, errors, CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from onnx_fixtures import build_tiny
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from typer.testing import CliRunner
+
+from metatt_deploy.adapters.base_model import resolve_model
+from metatt_deploy.cli import app
+from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.export import onnx as export_module
+from metatt_deploy.export.onnx import FP32_ATOL, MANIFEST_NAME, SAMPLE_SENTENCES, export_onnx, sha256_file
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def fp32(tiny, tmp_path_factory):
+    return export_onnx(tiny.merged, tmp_path_factory.mktemp("exports") / "fp32")
+
+
+def manifest(folder: Path) -> dict:
+    return json.loads((folder / MANIFEST_NAME).read_text())
+
+
+def ort_logits(folder: Path, texts: list[str]) -> np.ndarray:
+    from optimum.onnxruntime import ORTModelForSequenceClassification
+
+    model = ORTModelForSequenceClassification.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    enc = tok(texts, padding=True, return_tensors="pt")
+    return model(**enc).logits.detach().numpy()
+
+
+def torch_logits(folder: Path, texts: list[str]) -> np.ndarray:
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    with torch.no_grad():
+        return model(**tok(texts, padding=True, return_tensors="pt")).logits.numpy()
+
+
+def test_fp32_export_parity_manifest_and_ort_loading(tiny, fp32):
+    m = manifest(fp32)
+    assert {p.name for p in fp32.iterdir()} >= {"model.onnx", "config.json", "tokenizer.json", MANIFEST_NAME}
+    # parity is measured, recorded and within the fp32 bound, both for the raw graph and as served
+    for key in ("fp32_export", "final"):
+        parity = m["parity"][key]
+        assert parity["max_abs_logit_diff"] <= FP32_ATOL == parity["tolerance"]
+        assert parity["label_agreement"] == 1.0 and parity["examples"] == len(SAMPLE_SENTENCES) + 1
+        assert parity["max_abs_logit"] > 0.1  # the tiny model's logits are not all ~0: the bound means something
+    assert m["parity"]["final"]["loaded_with"].endswith("ORTModelForSequenceClassification")
+    # provenance: adapter (from metatt_merge.json), base model, versions, opset, hashes
+    assert m["adapter"]["path"] == str(tiny.adapter.resolve()) and m["adapter"]["method"] == "metatt-4d"
+    assert m["adapter"]["weights_sha256"] == sha256_file(tiny.adapter / "metatt_adapter.safetensors")
+    assert m["base_model"] == str(tiny.base) and m["base_fingerprint"] and m["task"] == "default"
+    assert m["source"]["kind"] == "merged" and m["variant"] == {"dtype": "fp32", "optimize": False, "quantize": None}
+    assert isinstance(m["opset"], int) and m["inputs"][:2] == ["input_ids", "attention_mask"]
+    assert {"onnx", "onnxruntime", "optimum", "transformers", "torch"} <= set(m["versions"])
+    for name, entry in m["files"].items():
+        assert sha256_file(fp32 / name) == entry["sha256"]
+    # independent check: optimum's runtime class loads the bundle and matches PyTorch
+    texts = ["great movie", "a long and boring film that never ends"]
+    assert np.abs(ort_logits(fp32, texts) - torch_logits(tiny.merged, texts)).max() <= FP32_ATOL
+
+
+def test_optimize_keeps_parity_and_records_fused_nodes(tiny, tmp_path):
+    out = export_onnx(tiny.merged, tmp_path / "opt", optimize=True)
+    m = manifest(out)
+    fused = m["fused_nodes"]
+    assert fused["Attention"] + fused["MultiHeadAttention"] == 2
+    assert fused["SkipLayerNormalization"] == 4 and fused["EmbedLayerNormalization"] == 1
+    assert fused["Gelu"] + fused["FastGelu"] + fused["BiasGelu"] == 2 and fused["complete"] is True
+    assert m["optimizer"]["model_type"] == "bert" and m["optimizer"]["num_heads"] == 4
+    assert m["parity"]["final"]["max_abs_logit_diff"] <= FP32_ATOL
+
+
+def test_int8_is_smaller_and_default_name_has_the_variant(tiny, fp32, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = export_onnx(tiny.merged, optimize=True, quantize="int8")
+    assert out == Path("exported") / "merged-opt-int8"
+    m = manifest(out)
+    assert (out / "model.onnx").stat().st_size < (fp32 / "model.onnx").stat().st_size
+    assert m["sizes"]["final_bytes"] < m["sizes"]["fp32_bytes"]
+    assert m["quantization"]["per_channel"] is True and m["quantization"]["weight_type"] == "QInt8"
+    final = m["parity"]["final"]
+    assert final["tolerance"] is None and 0 < final["max_abs_logit_diff"] < 0.5  # reported, not enforced
+    assert m["parity"]["fp32_export"]["max_abs_logit_diff"] <= FP32_ATOL  # the graph before quantizing is checked
+    assert ort_logits(out, ["fine"]).shape == (1, 2)
+
+
+def test_fp16_export_loads_and_meets_its_tolerance(tiny, tmp_path):
+    out = export_onnx(tiny.merged, tmp_path / "fp16", dtype="fp16")
+    final = manifest(out)["parity"]["final"]
+    assert final["max_abs_logit_diff"] <= final["tolerance"] == pytest.approx(1e-2 * max(1.0, final["max_abs_logit"]))
+    assert manifest(out)["sizes"]["final_bytes"] < 0.7 * manifest(out)["sizes"]["fp32_bytes"]
+
+
+def test_adapter_folder_is_merged_on_the_fly(tiny, fp32, tmp_path):
+    out = export_onnx(tiny.adapter, tmp_path / "from-adapter")
+    m = manifest(out)
+    assert m["source"]["kind"].startswith("adapter") and m["adapter"]["path"] == str(tiny.adapter.resolve())
+    assert m["files"]["model.onnx"]["sha256"] == manifest(fp32)["files"]["model.onnx"]["sha256"]
+
+
+def test_parity_failure_raises_and_leaves_nothing(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(export_module, "FP32_ATOL", -1.0)
+    with pytest.raises(MetaTTError, match="differs from the PyTorch model"):
+        export_onnx(tiny.merged, tmp_path / "bad")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_user_errors(tiny, fp32, tmp_path):
+    with pytest.raises(MetaTTError, match="already exists.*--force"):
+        export_onnx(tiny.merged, fp32)
+    with pytest.raises(MetaTTError, match="model directory not found"):
+        export_onnx(tmp_path / "nope", tmp_path / "out")
+    with pytest.raises(MetaTTError, match="neither a model"):
+        export_onnx(tmp_path, tmp_path / "out")
+    with pytest.raises(MetaTTError, match="not a sequence classifier"):
+        export_onnx(resolve_model(None), tmp_path / "out")  # the embedded model has no classification head
+    with pytest.raises(MetaTTError, match="exclude each other"):
+        export_onnx(tiny.merged, tmp_path / "out", quantize="int8", dtype="fp16")
+    with pytest.raises(MetaTTError, match="unknown quantization"):
+        export_onnx(tiny.merged, tmp_path / "out", quantize="int4")
+    with pytest.raises(MetaTTError, match="is not a MetaTT adapter"):
+        export_onnx(tiny.merged, tmp_path / "out", adapter_dir=tmp_path)
+    other = shutil.copytree(tiny.adapter, tmp_path / "other-adapter")
+    with pytest.raises(MetaTTError, match="records adapter"):
+        export_onnx(tiny.merged, tmp_path / "out", adapter_dir=other)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_export(tiny, fp32, tmp_path):
+    runner = CliRunner()
+    for args in (["export", str(tmp_path / "missing")], ["export", str(tiny.merged), "-o", str(fp32)]):
+        result = runner.invoke(app, args)
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
+    result = runner.invoke(app, ["export", str(tiny.merged), "-o", str(tmp_path / "cli"), "--optimize"])
+    assert result.exit_code == 0, result.output
+    assert "max |logit diff|" in result.output and "Attention 2" in result.output
+    assert (tmp_path / "cli" / "model.onnx").is_file()
+
+
+@pytest.mark.slow
+def test_embedded_model_export_parity(tmp_path):
+    """The real embedded MiniLM with a random non-zero adapter: merged export within 1e-4, loadable."""
+    from metatt_deploy.adapters.base_model import load_classifier, load_tokenizer
+    from metatt_deploy.adapters.model import attach, build_config, get_adapter, save_adapter
+    from metatt_deploy.export.merge import merge_adapter
+    from metatt_deploy.tt import cores as tt
+
+    torch.manual_seed(0)
+    model = load_classifier(None, ["negative", "positive"]).eval()
+    config = build_config(model, rank=8, base_model=resolve_model(None))
+    attach(model, config)
+    get_adapter(model).set_cores(tt.init_cores("no-no-no-no", config.core_shapes(), seed=1))
+    save_adapter(model, tmp_path / "adapter", load_tokenizer(None))
+    merge_adapter(tmp_path / "adapter", tmp_path / "merged")
+    out = export_onnx(tmp_path / "merged", tmp_path / "onnx")
+    parity = manifest(out)["parity"]["final"]
+    assert parity["max_abs_logit_diff"] <= FP32_ATOL and parity["label_agreement"] == 1.0
+    texts = SAMPLE_SENTENCES[:3]
+    assert np.abs(ort_logits(out, texts) - torch_logits(tmp_path / "merged", texts)).max() <= FP32_ATOL

@@ -1,0 +1,157 @@
+"""The ONNX Runtime API over a factored bundle and `metatt-deploy predict`: one load, any task,
+mixed batches, tasks added later, and clear errors for unknown tasks and foreign files."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from test_multitask import LABELS, build_tiny_multitask
+from typer.testing import CliRunner
+
+from metatt_deploy.adapters.heads import routers
+from metatt_deploy.adapters.multitask import extend_tasks, save_multitask
+from metatt_deploy.cli import app
+from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.export.factored import TASKS_DIR, write_bundle
+from metatt_deploy.serving.runtime import Runtime, read_inputs
+
+TOL = 1e-4
+TEXTS = ["A wonderful film.", ("A man sleeps.", "A man is awake."), "ok", "Dull and slow."]
+TASKS = ["movie", "nli", "four", "movie"]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runtime")
+    base, adapter, mtm, tokenizer = build_tiny_multitask(root)
+    bundle = root / "bundle"
+    write_bundle(adapter, bundle)
+    return root, adapter, mtm, tokenizer, bundle
+
+
+def reference(mtm, tokenizer, text, task) -> np.ndarray:
+    enc = tokenizer(*((text,) if isinstance(text, str) else text), return_tensors="pt")
+    with torch.no_grad():
+        return mtm(**enc, task_ids=task).logits[0, : len(LABELS[task])].numpy()
+
+
+def test_predict_any_task_and_mixed_batches_without_reloading(served) -> None:
+    _, _, mtm, tokenizer, bundle = served
+    rt = Runtime(bundle, threads=1)
+    assert rt.tasks == list(LABELS) and rt.labels("nli") == LABELS["nli"]
+    mixed = rt.logits(TEXTS, tasks=TASKS)
+    session = rt._task_session
+    for text, task, row in zip(TEXTS, TASKS, mixed):
+        ref = reference(mtm, tokenizer, text, task)
+        assert row.shape == ref.shape and np.abs(row - ref).max() <= TOL
+        alone = rt.logits([text], task=task)[0]
+        assert np.abs(alone - row).max() <= 1e-5  # a row of a mixed batch gets what it gets alone
+    assert rt._task_session is session and rt._adapter_session is None  # switching tasks reloads nothing
+    results = rt.predict(TEXTS, tasks=[0, 1, 2, 0], batch_size=3)
+    for r, task, row in zip(results, TASKS, mixed):
+        assert r["task"] == task and r["label"] == LABELS[task][int(row.argmax())]
+        assert set(r["scores"]) == set(LABELS[task]) and sum(r["scores"].values()) == pytest.approx(1.0)
+        assert r["score"] == max(r["scores"].values())
+    # the adapter form gives the same answers, one adapter per task, kept after first use
+    ra = Runtime(bundle, form="adapter", threads=1)
+    for text, task, row in zip(TEXTS, TASKS, mixed):
+        assert np.abs(ra.logits([text], task=task)[0] - row).max() <= TOL
+    assert set(ra._adapters) == {"movie", "nli", "four"}
+
+
+def test_unknown_tasks_and_bad_inputs_are_errors(served) -> None:
+    _, _, _, _, bundle = served
+    rt = Runtime(bundle, threads=1)
+    for kwargs, match in (
+        ({"task": "nope"}, "unknown task 'nope'"),
+        ({"task": 3}, "unknown task id 3"),
+        ({"task": -1}, "unknown task id -1"),
+        ({"tasks": ["movie"]}, "one task per row"),
+        ({}, "pass task=NAME"),
+        ({"task": "movie", "tasks": ["movie", "movie"]}, "not both"),
+    ):
+        with pytest.raises(MetaTTError, match=match):
+            rt.predict(["a", "b"], **kwargs)
+    with pytest.raises(MetaTTError, match="a text or a pair"):
+        rt.predict([("a", "b", "c")], task="nli")
+    with pytest.raises(MetaTTError, match="unknown form"):
+        Runtime(bundle, form="fast")
+    with pytest.raises(MetaTTError, match="not a factored bundle"):
+        Runtime(bundle / TASKS_DIR)
+
+
+def test_late_task_served_through_its_adapter_and_foreign_adapters_refused(served, tmp_path) -> None:
+    root, _, mtm, tokenizer, bundle = served
+    deployed = tmp_path / "deployed"
+    shutil.copytree(bundle, deployed)
+    grown = copy.deepcopy(mtm)
+    extend_tasks(grown, "late", ["no", "yes"], seed=5)
+    with torch.no_grad():
+        grown.metatt.cores[3][:, 3] += 0.3
+        for p in routers(grown.model)[0].heads[3].parameters():
+            p.add_(0.5)
+    write_bundle(save_multitask(grown, tmp_path / "grown", tokenizer), deployed, tasks=["late"])
+    rt = Runtime(deployed, threads=1)
+    assert rt.tasks == [*LABELS, "late"]
+    rows = rt.logits(["great", "awful", "fine"], tasks=["late", "movie", "late"])
+    enc = tokenizer(["great", "awful", "fine"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = grown(**enc, task_ids=[3, 0, 3]).logits.numpy()
+    for row, r in zip(rows, ref):
+        assert np.abs(row - r[: len(row)]).max() <= TOL
+    with pytest.raises(MetaTTError, match="added after model_tasks.onnx"):
+        Runtime(deployed, form="tasks").predict(["x"], task="late")
+    # an .onnx_adapter from another bundle (same shapes, other shared cores) is refused
+    other = tmp_path / "other"
+    _, other_adapter, _, _ = build_tiny_multitask(root, core_seed=11)
+    write_bundle(other_adapter, other)
+    shutil.copy(other / TASKS_DIR / "movie.onnx_adapter", deployed / TASKS_DIR / "late.onnx_adapter")
+    with pytest.raises(MetaTTError, match="written for another bundle"):
+        Runtime(deployed, form="adapter").predict(["x"], task="late")
+
+
+def test_read_inputs(tmp_path) -> None:
+    texts, tasks, ids = read_inputs(["a", "premise ||| hypothesis"], None, "nli")
+    assert texts == ["a", ("premise", "hypothesis")] and tasks == ["nli", "nli"] and ids == [None, None]
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"text": "a", "task": "movie", "id": 7}\n\n{"premise": "p", "hypothesis": "h"}\n'
+                    '{"text": "x", "text_pair": "y", "task": "nli"}\n')
+    texts, tasks, ids = read_inputs(None, path, "nli")
+    assert texts == ["a", ("p", "h"), ("x", "y")] and tasks == ["movie", "nli", "nli"] and ids == [7, None, None]
+    with pytest.raises(MetaTTError, match="names no task"):
+        read_inputs(None, path, None)
+    for bad, match in (('{"foo": 1}\n', "no text field"), ("not json\n", "not JSON"), ("[1]\n", "not a JSON object")):
+        path.write_text(bad)
+        with pytest.raises(MetaTTError, match=match):
+            read_inputs(None, path, "movie")
+    with pytest.raises(MetaTTError, match="one of them"):
+        read_inputs(None, None, "movie")
+    with pytest.raises(MetaTTError, match="--task"):
+        read_inputs(["a"], None, None)
+
+
+def test_cli_predict(served, tmp_path) -> None:
+    _, _, mtm, tokenizer, bundle = served
+    runner = CliRunner()
+    res = runner.invoke(app, ["predict", str(bundle), "--task", "nli", "--text", "A man sleeps. ||| A man is awake.", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    line = json.loads(res.output.strip().splitlines()[-1])
+    ref = reference(mtm, tokenizer, ("A man sleeps.", "A man is awake."), "nli")
+    assert line["task"] == "nli" and line["label"] == LABELS["nli"][int(ref.argmax())]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "text": t, "task": k}) + "\n" for i, (t, k) in enumerate(zip(["good", "bad", "meh"], ["movie", "four", "movie"]))))
+    out = tmp_path / "out.jsonl"
+    res = runner.invoke(app, ["predict", str(bundle), "-i", str(inp), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [0, 1, 2] and [r["task"] for r in rows] == ["movie", "four", "movie"]
+    assert rows[1]["label"] in LABELS["four"]
+    res = runner.invoke(app, ["predict", str(bundle), "--task", "nope", "--text", "x"])
+    assert res.exit_code == 2 and "unknown task 'nope'" in res.output
+    res = runner.invoke(app, ["predict", str(bundle), "-i", str(inp), "-o", str(out)])
+    assert res.exit_code == 2 and "already exists" in res.output

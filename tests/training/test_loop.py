@@ -1,0 +1,111 @@
+"""The training loop on a tiny BERT: both methods end to end, outputs, data order, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from metatt_deploy.adapters.base_model import load_classifier
+from metatt_deploy.adapters.config import WEIGHTS_NAME
+from metatt_deploy.adapters.model import get_adapter, load_adapter
+from metatt_deploy.cli import app
+from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.training.loop import TrainConfig, epoch_order, train
+from metatt_deploy.tt.cores import init_cores
+
+
+def _cfg(tiny_base, out, **kw) -> TrainConfig:
+    base = dict(output=str(out), model=str(tiny_base), rank=4, lr=1e-2, epochs=2, batch_size=8, max_length=16, seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("method", ["metatt-4d", "metatt-5d", "lora"])
+def test_each_method_trains_evaluates_and_writes_its_reports(tiny_base, tiny_task, tmp_path, method):
+    result = train(_cfg(tiny_base, tmp_path / "run", method=method), tiny_task)
+    run = tmp_path / "run"
+    for name in ("metrics.json", "metrics.md", "curves.png", "train_config.json", "checkpoint/state.json"):
+        assert (run / name).is_file(), name
+    saved = json.loads((run / "metrics.json").read_text())
+    assert [h["epoch"] for h in saved["history"]] == [1, 2]
+    assert saved["steps"] == 2 * 4
+    assert 0.0 <= saved["test"]["accuracy"] <= 1.0
+    assert saved["best"]["accuracy"] == max(h["accuracy"] for h in saved["history"])
+    counts = result["trainable_parameters"]
+    assert counts["head"] == 32 * 2 + 2  # the classifier of a width-32, 2-label BERT
+    if method == "lora":  # PEFT: 2 layers x 4 matrices x (32 + 32) x r
+        assert counts["adapter"] == 2 * 4 * 64 * 4
+        assert (run / "best" / "adapter_model.safetensors").is_file()
+    else:
+        weights = load_file(str(run / "best" / WEIGHTS_NAME))
+        assert counts["adapter"] == sum(v.numel() for k, v in weights.items() if k.startswith("core."))
+
+
+def test_training_moves_the_adapter_and_head_but_not_the_base(tiny_base, tiny_task, tmp_path):
+    train(_cfg(tiny_base, tmp_path / "run", epochs=1), tiny_task)
+    model, config, _ = load_adapter(tmp_path / "run" / "best", base_model=str(tiny_base))  # fingerprint: base unchanged
+    cores = [c.detach() for c in get_adapter(model).cores]
+    initial = init_cores(config.init, [tuple(c.shape) for c in cores])
+    assert cores[0].abs().max() > 0  # the ze core has left zero
+    assert any(not torch.equal(a, b) for a, b in zip(cores[1:], initial[1:]))
+    fresh = load_classifier(str(tiny_base), ["negative", "positive"])
+    assert not torch.equal(model.classifier.weight, fresh.classifier.weight)
+
+
+def test_finished_run_is_not_overwritten_without_force(tiny_base, tiny_task, tmp_path):
+    cfg = _cfg(tiny_base, tmp_path / "run", epochs=1)
+    train(cfg, tiny_task)
+    (tmp_path / "run" / "checkpoint" / "state.json").unlink()  # finished, nothing to resume
+    with pytest.raises(MetaTTError, match="--force"):
+        train(cfg, tiny_task)
+    train(cfg, tiny_task, force=True)
+
+
+def test_a_checkpoint_of_other_settings_is_not_resumed(tiny_base, tiny_task, tmp_path):
+    train(_cfg(tiny_base, tmp_path / "run", epochs=1), tiny_task)
+    with pytest.raises(MetaTTError, match="other settings"):
+        train(_cfg(tiny_base, tmp_path / "run", epochs=1, rank=2), tiny_task)
+
+
+def test_learning_rate_defaults_per_method():
+    def rates(**kw):
+        cfg = TrainConfig(output="x", **kw)
+        return cfg.lr, cfg.head_lr
+
+    assert rates() == (1e-3, 5e-3)
+    assert rates(method="metatt-5d") == (1e-3, 5e-3)
+    assert rates(method="metatt-4d", lr=2e-3) == (2e-3, 5e-3)  # the head keeps its own default
+    assert rates(method="lora") == (1e-3, None)  # LoRA's head trains at --lr, as in PEFT
+    assert rates(method="lora", lr=3e-4, head_lr=1e-2) == (3e-4, 1e-2)
+
+
+def test_epoch_order_is_a_seeded_length_grouped_permutation():
+    lengths = [i % 37 for i in range(1000)]
+    a = epoch_order(lengths, 8, seed=1, epoch=0)
+    assert sorted(a) == list(range(1000))
+    assert a == epoch_order(lengths, 8, seed=1, epoch=0)
+    assert a != epoch_order(lengths, 8, seed=1, epoch=1)
+    # batches are near-uniform in length: far less padding than a plain shuffle
+    spread = [max(lengths[i] for i in a[s:s + 8]) - min(lengths[i] for i in a[s:s + 8]) for s in range(0, 1000, 8)]
+    assert sum(spread) / len(spread) < 3
+
+
+def test_cli_train_reports_bad_input_in_one_line(tiny_base, tmp_path):
+    result = CliRunner().invoke(app, ["train", "--train", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "r"), "--model", str(tiny_base)])
+    assert result.exit_code == 2
+    assert "missing.jsonl" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["train", "--dataset", "movie-sentiment", "--method", "adalora", "-o", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "unknown method" in result.output
+
+
+def test_cli_train_end_to_end(tiny_base, tiny_task_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--train", str(tiny_task_dir / "train.jsonl"), "--validation", str(tiny_task_dir / "validation.jsonl"),
+            "--model", str(tiny_base), "--rank", "4", "--epochs", "1", "--batch-size", "8", "--max-length", "16", "-o", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "best validation accuracy" in result.output
+    assert (out / "best" / WEIGHTS_NAME).is_file()

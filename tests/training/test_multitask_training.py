@@ -1,0 +1,220 @@
+"""Multi-task training (multitask_train.py): task specs, sampling, the joint loop, checkpoint/resume,
+and adding a task against a frozen adapter. Tiny random models only.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_multitask import build_tiny_multitask
+
+from metatt_deploy.adapters.heads import routers
+from metatt_deploy.adapters.multitask import bundle_id, load_multitask
+from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.training.multitask import MultiTaskConfig, epoch_plan, parse_task_spec, task_probabilities, train_from_cli
+
+# ---------------------------------------------------------------- specs and sampling
+
+
+def test_task_specs() -> None:
+    assert parse_task_spec("snli") == parse_task_spec("snli=snli")
+    s = parse_task_spec("nli=snli")
+    assert (s.name, s.dataset, s.files) == ("nli", "snli", [])
+    s = parse_task_spec("mine=data/tr.jsonl, data/va.csv,data/te.tsv")
+    assert s.dataset is None and s.files == ["data/tr.jsonl", "data/va.csv", "data/te.tsv"]
+    assert parse_task_spec("g=glue/mrpc").dataset == "glue/mrpc"
+    for bad in ("=snli", "a b=snli", "x=a.jsonl,b.txt", "x=a.jsonl,b.jsonl,c.jsonl,d.jsonl", "x=snli,imdb"):
+        with pytest.raises(MetaTTError, match="--task"):
+            parse_task_spec(bad)
+
+
+def test_task_probabilities_and_epoch_plan() -> None:
+    np.testing.assert_allclose(task_probabilities([100, 300]), [0.25, 0.75])
+    np.testing.assert_allclose(task_probabilities([100, 400], "temperature", 2.0), [1 / 3, 2 / 3])
+    np.testing.assert_allclose(task_probabilities([100, 400], "temperature", 1e6), [0.5, 0.5], atol=1e-5)
+    with pytest.raises(MetaTTError, match="temperature"):
+        task_probabilities([1, 2], "temperature", 0)
+    with pytest.raises(MetaTTError, match="task-sampling"):
+        task_probabilities([1, 2], "uniform")
+    lengths = [[5 + i % 7 for i in range(40)], [3] * 10, [9] * 23]
+    probs = task_probabilities([40, 10, 23])
+    plan = epoch_plan(lengths, 8, probs, seed=3, epoch=1)
+    assert plan == epoch_plan(lengths, 8, probs, seed=3, epoch=1)  # a pure function: resumes replay it
+    assert plan != epoch_plan(lengths, 8, probs, seed=3, epoch=2)
+    assert len(plan) == 5 + 2 + 3
+    for t, idx in plan:
+        assert len(idx) == 8 and all(0 <= i < len(lengths[t]) for i in idx)
+    # a task drawn more often than its size cycles through all its rows before repeating one
+    many = epoch_plan([[1] * 10, [1] * 1000], 5, [0.5, 0.5], seed=0, epoch=0)
+    rows = [i for t, idx in many if t == 0 for i in idx]
+    assert sorted(rows[:10]) == list(range(10))
+
+
+def test_config_checks() -> None:
+    with pytest.raises(MetaTTError, match="at least two"):
+        MultiTaskConfig(output="x", tasks=["a=snli"]).check()
+    with pytest.raises(MetaTTError, match="lora"):
+        MultiTaskConfig(output="x", tasks=["a=snli", "b=snli"], method="lora").check()
+    with pytest.raises(MetaTTError, match="rank-schedule"):
+        MultiTaskConfig(output="x", tasks=["a=snli", "b=snli"], rank_schedule="8,1:4").check()
+
+
+def test_learning_rate_defaults() -> None:
+    joint = MultiTaskConfig(output="x", tasks=["a=snli", "b=snli"])
+    assert (joint.lr, joint.head_lr) == (1e-3, 5e-3)  # 5e-3 for the shared cores left every task at chance
+    added = MultiTaskConfig(output="x", tasks=["c=snli"], add_task_from="run/best")
+    assert (added.lr, added.head_lr) == (5e-3, 5e-3)  # one slice + one head, nothing shared
+    given = MultiTaskConfig(output="x", tasks=["a=snli", "b=snli"], lr=2e-3, head_lr=1e-2)
+    assert (given.lr, given.head_lr) == (2e-3, 1e-2)
+
+
+# ---------------------------------------------------------------- training
+
+
+def _task_files(root: Path, name: str, make, n: int) -> str:
+    rng = random.Random(name)
+    for split, k in (("train", n), ("validation", 10), ("test", 10)):
+        (root / f"{name}.{split}.jsonl").write_text("".join(json.dumps(make(rng)) + "\n" for _ in range(k)))
+    return f"{name}=" + ",".join(str(root / f"{name}.{s}.jsonl") for s in ("train", "validation", "test"))
+
+
+WORDS = ["good", "bad", "fine", "awful", "great", "poor"]
+
+
+def _sentiment(rng):
+    w = rng.choice(WORDS)
+    return {"text": f"this is {w} stuff", "label": "pos" if WORDS.index(w) % 2 == 0 else "neg"}
+
+
+def _nli(rng):
+    return {"premise": "a man sleeps", "hypothesis": rng.choice(["a man rests", "a cat", "a man runs"]),
+            "label": rng.choice(["entailment", "neutral", "contradiction"])}
+
+
+def _four(rng):
+    i = rng.randrange(20)
+    return {"text": f"item {i} here", "label": f"c{i % 4}"}
+
+
+KNOBS = dict(epochs=2, batch_size=8, max_length=24, rank=4, lr=1e-2, save_steps=3, task_sampling="temperature", temperature=2.0)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mt-train")
+    base, _, _, _ = build_tiny_multitask(root)
+    specs = [_task_files(root, "sent", _sentiment, 24), _task_files(root, "nli", _nli, 16), _task_files(root, "four", _four, 20)]
+    result = train_from_cli(output=str(root / "run"), specs=specs, add_task=None, from_adapter=None, model=str(base), **KNOBS)
+    return root, base, specs, result
+
+
+def test_joint_training_logs_every_task_and_core(trained) -> None:
+    root, _, _, result = trained
+    run = root / "run"
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+    for h in result["history"]:
+        assert set(h["tasks"]) == {"sent", "nli", "four"}
+        assert set(h["grad_norm_rms"]) == {"G1 (in)", "G2 (layer)", "G3 (matrix)", "G4 (task)", "G5 (out)"}
+        assert all(v > 0 for v in h["grad_norm_rms"].values())
+        assert sum(h["batches_per_task"].values()) == 3 + 2 + 3
+    assert set(result["test"]) == {"sent", "nli", "four"}
+    assert "macro_f1" in result["test"]["four"] and "f1" in result["test"]["sent"]
+    probs = [t["sampling_probability"] for t in result["tasks"]]
+    np.testing.assert_allclose(probs, task_probabilities([24, 16, 20], "temperature", 2.0))
+    for f in ("metrics.json", "metrics.md", "curves.png", "best/metatt_config.json"):
+        assert (run / f).is_file(), f
+    assert "Gradient norm per core" in (run / "metrics.md").read_text()
+    loaded, config, _ = load_multitask(run / "best")
+    assert config.tasks == ["sent", "nli", "four"] and loaded.num_labels == [2, 3, 4]
+
+
+def test_interrupted_run_resumes_to_the_same_result(trained, monkeypatch) -> None:
+    root, base, specs, result = trained
+    import metatt_deploy.training.multitask as mtmod
+
+    original = mtmod.epoch_plan
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        plan = original(*args, **kwargs)
+        if calls["n"] == 2:  # second epoch: stop after 2 of its steps (a checkpoint was written at step 9)
+            return plan[:1] + [(None, None)]
+        return plan
+
+    monkeypatch.setattr(mtmod, "epoch_plan", interrupted)
+    with pytest.raises(Exception):
+        train_from_cli(output=str(root / "resumed"), specs=specs, add_task=None, from_adapter=None, model=str(base), **KNOBS)
+    state = json.loads((root / "resumed" / "checkpoint" / "state.json").read_text())
+    assert state["epoch"] == 1 and state["global_step"] == 9
+    monkeypatch.setattr(mtmod, "epoch_plan", original)
+    again = train_from_cli(output=str(root / "resumed"), specs=specs, add_task=None, from_adapter=None, model=str(base), **KNOBS)
+    assert again["steps"] == result["steps"]
+    for a, b in zip(again["history"], result["history"]):
+        for task in a["tasks"]:
+            assert a["tasks"][task]["accuracy"] == pytest.approx(b["tasks"][task]["accuracy"])
+    x, _, _ = load_multitask(root / "resumed" / "best", tokenizer=False)
+    y, _, _ = load_multitask(root / "run" / "best", tokenizer=False)
+    for p, q in zip(x.metatt.cores, y.metatt.cores):
+        assert torch.allclose(p, q, atol=1e-5)
+    # best/ may be epoch 1, from before the interruption: the final checkpoints (cores, heads,
+    # AdamW moments after every step, dropout active) show that the resumed steps were the same steps
+    final = [load_file(str(root / r / "checkpoint" / "trainable.safetensors")) for r in ("resumed", "run")]
+    assert final[0].keys() == final[1].keys()
+    for k in final[0]:
+        assert torch.allclose(final[0][k], final[1][k], atol=1e-6, rtol=1e-5), k
+
+
+def test_add_task_trains_only_the_new_slice_and_head(trained) -> None:
+    root, _, _, _ = trained
+    spec = _task_files(root, "extra", _sentiment, 16)
+    result = train_from_cli(output=str(root / "added"), specs=[], add_task=spec, from_adapter=str(root / "run" / "best"),
+                            model=None, epochs=1, batch_size=8, max_length=24, rank=4, lr=5e-2, weight_decay=0.1)
+    old, old_cfg, _ = load_multitask(root / "run" / "best", tokenizer=False)
+    new, new_cfg, _ = load_multitask(root / "added" / "best", tokenizer=False)
+    assert new_cfg.tasks == ["sent", "nli", "four", "extra"] and new.num_labels[-1] == 2
+    t = new_cfg.mode_names.index("task")
+    for k, (a, b) in enumerate(zip(old.metatt.cores, new.metatt.cores)):
+        if k == t:
+            assert torch.equal(a, b[:, :3]) and not torch.equal(b[:, 3], b[:, :3].mean(dim=1))
+        else:
+            assert torch.equal(a, b)
+    for ra, rb in zip(routers(old.model), routers(new.model)):
+        for ha, hb in zip(ra.heads, rb.heads[:3]):
+            assert all(torch.equal(p, q) for p, q in zip(ha.parameters(), hb.parameters()))
+    assert bundle_id(old_cfg, list(old.metatt.cores)) == bundle_id(new_cfg, list(new.metatt.cores))
+    assert result["trainable_parameters"]["trained_in_this_run"] == 16 + 2 * 32 + 2
+    assert set(result["history"][0]["tasks"]) == {"extra"}
+    with pytest.raises(MetaTTError, match="already in this adapter"):
+        train_from_cli(output=str(root / "again"), specs=[], add_task=spec.replace("extra=", "nli="),
+                       from_adapter=str(root / "run" / "best"), model=None, epochs=1, batch_size=8, max_length=24)
+
+
+def test_cli_train_options_and_errors(trained) -> None:
+    from typer.testing import CliRunner
+
+    from metatt_deploy.cli import app
+
+    root, base, specs, _ = trained
+    runner = CliRunner()
+    out = root / "cli"
+    res = runner.invoke(app, ["train", "-o", str(out), "--model", str(base), "--task", specs[0], "--task", specs[1],
+                              "--max-steps", "2", "--epochs", "1", "--batch-size", "8", "--max-length", "16", "--rank", "2"])
+    assert res.exit_code == 0, res.output
+    assert "best mean validation accuracy" in res.output and (out / "best" / "metatt_config.json").is_file()
+    for args, message in (
+        (["--task", specs[0]], "at least two"),
+        (["--task", "bad name=snli", "--task", specs[1]], "bad --task"),
+        (["--task", specs[0], "--task", specs[0]], "repeat"),
+        (["--task", specs[0], "--task", specs[1], "--dataset", "snli"], "drop --dataset"),
+        (["--add-task", specs[0]], "needs --from"),
+        (["--task", specs[0], "--task", specs[1], "--task-sampling", "uniform"], "task-sampling"),
+    ):
+        res = runner.invoke(app, ["train", "-o", str(root / "err"), "--model", str(base), *args])
+        assert res.exit_code == 2 and message in res.output, (args, res.output)
