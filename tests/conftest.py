@@ -31,8 +31,14 @@ def tiny_base(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny-base")
     tokenizer = load_tokenizer(None)
     config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=48, max_position_embeddings=64, num_labels=2, initializer_range=0.2,
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        num_labels=2,
+        initializer_range=0.2,
     )
     torch.manual_seed(0)
     BertForSequenceClassification(config).save_pretrained(root)

@@ -42,9 +42,16 @@ def build_tiny(root: Path, seed: int = 0) -> Tiny:
     """Base model folder, adapter folder (random no-no-no-no cores) and merged folder under ``root``."""
     tokenizer = load_tokenizer(None)
     config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=128, initializer_range=0.2,
-        num_labels=2, id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)},
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        num_labels=2,
+        id2label=dict(enumerate(LABELS)),
+        label2id={n: i for i, n in enumerate(LABELS)},
     )
     torch.manual_seed(seed)
     model = BertForSequenceClassification(config).eval()

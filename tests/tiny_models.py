@@ -27,9 +27,7 @@ HEAD_DIM = HIDDEN // HEADS
 KV_HEADS = 2  # LLaMA: grouped-query attention, k/v are HIDDEN * KV_HEADS / HEADS wide
 
 _COMMON = dict(vocab_size=VOCAB, num_labels=LABELS, max_position_embeddings=64)
-_BERTLIKE = dict(
-    hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=FFN, **_COMMON
-)
+_BERTLIKE = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=FFN, **_COMMON)
 
 ARCHS = {
     "bert": (BertConfig, BertForSequenceClassification, dict(_BERTLIKE)),
@@ -44,8 +42,13 @@ ARCHS = {
         LlamaConfig,
         LlamaForSequenceClassification,
         dict(
-            hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-            num_key_value_heads=KV_HEADS, pad_token_id=0, **_COMMON,
+            hidden_size=HIDDEN,
+            intermediate_size=FFN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            num_key_value_heads=KV_HEADS,
+            pad_token_id=0,
+            **_COMMON,
         ),
     ),
     "gpt2": (

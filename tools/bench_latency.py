@@ -53,8 +53,16 @@ from metatt_deploy.export.onnx import SAMPLE_SENTENCES, export_onnx, library_ver
 from metatt_deploy.export.validate import load_held_out, summarize, time_round_robin  # noqa: E402
 from metatt_deploy.tt import cores as tt  # noqa: E402
 
-ORDER = ["pytorch-adapter", "pytorch-merged", "ort-base", "ort-merged", "ort-merged-opt", "ort-merged-int8",
-         "ort-merged-opt-int8", "ort-factored"]
+ORDER = [
+    "pytorch-adapter",
+    "pytorch-merged",
+    "ort-base",
+    "ort-merged",
+    "ort-merged-opt",
+    "ort-merged-int8",
+    "ort-merged-opt-int8",
+    "ort-factored",
+]
 LABELS = {
     "pytorch-adapter": "PyTorch eager, adapter unmerged",
     "pytorch-merged": "PyTorch eager, merged",
@@ -79,7 +87,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=8, help="rank of the random adapter (when no trained one is used)")
     p.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "bench-latency", help="merged model and exports go here")
     p.add_argument("--reuse", action="store_true", help="reuse exports already in --work-dir")
-    p.add_argument("--accuracy-data", default="movie-sentiment", help="held-out data for the fp32 vs int8 accuracy (trained adapters only); 'none' to skip")
+    p.add_argument(
+        "--accuracy-data",
+        default="movie-sentiment",
+        help="held-out data for the fp32 vs int8 accuracy (trained adapters only); 'none' to skip",
+    )
     p.add_argument("--max-examples", type=int, default=1000, help="held-out examples for the accuracy check")
     p.add_argument("--no-factored", action="store_true", help="skip the factored graph")
     p.add_argument("--out-md", type=Path, default=ROOT / "docs" / "latency.md")
@@ -142,12 +154,21 @@ def factored_graph(adapter: Path, work: Path, rank: int, reuse: bool) -> tuple[P
             model = load_classifier(config.base_model, labels)
             tasks = ["task_a", "task_b"]
             ranks = config.ranks[:2] + [config.ranks[1]] + config.ranks[2:]  # (4+1)D: task bond after the matrix core
-            mtm = multitask.build_multitask(model, tasks, {t: labels for t in tasks}, rank=ranks if len(set(ranks)) > 1 else ranks[0],
-                                            targets=config.targets, alpha=config.alpha, base_model=config.base_model,
-                                            init="no-no-no-no-no")
+            mtm = multitask.build_multitask(
+                model,
+                tasks,
+                {t: labels for t in tasks},
+                rank=ranks if len(set(ranks)) > 1 else ranks[0],
+                targets=config.targets,
+                alpha=config.alpha,
+                base_model=config.base_model,
+                init="no-no-no-no-no",
+            )
             source = multitask.save_multitask(mtm, work / "random-multitask-adapter", load_tokenizer(config.base_model), force=True)
-            note = ("factored graph of a random 2-task (4+1)D adapter with the same ranks and targets "
-                    "(the adapter at hand is single-task; latency does not depend on the values)")
+            note = (
+                "factored graph of a random 2-task (4+1)D adapter with the same ranks and targets "
+                "(the adapter at hand is single-task; latency does not depend on the values)"
+            )
         factored.write_bundle(source, bundle, force=True)
         return graph, note
     except Exception as e:  # the factored path belongs to another module: report, do not fail the bench
@@ -204,7 +225,6 @@ def main() -> None:
 
     import transformers
 
-
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
 
@@ -221,7 +241,9 @@ def main() -> None:
         adapter = random_adapter(work, args.rank)
     print(f"adapter: {adapter}", flush=True)
     exports = build_exports(Path(adapter), work, args.reuse)
-    factored_path, factored_note = (None, "skipped (--no-factored)") if args.no_factored else factored_graph(Path(adapter), work, args.rank, args.reuse)
+    factored_path, factored_note = (
+        (None, "skipped (--no-factored)") if args.no_factored else factored_graph(Path(adapter), work, args.rank, args.reuse)
+    )
     print(f"factored: {factored_note}", flush=True)
 
     from transformers import AutoModelForSequenceClassification
@@ -236,6 +258,7 @@ def main() -> None:
         def call():
             with torch.no_grad():
                 model(**enc)
+
         return call
 
     def ort_call(session, enc):
@@ -261,10 +284,13 @@ def main() -> None:
                 if key not in times:
                     continue
                 stats = summarize(times[key])
-                rows.append({"runtime": key, "batch": batch, "seq_len": seq, **stats,
-                             "vs_ort_base": round(stats["p50_ms"] / base, 3)})
-            print(f"  batch {batch:>3} seq {seq:>4}: " + ", ".join(
-                f"{k} {summarize(v)['p50_ms']:.1f}ms" for k, v in times.items()) + f"  ({time.time() - t0:.0f}s)", flush=True)
+                rows.append({"runtime": key, "batch": batch, "seq_len": seq, **stats, "vs_ort_base": round(stats["p50_ms"] / base, 3)})
+            print(
+                f"  batch {batch:>3} seq {seq:>4}: "
+                + ", ".join(f"{k} {summarize(v)['p50_ms']:.1f}ms" for k, v in times.items())
+                + f"  ({time.time() - t0:.0f}s)",
+                flush=True,
+            )
 
     acc = None
     if trained and args.accuracy_data.lower() != "none":
@@ -281,11 +307,20 @@ def main() -> None:
         "adapter_ranks": config.ranks,
         "base_model": config.base_model,
         "factored": factored_note,
-        "settings": {"batch_sizes": ints(args.batch_sizes), "seq_lens": ints(args.seq_lens), "repeats": args.repeats,
-                     "warmup": args.warmup, "max_seconds": args.max_seconds, "threads": args.threads},
-        "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "load_average_before": [round(x, 2) for x in load_before],
-                    "load_average_after": [round(x, 2) for x in os.getloadavg()]},
+        "settings": {
+            "batch_sizes": ints(args.batch_sizes),
+            "seq_lens": ints(args.seq_lens),
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "max_seconds": args.max_seconds,
+            "threads": args.threads,
+        },
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        },
         "parity": {k: m["parity"]["final"]["max_abs_logit_diff"] for k, m in manifests.items()},
         "fused_nodes": manifests["ort-merged-opt"].get("fused_nodes"),
         "sizes_mb": {k: round(m["sizes"]["final_bytes"] / 2**20, 1) for k, m in manifests.items()},
@@ -351,38 +386,64 @@ def render(result: dict, png_name: str) -> str:
         lines.append(f"| {LABELS[key]} | " + " | ".join(cells) + " |")
     lines += ["", "## p95 latency (ms)", "", header, "|---|" + "---:|" * (len(batches) * len(seqs))]
     for key in keys:
-        cells = [next((f"{r['p95_ms']:.1f}" for r in result["rows"] if (r["runtime"], r["batch"], r["seq_len"]) == (key, b, q)), "n/a")
-                 for q in seqs for b in batches]
+        cells = [
+            next((f"{r['p95_ms']:.1f}" for r in result["rows"] if (r["runtime"], r["batch"], r["seq_len"]) == (key, b, q)), "n/a")
+            for q in seqs
+            for b in batches
+        ]
         lines.append(f"| {LABELS[key]} | " + " | ".join(cells) + " |")
 
     lines += ["", "## Targets", "", "| target | shape | measured |", "|---|---|---:|"]
     for q in seqs:
         for b in batches:
-            lines.append(f"| merged fp32 / base ONNX ~ 1.00 | b{b} s{q} | {ratio(p50(result, 'ort-merged', b, q), p50(result, 'ort-base', b, q))} |")
+            lines.append(
+                f"| merged fp32 / base ONNX ~ 1.00 | b{b} s{q} | {ratio(p50(result, 'ort-merged', b, q), p50(result, 'ort-base', b, q))} |"
+            )
     b1 = 1 if 1 in batches else batches[0]
     for q in seqs:
-        lines.append(f"| ORT merged fp32 vs PyTorch eager (adapter) >= 1.5x | b{b1} s{q} | "
-                     f"{ratio(p50(result, 'pytorch-adapter', b1, q), p50(result, 'ort-merged', b1, q))} |")
-        lines.append(f"| ORT merged optimised vs PyTorch eager (adapter) | b{b1} s{q} | "
-                     f"{ratio(p50(result, 'pytorch-adapter', b1, q), p50(result, 'ort-merged-opt', b1, q))} |")
-        lines.append(f"| int8 vs fp32 merged >= 1.8x (plain graphs) | b{b1} s{q} | "
-                     f"{ratio(p50(result, 'ort-merged', b1, q), p50(result, 'ort-merged-int8', b1, q))} |")
-        lines.append(f"| optimised int8 vs fp32 merged | b{b1} s{q} | "
-                     f"{ratio(p50(result, 'ort-merged', b1, q), p50(result, 'ort-merged-opt-int8', b1, q))} |")
-        lines.append(f"| optimised int8 vs optimised fp32 | b{b1} s{q} | "
-                     f"{ratio(p50(result, 'ort-merged-opt', b1, q), p50(result, 'ort-merged-opt-int8', b1, q))} |")
+        lines.append(
+            f"| ORT merged fp32 vs PyTorch eager (adapter) >= 1.5x | b{b1} s{q} | "
+            f"{ratio(p50(result, 'pytorch-adapter', b1, q), p50(result, 'ort-merged', b1, q))} |"
+        )
+        lines.append(
+            f"| ORT merged optimised vs PyTorch eager (adapter) | b{b1} s{q} | "
+            f"{ratio(p50(result, 'pytorch-adapter', b1, q), p50(result, 'ort-merged-opt', b1, q))} |"
+        )
+        lines.append(
+            f"| int8 vs fp32 merged >= 1.8x (plain graphs) | b{b1} s{q} | "
+            f"{ratio(p50(result, 'ort-merged', b1, q), p50(result, 'ort-merged-int8', b1, q))} |"
+        )
+        lines.append(
+            f"| optimised int8 vs fp32 merged | b{b1} s{q} | "
+            f"{ratio(p50(result, 'ort-merged', b1, q), p50(result, 'ort-merged-opt-int8', b1, q))} |"
+        )
+        lines.append(
+            f"| optimised int8 vs optimised fp32 | b{b1} s{q} | "
+            f"{ratio(p50(result, 'ort-merged-opt', b1, q), p50(result, 'ort-merged-opt-int8', b1, q))} |"
+        )
     acc = result["accuracy"]
     lines += ["", "## Accuracy of the exports", ""]
     if acc is None:
-        lines.append("Not measured: no trained adapter was found under runs/ (the random adapter's accuracy means nothing). "
-                     "Train one (`make demo`) and re-run.")
+        lines.append(
+            "Not measured: no trained adapter was found under runs/ (the random adapter's accuracy means nothing). "
+            "Train one (`make demo`) and re-run."
+        )
     elif "error" in acc:
         lines.append(f"Not measured: {acc['error']}")
     else:
-        lines += [f"{acc['examples']} examples of {acc['data']} ({acc['split']}).", "", "| model | accuracy | change vs ORT merged fp32 (points) |", "|---|---:|---:|"]
+        lines += [
+            f"{acc['examples']} examples of {acc['data']} ({acc['split']}).",
+            "",
+            "| model | accuracy | change vs ORT merged fp32 (points) |",
+            "|---|---:|---:|",
+        ]
         ref = acc["accuracy"].get("ort-merged")
         for key, value in acc["accuracy"].items():
-            lines.append(f"| {LABELS[key]} | {value:.4f} | {100 * (value - ref):+.2f} |" if ref is not None else f"| {LABELS[key]} | {value:.4f} | n/a |")
+            lines.append(
+                f"| {LABELS[key]} | {value:.4f} | {100 * (value - ref):+.2f} |"
+                if ref is not None
+                else f"| {LABELS[key]} | {value:.4f} | n/a |"
+            )
     lines += ["", "## Export facts", "", "| export | size (MiB) | max abs logit diff vs PyTorch merged |", "|---|---:|---:|"]
     for key, size in result["sizes_mb"].items():
         lines.append(f"| {LABELS[key]} | {size} | {result['parity'][key]:.2e} |")

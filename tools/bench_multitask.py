@@ -102,8 +102,12 @@ print(json.dumps({"rss_mib": (proc.memory_info().rss - before) / 2**20}))
 
 def resident(paths: list[Path], threads: int, adapters: list[Path] | None = None) -> float:
     """RSS growth (MiB) of a fresh process that loads ``paths`` (and runs one call on each)."""
-    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, json.dumps([str(p) for p in paths]), str(threads),
-                          json.dumps([str(a) for a in adapters or []])], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, json.dumps([str(p) for p in paths]), str(threads), json.dumps([str(a) for a in adapters or []])],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])["rss_mib"]
 
 
@@ -137,9 +141,15 @@ def main() -> None:
     factored = make_session(bundle / TASK_GRAPH, CPU, args.threads)
     adapter_graph = make_session(bundle / ADAPTER_GRAPH, CPU, args.threads)
     sessions = {t: make_session(merged[t], CPU, args.threads) for t in tasks}
-    results: dict = {"model": info["base_model"], "tasks": tasks, "threads": args.threads, "seq": args.seq,
-                     "provider": "CPUExecutionProvider", "build": build_times,
-                     "machine": {"cpus": os.cpu_count(), "load_average_1min_start": os.getloadavg()[0]}}
+    results: dict = {
+        "model": info["base_model"],
+        "tasks": tasks,
+        "threads": args.threads,
+        "seq": args.seq,
+        "provider": "CPUExecutionProvider",
+        "build": build_times,
+        "machine": {"cpus": os.cpu_count(), "load_average_1min_start": os.getloadavg()[0]},
+    }
 
     def fac(feed, ids):
         return factored.run(["logits"], {**feed, "task_ids": np.asarray(ids, dtype=np.int64)})[0]
@@ -148,13 +158,25 @@ def main() -> None:
     latency = []
     for batch in (1, 32):
         feed = inputs(batch, args.seq, vocab)
-        times = time_round_robin({
-            "factored": lambda f=feed, b=batch: fac(f, [0] * b),
-            "merged": lambda f=feed: sessions[tasks[0]].run(["logits"], f),
-        }, warmup=2, repeats=args.repeats if batch == 1 else max(4, args.repeats // 3), rounds=3)
+        times = time_round_robin(
+            {
+                "factored": lambda f=feed, b=batch: fac(f, [0] * b),
+                "merged": lambda f=feed: sessions[tasks[0]].run(["logits"], f),
+            },
+            warmup=2,
+            repeats=args.repeats if batch == 1 else max(4, args.repeats // 3),
+            rounds=3,
+        )
         f, m = summarize(times["factored"]), summarize(times["merged"])
-        latency.append({"batch": batch, "seq": args.seq, "factored_p50_ms": f["p50_ms"], "merged_p50_ms": m["p50_ms"],
-                        "factored/merged": f["p50_ms"] / m["p50_ms"]})
+        latency.append(
+            {
+                "batch": batch,
+                "seq": args.seq,
+                "factored_p50_ms": f["p50_ms"],
+                "merged_p50_ms": m["p50_ms"],
+                "factored/merged": f["p50_ms"] / m["p50_ms"],
+            }
+        )
         print("latency", latency[-1], flush=True)
     results["latency"] = latency
 
@@ -185,23 +207,30 @@ def main() -> None:
         fac(one, [0])
         same_a.append(timed(lambda: fac(one, [0])))
         fac(one, [0])
-        switch_a.append(timed(lambda: fac(one, [tasks.index(new)])))
+        switch_a.append(timed(lambda: fac(one, [tasks.index(new)])))  # noqa: B023 (run before `new` changes)
         adapter_graph.run(["logits"], one, options0)
         same_b.append(timed(lambda: adapter_graph.run(["logits"], one, options0)))
         adapter_graph.run(["logits"], one, options0)
-        switch_b.append(timed(lambda: adapter_switch(new)))
+        switch_b.append(timed(lambda: adapter_switch(new)))  # noqa: B023
         sessions[tasks[0]].run(["logits"], one)
         same_m.append(timed(lambda: sessions[tasks[0]].run(["logits"], one)))
-        fresh.append(timed(lambda: fresh_session(new)))
+        fresh.append(timed(lambda: fresh_session(new)))  # noqa: B023
     steady, steady_b, steady_m = (float(np.median(v)) for v in (same_a, same_b, same_m))
     fa, fb, fm = float(np.median(switch_a)), float(np.median(switch_b)), float(np.median(fresh))
     results["switch"] = {
-        "batch": 1, "seq": args.seq,
-        "factored_task_ids_first_call_ms": fa, "factored_task_ids_steady_ms": steady,
-        "factored_adapter_first_call_ms": fb, "factored_adapter_steady_ms": steady_b,
-        "merged_fresh_session_plus_first_call_ms": fm, "merged_steady_ms": steady_m,
-        "overhead_task_ids_ms": fa - steady, "overhead_adapter_ms": fb - steady_b, "overhead_merged_ms": fm - steady_m,
-        "first_call_ratio_task_ids": fa / fm, "first_call_ratio_adapter": fb / fm,
+        "batch": 1,
+        "seq": args.seq,
+        "factored_task_ids_first_call_ms": fa,
+        "factored_task_ids_steady_ms": steady,
+        "factored_adapter_first_call_ms": fb,
+        "factored_adapter_steady_ms": steady_b,
+        "merged_fresh_session_plus_first_call_ms": fm,
+        "merged_steady_ms": steady_m,
+        "overhead_task_ids_ms": fa - steady,
+        "overhead_adapter_ms": fb - steady_b,
+        "overhead_merged_ms": fm - steady_m,
+        "first_call_ratio_task_ids": fa / fm,
+        "first_call_ratio_adapter": fb / fm,
         "overhead_ratio_task_ids": max(0.0, fa - steady) / (fm - steady_m),
         "overhead_ratio_adapter": max(0.0, fb - steady_b) / (fm - steady_m),
     }
@@ -218,11 +247,18 @@ def main() -> None:
         for t, rows in groups.items():
             sessions[tasks[t]].run(["logits"], {k: v[rows] for k, v in feed.items()})
 
-    times = time_round_robin({"factored": lambda: fac(feed, ids), "merged": merged_calls}, warmup=1,
-                             repeats=max(4, args.repeats // 3), rounds=2)
+    times = time_round_robin(
+        {"factored": lambda: fac(feed, ids), "merged": merged_calls}, warmup=1, repeats=max(4, args.repeats // 3), rounds=2
+    )
     f, m = summarize(times["factored"]), summarize(times["merged"])
-    results["mixed"] = {"batch": batch, "tasks": k_tasks, "seq": args.seq, "factored_one_call_p50_ms": f["p50_ms"],
-                        "merged_k_calls_p50_ms": m["p50_ms"], "factored/merged": f["p50_ms"] / m["p50_ms"]}
+    results["mixed"] = {
+        "batch": batch,
+        "tasks": k_tasks,
+        "seq": args.seq,
+        "factored_one_call_p50_ms": f["p50_ms"],
+        "merged_k_calls_p50_ms": m["p50_ms"],
+        "factored/merged": f["p50_ms"] / m["p50_ms"],
+    }
     print("mixed", results["mixed"], flush=True)
     # check the mixed call is right while at it: each row equals its merged model's logits
     out = fac(feed, ids)
@@ -269,28 +305,63 @@ def write_report(r: dict, docs: Path) -> None:
         f"{r['machine']['load_average_1min_start']:.1f} at the start and {r['machine']['load_average_1min_end']:.1f} at the "
         "end (other jobs may share it); medians of round-robin blocks, so ratios matter more than absolute numbers.\n",
         "\n## Latency (p50)\n\n" + markdown_table(r["latency"], floatfmt=".3f"),
-        "\n## Task switch (batch 1)\n\n" + markdown_table([
-            {"how": "factored, task ids (another id in the next call)", "first call after switch ms": s["factored_task_ids_first_call_ms"],
-             "steady call ms": s["factored_task_ids_steady_ms"], "switch overhead ms": s["overhead_task_ids_ms"]},
-            {"how": "factored, adapter graph (load the task's .onnx_adapter + call)", "first call after switch ms": s["factored_adapter_first_call_ms"],
-             "steady call ms": s["factored_adapter_steady_ms"], "switch overhead ms": s["overhead_adapter_ms"]},
-            {"how": "merged (fresh session of the new task's model + call)", "first call after switch ms": s["merged_fresh_session_plus_first_call_ms"],
-             "steady call ms": s["merged_steady_ms"], "switch overhead ms": s["overhead_merged_ms"]},
-        ], floatfmt=".2f"),
+        "\n## Task switch (batch 1)\n\n"
+        + markdown_table(
+            [
+                {
+                    "how": "factored, task ids (another id in the next call)",
+                    "first call after switch ms": s["factored_task_ids_first_call_ms"],
+                    "steady call ms": s["factored_task_ids_steady_ms"],
+                    "switch overhead ms": s["overhead_task_ids_ms"],
+                },
+                {
+                    "how": "factored, adapter graph (load the task's .onnx_adapter + call)",
+                    "first call after switch ms": s["factored_adapter_first_call_ms"],
+                    "steady call ms": s["factored_adapter_steady_ms"],
+                    "switch overhead ms": s["overhead_adapter_ms"],
+                },
+                {
+                    "how": "merged (fresh session of the new task's model + call)",
+                    "first call after switch ms": s["merged_fresh_session_plus_first_call_ms"],
+                    "steady call ms": s["merged_steady_ms"],
+                    "switch overhead ms": s["overhead_merged_ms"],
+                },
+            ],
+            floatfmt=".2f",
+        ),
         f"\nFirst call after a switch relative to loading the merged model: task ids {100 * s['first_call_ratio_task_ids']:.2f}%, "
         f"adapter graph {100 * s['first_call_ratio_adapter']:.2f}% (target < 1%). Switch overhead relative to the merged "
         f"switch overhead: task ids {100 * s['overhead_ratio_task_ids']:.2f}%, adapter graph {100 * s['overhead_ratio_adapter']:.2f}%.\n",
         f"\n## Mixed batch ({m['batch']} rows, {m['tasks']} tasks)\n\n" + markdown_table([m], floatfmt=".3f"),
-        f"\n## Footprint for {fp['tasks']} tasks\n\n" + markdown_table([
-            {"what": "factored: model_tasks.onnx + task files", "disk MiB": fp["disk_factored_task_graph_and_task_files_mib"],
-             "resident MiB": fp["rss_factored_task_graph_mib"]},
-            {"what": "factored: model_adapter.onnx + .onnx_adapter files", "disk MiB": fp["disk_factored_adapter_graph_and_adapters_mib"],
-             "resident MiB": fp["rss_factored_adapter_graph_mib"]},
-            {"what": f"merged: {fp['tasks']} ONNX models", "disk MiB": fp["disk_merged_onnx_total_mib"], "resident MiB": fp["rss_merged_all_tasks_mib"]},
-            {"what": "whole bundle folder (base/ for PyTorch, both graphs, task files)", "disk MiB": fp["disk_whole_bundle_mib"], "resident MiB": None},
-        ], floatfmt=".1f"),
+        f"\n## Footprint for {fp['tasks']} tasks\n\n"
+        + markdown_table(
+            [
+                {
+                    "what": "factored: model_tasks.onnx + task files",
+                    "disk MiB": fp["disk_factored_task_graph_and_task_files_mib"],
+                    "resident MiB": fp["rss_factored_task_graph_mib"],
+                },
+                {
+                    "what": "factored: model_adapter.onnx + .onnx_adapter files",
+                    "disk MiB": fp["disk_factored_adapter_graph_and_adapters_mib"],
+                    "resident MiB": fp["rss_factored_adapter_graph_mib"],
+                },
+                {
+                    "what": f"merged: {fp['tasks']} ONNX models",
+                    "disk MiB": fp["disk_merged_onnx_total_mib"],
+                    "resident MiB": fp["rss_merged_all_tasks_mib"],
+                },
+                {
+                    "what": "whole bundle folder (base/ for PyTorch, both graphs, task files)",
+                    "disk MiB": fp["disk_whole_bundle_mib"],
+                    "resident MiB": None,
+                },
+            ],
+            floatfmt=".1f",
+        ),
         "\nPer-task files (KiB: safetensors + JSON + .onnx_adapter): "
-        + ", ".join(f"{t} {v:.1f}" for t, v in fp["disk_per_task_files_kib"].items()) + "\n",
+        + ", ".join(f"{t} {v:.1f}" for t, v in fp["disk_per_task_files_kib"].items())
+        + "\n",
         "\nResident memory: RSS growth of a fresh process that creates the session(s) and runs one call each.\n",
     ]
     atomic_write_text(docs / "multitask-bench.md", "\n".join(lines))
@@ -298,14 +369,21 @@ def write_report(r: dict, docs: Path) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
     lat = r["latency"]
     x = np.arange(len(lat))
-    axes[0].bar(x - 0.2, [l["factored_p50_ms"] for l in lat], 0.4, label="factored")
-    axes[0].bar(x + 0.2, [l["merged_p50_ms"] for l in lat], 0.4, label="merged")
-    axes[0].set(xticks=x, xticklabels=[f"batch {l['batch']}" for l in lat], ylabel="ms (p50)", title=f"latency, seq {r['seq']}", yscale="log")
+    axes[0].bar(x - 0.2, [row["factored_p50_ms"] for row in lat], 0.4, label="factored")
+    axes[0].bar(x + 0.2, [row["merged_p50_ms"] for row in lat], 0.4, label="merged")
+    axes[0].set(
+        xticks=x, xticklabels=[f"batch {row['batch']}" for row in lat], ylabel="ms (p50)", title=f"latency, seq {r['seq']}", yscale="log"
+    )
     axes[0].legend()
-    axes[1].bar(["task ids", "adapter", "merged"], [s["factored_task_ids_first_call_ms"], s["factored_adapter_first_call_ms"],
-                                                  s["merged_fresh_session_plus_first_call_ms"]], color=["C0", "C2", "C1"])
+    axes[1].bar(
+        ["task ids", "adapter", "merged"],
+        [s["factored_task_ids_first_call_ms"], s["factored_adapter_first_call_ms"], s["merged_fresh_session_plus_first_call_ms"]],
+        color=["C0", "C2", "C1"],
+    )
     axes[1].set(ylabel="ms", title="first call after a task switch", yscale="log")
-    axes[2].bar(["factored\n1 call", f"merged\n{m['tasks']} calls"], [m["factored_one_call_p50_ms"], m["merged_k_calls_p50_ms"]], color=["C0", "C1"])
+    axes[2].bar(
+        ["factored\n1 call", f"merged\n{m['tasks']} calls"], [m["factored_one_call_p50_ms"], m["merged_k_calls_p50_ms"]], color=["C0", "C1"]
+    )
     axes[2].set(ylabel="ms (p50)", title=f"mixed batch of {m['tasks']} tasks")
     axes[3].bar(x - 0.2, [fp["disk_factored_task_graph_and_task_files_mib"], fp["rss_factored_task_graph_mib"]], 0.4, label="factored")
     axes[3].bar(x + 0.2, [fp["disk_merged_onnx_total_mib"], fp["rss_merged_all_tasks_mib"]], 0.4, label="merged")

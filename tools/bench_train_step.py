@@ -54,14 +54,16 @@ def main() -> None:
     texts = task.splits["train"]["text"]
     labels = torch.tensor(task.splits["train"]["label"])
     batches = [
-        {**tok(texts[i:i + args.batch_size], padding=True, truncation=True, max_length=args.max_length, return_tensors="pt"),
-         "labels": labels[i:i + args.batch_size]}
+        {
+            **tok(texts[i : i + args.batch_size], padding=True, truncation=True, max_length=args.max_length, return_tensors="pt"),
+            "labels": labels[i : i + args.batch_size],
+        }
         for i in range(0, len(texts), args.batch_size)
     ]
     targets = args.targets.split(",")
     runs = {m: build(m, args.rank, targets, task) for m in ("metatt-4d", "metatt-5d", "lora")}
     times: dict[str, list[float]] = {m: [] for m in runs}
-    for m, (model, opt, _) in runs.items():  # warm-up
+    for model, opt, _ in runs.values():  # warm-up
         step(model, opt, batches[0])
     for batch in batches:
         for m, (model, opt, _) in runs.items():
@@ -69,13 +71,15 @@ def main() -> None:
     rows = []
     for m, (_, _, counts) in runs.items():
         ratios = [a / b for a, b in zip(times[m], times["lora"])]
-        rows.append({
-            "method": m,
-            "trainable adapter params": f"{counts['adapter']:,}",
-            "median step (ms)": statistics.median(times[m]) * 1000,
-            "p95 step (ms)": sorted(times[m])[int(0.95 * (len(times[m]) - 1))] * 1000,
-            "median ratio vs LoRA": statistics.median(ratios),
-        })
+        rows.append(
+            {
+                "method": m,
+                "trainable adapter params": f"{counts['adapter']:,}",
+                "median step (ms)": statistics.median(times[m]) * 1000,
+                "p95 step (ms)": sorted(times[m])[int(0.95 * (len(times[m]) - 1))] * 1000,
+                "median ratio vs LoRA": statistics.median(ratios),
+            }
+        )
     table = markdown_table(rows, floatfmt=".2f")
     header = (
         f"# Training step: MetaTT vs PEFT LoRA\n\nall-MiniLM-L6-v2, targets {args.targets}, rank {args.rank}, "

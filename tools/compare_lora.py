@@ -23,9 +23,22 @@ from metatt_deploy.training.data import load_task
 from metatt_deploy.training.loop import TrainConfig, train
 
 
-def run_single(out: Path, dataset: str, method: str, seed: int, *, lr: float | None = None, head_lr: float | None = None, rank: int = 8,
-               targets: str = "q,k,v,o", epochs: int = 3, batch_size: int = 32, max_length: int = 64,
-               max_train_samples: int | None = None, max_eval_samples: int | None = None) -> dict:
+def run_single(
+    out: Path,
+    dataset: str,
+    method: str,
+    seed: int,
+    *,
+    lr: float | None = None,
+    head_lr: float | None = None,
+    rank: int = 8,
+    targets: str = "q,k,v,o",
+    epochs: int = 3,
+    batch_size: int = 32,
+    max_length: int = 64,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+) -> dict:
     """One single-task run into ``out``; a finished run is reused, an interrupted one resumes.
 
     The data subset is drawn with seed 0 whatever the training seed, so seeds vary only the
@@ -36,8 +49,16 @@ def run_single(out: Path, dataset: str, method: str, seed: int, *, lr: float | N
     limits = {"train": max_train_samples, "validation": max_eval_samples, "test": max_eval_samples}
     task = load_task(dataset=dataset, max_samples={k: v for k, v in limits.items() if v}, seed=0)
     cfg = TrainConfig(
-        output=str(out), method=method, rank=rank, targets=targets.split(","), lr=lr,
-        head_lr=head_lr, epochs=epochs, batch_size=batch_size, max_length=max_length, seed=seed,
+        output=str(out),
+        method=method,
+        rank=rank,
+        targets=targets.split(","),
+        lr=lr,
+        head_lr=head_lr,
+        epochs=epochs,
+        batch_size=batch_size,
+        max_length=max_length,
+        seed=seed,
     )
     return train(cfg, task)
 
@@ -50,10 +71,20 @@ def method_lr(args, method: str) -> float | None:
 
 
 def run_one(args, method: str, seed: int) -> dict:
-    return run_single(Path(args.runs) / args.task / f"{method}-s{seed}", args.task, method, seed, lr=method_lr(args, method),
-                      rank=args.rank, targets=args.targets, epochs=args.epochs, batch_size=args.batch_size,
-                      max_length=args.max_length, max_train_samples=args.max_train_samples,
-                      max_eval_samples=args.max_eval_samples)
+    return run_single(
+        Path(args.runs) / args.task / f"{method}-s{seed}",
+        args.task,
+        method,
+        seed,
+        lr=method_lr(args, method),
+        rank=args.rank,
+        targets=args.targets,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples,
+    )
 
 
 def mean_se(values: list[float]) -> str:
@@ -83,16 +114,18 @@ def main() -> None:
     rows = []
     for m, rs in results.items():
         run_cfg = json.loads((Path(args.runs) / args.task / f"{m}-s{args.seeds[0]}" / "train_config.json").read_text())
-        rows.append({
-            "method": m,
-            "lr (adapter / head)": f"{run_cfg['lr']:g} / {run_cfg['head_lr'] or run_cfg['lr']:g}",
-            "test accuracy (mean ± s.e.)": mean_se([r["test"]["accuracy"] for r in rs]),
-            "best val accuracy": mean_se([r["best"]["accuracy"] for r in rs]),
-            "test accuracy per seed": ", ".join(f"{r['test']['accuracy']:.4f}" for r in rs),
-            "trainable adapter params": f"{rs[0]['trainable_parameters']['adapter']:,}",
-            "head params": f"{rs[0]['trainable_parameters']['head']:,}",
-            "median step (ms)": statistics.median(r["step_time_median_s"] for r in rs) * 1000,
-        })
+        rows.append(
+            {
+                "method": m,
+                "lr (adapter / head)": f"{run_cfg['lr']:g} / {run_cfg['head_lr'] or run_cfg['lr']:g}",
+                "test accuracy (mean ± s.e.)": mean_se([r["test"]["accuracy"] for r in rs]),
+                "best val accuracy": mean_se([r["best"]["accuracy"] for r in rs]),
+                "test accuracy per seed": ", ".join(f"{r['test']['accuracy']:.4f}" for r in rs),
+                "trainable adapter params": f"{rs[0]['trainable_parameters']['adapter']:,}",
+                "head params": f"{rs[0]['trainable_parameters']['head']:,}",
+                "median step (ms)": statistics.median(r["step_time_median_s"] for r in rs) * 1000,
+            }
+        )
     fig, ax = plt.subplots(figsize=(6, 4))
     for m, rs in results.items():
         for s, r in zip(args.seeds, rs):
@@ -114,7 +147,9 @@ def main() -> None:
         + (f" --max-eval-samples {args.max_eval_samples}" if args.max_eval_samples else "")
         + (f" --lr {args.lr:g}" if args.lr is not None else "")
         + (f" --metatt-lr {args.metatt_lr:g}" if args.metatt_lr is not None else "")
-        + "`\n\n" + markdown_table(rows, floatfmt=".1f") + f"\n![validation curves]({Path(args.output).name}.png)\n"
+        + "`\n\n"
+        + markdown_table(rows, floatfmt=".1f")
+        + f"\n![validation curves]({Path(args.output).name}.png)\n"
     )
     atomic_write_text(f"{args.output}.md", text)
     print(text)

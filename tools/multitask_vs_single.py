@@ -47,9 +47,18 @@ def run_joint(args, seed: int) -> dict:
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
     cfg = MultiTaskConfig(
-        output=str(out), tasks=list(args.tasks), rank=args.rank, targets=args.targets.split(","), lr=args.joint_lr,
-        head_lr=args.joint_head_lr, epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, seed=seed,
-        max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
+        output=str(out),
+        tasks=list(args.tasks),
+        rank=args.rank,
+        targets=args.targets.split(","),
+        lr=args.joint_lr,
+        head_lr=args.joint_head_lr,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        seed=seed,
+        max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples,
     )
     tasks = [load_task_spec(parse_task_spec(s), max_samples=cfg.sample_limits(), seed=0) for s in args.tasks]
     return train_multitask(cfg, tasks)
@@ -77,37 +86,58 @@ def main() -> None:
     joint = [run_joint(args, s) for s in args.seeds]
     single = {
         (spec.name, key): [
-            run_single(Path(args.runs) / spec.name / f"{key}-s{s}", spec.dataset, SINGLE[key][1], s, lr=SINGLE[key][2],
-                       head_lr=SINGLE[key][3], rank=args.rank, targets=args.targets, epochs=args.epochs,
-                       batch_size=args.batch_size, max_length=args.max_length,
-                       max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples)
+            run_single(
+                Path(args.runs) / spec.name / f"{key}-s{s}",
+                spec.dataset,
+                SINGLE[key][1],
+                s,
+                lr=SINGLE[key][2],
+                head_lr=SINGLE[key][3],
+                rank=args.rank,
+                targets=args.targets,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                max_length=args.max_length,
+                max_train_samples=args.max_train_samples,
+                max_eval_samples=args.max_eval_samples,
+            )
             for s in args.seeds
         ]
-        for spec in specs for key in args.single
+        for spec in specs
+        for key in args.single
     }
 
     acc = {(spec.name, JOINT): [r["test"][spec.name]["accuracy"] for r in joint] for spec in specs}
     acc.update({(t, SINGLE[key][0]): [r["test"]["accuracy"] for r in rs] for (t, key), rs in single.items()})
     methods = [JOINT, *(SINGLE[key][0] for key in args.single)]
     rows = [{"task": spec.name, **{m: cell(acc[spec.name, m]) for m in methods}} for spec in specs]
-    rows.append({"task": "mean over tasks", **{m: cell([statistics.mean(acc[s.name, m][i] for s in specs)
-                                                        for i in range(len(args.seeds))]) for m in methods}})
+    rows.append(
+        {
+            "task": "mean over tasks",
+            **{m: cell([statistics.mean(acc[s.name, m][i] for s in specs) for i in range(len(args.seeds))]) for m in methods},
+        }
+    )
 
     counts = joint[0]["trainable_parameters"]
     heads = {spec.name: counts["per_task"][spec.name]["head"] for spec in specs}
     single_adapter = {key: single[specs[0].name, key][0]["trainable_parameters"]["adapter"] for key in args.single}
-    params = [{
-        "method": JOINT,
-        "adapter per task": f"{counts['shared_cores']:,} shared + {counts['per_task'][specs[0].name]['task_slice']:,} task slice",
-        "heads": ", ".join(f"{heads[s.name]:,}" for s in specs),
-        f"total for {len(specs)} tasks (adapters + heads)": f"{counts['total']:,}",
-    }]
-    params += [{
-        "method": SINGLE[key][0],
-        "adapter per task": f"{single_adapter[key]:,}",
-        "heads": ", ".join(f"{heads[s.name]:,}" for s in specs),
-        f"total for {len(specs)} tasks (adapters + heads)": f"{len(specs) * single_adapter[key] + sum(heads.values()):,}",
-    } for key in args.single]
+    params = [
+        {
+            "method": JOINT,
+            "adapter per task": f"{counts['shared_cores']:,} shared + {counts['per_task'][specs[0].name]['task_slice']:,} task slice",
+            "heads": ", ".join(f"{heads[s.name]:,}" for s in specs),
+            f"total for {len(specs)} tasks (adapters + heads)": f"{counts['total']:,}",
+        }
+    ]
+    params += [
+        {
+            "method": SINGLE[key][0],
+            "adapter per task": f"{single_adapter[key]:,}",
+            "heads": ", ".join(f"{heads[s.name]:,}" for s in specs),
+            f"total for {len(specs)} tasks (adapters + heads)": f"{len(specs) * single_adapter[key] + sum(heads.values()):,}",
+        }
+        for key in args.single
+    ]
 
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(methods)
@@ -135,8 +165,10 @@ def main() -> None:
         f"{' '.join(map(str, args.seeds))} --epochs {args.epochs} --max-train-samples {args.max_train_samples} "
         f"--max-eval-samples {args.max_eval_samples} --single {' '.join(args.single)} --runs {args.runs} "
         f"--output {args.output}`\n\n"
-        "## Test accuracy (mean ± s.e. over seeds, then each seed)\n\n" + markdown_table(rows) +
-        f"\n![test accuracy per task]({Path(args.output).name}.png)\n\n## Trainable parameters\n\n" + markdown_table(params)
+        "## Test accuracy (mean ± s.e. over seeds, then each seed)\n\n"
+        + markdown_table(rows)
+        + f"\n![test accuracy per task]({Path(args.output).name}.png)\n\n## Trainable parameters\n\n"
+        + markdown_table(params)
     )
     atomic_write_text(f"{args.output}.md", text)
     print(text)

@@ -1,6 +1,6 @@
 """Build the builtin data sets (docs/data.md) into the data dir, so later runs need no network.
 
-    python tools/prepare_data.py [--data-dir D] [--force] [TASK ...]
+python tools/prepare_data.py [--data-dir D] [--force] [TASK ...]
 """
 
 from __future__ import annotations

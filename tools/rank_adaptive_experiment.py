@@ -61,7 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--schedule", default="10,1:8,2:6,3:4", help="rank schedule of the sweep arms")
     p.add_argument("--fixed-rank", type=int, default=4)
     p.add_argument("--moments-task", default="movie-sentiment", help="task that also gets the sweep-reset arm ('' for none)")
-    p.add_argument("--samples", default="", help="per task TRAIN/VAL, e.g. snli=3000/600 (defaults: movie-sentiment=1600/400,snli=2000/500)")
+    p.add_argument(
+        "--samples", default="", help="per task TRAIN/VAL, e.g. snli=3000/600 (defaults: movie-sentiment=1600/400,snli=2000/500)"
+    )
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--alpha", type=float, default=None, help="MetaTT alpha (default: the package default)")
@@ -69,8 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-seed", type=int, default=0, help="seed of the data subsets (fixed across training seeds)")
     p.add_argument("--root", type=Path, default=ROOT / "runs" / "rank-adaptive")
     p.add_argument("--figure", type=Path, default=None, help="also copy the PNG here (e.g. docs/rank-adaptive.png)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (1: on a shared, oversubscribed CPU two threads were 2x slower per step)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1: on a shared, oversubscribed CPU two threads were 2x slower per step)",
+    )
     p.add_argument("--report-only", action="store_true", help="only aggregate the runs that exist")
     return p.parse_args(argv)
 
@@ -221,18 +227,20 @@ def summarise(args, data: dict) -> tuple[list[dict], list[dict]]:
             for r in vals:
                 for c in r["cuts"]:
                     per_cut.setdefault(f"{c['from'][0]}→{c['to'][0]}", []).append(c["relative_error"])
-            rows.append({
-                "task": task,
-                "arm": ARM_LABEL[arm],
-                "ranks": f"{args.fixed_rank}" if arm == "fixed" else args.schedule.split(",")[0] + "→" + args.schedule.split(":")[-1],
-                "seeds": len(vals),
-                "best val acc %": _fmt(*best),
-                "final-epoch val acc %": _fmt(*final),
-                "test acc % (best ckpt)": _fmt(*test),
-                "final adapter params": vals[0]["history"][-1]["trainable"],
-                "median step s (shared CPU)": f"{statistics.median(r['step_time_median_s'] for r in vals):.2f}",
-                "sweep rel. error per cut (mean)": ", ".join(f"{k}: {statistics.fmean(v):.3f}" for k, v in per_cut.items()),
-            })
+            rows.append(
+                {
+                    "task": task,
+                    "arm": ARM_LABEL[arm],
+                    "ranks": f"{args.fixed_rank}" if arm == "fixed" else args.schedule.split(",")[0] + "→" + args.schedule.split(":")[-1],
+                    "seeds": len(vals),
+                    "best val acc %": _fmt(*best),
+                    "final-epoch val acc %": _fmt(*final),
+                    "test acc % (best ckpt)": _fmt(*test),
+                    "final adapter params": vals[0]["history"][-1]["trainable"],
+                    "median step s (shared CPU)": f"{statistics.median(r['step_time_median_s'] for r in vals):.2f}",
+                    "sweep rel. error per cut (mean)": ", ".join(f"{k}: {statistics.fmean(v):.3f}" for k, v in per_cut.items()),
+                }
+            )
         fixed = arms.get("fixed", {})
         for arm in ("sweep-project", "sweep-reset"):
             paired = sorted(set(fixed) & set(arms.get(arm, {})))
@@ -240,24 +248,28 @@ def summarise(args, data: dict) -> tuple[list[dict], list[dict]]:
                 continue
             d = [arms[arm][s]["best_accuracy"] - fixed[s]["best_accuracy"] for s in paired]
             m, se = _mean_se(d)
-            diffs.append({
-                "task": task,
-                "comparison": f"{ARM_LABEL[arm]} − fixed",
-                "seeds": len(d),
-                "Δ best val acc (points)": _fmt(m, se),
-                "seeds where sweep is better": f"{sum(x > 0 for x in d)}/{len(d)}",
-            })
+            diffs.append(
+                {
+                    "task": task,
+                    "comparison": f"{ARM_LABEL[arm]} − fixed",
+                    "seeds": len(d),
+                    "Δ best val acc (points)": _fmt(m, se),
+                    "seeds where sweep is better": f"{sum(x > 0 for x in d)}/{len(d)}",
+                }
+            )
         if arms.get("sweep-project") and arms.get("sweep-reset"):
             paired = sorted(set(arms["sweep-project"]) & set(arms["sweep-reset"]))
             if paired:
                 d = [arms["sweep-project"][s]["best_accuracy"] - arms["sweep-reset"][s]["best_accuracy"] for s in paired]
-                diffs.append({
-                    "task": task,
-                    "comparison": "project − reset",
-                    "seeds": len(d),
-                    "Δ best val acc (points)": _fmt(*_mean_se(d)),
-                    "seeds where sweep is better": f"{sum(x > 0 for x in d)}/{len(d)} (project better)",
-                })
+                diffs.append(
+                    {
+                        "task": task,
+                        "comparison": "project − reset",
+                        "seeds": len(d),
+                        "Δ best val acc (points)": _fmt(*_mean_se(d)),
+                        "seeds where sweep is better": f"{sum(x > 0 for x in d)}/{len(d)} (project better)",
+                    }
+                )
     return rows, diffs
 
 
@@ -286,14 +298,20 @@ def plot(args, data: dict, path: Path) -> None:
                 continue
             # the cut runs after epoch `epoch`'s evaluation (1-based), before the next epoch trains
             ax.axvline(epoch + 0.5, color="grey", linestyle=":", linewidth=1)
-            ax.text(epoch + 0.5, 1.0, f"r→{ranks[0]}", transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8, color="grey")
+            ax.text(
+                epoch + 0.5, 1.0, f"r→{ranks[0]}", transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8, color="grey"
+            )
         ax.set_xticks(range(1, args.epochs + 1))
         ax.set_title(task, pad=14)
         ax.set_xlabel("epoch (validation after each)")
         ax.set_ylabel("validation accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"MetaTT-4D on all-MiniLM-L6-v2: fixed rank {args.fixed_rank} vs sweeps {args.schedule} (lr {args.lr:g}; mean ± s.e., thin: seeds)", fontsize=9, y=1.04)
+    fig.suptitle(
+        f"MetaTT-4D on all-MiniLM-L6-v2: fixed rank {args.fixed_rank} vs sweeps {args.schedule} (lr {args.lr:g}; mean ± s.e., thin: seeds)",
+        fontsize=9,
+        y=1.04,
+    )
     save_figure(fig, path)
 
 
@@ -306,15 +324,24 @@ def report(args) -> dict:
     settings = {
         "model": args.model or "sentence-transformers/all-MiniLM-L6-v2 (embedded)",
         "method": "metatt-4d, targets q,k,v,o",
-        "lr": args.lr, "weight_decay": args.weight_decay, "epochs": args.epochs, "batch_size": args.batch_size,
-        "max_length": args.max_length, "schedule": args.schedule, "fixed_rank": args.fixed_rank,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "schedule": args.schedule,
+        "fixed_rank": args.fixed_rank,
         "samples (train/validation/test)": {t: f"{sizes[t][0]}/{sizes[t][1]}/{sizes[t][1]}" for t in data},
-        "data_seed": args.data_seed, "seeds": args.seeds,
+        "data_seed": args.data_seed,
+        "seeds": args.seeds,
     }
     atomic_write_json(out / "results.json", {"settings": settings, "runs": data, "summary": rows, "paired": diffs})
-    text = ["# Rank-adaptive MetaTT vs fixed rank\n", "```\n" + json.dumps(settings, indent=1) + "\n```\n",
-            "Best validation accuracy per run, then mean ± standard error over seeds.\n",
-            markdown_table(rows)]
+    text = [
+        "# Rank-adaptive MetaTT vs fixed rank\n",
+        "```\n" + json.dumps(settings, indent=1) + "\n```\n",
+        "Best validation accuracy per run, then mean ± standard error over seeds.\n",
+        markdown_table(rows),
+    ]
     if diffs:
         text += ["\nPaired by seed (same data, data order, head initialisation and dropout masks):\n", markdown_table(diffs)]
     atomic_write_text(out / "results.md", "\n".join(text))
@@ -333,7 +360,6 @@ def main(argv=None) -> int:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         import torch
         import transformers
-
 
         torch.set_num_threads(args.threads)
 

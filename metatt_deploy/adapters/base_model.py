@@ -44,9 +44,7 @@ def friendly_load(fn, name: str, what: str):
         return fn()
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MetaTTError(
-            f"cannot load {what} '{name}' ({first[:200]}); pass a local model folder, or a hub name while online"
-        ) from None
+        raise MetaTTError(f"cannot load {what} '{name}' ({first[:200]}); pass a local model folder, or a hub name while online") from None
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:

@@ -80,9 +80,7 @@ class MetaTT(nn.Module):
             return core[:, self.task_ids, :]
         return core.index_select(1, self.task_ids).permute(1, 0, 2)
 
-    def delta(
-        self, x: torch.Tensor, layer: int, segments: Sequence[tuple[int, int, int]], out_features: int | None = None
-    ) -> torch.Tensor:
+    def delta(self, x: torch.Tensor, layer: int, segments: Sequence[tuple[int, int, int]], out_features: int | None = None) -> torch.Tensor:
         """alpha * x @ dW[l, m] for each segment, placed at its output units (no dense dW).
 
         Segments are laid out by their start unit (not their matrix index); output units no
@@ -143,4 +141,3 @@ def _per_row_matmul(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     if z.dim() == 3:
         return z @ t
     return (z.reshape(z.shape[0], -1, z.shape[-1]) @ t).reshape(*z.shape[:-1], t.shape[-1])
-

@@ -180,14 +180,14 @@ def split_state(state: dict[str, torch.Tensor], config: MetaTTConfig) -> tuple[l
     if mode_sizes != config.mode_sizes or any(c.dim() != 3 for c in cores):
         raise MetaTTError(f"adapter cores have modes {mode_sizes} but the config says {config.mode_sizes}; re-create the adapter")
     config.ranks = [c.shape[-1] for c in cores[:-1]]
-    heads = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+    heads = {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
     return cores, heads
 
 
 def load_head(model: nn.Module, heads: dict[str, torch.Tensor], config: MetaTTConfig) -> None:
     for name in config.head_modules:
         module = model.get_submodule(name)
-        sub = {k[len(name) + 1:]: v for k, v in heads.items() if k.startswith(name + ".")}
+        sub = {k[len(name) + 1 :]: v for k, v in heads.items() if k.startswith(name + ".")}
         try:
             module.load_state_dict(sub)
         except RuntimeError as e:

@@ -84,8 +84,9 @@ class MultiTaskModel(nn.Module):
             raise MetaTTError("task_ids must be a task name, an int, a list of them or a LongTensor; pass one per row")
         if not torch.jit.is_tracing() and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(cfg.tasks)):
             bad = int(ids.max()) if int(ids.max()) >= len(cfg.tasks) else int(ids.min())
-            raise MetaTTError(f"unknown task id {bad}; this model has {len(cfg.tasks)} tasks: "
-                              + ", ".join(f"{i}={t}" for i, t in enumerate(cfg.tasks)))
+            raise MetaTTError(
+                f"unknown task id {bad}; this model has {len(cfg.tasks)} tasks: " + ", ".join(f"{i}={t}" for i, t in enumerate(cfg.tasks))
+            )
         return task_ids
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, task_ids=None, labels=None, **kwargs):
@@ -137,8 +138,17 @@ def build_multitask(
         raise MetaTTError("multi-task training needs at least two tasks; give --task twice or more (or use --dataset for one task)")
     if len(set(tasks)) != len(tasks):
         raise MetaTTError(f"task names repeat ({', '.join(tasks)}); give each task a distinct NAME=")
-    config = mt.build_config(model, method=method, rank=rank, alpha=alpha, init=init, targets=targets,
-                             tasks=tasks, label_names={t: list(label_names[t]) for t in tasks}, base_model=base_model)
+    config = mt.build_config(
+        model,
+        method=method,
+        rank=rank,
+        alpha=alpha,
+        init=init,
+        targets=targets,
+        tasks=tasks,
+        label_names={t: list(label_names[t]) for t in tasks},
+        base_model=base_model,
+    )
     mt.attach(model, config, cores, seed=seed)
     add_task_heads(model, config, seed)
     return MultiTaskModel(model)
@@ -198,8 +208,7 @@ def parameter_counts(mtm: MultiTaskModel) -> dict:
         head = sum(p.numel() for r in routers(mtm.model) for p in r.heads[t].parameters())
         per_task[task] = {"task_slice": slice_size, "head": head, "total": slice_size + head}
     total = shared + sum(v["total"] for v in per_task.values())
-    return {"shared_cores": shared, "per_task": per_task, "total": total,
-            "adapter_total": shared + slice_size * len(cfg.tasks)}
+    return {"shared_cores": shared, "per_task": per_task, "total": total, "adapter_total": shared + slice_size * len(cfg.tasks)}
 
 
 def extend_tasks(mtm: MultiTaskModel, name: str, label_names: list[str], seed: int = 0) -> int:
@@ -226,6 +235,7 @@ def extend_tasks(mtm: MultiTaskModel, name: str, label_names: list[str], seed: i
     index = len(cfg.tasks) - 1
     for head_name, router in zip(cfg.head_modules, [mtm.model.get_submodule(n) for n in cfg.head_modules]):
         template = router.heads[0]
-        router.heads.append(new_head(mtm.model, template, len(label_names), seed + 1000 + index)
-                            if head_name == last else copy.deepcopy(template))
+        router.heads.append(
+            new_head(mtm.model, template, len(label_names), seed + 1000 + index) if head_name == last else copy.deepcopy(template)
+        )
     return index

@@ -133,9 +133,10 @@ def parse_targets(targets: str | list[str], model_type: str) -> dict[str, tuple[
         elif name in known:
             out[name] = known[name]
         else:
-            hint = f"known for {model_type}: {', '.join(known)}" if known else (
-                f"architecture '{model_type}' has no default targets; pass name=module_suffix pairs, "
-                "e.g. q=attn.q_proj"
+            hint = (
+                f"known for {model_type}: {', '.join(known)}"
+                if known
+                else (f"architecture '{model_type}' has no default targets; pass name=module_suffix pairs, e.g. q=attn.q_proj")
             )
             raise MetaTTError(f"unknown target '{name}' ({hint})")
     return out
@@ -161,9 +162,16 @@ def find_targets(model: nn.Module, targets: str | list[str]) -> tuple[list[str],
             if d_out % parts:
                 raise MetaTTError(f"{module_name} has {d_out} outputs, not divisible into {parts} fused parts")
             step = d_out // parts
-            entry = hits.setdefault(module_name, {
-                "layer": int(match.group(1)), "d_in": d_in, "d_out": d_out, "transposed": transposed, "segs": [],
-            })
+            entry = hits.setdefault(
+                module_name,
+                {
+                    "layer": int(match.group(1)),
+                    "d_in": d_in,
+                    "d_out": d_out,
+                    "transposed": transposed,
+                    "segs": [],
+                },
+            )
             entry["segs"].append((m, part * step, (part + 1) * step))
     found = {m for e in hits.values() for m, _, _ in e["segs"]}
     missing = [n for i, n in enumerate(names) if i not in found]
@@ -174,8 +182,7 @@ def find_targets(model: nn.Module, targets: str | list[str]) -> tuple[list[str],
         )
     layers = sorted({e["layer"] for e in hits.values()})
     modules = [
-        TargetModule(n, layers.index(e["layer"]), e["d_in"], e["d_out"], sorted(e["segs"]), e["transposed"])
-        for n, e in hits.items()
+        TargetModule(n, layers.index(e["layer"]), e["d_in"], e["d_out"], sorted(e["segs"]), e["transposed"]) for n, e in hits.items()
     ]
     return names, layers, modules
 

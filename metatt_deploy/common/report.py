@@ -22,8 +22,15 @@ def progress_bar(total: int, initial: int, desc: str, enabled: bool = True) -> t
     Callers update the postfix with ``refresh=False`` so it rides along with those redraws.
     """
     interactive = sys.stderr.isatty()
-    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, mininterval=0.1 if interactive else 30.0,
-                maxinterval=10.0 if interactive else 60.0, dynamic_ncols=interactive)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        disable=not enabled,
+        mininterval=0.1 if interactive else 30.0,
+        maxinterval=10.0 if interactive else 60.0,
+        dynamic_ncols=interactive,
+    )
 
 
 def markdown_table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = ".4f") -> str:

@@ -117,8 +117,15 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], 
     with _eval_mode(module), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, args, str(path), dynamo=False, input_names=input_names, output_names=[LOGITS],
-            dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=False,
+            module,
+            args,
+            str(path),
+            dynamo=False,
+            input_names=input_names,
+            output_names=[LOGITS],
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            do_constant_folding=False,
         )
 
 
@@ -142,8 +149,14 @@ def export_task_graph(mtm: MultiTaskModel, path: str | Path, names: list[str], o
     axes = {n: {0: "batch", 1: "sequence"} for n in names}
     axes.update({TASK_IDS: {0: "batch"}, LOGITS: {0: "batch"}})
     _export(_TaskIdGraph(mtm, names), (*text, task_ids), Path(path), [*names, TASK_IDS], axes, opset)
-    return {"file": Path(path).name, "inputs": [*names, TASK_IDS], "outputs": [LOGITS], "tasks": mtm.tasks,
-            "max_labels": max(mtm.num_labels), "opset": opset}
+    return {
+        "file": Path(path).name,
+        "inputs": [*names, TASK_IDS],
+        "outputs": [LOGITS],
+        "tasks": mtm.tasks,
+        "max_labels": max(mtm.num_labels),
+        "opset": opset,
+    }
 
 
 @contextlib.contextmanager
@@ -189,9 +202,9 @@ class _AdapterGraph(nn.Module):
 
     def forward(self, *args):
         n = len(self.names)
-        text, task_slice, head = args[:n], args[n], args[n + 1:]
+        text, task_slice, head = args[:n], args[n], args[n + 1 :]
         swaps = {self.task_core: task_slice.unsqueeze(1)}
-        swaps.update({k[len("head."):]: v for k, v in zip(self.head_keys, head)})
+        swaps.update({k[len("head.") :]: v for k, v in zip(self.head_keys, head)})
         adapter = mt.get_adapter(self.hf)
         adapter.use_task(0)
         try:
@@ -234,8 +247,7 @@ def export_adapter_graph(mtm: MultiTaskModel, path: str | Path, names: list[str]
             empty = np.zeros((0, *value.shape[1:]), dtype=np.float32)
             graph.graph.initializer.append(numpy_helper.from_array(empty, inp.name))
     onnx.save(graph, str(path))
-    return {"file": Path(path).name, "inputs": names, "adapter_inputs": [TASK_SLICE, *keys], "outputs": [LOGITS],
-            "opset": opset}
+    return {"file": Path(path).name, "inputs": names, "adapter_inputs": [TASK_SLICE, *keys], "outputs": [LOGITS], "opset": opset}
 
 
 def _label_keys(config: MetaTTConfig, hf: nn.Module) -> list[str]:
@@ -317,8 +329,10 @@ def read_bundle(path: str | Path) -> dict:
         raise MetaTTError(f"{path} is not a factored bundle (no {BUNDLE_JSON}); write one with metatt-deploy merge --factored")
     info = read_json(path / BUNDLE_JSON, "bundle description")
     if info.get("format_version") != BUNDLE_FORMAT:
-        raise MetaTTError(f"bundle format {info.get('format_version')} is not supported (this build reads {BUNDLE_FORMAT}); "
-                          "use the metatt-deploy version that wrote it")
+        raise MetaTTError(
+            f"bundle format {info.get('format_version')} is not supported (this build reads {BUNDLE_FORMAT}); "
+            "use the metatt-deploy version that wrote it"
+        )
     return info
 
 
@@ -363,8 +377,10 @@ def write_bundle(
         graphs = None
         if onnx:
             names = text_inputs(mtm.model, tokenizer)
-            graphs = {"task_graph": export_task_graph(mtm, tmp / TASK_GRAPH, names, opset),
-                      "adapter_graph": export_adapter_graph(mtm, tmp / ADAPTER_GRAPH, names, opset)}
+            graphs = {
+                "task_graph": export_task_graph(mtm, tmp / TASK_GRAPH, names, opset),
+                "adapter_graph": export_adapter_graph(mtm, tmp / ADAPTER_GRAPH, names, opset),
+            }
         layout = config.to_json()
         info = {
             "format_version": BUNDLE_FORMAT,
@@ -457,8 +473,10 @@ def check_task_record(rec: dict, info: dict, path: Path) -> None:
     n = rec.get("num_labels")
     label_shapes = [s for k, s in shapes.items() if k.startswith("head.")]
     if n != len(rec.get("labels", [])) or not any(s and s[0] == n for s in label_shapes):
-        raise MetaTTError(f"task file {path.name} lists {len(rec.get('labels', []))} labels but its head has "
-                          f"{[s[0] for s in label_shapes]} outputs; re-write the task with merge --factored")
+        raise MetaTTError(
+            f"task file {path.name} lists {len(rec.get('labels', []))} labels but its head has "
+            f"{[s[0] for s in label_shapes]} outputs; re-write the task with merge --factored"
+        )
 
 
 def load_task_tensors(bundle: str | Path, rec: dict) -> dict[str, torch.Tensor]:
@@ -486,8 +504,9 @@ def load_bundle(bundle: str | Path) -> MultiTaskModel:
     except (SafetensorError, OSError, ValueError) as e:
         raise MetaTTError(f"{bundle / SHARED_FILE} is missing or corrupt ({e}); re-write the bundle") from None
     tensors = [load_task_tensors(bundle, r) for r in records]
-    cores = [shared[f"core.{k}"] if k != t_core else torch.stack([t[TASK_SLICE] for t in tensors], dim=1)
-             for k in range(len(config.mode_names))]
+    cores = [
+        shared[f"core.{k}"] if k != t_core else torch.stack([t[TASK_SLICE] for t in tensors], dim=1) for k in range(len(config.mode_names))
+    ]
     config.tasks = [r["task"] for r in records]
     config.label_names = {r["task"]: list(r["labels"]) for r in records}
     config.mode_sizes[t_core] = len(records)
@@ -496,9 +515,11 @@ def load_bundle(bundle: str | Path) -> MultiTaskModel:
     add_task_heads(model, config)
     for t, tensors_t in enumerate(tensors):
         for name in config.head_modules:
-            sub = {k[len(f"head.{name}."):]: v for k, v in tensors_t.items() if k.startswith(f"head.{name}.")}
+            sub = {k[len(f"head.{name}.") :]: v for k, v in tensors_t.items() if k.startswith(f"head.{name}.")}
             try:
                 model.get_submodule(name).heads[t].load_state_dict(sub)
             except RuntimeError as e:
-                raise MetaTTError(f"the head of task {config.tasks[t]} does not fit ({str(e).splitlines()[0]}); re-write the task") from None
+                raise MetaTTError(
+                    f"the head of task {config.tasks[t]} does not fit ({str(e).splitlines()[0]}); re-write the task"
+                ) from None
     return MultiTaskModel(model).eval()

@@ -47,8 +47,7 @@ def merge_adapter(
         cores, rel_error = round_tt([c.detach() for c in adapter.cores], max_rank)
         adapter.set_cores(cores)
         # "ranks" stays the trained adapter's; the merged update has the rounded bond ranks
-        record.update(rounded_to=max_rank, rounded_ranks=[int(c.shape[-1]) for c in cores[:-1]],
-                      rounding_relative_error=float(rel_error))
+        record.update(rounded_to=max_rank, rounded_ranks=[int(c.shape[-1]) for c in cores[:-1]], rounding_relative_error=float(rel_error))
     merge_and_unload(model, config.tasks[task_index] if config.multitask else None)
     with atomic_dir(output, force=force) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

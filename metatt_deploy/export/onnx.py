@@ -146,10 +146,8 @@ def _numpy(value: Any) -> np.ndarray:
 def library_versions() -> dict[str, str]:
     out = {"metatt_deploy": __version__}
     for dist in ("onnx", "onnxruntime", "onnxruntime-gpu", "optimum", "optimum-onnx", "transformers", "torch"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             out[dist.replace("-", "_")] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
     return out
 
 
@@ -207,7 +205,9 @@ def export_onnx(
         raise MetaTTError(f"opset {opset} is out of range; use an opset between 11 and 25, or omit it for optimum's default")
     is_adapter = (model_dir / ADAPTER_CONFIG).is_file()
     if not is_adapter and not (model_dir / "config.json").is_file():
-        raise MetaTTError(f"{model_dir} holds neither a model (config.json) nor a MetaTT adapter ({ADAPTER_CONFIG}); pass a merged model folder")
+        raise MetaTTError(
+            f"{model_dir} holds neither a model (config.json) nor a MetaTT adapter ({ADAPTER_CONFIG}); pass a merged model folder"
+        )
     if adapter_dir is not None and not (Path(adapter_dir) / ADAPTER_CONFIG).is_file():
         raise MetaTTError(f"{adapter_dir} is not a MetaTT adapter (no {ADAPTER_CONFIG}); pass the adapter directory or omit --adapter")
 
@@ -258,9 +258,7 @@ def _provenance(source: Path, adapter_dir: str | Path | None) -> dict:
     if adapter_dir is None and recorded and (Path(recorded) / ADAPTER_CONFIG).is_file():
         adapter_dir = recorded
     elif adapter_dir is not None and recorded and Path(recorded).resolve() != Path(adapter_dir).resolve():
-        raise MetaTTError(
-            f"the merged model records adapter {recorded}, not {adapter_dir}; pass the matching --adapter or omit it"
-        )
+        raise MetaTTError(f"the merged model records adapter {recorded}, not {adapter_dir}; pass the matching --adapter or omit it")
     adapter = None
     if adapter_dir is not None:
         config = MetaTTConfig.load(adapter_dir)
@@ -276,11 +274,14 @@ def _provenance(source: Path, adapter_dir: str | Path | None) -> dict:
             "tasks": config.tasks,
             "weights_sha256": sha256_file(weights) if weights.is_file() else None,
         }
-        record = {"base_model": config.base_model, "base_fingerprint": config.base_fingerprint,
-                  "method": config.method, **record}
+        record = {"base_model": config.base_model, "base_fingerprint": config.base_fingerprint, "method": config.method, **record}
     elif recorded:
-        adapter = {"path": recorded, "method": record.get("method"), "ranks": record.get("ranks"),
-                   "note": "adapter folder not found; fields from the merge record"}
+        adapter = {
+            "path": recorded,
+            "method": record.get("method"),
+            "ranks": record.get("ranks"),
+            "note": "adapter folder not found; fields from the merge record",
+        }
     return {
         "adapter": adapter,
         "merge": record or None,
@@ -295,7 +296,6 @@ def _export_into(tmp: Path, source: Path, *, opset, optimize, quantize, dtype) -
     import onnx
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
 
     hf_config = friendly_load(lambda: AutoConfig.from_pretrained(source), str(source), "model config")
     architectures = hf_config.architectures or []
@@ -385,8 +385,7 @@ def _parity(session, encodings, ref_logits) -> dict:
         agree += int((out.argmax(-1) == ref.argmax(-1)).sum())
         total += len(ref)
         max_logit = max(max_logit, float(np.abs(ref).max()))
-    return {"max_abs_logit_diff": max(diffs), "label_agreement": agree / total, "examples": total,
-            "max_abs_logit": max_logit}
+    return {"max_abs_logit_diff": max(diffs), "label_agreement": agree / total, "examples": total, "max_abs_logit": max_logit}
 
 
 def _ort_model_parity(folder: Path, providers: list[str], encodings, ref_logits) -> dict:
@@ -408,9 +407,14 @@ def _ort_model_parity(folder: Path, providers: list[str], encodings, ref_logits)
         agree += int((out.argmax(-1) == ref.argmax(-1)).sum())
         total += len(ref)
         max_logit = max(max_logit, float(np.abs(ref).max()))
-    return {"max_abs_logit_diff": max(diffs), "label_agreement": agree / total, "examples": total,
-            "max_abs_logit": max_logit, "provider": providers[0],
-            "loaded_with": "optimum.onnxruntime.ORTModelForSequenceClassification"}
+    return {
+        "max_abs_logit_diff": max(diffs),
+        "label_agreement": agree / total,
+        "examples": total,
+        "max_abs_logit": max_logit,
+        "provider": providers[0],
+        "loaded_with": "optimum.onnxruntime.ORTModelForSequenceClassification",
+    }
 
 
 def _enforce(parity: dict, what: str) -> None:

@@ -95,7 +95,7 @@ def task_heads(config: MetaTTConfig, heads: dict[str, torch.Tensor], task: int |
         for module in config.head_modules:
             prefix = f"{module}.heads."
             if key.startswith(prefix):
-                index, _, rest = key[len(prefix):].partition(".")
+                index, _, rest = key[len(prefix) :].partition(".")
                 if int(index) == (task or 0):
                     out[f"{module}.{rest}"] = value
                 break

@@ -146,8 +146,9 @@ def load_held_out(
             raise MetaTTError(f"data file not found: {path}; check the path, or pass a builtin task name")
         if label_column not in _file_columns(path):
             return _unlabelled_file(path, text_columns, max_examples)
-        task = load_task(test=str(path), text_columns=text_columns, label_column=label_column,
-                         max_samples={"test": max_examples}, seed=seed)
+        task = load_task(
+            test=str(path), text_columns=text_columns, label_column=label_column, max_samples={"test": max_examples}, seed=seed
+        )
         split, source = "test", str(path)
     else:
         task = load_task(dataset=data, text_columns=text_columns, label_column=label_column, seed=seed)
@@ -188,15 +189,16 @@ def _file_columns(path: Path) -> list[str]:
 def _unlabelled_file(path: Path, text_columns: Sequence[str] | None, max_examples: int) -> HeldOut:
     from datasets import load_dataset
 
-
     builder, options = FILE_FORMATS[path.suffix.lower()]
     try:
         ds = load_dataset(builder, data_files=str(path), split="train", **options)
     except Exception as e:  # the datasets reader's errors are all about the file's content
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise MetaTTError(f"could not read {path} ({first}); fix the file") from None
-    columns = list(text_columns) if text_columns else next(
-        (list(c) for c in TEXT_COLUMN_CANDIDATES if all(x in ds.column_names for x in c)), None
+    columns = (
+        list(text_columns)
+        if text_columns
+        else next((list(c) for c in TEXT_COLUMN_CANDIDATES if all(x in ds.column_names for x in c)), None)
     )
     if not columns or any(c not in ds.column_names for c in columns):
         raise MetaTTError(f"no text column found in {path} (columns: {', '.join(ds.column_names)}); pass --text-column")
@@ -252,7 +254,6 @@ def validate(
     """
     import torch
 
-
     onnx_dir = Path(onnx_dir)
     if not Path(adapter_dir).is_dir():
         raise MetaTTError(f"adapter directory not found: {adapter_dir}; pass the adapter folder (a run's best/)")
@@ -276,16 +277,29 @@ def validate(
         raise MetaTTError(f"unknown task '{task}'; this adapter has tasks: {', '.join(config.tasks)}")
     task_name = config.tasks[config.task_index(task) if config.multitask else 0]
     model_labels = config.label_names.get(task_name) or next(iter(config.label_names.values()))
-    held = load_held_out(data, split=split, max_examples=max_examples, model_labels=model_labels,
-                         text_columns=text_columns, label_column=label_column)
+    held = load_held_out(
+        data, split=split, max_examples=max_examples, model_labels=model_labels, text_columns=text_columns, label_column=label_column
+    )
 
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        report = _run(model, tokenizer, held, onnx_dir, manifest, reference_onnx, reference_manifest,
-                      batch_sizes=batch_sizes, seq_len=seq_len, repeats=repeats, warmup=warmup,
-                      max_seconds=max_seconds, threads=threads)
+        report = _run(
+            model,
+            tokenizer,
+            held,
+            onnx_dir,
+            manifest,
+            reference_onnx,
+            reference_manifest,
+            batch_sizes=batch_sizes,
+            seq_len=seq_len,
+            repeats=repeats,
+            warmup=warmup,
+            max_seconds=max_seconds,
+            threads=threads,
+        )
     finally:
         torch.set_num_threads(old_threads)
     report = {
@@ -330,16 +344,34 @@ def _tolerance(variant: dict, max_logit: float) -> float | None:
 
 
 def _encode(tokenizer, held: HeldOut, rows, seq_len: int, fixed: bool) -> dict:
-    return dict(tokenizer(
-        *held.columns(rows), padding="max_length" if fixed else True, truncation=True, max_length=seq_len,
-        return_tensors="pt",
-    ))
+    return dict(
+        tokenizer(
+            *held.columns(rows),
+            padding="max_length" if fixed else True,
+            truncation=True,
+            max_length=seq_len,
+            return_tensors="pt",
+        )
+    )
 
 
-def _run(model, tokenizer, held: HeldOut, onnx_dir: Path, manifest: dict, reference_onnx, reference_manifest, *,
-         batch_sizes, seq_len, repeats, warmup, max_seconds, threads) -> dict:
+def _run(
+    model,
+    tokenizer,
+    held: HeldOut,
+    onnx_dir: Path,
+    manifest: dict,
+    reference_onnx,
+    reference_manifest,
+    *,
+    batch_sizes,
+    seq_len,
+    repeats,
+    warmup,
+    max_seconds,
+    threads,
+) -> dict:
     import torch
-
 
     cpu = ["CPUExecutionProvider"]
     session = make_session(onnx_dir / ONNX_NAME, cpu, threads)
@@ -393,11 +425,13 @@ def _run(model, tokenizer, held: HeldOut, onnx_dir: Path, manifest: dict, refere
             def call():
                 with torch.no_grad():
                     m(**enc)
+
             return call
+
         return bind
 
     def ort_runner(s):
-        return lambda enc: (lambda feeds: (lambda: s.run(["logits"], feeds)))(onnx_feeds(s, enc))
+        return lambda enc: (lambda feeds: lambda: s.run(["logits"], feeds))(onnx_feeds(s, enc))
 
     runtimes.append(("pytorch eager (adapter unmerged)", "cpu", torch_runner(model)))
     runtimes.append(("onnxruntime (this export)", "CPUExecutionProvider", ort_runner(session)))
@@ -408,8 +442,9 @@ def _run(model, tokenizer, held: HeldOut, onnx_dir: Path, manifest: dict, refere
         gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         runtimes.append(("onnxruntime (this export)", "CUDAExecutionProvider", ort_runner(make_session(onnx_dir / ONNX_NAME, gpu))))
         if reference_onnx is not None:
-            runtimes.append(("onnxruntime (reference export)", "CUDAExecutionProvider",
-                             ort_runner(make_session(Path(reference_onnx) / ONNX_NAME, gpu))))
+            runtimes.append(
+                ("onnxruntime (reference export)", "CUDAExecutionProvider", ort_runner(make_session(Path(reference_onnx) / ONNX_NAME, gpu)))
+            )
     if torch.cuda.is_available():
         import copy
 
@@ -422,7 +457,9 @@ def _run(model, tokenizer, held: HeldOut, onnx_dir: Path, manifest: dict, refere
                 with torch.no_grad():
                     cuda_model(**enc)
                 torch.cuda.synchronize()
+
             return call
+
         runtimes.append(("pytorch eager (adapter unmerged)", "cuda", cuda_bind))
 
     results, speedups = [], []
@@ -441,23 +478,28 @@ def _run(model, tokenizer, held: HeldOut, onnx_dir: Path, manifest: dict, refere
             this = p50.get(("onnxruntime (this export)", provider))
             if this is None:
                 continue
-            entry = {"batch": batch, "seq_len": seq_len, "provider": provider,
-                     "onnx_vs_pytorch_cpu": round(torch_p50 / this, 3)}
+            entry = {"batch": batch, "seq_len": seq_len, "provider": provider, "onnx_vs_pytorch_cpu": round(torch_p50 / this, 3)}
             reference = p50.get(("onnxruntime (reference export)", provider))
             if reference is not None:
                 entry["onnx_vs_reference"] = round(reference / this, 3)
             speedups.append(entry)
     return {
-        "data": {"source": held.source, "split": held.split, "examples": n, "labelled": held.labels is not None,
-                 "max_length": seq_len},
+        "data": {"source": held.source, "split": held.split, "examples": n, "labelled": held.labels is not None, "max_length": seq_len},
         "parity": parity,
         "accuracy": accuracy,
         "versus_reference": versus_reference,
         "latency": {
-            "settings": {"warmup": warmup, "repeats": repeats, "max_seconds": max_seconds, "seq_len": seq_len,
-                         "batch_sizes": list(batch_sizes),
-                         "threads": threads or "library default", "torch_threads": torch.get_num_threads(),
-                         "cpu_count": os.cpu_count(), "timing": "round-robin, medians (p50) and p95 of single calls"},
+            "settings": {
+                "warmup": warmup,
+                "repeats": repeats,
+                "max_seconds": max_seconds,
+                "seq_len": seq_len,
+                "batch_sizes": list(batch_sizes),
+                "threads": threads or "library default",
+                "torch_threads": torch.get_num_threads(),
+                "cpu_count": os.cpu_count(),
+                "timing": "round-robin, medians (p50) and p95 of single calls",
+            },
             "results": results,
             "speedups": speedups,
         },
@@ -485,7 +527,8 @@ def render_markdown(report: dict) -> str:
         "",
         f"- adapter: `{report['adapter']}` (task `{report['task']}`)",
         f"- ONNX export: `{report['onnx_dir']}` ({variant})",
-        f"- data: {report['data']['source']}" + (f", split `{report['data']['split']}`" if report["data"]["split"] else "")
+        f"- data: {report['data']['source']}"
+        + (f", split `{report['data']['split']}`" if report["data"]["split"] else "")
         + f", {report['data']['examples']} examples, max {report['data']['max_length']} tokens",
     ]
     if report.get("reference_onnx"):
@@ -505,8 +548,10 @@ def render_markdown(report: dict) -> str:
     if acc:
         lines += [f"| accuracy, PyTorch | {_fmt(acc['pytorch'])} |", f"| accuracy, ONNX | {_fmt(acc['onnx'])} |"]
         if "reference_onnx" in acc:
-            lines += [f"| accuracy, reference export | {_fmt(acc['reference_onnx'])} |",
-                      f"| accuracy change vs reference (points) | {_fmt(acc['change_vs_reference_points'])} |"]
+            lines += [
+                f"| accuracy, reference export | {_fmt(acc['reference_onnx'])} |",
+                f"| accuracy change vs reference (points) | {_fmt(acc['change_vs_reference_points'])} |",
+            ]
     if report.get("versus_reference"):
         lines.append(f"| label agreement with reference export | {_fmt(report['versus_reference']['label_agreement'])} |")
     lat = report["latency"]
@@ -526,6 +571,9 @@ def render_markdown(report: dict) -> str:
     if lat["speedups"]:
         lines += ["", "| batch | provider | ONNX vs PyTorch eager (CPU) | vs reference export |", "|---:|---|---:|---:|"]
         for s in lat["speedups"]:
-            lines.append(f"| {s['batch']} | {s['provider']} | {s['onnx_vs_pytorch_cpu']:.2f}x | "
-                         + (f"{s['onnx_vs_reference']:.2f}x" if "onnx_vs_reference" in s else "n/a") + " |")
+            lines.append(
+                f"| {s['batch']} | {s['provider']} | {s['onnx_vs_pytorch_cpu']:.2f}x | "
+                + (f"{s['onnx_vs_reference']:.2f}x" if "onnx_vs_reference" in s else "n/a")
+                + " |"
+            )
     return "\n".join(lines) + "\n"

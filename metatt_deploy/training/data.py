@@ -171,8 +171,10 @@ def _load_hub(dataset: str, label_column: str) -> tuple[dict[str, Dataset], dict
     present = [split for split in SPLITS if split in loaded]
     splits = {split: loaded[split] for split in present if not _unlabelled(loaded[split], label_column)}
     if not splits:
-        raise MetaTTError(f"hub data set '{dataset}' has no labelled train, validation or test split "
-                          f"(splits: {', '.join(loaded)}); pass local files instead")
+        raise MetaTTError(
+            f"hub data set '{dataset}' has no labelled train, validation or test split "
+            f"(splits: {', '.join(loaded)}); pass local files instead"
+        )
     return splits, {split: f"{dataset} {split} split" for split in splits}
 
 
@@ -205,16 +207,14 @@ def _resolve_text_columns(given: Sequence[str] | None, reference: Dataset, origi
     for candidate in TEXT_COLUMN_CANDIDATES:
         if all(column in reference.column_names for column in candidate):
             return candidate
-    raise MetaTTError(f"no text column found in {origin} (columns: {', '.join(reference.column_names)}); "
-                      "pass --text-column")
+    raise MetaTTError(f"no text column found in {origin} (columns: {', '.join(reference.column_names)}); pass --text-column")
 
 
 def _check_text_columns(ds: Dataset, columns: tuple[str, ...], origin: str) -> None:
     """Catch a wrong or holey text column here rather than as a tokenizer traceback."""
     for column in columns:
         if column not in ds.column_names:
-            raise MetaTTError(f"column '{column}' not found in {origin} (columns: {', '.join(ds.column_names)}); "
-                              "pass --text-column")
+            raise MetaTTError(f"column '{column}' not found in {origin} (columns: {', '.join(ds.column_names)}); pass --text-column")
         dtype = getattr(ds.features[column], "dtype", type(ds.features[column]).__name__)
         if dtype not in ("string", "large_string"):
             raise MetaTTError(f"column '{column}' in {origin} holds {dtype} values, not text; pass --text-column")
@@ -234,18 +234,21 @@ def _first_missing(values: list[Any]) -> int | None:
 
 
 def _encode_labels(
-    splits: dict[str, Dataset], origins: dict[str, str], reference: str, column: str,
+    splits: dict[str, Dataset],
+    origins: dict[str, str],
+    reference: str,
+    column: str,
     label_names: Sequence[str] | None,
 ) -> tuple[list[str], dict[str, list[int]]]:
     """Label names and the class ids of every split; unknown labels are errors, never new classes."""
     for split, ds in splits.items():
         if column not in ds.column_names:
-            raise MetaTTError(f"label column '{column}' not found in {origins[split]} "
-                              f"(columns: {', '.join(ds.column_names)}); pass --label-column")
+            raise MetaTTError(
+                f"label column '{column}' not found in {origins[split]} (columns: {', '.join(ds.column_names)}); pass --label-column"
+            )
         row = _first_missing(_values(ds, column))
         if row is not None:
-            raise MetaTTError(f"label column '{column}' in {origins[split]} has no value in row {row}; "
-                              "fill or drop that row")
+            raise MetaTTError(f"label column '{column}' in {origins[split]} has no value in row {row}; fill or drop that row")
     feature = splits[reference].features[column]
     dtype = getattr(feature, "dtype", type(feature).__name__)
     if isinstance(feature, ClassLabel) or dtype.startswith(("int", "uint")):
@@ -255,8 +258,10 @@ def _encode_labels(
         names = list(label_names) if label_names else sorted(set(_values(splits[reference], column)))
         lookup = {label: i for i, label in enumerate(names)}
     else:
-        raise MetaTTError(f"label column '{column}' in {origins[reference]} holds {dtype} values; classification "
-                          "needs integer or string labels, pass --label-column")
+        raise MetaTTError(
+            f"label column '{column}' in {origins[reference]} holds {dtype} values; classification "
+            "needs integer or string labels, pass --label-column"
+        )
     if len(set(names)) != len(names):
         raise MetaTTError(f"label names repeat: {', '.join(map(str, names))}; give each class once in --labels")
     return [str(n) for n in names], {
@@ -264,9 +269,7 @@ def _encode_labels(
     }
 
 
-def _int_label_names(
-    ds: Dataset, column: str, feature: Any, label_names: Sequence[str] | None
-) -> list[str]:
+def _int_label_names(ds: Dataset, column: str, feature: Any, label_names: Sequence[str] | None) -> list[str]:
     """Given names, else the ClassLabel's, else "0".."K-1" with K = largest train label + 1."""
     if label_names:
         return list(label_names)
@@ -279,8 +282,10 @@ def _label_ids(values: list[Any], lookup: dict[Any, int], names: list[str], orig
     ids = []
     for row, value in enumerate(values, 1):
         if value not in lookup:
-            raise MetaTTError(f"unknown label {value!r} in row {row} of {origin} (column '{column}'; labels: "
-                              f"{', '.join(names)}); fix the data or pass --labels")
+            raise MetaTTError(
+                f"unknown label {value!r} in row {row} of {origin} (column '{column}'; labels: "
+                f"{', '.join(names)}); fix the data or pass --labels"
+            )
         ids.append(lookup[value])
     return ids
 
@@ -316,9 +321,7 @@ def tokenize_task(task: TaskData, tokenizer: Any, max_length: int) -> dict[str, 
     }
 
 
-def _encode_batch(
-    batch: dict[str, list[Any]], tokenizer: Any, text_columns: tuple[str, ...], max_length: int
-) -> dict[str, list[Any]]:
+def _encode_batch(batch: dict[str, list[Any]], tokenizer: Any, text_columns: tuple[str, ...], max_length: int) -> dict[str, list[Any]]:
     encoded = dict(tokenizer(*(batch[column] for column in text_columns), truncation=True, max_length=max_length))
     encoded["labels"] = batch[LABEL]
     return encoded

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
@@ -32,6 +31,7 @@ from metatt_deploy.adapters.targets import DEFAULT_TARGETS, find_targets, head_m
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_dir, atomic_write_json, read_json
 from metatt_deploy.common.report import progress_bar, write_training_report
+from metatt_deploy.training.checkpoint import load_checkpoint, restore_moments, save_checkpoint, trainable_parameters
 from metatt_deploy.training.data import TaskData, tokenize_task
 from metatt_deploy.training.metrics import compute_metrics
 from metatt_deploy.training.schedule import check_schedule, parse_rank_schedule, project_adam_state
@@ -128,15 +128,11 @@ def _wrap_model(cfg: TrainConfig, model: nn.Module, task: TaskData) -> dict:
     return {"peft": None}
 
 
-def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
 def _param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict]:
     """Adapter and head parameters; the head may get its own learning rate."""
     heads = tuple(f"{h}." for h in head_modules(_unwrap_peft(model)))
     adapter, head = [], []
-    for name, p in _trainable(model).items():
+    for name, p in trainable_parameters(model).items():
         plain = name.removeprefix("base_model.model.")
         (head if plain.startswith(heads) else adapter).append(p)
     groups = [{"params": adapter, "lr": cfg.lr}]
@@ -162,60 +158,10 @@ def _save_adapter(cfg: TrainConfig, model: nn.Module, tokenizer, directory: Path
         mt.save_adapter(model, directory, tokenizer=tokenizer, force=True)
 
 
-# Checkpoints: trainable tensors + AdamW moments in safetensors, counters in JSON.
-
-
-def _save_checkpoint(run: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    params = _trainable(model)
-    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in params.items()}
-    index = {id(p): n for n, p in params.items()}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            s = optimizer.state.get(p)
-            if s:
-                n = index[id(p)]
-                tensors[f"exp_avg.{n}"] = s["exp_avg"].detach().cpu().contiguous()
-                tensors[f"exp_avg_sq.{n}"] = s["exp_avg_sq"].detach().cpu().contiguous()
-                tensors[f"step.{n}"] = torch.as_tensor(s["step"], dtype=torch.float32).reshape(1)
-    with atomic_dir(run / "checkpoint", force=True) as tmp:
-        save_file(tensors, str(tmp / "trainable.safetensors"))
-        atomic_write_json(tmp / "state.json", state)
-
-
-def _load_checkpoint(run: Path, cfg: TrainConfig, model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Restore trainable tensors (re-shaping the TT when ranks were cut); return state + moments."""
-    state = read_json(run / "checkpoint" / "state.json", "checkpoint state")
-    tensors = load_file(str(run / "checkpoint" / "trainable.safetensors"))
-    params = {k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")}
-    if cfg.method != "lora":
-        adapter = mt.get_adapter(model)
-        names = {id(p): n for n, p in model.named_parameters()}
-        keys = [names[id(c)] for c in adapter.cores]
-        if all(k in params for k in keys):  # all cores trained (ranks may have been cut): rebuild them
-            adapter.set_cores([params.pop(k) for k in keys])
-    current = _trainable(model)
-    with torch.no_grad():
-        for name, value in params.items():
-            if name not in current or current[name].shape != value.shape:
-                raise MetaTTError(f"checkpoint in {run} does not match this run's model ({name}); use a new --output or --force")
-            current[name].copy_(value)
-    return state, tensors
-
-
-def _restore_moments(optimizer: torch.optim.Optimizer, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    for name, p in _trainable(model).items():
-        if f"exp_avg.{name}" in tensors and tensors[f"exp_avg.{name}"].shape == p.shape:
-            optimizer.state[p] = {
-                "step": tensors[f"step.{name}"].reshape(()).clone(),
-                "exp_avg": tensors[f"exp_avg.{name}"].to(p.device),
-                "exp_avg_sq": tensors[f"exp_avg_sq.{name}"].to(p.device),
-            }
-
-
 # Data.
 
 
-def _loader(ds, collator, batch_size: int, order: list[int] | None = None) -> DataLoader:
+def make_loader(ds, collator, batch_size: int, order: list[int] | None = None) -> DataLoader:
     if order is not None:
         ds = ds.select(order)
     cols = [c for c in ds.column_names if c in MODEL_INPUTS]
@@ -243,8 +189,8 @@ def epoch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, grou
     window = batch_size * group
     batches = []
     for start in range(0, len(perm), window):
-        chunk = sorted(perm[start:start + window], key=lambda i: -lengths[i])
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        chunk = sorted(perm[start : start + window], key=lambda i: -lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     return [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]]
 
 
@@ -326,7 +272,7 @@ def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None, "step_times": []}
     moments: dict[str, torch.Tensor] = {}
     if resuming:
-        state, moments = _load_checkpoint(run, cfg, model)
+        state, moments = load_checkpoint(run, cfg, model)
         accelerator.print(f"resuming {run} at epoch {state['epoch'] + 1}, step {state['step_in_epoch']}")
 
     def build_optimizer():
@@ -334,9 +280,9 @@ def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
         return opt, warmup_schedule(cfg, opt, total_steps, state["global_step"])
 
     optimizer, scheduler = build_optimizer()
-    _restore_moments(optimizer, model, moments)
+    restore_moments(optimizer, model, moments)
     model, optimizer = accelerator.prepare(model, optimizer)
-    val_loader = accelerator.prepare(_loader(splits["validation"], collator, cfg.eval_batch_size, _by_length(splits["validation"])))
+    val_loader = accelerator.prepare(make_loader(splits["validation"], collator, cfg.eval_batch_size, _by_length(splits["validation"])))
     num_labels = len(task.label_names)
     counts = _count(model, cfg)
     accelerator.print(f"{cfg.method}: {counts['adapter']:,} trainable adapter parameters (+{counts['head']:,} head)")
@@ -348,7 +294,9 @@ def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
         if state["step_in_epoch"] == 0 and epoch in schedule:
             optimizer, scheduler = _cut_ranks(cfg, model, accelerator, optimizer, schedule[epoch], build_optimizer)
             counts = _count(model, cfg)
-        loader = accelerator.prepare(_loader(splits["train"], collator, cfg.batch_size, epoch_order(lengths, cfg.batch_size, cfg.seed, epoch)))
+        loader = accelerator.prepare(
+            make_loader(splits["train"], collator, cfg.batch_size, epoch_order(lengths, cfg.batch_size, cfg.seed, epoch))
+        )
         if state["step_in_epoch"]:
             loader = accelerator.skip_first_batches(loader, state["step_in_epoch"])
         for batch in loader:
@@ -365,7 +313,7 @@ def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch + 1, refresh=False)
             if state["global_step"] % cfg.save_steps == 0:
-                _save_checkpoint(run, accelerator.unwrap_model(model), optimizer, state)
+                save_checkpoint(run, accelerator.unwrap_model(model), optimizer, state)
             if state["global_step"] >= total_steps:
                 break
         metrics = evaluate(model, val_loader, accelerator, num_labels)
@@ -379,7 +327,7 @@ def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
         state["epoch"] += 1
         state["step_in_epoch"] = 0
         if accelerator.is_main_process:
-            _save_checkpoint(run, accelerator.unwrap_model(model), optimizer, state)
+            save_checkpoint(run, accelerator.unwrap_model(model), optimizer, state)
     progress.close()
 
     result = _finish(cfg, run, task, splits, collator, accelerator, state, counts)
@@ -392,7 +340,8 @@ def _count(model: nn.Module, cfg: TrainConfig) -> dict[str, int]:
     heads = head_modules(base)
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
     head = sum(
-        p.numel() for n, p in model.named_parameters()
+        p.numel()
+        for n, p in model.named_parameters()
         if p.requires_grad and n.removeprefix("base_model.model.").startswith(tuple(f"{h}." for h in heads))
     )
     return {"adapter": total - head, "head": head, "total": total}
@@ -432,7 +381,7 @@ def _cut_ranks(cfg, model, accelerator, optimizer, ranks, build_optimizer):
     adapter.set_cores(result.cores)
     accelerator.print(f"rank cut {result.ranks_before} -> {result.ranks_after} (relative error {result.relative_error_bound:.3e})")
     new_opt, new_sched = build_optimizer()
-    for p in _trainable(model).values():
+    for p in trainable_parameters(model).values():
         if p in inner.state and all(p is not q for q in old_params):
             new_opt.state[p] = inner.state[p]
     if states is not None:
@@ -455,7 +404,7 @@ def _finish(cfg, run, task, splits, collator, accelerator, state, counts) -> dic
     }
     if "test" in splits and accelerator.is_main_process:
         best = load_trained(run / "best", cfg, task.label_names)
-        loader = accelerator.prepare(_loader(splits["test"], collator, cfg.eval_batch_size, _by_length(splits["test"])))
+        loader = accelerator.prepare(make_loader(splits["test"], collator, cfg.eval_batch_size, _by_length(splits["test"])))
         result["test"] = evaluate(accelerator.prepare(best), loader, accelerator, len(task.label_names))
         accelerator.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in result["test"].items()))
     if accelerator.is_main_process:

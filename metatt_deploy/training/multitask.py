@@ -34,13 +34,13 @@ from metatt_deploy.common.report import markdown_table, progress_bar, save_figur
 from metatt_deploy.training.data import load_task, tokenize_task
 from metatt_deploy.training.loop import (
     TrainConfig,
-    _load_checkpoint,
-    _loader,
-    _restore_moments,
-    _save_checkpoint,
     epoch_order,
     evaluate,
+    load_checkpoint,
+    make_loader,
     prepare_run,
+    restore_moments,
+    save_checkpoint,
     seed_step,
     warmup_schedule,
 )
@@ -69,13 +69,13 @@ def parse_task_spec(text: str) -> TaskSpec:
     if not sep:
         name, source = text, text
     if not name or not source or any(c in name for c in ",/= "):
-        raise MetaTTError(f"bad --task '{text}'; write NAME=DATASET or NAME=train.jsonl,validation.jsonl,test.jsonl "
-                          "(NAME without , / = or spaces)")
+        raise MetaTTError(
+            f"bad --task '{text}'; write NAME=DATASET or NAME=train.jsonl,validation.jsonl,test.jsonl (NAME without , / = or spaces)"
+        )
     items = [s.strip() for s in source.split(",")]
     if any(i.lower().endswith(DATA_SUFFIXES) for i in items):
         if not 1 <= len(items) <= 3 or not all(i.lower().endswith(DATA_SUFFIXES) for i in items):
-            raise MetaTTError(f"bad --task '{text}': give 1 to 3 data files (train[,validation[,test]]), "
-                              f"each {'/'.join(DATA_SUFFIXES)}")
+            raise MetaTTError(f"bad --task '{text}': give 1 to 3 data files (train[,validation[,test]]), each {'/'.join(DATA_SUFFIXES)}")
         return TaskSpec(name, files=items)
     if len(items) != 1:
         raise MetaTTError(f"bad --task '{text}': a data set name has no commas; files must end in {'/'.join(DATA_SUFFIXES)}")
@@ -104,7 +104,9 @@ def task_probabilities(sizes: Sequence[int], sampling: str = "proportional", tem
     return w / w.sum()
 
 
-def epoch_plan(lengths: Sequence[Sequence[int]], batch_size: int, probs: Sequence[float], seed: int, epoch: int) -> list[tuple[int, list[int]]]:
+def epoch_plan(
+    lengths: Sequence[Sequence[int]], batch_size: int, probs: Sequence[float], seed: int, epoch: int
+) -> list[tuple[int, list[int]]]:
     """The batches of one epoch as (task, row indices): a pure function of (seed, epoch).
 
     ``lengths[t]`` are the token counts of task t's training rows. An epoch has
@@ -169,8 +171,11 @@ class MultiTaskConfig(TrainConfig):
         task_probabilities([1] * len(self.tasks), self.task_sampling, self.temperature)
 
     def sample_limits(self) -> dict[str, int] | None:
-        limits = {k: v for k, v in (("train", self.max_train_samples), ("validation", self.max_eval_samples),
-                                     ("test", self.max_eval_samples)) if v}
+        limits = {
+            k: v
+            for k, v in (("train", self.max_train_samples), ("validation", self.max_eval_samples), ("test", self.max_eval_samples))
+            if v
+        }
         return limits or None
 
 
@@ -233,9 +238,18 @@ def train_multitask(cfg: MultiTaskConfig, tasks: list, force: bool = False) -> d
     else:
         tokenizer = load_tokenizer(cfg.model)
         model = load_classifier(cfg.model, tasks[0].label_names)
-        mtm = build_multitask(model, [t.name for t in tasks], {t.name: t.label_names for t in tasks}, method=cfg.method,
-                              rank=cfg.rank, alpha=cfg.alpha, init=cfg.init, targets=cfg.targets, base_model=cfg.model,
-                              seed=cfg.seed)
+        mtm = build_multitask(
+            model,
+            [t.name for t in tasks],
+            {t.name: t.label_names for t in tasks},
+            method=cfg.method,
+            rank=cfg.rank,
+            alpha=cfg.alpha,
+            init=cfg.init,
+            targets=cfg.targets,
+            base_model=cfg.model,
+            seed=cfg.seed,
+        )
         mtm.adapter_config.extra["max_length"] = cfg.max_length
         train_ids = list(range(len(tasks)))
     mtm.train()
@@ -257,32 +271,35 @@ def train_multitask(cfg: MultiTaskConfig, tasks: list, force: bool = False) -> d
 
     n_cores = len(config.mode_names)
     fresh = {"sum": [0.0] * n_cores, "count": 0, "task_steps": [0] * len(tasks)}
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None, "step_times": [],
-             "grad": copy.deepcopy(fresh)}
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None, "step_times": [], "grad": copy.deepcopy(fresh)}
     moments: dict[str, torch.Tensor] = {}
     if resuming:
-        state, moments = _load_checkpoint(run, cfg, mtm)
+        state, moments = load_checkpoint(run, cfg, mtm)
         accelerator.print(f"resuming {run} at epoch {state['epoch'] + 1}, step {state['step_in_epoch']}")
     optimizer = _optimizer(cfg, mtm)
 
     def checkpoint() -> None:
-        _save_checkpoint(run, accelerator.unwrap_model(model), optimizer, state)
+        save_checkpoint(run, accelerator.unwrap_model(model), optimizer, state)
 
     scheduler = warmup_schedule(cfg, optimizer, total_steps, state["global_step"])
-    _restore_moments(optimizer, mtm, moments)
+    restore_moments(optimizer, mtm, moments)
     model, optimizer = accelerator.prepare(mtm, optimizer)
-    val_loaders = {i: accelerator.prepare(_loader(splits[k]["validation"], functools.partial(_with_task, collator, i), cfg.eval_batch_size))
-                   for k, i in enumerate(train_ids)}
+    val_loaders = {
+        i: accelerator.prepare(make_loader(splits[k]["validation"], functools.partial(_with_task, collator, i), cfg.eval_batch_size))
+        for k, i in enumerate(train_ids)
+    }
     counts = parameter_counts(mtm)
-    accelerator.print(f"{config.method} ({'+'.join(config.mode_names)}): {counts['adapter_total']:,} adapter parameters "
-                      f"({counts['shared_cores']:,} shared), {counts['total']:,} with the heads; "
-                      "task sampling " + ", ".join(f"{t.name} {p:.2f}" for t, p in zip(tasks, probs)))
+    accelerator.print(
+        f"{config.method} ({'+'.join(config.mode_names)}): {counts['adapter_total']:,} adapter parameters "
+        f"({counts['shared_cores']:,} shared), {counts['total']:,} with the heads; "
+        "task sampling " + ", ".join(f"{t.name} {p:.2f}" for t, p in zip(tasks, probs))
+    )
     progress = progress_bar(total_steps, state["global_step"], "train multi-task", accelerator.is_main_process)
     cores = list(mtm.metatt.cores)
     while state["epoch"] < cfg.epochs and state["global_step"] < total_steps:
         epoch = state["epoch"]
         plan = epoch_plan(lengths, cfg.batch_size, probs, cfg.seed, epoch)
-        for t, idx in plan[state["step_in_epoch"]:]:
+        for t, idx in plan[state["step_in_epoch"] :]:
             t0 = time.perf_counter()
             seed_step(cfg.seed, state["global_step"])
             batch = _with_task(collator, train_ids[t], [rows[t][i] for i in idx])
@@ -309,8 +326,7 @@ def train_multitask(cfg: MultiTaskConfig, tasks: list, force: bool = False) -> d
                 checkpoint()
             if state["global_step"] >= total_steps:
                 break
-        metrics = {tasks[k].name: evaluate(model, val_loaders[i], accelerator, len(tasks[k].label_names))
-                   for k, i in enumerate(train_ids)}
+        metrics = {tasks[k].name: evaluate(model, val_loaders[i], accelerator, len(tasks[k].label_names)) for k, i in enumerate(train_ids)}
         grad = state["grad"]
         entry = {
             "epoch": epoch + 1,
@@ -322,8 +338,11 @@ def train_multitask(cfg: MultiTaskConfig, tasks: list, force: bool = False) -> d
         }
         state["history"].append(entry)
         state["grad"] = copy.deepcopy(fresh)
-        accelerator.print(f"epoch {epoch + 1}: " + ", ".join(f"{n} acc {m['accuracy']:.4f}" for n, m in metrics.items())
-                          + f"; mean {entry['mean_accuracy']:.4f}")
+        accelerator.print(
+            f"epoch {epoch + 1}: "
+            + ", ".join(f"{n} acc {m['accuracy']:.4f}" for n, m in metrics.items())
+            + f"; mean {entry['mean_accuracy']:.4f}"
+        )
         if state["best"] is None or entry["mean_accuracy"] > state["best"]["mean_accuracy"]:
             state["best"] = entry
             if accelerator.is_main_process:
@@ -338,8 +357,10 @@ def train_multitask(cfg: MultiTaskConfig, tasks: list, force: bool = False) -> d
         "method": config.method,
         "mode": "add-task" if cfg.add_task_from else "joint",
         "model": cfg.model,
-        "tasks": [{"name": t.name, "source": spec, "labels": t.label_names, "train_examples": len(r),
-                   "sampling_probability": float(p)} for t, spec, r, p in zip(tasks, cfg.tasks, rows, probs)],
+        "tasks": [
+            {"name": t.name, "source": spec, "labels": t.label_names, "train_examples": len(r), "sampling_probability": float(p)}
+            for t, spec, r, p in zip(tasks, cfg.tasks, rows, probs)
+        ],
         "task_sampling": {"kind": cfg.task_sampling, "temperature": cfg.temperature},
         "trainable_parameters": _trainable_summary(mtm, train_ids),
         "history": state["history"],
@@ -353,7 +374,7 @@ def train_multitask(cfg: MultiTaskConfig, tasks: list, force: bool = False) -> d
         for k, task in enumerate(tasks):
             if "test" in splits[k]:
                 i = best.tasks.index(task.name)
-                loader = _loader(splits[k]["test"], functools.partial(_with_task, collator, i), cfg.eval_batch_size)
+                loader = make_loader(splits[k]["test"], functools.partial(_with_task, collator, i), cfg.eval_batch_size)
                 result["test"][task.name] = evaluate(best, loader, accelerator, len(task.label_names))
         atomic_write_json(run / "metrics.json", result)
         write_multitask_report(run, result)
@@ -381,15 +402,36 @@ def write_multitask_report(run: Path, result: dict) -> None:
     names = [t["name"] for t in result["tasks"]]
     counts = result["trainable_parameters"]
     text = [f"# {result['method']} multi-task ({result['mode']}): {', '.join(names)}\n", f"model: `{result['model']}`\n"]
-    text.append("\n## Tasks\n\n" + markdown_table(
-        [{"task": t["name"], "source": t["source"], "labels": len(t["labels"]), "train examples": t["train_examples"],
-          "sampling p": t["sampling_probability"]} for t in result["tasks"]], floatfmt=".3f"))
-    text.append("\n## Trainable parameters\n\n" + markdown_table(
-        [{"part": "shared cores", "parameters": counts["shared_cores"]}]
-        + [{"part": f"task {n}: slice + head", "parameters": f"{v['task_slice']} + {v['head']} = {v['total']}"}
-           for n, v in counts["per_task"].items()]
-        + [{"part": "total (adapter + every head)", "parameters": counts["total"]},
-           {"part": "trained in this run", "parameters": counts["trained_in_this_run"]}]))
+    text.append(
+        "\n## Tasks\n\n"
+        + markdown_table(
+            [
+                {
+                    "task": t["name"],
+                    "source": t["source"],
+                    "labels": len(t["labels"]),
+                    "train examples": t["train_examples"],
+                    "sampling p": t["sampling_probability"],
+                }
+                for t in result["tasks"]
+            ],
+            floatfmt=".3f",
+        )
+    )
+    text.append(
+        "\n## Trainable parameters\n\n"
+        + markdown_table(
+            [{"part": "shared cores", "parameters": counts["shared_cores"]}]
+            + [
+                {"part": f"task {n}: slice + head", "parameters": f"{v['task_slice']} + {v['head']} = {v['total']}"}
+                for n, v in counts["per_task"].items()
+            ]
+            + [
+                {"part": "total (adapter + every head)", "parameters": counts["total"]},
+                {"part": "trained in this run", "parameters": counts["trained_in_this_run"]},
+            ]
+        )
+    )
     if result.get("step_time_median_s"):
         text.append(f"\nmedian step time: {result['step_time_median_s'] * 1000:.1f} ms over {result['steps']} steps\n")
     rows = []
@@ -400,8 +442,10 @@ def write_multitask_report(run: Path, result: dict) -> None:
         row.update({f"{n} batches": b for n, b in h["batches_per_task"].items()})
         rows.append(row)
     text.append("\n## Validation per epoch\n\n" + markdown_table(rows))
-    text.append("\n## Gradient norm per core (RMS: ||grad G_k||_F / sqrt(size of G_k), mean over the epoch's steps)\n\n"
-                + markdown_table([{"epoch": h["epoch"], **h["grad_norm_rms"]} for h in history], floatfmt=".3e"))
+    text.append(
+        "\n## Gradient norm per core (RMS: ||grad G_k||_F / sqrt(size of G_k), mean over the epoch's steps)\n\n"
+        + markdown_table([{"epoch": h["epoch"], **h["grad_norm_rms"]} for h in history], floatfmt=".3e")
+    )
     if result.get("test"):
         text.append("\n## Test (best epoch's adapter)\n\n" + markdown_table([{"task": n, **m} for n, m in result["test"].items()]))
     atomic_write_text(run / "metrics.md", "\n".join(text))
@@ -428,9 +472,19 @@ def write_multitask_report(run: Path, result: dict) -> None:
     save_figure(fig, run / "curves.png")
 
 
-def train_from_cli(*, output: str, specs: list[str], add_task: str | None, from_adapter: str | None,
-                   text_columns=None, label_column: str = "label", label_names=None, model: str | None = None,
-                   force: bool = False, **knobs) -> dict:
+def train_from_cli(
+    *,
+    output: str,
+    specs: list[str],
+    add_task: str | None,
+    from_adapter: str | None,
+    text_columns=None,
+    label_column: str = "label",
+    label_names=None,
+    model: str | None = None,
+    force: bool = False,
+    **knobs,
+) -> dict:
     """`metatt-deploy train --task ... | --add-task ... --from ...`: load every task, build the config, train."""
     if add_task:
         if specs:

@@ -17,10 +17,7 @@ from metatt_deploy.tt.rounding import check_same_modes
 
 Strategy = Literal["project", "reset"]
 STRATEGIES = ("project", "reset")
-SCHEDULE_SYNTAX = (
-    "write START[,EPOCH:RANK]..., e.g. '10,1:8,2:6,3:4' (epochs count from 0; "
-    "a rank may be given per bond as 8/8/6)"
-)
+SCHEDULE_SYNTAX = "write START[,EPOCH:RANK]..., e.g. '10,1:8,2:6,3:4' (epochs count from 0; a rank may be given per bond as 8/8/6)"
 
 # Relative cut-off for the pseudo-inverse of interface Gram matrices (float64): their
 # condition number is the square of the interfaces', so this tolerates interfaces with a
@@ -68,8 +65,7 @@ def _parse_ranks(item: str, n_bonds: int, text: str) -> list[int]:
     parts = item.split("/")
     if len(parts) not in (1, n_bonds):
         raise MetaTTError(
-            f"rank schedule '{text}': '{item}' gives {len(parts)} ranks; give one rank or "
-            f"{n_bonds} (one per bond) separated by '/'"
+            f"rank schedule '{text}': '{item}' gives {len(parts)} ranks; give one rank or {n_bonds} (one per bond) separated by '/'"
         )
     ranks = [_parse_number(p, "rank", text) for p in parts]
     for r in ranks:
@@ -106,18 +102,14 @@ def check_schedule(
     for epoch, ranks in schedule.items():
         if epoch < 0 or epoch >= epochs:
             raise MetaTTError(
-                f"rank schedule names epoch {epoch}, but the run has epochs 0 to {epochs - 1}; "
-                "drop that reduction or train for more epochs"
+                f"rank schedule names epoch {epoch}, but the run has epochs 0 to {epochs - 1}; drop that reduction or train for more epochs"
             )
         if last_epoch is not None and epoch <= last_epoch:
-            raise MetaTTError(
-                f"rank schedule lists epoch {epoch} after epoch {last_epoch}; list epochs in increasing order"
-            )
+            raise MetaTTError(f"rank schedule lists epoch {epoch} after epoch {last_epoch}; list epochs in increasing order")
         per_bond = [ranks] * n_bonds if isinstance(ranks, int) else list(ranks)
         if len(per_bond) != n_bonds:
             raise MetaTTError(
-                f"rank schedule gives {len(per_bond)} ranks at epoch {epoch} for {n_bonds} bonds; "
-                "give one rank or one per bond"
+                f"rank schedule gives {len(per_bond)} ranks at epoch {epoch} for {n_bonds} bonds; give one rank or one per bond"
             )
         for bond, (r, bound, before) in enumerate(zip(per_bond, max_ranks, previous), start=1):
             if r < 1 or r > bound:
@@ -174,15 +166,10 @@ def project_adam_state(
     if strategy == "reset":
         return [_reset_state(s, o.shape, n.shape) for s, o, n in zip(states, old_cores, new_cores)]
     left_maps, right_maps = _covector_maps(old_cores, new_cores)
-    return [
-        _project_state(s, o.shape, left, right)
-        for s, o, left, right in zip(states, old_cores, left_maps, right_maps)
-    ]
+    return [_project_state(s, o.shape, left, right) for s, o, left, right in zip(states, old_cores, left_maps, right_maps)]
 
 
-def _covector_maps(
-    old_cores: Sequence[torch.Tensor], new_cores: Sequence[torch.Tensor]
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _covector_maps(old_cores: Sequence[torch.Tensor], new_cores: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per core k: L_k (r'_{k-1} x r_{k-1}) and R_k (r_k x r'_k), in float64.
 
     Interface Grams and old/new overlaps are accumulated core by core (O(d n r^3)), so no
@@ -232,9 +219,7 @@ def _reset_state(state: Mapping[str, Any], old_shape: torch.Size, new_shape: tor
     return out
 
 
-def _project_state(
-    state: Mapping[str, Any], old_shape: torch.Size, left: torch.Tensor, right: torch.Tensor
-) -> dict[str, Any]:
+def _project_state(state: Mapping[str, Any], old_shape: torch.Size, left: torch.Tensor, right: torch.Tensor) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value, kind in _state_items(state, old_shape):
         if kind == "linear":

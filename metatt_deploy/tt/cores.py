@@ -80,8 +80,7 @@ def parse_init(init: str, n_cores: int) -> list[str]:
     kinds = init.split("-")
     if len(kinds) != n_cores or any(k not in INIT_KINDS for k in kinds):
         raise MetaTTError(
-            f"init '{init}' must name {n_cores} cores with {'/'.join(INIT_KINDS)}, "
-            f"e.g. {'-'.join(['ze'] + ['id'] * (n_cores - 1))}"
+            f"init '{init}' must name {n_cores} cores with {'/'.join(INIT_KINDS)}, e.g. {'-'.join(['ze'] + ['id'] * (n_cores - 1))}"
         )
     return kinds
 

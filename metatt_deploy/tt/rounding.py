@@ -222,9 +222,7 @@ def _bond_caps(ranks: Sequence[int] | int | None, n_bonds: int) -> list[int | No
         return [None] * n_bonds
     caps = [ranks] * n_bonds if isinstance(ranks, int) else list(ranks)
     if len(caps) != n_bonds:
-        raise MetaTTError(
-            f"{len(caps)} target ranks for a train with {n_bonds} bonds; pass one rank or one per bond"
-        )
+        raise MetaTTError(f"{len(caps)} target ranks for a train with {n_bonds} bonds; pass one rank or one per bond")
     for k, cap in enumerate(caps):
         _check_rank(cap, f"bond {k}")
     return caps

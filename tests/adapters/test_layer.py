@@ -18,10 +18,21 @@ def make_config(mode_names: list[str], mode_sizes: list[int], ranks: list[int], 
     method = "metatt-5d" if mode_names[-1] == "head_dim" else "metatt-4d"
     tasks = [f"t{i}" for i in range(mode_sizes[mode_names.index("task")])] if "task" in mode_names else ["default"]
     return MetaTTConfig(
-        method=method, mode_names=mode_names, mode_sizes=mode_sizes, ranks=ranks, alpha=alpha,
-        init="-".join(["ze"] + ["id"] * (len(mode_sizes) - 1)), targets=["q", "k", "v", "o"][: mode_sizes[2]],
-        layers=list(range(mode_sizes[1])), modules=[], tasks=tasks, label_names={tasks[0]: ["a", "b"]},
-        head_modules=["classifier"], base_model="", base_fingerprint="", model_type="bert",
+        method=method,
+        mode_names=mode_names,
+        mode_sizes=mode_sizes,
+        ranks=ranks,
+        alpha=alpha,
+        init="-".join(["ze"] + ["id"] * (len(mode_sizes) - 1)),
+        targets=["q", "k", "v", "o"][: mode_sizes[2]],
+        layers=list(range(mode_sizes[1])),
+        modules=[],
+        tasks=tasks,
+        label_names={tasks[0]: ["a", "b"]},
+        head_modules=["classifier"],
+        base_model="",
+        base_fingerprint="",
+        model_type="bert",
     )
 
 

@@ -41,8 +41,16 @@ def build_tiny_multitask(root: Path, seed: int = 0, labels: dict | None = None, 
     """A tiny BERT base folder (embedded tokenizer) and a saved 3-task adapter with random cores and heads."""
     labels = labels or LABELS
     tokenizer = load_tokenizer(None)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=128, initializer_range=0.2, num_labels=2)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        num_labels=2,
+    )
     torch.manual_seed(seed)
     base = root / "base"
     if not base.exists():
@@ -68,7 +76,7 @@ def test_logits_layout_mixed_rows_and_merge_per_task(arch: str) -> None:
     ids = torch.tensor([2, 0, 1, 2, 1])
     with torch.no_grad():
         mixed = mtm(**batch, task_ids=ids).logits
-        alone = torch.cat([mtm(**{k: v[i:i + 1] for k, v in batch.items()}, task_ids=int(t)).logits for i, t in enumerate(ids)])
+        alone = torch.cat([mtm(**{k: v[i : i + 1] for k, v in batch.items()}, task_ids=int(t)).logits for i, t in enumerate(ids)])
     assert mixed.shape == (5, 4)
     assert (mixed - alone).abs().max() <= 1e-5  # a row of a mixed batch gets what it gets alone (to fp32 rounding)
     for row, t in zip(mixed, ids.tolist()):
@@ -90,8 +98,13 @@ def test_unknown_tasks_are_errors_and_grads_stay_in_the_rows_task() -> None:
     mtm = build_multitask(tiny_model("bert"), list(LABELS), LABELS, rank=4)
     randomise(mtm)
     batch = inputs(batch=2)
-    for bad, match in ((5, "unknown task id 5"), (-1, "unknown task id -1"), ("nope", "unknown task 'nope'"),
-                       (torch.tensor([0, 3]), "unknown task id 3"), (torch.tensor([0]), "one task id per row")):
+    for bad, match in (
+        (5, "unknown task id 5"),
+        (-1, "unknown task id -1"),
+        ("nope", "unknown task 'nope'"),
+        (torch.tensor([0, 3]), "unknown task id 3"),
+        (torch.tensor([0]), "one task id per row"),
+    ):
         with pytest.raises(MetaTTError, match=match):
             mtm(**batch, task_ids=bad)
     with pytest.raises(MetaTTError, match="pass task_ids"):

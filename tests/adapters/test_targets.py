@@ -76,8 +76,14 @@ def test_unknown_and_unmatched_targets(models) -> None:
 
 
 def test_head_modules(models) -> None:
-    expected = {"bert": ["classifier"], "roberta": ["classifier"], "mpnet": ["classifier"],
-                "distilbert": ["pre_classifier", "classifier"], "llama": ["score"], "gpt2": ["score"]}
+    expected = {
+        "bert": ["classifier"],
+        "roberta": ["classifier"],
+        "mpnet": ["classifier"],
+        "distilbert": ["pre_classifier", "classifier"],
+        "llama": ["score"],
+        "gpt2": ["score"],
+    }
     for arch, heads in expected.items():
         assert head_modules(models[arch]) == heads
         for h in heads:

@@ -47,9 +47,8 @@ def test_atomic_dir_refuses_existing_without_force_before_running(tmp_path: Path
     final.mkdir()
     (final / "keep").write_text("old")
     ran = False
-    with pytest.raises(MetaTTError, match="already exists"):
-        with atomic_dir(final):
-            ran = True
+    with pytest.raises(MetaTTError, match="already exists"), atomic_dir(final):
+        ran = True
     assert not ran
     assert (final / "keep").read_text() == "old" and listing(tmp_path) == ["out"]
 
@@ -72,17 +71,15 @@ def test_atomic_dir_force_replaces_directory_and_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
 def test_atomic_dir_failure_leaves_old_output_or_nothing(tmp_path: Path, exc: BaseException) -> None:
     final = tmp_path / "out"
-    with pytest.raises(type(exc)):
-        with atomic_dir(final) as tmp:
-            (tmp / "half").write_text("partial")
-            raise exc
+    with pytest.raises(type(exc)), atomic_dir(final) as tmp:
+        (tmp / "half").write_text("partial")
+        raise exc
     assert listing(tmp_path) == []
     final.mkdir()
     (final / "keep").write_text("old")
-    with pytest.raises(type(exc)):
-        with atomic_dir(final, force=True) as tmp:
-            (tmp / "half").write_text("partial")
-            raise exc
+    with pytest.raises(type(exc)), atomic_dir(final, force=True) as tmp:
+        (tmp / "half").write_text("partial")
+        raise exc
     assert listing(final) == ["keep"] and listing(tmp_path) == ["out"]
 
 

@@ -81,8 +81,9 @@ def test_bundle_layout_and_each_weight_once(tiny) -> None:
         adapter_file = ort.AdapterFormat.read_adapter(str(bundle / TASKS_DIR / f"{t}.onnx_adapter"))
         params = adapter_file.get_parameters()  # views into the file: keep them referenced while reading
         assert set(params) == set(stored) and all(np.array_equal(params[k].numpy(), stored[k]) for k in stored)
-    base_params = {n: p for n, p in mt.load_classifier(str(root / "base"), ["a", "b"]).named_parameters()
-                   if not n.startswith("classifier.")}
+    base_params = {
+        n: p for n, p in mt.load_classifier(str(root / "base"), ["a", "b"]).named_parameters() if not n.startswith("classifier.")
+    }
     n_cores = len(mtm.adapter_config.mode_names)
     for graph_file, cores_in_graph in ((TASK_GRAPH, n_cores), (ADAPTER_GRAPH, n_cores - 1)):
         graph = onnx.load(str(bundle / graph_file))

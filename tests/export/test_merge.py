@@ -117,7 +117,7 @@ def _adapted_weights(base: Path, adapter_dir: Path) -> dict[str, tuple[int, int,
     weights = load_file(str(base / "model.safetensors"))
     out = {}
     for module in config["modules"]:
-        (m, start, end), = module["segments"]
+        ((m, start, end),) = module["segments"]
         out[module["name"] + ".weight"] = (module["layer"], m, weights[module["name"] + ".weight"])
     return out
 

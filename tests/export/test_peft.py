@@ -69,9 +69,7 @@ def test_peft_logits_and_merged_weights_match(tmp_path: Path, arch, method, rank
     ours = merge_and_unload(model)
     theirs = peft_model.merge_and_unload()
     for target in config.modules:
-        torch.testing.assert_close(
-            theirs.get_submodule(target.name).weight, ours.get_submodule(target.name).weight, rtol=0, atol=1e-5
-        )
+        torch.testing.assert_close(theirs.get_submodule(target.name).weight, ours.get_submodule(target.name).weight, rtol=0, atol=1e-5)
     for name in config.head_modules:
         for key, value in ours.get_submodule(name).state_dict().items():
             assert torch.equal(theirs.get_submodule(name).state_dict()[key], value), f"{name}.{key}"
@@ -119,7 +117,7 @@ def test_multitask_export_picks_one_task_and_its_head(tmp_path: Path) -> None:
     with pytest.raises(MetaTTError, match="unknown task 'c'"):
         to_peft(adapter_dir, tmp_path / "peft", task="c")
     assert not (tmp_path / "peft").exists()
-    for t, task in enumerate(["a", "b"]):
+    for task in ["a", "b"]:
         with torch.no_grad():
             expected = mtm(**batch, task_ids=task).logits[:, : len(labels[task])]
         out = to_peft(adapter_dir, tmp_path / f"peft-{task}", task=task)

@@ -56,8 +56,7 @@ def test_fp32_parity_accuracy_latency_and_reports(tiny, exports, labelled, tmp_p
 
 
 def test_int8_against_reference_reports_accuracy_change_and_speedup(tiny, exports, labelled, tmp_path):
-    report = validate(tiny.adapter, exports["int8"], data=str(labelled), reference_onnx=exports["fp32"],
-                      output=tmp_path, **FAST)
+    report = validate(tiny.adapter, exports["int8"], data=str(labelled), reference_onnx=exports["fp32"], output=tmp_path, **FAST)
     assert report["parity"]["enforced"] is False and report["parity"]["tolerance"] is None
     assert report["variant"]["quantize"] == "int8" and report["reference_variant"]["quantize"] is None
     acc = report["accuracy"]
@@ -105,10 +104,28 @@ def test_cli_validate(tiny, exports, labelled, tmp_path):
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
     result = runner.invoke(app, ["validate", str(tiny.adapter), str(exports["fp32"]), "--batch-sizes", "1,x"])
     assert result.exit_code == 2 and "--batch-sizes" in result.output
-    result = runner.invoke(app, [
-        "validate", str(tiny.adapter), str(exports["fp32"]), "--data", str(labelled), "-o", str(tmp_path / "r"),
-        "--batch-sizes", "1", "--seq-len", "16", "--repeats", "2", "--warmup", "1", "--threads", "1",
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "validate",
+            str(tiny.adapter),
+            str(exports["fp32"]),
+            "--data",
+            str(labelled),
+            "-o",
+            str(tmp_path / "r"),
+            "--batch-sizes",
+            "1",
+            "--seq-len",
+            "16",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "tolerance 1e-04" in result.output and "accuracy: PyTorch" in result.output
     assert (tmp_path / "r" / REPORT_MD).is_file()
@@ -120,6 +137,7 @@ def test_round_robin_timing_and_summary():
     def make(key):
         def fn():
             calls[key] += 1
+
         return fn
 
     times = time_round_robin({"a": make("a"), "b": make("b")}, warmup=2, repeats=7, rounds=3)

@@ -119,8 +119,9 @@ def test_read_inputs(tmp_path) -> None:
     texts, tasks, ids = read_inputs(["a", "premise ||| hypothesis"], None, "nli")
     assert texts == ["a", ("premise", "hypothesis")] and tasks == ["nli", "nli"] and ids == [None, None]
     path = tmp_path / "in.jsonl"
-    path.write_text('{"text": "a", "task": "movie", "id": 7}\n\n{"premise": "p", "hypothesis": "h"}\n'
-                    '{"text": "x", "text_pair": "y", "task": "nli"}\n')
+    path.write_text(
+        '{"text": "a", "task": "movie", "id": 7}\n\n{"premise": "p", "hypothesis": "h"}\n{"text": "x", "text_pair": "y", "task": "nli"}\n'
+    )
     texts, tasks, ids = read_inputs(None, path, "nli")
     assert texts == ["a", ("p", "h"), ("x", "y")] and tasks == ["movie", "nli", "nli"] and ids == [7, None, None]
     with pytest.raises(MetaTTError, match="names no task"):
@@ -144,7 +145,12 @@ def test_cli_predict(served, tmp_path) -> None:
     ref = reference(mtm, tokenizer, ("A man sleeps.", "A man is awake."), "nli")
     assert line["task"] == "nli" and line["label"] == LABELS["nli"][int(ref.argmax())]
     inp = tmp_path / "in.jsonl"
-    inp.write_text("".join(json.dumps({"id": i, "text": t, "task": k}) + "\n" for i, (t, k) in enumerate(zip(["good", "bad", "meh"], ["movie", "four", "movie"]))))
+    inp.write_text(
+        "".join(
+            json.dumps({"id": i, "text": t, "task": k}) + "\n"
+            for i, (t, k) in enumerate(zip(["good", "bad", "meh"], ["movie", "four", "movie"]))
+        )
+    )
     out = tmp_path / "out.jsonl"
     res = runner.invoke(app, ["predict", str(bundle), "-i", str(inp), "-o", str(out)])
     assert res.exit_code == 0, res.output

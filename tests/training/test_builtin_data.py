@@ -40,15 +40,25 @@ def _ground_truth(n: int) -> bytes:
 
 def _vader_sdist(tmp_path: Path, ground_truth: bytes) -> Path:
     inner = _targz(tmp_path / "hutto.tar.gz", {MOVIE_MEMBER: ground_truth, "hutto_ICWSM_2014/other.txt": b"x"})
-    return _targz(tmp_path / db.VADER.filename, {
-        "vaderSentiment-3.3.2/setup.py": b"",
-        db.HUTTO_ARCHIVE: inner.read_bytes(),
-    })
+    return _targz(
+        tmp_path / db.VADER.filename,
+        {
+            "vaderSentiment-3.3.2/setup.py": b"",
+            db.HUTTO_ARCHIVE: inner.read_bytes(),
+        },
+    )
 
 
 def _snli_line(pair_id: str, label: str) -> str:
-    return json.dumps({"gold_label": label, "pairID": pair_id, "sentence1": f"premise {pair_id}",
-                       "sentence2": f"hypothesis {pair_id}", "sentence1_parse": "(ROOT)"})
+    return json.dumps(
+        {
+            "gold_label": label,
+            "pairID": pair_id,
+            "sentence1": f"premise {pair_id}",
+            "sentence2": f"hypothesis {pair_id}",
+            "sentence1_parse": "(ROOT)",
+        }
+    )
 
 
 @pytest.fixture
@@ -200,8 +210,13 @@ def test_ensure_builtin_builds_from_cached_source(movie_source, monkeypatch, cap
     info = json.loads((task_dir / "info.json").read_text())
     assert info["splits"] == {"train": 32, "validation": 4, "test": 4}  # 50 rows, 10 neutral dropped
     assert info["label_names"] == ["negative", "positive"] and info["text_columns"] == ["text"]
-    assert info["source"] == {"package": "vaderSentiment", "version": "3.3.2", "sha256": source.sha256,
-                              "sdist": "vaderSentiment-3.3.2.tar.gz", "members": [db.HUTTO_ARCHIVE, MOVIE_MEMBER]}
+    assert info["source"] == {
+        "package": "vaderSentiment",
+        "version": "3.3.2",
+        "sha256": source.sha256,
+        "sdist": "vaderSentiment-3.3.2.tar.gz",
+        "members": [db.HUTTO_ARCHIVE, MOVIE_MEMBER],
+    }
     assert sum(info["label_counts"]["train"].values()) == 32
     rows = [json.loads(line) for line in (task_dir / "train.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 32 and set(rows[0]) == {"text", "label", "score", "id"}

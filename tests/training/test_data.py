@@ -44,8 +44,7 @@ def tokenizer():
 
 
 def test_csv_string_labels_and_carved_validation(tmp_path):
-    task = load_task(train=write_csv(tmp_path / "train.csv", sentiment_rows(40)),
-                     test=write_csv(tmp_path / "test.csv", sentiment_rows(6)))
+    task = load_task(train=write_csv(tmp_path / "train.csv", sentiment_rows(40)), test=write_csv(tmp_path / "test.csv", sentiment_rows(6)))
     assert isinstance(task, TaskData)
     assert (task.name, task.text_columns, task.label_column) == ("train", ("text",), "label")
     assert task.label_names == ["neg", "pos"] and task.num_labels == 2  # sorted unique train labels
@@ -63,19 +62,21 @@ def test_csv_string_labels_and_carved_validation(tmp_path):
 
 def test_jsonl_pairs_with_int_labels(tmp_path):
     rows = [{"sentence1": f"a {i}", "sentence2": f"b {i}", "label": i % 3} for i in range(12)]
-    task = load_task(train=write_jsonl(tmp_path / "tr.jsonl", rows),
-                     validation=write_jsonl(tmp_path / "va.jsonl", rows[:3]))
+    task = load_task(train=write_jsonl(tmp_path / "tr.jsonl", rows), validation=write_jsonl(tmp_path / "va.jsonl", rows[:3]))
     assert task.text_columns == ("sentence1", "sentence2")
     assert task.label_names == ["0", "1", "2"]
     assert task.splits["validation"]["label"][:] == [0, 1, 2]
 
 
-@pytest.mark.parametrize("columns, expected", [
-    (["premise", "hypothesis"], ("premise", "hypothesis")),
-    (["question", "sentence"], ("question", "sentence")),
-    (["question1", "question2"], ("question1", "question2")),
-    (["sentence", "idx"], ("sentence",)),
-])
+@pytest.mark.parametrize(
+    "columns, expected",
+    [
+        (["premise", "hypothesis"], ("premise", "hypothesis")),
+        (["question", "sentence"], ("question", "sentence")),
+        (["question1", "question2"], ("question1", "question2")),
+        (["sentence", "idx"], ("sentence",)),
+    ],
+)
 def test_text_columns_are_inferred(tmp_path, columns, expected):
     rows = [{**{c: f"{c} {i}" for c in columns}, "label": "x"} for i in range(3)]
     path = write_jsonl(tmp_path / "t.jsonl", rows)
@@ -86,8 +87,7 @@ def test_json_array_file_custom_columns_and_given_label_names(tmp_path):
     rows = [{"body": f"t {i}", "sentiment": ["bad", "good"][i % 2], "id": i} for i in range(4)]
     (tmp_path / "d.json").write_text(json.dumps(rows), encoding="utf-8")
     path = str(tmp_path / "d.json")
-    task = load_task(name="mine", train=path, validation=path, text_columns=["body"], label_column="sentiment",
-                     label_names=["good", "bad"])
+    task = load_task(name="mine", train=path, validation=path, text_columns=["body"], label_column="sentiment", label_names=["good", "bad"])
     assert (task.name, task.label_column, task.label_names) == ("mine", "sentiment", ["good", "bad"])
     assert task.splits["train"].column_names == ["body", "label"]
     assert task.splits["train"]["label"][:] == [1, 0, 1, 0]  # ids follow the given order
@@ -216,8 +216,10 @@ def test_error_too_small_to_carve(tmp_path):
 
 
 def test_max_samples_is_deterministic_per_seed(tmp_path):
-    kwargs = dict(train=write_jsonl(tmp_path / "train.jsonl", sentiment_rows(60)),
-                  validation=write_jsonl(tmp_path / "validation.jsonl", sentiment_rows(10)))
+    kwargs = dict(
+        train=write_jsonl(tmp_path / "train.jsonl", sentiment_rows(60)),
+        validation=write_jsonl(tmp_path / "validation.jsonl", sentiment_rows(10)),
+    )
     first = load_task(max_samples={"train": 8, "test": 5}, **kwargs)
     again = load_task(max_samples={"train": 8, "test": 5}, **kwargs)
     other = load_task(max_samples={"train": 8}, seed=1, **kwargs)
@@ -234,12 +236,16 @@ def test_builtin_dataset_uses_its_info(tmp_path, monkeypatch):
     task_dir = tmp_path / "snli"
     task_dir.mkdir()
     for split in ("train", "validation", "test"):
-        write_jsonl(task_dir / f"{split}.jsonl", [
-            {"premise": f"p{i}", "hypothesis": f"h{i}", "label": label, "id": str(i)}
-            for i, label in enumerate(["contradiction", "entailment", "neutral"])
-        ])
-    (task_dir / "info.json").write_text(json.dumps({
-        "text_columns": ["premise", "hypothesis"], "label_names": ["entailment", "neutral", "contradiction"]}))
+        write_jsonl(
+            task_dir / f"{split}.jsonl",
+            [
+                {"premise": f"p{i}", "hypothesis": f"h{i}", "label": label, "id": str(i)}
+                for i, label in enumerate(["contradiction", "entailment", "neutral"])
+            ],
+        )
+    (task_dir / "info.json").write_text(
+        json.dumps({"text_columns": ["premise", "hypothesis"], "label_names": ["entailment", "neutral", "contradiction"]})
+    )
     monkeypatch.setattr(data, "ensure_builtin", lambda name: task_dir)
     task = load_task(dataset="snli")
     assert (task.name, task.text_columns) == ("snli", ("premise", "hypothesis"))
@@ -248,12 +254,20 @@ def test_builtin_dataset_uses_its_info(tmp_path, monkeypatch):
 
 
 def fake_glue():
-    features = Features({"sentence1": Value("string"), "sentence2": Value("string"),
-                         "label": ClassLabel(names=["not_equivalent", "equivalent"]), "idx": Value("int32")})
+    features = Features(
+        {
+            "sentence1": Value("string"),
+            "sentence2": Value("string"),
+            "label": ClassLabel(names=["not_equivalent", "equivalent"]),
+            "idx": Value("int32"),
+        }
+    )
 
     def split(n, labels):
-        return Dataset.from_dict({"sentence1": [f"a{i}" for i in range(n)], "sentence2": [f"b{i}" for i in range(n)],
-                                  "label": labels, "idx": list(range(n))}, features=features)
+        return Dataset.from_dict(
+            {"sentence1": [f"a{i}" for i in range(n)], "sentence2": [f"b{i}" for i in range(n)], "label": labels, "idx": list(range(n))},
+            features=features,
+        )
 
     return DatasetDict(train=split(20, [i % 2 for i in range(20)]), test=split(4, [-1] * 4))
 
@@ -268,12 +282,15 @@ def test_hub_dataset_classlabel_unlabelled_test_and_carve(monkeypatch):
     assert {k: len(v) for k, v in task.splits.items()} == {"train": 18, "validation": 2}  # test was all -1
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("glue/mrpc", ("glue", "mrpc")),
-    ("imdb", ("imdb", None)),
-    ("stanfordnlp/imdb", ("stanfordnlp/imdb", None)),
-    ("nyu-mll/glue:sst2", ("nyu-mll/glue", "sst2")),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("glue/mrpc", ("glue", "mrpc")),
+        ("imdb", ("imdb", None)),
+        ("stanfordnlp/imdb", ("stanfordnlp/imdb", None)),
+        ("nyu-mll/glue:sst2", ("nyu-mll/glue", "sst2")),
+    ],
+)
 def test_hub_arguments(name, expected):
     assert hub_arguments(name) == expected
 

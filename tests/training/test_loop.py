@@ -89,12 +89,14 @@ def test_epoch_order_is_a_seeded_length_grouped_permutation():
     assert a == epoch_order(lengths, 8, seed=1, epoch=0)
     assert a != epoch_order(lengths, 8, seed=1, epoch=1)
     # batches are near-uniform in length: far less padding than a plain shuffle
-    spread = [max(lengths[i] for i in a[s:s + 8]) - min(lengths[i] for i in a[s:s + 8]) for s in range(0, 1000, 8)]
+    spread = [max(lengths[i] for i in a[s : s + 8]) - min(lengths[i] for i in a[s : s + 8]) for s in range(0, 1000, 8)]
     assert sum(spread) / len(spread) < 3
 
 
 def test_cli_train_reports_bad_input_in_one_line(tiny_base, tmp_path):
-    result = CliRunner().invoke(app, ["train", "--train", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "r"), "--model", str(tiny_base)])
+    result = CliRunner().invoke(
+        app, ["train", "--train", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "r"), "--model", str(tiny_base)]
+    )
     assert result.exit_code == 2
     assert "missing.jsonl" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(app, ["train", "--dataset", "movie-sentiment", "--method", "adalora", "-o", str(tmp_path / "r")])
@@ -103,8 +105,25 @@ def test_cli_train_reports_bad_input_in_one_line(tiny_base, tmp_path):
 
 def test_cli_train_end_to_end(tiny_base, tiny_task_dir, tmp_path):
     out = tmp_path / "run"
-    args = ["train", "--train", str(tiny_task_dir / "train.jsonl"), "--validation", str(tiny_task_dir / "validation.jsonl"),
-            "--model", str(tiny_base), "--rank", "4", "--epochs", "1", "--batch-size", "8", "--max-length", "16", "-o", str(out)]
+    args = [
+        "train",
+        "--train",
+        str(tiny_task_dir / "train.jsonl"),
+        "--validation",
+        str(tiny_task_dir / "validation.jsonl"),
+        "--model",
+        str(tiny_base),
+        "--rank",
+        "4",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "16",
+        "-o",
+        str(out),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "best validation accuracy" in result.output

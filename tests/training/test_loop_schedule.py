@@ -39,8 +39,16 @@ def task(tmp_path_factory):
 
 def _config(tiny_base: Path, output: Path, **overrides) -> TrainConfig:
     settings = dict(
-        output=str(output), model=str(tiny_base), rank=4, lr=1e-2, epochs=4, batch_size=BATCH, eval_batch_size=16,
-        max_length=16, seed=3, save_steps=1000,
+        output=str(output),
+        model=str(tiny_base),
+        rank=4,
+        lr=1e-2,
+        epochs=4,
+        batch_size=BATCH,
+        eval_batch_size=16,
+        max_length=16,
+        seed=3,
+        save_steps=1000,
     )
     return TrainConfig(**{**settings, **overrides})
 
@@ -75,14 +83,16 @@ def _spy_cuts(monkeypatch) -> list[dict]:
         new_opt, new_sched = original(cfg, model, accelerator, optimizer, ranks, build_optimizer)
         adapter = mt.get_adapter(accelerator.unwrap_model(model))
         inner = getattr(new_opt, "optimizer", new_opt)
-        cuts.append({
-            "ranks": list(ranks),
-            "old_optimizer": getattr(optimizer, "optimizer", optimizer),
-            "optimizer": inner,
-            "cores": list(adapter.cores),
-            "after_cut": [c.detach().clone() for c in adapter.cores],
-            "states": [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in inner.state[c].items()} for c in adapter.cores],
-        })
+        cuts.append(
+            {
+                "ranks": list(ranks),
+                "old_optimizer": getattr(optimizer, "optimizer", optimizer),
+                "optimizer": inner,
+                "cores": list(adapter.cores),
+                "after_cut": [c.detach().clone() for c in adapter.cores],
+                "states": [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in inner.state[c].items()} for c in adapter.cores],
+            }
+        )
         return new_opt, new_sched
 
     monkeypatch.setattr(train_mod, "_cut_ranks", spy)
@@ -160,7 +170,7 @@ def test_cut_discards_exactly_what_the_sweep_reports(tiny_base, task, tmp_path, 
     monkeypatch.setattr(train_mod, "sweep", spy)
     cuts = _spy_cuts(monkeypatch)
     train(_config(tiny_base, tmp_path / "run", rank_schedule="6,1:3", epochs=2), task)
-    (before, result), = seen
+    ((before, result),) = seen
     assert result.ranks_before == [6, 6, 6] and result.ranks_after == [3, 3, 3]
     assert 0 < result.relative_error_bound < 1
     want = tt_full(original([c.double() for c in before], [3, 3, 3]).cores)

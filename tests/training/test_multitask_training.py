@@ -93,8 +93,11 @@ def _sentiment(rng):
 
 
 def _nli(rng):
-    return {"premise": "a man sleeps", "hypothesis": rng.choice(["a man rests", "a cat", "a man runs"]),
-            "label": rng.choice(["entailment", "neutral", "contradiction"])}
+    return {
+        "premise": "a man sleeps",
+        "hypothesis": rng.choice(["a man rests", "a cat", "a man runs"]),
+        "label": rng.choice(["entailment", "neutral", "contradiction"]),
+    }
 
 
 def _four(rng):
@@ -149,7 +152,7 @@ def test_interrupted_run_resumes_to_the_same_result(trained, monkeypatch) -> Non
         return plan
 
     monkeypatch.setattr(mtmod, "epoch_plan", interrupted)
-    with pytest.raises(Exception):
+    with pytest.raises(TypeError):  # the (None, None) sentinel step
         train_from_cli(output=str(root / "resumed"), specs=specs, add_task=None, from_adapter=None, model=str(base), **KNOBS)
     state = json.loads((root / "resumed" / "checkpoint" / "state.json").read_text())
     assert state["epoch"] == 1 and state["global_step"] == 9
@@ -174,8 +177,19 @@ def test_interrupted_run_resumes_to_the_same_result(trained, monkeypatch) -> Non
 def test_add_task_trains_only_the_new_slice_and_head(trained) -> None:
     root, _, _, _ = trained
     spec = _task_files(root, "extra", _sentiment, 16)
-    result = train_from_cli(output=str(root / "added"), specs=[], add_task=spec, from_adapter=str(root / "run" / "best"),
-                            model=None, epochs=1, batch_size=8, max_length=24, rank=4, lr=5e-2, weight_decay=0.1)
+    result = train_from_cli(
+        output=str(root / "added"),
+        specs=[],
+        add_task=spec,
+        from_adapter=str(root / "run" / "best"),
+        model=None,
+        epochs=1,
+        batch_size=8,
+        max_length=24,
+        rank=4,
+        lr=5e-2,
+        weight_decay=0.1,
+    )
     old, old_cfg, _ = load_multitask(root / "run" / "best", tokenizer=False)
     new, new_cfg, _ = load_multitask(root / "added" / "best", tokenizer=False)
     assert new_cfg.tasks == ["sent", "nli", "four", "extra"] and new.num_labels[-1] == 2
@@ -192,8 +206,16 @@ def test_add_task_trains_only_the_new_slice_and_head(trained) -> None:
     assert result["trainable_parameters"]["trained_in_this_run"] == 16 + 2 * 32 + 2
     assert set(result["history"][0]["tasks"]) == {"extra"}
     with pytest.raises(MetaTTError, match="already in this adapter"):
-        train_from_cli(output=str(root / "again"), specs=[], add_task=spec.replace("extra=", "nli="),
-                       from_adapter=str(root / "run" / "best"), model=None, epochs=1, batch_size=8, max_length=24)
+        train_from_cli(
+            output=str(root / "again"),
+            specs=[],
+            add_task=spec.replace("extra=", "nli="),
+            from_adapter=str(root / "run" / "best"),
+            model=None,
+            epochs=1,
+            batch_size=8,
+            max_length=24,
+        )
 
 
 def test_cli_train_options_and_errors(trained) -> None:
@@ -204,8 +226,30 @@ def test_cli_train_options_and_errors(trained) -> None:
     root, base, specs, _ = trained
     runner = CliRunner()
     out = root / "cli"
-    res = runner.invoke(app, ["train", "-o", str(out), "--model", str(base), "--task", specs[0], "--task", specs[1],
-                              "--max-steps", "2", "--epochs", "1", "--batch-size", "8", "--max-length", "16", "--rank", "2"])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "-o",
+            str(out),
+            "--model",
+            str(base),
+            "--task",
+            specs[0],
+            "--task",
+            specs[1],
+            "--max-steps",
+            "2",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--max-length",
+            "16",
+            "--rank",
+            "2",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "best mean validation accuracy" in res.output and (out / "best" / "metatt_config.json").is_file()
     for args, message in (
