@@ -13,6 +13,10 @@ from typing import Annotated
 
 import typer
 
+from metatt_deploy import __version__
+from metatt_deploy.adapters.base_model import DEFAULT_MODEL
+from metatt_deploy.adapters.config import DEFAULT_ALPHA
+from metatt_deploy.adapters.targets import DEFAULT_TARGETS
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_text, check_writable, read_json
 from metatt_deploy.export.merge import merge_adapter, merge_factored
@@ -21,9 +25,18 @@ from metatt_deploy.export.peft import to_peft
 from metatt_deploy.export.validate import REPORT_MD
 from metatt_deploy.export.validate import validate as run_validation
 from metatt_deploy.serving.runtime import Runtime, read_inputs
-from metatt_deploy.training.config import TrainConfig
+from metatt_deploy.training.config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_EPOCHS,
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_RANK,
+    DEFAULT_SAVE_STEPS,
+    MOMENTS,
+    TrainConfig,
+)
 from metatt_deploy.training.data import load_task
 from metatt_deploy.training.multitask import train_from_cli
+from metatt_deploy.training.sampling import DEFAULT_SAMPLING, DEFAULT_TEMPERATURE
 from metatt_deploy.training.single import train as run_training
 
 app = typer.Typer(
@@ -55,6 +68,24 @@ def user_errors(fn):
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"metatt-deploy {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Fine-tune transformers with MetaTT tensor-train adapters, merge them, export them to ONNX and validate them."""
+
+
+def _main_process() -> bool:
+    """False in every process but the first of ``accelerate launch`` / torchrun: they print nothing."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
@@ -99,17 +130,17 @@ def train(
     labels: Annotated[list[str] | None, typer.Option(help="Label names in id order (comma-separated); default: from the data.")] = None,
     model: Annotated[
         str, typer.Option(help="Base model: a local folder or hub name. The default is embedded (no network).")
-    ] = "sentence-transformers/all-MiniLM-L6-v2",
+    ] = DEFAULT_MODEL,
     method: Annotated[str, typer.Option(help="metatt-4d, metatt-5d or lora (the PEFT baseline, same loop).")] = "metatt-4d",
-    rank: Annotated[int, typer.Option(help="Bond rank of every TT bond (LoRA: r).")] = 8,
-    alpha: Annotated[float, typer.Option(help="MetaTT output scale (independent of the ranks).")] = 4.0,
+    rank: Annotated[int, typer.Option(help="Bond rank of every TT bond (LoRA: r).")] = DEFAULT_RANK,
+    alpha: Annotated[float, typer.Option(help="MetaTT output scale (independent of the ranks).")] = DEFAULT_ALPHA,
     lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha (scaling alpha/r); default: equal to --rank.")] = None,
     init: Annotated[
         str | None, typer.Option(help="Per-core initialisation, e.g. ze-id-id-id (ze zeros, id identity, no normal std 0.2).")
     ] = None,
     targets: Annotated[
         str, typer.Option(help="Matrix types to adapt: q,k,v,o,up,down (gate for LLaMA), or name=module_suffix pairs.")
-    ] = "q,k,v,o",
+    ] = ",".join(DEFAULT_TARGETS),
     lr: Annotated[
         float | None,
         typer.Option(help="AdamW learning rate for the adapter. Default: 1e-3 (MetaTT, LoRA, joint multi-task); 5e-3 with --add-task."),
@@ -119,11 +150,13 @@ def train(
         typer.Option(help="Learning rate of the classification head(s). Default: 5e-3 for MetaTT (single- and multi-task), --lr for LoRA."),
     ] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 3,
-    batch_size: Annotated[int, typer.Option(help="Training batch size per device.")] = 32,
-    max_length: Annotated[int, typer.Option(help="Maximum tokens per example (longer inputs are truncated).")] = 128,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = DEFAULT_EPOCHS,
+    batch_size: Annotated[
+        int, typer.Option(help="Training batch size (global: split across processes under accelerate launch).")
+    ] = DEFAULT_BATCH_SIZE,
+    max_length: Annotated[int, typer.Option(help="Maximum tokens per example (longer inputs are truncated).")] = DEFAULT_MAX_LENGTH,
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = 0,
-    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps (and at each epoch end).")] = 200,
+    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps (and at each epoch end).")] = DEFAULT_SAVE_STEPS,
     max_steps: Annotated[int | None, typer.Option(help="Stop after N optimizer steps (for quick runs).")] = None,
     max_train_samples: Annotated[int | None, typer.Option(help="Use a fixed random subset of N training examples.")] = None,
     max_eval_samples: Annotated[int | None, typer.Option(help="Use a fixed random subset of N validation and test examples.")] = None,
@@ -133,7 +166,7 @@ def train(
             help="Rank-adaptive training: cut bond ranks by SVD sweeps at epoch starts, e.g. '10,1:8,2:6,3:4' (start rank, then epoch:rank). See docs/rank-adaptive.md."
         ),
     ] = None,
-    moments: Annotated[str, typer.Option(help="AdamW moments after a rank cut: project (onto the kept subspace) or reset.")] = "project",
+    moments: Annotated[str, typer.Option(help="AdamW moments after a rank cut: project (onto the kept subspace) or reset.")] = MOMENTS[0],
     task_specs: Annotated[
         list[str] | None,
         typer.Option(
@@ -143,10 +176,10 @@ def train(
     ] = None,
     task_sampling: Annotated[
         str, typer.Option(help="Multi-task: how each batch's task is drawn: proportional (p_t ~ n_t) or temperature (p_t ~ n_t^(1/T)).")
-    ] = "proportional",
+    ] = DEFAULT_SAMPLING,
     temperature: Annotated[
         float, typer.Option(help="Multi-task: T of --task-sampling temperature (1 = proportional; larger flattens towards uniform).")
-    ] = 2.0,
+    ] = DEFAULT_TEMPERATURE,
     add_task: Annotated[
         str | None,
         typer.Option(
@@ -196,6 +229,8 @@ def train(
             temperature=temperature,
             force=force,
         )
+        if not _main_process():
+            return
         best = result["best"]
         typer.echo(
             f"best mean validation accuracy {best['mean_accuracy']:.4f} (epoch {best['epoch']}): "
@@ -240,6 +275,8 @@ def train(
         moments=moments,
     )
     result = run_training(cfg, task, force=force)
+    if not _main_process():
+        return
     best, test = result["best"], result.get("test")
     typer.echo(
         f"best validation accuracy {best['accuracy']:.4f} (epoch {best['epoch']})"

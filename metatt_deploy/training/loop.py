@@ -16,6 +16,7 @@ same ``--batch-size``. What differs per kind of run comes in as a `Recipe`.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 import warnings
@@ -73,10 +74,16 @@ class Recipe:
 
 
 def make_accelerator(find_unused_parameters: bool = False) -> Accelerator:
-    """accelerate's Accelerator; multi-task models leave other tasks' heads unused in a step,
-    which DDP must be told about."""
+    """accelerate's Accelerator for this process.
+
+    Several processes on a machine without CUDA (``accelerate launch --multi_gpu
+    --num_processes N`` or ``torchrun``) train data-parallel on the CPU with gloo, which
+    accelerate only does when asked for the CPU. Multi-task models leave other tasks' heads
+    unused in a step, which DDP must be told about.
+    """
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
-    return Accelerator(kwargs_handlers=handlers)
+    distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return Accelerator(cpu=distributed_cpu, kwargs_handlers=handlers)
 
 
 def make_loader(ds, collator, batch_size: int, order: list[int] | None = None) -> DataLoader:
@@ -102,22 +109,30 @@ def seed_step(seed: int, step: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator, num_labels: int) -> dict:
+def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator | None, num_labels: int) -> dict:
+    """Metrics of ``model`` on ``loader``: gathered across processes when ``accelerator`` prepared
+    the loader, computed in this process alone when ``accelerator`` is None (the main process
+    testing the best adapter after training)."""
     model.eval()
     preds, labels = [], []
+    device = next(model.parameters()).device
     for batch in loader:
+        batch = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        p, y = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"]))
+        p, y = logits.argmax(-1), batch["labels"]
+        if accelerator is not None:
+            p, y = accelerator.gather_for_metrics((p, y))
         preds.append(p.cpu().numpy())
         labels.append(y.cpu().numpy())
     model.train()
     return compute_metrics(np.concatenate(preds), np.concatenate(labels), num_labels)
 
 
-def prepare_run(cfg: TrainConfig, force: bool) -> tuple[Path, bool]:
+def prepare_run(cfg: TrainConfig, force: bool, accelerator: Accelerator) -> tuple[Path, bool]:
     """Check ``cfg``, decide between a fresh run and a resume, write train_config.json.
 
-    Returns (run directory, resuming).
+    Returns (run directory, resuming). Every process decides alike (the checks only read);
+    the main process alone clears and writes the folder while the others wait.
     """
     cfg.check()
     run = Path(cfg.output)
@@ -130,10 +145,13 @@ def prepare_run(cfg: TrainConfig, force: bool) -> tuple[Path, bool]:
         saved = read_json(run / "train_config.json", "run config")
         if {**saved, "output": cfg.output} != {**asdict(cfg), "output": cfg.output}:
             raise MetaTTError(f"{run} holds a checkpoint of a run with other settings; pass the same options, or --force to start over")
-    elif run.exists() and force:
-        shutil.rmtree(run)
-    run.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run / "train_config.json", asdict(cfg))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if run.exists() and force and not resuming:
+            shutil.rmtree(run)
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run / "train_config.json", asdict(cfg))
+    accelerator.wait_for_everyone()
     return run, resuming
 
 

@@ -42,6 +42,7 @@ from metatt_deploy.training.loop import (
     run_loop,
     start_ranks,
 )
+from metatt_deploy.training.metrics import PRIMARY_METRIC
 from metatt_deploy.training.sampling import task_probabilities
 
 N_BONDS_4PLUS1 = {"metatt-4d": 4, "metatt-5d": 5}  # multi-task adapters: modes - 1 (the task mode added)
@@ -137,8 +138,8 @@ def _param_groups(cfg: MultiTaskConfig, mtm: nn.Module) -> list[dict[str, Any]]:
 
 def train_multitask(cfg: MultiTaskConfig, tasks: list[TaskData], force: bool = False) -> dict:
     """Run (or resume) a multi-task run (or an --add-task run) into ``cfg.output``; returns the metrics."""
-    run, resuming = prepare_run(cfg, force)
     accelerator = make_accelerator(find_unused_parameters=True)
+    run, resuming = prepare_run(cfg, force, accelerator)
     torch.manual_seed(cfg.seed)
     restore = None
     if cfg.add_task_from:
@@ -198,7 +199,7 @@ def train_multitask(cfg: MultiTaskConfig, tasks: list[TaskData], force: bool = F
 
     def evaluate_epoch(model: nn.Module) -> tuple[dict[str, Any], float, str]:
         metrics = {tasks[k].name: evaluate(model, val_loaders[i], accelerator, len(tasks[k].label_names)) for k, i in enumerate(train_ids)}
-        mean = float(np.mean([m["accuracy"] for m in metrics.values()]))
+        mean = float(np.mean([m[PRIMARY_METRIC] for m in metrics.values()]))
         line = ", ".join(f"{n} acc {m['accuracy']:.4f}" for n, m in metrics.items()) + f"; mean {mean:.4f}"
         return {"tasks": metrics, "mean_accuracy": mean}, mean, line
 
@@ -241,7 +242,7 @@ def train_multitask(cfg: MultiTaskConfig, tasks: list[TaskData], force: bool = F
             if "test" in splits[k]:
                 i = best.tasks.index(task.name)
                 loader = make_loader(splits[k]["test"], functools.partial(_with_task, collator, i), cfg.eval_batch_size)
-                result["test"][task.name] = evaluate(best, loader, accelerator, len(task.label_names))
+                result["test"][task.name] = evaluate(best.to(accelerator.device), loader, None, len(task.label_names))
         atomic_write_json(run / "metrics.json", result)
         write_multitask_report(run, result)
     accelerator.end_training()

@@ -39,6 +39,7 @@ from metatt_deploy.training.loop import (
     run_loop,
     start_ranks,
 )
+from metatt_deploy.training.metrics import PRIMARY_METRIC
 from metatt_deploy.tt.cores import tt_ranks
 
 N_BONDS = {"metatt-4d": 3, "metatt-5d": 4}  # single-task adapters: modes - 1
@@ -118,8 +119,8 @@ def load_trained(directory: Path, cfg: TrainConfig, label_names: list[str]) -> n
 
 def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
     """Run (or resume) a single-task training run into ``cfg.output``; returns the final metrics."""
-    run, resuming = prepare_run(cfg, force)
     accelerator = make_accelerator()
+    run, resuming = prepare_run(cfg, force, accelerator)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     model, adapter = wrap_model(cfg, load_classifier(cfg.model, task.label_names), task)
@@ -138,7 +139,7 @@ def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
     def evaluate_epoch(m: nn.Module) -> tuple[dict[str, Any], float, str]:
         metrics = evaluate(m, val_loader, accelerator, num_labels)
         trainable = count_parameters(accelerator.unwrap_model(m))["adapter"]
-        return {**metrics, "trainable": trainable}, metrics["accuracy"], ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        return {**metrics, "trainable": trainable}, metrics[PRIMARY_METRIC], ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
     recipe = Recipe(
         model=model,
@@ -175,8 +176,8 @@ def finish(cfg, run: Path, task: TaskData, splits, collator, accelerator: Accele
         best = load_trained(run / "best", cfg, task.label_names)
         if cfg.method != "lora":
             result["best_ranks"] = tt_ranks(mt.get_adapter(best).cores)
-        loader = accelerator.prepare(make_loader(splits["test"], collator, cfg.eval_batch_size, by_length(splits["test"])))
-        result["test"] = evaluate(accelerator.prepare(best), loader, accelerator, len(task.label_names))
+        loader = make_loader(splits["test"], collator, cfg.eval_batch_size, by_length(splits["test"]))
+        result["test"] = evaluate(best.to(accelerator.device), loader, None, len(task.label_names))
         accelerator.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in result["test"].items()))
     if accelerator.is_main_process:
         atomic_write_json(run / "metrics.json", result)
