@@ -27,6 +27,7 @@ from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmu
 from metatt_deploy.adapters import model as mt
 from metatt_deploy.adapters.base_model import DEFAULT_MODEL, load_classifier, load_tokenizer
 from metatt_deploy.adapters.config import DEFAULT_ALPHA
+from metatt_deploy.adapters.lora import load_lora, lora_record, write_lora_record
 from metatt_deploy.adapters.targets import DEFAULT_TARGETS, find_targets, head_modules
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_dir, atomic_write_json, read_json
@@ -149,11 +150,20 @@ def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     return torch.optim.AdamW(_param_groups(cfg, model), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _save_adapter(cfg: TrainConfig, model: nn.Module, tokenizer, directory: Path) -> None:
+def _save_adapter(cfg: TrainConfig, model: nn.Module, tokenizer, directory: Path, task: TaskData) -> None:
     if cfg.method == "lora":
+        record = lora_record(
+            task=task.name,
+            label_names=task.label_names,
+            base_model=cfg.model,
+            rank=cfg.rank,
+            lora_alpha=cfg.lora_alpha or cfg.rank,
+            targets=cfg.targets,
+        )
         with atomic_dir(directory, force=True) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            write_lora_record(tmp, record)
     else:
         mt.save_adapter(model, directory, tokenizer=tokenizer, force=True)
 
@@ -288,11 +298,11 @@ def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
     accelerator.print(f"{cfg.method}: {counts['adapter']:,} trainable adapter parameters (+{counts['head']:,} head)")
 
     model.train()
-    progress = progress_bar(total_steps, state["global_step"], f"train {cfg.method}", accelerator.is_main_process)
+    progress = progress_bar(total_steps, state["global_step"], f"train {cfg.method}", accelerator.is_main_process, unit="steps")
     while state["epoch"] < cfg.epochs and state["global_step"] < total_steps:
         epoch = state["epoch"]
         if state["step_in_epoch"] == 0 and epoch in schedule:
-            optimizer, scheduler = _cut_ranks(cfg, model, accelerator, optimizer, schedule[epoch], build_optimizer)
+            optimizer, scheduler = _cut_ranks(cfg, model, accelerator, optimizer, schedule[epoch], build_optimizer, progress.write)
             counts = _count(model, cfg)
         loader = accelerator.prepare(
             make_loader(splits["train"], collator, cfg.batch_size, epoch_order(lengths, cfg.batch_size, cfg.seed, epoch))
@@ -319,11 +329,11 @@ def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
         metrics = evaluate(model, val_loader, accelerator, num_labels)
         entry = {"epoch": epoch + 1, "step": state["global_step"], **metrics, "trainable": counts["adapter"]}
         state["history"].append(entry)
-        accelerator.print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        progress.write(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if state["best"] is None or metrics["accuracy"] > state["best"]["accuracy"]:
             state["best"] = entry
             if accelerator.is_main_process:
-                _save_adapter(cfg, accelerator.unwrap_model(model), tokenizer, run / "best")
+                _save_adapter(cfg, accelerator.unwrap_model(model), tokenizer, run / "best", task)
         state["epoch"] += 1
         state["step_in_epoch"] = 0
         if accelerator.is_main_process:
@@ -366,7 +376,7 @@ def _rank_schedule(cfg: TrainConfig, model: nn.Module) -> dict[int, list[int]]:
     return {epoch: ranks for epoch, ranks in checked.items() if epoch > 0}
 
 
-def _cut_ranks(cfg, model, accelerator, optimizer, ranks, build_optimizer):
+def _cut_ranks(cfg, model, accelerator, optimizer, ranks, build_optimizer, log):
     """One left-to-right SVD sweep to ``ranks``; AdamW rebuilt for the new core shapes.
 
     The cores' moments are reset or projected onto the kept subspace (``cfg.moments``, see
@@ -379,7 +389,7 @@ def _cut_ranks(cfg, model, accelerator, optimizer, ranks, build_optimizer):
     result = sweep(old, ranks)
     states = [inner.state[p] for p in old_params] if all(p in inner.state for p in old_params) else None
     adapter.set_cores(result.cores)
-    accelerator.print(f"rank cut {result.ranks_before} -> {result.ranks_after} (relative error {result.relative_error_bound:.3e})")
+    log(f"rank cut {result.ranks_before} -> {result.ranks_after} (relative error {result.relative_error_bound:.3e})")
     new_opt, new_sched = build_optimizer()
     for p in trainable_parameters(model).values():
         if p in inner.state and all(p is not q for q in old_params):
@@ -403,7 +413,7 @@ def _finish(cfg, run, task, splits, collator, accelerator, state, counts) -> dic
         "steps": state["global_step"],
     }
     if "test" in splits and accelerator.is_main_process:
-        best = load_trained(run / "best", cfg, task.label_names)
+        best = load_trained(run / "best", cfg)
         loader = accelerator.prepare(make_loader(splits["test"], collator, cfg.eval_batch_size, _by_length(splits["test"])))
         result["test"] = evaluate(accelerator.prepare(best), loader, accelerator, len(task.label_names))
         accelerator.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in result["test"].items()))
@@ -413,11 +423,8 @@ def _finish(cfg, run, task, splits, collator, accelerator, state, counts) -> dic
     return result
 
 
-def load_trained(directory: Path, cfg: TrainConfig, label_names: list[str]) -> nn.Module:
+def load_trained(directory: Path, cfg: TrainConfig) -> nn.Module:
     """The saved best adapter on a fresh base model, for testing after training."""
     if cfg.method != "lora":
         return mt.load_adapter(directory, base_model=cfg.model, tokenizer=False)[0]
-    from peft import PeftModel
-
-    base = load_classifier(cfg.model, label_names)
-    return PeftModel.from_pretrained(base, str(directory)).eval()
+    return load_lora(directory, base_model=cfg.model, tokenizer=False)[0]

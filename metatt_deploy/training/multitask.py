@@ -167,7 +167,10 @@ class MultiTaskConfig(TrainConfig):
             if len(self.tasks) != 1:
                 raise MetaTTError("--add-task trains exactly one new task; give --add-task NAME=SOURCE once")
         elif len(self.tasks) < 2:
-            raise MetaTTError("multi-task training needs at least two --task NAME=SOURCE; use --dataset for one task")
+            raise MetaTTError(
+                "multi-task training needs at least two --task NAME=SOURCE; for one task use --dataset NAME or --train FILE "
+                "(with --task-name NAME)"
+            )
         task_probabilities([1] * len(self.tasks), self.task_sampling, self.temperature)
 
     def sample_limits(self) -> dict[str, int] | None:
@@ -294,7 +297,7 @@ def train_multitask(cfg: MultiTaskConfig, tasks: list, force: bool = False) -> d
         f"({counts['shared_cores']:,} shared), {counts['total']:,} with the heads; "
         "task sampling " + ", ".join(f"{t.name} {p:.2f}" for t, p in zip(tasks, probs))
     )
-    progress = progress_bar(total_steps, state["global_step"], "train multi-task", accelerator.is_main_process)
+    progress = progress_bar(total_steps, state["global_step"], "train multi-task", accelerator.is_main_process, unit="steps")
     cores = list(mtm.metatt.cores)
     while state["epoch"] < cfg.epochs and state["global_step"] < total_steps:
         epoch = state["epoch"]
@@ -338,7 +341,7 @@ def train_multitask(cfg: MultiTaskConfig, tasks: list, force: bool = False) -> d
         }
         state["history"].append(entry)
         state["grad"] = copy.deepcopy(fresh)
-        accelerator.print(
+        progress.write(
             f"epoch {epoch + 1}: "
             + ", ".join(f"{n} acc {m['accuracy']:.4f}" for n, m in metrics.items())
             + f"; mean {entry['mean_accuracy']:.4f}"

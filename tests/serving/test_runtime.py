@@ -81,7 +81,7 @@ def test_unknown_tasks_and_bad_inputs_are_errors(served) -> None:
         rt.predict([("a", "b", "c")], task="nli")
     with pytest.raises(MetaTTError, match="unknown form"):
         Runtime(bundle, form="fast")
-    with pytest.raises(MetaTTError, match="not a factored bundle"):
+    with pytest.raises(MetaTTError, match="neither a factored bundle"):
         Runtime(bundle / TASKS_DIR)
 
 
