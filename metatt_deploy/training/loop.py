@@ -283,7 +283,7 @@ def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
     moments: dict[str, torch.Tensor] = {}
     if resuming:
         state, moments = load_checkpoint(run, cfg, model)
-        accelerator.print(f"resuming {run} at epoch {state['epoch'] + 1}, step {state['step_in_epoch']}")
+        accelerator.print(f"resuming {run} at epoch {state['epoch'] + 1}, step {state['step_in_epoch']}", flush=True)
 
     def build_optimizer():
         opt = _make_optimizer(cfg, model)
@@ -295,7 +295,7 @@ def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
     val_loader = accelerator.prepare(make_loader(splits["validation"], collator, cfg.eval_batch_size, _by_length(splits["validation"])))
     num_labels = len(task.label_names)
     counts = _count(model, cfg)
-    accelerator.print(f"{cfg.method}: {counts['adapter']:,} trainable adapter parameters (+{counts['head']:,} head)")
+    accelerator.print(f"{cfg.method}: {counts['adapter']:,} trainable adapter parameters (+{counts['head']:,} head)", flush=True)
 
     model.train()
     progress = progress_bar(total_steps, state["global_step"], f"train {cfg.method}", accelerator.is_main_process, unit="steps")
@@ -416,7 +416,7 @@ def _finish(cfg, run, task, splits, collator, accelerator, state, counts) -> dic
         best = load_trained(run / "best", cfg)
         loader = accelerator.prepare(make_loader(splits["test"], collator, cfg.eval_batch_size, _by_length(splits["test"])))
         result["test"] = evaluate(accelerator.prepare(best), loader, accelerator, len(task.label_names))
-        accelerator.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in result["test"].items()))
+        accelerator.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in result["test"].items()), flush=True)
     if accelerator.is_main_process:
         atomic_write_json(run / "metrics.json", result)
         write_training_report(run, result)

@@ -278,7 +278,7 @@ def train_multitask(cfg: MultiTaskConfig, tasks: list, force: bool = False) -> d
     moments: dict[str, torch.Tensor] = {}
     if resuming:
         state, moments = load_checkpoint(run, cfg, mtm)
-        accelerator.print(f"resuming {run} at epoch {state['epoch'] + 1}, step {state['step_in_epoch']}")
+        accelerator.print(f"resuming {run} at epoch {state['epoch'] + 1}, step {state['step_in_epoch']}", flush=True)
     optimizer = _optimizer(cfg, mtm)
 
     def checkpoint() -> None:
@@ -295,7 +295,8 @@ def train_multitask(cfg: MultiTaskConfig, tasks: list, force: bool = False) -> d
     accelerator.print(
         f"{config.method} ({'+'.join(config.mode_names)}): {counts['adapter_total']:,} adapter parameters "
         f"({counts['shared_cores']:,} shared), {counts['total']:,} with the heads; "
-        "task sampling " + ", ".join(f"{t.name} {p:.2f}" for t, p in zip(tasks, probs))
+        "task sampling " + ", ".join(f"{t.name} {p:.2f}" for t, p in zip(tasks, probs)),
+        flush=True,
     )
     progress = progress_bar(total_steps, state["global_step"], "train multi-task", accelerator.is_main_process, unit="steps")
     cores = list(mtm.metatt.cores)

@@ -12,10 +12,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from tiny_models import inputs, logits, random_cores, tiny_model
 
-from metatt_deploy.adapters.lora import LORA_RECORD
+from metatt_deploy.adapters.lora import LORA_RECORD, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
 from metatt_deploy.adapters.model import attach, build_config, merge_and_unload, save_adapter
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.export.peft import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, to_peft
+from metatt_deploy.export.peft import to_peft
 
 ALL_TARGETS = {"bert": "q,k,v,o,up,down", "gpt2": "q,k,v,o,up,down", "llama": "q,k,v,o,gate,up,down"}
 

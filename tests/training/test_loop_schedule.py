@@ -79,8 +79,8 @@ def _spy_cuts(monkeypatch) -> list[dict]:
     cuts: list[dict] = []
     original = train_mod._cut_ranks
 
-    def spy(cfg, model, accelerator, optimizer, ranks, build_optimizer):
-        new_opt, new_sched = original(cfg, model, accelerator, optimizer, ranks, build_optimizer)
+    def spy(cfg, model, accelerator, optimizer, ranks, build_optimizer, log):
+        new_opt, new_sched = original(cfg, model, accelerator, optimizer, ranks, build_optimizer, log)
         adapter = mt.get_adapter(accelerator.unwrap_model(model))
         inner = getattr(new_opt, "optimizer", new_opt)
         cuts.append(
