@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch import nn
+from transformers import PreTrainedModel
 
 from metatt_deploy.adapters.base_model import load_classifier, load_tokenizer
 from metatt_deploy.common.errors import MetaTTError
@@ -79,7 +79,7 @@ def load_lora(directory: str | Path, base_model: str | None = None, tokenizer: b
     return peft_model, record, tok
 
 
-def merge_lora(peft_model) -> nn.Module:
+def merge_lora(peft_model) -> PreTrainedModel:
     """Fold the LoRA pairs into the base weights (PEFT's merge_and_unload); the head stays trained."""
     model = peft_model.merge_and_unload()
     for p in model.parameters():

@@ -211,7 +211,9 @@ def export_onnx(
             "adapter_config.json); pass a merged model folder"
         )
     if adapter_dir is not None and not is_adapter_dir(adapter_dir):
-        raise MetaTTError(f"{adapter_dir} is not an adapter (no {ADAPTER_CONFIG}); pass the adapter directory or omit --adapter")
+        raise MetaTTError(
+            f"{adapter_dir} is not an adapter (no {ADAPTER_CONFIG}, no PEFT adapter_config.json); pass the adapter directory or omit --adapter"
+        )
 
     variant = variant_suffix(optimize, quantize, dtype)
     if output is None:

@@ -253,7 +253,7 @@ class Runtime:
         names = self._row_tasks(len(texts), task, tasks)
         encoding = self.encode(texts)
         if self.kind == "export":
-            session = self._task_session
+            session = self._tasks_graph()  # model.onnx, opened at load
             return list(session.run(["logits"], onnx_feeds(session, encoding))[0].astype(np.float32))
         out: list[np.ndarray | None] = [None] * len(texts)
         use_graph = [self.form != "adapter" and t in self.baked for t in names]
