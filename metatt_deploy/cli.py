@@ -7,7 +7,9 @@ and exit with status 2, never a traceback.
 from __future__ import annotations
 
 import functools
+import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -22,7 +24,7 @@ from metatt_deploy.common.files import atomic_write_text, check_writable, read_j
 from metatt_deploy.export.merge import merge_adapter, merge_factored
 from metatt_deploy.export.onnx import MANIFEST_NAME, export_onnx
 from metatt_deploy.export.peft import to_peft
-from metatt_deploy.export.validate import REPORT_MD
+from metatt_deploy.export.validate import report_paths
 from metatt_deploy.export.validate import validate as run_validation
 from metatt_deploy.serving.runtime import Runtime, read_inputs
 from metatt_deploy.training.config import (
@@ -39,20 +41,30 @@ from metatt_deploy.training.multitask import train_from_cli
 from metatt_deploy.training.sampling import DEFAULT_SAMPLING, DEFAULT_TEMPERATURE
 from metatt_deploy.training.single import train as run_training
 
+# Help is click's plain formatter, wrapped to the terminal (or HELP_WIDTH columns when stdout is
+# not a terminal): it wraps long option names, defaults and syntax instead of cutting them with
+# an ellipsis as rich's tables do in narrow columns, so --help is complete in any terminal or pipe.
+HELP_WIDTH = 120
+
 app = typer.Typer(
     name="metatt-deploy",
     help="Fine-tune transformers with MetaTT tensor-train adapters, merge them, export them to ONNX and validate them.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"max_content_width": HELP_WIDTH, "terminal_width": None if sys.stdout.isatty() else HELP_WIDTH},
 )
 
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
     import transformers
 
     transformers.logging.set_verbosity_error()
+    if not sys.stderr.isatty():  # off a terminal, progress bars redraw as glued fragments; ours print whole lines
+        datasets.disable_progress_bars()
 
 
 def user_errors(fn):
@@ -180,6 +192,13 @@ def train(
     temperature: Annotated[
         float, typer.Option(help="Multi-task: T of --task-sampling temperature (1 = proportional; larger flattens towards uniform).")
     ] = DEFAULT_TEMPERATURE,
+    task_name: Annotated[
+        str | None,
+        typer.Option(
+            "--task-name",
+            help="Name of the task, used in the adapter, merge output, reports and bundles. Default: the --dataset name, or the --train file's name without its split suffix (bbc.train.jsonl -> bbc; data/bbc/train.jsonl -> bbc).",
+        ),
+    ] = None,
     add_task: Annotated[
         str | None,
         typer.Option(
@@ -197,8 +216,10 @@ def train(
     With --task (repeated), train several tasks jointly; with --add-task and --from, add a task to a trained multi-task adapter.
     """
     if task_specs or add_task or from_adapter:
-        if dataset or train_file or validation_file or test_file:
-            raise MetaTTError("--task/--add-task name their own data; drop --dataset/--train/--validation/--test")
+        if dataset or train_file or validation_file or test_file or task_name:
+            raise MetaTTError(
+                "--task/--add-task name their own tasks and data (NAME=SOURCE); drop --dataset/--train/--validation/--test/--task-name"
+            )
         result = train_from_cli(
             output=str(output),
             specs=task_specs or [],
@@ -243,6 +264,7 @@ def train(
 
     limits = {k: v for k, v in (("train", max_train_samples), ("validation", max_eval_samples), ("test", max_eval_samples)) if v}
     task = load_task(
+        name=task_name,
         dataset=dataset,
         train=str(train_file) if train_file else None,
         validation=str(validation_file) if validation_file else None,
@@ -279,7 +301,7 @@ def train(
         return
     best, test = result["best"], result.get("test")
     typer.echo(
-        f"best validation accuracy {best['accuracy']:.4f} (epoch {best['epoch']})"
+        f"task '{task.name}': best validation accuracy {best['accuracy']:.4f} (epoch {best['epoch']})"
         + (f"; test accuracy {test['accuracy']:.4f}" if test else "")
     )
     typer.echo(f"adapter: {output / 'best'}; report: {output / 'metrics.md'}")
@@ -400,8 +422,11 @@ def export(
 @app.command()
 @user_errors
 def validate(
-    adapter: Annotated[Path, typer.Argument(help="Adapter directory (a run's best/ folder): the unmerged PyTorch reference.")],
-    onnx_dir: Annotated[Path, typer.Argument(help="ONNX bundle written by metatt-deploy export.")],
+    adapter: Annotated[
+        Path,
+        typer.Argument(help="Adapter directory (a run's best/ folder; MetaTT, multi-task MetaTT or LoRA): the unmerged PyTorch reference."),
+    ],
+    onnx_dir: Annotated[Path, typer.Argument(help="ONNX bundle written by metatt-deploy export (exported/NAME).")],
     data: Annotated[
         str | None,
         typer.Option(
@@ -409,7 +434,12 @@ def validate(
         ),
     ] = None,
     split: Annotated[str, typer.Option(help="Split of a builtin or hub data set (files are used whole).")] = "test",
-    max_examples: Annotated[int, typer.Option(help="Use at most N held-out examples (a fixed random subset).")] = 200,
+    max_examples: Annotated[
+        int | None,
+        typer.Option(
+            help="Use a fixed random subset of N held-out examples (default: all; the output and report say when a subset is used)."
+        ),
+    ] = None,
     batch_sizes: Annotated[str, typer.Option(help="Batch sizes to time, comma-separated.")] = "1,8",
     seq_len: Annotated[int, typer.Option(help="Tokens per example: truncation for parity, the fixed padded length for timing.")] = 128,
     repeats: Annotated[int, typer.Option(help="Timed calls per runtime and batch size (medians and p95 are reported).")] = 30,
@@ -427,17 +457,27 @@ def validate(
     base_model: Annotated[
         str | None, typer.Option(help="Base model folder or hub name, if it moved since training (checked by fingerprint).")
     ] = None,
-    task: Annotated[str | None, typer.Option(help="Task of a multi-task adapter (default: the one the export records).")] = None,
+    task: Annotated[
+        str | None, typer.Option(help="Task of a multi-task adapter (default: the one the export records, from merge/export --task).")
+    ] = None,
     text_column: Annotated[
         list[str] | None, typer.Option(help="Text column(s) of the data: one, or two for sentence pairs. Inferred when omitted.")
     ] = None,
     label_column: Annotated[str, typer.Option(help="Label column of the data (absent: accuracy is not reported).")] = "label",
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Folder for validation.json and validation.md (default: the ONNX folder).")
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Folder for validation.json and validation.md (default: beside the bundle, exported/NAME.validation.json and .md).",
+        ),
     ] = None,
     force: Force = False,
 ) -> None:
-    """Compare an ONNX export with its unmerged adapter: logits parity, label agreement, accuracy, latency."""
+    """Compare an ONNX export with its unmerged adapter: logits parity, label agreement, accuracy, latency.
+
+    Works for single-task MetaTT, one task of a multi-task MetaTT adapter (--task) and the PEFT LoRA baseline.
+    """
     try:
         sizes = [int(b) for b in _split([batch_sizes]) or []]
     except ValueError:
@@ -461,6 +501,7 @@ def validate(
         label_column=label_column,
         output=output,
         force=force,
+        log=typer.echo,
     )
     parity = report["parity"]
     tolerance = f"tolerance {parity['tolerance']:.0e}" if parity["enforced"] else "reported only"
@@ -477,13 +518,18 @@ def validate(
     for s in report["latency"]["speedups"]:
         extra = f", {s['onnx_vs_reference']:.2f}x vs reference" if "onnx_vs_reference" in s else ""
         typer.echo(f"batch {s['batch']}: ONNX ({s['provider']}) {s['onnx_vs_pytorch_cpu']:.2f}x vs PyTorch eager{extra}")
-    typer.echo(f"report: {(output or onnx_dir) / REPORT_MD}")
+    typer.echo(f"report: {report_paths(onnx_dir, output)[1]}")
 
 
 @app.command()
 @user_errors
 def predict(
-    bundle: Annotated[Path, typer.Argument(help="Factored bundle (merge --factored).")],
+    bundle: Annotated[
+        Path,
+        typer.Argument(
+            help="Any export: a single-task ONNX export (metatt-deploy export: exported/NAME) or a factored bundle (merge --factored)."
+        ),
+    ],
     text: Annotated[
         list[str] | None, typer.Option("--text", help="Input text (repeatable). A sentence pair: join the two with ' ||| '.")
     ] = None,
@@ -492,25 +538,39 @@ def predict(
         typer.Option(
             "--input",
             "-i",
-            help="JSONL input: one object per line with 'text' (and 'text_pair'), or the task's own columns (premise/hypothesis, sentence1/sentence2, ...); optional 'task' and 'id'.",
+            help="Input file ('-': standard input). JSONL (a .jsonl/.json file, or lines starting with '{'): one object per line with 'text' (and 'text_pair') or the task's own columns (premise/hypothesis, sentence1/sentence2, ...), optional 'task' and 'id'. Otherwise one text per line. Without --text and --input, texts are read from standard input.",
         ),
     ] = None,
-    task: Annotated[str | None, typer.Option(help="Task for every row (rows of a JSONL file may name their own 'task').")] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(help="Task for every input (default: the export's only task; rows of a JSONL file may name their own 'task')."),
+    ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the JSONL results here (default: standard output).")] = None,
     form: Annotated[
-        str, typer.Option(help="auto (task-id graph for baked tasks, adapter graph for added ones), tasks or adapter.")
+        str, typer.Option(help="Factored bundles: auto (task-id graph for baked tasks, adapter graph for added ones), tasks or adapter.")
     ] = "auto",
     batch_size: Annotated[int, typer.Option(help="Rows per ONNX Runtime call.")] = 32,
+    max_length: Annotated[
+        int | None, typer.Option(help="Tokens per input (longer inputs are truncated); default: the bundle's, else 128 as in training.")
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads.")] = None,
     force: Force = False,
 ) -> None:
-    """Predict labels with a factored bundle: one JSON line per input (task, label, score, scores)."""
-    import json
-
+    """Predict labels with any export: one JSON line per input (task, label, label_id, score, scores)."""
     if batch_size < 1:
         raise MetaTTError("--batch-size must be at least 1")
-    texts, tasks, ids = read_inputs(text, input_file, task)
-    runtime = Runtime(bundle, form=form, threads=threads)
+    if max_length is not None and max_length < 2:
+        raise MetaTTError("--max-length must be at least 2")
+    stdin = None
+    if not text and input_file is None:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise MetaTTError(
+                "give inputs with --text, --input FILE, or on standard input (e.g. cat texts.txt | metatt-deploy predict ...)"
+            )
+        stdin = sys.stdin
+    runtime = Runtime(bundle, form=form, threads=threads, max_length=max_length)
+    default_task = task or (runtime.tasks[0] if len(runtime.tasks) == 1 else None)
+    texts, tasks, ids = read_inputs(text, input_file, default_task, stdin=stdin)
     results = runtime.predict(texts, tasks=tasks, batch_size=batch_size)
     lines = "".join(json.dumps({**({"id": i} if i is not None else {}), **r}) + "\n" for i, r in zip(ids, results))
     if output is None:

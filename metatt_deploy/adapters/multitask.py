@@ -122,6 +122,24 @@ def routed(model: nn.Module, task_ids: int | torch.Tensor) -> Iterator[None]:
             r.task_ids = ids
 
 
+class TaskView(nn.Module):
+    """A multi-task model fixed to one task, giving only that task's logits.
+
+    This is what the dense model of that task (``merge --task``, ``export --task``) computes, so
+    it is the unmerged reference that `metatt-deploy validate --task` compares an export with.
+    """
+
+    def __init__(self, mtm: MultiTaskModel, task: str):
+        super().__init__()
+        self.mtm = mtm
+        self.task = mtm.adapter_config.task_index(task)
+        self.num_labels = mtm.num_labels[self.task]
+
+    def forward(self, **inputs) -> SequenceClassifierOutput:
+        logits = self.mtm(**inputs, task_ids=self.task).logits
+        return SequenceClassifierOutput(logits=logits[:, : self.num_labels])
+
+
 def split_logits(logits: np.ndarray | torch.Tensor, task_ids: Sequence[int], num_labels: Sequence[int]) -> list:
     """Row b of padded logits cut to its task's label count."""
     return [logits[b, : num_labels[t]] for b, t in enumerate(task_ids)]
@@ -148,7 +166,7 @@ def build_multitask(
     """Attach a (4+1)D adapter for ``tasks`` and per-task heads to ``model`` (a fresh HF classifier)."""
     tasks = list(tasks)
     if len(tasks) < 2:
-        raise MetaTTError("multi-task training needs at least two tasks; give --task twice or more (or use --dataset for one task)")
+        raise MetaTTError("multi-task training needs at least two tasks; give --task twice or more (for one task: --dataset or --train)")
     if len(set(tasks)) != len(tasks):
         raise MetaTTError(f"task names repeat ({', '.join(tasks)}); give each task a distinct NAME=")
     config = mt.build_config(

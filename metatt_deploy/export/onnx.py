@@ -41,6 +41,7 @@ import numpy as np
 from metatt_deploy import __version__
 from metatt_deploy.adapters.base_model import friendly_load
 from metatt_deploy.adapters.config import WEIGHTS_NAME, MetaTTConfig
+from metatt_deploy.adapters.lora import PEFT_WEIGHTS_NAME, is_lora_adapter, read_lora_record
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_dir, atomic_write_json, check_writable, read_json, sha256_file
 from metatt_deploy.export.merge import merge_adapter
@@ -187,8 +188,8 @@ def export_onnx(
     """Export ``model_dir`` to an ONNX bundle; returns the bundle folder.
 
     ``model_dir`` is a merged model folder (``metatt-deploy merge``), any Hugging Face sequence
-    classifier folder, or a MetaTT adapter folder, which is then merged on the fly (``task``
-    picks the task of a multi-task adapter). ``output`` defaults to ``exported/<name>`` with
+    classifier folder, or an adapter folder (MetaTT, or a LoRA run's best/), which is then merged
+    on the fly (``task`` picks the task of a multi-task adapter). ``output`` defaults to ``exported/<name>`` with
     ``name`` the folder's name plus the variant (``-opt``, ``-int8``, ``-fp16``).
     ``adapter_dir`` names the adapter for the manifest when the merged folder does not record it.
     """
@@ -203,13 +204,16 @@ def export_onnx(
         raise MetaTTError("--quantize int8 and --dtype fp16 exclude each other; choose one")
     if opset is not None and not 11 <= opset <= 25:
         raise MetaTTError(f"opset {opset} is out of range; use an opset between 11 and 25, or omit it for optimum's default")
-    is_adapter = (model_dir / ADAPTER_CONFIG).is_file()
+    is_adapter = is_adapter_dir(model_dir)
     if not is_adapter and not (model_dir / "config.json").is_file():
         raise MetaTTError(
-            f"{model_dir} holds neither a model (config.json) nor a MetaTT adapter ({ADAPTER_CONFIG}); pass a merged model folder"
+            f"{model_dir} holds neither a model (config.json) nor an adapter ({ADAPTER_CONFIG} or a PEFT "
+            "adapter_config.json); pass a merged model folder"
         )
-    if adapter_dir is not None and not (Path(adapter_dir) / ADAPTER_CONFIG).is_file():
-        raise MetaTTError(f"{adapter_dir} is not a MetaTT adapter (no {ADAPTER_CONFIG}); pass the adapter directory or omit --adapter")
+    if adapter_dir is not None and not is_adapter_dir(adapter_dir):
+        raise MetaTTError(
+            f"{adapter_dir} is not an adapter (no {ADAPTER_CONFIG}, no PEFT adapter_config.json); pass the adapter directory or omit --adapter"
+        )
 
     variant = variant_suffix(optimize, quantize, dtype)
     if output is None:
@@ -247,6 +251,11 @@ def export_onnx(
     return output
 
 
+def is_adapter_dir(directory: str | Path) -> bool:
+    """A MetaTT adapter folder or a PEFT LoRA folder (both merge on the fly)."""
+    return (Path(directory) / ADAPTER_CONFIG).is_file() or is_lora_adapter(directory)
+
+
 def variant_suffix(optimize: bool, quantize: str | None, dtype: str) -> str:
     return ("-opt" if optimize else "") + (f"-{quantize}" if quantize else "") + ("-fp16" if dtype == "fp16" else "")
 
@@ -255,12 +264,25 @@ def _provenance(source: Path, adapter_dir: str | Path | None) -> dict:
     """Adapter and base model of the export, from the merge record and/or the adapter config."""
     record = read_json(source / MERGE_RECORD, "merge record") if (source / MERGE_RECORD).is_file() else {}
     recorded = record.get("adapter")
-    if adapter_dir is None and recorded and (Path(recorded) / ADAPTER_CONFIG).is_file():
+    if adapter_dir is None and recorded and is_adapter_dir(recorded):
         adapter_dir = recorded
     elif adapter_dir is not None and recorded and Path(recorded).resolve() != Path(adapter_dir).resolve():
         raise MetaTTError(f"the merged model records adapter {recorded}, not {adapter_dir}; pass the matching --adapter or omit it")
     adapter = None
-    if adapter_dir is not None:
+    if adapter_dir is not None and is_lora_adapter(adapter_dir):
+        lora = read_lora_record(adapter_dir)
+        weights = Path(adapter_dir) / PEFT_WEIGHTS_NAME
+        adapter = {
+            "path": str(Path(adapter_dir).resolve()),
+            "method": "lora",
+            "ranks": [lora["rank"]],
+            "alpha": lora["lora_alpha"],
+            "targets": lora["targets"],
+            "tasks": [lora["task"]],
+            "weights_sha256": sha256_file(weights) if weights.is_file() else None,
+        }
+        record = {"base_model": lora["base_model"], "base_fingerprint": None, "method": "lora", "task": lora["task"], **record}
+    elif adapter_dir is not None:
         config = MetaTTConfig.load(adapter_dir)
         weights = Path(adapter_dir) / WEIGHTS_NAME
         adapter = {

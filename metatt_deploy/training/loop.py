@@ -217,7 +217,7 @@ def run_loop(cfg: TrainConfig, run: Path, resuming: bool, recipe: Recipe, accele
     moments: dict[str, torch.Tensor] = {}
     if resuming:
         state, moments = load_checkpoint(run, recipe.model, recipe.adapter)
-        accelerator.print(f"resuming {run} at epoch {state['epoch'] + 1}, step {state['step_in_epoch']}")
+        accelerator.print(f"resuming {run} at epoch {state['epoch'] + 1}, step {state['step_in_epoch']}", flush=True)
 
     def build_optimizer(model: nn.Module):
         opt = torch.optim.AdamW(recipe.param_groups(model), lr=cfg.adapter_lr, weight_decay=cfg.weight_decay)
@@ -233,11 +233,13 @@ def run_loop(cfg: TrainConfig, run: Path, resuming: bool, recipe: Recipe, accele
             save_checkpoint(run, accelerator.unwrap_model(model), optimizer, state)
 
     model.train()
-    progress = progress_bar(total_steps, state["global_step"], recipe.description, accelerator.is_main_process)
+    progress = progress_bar(total_steps, state["global_step"], recipe.description, accelerator.is_main_process, unit="steps")
     while state["epoch"] < cfg.epochs and state["global_step"] < total_steps:
         epoch = state["epoch"]
         if state["step_in_epoch"] == 0 and epoch in recipe.schedule:
-            model, optimizer, scheduler = cut_ranks(cfg, model, accelerator, optimizer, recipe, recipe.schedule[epoch], build_optimizer)
+            model, optimizer, scheduler = cut_ranks(
+                cfg, model, accelerator, optimizer, recipe, recipe.schedule[epoch], build_optimizer, progress.write
+            )
         plan = epoch_plan(lengths, batch_size, recipe.probs, cfg.seed, epoch)
         for t, idx in plan[state["step_in_epoch"] :]:
             t0 = time.perf_counter()
@@ -261,7 +263,7 @@ def run_loop(cfg: TrainConfig, run: Path, resuming: bool, recipe: Recipe, accele
             postfix = {"loss": f"{loss.item():.4f}", "epoch": epoch + 1}
             if len(rows) > 1:
                 postfix["task"] = recipe.task_names[t]
-            progress.set_postfix(postfix, refresh=False)
+            progress.set_postfix(refresh=False, **postfix)
             if state["global_step"] % cfg.save_steps == 0:
                 checkpoint()
             if state["global_step"] >= total_steps:
@@ -300,7 +302,7 @@ def _record_gradients(stats: dict[str, Any], adapter: MetaTT | None, task: int) 
     stats["task_steps"][task] += 1
 
 
-def cut_ranks(cfg: TrainConfig, model, accelerator: Accelerator, optimizer, recipe: Recipe, ranks: list[int], build_optimizer):
+def cut_ranks(cfg: TrainConfig, model, accelerator: Accelerator, optimizer, recipe: Recipe, ranks: list[int], build_optimizer, log):
     """One left-to-right SVD sweep to ``ranks``; AdamW rebuilt for the new core shapes.
 
     The cores' moments are reset or projected onto the kept subspace (``cfg.moments``, see
@@ -317,7 +319,8 @@ def cut_ranks(cfg: TrainConfig, model, accelerator: Accelerator, optimizer, reci
     result = sweep(old, ranks)
     states = [inner.state[p] for p in old_params] if all(p in inner.state for p in old_params) else None
     adapter.set_cores(result.cores)
-    accelerator.print(f"rank cut {result.ranks_before} -> {result.ranks_after} (relative error {result.relative_error_bound:.3e})")
+    if accelerator.is_main_process:
+        log(f"rank cut {result.ranks_before} -> {result.ranks_after} (relative error {result.relative_error_bound:.3e})")
     new_opt, new_sched = build_optimizer(unwrapped)
     for p in trainable_parameters(unwrapped).values():
         if p in inner.state and all(p is not q for q in old_params):

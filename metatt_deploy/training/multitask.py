@@ -187,7 +187,8 @@ def train_multitask(cfg: MultiTaskConfig, tasks: list[TaskData], force: bool = F
     accelerator.print(
         f"{config.method} ({'+'.join(config.mode_names)}): {counts['adapter_total']:,} adapter parameters "
         f"({counts['shared_cores']:,} shared), {counts['total']:,} with the heads; "
-        "task sampling " + ", ".join(f"{t.name} {p:.2f}" for t, p in zip(tasks, probs))
+        "task sampling " + ", ".join(f"{t.name} {p:.2f}" for t, p in zip(tasks, probs)),
+        flush=True,
     )
     core_names = _core_names(config)
 

@@ -13,13 +13,14 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import DataCollatorWithPadding
 
 from metatt_deploy.adapters import model as mt
 from metatt_deploy.adapters.base_model import load_classifier, load_tokenizer
 from metatt_deploy.adapters.layer import MetaTT
+from metatt_deploy.adapters.lora import load_lora, lora_record, write_lora_record
 from metatt_deploy.adapters.targets import find_targets, head_modules
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_dir, atomic_write_json
@@ -100,21 +101,29 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return {"adapter": total - head, "head": head, "total": total}
 
 
-def save_trained(cfg: TrainConfig, model: nn.Module, tokenizer, directory: Path) -> None:
+def save_trained(cfg: TrainConfig, model: nn.Module, tokenizer, directory: Path, task: TaskData) -> None:
     if cfg.method == "lora":
+        record = lora_record(
+            task=task.name,
+            label_names=task.label_names,
+            base_model=cfg.model,
+            rank=cfg.rank,
+            lora_alpha=cfg.lora_alpha or cfg.rank,
+            targets=cfg.targets,
+        )
         with atomic_dir(directory, force=True) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            write_lora_record(tmp, record)
     else:
         mt.save_adapter(model, directory, tokenizer=tokenizer, force=True)
 
 
-def load_trained(directory: Path, cfg: TrainConfig, label_names: list[str]) -> nn.Module:
+def load_trained(directory: Path, cfg: TrainConfig) -> nn.Module:
     """The saved best adapter on a fresh base model, for testing after training."""
     if cfg.method != "lora":
         return mt.load_adapter(directory, base_model=cfg.model, tokenizer=False)[0]
-    base = load_classifier(cfg.model, label_names)
-    return PeftModel.from_pretrained(base, str(directory)).eval()
+    return load_lora(directory, base_model=cfg.model, tokenizer=False)[0]
 
 
 def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
@@ -134,7 +143,7 @@ def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
     val_loader = accelerator.prepare(make_loader(splits["validation"], collator, cfg.eval_batch_size, by_length(splits["validation"])))
     num_labels = len(task.label_names)
     counts = count_parameters(model)
-    accelerator.print(f"{cfg.method}: {counts['adapter']:,} trainable adapter parameters (+{counts['head']:,} head)")
+    accelerator.print(f"{cfg.method}: {counts['adapter']:,} trainable adapter parameters (+{counts['head']:,} head)", flush=True)
 
     def evaluate_epoch(m: nn.Module) -> tuple[dict[str, Any], float, str]:
         metrics = evaluate(m, val_loader, accelerator, num_labels)
@@ -147,7 +156,7 @@ def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
         probs=torch.ones(1).numpy(),
         collate=lambda _, rows: collator(rows),
         evaluate=evaluate_epoch,
-        save_best=lambda m, directory: save_trained(cfg, m, tokenizer, directory),
+        save_best=lambda m, directory: save_trained(cfg, m, tokenizer, directory, task),
         param_groups=lambda m: param_groups(cfg, m),
         task_names=[task.name],
         adapter=adapter,
@@ -173,12 +182,12 @@ def finish(cfg, run: Path, task: TaskData, splits, collator, accelerator: Accele
         "steps": state["global_step"],
     }
     if "test" in splits and accelerator.is_main_process:
-        best = load_trained(run / "best", cfg, task.label_names)
+        best = load_trained(run / "best", cfg)
         if cfg.method != "lora":
             result["best_ranks"] = tt_ranks(mt.get_adapter(best).cores)
         loader = make_loader(splits["test"], collator, cfg.eval_batch_size, by_length(splits["test"]))
         result["test"] = evaluate(best.to(accelerator.device), loader, None, len(task.label_names))
-        accelerator.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in result["test"].items()))
+        accelerator.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in result["test"].items()), flush=True)
     if accelerator.is_main_process:
         atomic_write_json(run / "metrics.json", result)
         write_training_report(run, result)
