@@ -12,6 +12,7 @@ each shared core; a task is its ``r x r`` task-core slice plus its head (kilobyt
     tasks/NAME.onnx_adapter     the same tensors as an ONNX Runtime adapter (for model_adapter.onnx)
     model_tasks.onnx            form (a): input ``task_ids`` (int64, one per row); all baked tasks
     model_adapter.onnx          form (b): task slice + head are inputs fed from an .onnx_adapter
+    web/                        metatt.js + index.html: model_tasks.onnx from Node or a browser (export/web.py)
 
 Both graphs hold the base weights and every shared core exactly once (one initializer each,
 used by every layer: the per-layer updates are never materialised); the export runs with
@@ -51,6 +52,7 @@ from metatt_deploy.adapters.heads import PAD_LOGIT, add_task_heads, label_linear
 from metatt_deploy.adapters.multitask import MultiTaskModel, bundle_id, load_multitask, shared_core_indices
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_dir, atomic_write_json, check_writable, read_json, sha256_file
+from metatt_deploy.export.web import factored_spec, write_web_app
 
 BUNDLE_FORMAT = 1
 BUNDLE_JSON = "bundle.json"
@@ -381,6 +383,12 @@ def write_bundle(
                 "task_graph": export_task_graph(mtm, tmp / TASK_GRAPH, names, opset),
                 "adapter_graph": export_adapter_graph(mtm, tmp / ADAPTER_GRAPH, names, opset),
             }
+        web = None
+        if onnx:
+            spec = factored_spec(
+                TASK_GRAPH, list(config.tasks), config.label_names, [*names, TASK_IDS], BASE_DIR, int(config.extra.get("max_length", 128))
+            )
+            web = write_web_app(tmp, spec)
         layout = config.to_json()
         info = {
             "format_version": BUNDLE_FORMAT,
@@ -400,6 +408,7 @@ def write_bundle(
             "logits_layout": LOGITS_LAYOUT,
             "adapter_config": layout,
             "onnx": graphs,
+            "web": web,
             "seconds": round(time.time() - started, 1),
         }
         atomic_write_json(tmp / BUNDLE_JSON, info)
