@@ -141,7 +141,13 @@ class _TaskIdGraph(nn.Module):
         *text, task_ids = args
         # an id < 0 would wrap around in Gather: send it past the last task so it fails instead
         task_ids = torch.where(task_ids < 0, torch.full_like(task_ids, len(self.mtm.tasks)), task_ids)
-        return self.mtm(**dict(zip(self.names, text)), task_ids=task_ids).logits
+        adapter = self.mtm.metatt
+        adapter.precompute = True  # every layer's update factor once per call, not once per layer
+        try:
+            return self.mtm(**dict(zip(self.names, text)), task_ids=task_ids).logits
+        finally:
+            adapter.precompute = False
+            adapter.use_task(None)
 
 
 def export_task_graph(mtm: MultiTaskModel, path: str | Path, names: list[str], opset: int = DEFAULT_OPSET) -> dict:
@@ -385,10 +391,9 @@ def write_bundle(
             }
         web = None
         if onnx:
-            spec = factored_spec(
-                TASK_GRAPH, list(config.tasks), config.label_names, [*names, TASK_IDS], BASE_DIR, int(config.extra.get("max_length", 128))
-            )
-            web = write_web_app(tmp, spec)
+            max_length = int(config.extra.get("max_length", 128))
+            spec = factored_spec(TASK_GRAPH, list(config.tasks), config.label_names, [*names, TASK_IDS], max_length)
+            web = write_web_app(tmp, spec, tmp / BASE_DIR)
         layout = config.to_json()
         info = {
             "format_version": BUNDLE_FORMAT,

@@ -439,9 +439,8 @@ def _export_into(
         fields["transformers_js"] = _transformers_js_layout(tmp, quantize, per_channel, reduce_range, encodings, ref_logits, threads)
     if "ort" in formats:
         fields["ort_format"] = _ort_format(tmp, encodings, threads)
-    fields["web"] = write_web_app(
-        tmp, single_task_spec(fields["labels"], fields["inputs"], TJS_DIR if layout == "transformers.js" else None)
-    )
+    spec = single_task_spec(fields["labels"], fields["inputs"], TJS_DIR if layout == "transformers.js" else None)
+    fields["web"] = write_web_app(tmp, spec, tmp)
     return fields
 
 

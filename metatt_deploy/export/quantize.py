@@ -138,7 +138,7 @@ def load_calibration_rows(
 ) -> tuple[list[tuple[str, ...]], str]:
     """Calibration sentences from a builtin task, Hub data set or file: (rows, where they came from).
 
-    A task's validation split is used (a file counts as training data: its carved validation part).
+    A task's validation split is used (its train split if it has none; never test); a file is used whole.
     """
     if max_rows < 1:
         raise MetaTTError(f"--calibration-rows is {max_rows}; give at least 1")
@@ -146,10 +146,11 @@ def load_calibration_rows(
     if path.suffix.lower() in (".csv", ".tsv", ".jsonl", ".json") or path.exists():
         if not path.is_file():
             raise MetaTTError(f"calibration file not found: {path}; pass a data file or a builtin task name")
-        task = load_task(train=str(path), text_columns=text_columns, seed=seed)
+        task = load_task(test=str(path), text_columns=text_columns, seed=seed)  # a file is used whole
+        split = "test"
     else:
         task = load_task(dataset=data, text_columns=text_columns, seed=seed)
-    split = next(s for s in CALIBRATION_SPLITS if s in task.splits)
+        split = next(s for s in CALIBRATION_SPLITS if s in task.splits)
     ds = task.splits[split].shuffle(seed=seed)
     ds = ds.select(range(min(max_rows, len(ds))))
     columns = ds.select_columns(list(task.text_columns))[:]

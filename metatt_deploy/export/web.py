@@ -9,6 +9,7 @@ Every export (``metatt-deploy export``) and every factored bundle (``merge --fac
                       ``loadClassifier({root, ort, AutoTokenizer, env})`` then
                       ``classifier.classify([{text, text_pair?, task}, ...])`` classifies rows of
                       different tasks in ONE call of the graph (docs/web.md)
+    web/tokenizer/    the export's tokenizer files, for Transformers.js's AutoTokenizer
     web/index.html    a page that classifies typed text in the browser (task menu; static files
                       only: any static file server, or none beyond one, serves the bundle)
     web/vendor/       onnxruntime-web's WASM bundle and Transformers.js (for its tokenizer),
@@ -33,6 +34,8 @@ SPEC_NAME = "metatt.json"
 SPEC_FORMAT = 1
 ASSETS = ("metatt.js", "index.html")
 VENDOR_DIR = "vendor"
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # file in web/vendor/ <- path inside node_modules (onnxruntime-web's WASM-only bundle embeds
 # its JS glue and fetches the .wasm; Transformers.js's self-contained browser build)
 VENDOR_FILES = {
@@ -50,7 +53,7 @@ def single_task_spec(labels: dict[str, str], inputs: list[str], fp32_dir: str | 
     return {
         "format_version": SPEC_FORMAT,
         "graph": graph,
-        "tokenizer": "..",
+        "tokenizer": TOKENIZER_DIR,
         "inputs": inputs,
         "task_ids": False,
         "tasks": [{"name": "default", "labels": ordered}],
@@ -58,12 +61,12 @@ def single_task_spec(labels: dict[str, str], inputs: list[str], fp32_dir: str | 
     }
 
 
-def factored_spec(graph: str, tasks: list[str], labels: dict[str, list[str]], inputs: list[str], base_dir: str, max_length: int) -> dict:
+def factored_spec(graph: str, tasks: list[str], labels: dict[str, list[str]], inputs: list[str], max_length: int) -> dict:
     """The spec of a factored bundle: model_tasks.onnx, every baked task, the base tokenizer."""
     return {
         "format_version": SPEC_FORMAT,
         "graph": f"../{graph}",
-        "tokenizer": f"../{base_dir}",
+        "tokenizer": TOKENIZER_DIR,
         "inputs": inputs,
         "task_ids": True,
         "tasks": [{"name": t, "labels": list(labels[t])} for t in tasks],
@@ -71,10 +74,13 @@ def factored_spec(graph: str, tasks: list[str], labels: dict[str, list[str]], in
     }
 
 
-def write_web_app(folder: Path, spec: dict) -> dict:
-    """Write ``folder/web/`` (spec, module, page); returns the manifest's ``web`` entry."""
+def write_web_app(folder: Path, spec: dict, tokenizer_dir: Path) -> dict:
+    """Write ``folder/web/`` (spec, module, page, tokenizer files from ``tokenizer_dir``); returns the manifest's ``web`` entry."""
     web = folder / WEB_DIR
-    web.mkdir(exist_ok=True)
+    (web / TOKENIZER_DIR).mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copyfile(tokenizer_dir / name, web / TOKENIZER_DIR / name)
     atomic_write_json(web / SPEC_NAME, spec)
     for name in ASSETS:
         atomic_write_text(web / name, resources.files("metatt_deploy.export").joinpath("web_assets", name).read_text(encoding="utf-8"))

@@ -37,7 +37,9 @@ def npm_dir() -> Path:
     if current != wanted or not (NPM_DIR / "node_modules").is_dir():
         (NPM_DIR / "package.json").write_text(wanted)
         env = {**os.environ, "ONNXRUNTIME_NODE_INSTALL": "skip"}
-        done = subprocess.run(["npm", "install", "--no-audit", "--no-fund"], cwd=NPM_DIR, env=env, capture_output=True, text=True, timeout=900)
+        done = subprocess.run(
+            ["npm", "install", "--no-audit", "--no-fund"], cwd=NPM_DIR, env=env, capture_output=True, text=True, timeout=900
+        )
         assert done.returncode == 0, done.stderr[-2000:]
     for script in HERE.glob("*.mjs"):
         shutil.copyfile(script, NPM_DIR / script.name)

@@ -39,14 +39,16 @@ def real_sentences(n: int = 20) -> list[str]:
 def test_single_and_factored_specs_and_files(tmp_path) -> None:
     spec = single_task_spec({"0": "negative", "1": "positive"}, ["input_ids", "attention_mask"], "onnx")
     assert spec["graph"] == "../onnx/model.onnx" and spec["tasks"] == [{"name": "default", "labels": ["negative", "positive"]}]
-    assert not spec["task_ids"] and spec["tokenizer"] == ".."
-    entry = write_web_app(tmp_path, spec)
-    assert sorted(p.name for p in (tmp_path / WEB_DIR).iterdir()) == sorted(entry["files"])
+    assert not spec["task_ids"] and spec["tokenizer"] == "tokenizer"
+    (tmp_path / "tokenizer.json").write_text("{}")
+    entry = write_web_app(tmp_path, spec, tmp_path)
+    assert sorted(p.name for p in (tmp_path / WEB_DIR).iterdir()) == sorted([*entry["files"], "tokenizer"])
+    assert (tmp_path / WEB_DIR / "tokenizer" / "tokenizer.json").read_text() == "{}"
     assert json.loads((tmp_path / WEB_DIR / SPEC_NAME).read_text()) == spec
     assert "export async function loadClassifier" in (tmp_path / WEB_DIR / "metatt.js").read_text()
     assert "./vendor/ort.wasm.bundle.min.mjs" in (tmp_path / WEB_DIR / "index.html").read_text()
-    fspec = factored_spec("model_tasks.onnx", ["a", "b"], {"a": ["x", "y"], "b": ["p", "q", "r"]}, ["input_ids", "task_ids"], "base", 64)
-    assert fspec["task_ids"] and [t["name"] for t in fspec["tasks"]] == ["a", "b"] and fspec["tokenizer"] == "../base"
+    fspec = factored_spec("model_tasks.onnx", ["a", "b"], {"a": ["x", "y"], "b": ["p", "q", "r"]}, ["input_ids", "task_ids"], 64)
+    assert fspec["task_ids"] and [t["name"] for t in fspec["tasks"]] == ["a", "b"] and fspec["graph"] == "../model_tasks.onnx"
     with pytest.raises(MetaTTError, match="lacks .*npm install"):
         vendor_web_runtime(tmp_path, tmp_path / "node_modules")
 
@@ -91,7 +93,9 @@ def python_top(model: Path, tokenizer_dir: Path, texts: list[str], labels: list[
     names = {i.name for i in session.get_inputs()}
     out = []
     for text in texts:
-        enc = {k: v.astype(np.int64) for k, v in tokenizer(text, truncation=True, max_length=128, return_tensors="np").items() if k in names}
+        enc = {
+            k: v.astype(np.int64) for k, v in tokenizer(text, truncation=True, max_length=128, return_tensors="np").items() if k in names
+        }
         p = softmax(session.run(["logits"], enc)[0][0].astype(np.float64))
         out.append((labels[int(p.argmax())], float(p.max())))
     return out

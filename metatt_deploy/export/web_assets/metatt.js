@@ -51,13 +51,13 @@ function softmax(logits) {
 export async function loadClassifier({ base, ort, AutoTokenizer, env, sessionOptions = {} }) {
   const spec = await readJson(resolve(base, 'metatt.json'));
   if (spec.format_version !== 1) throw new Error(`metatt.json format ${spec.format_version} is not supported (this module reads 1)`);
-  const tokenizerDir = resolve(base, spec.tokenizer);
-  const cut = tokenizerDir.lastIndexOf('/');
+  // web/tokenizer/ holds the export's tokenizer files: web/ is the "model path", so it works
+  // wherever the bundle is served from (the root of a static server included)
   env.allowRemoteModels = false;
   env.allowLocalModels = true;
   env.useBrowserCache = false;
-  env.localModelPath = tokenizerDir.slice(0, cut + 1);
-  const tokenizer = await AutoTokenizer.from_pretrained(tokenizerDir.slice(cut + 1));
+  env.localModelPath = resolve(base, '.') + '/';
+  const tokenizer = await AutoTokenizer.from_pretrained(spec.tokenizer);
   const session = await ort.InferenceSession.create(resolve(base, spec.graph), { graphOptimizationLevel: 'all', ...sessionOptions });
   const tasks = new Map(spec.tasks.map((t, i) => [t.name, { ...t, id: i }]));
   const padId = BigInt(tokenizer.pad_token_id ?? 0);
