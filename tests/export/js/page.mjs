@@ -19,6 +19,7 @@ try {
   const logs = [];
   page.on('console', (m) => logs.push(m.text()));
   page.on('pageerror', (e) => logs.push(String(e)));
+  page.on('response', (r) => { if (r.status() >= 400) logs.push(`${r.status()} ${r.url()}`); });
   await page.goto(url);
   await page.waitForFunction(() => ['ready', 'error'].includes(document.body.dataset.status), null, { timeout: 120000 });
   if ((await page.getAttribute('body', 'data-status')) !== 'ready') throw new Error(`page failed: ${await page.textContent('#status')} ${logs.join(' | ')}`);
