@@ -21,11 +21,14 @@ from metatt_deploy.adapters.config import DEFAULT_ALPHA
 from metatt_deploy.adapters.targets import DEFAULT_TARGETS
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_text, check_writable, read_json
+from metatt_deploy.common.threads import resolve_threads
 from metatt_deploy.export.merge import merge_adapter, merge_factored
 from metatt_deploy.export.onnx import MANIFEST_NAME, export_onnx
 from metatt_deploy.export.peft import to_peft
+from metatt_deploy.export.quantize import CALIBRATION_ROWS
 from metatt_deploy.export.validate import report_paths
 from metatt_deploy.export.validate import validate as run_validation
+from metatt_deploy.export.web import vendor_web_runtime
 from metatt_deploy.serving.runtime import Runtime, read_inputs
 from metatt_deploy.training.config import (
     DEFAULT_BATCH_SIZE,
@@ -209,12 +212,16 @@ def train(
     from_adapter: Annotated[
         Path | None, typer.Option("--from", help="With --add-task: the multi-task adapter (a run's best/) to extend.")
     ] = None,
+    threads: Annotated[int | None, typer.Option(help="PyTorch intra-op threads (default: every available CPU; fastest measured).")] = None,
     force: Force = False,
 ) -> None:
     """Fine-tune a sequence classifier with a MetaTT adapter (or a PEFT LoRA baseline).
 
     With --task (repeated), train several tasks jointly; with --add-task and --from, add a task to a trained multi-task adapter.
     """
+    import torch
+
+    torch.set_num_threads(resolve_threads(threads))
     if task_specs or add_task or from_adapter:
         if dataset or train_file or validation_file or test_file or task_name:
             raise MetaTTError(
@@ -381,7 +388,40 @@ def export(
     ] = False,
     quantize: Annotated[
         str | None,
-        typer.Option(help="int8: dynamic quantization (int8 weights of MatMul/Attention nodes); logits parity is reported, not enforced."),
+        typer.Option(
+            help="int8: dynamic quantization (int8 weights of MatMul/Attention nodes, activation scales per batch); int8-static: QDQ with activation scales calibrated on --calibration data (a row's logits do not depend on its batch). Logits parity is reported, not enforced."
+        ),
+    ] = None,
+    calibration: Annotated[
+        str | None,
+        typer.Option(
+            help="With --quantize int8-static: calibration data, a builtin task (its validation split), a hub data set or a CSV/JSONL file."
+        ),
+    ] = None,
+    calibration_rows: Annotated[int, typer.Option(help="Calibration rows (a fixed random subset, fed one at a time).")] = CALIBRATION_ROWS,
+    calibration_method: Annotated[str, typer.Option(help="Activation range estimate: minmax, percentile or entropy.")] = "minmax",
+    per_channel: Annotated[
+        bool, typer.Option("--per-channel/--per-tensor", help="int8 weight scales per output channel or per tensor.")
+    ] = True,
+    reduce_range: Annotated[
+        bool | None,
+        typer.Option("--reduce-range/--full-range", help="7-bit int8 weights (default: only on CPUs without VNNI; see docs/int8.md)."),
+    ] = None,
+    layout: Annotated[
+        str, typer.Option(help="optimum, or transformers.js: also onnx/model.onnx and onnx/model_quantized.onnx for Transformers.js.")
+    ] = "optimum",
+    formats: Annotated[
+        list[str] | None, typer.Option("--format", help="onnx (always), ort: also .ort models + the reduced build's operator config.")
+    ] = None,
+    web_runtime: Annotated[
+        Path | None,
+        typer.Option(
+            help="A node_modules folder with onnxruntime-web and @huggingface/transformers: copy the page's runtime files into web/vendor/."
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="ONNX Runtime intra-op threads of the parity checks (default: every available CPU; fastest measured)."),
     ] = None,
     dtype: Annotated[
         str, typer.Option(help="fp32, or fp16 (for GPU execution providers; parity tolerance 1e-2 x max(1, max |logit|)).")
@@ -404,7 +444,17 @@ def export(
         force=force,
         adapter_dir=adapter,
         task=task,
+        calibration=calibration,
+        calibration_rows=calibration_rows,
+        calibration_method=calibration_method,
+        per_channel=per_channel,
+        reduce_range=reduce_range,
+        layout=layout,
+        formats=["onnx", *(f for f in _split(formats) or [] if f != "onnx")],
+        threads=threads,
     )
+    if web_runtime is not None:
+        vendor_web_runtime(out, web_runtime)
     manifest = read_json(out / MANIFEST_NAME, "export manifest")
     final = manifest["parity"]["final"]
     tolerance = "reported only" if final["tolerance"] is None else f"tolerance {final['tolerance']:.0e}"
@@ -448,7 +498,8 @@ def validate(
         float, typer.Option(help="Cap on seconds per runtime and batch size (at least 3 calls are still timed).")
     ] = 60.0,
     threads: Annotated[
-        int | None, typer.Option(help="Intra-op threads for both PyTorch and ONNX Runtime (default: each library's default).")
+        int | None,
+        typer.Option(help="Intra-op threads for both PyTorch and ONNX Runtime (default: every available CPU; fastest measured)."),
     ] = None,
     reference_onnx: Annotated[
         Path | None,
@@ -553,7 +604,7 @@ def predict(
     max_length: Annotated[
         int | None, typer.Option(help="Tokens per input (longer inputs are truncated); default: the bundle's, else 128 as in training.")
     ] = None,
-    threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads.")] = None,
+    threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads (default: every available CPU).")] = None,
     force: Force = False,
 ) -> None:
     """Predict labels with any export: one JSON line per input (task, label, label_id, score, scores)."""
