@@ -252,11 +252,20 @@ def merge_and_unload(model: nn.Module, task: str | None = None) -> nn.Module:
     return model
 
 
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def is_head_parameter(name: str, heads: tuple[str, ...]) -> bool:
+    """Whether parameter ``name`` (plain or PEFT-prefixed) belongs to one of the head modules ``heads`` ("name." each)."""
+    return name.removeprefix("base_model.model.").startswith(heads)
+
+
 def count_trainable(model: nn.Module) -> dict[str, int]:
-    """Trainable parameters, split into adapter and head (heads are counted separately)."""
-    adapter = getattr(model, ADAPTER_ATTR, None)
-    config = adapter.config if adapter is not None else None
-    heads = config.head_modules if config else []
+    """Trainable parameters of a MetaTT or PEFT LoRA model, split into adapter and head (heads are counted separately)."""
+    heads = tuple(f"{h}." for h in head_modules(unwrap_peft(model)))
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    head = sum(p.numel() for n in heads for p in model.get_submodule(n).parameters() if p.requires_grad)
+    head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and is_head_parameter(n, heads))
     return {"adapter": total - head, "head": head, "total": total}

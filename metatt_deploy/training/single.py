@@ -73,32 +73,16 @@ def wrap_model(cfg: TrainConfig, model: nn.Module, task: TaskData) -> tuple[nn.M
     return model, mt.attach(model, config, seed=cfg.seed)
 
 
-def unwrap_peft(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _is_head(name: str, heads: tuple[str, ...]) -> bool:
-    return name.removeprefix("base_model.model.").startswith(heads)
-
-
 def param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict[str, Any]]:
     """Adapter and head parameters; the head may get its own learning rate."""
-    heads = tuple(f"{h}." for h in head_modules(unwrap_peft(model)))
+    heads = tuple(f"{h}." for h in head_modules(mt.unwrap_peft(model)))
     adapter, head = [], []
     for name, p in trainable_parameters(model).items():
-        (head if _is_head(name, heads) else adapter).append(p)
+        (head if mt.is_head_parameter(name, heads) else adapter).append(p)
     groups: list[dict[str, Any]] = [{"params": adapter, "lr": cfg.adapter_lr}]
     if head:
         groups.append({"params": head, "lr": cfg.resolved_head_lr})
     return groups
-
-
-def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Trainable parameters, split into adapter and head (heads are counted separately)."""
-    heads = tuple(f"{h}." for h in head_modules(unwrap_peft(model)))
-    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and _is_head(n, heads))
-    return {"adapter": total - head, "head": head, "total": total}
 
 
 def save_trained(cfg: TrainConfig, model: nn.Module, tokenizer, directory: Path, task: TaskData) -> None:
@@ -142,12 +126,12 @@ def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
     columns = [c for c in MODEL_INPUTS if c in splits["train"].column_names]
     val_loader = accelerator.prepare(make_loader(splits["validation"], collator, cfg.eval_batch_size, by_length(splits["validation"])))
     num_labels = len(task.label_names)
-    counts = count_parameters(model)
+    counts = mt.count_trainable(model)
     accelerator.print(f"{cfg.method}: {counts['adapter']:,} trainable adapter parameters (+{counts['head']:,} head)", flush=True)
 
     def evaluate_epoch(m: nn.Module) -> tuple[dict[str, Any], float, str]:
         metrics = evaluate(m, val_loader, accelerator, num_labels)
-        trainable = count_parameters(accelerator.unwrap_model(m))["adapter"]
+        trainable = mt.count_trainable(accelerator.unwrap_model(m))["adapter"]
         return {**metrics, "trainable": trainable}, metrics[PRIMARY_METRIC], ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
     recipe = Recipe(
@@ -164,7 +148,7 @@ def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
         schedule=schedule,
     )
     state = run_loop(cfg, run, resuming, recipe, accelerator)
-    result = finish(cfg, run, task, splits, collator, accelerator, state, count_parameters(model))
+    result = finish(cfg, run, task, splits, collator, accelerator, state, mt.count_trainable(model))
     accelerator.end_training()
     return result
 
