@@ -108,11 +108,12 @@ class MetaTT(nn.Module):
 
     def _task_slices(self) -> torch.Tensor:
         """The task core's slice for the active task(s): (r, r') or (batch, r, r')."""
+        assert self.task_mode is not None, "a task slice of an adapter without a task mode"
+        core = self.cores[self.task_mode]
         if self.task_ids is None:
             if self._config.mode_size("task") == 1:
-                return self.cores[self.task_mode][:, 0, :]
+                return core[:, 0, :]
             raise MetaTTError("this adapter serves several tasks: choose one (task=... / task_ids) before running it")
-        core = self.cores[self.task_mode]
         if isinstance(self.task_ids, int):
             return core[:, self.task_ids, :]
         return core.index_select(1, self.task_ids).permute(1, 0, 2)
@@ -129,7 +130,7 @@ class MetaTT(nn.Module):
             if self._updates is None:
                 self._updates = self.all_updates()
             z = x @ (a if x.shape[-1] == a.shape[0] else a[: x.shape[-1]])
-            u = self._updates.select(-3, layer * self.config.mode_size("matrix") + segments[0][0])
+            u = self._updates.select(-3, layer * self._config.mode_size("matrix") + segments[0][0])
             return z @ u if u.dim() == 2 else _per_row_matmul(z, u)
         # slice only when a projection is narrower than the mode (leading-block scheme): unsliced,
         # the q, k, v products x @ A of a layer are one node that ONNX Runtime computes once
@@ -164,10 +165,12 @@ class MetaTTLayer(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.layer = layer
-        self.segments = [tuple(s) for s in segments]
+        self.segments: list[tuple[int, int, int]] = [(int(m), int(s), int(e)) for m, s, e in segments]
         # Not registered as a submodule: the adapter is shared by every wrapped layer and is
         # registered once on the model, so its cores appear once in parameters and exports.
         object.__setattr__(self, "adapter", adapter)
+
+    adapter: MetaTT  # set in __init__ without registering it as a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)

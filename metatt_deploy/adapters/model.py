@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError
@@ -41,6 +42,7 @@ def build_config(
     extra: dict | None = None,
 ) -> MetaTTConfig:
     """Derive modes, ranks and placement of an adapter for ``model`` (before attaching)."""
+    hf_config: Any = model.config
     names, layers, modules = find_targets(model, targets)
     d_in = max(m.in_features for m in modules)
     d_out = max(e - s for m in modules for _, s, e in m.segments)  # a fused module's widest owned part
@@ -75,11 +77,11 @@ def build_config(
         layers=layers,
         modules=modules,
         tasks=tasks,
-        label_names=label_names or {tasks[0]: [str(v) for v in model.config.id2label.values()]},
+        label_names=label_names or {tasks[0]: [str(v) for v in hf_config.id2label.values()]},
         head_modules=head_modules(model),
         base_model=base_model,
         base_fingerprint=fingerprint(model, modules),
-        model_type=model.config.model_type,
+        model_type=hf_config.model_type,
         extra=dict(extra or {}),
     )
     config.validate()
@@ -87,7 +89,7 @@ def build_config(
 
 
 def _head_dim(model: nn.Module) -> int:
-    cfg = model.config
+    cfg: Any = model.config
     if getattr(cfg, "head_dim", None):
         return int(cfg.head_dim)
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
@@ -98,7 +100,7 @@ def _head_dim(model: nn.Module) -> int:
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
-    return (module.base_layer if isinstance(module, MetaTTLayer) else module).weight
+    return cast(torch.Tensor, (module.base_layer if isinstance(module, MetaTTLayer) else module).weight)
 
 
 def fingerprint(model: nn.Module, modules: list[TargetModule]) -> str:
@@ -245,7 +247,7 @@ def merge_and_unload(model: nn.Module, task: str | None = None) -> nn.Module:
             base.weight.data.copy_(w.to(base.weight.dtype))
             setattr(parent, child, base)
     delattr(model, ADAPTER_ATTR)
-    if config.multitask:  # that task's head becomes the classifier, its labels the model's
+    if t is not None:  # multi-task: that task's head becomes the classifier, its labels the model's
         select_task_head(model, config, t)
     for p in model.parameters():
         p.requires_grad_(False)

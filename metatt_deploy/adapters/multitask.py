@@ -30,6 +30,7 @@ import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from metatt_deploy.adapters import model as mt
 from metatt_deploy.adapters.config import DEFAULT_ALPHA, MetaTTConfig
-from metatt_deploy.adapters.heads import add_task_heads, new_head, routers
+from metatt_deploy.adapters.heads import TaskHeads, add_task_heads, new_head, routers
 from metatt_deploy.adapters.targets import DEFAULT_TARGETS
 from metatt_deploy.common.errors import MetaTTError
 
@@ -100,7 +101,7 @@ class MultiTaskModel(nn.Module):
         with routed(self.model, ids):
             logits = self.model(**inputs).logits
         loss = F.cross_entropy(logits.float(), labels.long()) if labels is not None else None
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return SequenceClassifierOutput(loss=cast(torch.FloatTensor, loss), logits=logits)
 
 
 @contextmanager
@@ -262,7 +263,8 @@ def extend_tasks(mtm: MultiTaskModel, name: str, label_names: list[str], seed: i
     adapter.set_cores(cores, cfg)
     last = cfg.head_modules[-1]
     index = len(cfg.tasks) - 1
-    for head_name, router in zip(cfg.head_modules, [mtm.model.get_submodule(n) for n in cfg.head_modules]):
+    for head_name in cfg.head_modules:
+        router = cast(TaskHeads, mtm.model.get_submodule(head_name))
         template = router.heads[0]
         router.heads.append(
             new_head(mtm.model, template, len(label_names), seed + 1000 + index) if head_name == last else copy.deepcopy(template)

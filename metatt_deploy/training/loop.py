@@ -20,10 +20,10 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from metatt_deploy.training.checkpoint import load_checkpoint, restore_moments, 
 from metatt_deploy.training.config import TrainConfig
 from metatt_deploy.training.metrics import compute_metrics
 from metatt_deploy.training.sampling import epoch_plan
-from metatt_deploy.training.schedule import check_schedule, parse_rank_schedule, project_adam_state
+from metatt_deploy.training.schedule import Strategy, check_schedule, parse_rank_schedule, project_adam_state
 from metatt_deploy.tt.cores import max_ranks, tt_ranks
 from metatt_deploy.tt.rounding import sweep
 
@@ -60,7 +60,7 @@ class Recipe:
 
     model: nn.Module
     rows: list[list[dict[str, Any]]]
-    probs: np.ndarray
+    probs: Sequence[float]
     collate: Callable[[int, list[dict[str, Any]]], dict[str, Any]]
     evaluate: Callable[[nn.Module], tuple[dict[str, Any], float, str]]
     save_best: Callable[[nn.Module, Path], None]
@@ -326,7 +326,9 @@ def cut_ranks(cfg: TrainConfig, model, accelerator: Accelerator, optimizer, reci
         if p in inner.state and all(p is not q for q in old_params):
             new_opt.state[p] = inner.state[p]
     if states is not None:
-        for p, state in zip(adapter.cores, project_adam_state(old, [c.detach() for c in adapter.cores], states, cfg.moments)):
+        for p, state in zip(
+            adapter.cores, project_adam_state(old, [c.detach() for c in adapter.cores], states, cast(Strategy, cfg.moments))
+        ):
             new_opt.state[p] = state
     if accelerator.num_processes > 1:
         model = accelerator.prepare(unwrapped)

@@ -13,7 +13,7 @@ import functools
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -136,6 +136,10 @@ def _param_groups(cfg: MultiTaskConfig, mtm: nn.Module) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
+def _save_best(model: nn.Module, directory: Path, tokenizer) -> None:
+    save_multitask(cast(MultiTaskModel, model), directory, tokenizer, force=True)
+
+
 def train_multitask(cfg: MultiTaskConfig, tasks: list[TaskData], force: bool = False) -> dict:
     """Run (or resume) a multi-task run (or an --add-task run) into ``cfg.output``; returns the metrics."""
     accelerator = make_accelerator(find_unused_parameters=True)
@@ -207,10 +211,10 @@ def train_multitask(cfg: MultiTaskConfig, tasks: list[TaskData], force: bool = F
     recipe = Recipe(
         model=mtm,
         rows=rows,
-        probs=probs,
+        probs=probs.tolist(),
         collate=lambda t, batch_rows: _with_task(collator, train_ids[t], batch_rows),
         evaluate=evaluate_epoch,
-        save_best=lambda model, directory: save_multitask(model, directory, tokenizer, force=True),
+        save_best=lambda model, directory: _save_best(model, directory, tokenizer),
         param_groups=lambda model: _param_groups(cfg, model),
         task_names=[t.name for t in tasks],
         adapter=adapter,

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from accelerate import Accelerator
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import DataCollatorWithPadding
+from transformers import DataCollatorWithPadding, PreTrainedModel
 
 from metatt_deploy.adapters import model as mt
 from metatt_deploy.adapters.base_model import load_classifier, load_tokenizer
@@ -52,13 +52,13 @@ def wrap_model(cfg: TrainConfig, model: nn.Module, task: TaskData) -> tuple[nn.M
         _, _, modules = find_targets(model, cfg.targets)
         lora = LoraConfig(
             r=cfg.rank,
-            lora_alpha=cfg.lora_alpha or cfg.rank,
+            lora_alpha=int(cfg.lora_alpha or cfg.rank),
             target_modules=[m.name for m in modules],
             modules_to_save=head_modules(model),
             lora_dropout=0.0,
             fan_in_fan_out=any(m.transposed for m in modules),
         )
-        return get_peft_model(model, lora), None
+        return get_peft_model(cast(PreTrainedModel, model), lora), None
     config = mt.build_config(
         model,
         method=cfg.method,
@@ -76,7 +76,8 @@ def wrap_model(cfg: TrainConfig, model: nn.Module, task: TaskData) -> tuple[nn.M
 def param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict[str, Any]]:
     """Adapter and head parameters; the head may get its own learning rate."""
     heads = tuple(f"{h}." for h in head_modules(mt.unwrap_peft(model)))
-    adapter, head = [], []
+    adapter: list[nn.Parameter] = []
+    head: list[nn.Parameter] = []
     for name, p in trainable_parameters(model).items():
         (head if mt.is_head_parameter(name, heads) else adapter).append(p)
     groups: list[dict[str, Any]] = [{"params": adapter, "lr": cfg.adapter_lr}]
@@ -96,7 +97,7 @@ def save_trained(cfg: TrainConfig, model: nn.Module, tokenizer, directory: Path,
             targets=cfg.targets,
         )
         with atomic_dir(directory, force=True) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            cast(PeftModel, model).save_pretrained(str(tmp), safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             write_lora_record(tmp, record)
     else:
@@ -137,7 +138,7 @@ def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
     recipe = Recipe(
         model=model,
         rows=[splits["train"].select_columns(columns).to_list()],
-        probs=torch.ones(1).numpy(),
+        probs=[1.0],
         collate=lambda _, rows: collator(rows),
         evaluate=evaluate_epoch,
         save_best=lambda m, directory: save_trained(cfg, m, tokenizer, directory, task),
