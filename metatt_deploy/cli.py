@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.common.files import atomic_write_text, check_writable, read_json
+from metatt_deploy.common.files import atomic_write_text, check_separate, check_writable, read_json
 from metatt_deploy.export.merge import merge_adapter, merge_factored
 from metatt_deploy.export.onnx import MANIFEST_NAME, export_onnx
 from metatt_deploy.export.peft import to_peft
@@ -163,6 +163,8 @@ def train(
 
     With --task (repeated), train several tasks jointly; with --add-task and --from, add a task to a trained multi-task adapter.
     """
+    spec_files = [f for spec in [*(task_specs or []), add_task or ""] for f in spec.partition("=")[2].split(",") if f.strip()]
+    check_separate(output, [train_file, validation_file, test_file, from_adapter, model, *spec_files], what="--output")
     if task_specs or add_task or from_adapter:
         if dataset or train_file or validation_file or test_file:
             raise MetaTTError("--task/--add-task name their own data; drop --dataset/--train/--validation/--test")
@@ -472,6 +474,9 @@ def predict(
 
     if batch_size < 1:
         raise MetaTTError("--batch-size must be at least 1")
+    if output is not None:
+        check_separate(output, [bundle, input_file])
+        check_writable(output, force, kind="file")
     texts, tasks, ids = read_inputs(text, input_file, task)
     runtime = Runtime(bundle, form=form, threads=threads)
     results = runtime.predict(texts, tasks=tasks, batch_size=batch_size)
@@ -480,6 +485,6 @@ def predict(
         typer.echo(lines, nl=False)
         return
 
-    check_writable(output, force)
+    check_writable(output, force, kind="file")
     atomic_write_text(output, lines)
     typer.echo(f"wrote {len(results)} predictions to {output}", err=True)

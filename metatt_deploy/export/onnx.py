@@ -40,9 +40,9 @@ import numpy as np
 
 from metatt_deploy import __version__
 from metatt_deploy.adapters.base_model import friendly_load
-from metatt_deploy.adapters.config import WEIGHTS_NAME, MetaTTConfig
+from metatt_deploy.adapters.config import WEIGHTS_NAME, MetaTTConfig, check_finite
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.common.files import atomic_dir, atomic_write_json, check_writable, read_json, sha256_file
+from metatt_deploy.common.files import TMP_TAG, atomic_dir, atomic_write_json, check_separate, check_writable, read_json, sha256_file
 from metatt_deploy.export.merge import merge_adapter
 
 MANIFEST_NAME = "manifest.json"
@@ -214,10 +214,13 @@ def export_onnx(
     variant = variant_suffix(optimize, quantize, dtype)
     if output is None:
         output = DEFAULT_ROOT / f"{name or model_dir.resolve().name}{variant}"
-    output = check_writable(output, force)
+    output = check_writable(output, force, marker=MANIFEST_NAME)
+    check_separate(output, [model_dir, adapter_dir])
 
     started = time.time()
-    with tempfile.TemporaryDirectory(prefix="metatt-merge-") as merge_tmp:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # beside the output and named like atomic_dir's temporaries, so a killed run's leftover is cleaned
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}{TMP_TAG}{os.getpid()}-merge-", dir=output.parent) as merge_tmp:
         source_kind = "merged" if (model_dir / MERGE_RECORD).is_file() else "model"
         source = model_dir
         if is_adapter:
@@ -226,7 +229,7 @@ def export_onnx(
             merge_adapter(model_dir, source, task=task)
             source_kind = "adapter (merged on the fly)"
         provenance = _provenance(source, adapter_dir)
-        with atomic_dir(output, force=force) as tmp:
+        with atomic_dir(output, force=force, marker=MANIFEST_NAME) as tmp:
             manifest = _export_into(tmp, source, opset=opset, optimize=optimize, quantize=quantize, dtype=dtype)
             manifest = {
                 "format_version": MANIFEST_VERSION,
@@ -254,6 +257,8 @@ def variant_suffix(optimize: bool, quantize: str | None, dtype: str) -> str:
 def _provenance(source: Path, adapter_dir: str | Path | None) -> dict:
     """Adapter and base model of the export, from the merge record and/or the adapter config."""
     record = read_json(source / MERGE_RECORD, "merge record") if (source / MERGE_RECORD).is_file() else {}
+    if not isinstance(record, dict) or not isinstance(record.get("adapter", ""), str):
+        raise MetaTTError(f"{source / MERGE_RECORD} is not a merge record; re-merge the adapter")
     recorded = record.get("adapter")
     if adapter_dir is None and recorded and (Path(recorded) / ADAPTER_CONFIG).is_file():
         adapter_dir = recorded
@@ -274,12 +279,18 @@ def _provenance(source: Path, adapter_dir: str | Path | None) -> dict:
             "tasks": config.tasks,
             "weights_sha256": sha256_file(weights) if weights.is_file() else None,
         }
+        merged_from = record.get("adapter_weights_sha256")
+        if merged_from and merged_from != adapter["weights_sha256"]:
+            raise MetaTTError(
+                f"the merged model was made from other weights than {adapter_dir} holds now (retrained since?); merge the adapter again"
+            )
         record = {"base_model": config.base_model, "base_fingerprint": config.base_fingerprint, "method": config.method, **record}
     elif recorded:
         adapter = {
             "path": recorded,
             "method": record.get("method"),
             "ranks": record.get("ranks"),
+            "weights_sha256": record.get("adapter_weights_sha256"),
             "note": "adapter folder not found; fields from the merge record",
         }
     return {
@@ -308,6 +319,7 @@ def _export_into(tmp: Path, source: Path, *, opset, optimize, quantize, dtype) -
     reference = friendly_load(
         lambda: AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32), str(source), "model"
     ).eval()
+    check_finite(dict(reference.named_parameters()), "model")
     encodings = sample_encoding(tokenizer)
     with torch.no_grad():
         ref_logits = [reference(**enc).logits.numpy() for enc in encodings]
@@ -346,6 +358,8 @@ def _export_into(tmp: Path, source: Path, *, opset, optimize, quantize, dtype) -
         providers = available_providers() if dtype == "fp16" else cpu
         final = _ort_model_parity(tmp, providers, encodings, ref_logits)
         if quantize:
+            if not np.isfinite(final["max_abs_logit_diff"]):
+                raise MetaTTError("the int8 ONNX export gives NaN or Inf logits; export without --quantize")
             final["tolerance"] = None
             final["note"] = "int8 logits are reported, not enforced; judge int8 by accuracy (validate --reference-onnx)"
         elif dtype == "fp16":
@@ -418,7 +432,8 @@ def _ort_model_parity(folder: Path, providers: list[str], encodings, ref_logits)
 
 
 def _enforce(parity: dict, what: str) -> None:
-    if parity["max_abs_logit_diff"] > parity["tolerance"]:
+    """Fail above the tolerance, and on a NaN figure (NaN compares false with everything)."""
+    if not parity["max_abs_logit_diff"] <= parity["tolerance"]:
         raise MetaTTError(
             f"{what} differs from the PyTorch model by {parity['max_abs_logit_diff']:.3g} in the logits "
             f"(tolerance {parity['tolerance']:.3g}); try another --opset or export without --optimize"

@@ -46,7 +46,7 @@ from metatt_deploy.adapters.layer import MetaTT
 from metatt_deploy.adapters.model import read_weights, split_state
 from metatt_deploy.adapters.targets import TargetModule
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.common.files import atomic_dir, check_writable
+from metatt_deploy.common.files import atomic_dir, check_separate, check_writable
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -156,13 +156,14 @@ def to_peft(adapter_dir: str | Path, output: str | Path, task: str | None = None
     """
     from peft import LoraConfig
 
-    check_writable(output, force)
+    check_writable(output, force, marker=PEFT_CONFIG_NAME)
+    check_separate(output, [adapter_dir])
     config = MetaTTConfig.load(adapter_dir)
     cores, heads = split_state(read_weights(adapter_dir), config)
     t = config.task_index(task)
     tensors, ranks = peft_state(config, cores, heads, t if config.multitask else None)
     lora_config = LoraConfig(**lora_config_dict(config, ranks))
-    with atomic_dir(output, force=force) as tmp:
+    with atomic_dir(output, force=force, marker=PEFT_CONFIG_NAME) as tmp:
         lora_config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
         for f in sorted(Path(adapter_dir).iterdir()):  # tokenizer files (whatever the tokenizer wrote)

@@ -26,14 +26,15 @@ import numpy as np
 
 from metatt_deploy.adapters.base_model import friendly_load
 from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.common.files import check_utf8
 from metatt_deploy.export.factored import (
     ADAPTER_GRAPH,
     BASE_DIR,
     TASK_GRAPH,
     TASK_IDS,
-    TASKS_DIR,
     adapter_model_version,
     read_bundle,
+    task_file,
     task_records,
 )
 from metatt_deploy.export.onnx import make_session, onnx_feeds
@@ -109,13 +110,11 @@ class Runtime:
 
         if task not in self._adapters:
             rec = self.records[task]
-            entry = rec["files"].get("onnx_adapter")
-            if entry is None:
-                raise MetaTTError(f"task '{task}' has no .onnx_adapter file; re-write it with merge --factored")
-            path = self.bundle / TASKS_DIR / entry["file"]
-            if not path.is_file():
-                raise MetaTTError(f"adapter file {path} is missing; re-write the task with merge --factored")
-            fmt = ort.AdapterFormat.read_adapter(str(path))
+            path = task_file(self.bundle, rec, "onnx_adapter")
+            try:
+                fmt = ort.AdapterFormat.read_adapter(str(path))
+            except Exception as e:  # onnxruntime raises its own (Fail/InvalidArgument) types for bad files
+                raise MetaTTError(f"adapter file {path.name} cannot be read ({_first_line(e)}); re-write the task") from None
             if fmt.get_model_version() != adapter_model_version(self.info["bundle_id"]):
                 raise MetaTTError(
                     f"adapter file {path.name} was written for another bundle (version {fmt.get_model_version()}, "
@@ -283,12 +282,15 @@ def read_inputs(texts: Sequence[str] | None, path: str | Path | None, task: str 
         if not task:
             raise MetaTTError("pass --task NAME for --text inputs")
         for t in texts:
+            if not _encodable(t):
+                raise MetaTTError(f"--text {t.encode('utf-8', 'replace')[:40]!r} is not valid UTF-8 text; pass UTF-8 text")
             first, sep, second = t.partition(PAIR_SEPARATOR)
             rows.append((first, second) if sep else t)
         return rows, [task] * len(rows), [None] * len(rows)
     path = Path(path)
     if not path.is_file():
         raise MetaTTError(f"input file not found: {path}; check the path")
+    check_utf8(path, "input file")
     candidates = (("text", "text_pair"), *TEXT_COLUMN_CANDIDATES)
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -313,3 +315,17 @@ def read_inputs(texts: Sequence[str] | None, path: str | Path | None, task: str 
     if not rows:
         raise MetaTTError(f"{path.name} has no inputs; write one JSON object per line")
     return rows, tasks, ids
+
+
+def _encodable(text: str) -> bool:
+    """Whether ``text`` is proper Unicode (command-line bytes that are not UTF-8 arrive as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__

@@ -16,7 +16,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 from datasets.exceptions import DatasetGenerationError
 
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.common.files import read_json
+from metatt_deploy.common.files import check_utf8, read_json
 from metatt_deploy.training.builtin_data import BUILTIN_TASKS, ensure_builtin
 
 SPLITS = ("train", "validation", "test")
@@ -124,6 +124,7 @@ def _read_file(path: Path) -> Dataset:
         raise MetaTTError(f"unsupported data file type '{path.suffix}' ({path}); use .csv, .tsv, .jsonl or .json")
     if path.stat().st_size == 0:
         raise MetaTTError(f"{path.name} is empty; give a file with a header (CSV) or records (JSONL)")
+    check_utf8(path, "data file")
     builder, options = FILE_FORMATS[path.suffix.lower()]
     try:
         return load_dataset(builder, data_files=str(path), split="train", **options)

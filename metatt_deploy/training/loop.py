@@ -29,10 +29,11 @@ from metatt_deploy.adapters.base_model import DEFAULT_MODEL, load_classifier, lo
 from metatt_deploy.adapters.config import DEFAULT_ALPHA
 from metatt_deploy.adapters.targets import DEFAULT_TARGETS, find_targets, head_modules
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.common.files import atomic_dir, atomic_write_json, read_json
+from metatt_deploy.common.files import atomic_dir, atomic_write_json, check_folder_path, check_writable, read_json
 from metatt_deploy.common.report import progress_bar, write_training_report
 from metatt_deploy.training.checkpoint import load_checkpoint, restore_moments, save_checkpoint, trainable_parameters
 from metatt_deploy.training.data import TaskData, tokenize_task
+from metatt_deploy.training.guards import check_loss, exclusive_run
 from metatt_deploy.training.metrics import compute_metrics
 from metatt_deploy.training.schedule import check_schedule, parse_rank_schedule, project_adam_state
 from metatt_deploy.tt.cores import max_ranks
@@ -87,8 +88,12 @@ class TrainConfig:
         for name in ("rank", "epochs", "batch_size", "max_length", "save_steps"):
             if getattr(self, name) < 1:
                 raise MetaTTError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.lr <= 0:
-            raise MetaTTError("--lr must be positive")
+        if not (self.lr > 0 and math.isfinite(self.lr)) or not (self.head_lr is None or (self.head_lr > 0 and math.isfinite(self.head_lr))):
+            raise MetaTTError("--lr and --head-lr must be positive finite numbers")
+        if not math.isfinite(self.alpha) or not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise MetaTTError("--alpha must be a finite number and --weight-decay a finite number >= 0")
+        if not 0 <= self.warmup_ratio <= 1 or (self.lora_alpha is not None and not math.isfinite(self.lora_alpha)):
+            raise MetaTTError("the warm-up ratio must be between 0 and 1 and --lora-alpha finite")
         if self.rank_schedule and self.method == "lora":
             raise MetaTTError("--rank-schedule applies to MetaTT methods only; drop it for --method lora")
         if self.moments not in ("project", "reset"):  # else it would fail only at the first cut
@@ -219,7 +224,7 @@ def prepare_run(cfg: TrainConfig, force: bool) -> tuple[Path, bool]:
     Returns (run directory, resuming). Shared by single- and multi-task training.
     """
     cfg.check()
-    run = Path(cfg.output)
+    run = check_folder_path(cfg.output)
     resuming = (run / "checkpoint" / "state.json").is_file() and not force
     # a folder holding only train_config.json is a run that failed before its first checkpoint
     # (bad schedule, data, model): nothing to resume or lose, so the corrected command may reuse it
@@ -231,6 +236,8 @@ def prepare_run(cfg: TrainConfig, force: bool) -> tuple[Path, bool]:
             raise MetaTTError(f"{run} holds a checkpoint of a run with other settings; pass the same options, or --force to start over")
     elif run.exists() and force:
         import shutil
+
+        check_writable(run, force, marker="train_config.json")
 
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
@@ -248,6 +255,7 @@ def warmup_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_st
     return sched
 
 
+@exclusive_run
 def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
     """Run (or resume) a training run into ``cfg.output``; returns the final metrics."""
     run, resuming = prepare_run(cfg, force)
@@ -303,6 +311,7 @@ def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
             t0 = time.perf_counter()
             seed_step(cfg.seed, state["global_step"])
             loss = model(**batch).loss
+            check_loss(loss, state["global_step"] + 1)
             accelerator.backward(loss)
             optimizer.step()
             scheduler.step()

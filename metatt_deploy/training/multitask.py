@@ -32,6 +32,7 @@ from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text
 from metatt_deploy.common.report import markdown_table, progress_bar, save_figure
 from metatt_deploy.training.data import load_task, tokenize_task
+from metatt_deploy.training.guards import check_loss, exclusive_run
 from metatt_deploy.training.loop import (
     TrainConfig,
     epoch_order,
@@ -95,7 +96,7 @@ def task_probabilities(sizes: Sequence[int], sampling: str = "proportional", tem
     """p_t proportional to n_t (proportional) or to n_t ** (1 / T) (temperature; T=1 is proportional)."""
     if sampling not in SAMPLING:
         raise MetaTTError(f"unknown --task-sampling '{sampling}'; use {' or '.join(SAMPLING)}")
-    if temperature <= 0:
+    if not (temperature > 0 and math.isfinite(temperature)):
         raise MetaTTError("--temperature must be positive (1 = proportional, larger flattens towards uniform)")
     n = np.asarray(sizes, dtype=np.float64)
     if (n <= 0).any():
@@ -224,6 +225,7 @@ def _freeze_for_new_task(mtm: MultiTaskModel, new: int):
     return restore
 
 
+@exclusive_run
 def train_multitask(cfg: MultiTaskConfig, tasks: list, force: bool = False) -> dict:
     """Run (or resume) a multi-task run (or an --add-task run) into ``cfg.output``; returns the metrics."""
     run, resuming = prepare_run(cfg, force)
@@ -305,6 +307,7 @@ def train_multitask(cfg: MultiTaskConfig, tasks: list, force: bool = False) -> d
             batch = _with_task(collator, train_ids[t], [rows[t][i] for i in idx])
             batch = {k: (v.to(accelerator.device) if hasattr(v, "to") else v) for k, v in batch.items()}
             loss = model(**batch).loss
+            check_loss(loss, state["global_step"] + 1)
             accelerator.backward(loss)
             with torch.no_grad():
                 for k, core in enumerate(cores):

@@ -28,6 +28,8 @@ def exports(tiny, tmp_path_factory):
         "fp32": export_onnx(tiny.merged, root / "fp32"),
         "int8": export_onnx(tiny.merged, root / "int8", quantize="int8"),
         "base": export_onnx(tiny.base, root / "base"),  # the base model without the adapter
+        # the base model again, its manifest claiming the adapter (as `export BASE --adapter A` writes)
+        "claimed": export_onnx(tiny.base, root / "claimed", adapter_dir=tiny.adapter),
     }
 
 
@@ -66,11 +68,17 @@ def test_int8_against_reference_reports_accuracy_change_and_speedup(tiny, export
 
 
 def test_parity_failure_is_reported_then_raised(tiny, exports, tmp_path):
-    """The base model's export is not the adapter's: the report says so, and validate fails."""
-    with pytest.raises(MetaTTError, match="differ from the unmerged adapter"):
+    """The base model's export is not the adapter's: without provenance it is refused before any
+    work; with a manifest that claims the adapter, parity fails, the report says so."""
+    with pytest.raises(MetaTTError, match="does not record which adapter"):
         validate(tiny.adapter, exports["base"], output=tmp_path, **FAST)
+    assert not (tmp_path / REPORT_JSON).exists()
+    with pytest.raises(MetaTTError, match="differ from the unmerged adapter"):
+        validate(tiny.adapter, exports["claimed"], output=tmp_path, **FAST)
     report = json.loads((tmp_path / REPORT_JSON).read_text())
-    assert report["parity"]["passed"] is False and report["parity"]["max_abs_logit_diff"] > FP32_ATOL
+    parity = report["parity"]
+    assert parity["passed"] is False and parity["max_abs_logit_diff"] > FP32_ATOL
+    assert parity["export_vs_base_max_abs"] < 1e-5 and parity["relative_to_adapter_effect"] == pytest.approx(1.0, abs=1e-3)
 
 
 def test_unlabelled_data_and_refusal_to_overwrite(tiny, exports, tmp_path):

@@ -17,6 +17,7 @@ from metatt_deploy.adapters.heads import routers
 from metatt_deploy.adapters.multitask import extend_tasks, save_multitask
 from metatt_deploy.cli import app
 from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.common.files import sha256_file
 from metatt_deploy.export.factored import TASKS_DIR, write_bundle
 from metatt_deploy.serving.runtime import Runtime, read_inputs
 
@@ -111,6 +112,12 @@ def test_late_task_served_through_its_adapter_and_foreign_adapters_refused(serve
     _, other_adapter, _, _ = build_tiny_multitask(root, core_seed=11)
     write_bundle(other_adapter, other)
     shutil.copy(other / TASKS_DIR / "movie.onnx_adapter", deployed / TASKS_DIR / "late.onnx_adapter")
+    with pytest.raises(MetaTTError, match="sha256 differs"):  # the task record's hash catches it first
+        Runtime(deployed, form="adapter").predict(["x"], task="late")
+    record_path = deployed / TASKS_DIR / "late.json"
+    record = json.loads(record_path.read_text())
+    record["files"]["onnx_adapter"]["sha256"] = sha256_file(deployed / TASKS_DIR / "late.onnx_adapter")
+    record_path.write_text(json.dumps(record))  # a record edited to match: the bundle version still refuses it
     with pytest.raises(MetaTTError, match="written for another bundle"):
         Runtime(deployed, form="adapter").predict(["x"], task="late")
 
