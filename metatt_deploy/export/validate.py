@@ -48,7 +48,7 @@ from metatt_deploy.export.onnx import (
     onnx_feeds,
     read_manifest,
 )
-from metatt_deploy.training.data import FILE_FORMATS, TEXT_COLUMN_CANDIDATES, load_task
+from metatt_deploy.training.data import FILE_FORMATS, TEXT_COLUMN_CANDIDATES, check_records, load_task, quiet_datasets
 
 REPORT_JSON = "validation.json"
 REPORT_MD = "validation.md"
@@ -195,8 +195,10 @@ def _unlabelled_file(path: Path, text_columns: Sequence[str] | None, max_example
     from datasets import load_dataset
 
     builder, options = FILE_FORMATS[path.suffix.lower()]
+    check_records(path)
     try:
-        ds = load_dataset(builder, data_files=str(path), split="train", **options)
+        with quiet_datasets():
+            ds = load_dataset(builder, data_files=str(path), split="train", **options)
     except Exception as e:  # the datasets reader's errors are all about the file's content
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise MetaTTError(f"could not read {path} ({first}); fix the file") from None
