@@ -15,6 +15,7 @@ import typer
 
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_text, check_separate, check_writable, read_json
+from metatt_deploy.common.report import close_progress_bars
 from metatt_deploy.export.merge import merge_adapter, merge_factored
 from metatt_deploy.export.onnx import MANIFEST_NAME, export_onnx
 from metatt_deploy.export.peft import to_peft
@@ -51,6 +52,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except MetaTTError as e:
+            close_progress_bars()
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
 

@@ -138,8 +138,12 @@ class MetaTTConfig:
             for m, start, end in mod.segments:
                 if not 0 <= m < n_matrices:
                     raise _bad(f"{where} has matrix index {m}; it must be in 0..{n_matrices - 1}")
-                if not 0 <= start < end <= mod.out_features or end - start > d_out:
-                    raise _bad(f"{where} has segment [{m}, {start}, {end}]; need 0 <= start < end <= {mod.out_features}, width <= {d_out}")
+                width = end - start
+                if not 0 <= start < end <= mod.out_features or width > d_out or mod.out_features % width or start % width:
+                    raise _bad(
+                        f"{where} has segment [{m}, {start}, {end}]; a segment is one of the equal parts of the module's "
+                        f"{mod.out_features} outputs (0 <= start < end, width dividing {mod.out_features}, at most {d_out})"
+                    )
                 if (mod.layer, m) in used:
                     raise _bad(f"layer index {mod.layer} and matrix index {m} are given to two modules")
                 used.add((mod.layer, m))

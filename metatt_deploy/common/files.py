@@ -233,7 +233,7 @@ def output_lock(path: str | os.PathLike, what: str = "run") -> Iterator[Path]:
     both writing into one folder. A lock left by a dead process (kill -9) is detected by its PID,
     reported on stderr and taken over, so an interrupted run resumes without manual cleanup.
     """
-    lock = lock_path(path)
+    lock = lock_path(check_folder_path(path, allow_file=True))
     host = socket.gethostname()
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
@@ -288,11 +288,11 @@ def check_utf8(path: str | os.PathLike, what: str = "file") -> None:
     try:
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
-                decoder.decode(block)
                 offset += len(block)
+                decoder.decode(block)
             decoder.decode(b"", final=True)
     except UnicodeDecodeError as e:
-        at = offset + e.start if e.start < len(e.object) else offset
+        at = offset - len(e.object) + e.start  # e.object: the bytes still pending plus this block
         raise MetaTTError(f"{what} {path} is not UTF-8 text (byte {at}); save it as UTF-8") from None
     except OSError as e:
         raise MetaTTError(f"cannot read {what} {path} ({e.strerror or e}); check the path") from None
