@@ -37,10 +37,16 @@ def _umask() -> int:
 def follow_umask(path: Path, directory: bool) -> None:
     """Give a finished temporary the mode a plain ``mkdir``/``open`` would have given it.
 
-    mkdtemp and mkstemp create 0700 folders and 0600 files whatever the umask, and a rename keeps
-    the mode: without this, another user of an exported model gets "Permission denied".
+    mkdtemp and mkstemp create 0700 folders and 0600 files whatever the umask (and so do some
+    libraries' writers), and a rename keeps the mode: without this, another user of an exported
+    model gets "Permission denied". A folder's contents are set alike.
     """
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+    mask = _umask()
+    os.chmod(path, (0o777 if directory else 0o666) & ~mask)
+    if directory:  # libraries write some files 0600 too (safetensors through transformers)
+        for p in path.rglob("*"):
+            if not p.is_symlink():
+                os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -168,3 +168,23 @@ def test_cli_predict(served, tmp_path) -> None:
     assert res.exit_code == 2 and "unknown task 'nope'" in res.output
     res = runner.invoke(app, ["predict", str(bundle), "-i", str(inp), "-o", str(out)])
     assert res.exit_code == 2 and "already exists" in res.output
+
+
+def test_non_utf8_or_binary_inputs_are_one_line(served, tmp_path) -> None:
+    """Issue 10: predict on a Latin-1 or binary file, or command-line bytes that are not UTF-8."""
+    bundle = served[4]
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"text": "café", "task": "movie"}\n'.encode("latin-1"))
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(bytes(range(256)) * 4)
+    runner = CliRunner()
+    for path in (latin, binary):
+        result = runner.invoke(app, ["predict", str(bundle), "--input", str(path)])
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1 and "is not UTF-8 text" in lines[0], result.output
+    with pytest.raises(MetaTTError, match="is not valid UTF-8 text"):
+        read_inputs(["caf\udce9"], None, "movie")  # how Python passes the undecodable argv byte 0xe9
+    out = tmp_path / "preds.jsonl"
+    result = runner.invoke(app, ["predict", str(bundle), "--input", str(latin), "-o", str(latin), "--force"])
+    assert result.exit_code == 2 and "is the input" in result.stderr and latin.read_bytes().startswith(b'{"text": "caf\xe9')
+    assert not out.exists()
