@@ -30,6 +30,7 @@ CONFIG_NAME = "metatt_config.json"
 WEIGHTS_NAME = "metatt_adapter.safetensors"
 METHODS = ("metatt-4d", "metatt-5d")
 DEFAULT_ALPHA = 4.0
+MAX_PARTS = 3  # a module's output is one matrix type, or up to 3 fused ones (GPT-2 c_attn: q, k, v)
 
 
 @dataclass
@@ -139,10 +140,17 @@ class MetaTTConfig:
                 if not 0 <= m < n_matrices:
                     raise _bad(f"{where} has matrix index {m}; it must be in 0..{n_matrices - 1}")
                 width = end - start
-                if not 0 <= start < end <= mod.out_features or width > d_out or mod.out_features % width or start % width:
+                parts = mod.out_features // width if width > 0 else 0
+                if (
+                    not 0 <= start < end <= mod.out_features
+                    or width > d_out
+                    or mod.out_features % width
+                    or start % width
+                    or parts > MAX_PARTS
+                ):
                     raise _bad(
-                        f"{where} has segment [{m}, {start}, {end}]; a segment is one of the equal parts of the module's "
-                        f"{mod.out_features} outputs (0 <= start < end, width dividing {mod.out_features}, at most {d_out})"
+                        f"{where} has segment [{m}, {start}, {end}]; a segment is one of the 1 to {MAX_PARTS} equal parts of the "
+                        f"module's {mod.out_features} outputs (width dividing {mod.out_features}, at most {d_out})"
                     )
                 if (mod.layer, m) in used:
                     raise _bad(f"layer index {mod.layer} and matrix index {m} are given to two modules")

@@ -158,7 +158,26 @@ def read_manifest(onnx_dir: str | Path) -> dict:
         raise MetaTTError(f"{onnx_dir} is not an ONNX export (no {ONNX_NAME}); pass a folder written by metatt-deploy export")
     if not (onnx_dir / MANIFEST_NAME).is_file():
         return {}
-    return read_json(onnx_dir / MANIFEST_NAME, "export manifest")
+    manifest = read_json(onnx_dir / MANIFEST_NAME, "export manifest")
+    check_manifest(manifest, onnx_dir / MANIFEST_NAME)
+    return manifest
+
+
+def check_manifest(manifest: Any, path: Path) -> None:
+    """Types of the manifest fields readers rely on; a hand-edited or damaged manifest is one line."""
+    variant = manifest.get("variant", {}) if isinstance(manifest, dict) else None
+    adapter = manifest.get("adapter") if isinstance(manifest, dict) else None
+    ok = (
+        isinstance(manifest, dict)
+        and isinstance(variant, dict)
+        and variant.get("dtype", "fp32") in DTYPES
+        and variant.get("quantize") in (None, *QUANTIZE)
+        and isinstance(variant.get("optimize", False), bool)
+        and all(isinstance(manifest.get(k), (str, type(None))) for k in ("task", "model_type", "base_model", "base_fingerprint"))
+        and (adapter is None or (isinstance(adapter, dict) and isinstance(adapter.get("weights_sha256"), (str, type(None)))))
+    )
+    if not ok:
+        raise MetaTTError(f"{path} is damaged or was edited (a field has the wrong type); export the model again")
 
 
 def sample_encoding(tokenizer, max_length: int = 128) -> list[dict[str, Any]]:
