@@ -65,7 +65,7 @@ def clean_stale_temporaries(final: Path) -> list[Path]:
     A process killed between creating its temporary and the rename (kill -9, power loss) leaves
     one behind; the PID in its name tells whether its writer is gone. Returns what was removed.
     """
-    removed = []
+    removed: list[Path] = []
     parent = final.parent
     if not parent.is_dir():
         return removed

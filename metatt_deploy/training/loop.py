@@ -88,7 +88,7 @@ class TrainConfig:
         for name in ("rank", "epochs", "batch_size", "max_length", "save_steps"):
             if getattr(self, name) < 1:
                 raise MetaTTError(f"--{name.replace('_', '-')} must be at least 1")
-        if not (self.lr > 0 and math.isfinite(self.lr)) or not (self.head_lr is None or (self.head_lr > 0 and math.isfinite(self.head_lr))):
+        if not all(lr > 0 and math.isfinite(lr) for lr in (self.lr or 0.0, 1.0 if self.head_lr is None else self.head_lr)):
             raise MetaTTError("--lr and --head-lr must be positive finite numbers")
         if not math.isfinite(self.alpha) or not math.isfinite(self.weight_decay) or self.weight_decay < 0:
             raise MetaTTError("--alpha must be a finite number and --weight-decay a finite number >= 0")

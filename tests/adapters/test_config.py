@@ -41,7 +41,7 @@ EDITS = {
     "in_features": (lambda d: d["modules"][0].update(in_features=16), "is 32 -> 32, the adapter says 16 -> 32"),
     "segment end": (
         lambda d: d["modules"][0]["segments"][0].__setitem__(2, 31),
-        "segment \\[0, 0, 31\\]; a segment is one of the equal parts",
+        "segment \\[0, 0, 31\\]; a segment is one of the 1 to 3 equal parts",
     ),
     "segment past the module": (lambda d: d["modules"][0]["segments"][0].__setitem__(2, 33), "segment \\[0, 0, 33\\]"),
     "ranks": (lambda d: d.update(ranks=[2, 3, 3]), "core 0 has shape \\(1, 32, 3\\) but the config .* says \\(1, 32, 2\\)"),
