@@ -20,7 +20,8 @@ from metatt_deploy.adapters.base_model import DEFAULT_MODEL
 from metatt_deploy.adapters.config import DEFAULT_ALPHA
 from metatt_deploy.adapters.targets import DEFAULT_TARGETS
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.common.files import atomic_write_text, check_writable, read_json
+from metatt_deploy.common.files import atomic_write_text, check_separate, check_writable, read_json
+from metatt_deploy.common.report import close_progress_bars
 from metatt_deploy.common.threads import resolve_threads
 from metatt_deploy.export.merge import merge_adapter, merge_factored
 from metatt_deploy.export.onnx import MANIFEST_NAME, export_onnx
@@ -79,6 +80,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except MetaTTError as e:
+            close_progress_bars()
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
 
@@ -222,6 +224,8 @@ def train(
     import torch
 
     torch.set_num_threads(resolve_threads(threads))
+    spec_files = [f for spec in [*(task_specs or []), add_task or ""] for f in spec.partition("=")[2].split(",") if f.strip()]
+    check_separate(output, [train_file, validation_file, test_file, from_adapter, model, *spec_files], what="--output")
     if task_specs or add_task or from_adapter:
         if dataset or train_file or validation_file or test_file or task_name:
             raise MetaTTError(
@@ -612,6 +616,9 @@ def predict(
         raise MetaTTError("--batch-size must be at least 1")
     if max_length is not None and max_length < 2:
         raise MetaTTError("--max-length must be at least 2")
+    if output is not None:
+        check_separate(output, [bundle, input_file])
+        check_writable(output, force, kind="file")
     stdin = None
     if not text and input_file is None:
         if sys.stdin is None or sys.stdin.isatty():
@@ -628,6 +635,6 @@ def predict(
         typer.echo(lines, nl=False)
         return
 
-    check_writable(output, force)
+    check_writable(output, force, kind="file")
     atomic_write_text(output, lines)
     typer.echo(f"wrote {len(results)} predictions to {output}", err=True)

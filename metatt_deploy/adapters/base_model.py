@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
+from metatt_deploy.adapters.targets import NEW_MODULES_ATTR, architecture_heads
 from metatt_deploy.common.errors import MetaTTError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -24,11 +25,32 @@ EMBEDDED = {
 }
 
 
+def looks_local(name: str) -> bool:
+    """Whether ``name`` can only be a path: absolute, ``./``, ``../``, ``~``, a trailing or doubled
+    slash, or more than one ``/`` (hub ids are ``name`` or ``org/name``)."""
+    return (
+        os.path.isabs(name)
+        or name.startswith(("./", "../", "~", ".\\"))
+        or name in (".", "..")
+        or name.endswith(("/", os.sep))
+        or name.count("/") > 1
+        or "\\" in name
+    )
+
+
 def resolve_model(name: str | None) -> str:
-    """A local folder for embedded models and paths; the hub name otherwise."""
+    """A local folder for embedded models and paths; the hub name otherwise.
+
+    A name that can only be a path and is not a folder fails at once: asking the hub for it
+    would retry for about a minute before failing with a less useful message.
+    """
     name = name or DEFAULT_MODEL
     if os.path.isdir(name):
         return str(Path(name).resolve())
+    if os.path.exists(name):
+        raise MetaTTError(f"model path {name} is a file; pass the model's folder (with config.json)")
+    if looks_local(name):
+        raise MetaTTError(f"model folder not found: {name}; check the path")
     if name in EMBEDDED:
         package, folder = EMBEDDED[name]
         spec = importlib.util.find_spec(package)
@@ -56,7 +78,19 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 
 def load_classifier(name: str, label_names: list[str], dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A sequence classifier on ``name`` with a fresh head for ``label_names``."""
+    """A sequence classifier on ``name`` with a fresh head for ``label_names``.
+
+    A checkpoint's own head is replaced whatever its label count. Weights the checkpoint lacks
+    are newly (randomly) initialised on every load; outside the head that would make every
+    answer depend on the load, so only head-adjacent modules (a pooler) are accepted and
+    recorded on the model (``targets.NEW_MODULES_ATTR``): they then train and ship with the head.
+    Anything else is refused.
+    """
+    if len(label_names) < 2:
+        raise MetaTTError(
+            f"a classifier needs at least two labels, got {len(label_names)} ({', '.join(map(str, label_names)) or 'none'}); "
+            "give data with two or more classes"
+        )
     path = resolve_model(name)
     config = friendly_load(lambda: AutoConfig.from_pretrained(path), name, "model config")
     config.num_labels = len(label_names)
@@ -65,9 +99,38 @@ def load_classifier(name: str, label_names: list[str], dtype: torch.dtype = torc
     if config.pad_token_id is None:
         eos = config.eos_token_id
         config.pad_token_id = eos[0] if isinstance(eos, list) else eos
-    return friendly_load(
-        # a base that is already a classifier for another label count gets a fresh head of the right size
-        lambda: AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=dtype, ignore_mismatched_sizes=True),
+    model, info = friendly_load(
+        lambda: AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True
+        ),
         name,
         "model",
     )
+    setattr(model, NEW_MODULES_ATTR, new_modules(model, name, info))
+    return model
+
+
+def new_modules(model: nn.Module, name: str, info: dict) -> list[str]:
+    """Modules outside the head whose weights the checkpoint lacked (or had in another shape).
+
+    Returns the head-adjacent ones (a pooler between encoder and head); refuses the rest.
+    """
+    params = dict(model.named_parameters())
+    keys = [k if isinstance(k, str) else k[0] for k in [*info.get("missing_keys", []), *info.get("mismatched_keys", [])]]
+    heads = tuple(f"{h}." for h in architecture_heads(model))
+    found: list[str] = []
+    bad: list[str] = []
+    for key in keys:
+        if key not in params or key.startswith(heads):
+            continue
+        module = key.rpartition(".")[0]
+        if any("pooler" in part for part in module.split(".")):
+            found.append(module)
+        else:
+            bad.append(key)
+    if bad:
+        raise MetaTTError(
+            f"base model '{name}' lacks trained weights for {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}: they would be "
+            "random on every load; pass a complete checkpoint of this architecture"
+        )
+    return list(dict.fromkeys(found))

@@ -17,13 +17,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from metatt_deploy.adapters.base_model import load_classifier, load_tokenizer
-from metatt_deploy.adapters.config import DEFAULT_ALPHA, METATT_METHODS, WEIGHTS_NAME, MetaTTConfig
+from metatt_deploy.adapters.config import DEFAULT_ALPHA, METATT_METHODS, WEIGHTS_NAME, MetaTTConfig, check_finite
 from metatt_deploy.adapters.heads import add_task_heads, select_task_head
 from metatt_deploy.adapters.layer import MetaTT, MetaTTLayer
-from metatt_deploy.adapters.targets import DEFAULT_TARGETS, TargetModule, find_targets, head_modules
+from metatt_deploy.adapters.targets import DEFAULT_TARGETS, NEW_MODULES_ATTR, TargetModule, find_targets, head_modules
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_dir
-from metatt_deploy.tt.cores import tt_ranks
 
 ADAPTER_ATTR = "metatt"
 
@@ -65,6 +64,7 @@ def build_config(
             f"unknown method '{method}'; use {' or '.join(METATT_METHODS)} (lora trains through metatt-deploy train --method lora)"
         )
     n_bonds = len(mode_sizes) - 1
+    heads = head_modules(model)
     ranks = [rank] * n_bonds if isinstance(rank, int) else list(rank)
     config = MetaTTConfig(
         method=method,
@@ -78,9 +78,9 @@ def build_config(
         modules=modules,
         tasks=tasks,
         label_names=label_names or {tasks[0]: [str(v) for v in hf_config.id2label.values()]},
-        head_modules=head_modules(model),
+        head_modules=heads,
         base_model=base_model,
-        base_fingerprint=fingerprint(model, modules),
+        base_fingerprint=fingerprint(model, modules, heads),
         model_type=hf_config.model_type,
         extra=dict(extra or {}),
     )
@@ -103,26 +103,54 @@ def _weight(module: nn.Module) -> torch.Tensor:
     return cast(torch.Tensor, (module.base_layer if isinstance(module, MetaTTLayer) else module).weight)
 
 
-def fingerprint(model: nn.Module, modules: list[TargetModule]) -> str:
-    """sha256 of the adapted base weights: tells an adapter's own base model from any other."""
+def fingerprint(model: nn.Module, modules: list[TargetModule], head_modules: list[str] | None = None) -> str:
+    """sha256 of the base weights the adapter's answers depend on: tells its own base from any other.
+
+    With ``head_modules`` (adapter format 2): every parameter of the base outside those modules
+    (they ship with the adapter), names as in the unwrapped model, in name order. Without
+    (format 1): the weights of the adapted modules only, which missed every other weight.
+    """
     h = hashlib.sha256()
-    for target in sorted(modules, key=lambda m: m.name):
-        w = _weight(model.get_submodule(target.name)).detach().to("cpu", torch.float32).contiguous()
-        h.update(target.name.encode())
-        h.update(w.numpy().tobytes())
+    if head_modules is None:
+        for target in sorted(modules, key=lambda m: m.name):
+            w = _weight(model.get_submodule(target.name)).detach().to("cpu", torch.float32).contiguous()
+            h.update(target.name.encode())
+            h.update(w.numpy().tobytes())
+        return h.hexdigest()[:32]
+    skip = tuple(f"{m}." for m in head_modules) + (f"{ADAPTER_ATTR}.",)
+    params = {n.replace(".base_layer.", "."): p for n, p in model.named_parameters(remove_duplicate=True)}
+    for name in sorted(params):
+        if name.startswith(skip):
+            continue
+        h.update(name.encode())
+        h.update(params[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+def config_fingerprint(model: nn.Module, config: MetaTTConfig) -> str:
+    """The fingerprint of ``model`` the way ``config``'s format version defines it."""
+    return fingerprint(model, config.modules, None if config.format_version == 1 else config.head_modules)
 
 
 def attach(model: nn.Module, config: MetaTTConfig, cores: list[torch.Tensor] | None = None, seed: int = 0) -> MetaTT:
     """Wrap the target modules, register the adapter, freeze the base, train adapter and head."""
     if hasattr(model, ADAPTER_ATTR):
         raise MetaTTError("this model already carries a MetaTT adapter; load a fresh base model")
-    actual = fingerprint(model, config.modules)
+    config.check_base(model)
+    untrained = [m for m in getattr(model, NEW_MODULES_ATTR, []) if m not in config.head_modules]
+    if untrained:
+        raise MetaTTError(
+            f"the base model lacks trained weights for {', '.join(untrained)} and the adapter does not carry them, so answers "
+            "would be random on every load; pass the complete base checkpoint the adapter was trained on, or retrain"
+        )
+    actual = config_fingerprint(model, config)
     if config.base_fingerprint and actual != config.base_fingerprint:
         raise MetaTTError(
             f"adapter was trained on base model '{config.base_model}' (fingerprint {config.base_fingerprint[:12]}), "
             f"but this base has fingerprint {actual[:12]}; pass the adapter's own base model"
         )
+    if cores is not None:
+        config.check_cores(cores)
     adapter = MetaTT(config, cores, seed=seed).to(next(model.parameters()).device)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -177,19 +205,23 @@ def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
 
 
 def split_state(state: dict[str, torch.Tensor], config: MetaTTConfig) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-    """Cores (checked against the config's shapes) and head tensors of an adapter file."""
+    """Cores and head tensors of an adapter file, checked against the config: shapes (ranks
+    included), no tensor the config does not describe, finite values."""
     n = len(config.mode_names)
     try:
         cores = [state[f"core.{k}"] for k in range(n)]
     except KeyError as e:
         raise MetaTTError(f"adapter weights lack {e}; the file does not match its config, re-create it") from None
-    mode_sizes = [c.shape[1] for c in cores]
-    if mode_sizes != config.mode_sizes or any(c.dim() != 3 for c in cores):
-        raise MetaTTError(f"adapter cores have modes {mode_sizes} but the config says {config.mode_sizes}; re-create the adapter")
-    ranks = tt_ranks(cores)
-    if ranks != list(config.ranks):
-        raise MetaTTError(f"adapter cores have bond ranks {ranks} but the config says {list(config.ranks)}; re-create the adapter")
+    if any(c.dim() != 3 for c in cores):
+        raise MetaTTError(f"adapter cores have shapes {[tuple(c.shape) for c in cores]}, not 3-way; re-create the adapter")
+    config.check_cores(cores)
     heads = {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
+    unknown = sorted(k for k in state if not k.startswith("head.") and k not in {f"core.{i}" for i in range(n)})
+    owners = tuple(f"{m}." for m in config.head_modules)
+    unknown += sorted(f"head.{k}" for k in heads if not k.startswith(owners))
+    if unknown:
+        raise MetaTTError(f"adapter weights hold tensors the config does not describe ({', '.join(unknown[:3])}); re-create the adapter")
+    check_finite(heads, "adapter head")
     return cores, heads
 
 
@@ -200,8 +232,8 @@ def load_head(model: nn.Module, heads: dict[str, torch.Tensor], config: MetaTTCo
         try:
             module.load_state_dict(sub)
         except RuntimeError as e:
-            first = str(e).splitlines()[0]
-            raise MetaTTError(f"the saved head '{name}' does not fit this model ({first}); check the label count") from None
+            detail = " ".join(line.strip() for line in str(e).splitlines()[:2])
+            raise MetaTTError(f"the saved head '{name}' does not fit this model ({detail}); check the label count") from None
 
 
 def load_adapter(directory: str | Path, base_model: str | None = None, tokenizer: bool = True):

@@ -86,6 +86,9 @@ ARCHITECTURES: dict[str, dict] = {
 }
 ARCHITECTURES["mistral"] = ARCHITECTURES["qwen2"] = ARCHITECTURES["llama"]
 DEFAULT_TARGETS = ["q", "k", "v", "o"]
+# Set by base_model.load_classifier: head-adjacent modules (a pooler) the checkpoint lacked, so
+# they were newly initialised; they train and ship with the head (see head_modules).
+NEW_MODULES_ATTR = "metatt_new_modules"
 
 
 @dataclass
@@ -117,8 +120,28 @@ def module_dims(module: nn.Module) -> tuple[int, int, bool]:
     raise MetaTTError(f"module of type {type(module).__name__} cannot be adapted; target nn.Linear or Conv1D layers")
 
 
-def parse_targets(targets: str | list[str], model_type: str) -> dict[str, tuple[str, int, int]]:
-    """Resolve ``q,k,v,o`` (or ``name=regex`` pairs for other architectures) to patterns."""
+def suffix_pattern(suffix: str) -> str:
+    """A plain module-name suffix as a pattern on whole path components, layer number as group 1."""
+    return r"\.(\d+)\.(?:.+\.)?" + re.escape(suffix.strip(".")) + "$"
+
+
+def layer_suffixes(model: nn.Module, limit: int = 8) -> list[str]:
+    """The adaptable modules' name suffixes after a layer number, as found in ``model`` (for hints)."""
+    found: dict[str, None] = {}
+    for name, module in model.named_modules():
+        match = re.search(r"\.\d+\.(.+)$", "." + name)
+        if match and (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"):
+            found.setdefault(match.group(1))
+    return list(found)[:limit]
+
+
+def parse_targets(targets: str | list[str], model_type: str, suggestions: list[str] | None = None) -> dict[str, tuple[str, int, int]]:
+    """Resolve ``q,k,v,o`` (or ``name=regex`` pairs for other architectures) to patterns.
+
+    A plain ``name=suffix`` matches whole path components after a layer number (``down=output.dense``
+    matches ``layer.0.output.dense`` and ``layer.0.attention.output.dense``, not ``xoutput.dense``);
+    ``suggestions`` (suffixes found in the model) make the hint for unknown targets concrete.
+    """
     items = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
     items = [t for t in items if t]
     if not items:
@@ -131,15 +154,26 @@ def parse_targets(targets: str | list[str], model_type: str) -> dict[str, tuple[
             raise MetaTTError(f"target '{name}' given twice; list each matrix type once")
         if pattern:
             if "(" not in pattern:  # a plain suffix: the layer number is the first .N. before it
-                pattern = r"\.(\d+)\..*" + re.escape(pattern) + "$"
+                pattern = suffix_pattern(pattern)
+            else:
+                try:
+                    groups = re.compile(pattern).groups
+                except re.error as e:
+                    raise MetaTTError(f"target '{item}' is not a valid regular expression ({e}); fix --targets") from None
+                if groups < 1:
+                    raise MetaTTError(
+                        f"target '{item}' needs the layer number as its first group, e.g. {name}=\\.layer\\.(\\d+)\\.attn\\.q$"
+                    )
             out[name] = (pattern, 0, 1)
         elif name in known:
             out[name] = known[name]
         else:
+            found = f"; this model's layers hold: {', '.join(suggestions)}" if suggestions else ""
+            example = f"{name}={suggestions[0]}" if suggestions else "q=attn.q_proj"
             hint = (
                 f"known for {model_type}: {', '.join(known)}"
                 if known
-                else (f"architecture '{model_type}' has no default targets; pass name=module_suffix pairs, e.g. q=attn.q_proj")
+                else f"architecture '{model_type}' has no default targets; pass name=module_suffix pairs, e.g. {example}{found}"
             )
             raise MetaTTError(f"unknown target '{name}' ({hint})")
     return out
@@ -152,7 +186,7 @@ def find_targets(model: nn.Module, targets: str | list[str]) -> tuple[list[str],
     layer-mode order) and one TargetModule per wrapped module.
     """
     model_type = getattr(getattr(model, "config", None), "model_type", "")
-    patterns = parse_targets(targets, model_type)
+    patterns = parse_targets(targets, model_type, layer_suffixes(model))
     names = list(patterns)
     hits: dict[str, dict] = {}
     for module_name, module in model.named_modules():
@@ -161,6 +195,8 @@ def find_targets(model: nn.Module, targets: str | list[str]) -> tuple[list[str],
             match = re.search(pattern, full)
             if not match:
                 continue
+            if not match.groups() or not (match.group(1) or "").isdigit():
+                raise MetaTTError(f"target {names[m]} matched {module_name} without a layer number in its first group; fix --targets")
             d_in, d_out, transposed = module_dims(module)
             if d_out % parts:
                 raise MetaTTError(f"{module_name} has {d_out} outputs, not divisible into {parts} fused parts")
@@ -183,6 +219,7 @@ def find_targets(model: nn.Module, targets: str | list[str]) -> tuple[list[str],
             f"targets {', '.join(missing)} match no module of this {model_type or 'model'}; "
             "check --targets against the model's module names"
         )
+    _check_unambiguous(names, hits)
     layers = sorted({e["layer"] for e in hits.values()})
     modules = [
         TargetModule(n, layers.index(e["layer"]), e["d_in"], e["d_out"], sorted(e["segs"]), e["transposed"]) for n, e in hits.items()
@@ -190,8 +227,33 @@ def find_targets(model: nn.Module, targets: str | list[str]) -> tuple[list[str],
     return names, layers, modules
 
 
+def _check_unambiguous(names: list[str], hits: dict[str, dict]) -> None:
+    """One module per (layer, matrix type) and one matrix type per output unit, else name the clash."""
+    seen: dict[tuple[int, int], list[str]] = {}
+    for module_name, e in hits.items():
+        for m, _, _ in e["segs"]:
+            seen.setdefault((e["layer"], m), []).append(module_name)
+        units = sorted((s, t) for _, s, t in e["segs"])
+        if any(b[0] < a[1] for a, b in zip(units, units[1:])):
+            both = ", ".join(names[m] for m, _, _ in e["segs"])
+            raise MetaTTError(f"targets {both} all match module {module_name}; give each matrix type its own module in --targets")
+    for (layer, m), found in seen.items():
+        if len(found) > 1:
+            raise MetaTTError(
+                f"target {names[m]} is ambiguous: it matches {len(found)} modules of layer {layer} ({', '.join(found)}); "
+                "give a longer suffix or a regex with the layer number as its group"
+            )
+
+
 def head_modules(model: nn.Module) -> list[str]:
-    """Names of the classification head's top modules, which train and ship with the adapter."""
+    """Names of the modules that train and ship with the adapter: the classification head's top
+    modules, preceded by head-adjacent modules the base checkpoint lacked (NEW_MODULES_ATTR)."""
+    heads = architecture_heads(model)
+    return [*(m for m in getattr(model, NEW_MODULES_ATTR, []) if m not in heads), *heads]
+
+
+def architecture_heads(model: nn.Module) -> list[str]:
+    """The classification head's top modules for the model's architecture."""
     model_type = getattr(model.config, "model_type", "")
     if model_type in ARCHITECTURES:
         return list(ARCHITECTURES[model_type]["head"])

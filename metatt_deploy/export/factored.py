@@ -36,22 +36,23 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import re
 import time
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from metatt_deploy.adapters import model as mt
-from metatt_deploy.adapters.config import MetaTTConfig
+from metatt_deploy.adapters.config import MetaTTConfig, check_finite
 from metatt_deploy.adapters.heads import PAD_LOGIT, add_task_heads, label_linear, routers, select_task_head
 from metatt_deploy.adapters.multitask import MultiTaskModel, bundle_id, load_multitask, routed, shared_core_indices
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.common.files import atomic_dir, atomic_write_json, check_writable, read_json, sha256_file
+from metatt_deploy.common.files import atomic_dir, atomic_write_json, check_separate, check_writable, read_json, sha256_file
 from metatt_deploy.export.web import factored_spec, write_web_app
 
 BUNDLE_FORMAT = 1
@@ -330,12 +331,64 @@ def read_bundle(path: str | Path) -> dict:
     if not is_bundle(path):
         raise MetaTTError(f"{path} is not a factored bundle (no {BUNDLE_JSON}); write one with metatt-deploy merge --factored")
     info = read_json(path / BUNDLE_JSON, "bundle description")
-    if info.get("format_version") != BUNDLE_FORMAT:
+    if not isinstance(info, dict) or info.get("format_version") != BUNDLE_FORMAT:
+        version = info.get("format_version") if isinstance(info, dict) else None
         raise MetaTTError(
-            f"bundle format {info.get('format_version')} is not supported (this build reads {BUNDLE_FORMAT}); "
-            "use the metatt-deploy version that wrote it"
+            f"bundle format {version} is not supported (this build reads {BUNDLE_FORMAT}); use the metatt-deploy version that wrote it"
         )
+    _check_bundle_info(info, path)
     return info
+
+
+def _plain_name(value: object) -> bool:
+    """A file or folder name inside the bundle: no separators, no '..' (a record cannot point outside)."""
+    return isinstance(value, str) and value not in ("", ".", "..") and "/" not in value and "\\" not in value
+
+
+def _check_bundle_info(info: dict, path: Path) -> None:
+    """Types of every bundle.json field that loading relies on; one line naming the first bad one."""
+    onnx = info.get("onnx")
+    graphs_ok = onnx is None or (
+        isinstance(onnx, dict)
+        and isinstance(onnx.get("task_graph"), dict)
+        and isinstance(onnx["task_graph"].get("tasks"), list)
+        and all(isinstance(t, str) for t in onnx["task_graph"]["tasks"])
+        and isinstance(onnx.get("adapter_graph"), dict)
+        and isinstance(onnx["adapter_graph"].get("adapter_inputs"), list)
+        and all(isinstance(t, str) for t in onnx["adapter_graph"]["adapter_inputs"])
+    )
+    checks = {
+        "bundle_id": isinstance(info.get("bundle_id"), str) and re.fullmatch(r"[0-9a-f]{32}", info["bundle_id"]) is not None,
+        "tasks": isinstance(info.get("tasks"), list) and all(isinstance(t, str) for t in info["tasks"]),
+        "base_dir": _plain_name(info.get("base_dir", BASE_DIR)),
+        "task_core": isinstance(info.get("task_core"), int) and not isinstance(info.get("task_core"), bool),
+        "adapter_config": isinstance(info.get("adapter_config"), dict),
+        "max_length": isinstance(info.get("max_length", 128), int) and 2 <= info.get("max_length", 128) <= 1_000_000,
+        "onnx": graphs_ok,
+    }
+    bad = [k for k, ok in checks.items() if not ok]
+    if bad:
+        raise MetaTTError(f"{path / BUNDLE_JSON} has a missing or malformed '{bad[0]}'; re-write the bundle with merge --factored")
+
+
+def task_file(bundle: str | Path, rec: dict, kind: str) -> Path:
+    """The path of a task's ``kind`` file (safetensors, onnx_adapter), checked against the sha256 its record holds.
+
+    A task file swapped in from another bundle (same shapes, other values) would otherwise give
+    other logits without any error.
+    """
+    entry = rec["files"].get(kind)
+    if entry is None:
+        raise MetaTTError(f"task '{rec['task']}' has no {kind} file; re-write it with merge --factored")
+    path = Path(bundle) / TASKS_DIR / entry["file"]
+    if not path.is_file():
+        raise MetaTTError(f"task file {path} is missing; re-write the task with merge --factored")
+    if sha256_file(path) != entry["sha256"]:
+        raise MetaTTError(
+            f"task file {path.name} is not the one its record {rec['task']}.json names (sha256 differs): it was changed or "
+            "copied from another bundle; re-write the task with merge --factored"
+        )
+    return path
 
 
 def write_bundle(
@@ -361,13 +414,14 @@ def write_bundle(
     chosen = list(config.tasks) if not tasks else [config.tasks[config.task_index(t)] for t in tasks]
     if is_bundle(output) and tasks:
         return _add_tasks(output, mtm, chosen, bid, force)
-    check_writable(output, force)
+    check_writable(output, force, marker=BUNDLE_JSON)
+    check_separate(output, [adapter_dir, base_model or config.base_model])
     started = time.time()
     if tasks:  # a bundle of a subset: the graph bakes only those tasks
         keep = [config.tasks.index(t) for t in chosen]
         mtm = _subset(mtm, keep)
         config = mtm.adapter_config
-    with atomic_dir(output, force=force) as tmp:
+    with atomic_dir(output, force=force, marker=BUNDLE_JSON) as tmp:
         base = mt.load_classifier(base_model or config.base_model, config.label_names[config.tasks[0]])
         base.save_pretrained(tmp / BASE_DIR, safe_serialization=True)
         del base
@@ -470,6 +524,24 @@ def task_records(bundle: str | Path, info: dict | None = None) -> list[dict]:
 
 
 def check_task_record(rec: dict, info: dict, path: Path) -> None:
+    """A task record must be well formed, name itself, and belong to this bundle (bundle id)."""
+    files = rec.get("files") if isinstance(rec, dict) else None
+    shapes = rec.get("shapes") if isinstance(rec, dict) else None
+    well_formed = (
+        isinstance(rec, dict)
+        and _plain_name(rec.get("task"))
+        and rec.get("task") == path.stem
+        and isinstance(rec.get("labels"), list)
+        and all(isinstance(x, str) for x in rec["labels"])
+        and isinstance(rec.get("num_labels"), int)
+        and isinstance(shapes, dict)
+        and all(isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in v) for v in shapes.values())
+        and isinstance(files, dict)
+        and "safetensors" in files
+        and all(isinstance(e, dict) and _plain_name(e.get("file")) and isinstance(e.get("sha256"), str) for e in files.values())
+    )
+    if not well_formed:
+        raise MetaTTError(f"task record {path.name} is malformed or names another task; re-write the task with merge --factored")
     if rec.get("bundle_id") != info["bundle_id"]:
         raise MetaTTError(
             f"task file {path.name} belongs to bundle {str(rec.get('bundle_id'))[:12]}, not to this bundle "
@@ -486,13 +558,14 @@ def check_task_record(rec: dict, info: dict, path: Path) -> None:
 
 
 def load_task_tensors(bundle: str | Path, rec: dict) -> dict[str, torch.Tensor]:
-    path = Path(bundle) / TASKS_DIR / rec["files"]["safetensors"]["file"]
+    path = task_file(bundle, rec, "safetensors")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise MetaTTError(f"task file {path} is missing or corrupt ({e}); re-write it with merge --factored") from None
     if {k: list(v.shape) for k, v in tensors.items()} != rec["shapes"]:
         raise MetaTTError(f"task file {path.name} does not match its record {path.stem}.json; re-write the task")
+    check_finite(tensors, f"task {rec['task']}")
     return tensors
 
 
@@ -506,10 +579,19 @@ def load_bundle(bundle: str | Path) -> MultiTaskModel:
     config = MetaTTConfig.from_json({**info["adapter_config"]})
     t_core = info["task_core"]
     try:
+        with safe_open(str(bundle / SHARED_FILE), framework="pt") as f:
+            shared_id = (f.metadata() or {}).get("bundle_id")
         shared = load_file(str(bundle / SHARED_FILE))
     except (SafetensorError, OSError, ValueError) as e:
         raise MetaTTError(f"{bundle / SHARED_FILE} is missing or corrupt ({e}); re-write the bundle") from None
+    if shared_id != info["bundle_id"]:
+        raise MetaTTError(f"{bundle / SHARED_FILE} belongs to another bundle (id {str(shared_id)[:12]}); re-write the bundle")
+    check_finite(shared, "shared core")
     tensors = [load_task_tensors(bundle, r) for r in records]
+    missing = [k for k in shared_core_indices(config) if f"core.{k}" not in shared]
+    slices = {tuple(t[TASK_SLICE].shape) if TASK_SLICE in t else None for t in tensors}
+    if "task" not in config.mode_names or t_core != config.mode_names.index("task") or missing or len(slices) != 1 or None in slices:
+        raise MetaTTError(f"bundle {bundle} does not fit its own layout (task core, shared cores or task slices); re-write the bundle")
     cores = [
         shared[f"core.{k}"] if k != t_core else torch.stack([t[TASK_SLICE] for t in tensors], dim=1) for k in range(len(config.mode_names))
     ]

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from metatt_deploy.adapters.lora import is_lora_adapter, load_lora, merge_lora
+from metatt_deploy.adapters.config import WEIGHTS_NAME, MetaTTConfig
+from metatt_deploy.adapters.lora import PEFT_WEIGHTS_NAME, is_lora_adapter, load_lora, merge_lora
 from metatt_deploy.adapters.model import get_adapter, load_adapter, merge_and_unload
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.common.files import atomic_dir, atomic_write_json, check_writable
+from metatt_deploy.common.files import atomic_dir, atomic_write_json, check_separate, check_writable, sha256_file
 from metatt_deploy.export.factored import write_bundle
 from metatt_deploy.tt.rounding import round_tt
 
@@ -35,15 +36,18 @@ def merge_adapter(
     the relative Frobenius error this introduced. ``adapter_dir`` may also be a PEFT LoRA
     folder written by this project (`merge_lora_adapter`).
     """
-    check_writable(output, force)
+    check_writable(output, force, marker=MERGE_RECORD)
     if is_lora_adapter(adapter_dir):
+        check_separate(output, [adapter_dir, base_model])
         if max_rank is not None:
             raise MetaTTError("--max-rank rounds a MetaTT tensor train; a LoRA adapter has none, drop --max-rank")
         return merge_lora_adapter(adapter_dir, output, task=task, base_model=base_model, force=force)
+    check_separate(output, [adapter_dir, base_model or MetaTTConfig.load(adapter_dir).base_model])
     model, config, tokenizer = load_adapter(adapter_dir, base_model=base_model)
     task_index = config.task_index(task)
     record = {
         "adapter": str(Path(adapter_dir).resolve()),
+        "adapter_weights_sha256": sha256_file(Path(adapter_dir) / WEIGHTS_NAME),
         "base_model": config.base_model,
         "base_fingerprint": config.base_fingerprint,
         "method": config.method,
@@ -58,7 +62,7 @@ def merge_adapter(
         # "ranks" stays the trained adapter's; the merged update has the rounded bond ranks
         record.update(rounded_to=max_rank, rounded_ranks=[int(c.shape[-1]) for c in cores[:-1]], rounding_relative_error=float(rel_error))
     merge_and_unload(model, config.tasks[task_index] if config.multitask else None)
-    with atomic_dir(output, force=force) as tmp:
+    with atomic_dir(output, force=force, marker=MERGE_RECORD) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / MERGE_RECORD, record)
@@ -74,6 +78,7 @@ def merge_lora_adapter(
         raise MetaTTError(f"unknown task '{task}'; this LoRA adapter has task: {lora['task']}")
     record = {
         "adapter": str(Path(adapter_dir).resolve()),
+        "adapter_weights_sha256": sha256_file(Path(adapter_dir) / PEFT_WEIGHTS_NAME),
         "base_model": base_model or lora["base_model"],
         "base_fingerprint": None,
         "method": "lora",
@@ -83,7 +88,7 @@ def merge_lora_adapter(
         "merged_with": "peft merge_and_unload",
     }
     model = merge_lora(peft_model)
-    with atomic_dir(output, force=force) as tmp:
+    with atomic_dir(output, force=force, marker=MERGE_RECORD) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / MERGE_RECORD, record)

@@ -40,10 +40,10 @@ import numpy as np
 
 from metatt_deploy import __version__
 from metatt_deploy.adapters.base_model import friendly_load
-from metatt_deploy.adapters.config import WEIGHTS_NAME, MetaTTConfig
+from metatt_deploy.adapters.config import WEIGHTS_NAME, MetaTTConfig, check_finite
 from metatt_deploy.adapters.lora import PEFT_WEIGHTS_NAME, is_lora_adapter, read_lora_record
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.common.files import atomic_dir, atomic_write_json, check_writable, read_json, sha256_file
+from metatt_deploy.common.files import TMP_TAG, atomic_dir, atomic_write_json, check_separate, check_writable, read_json, sha256_file
 from metatt_deploy.common.threads import resolve_threads, session_options_record
 from metatt_deploy.export.merge import merge_adapter
 from metatt_deploy.export.ort_format import convert_to_ort
@@ -176,7 +176,26 @@ def read_manifest(onnx_dir: str | Path) -> dict:
         raise MetaTTError(f"{onnx_dir} is not an ONNX export (no {ONNX_NAME}); pass a folder written by metatt-deploy export")
     if not (onnx_dir / MANIFEST_NAME).is_file():
         return {}
-    return read_json(onnx_dir / MANIFEST_NAME, "export manifest")
+    manifest = read_json(onnx_dir / MANIFEST_NAME, "export manifest")
+    check_manifest(manifest, onnx_dir / MANIFEST_NAME)
+    return manifest
+
+
+def check_manifest(manifest: Any, path: Path) -> None:
+    """Types of the manifest fields readers rely on; a hand-edited or damaged manifest is one line."""
+    variant = manifest.get("variant", {}) if isinstance(manifest, dict) else None
+    adapter = manifest.get("adapter") if isinstance(manifest, dict) else None
+    ok = (
+        isinstance(manifest, dict)
+        and isinstance(variant, dict)
+        and variant.get("dtype", "fp32") in DTYPES
+        and variant.get("quantize") in (None, *QUANTIZE)
+        and isinstance(variant.get("optimize", False), bool)
+        and all(isinstance(manifest.get(k), (str, type(None))) for k in ("task", "model_type", "base_model", "base_fingerprint"))
+        and (adapter is None or (isinstance(adapter, dict) and isinstance(adapter.get("weights_sha256"), (str, type(None)))))
+    )
+    if not ok:
+        raise MetaTTError(f"{path} is damaged or was edited (a field has the wrong type); export the model again")
 
 
 def sample_encoding(tokenizer, max_length: int = 128) -> list[dict[str, Any]]:
@@ -258,7 +277,8 @@ def export_onnx(
     variant = variant_suffix(optimize, quantize, dtype)
     if output is None:
         output = DEFAULT_ROOT / f"{name or model_dir.resolve().name}{variant}"
-    output = check_writable(output, force)
+    output = check_writable(output, force, marker=MANIFEST_NAME)
+    check_separate(output, [model_dir, adapter_dir])
     resolve_threads(threads)
     rows, calibration_source = load_calibration_rows(calibration, max_rows=calibration_rows) if calibration else ([], None)
     reduce_range = default_reduce_range() if reduce_range is None else reduce_range
@@ -276,7 +296,9 @@ def export_onnx(
     }
 
     started = time.time()
-    with tempfile.TemporaryDirectory(prefix="metatt-merge-") as merge_tmp:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # beside the output and named like atomic_dir's temporaries, so a killed run's leftover is cleaned
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}{TMP_TAG}{os.getpid()}-merge-", dir=output.parent) as merge_tmp:
         source_kind = "merged" if (model_dir / MERGE_RECORD).is_file() else "model"
         source = model_dir
         if is_adapter:
@@ -285,7 +307,7 @@ def export_onnx(
             merge_adapter(model_dir, source, task=task)
             source_kind = "adapter (merged on the fly)"
         provenance = _provenance(source, adapter_dir)
-        with atomic_dir(output, force=force) as tmp:
+        with atomic_dir(output, force=force, marker=MANIFEST_NAME) as tmp:
             manifest = _export_into(tmp, source, **options)
             manifest = {
                 "format_version": MANIFEST_VERSION,
@@ -319,6 +341,8 @@ def variant_suffix(optimize: bool, quantize: str | None, dtype: str) -> str:
 def _provenance(source: Path, adapter_dir: str | Path | None) -> dict:
     """Adapter and base model of the export, from the merge record and/or the adapter config."""
     record = read_json(source / MERGE_RECORD, "merge record") if (source / MERGE_RECORD).is_file() else {}
+    if not isinstance(record, dict) or not isinstance(record.get("adapter", ""), str):
+        raise MetaTTError(f"{source / MERGE_RECORD} is not a merge record; re-merge the adapter")
     recorded = record.get("adapter")
     if adapter_dir is None and recorded and is_adapter_dir(recorded):
         adapter_dir = recorded
@@ -352,12 +376,18 @@ def _provenance(source: Path, adapter_dir: str | Path | None) -> dict:
             "tasks": config.tasks,
             "weights_sha256": sha256_file(weights) if weights.is_file() else None,
         }
+        merged_from = record.get("adapter_weights_sha256")
+        if merged_from and merged_from != adapter["weights_sha256"]:
+            raise MetaTTError(
+                f"the merged model was made from other weights than {adapter_dir} holds now (retrained since?); merge the adapter again"
+            )
         record = {"base_model": config.base_model, "base_fingerprint": config.base_fingerprint, "method": config.method, **record}
     elif recorded:
         adapter = {
             "path": recorded,
             "method": record.get("method"),
             "ranks": record.get("ranks"),
+            "weights_sha256": record.get("adapter_weights_sha256"),
             "note": "adapter folder not found; fields from the merge record",
         }
     return {
@@ -388,6 +418,7 @@ def _export_into(
     reference = friendly_load(
         lambda: AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32), str(source), "model"
     ).eval()
+    check_finite(dict(reference.named_parameters()), "model")
     encodings = sample_encoding(tokenizer)
     with torch.no_grad():
         ref_logits = [reference(**enc).logits.numpy() for enc in encodings]
@@ -434,6 +465,8 @@ def _export_into(
         providers = available_providers() if dtype == "fp16" else cpu
         final = _ort_model_parity(tmp, providers, encodings, ref_logits)
         if quantize:
+            if not np.isfinite(final["max_abs_logit_diff"]):
+                raise MetaTTError("the int8 ONNX export gives NaN or Inf logits; export without --quantize")
             final["tolerance"] = None
             final["note"] = "int8 logits are reported, not enforced; judge int8 by accuracy (validate --reference-onnx)"
         elif dtype == "fp16":
@@ -577,7 +610,8 @@ def _ort_model_parity(folder: Path, providers: list[str], encodings, ref_logits)
 
 
 def _enforce(parity: dict, what: str) -> None:
-    if parity["max_abs_logit_diff"] > parity["tolerance"]:
+    """Fail above the tolerance, and on a NaN figure (NaN compares false with everything)."""
+    if not parity["max_abs_logit_diff"] <= parity["tolerance"]:
         raise MetaTTError(
             f"{what} differs from the PyTorch model by {parity['max_abs_logit_diff']:.3g} in the logits "
             f"(tolerance {parity['tolerance']:.3g}); try another --opset or export without --optimize"

@@ -43,11 +43,11 @@ from safetensors.torch import save_file
 
 from metatt_deploy.adapters.config import CONFIG_NAME, WEIGHTS_NAME, MetaTTConfig
 from metatt_deploy.adapters.layer import MetaTT
-from metatt_deploy.adapters.lora import PEFT_WEIGHTS_NAME, is_lora_adapter, lora_record, write_lora_record
+from metatt_deploy.adapters.lora import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, is_lora_adapter, lora_record, write_lora_record
 from metatt_deploy.adapters.model import read_weights, split_state
 from metatt_deploy.adapters.targets import TargetModule
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.common.files import atomic_dir, check_writable
+from metatt_deploy.common.files import atomic_dir, check_separate, check_writable
 
 PREFIX = "base_model.model."
 
@@ -157,7 +157,8 @@ def to_peft(adapter_dir: str | Path, output: str | Path, task: str | None = None
     """
     from peft import LoraConfig
 
-    check_writable(output, force)
+    check_writable(output, force, marker=PEFT_CONFIG_NAME)
+    check_separate(output, [adapter_dir])
     if is_lora_adapter(adapter_dir):
         raise MetaTTError(
             f"{adapter_dir} is already a PEFT LoRA adapter; use it as it is, or merge it to a dense model (without --to peft)"
@@ -177,7 +178,7 @@ def to_peft(adapter_dir: str | Path, output: str | Path, task: str | None = None
         lora_alpha=kwargs["lora_alpha"],
         targets=config.targets,
     )
-    with atomic_dir(output, force=force) as tmp:
+    with atomic_dir(output, force=force, marker=PEFT_CONFIG_NAME) as tmp:
         lora_config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
         write_lora_record(tmp, record)

@@ -7,8 +7,12 @@ multi-task one (the export's task, or ``task``, through the multi-task model's o
 (every example of a file or split unless ``max_examples`` asks for a random subset, which the
 console and the report then state) it reports:
 
+- provenance first: the export's manifest must record this adapter's weights sha256 (and its
+  architecture and task), or validation fails before any work;
 - max |logit diff| ONNX vs PyTorch, enforced at 1e-4 for fp32 exports (plain or optimised), at
-  1e-2 x max(1, max |logit|) for fp16 exports, reported only for int8 exports;
+  1e-2 x max(1, max |logit|) for fp16 exports, reported only for int8 exports; NaN/Inf fails;
+- the same difference relative to the adapter's own effect (|logits(adapter) - logits(base)|),
+  failing an enforced variant that is closer to the base than to the adapter;
 - agreement of the predicted labels, and the accuracy of each model when labels are present;
 - with ``reference_onnx`` (the fp32 export of the same model): accuracy change and label
   agreement of this export vs the reference, and its speed-up;
@@ -23,6 +27,7 @@ files its manifest lists. A parity failure is written to the report first, then 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -35,11 +40,12 @@ from typing import Any
 import numpy as np
 
 from metatt_deploy.adapters.config import WEIGHTS_NAME, MetaTTConfig
+from metatt_deploy.adapters.layer import MetaTT
 from metatt_deploy.adapters.lora import PEFT_WEIGHTS_NAME, is_lora_adapter, load_lora
 from metatt_deploy.adapters.model import load_adapter
 from metatt_deploy.adapters.multitask import TaskView, load_multitask
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.common.files import atomic_write_json, atomic_write_text, check_writable, sha256_file
+from metatt_deploy.common.files import atomic_write_json, atomic_write_text, check_separate, check_writable, sha256_file
 from metatt_deploy.common.report import progress_bar
 from metatt_deploy.export.onnx import (
     FP16_RTOL,
@@ -52,7 +58,7 @@ from metatt_deploy.export.onnx import (
     onnx_feeds,
     read_manifest,
 )
-from metatt_deploy.training.data import FILE_FORMATS, TEXT_COLUMN_CANDIDATES, load_task
+from metatt_deploy.training.data import FILE_FORMATS, TEXT_COLUMN_CANDIDATES, check_records, load_task, quiet_datasets
 
 REPORT_JSON = "validation.json"
 REPORT_MD = "validation.md"
@@ -226,8 +232,10 @@ def _unlabelled_file(path: Path, text_columns: Sequence[str] | None) -> HeldOut:
     from datasets import load_dataset
 
     builder, options = FILE_FORMATS[path.suffix.lower()]
+    check_records(path)
     try:
-        ds = load_dataset(builder, data_files=str(path), split="train", **options)
+        with quiet_datasets():
+            ds = load_dataset(builder, data_files=str(path), split="train", **options)
     except Exception as e:  # the datasets reader's errors are all about the file's content
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise MetaTTError(f"could not read {path} ({first}); fix the file") from None
@@ -305,10 +313,17 @@ def validate(
     if seq_len < 2 or repeats < 1 or warmup < 0:
         raise MetaTTError("--seq-len must be at least 2, --repeats at least 1 and --warmup at least 0; fix the option")
     json_path, md_path = report_paths(onnx_dir, output)
+    if output is not None:
+        check_separate(output, [adapter_dir])
     for path in (json_path, md_path):
         check_writable(path, force)
 
+    if not is_lora_adapter(adapter_dir):  # which task, before whose export: "serves several tasks; pass --task"
+        MetaTTConfig.load(adapter_dir).task_index(task or manifest.get("task"))
+    check_provenance(manifest, adapter_dir, onnx_dir, task)
     reference = load_reference(adapter_dir, task or manifest.get("task"), base_model)
+    if manifest.get("model_type") not in (None, reference.model_type):
+        raise MetaTTError(f"export {onnx_dir} is a {manifest.get('model_type')} model, the adapter a {reference.model_type} one")
     held = load_held_out(
         data, split=split, max_examples=max_examples, model_labels=reference.labels, text_columns=text_columns, label_column=label_column
     )
@@ -343,7 +358,7 @@ def validate(
         "method": reference.method,
         "variant": manifest.get("variant", {"dtype": "fp32", "optimize": False, "quantize": None}),
         "reference_variant": (reference_manifest or {}).get("variant") if reference_onnx is not None else None,
-        "adapter_matches_manifest": _matches(manifest, adapter_dir),
+        "adapter_matches_manifest": True,  # check_provenance refused anything else
         **report,
         "versions": library_versions(),
     }
@@ -351,10 +366,9 @@ def validate(
     atomic_write_json(json_path, report)
     atomic_write_text(md_path, render_markdown(report))
     parity = report["parity"]
-    if parity["enforced"] and not parity["passed"]:
+    if not parity["passed"]:
         raise MetaTTError(
-            f"ONNX logits differ from the unmerged adapter by {parity['max_abs_logit_diff']:.3g} "
-            f"(tolerance {parity['tolerance']:.3g}; report in {md_path}); re-merge and re-export the adapter"
+            f"ONNX logits differ from the unmerged adapter: {parity['failure']} (report in {md_path}); re-merge and re-export the adapter"
         )
     return report
 
@@ -374,9 +388,9 @@ def report_paths(onnx_dir: str | Path, output: str | Path | None = None) -> tupl
 class Reference:
     """The unmerged PyTorch model an export is checked against, with its task and labels."""
 
-    def __init__(self, model, tokenizer, task: str, labels: list[str], method: str, description: str):
+    def __init__(self, model, tokenizer, task: str, labels: list[str], method: str, description: str, model_type: str | None):
         self.model, self.tokenizer, self.task, self.labels = model, tokenizer, task, labels
-        self.method, self.description = method, description
+        self.method, self.description, self.model_type = method, description, model_type
 
 
 def load_reference(adapter_dir: str | Path, task: str | None, base_model: str | None = None) -> Reference:
@@ -385,31 +399,127 @@ def load_reference(adapter_dir: str | Path, task: str | None, base_model: str | 
         model, record, tokenizer = load_lora(adapter_dir, base_model=base_model)
         if task and task != record["task"]:
             raise MetaTTError(f"unknown task '{task}'; this LoRA adapter has task: {record['task']}")
-        return Reference(model, tokenizer, record["task"], list(record["label_names"]), "lora", "base model + unmerged PEFT LoRA adapter")
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        return Reference(
+            model, tokenizer, record["task"], list(record["label_names"]), "lora", "base model + unmerged PEFT LoRA adapter", model_type
+        )
     config = MetaTTConfig.load(adapter_dir)
     if config.multitask:
         name = config.tasks[config.task_index(task)]  # no task: "serves several tasks; pass --task NAME"
         mtm, config, tokenizer = load_multitask(adapter_dir, base_model=base_model)
         view = TaskView(mtm, name).eval()
         return Reference(
-            view, tokenizer, name, list(config.label_names[name]), config.method, f"base model + unmerged MetaTT adapter, task '{name}'"
+            view,
+            tokenizer,
+            name,
+            list(config.label_names[name]),
+            config.method,
+            f"base model + unmerged MetaTT adapter, task '{name}'",
+            config.model_type,
         )
     if task and task not in config.tasks:
         raise MetaTTError(f"unknown task '{task}'; this adapter has tasks: {', '.join(config.tasks)}")
     model, config, tokenizer = load_adapter(adapter_dir, base_model=base_model)
     name = config.tasks[0]
-    return Reference(model, tokenizer, name, list(config.label_names[name]), config.method, "base model + unmerged MetaTT adapter")
+    return Reference(
+        model, tokenizer, name, list(config.label_names[name]), config.method, "base model + unmerged MetaTT adapter", config.model_type
+    )
+
+
+def _weights_file(adapter_dir: str | Path) -> Path | None:
+    """The adapter's weights: MetaTT's safetensors, or a PEFT LoRA folder's."""
+    return next((Path(adapter_dir) / n for n in (WEIGHTS_NAME, PEFT_WEIGHTS_NAME) if (Path(adapter_dir) / n).is_file()), None)
 
 
 def _matches(manifest: dict, adapter_dir: str | Path) -> bool | None:
     """Whether the manifest names this adapter (by weights hash, else path); None when it names none."""
     recorded = manifest.get("adapter") or {}
-    weights = next((Path(adapter_dir) / n for n in (WEIGHTS_NAME, PEFT_WEIGHTS_NAME) if (Path(adapter_dir) / n).is_file()), None)
+    weights = _weights_file(adapter_dir)
     if recorded.get("weights_sha256") and weights is not None:
         return recorded["weights_sha256"] == sha256_file(weights)
     if recorded.get("path"):
         return Path(recorded["path"]).resolve() == Path(adapter_dir).resolve()
     return None
+
+
+def check_provenance(manifest: dict, adapter_dir: str | Path, onnx_dir: Path, task: str | None) -> None:
+    """The export must say it was made from this adapter (weights sha256), of its architecture and task.
+
+    Parity alone cannot tell: an export without the adapter's update differs from the adapter by
+    the update's effect only, which can be below any absolute tolerance.
+    """
+    recorded = manifest.get("adapter") if isinstance(manifest, dict) else None
+    sha = recorded.get("weights_sha256") if isinstance(recorded, dict) else None
+    if not isinstance(sha, str):
+        raise MetaTTError(
+            f"export {onnx_dir} does not record which adapter it was made from (manifest.json: adapter.weights_sha256); "
+            "export it with metatt-deploy export from the adapter or its merge"
+        )
+    weights = _weights_file(adapter_dir)
+    actual = sha256_file(weights) if weights is not None else None
+    if sha != actual:
+        raise MetaTTError(
+            f"export {onnx_dir} was made from another adapter (weights sha256 {sha[:12]}, {adapter_dir} has {str(actual)[:12]}); "
+            "validate it against its own adapter, or re-export this one"
+        )
+    if task and manifest.get("task") and task != manifest.get("task"):
+        raise MetaTTError(f"export {onnx_dir} holds task '{manifest.get('task')}', not '{task}'; validate the export of that task")
+
+
+@contextlib.contextmanager
+def adapter_disabled(model):
+    """The base model + head: the adapter's update off for the duration (MetaTT: scaled to zero)."""
+    if hasattr(model, "disable_adapter"):  # PEFT LoRA
+        with model.disable_adapter():
+            yield
+        return
+    adapter = next(m for m in model.modules() if isinstance(m, MetaTT))
+    alpha = adapter.alpha
+    adapter.alpha = 0.0
+    try:
+        yield
+    finally:
+        adapter.alpha = alpha
+
+
+def parity_figures(pt: np.ndarray, ox: np.ndarray, base: np.ndarray, tolerance: float | None) -> dict:
+    """Parity of the export ``ox`` with the adapter ``pt``, absolute and relative to the adapter's
+    own effect ``|pt - base|`` (base: the same model with the adapter's update off).
+
+    Fails on any NaN/Inf, above ``tolerance`` (when enforced), and, for enforced variants, when
+    the export is closer to the base than to the adapter: an export that lost the update
+    (judged only where the update moves the logits by more than a hundredth of the tolerance).
+    """
+    max_diff = float(np.abs(pt - ox).max())
+    effect = float(np.abs(pt - base).max())
+    to_base = float(np.abs(ox - base).max())
+    finite = bool(np.isfinite(pt).all() and np.isfinite(ox).all())
+    # below a hundredth of the tolerance the update is within float noise: nothing can tell
+    # export-with from export-without, and provenance (check_provenance) is the only check
+    measurable = tolerance is not None and effect > tolerance / 100
+    closer_to_base = measurable and to_base < max_diff
+    failure = None
+    if not finite:
+        failure = "NaN or Inf logits"
+    elif tolerance is not None and not max_diff <= tolerance:
+        failure = f"max |logit diff| {max_diff:.3g} above the tolerance {tolerance:.3g}"
+    elif closer_to_base:
+        failure = f"the export is closer to the base model (max |diff| {to_base:.3g}) than to the adapter ({max_diff:.3g})"
+    return {
+        "max_abs_logit_diff": max_diff,
+        "mean_abs_logit_diff": float(np.abs(pt - ox).mean()),
+        "max_abs_logit": float(np.abs(pt).max()),
+        "tolerance": tolerance,
+        "enforced": tolerance is not None,
+        "adapter_effect_max_abs": effect,
+        "relative_to_adapter_effect": max_diff / effect if effect > 0 else None,
+        "export_vs_base_max_abs": to_base,
+        "closer_to_base": closer_to_base,
+        "passed": failure is None,
+        "failure": failure,
+        "label_agreement": float((pt.argmax(-1) == ox.argmax(-1)).mean()),
+        "reference": "PyTorch eager, base model + unmerged adapter, float32, CPU",
+    }
 
 
 def _tolerance(variant: dict, max_logit: float) -> float | None:
@@ -455,34 +565,29 @@ def _run(
     ref_session = make_session(Path(reference_onnx) / ONNX_NAME, cpu, threads) if reference_onnx is not None else None
 
     # --- logits on every held-out example, in batches padded to their longest member
-    pt_logits, onnx_logits, ref_logits = [], [], []
+    pt_logits, onnx_logits, ref_logits, base_logits = [], [], [], []
     n = len(held.texts)
     progress = progress_bar(math.ceil(n / EVAL_BATCH), 0, "validate: logits", unit="batches")
     for start in range(0, n, EVAL_BATCH):
         enc = _encode(tokenizer, held, slice(start, start + EVAL_BATCH), seq_len, fixed=False)
         with torch.no_grad():
             pt_logits.append(model(**enc).logits.float().numpy())
+            with adapter_disabled(model):
+                base_logits.append(model(**enc).logits.float().numpy())
         onnx_logits.append(session.run(["logits"], onnx_feeds(session, enc))[0].astype(np.float32))
         if ref_session is not None:
             ref_logits.append(ref_session.run(["logits"], onnx_feeds(ref_session, enc))[0].astype(np.float32))
         progress.update(1)
     progress.close()
-    pt, ox = np.concatenate(pt_logits), np.concatenate(onnx_logits)
+    pt, ox, base = np.concatenate(pt_logits), np.concatenate(onnx_logits), np.concatenate(base_logits)
+    if pt.shape != ox.shape:
+        raise MetaTTError(
+            f"the export gives logits of shape {ox.shape[1:]}, the adapter {pt.shape[1:]}; validate the export of this adapter"
+        )
     ref = np.concatenate(ref_logits) if ref_logits else None
-    max_diff = float(np.abs(pt - ox).max())
-    max_logit = float(np.abs(pt).max())
     variant = manifest.get("variant", {})
-    tolerance = _tolerance(variant, max_logit)
-    parity = {
-        "max_abs_logit_diff": max_diff,
-        "mean_abs_logit_diff": float(np.abs(pt - ox).mean()),
-        "max_abs_logit": max_logit,
-        "tolerance": tolerance,
-        "enforced": tolerance is not None,
-        "passed": tolerance is None or max_diff <= tolerance,
-        "label_agreement": float((pt.argmax(-1) == ox.argmax(-1)).mean()),
-        "reference": f"PyTorch eager, {reference.description}, float32, CPU",
-    }
+    parity = parity_figures(pt, ox, base, _tolerance(variant, float(np.abs(pt).max())))
+    parity["reference"] = f"PyTorch eager, {reference.description}, float32, CPU"
     accuracy = None
     if held.labels is not None:
         labels = np.asarray(held.labels)
@@ -636,6 +741,8 @@ def render_markdown(report: dict) -> str:
         "| check | value |",
         "|---|---|",
         f"| max abs logit diff | {_fmt(p['max_abs_logit_diff'])} |",
+        f"| adapter's own effect (max abs logit change vs base) | {_fmt(p.get('adapter_effect_max_abs'))} |",
+        f"| diff relative to the adapter's effect | {_fmt(p.get('relative_to_adapter_effect'))} |",
         f"| tolerance | {_fmt(p['tolerance']) if p['enforced'] else 'reported only (int8)'} |",
         f"| passed | {_fmt(p['passed'])} |",
         f"| predicted-label agreement | {_fmt(p['label_agreement'])} |",

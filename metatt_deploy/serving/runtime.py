@@ -37,16 +37,16 @@ import numpy as np
 from metatt_deploy.adapters.base_model import friendly_load
 from metatt_deploy.adapters.config import resolve_task
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.common.files import read_json
+from metatt_deploy.common.files import check_utf8, read_json
 from metatt_deploy.export.factored import (
     ADAPTER_GRAPH,
     BASE_DIR,
     TASK_GRAPH,
     TASK_IDS,
-    TASKS_DIR,
     adapter_model_version,
     is_bundle,
     read_bundle,
+    task_file,
     task_records,
 )
 from metatt_deploy.export.onnx import ONNX_NAME, make_session, onnx_feeds, read_manifest
@@ -158,13 +158,11 @@ class Runtime:
 
         if task not in self._adapters:
             rec = self.records[task]
-            entry = rec["files"].get("onnx_adapter")
-            if entry is None:
-                raise MetaTTError(f"task '{task}' has no .onnx_adapter file; re-write it with merge --factored")
-            path = self.bundle / TASKS_DIR / entry["file"]
-            if not path.is_file():
-                raise MetaTTError(f"adapter file {path} is missing; re-write the task with merge --factored")
-            fmt = ort.AdapterFormat.read_adapter(str(path))
+            path = task_file(self.bundle, rec, "onnx_adapter")
+            try:
+                fmt = ort.AdapterFormat.read_adapter(str(path))
+            except Exception as e:  # onnxruntime raises its own (Fail/InvalidArgument) types for bad files
+                raise MetaTTError(f"adapter file {path.name} cannot be read ({_first_line(e)}); re-write the task") from None
             if fmt.get_model_version() != adapter_model_version(self.info["bundle_id"]):
                 raise MetaTTError(
                     f"adapter file {path.name} was written for another bundle (version {fmt.get_model_version()}, "
@@ -328,6 +326,9 @@ def read_inputs(
     if texts:
         if not task:
             raise MetaTTError("pass --task NAME for --text inputs (the export serves several tasks)")
+        for t in texts:
+            if not _encodable(t):
+                raise MetaTTError(f"--text {t.encode('utf-8', 'replace')[:40]!r} is not valid UTF-8 text; pass UTF-8 text")
         return [_text_or_pair(t) for t in texts], [task] * len(texts), [None] * len(texts)
     if stdin is not None or from_stream:
         name, lines = "standard input", (stdin or sys.stdin).read().splitlines()
@@ -336,6 +337,7 @@ def read_inputs(
         path = Path(path)  # type: ignore[arg-type]
         if not path.is_file():
             raise MetaTTError(f"input file not found: {path}; check the path")
+        check_utf8(path, "input file")
         name, lines = path.name, path.read_text(encoding="utf-8").splitlines()
         jsonl = path.suffix.lower() in (".jsonl", ".json")
     first = next((line for line in lines if line.strip()), "")
@@ -382,3 +384,17 @@ def _read_jsonl(lines: list[str], name: str, task: str | None) -> tuple[list, li
     if not rows:
         raise MetaTTError(f"{name} has no inputs; write one JSON object per line")
     return rows, tasks, ids
+
+
+def _encodable(text: str) -> bool:
+    """Whether ``text`` is proper Unicode (command-line bytes that are not UTF-8 arrive as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__

@@ -7,6 +7,7 @@ constants below as its defaults, so the API and the CLI cannot disagree.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from metatt_deploy.adapters.base_model import DEFAULT_MODEL
@@ -83,8 +84,12 @@ class TrainConfig:
         for name in ("rank", "epochs", "batch_size", "max_length", "save_steps"):
             if getattr(self, name) < 1:
                 raise MetaTTError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.adapter_lr <= 0:
-            raise MetaTTError("--lr must be positive")
+        if not all(lr > 0 and math.isfinite(lr) for lr in (self.adapter_lr, self.resolved_head_lr)):
+            raise MetaTTError("--lr and --head-lr must be positive finite numbers")
+        if not math.isfinite(self.alpha) or not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise MetaTTError("--alpha must be a finite number and --weight-decay a finite number >= 0")
+        if not 0 <= self.warmup_ratio <= 1 or (self.lora_alpha is not None and not math.isfinite(self.lora_alpha)):
+            raise MetaTTError("the warm-up ratio must be between 0 and 1 and --lora-alpha finite")
         if self.rank_schedule and self.method == "lora":
             raise MetaTTError("--rank-schedule applies to MetaTT methods only; drop it for --method lora")
         if self.moments not in MOMENTS:  # else it would fail only at the first cut

@@ -7,18 +7,21 @@ came from. The user-facing rules are in docs/data.md.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 from datasets.exceptions import DatasetGenerationError
+from datasets.utils import logging as ds_logging
 
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.common.files import read_json
+from metatt_deploy.common.files import check_utf8, read_json
 from metatt_deploy.training.builtin_data import BUILTIN_TASKS, ensure_builtin
 
 SPLITS = ("train", "validation", "test")
@@ -64,7 +67,29 @@ class TaskData:
         return len(self.label_names)
 
 
-def load_task(
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """No progress bars or error logs from ``datasets`` while reading files: reading a local file
+    is quick, and its failures reach the user as one MetaTTError line, not as log lines around it."""
+    bars = ds_logging.is_progress_bar_enabled()
+    level = ds_logging.get_verbosity()
+    ds_logging.disable_progress_bar()
+    ds_logging.set_verbosity(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(level)
+        if bars:
+            ds_logging.enable_progress_bar()
+
+
+def load_task(**kwargs: Any) -> TaskData:
+    """Load local files (``train``/``validation``/``test``), a builtin task or a Hub data set (``dataset``); see `read_task`."""
+    with quiet_datasets():
+        return read_task(**kwargs)
+
+
+def read_task(
     *,
     name: str | None = None,
     train: str | None = None,
@@ -153,6 +178,8 @@ def _read_file(path: Path) -> Dataset:
         raise MetaTTError(f"unsupported data file type '{path.suffix}' ({path}); use .csv, .tsv, .jsonl or .json")
     if path.stat().st_size == 0:
         raise MetaTTError(f"{path.name} is empty; give a file with a header (CSV) or records (JSONL)")
+    check_utf8(path, "data file")
+    check_records(path)
     builder, options = FILE_FORMATS[path.suffix.lower()]
     try:
         ds = load_dataset(builder, data_files=str(path), split="train", **options)
@@ -210,6 +237,36 @@ def _raise_bad_json_line(path: Path, builder: str) -> None:
                 raise MetaTTError(f"line {n} of {path.name} is not valid JSON ({e.msg}, column {e.colno}); fix that line") from None
             if not isinstance(record, dict):
                 raise MetaTTError(f"line {n} of {path.name} is not a JSON object; write one object per line") from None
+
+
+def check_records(path: Path) -> None:
+    """A JSON Lines file must hold one JSON object per non-blank line.
+
+    pyarrow's JSON reader (used by ``datasets``) crashes the whole process (segmentation fault)
+    on a line holding ``null``; other non-objects give unreadable messages. A ``.json`` file may
+    instead be one JSON array or object, which ``datasets`` reads through Python's json module.
+    """
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json"):
+        return
+    with open(path, "rb") as f:
+        head = f.read(1 << 16).lstrip()
+    if suffix == ".json" and head[:1] in (b"[", b"{"):
+        try:
+            whole = json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            whole = None  # not one JSON value: JSON Lines, checked below
+        if isinstance(whole, (list, dict)):
+            if isinstance(whole, list) and not all(isinstance(r, dict) for r in whole):
+                raise MetaTTError(f"{path.name} is a JSON array whose items are not all objects; write one object per record")
+            return
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if line and not line.startswith(b"{"):
+                raise MetaTTError(
+                    f"line {n} of {path.name} is not a JSON object ({line[:30].decode('utf-8', 'replace')}); write one object per line"
+                )
 
 
 def _load_builtin(name: str) -> tuple[dict[str, Dataset], dict[str, str], dict[str, Any]]:

@@ -34,10 +34,11 @@ from transformers import get_linear_schedule_with_warmup
 
 from metatt_deploy.adapters.layer import MetaTT
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.common.files import atomic_write_json, read_json
+from metatt_deploy.common.files import atomic_write_json, check_folder_path, check_writable, read_json
 from metatt_deploy.common.report import progress_bar
 from metatt_deploy.training.checkpoint import load_checkpoint, restore_moments, save_checkpoint, trainable_parameters
 from metatt_deploy.training.config import TrainConfig
+from metatt_deploy.training.guards import check_loss
 from metatt_deploy.training.metrics import compute_metrics
 from metatt_deploy.training.sampling import epoch_plan
 from metatt_deploy.training.schedule import Strategy, check_schedule, parse_rank_schedule, project_adam_state
@@ -135,7 +136,7 @@ def prepare_run(cfg: TrainConfig, force: bool, accelerator: Accelerator) -> tupl
     the main process alone clears and writes the folder while the others wait.
     """
     cfg.check()
-    run = Path(cfg.output)
+    run = check_folder_path(cfg.output)
     resuming = (run / "checkpoint" / "state.json").is_file() and not force
     # a folder holding only train_config.json is a run that failed before its first checkpoint
     # (bad schedule, data, model): nothing to resume or lose, so the corrected command may reuse it
@@ -148,6 +149,7 @@ def prepare_run(cfg: TrainConfig, force: bool, accelerator: Accelerator) -> tupl
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if run.exists() and force and not resuming:
+            check_writable(run, force, marker="train_config.json")
             shutil.rmtree(run)
         run.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run / "train_config.json", asdict(cfg))
@@ -249,6 +251,7 @@ def run_loop(cfg: TrainConfig, run: Path, resuming: bool, recipe: Recipe, accele
             batch = recipe.collate(t, [rows[t][i] for i in (share or idx[:1])])
             batch = {k: (v.to(accelerator.device) if hasattr(v, "to") else v) for k, v in batch.items()}
             loss = model(**batch).loss
+            check_loss(loss, state["global_step"] + 1)
             accelerator.backward(loss * weight if weight != 1.0 else loss)
             _record_gradients(state["grad"], recipe.adapter, t)
             optimizer.step()

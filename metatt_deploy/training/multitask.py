@@ -31,6 +31,7 @@ from metatt_deploy.common.files import atomic_write_json, atomic_write_text
 from metatt_deploy.common.report import markdown_table, save_figure
 from metatt_deploy.training.config import MultiTaskConfig
 from metatt_deploy.training.data import TaskData, load_task, tokenize_task
+from metatt_deploy.training.guards import exclusive_run
 from metatt_deploy.training.loop import (
     MODEL_INPUTS,
     Recipe,
@@ -140,6 +141,7 @@ def _save_best(model: nn.Module, directory: Path, tokenizer) -> None:
     save_multitask(cast(MultiTaskModel, model), directory, tokenizer, force=True)
 
 
+@exclusive_run
 def train_multitask(cfg: MultiTaskConfig, tasks: list[TaskData], force: bool = False) -> dict:
     """Run (or resume) a multi-task run (or an --add-task run) into ``cfg.output``; returns the metrics."""
     accelerator = make_accelerator(find_unused_parameters=True)

@@ -43,7 +43,7 @@ def epoch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, grou
 def check_sampling(sampling: str, temperature: float) -> None:
     if sampling not in SAMPLING:
         raise MetaTTError(f"unknown --task-sampling '{sampling}'; use {' or '.join(SAMPLING)}")
-    if temperature <= 0:
+    if not (temperature > 0 and math.isfinite(temperature)):
         raise MetaTTError("--temperature must be positive (1 = proportional, larger flattens towards uniform)")
 
 

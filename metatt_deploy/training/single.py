@@ -28,6 +28,7 @@ from metatt_deploy.common.report import write_training_report
 from metatt_deploy.training.checkpoint import trainable_parameters
 from metatt_deploy.training.config import TrainConfig
 from metatt_deploy.training.data import TaskData, tokenize_task
+from metatt_deploy.training.guards import exclusive_run
 from metatt_deploy.training.loop import (
     MODEL_INPUTS,
     Recipe,
@@ -111,6 +112,7 @@ def load_trained(directory: Path, cfg: TrainConfig) -> nn.Module:
     return load_lora(directory, base_model=cfg.model, tokenizer=False)[0]
 
 
+@exclusive_run
 def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
     """Run (or resume) a single-task training run into ``cfg.output``; returns the final metrics."""
     accelerator = make_accelerator()

@@ -206,8 +206,10 @@ def test_missing_or_broken_config(tmp_path: Path) -> None:
     (adapter_dir / CONFIG_NAME).write_text("{not json")
     with pytest.raises(MetaTTError, match="not valid JSON"):
         load_adapter(adapter_dir, base_model=str(base_dir), tokenizer=False)
-    with pytest.raises(MetaTTError, match="is not a MetaTT adapter"):
+    with pytest.raises(MetaTTError, match="adapter folder not found: .*nowhere"):
         load_adapter(tmp_path / "nowhere", base_model=str(base_dir), tokenizer=False)
+    with pytest.raises(MetaTTError, match="is not a MetaTT adapter"):
+        load_adapter(base_dir, base_model=str(base_dir), tokenizer=False)
 
 
 def _leftovers(parent: Path) -> list[str]:

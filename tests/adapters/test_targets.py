@@ -101,3 +101,40 @@ def test_module_dims_linear_and_conv1d(models) -> None:
 def test_target_module_json_roundtrip() -> None:
     t = TargetModule("a.b", 1, 4, 12, [(0, 0, 4), (2, 8, 12)], True)
     assert TargetModule.from_json(t.to_json()) == t
+
+
+# ------------------------------------------------------------------ issue 10: targets that match twice
+
+
+def test_a_suffix_matching_two_modules_of_a_layer_names_them(models) -> None:
+    """`down=output.dense` also matches attention.output.dense: one line naming both, no RuntimeError."""
+    with pytest.raises(
+        MetaTTError, match=r"down is ambiguous: it matches 2 modules of layer 0 \(.*attention\.output\.dense, .*layer\.0\.output\.dense\)"
+    ):
+        find_targets(models["bert"], ["q", "down=output.dense"])
+    names, _, modules = find_targets(models["bert"], ["q", r"down=\.layer\.(\d+)\.output\.dense$"])  # the regex form is exact
+    assert sorted(m.name for m in modules if m.segments[0][0] == 1) == [f"bert.encoder.layer.{i}.output.dense" for i in range(2)]
+    with pytest.raises(MetaTTError, match="targets o, x all match module bert.encoder.layer.0.attention.output.dense"):
+        find_targets(models["bert"], ["o", "x=attention.output.dense"])
+
+
+def test_suffixes_match_whole_path_components(models) -> None:
+    _, _, modules = find_targets(models["bert"], ["q=query", "v=self.value"])
+    assert sorted(m.name for m in modules)[:2] == ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.value"]
+    with pytest.raises(MetaTTError, match="targets q match no module"):
+        find_targets(models["bert"], ["q=uery"])  # a part of a component is not a suffix
+
+
+def test_no_default_targets_suggests_this_models_suffixes(models) -> None:
+    model = models["bert"]
+    model.config.model_type = "my-arch"
+    try:
+        with pytest.raises(
+            MetaTTError,
+            match=r"no default targets; .*e\.g\. q=attention\.self\.query; this model's layers hold: attention\.self\.query, attention\.self\.key",
+        ):
+            find_targets(model, ["q"])
+    finally:
+        model.config.model_type = "bert"
+    with pytest.raises(MetaTTError, match="not a valid regular expression"):
+        find_targets(model, ["q=(unclosed"])

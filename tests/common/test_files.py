@@ -15,7 +15,12 @@ from metatt_deploy.common.files import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    check_separate,
+    check_utf8,
     check_writable,
+    clean_stale_temporaries,
+    lock_path,
+    output_lock,
     read_json,
 )
 
@@ -121,3 +126,136 @@ def test_read_json(tmp_path: Path) -> None:
     (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(MetaTTError, match="not valid JSON"):
         read_json(tmp_path / "bin.json", "thing")
+
+
+# ------------------------------------------------------------------ issue 10: inputs, force, modes, litter, locks
+
+
+def dead_pid() -> int:
+    """The PID of a process that has exited (and been reaped)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_check_separate_refuses_outputs_that_are_in_or_around_inputs(tmp_path: Path) -> None:
+    adapter = tmp_path / "runs" / "best"
+    adapter.mkdir(parents=True)
+    (adapter / "w").write_text("x")
+    for out, relation in ((adapter, "is"), (adapter / "merged", "lies inside"), (tmp_path / "runs", "contains")):
+        with pytest.raises(MetaTTError, match=f"output .* {relation} the input"):
+            check_separate(out, [adapter])
+    with pytest.raises(MetaTTError, match="is the input"):
+        check_separate(tmp_path / "runs" / ".." / "runs" / "best", [adapter])  # resolved, not compared as text
+    check_separate(tmp_path / "elsewhere", [adapter, None, tmp_path / "missing"])
+    assert (adapter / "w").read_text() == "x"
+
+
+def test_force_replaces_only_a_previous_output_of_the_same_command(tmp_path: Path) -> None:
+    unrelated = tmp_path / "photos"
+    unrelated.mkdir()
+    (unrelated / "cat.jpg").write_text("meow")
+    with pytest.raises(MetaTTError, match="did not write .*no metatt_merge.json"):
+        check_writable(unrelated, force=True, marker="metatt_merge.json")
+    with pytest.raises(MetaTTError, match="did not write"), atomic_dir(unrelated, force=True, marker="metatt_merge.json"):
+        pass
+    assert (unrelated / "cat.jpg").read_text() == "meow"
+    (unrelated / "metatt_merge.json").write_text("{}")  # a previous output: replaced whole
+    with atomic_dir(unrelated, force=True, marker="metatt_merge.json") as tmp:
+        (tmp / "new").write_text("n")
+    assert listing(unrelated) == ["new"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    check_writable(empty, force=True, marker="metatt_merge.json")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep")
+    with pytest.raises(MetaTTError, match="is a file, not a folder"):
+        check_writable(a_file, force=True, marker="metatt_merge.json")
+    with pytest.raises(MetaTTError, match="lies under .*notes.txt, which is a file"):
+        check_writable(a_file / "sub" / "out", force=True)
+    with pytest.raises(MetaTTError, match="is a folder, not a file"):
+        check_writable(empty, force=True, kind="file")
+    assert a_file.read_text() == "keep"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_read_only_location_is_refused_before_work(tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    with pytest.raises(MetaTTError, match="not writable"):
+        check_writable(ro / "out", force=False)
+
+
+def test_os_errors_while_creating_outputs_are_one_line_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(atomic.tempfile, "mkdtemp", denied)
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", denied)
+    with pytest.raises(MetaTTError, match="cannot write .*Permission denied"), atomic_dir(tmp_path / "out"):
+        pass
+    with pytest.raises(MetaTTError, match="cannot write .*Permission denied"):
+        atomic_write_text(tmp_path / "f.txt", "x")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_outputs_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "plain").write_text("x")
+        atomic_write_text(tmp_path / "out" / "atomic.txt", "y")
+    finally:
+        os.umask(old)
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "out") == 0o777 & ~umask
+    assert mode(tmp_path / "out" / "atomic.txt") == mode(tmp_path / "out" / "plain") == 0o666 & ~umask
+
+
+def test_stale_temporaries_of_dead_processes_are_cleaned(tmp_path: Path) -> None:
+    gone, alive = dead_pid(), os.getpid()
+    stale = tmp_path / f".out.tmp-{gone}-abc"
+    stale.mkdir()
+    (stale / "half").write_text("partial")
+    (tmp_path / f".out.old-{gone}").mkdir()
+    (tmp_path / f".out.tmp-{gone}-merge-xyz").mkdir()
+    live = tmp_path / f".out.tmp-{alive}-def"  # a run in progress: left alone
+    live.mkdir()
+    legacy = tmp_path / ".out.tmp-k3j2h1"  # no PID (older versions): cannot tell, left alone
+    legacy.mkdir()
+    other = tmp_path / f".other.tmp-{gone}-abc"  # another output's: cleaned when that output is written
+    other.mkdir()
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "x").write_text("x")
+    assert listing(tmp_path) == sorted([live.name, legacy.name, other.name, "out"])
+    assert clean_stale_temporaries(tmp_path / "other") == [other]
+
+
+def test_output_lock_refuses_a_second_run_and_takes_over_a_stale_one(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    with output_lock(out) as lock:
+        assert lock == lock_path(out) and lock.read_text().split()[0] == str(os.getpid())
+        with pytest.raises(MetaTTError, match=f"in use by process {os.getpid()}"), output_lock(out):
+            pass
+    assert not lock_path(out).exists()  # released
+    lock_path(out).write_text(f"{dead_pid()} {__import__('socket').gethostname()}\n")
+    with output_lock(out):
+        pass
+    assert "removed the stale lock" in capsys.readouterr().err
+    lock_path(out).write_text("garbage")
+    with pytest.raises(MetaTTError, match="unknown process.*delete the lock file"), output_lock(out):
+        pass
+
+
+def test_check_utf8(tmp_path: Path) -> None:
+    (tmp_path / "ok.txt").write_text("héllo ✓", encoding="utf-8")
+    check_utf8(tmp_path / "ok.txt")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(MetaTTError, match=r"not UTF-8 text \(byte 3\)"):
+        check_utf8(tmp_path / "latin1.txt", "data file")
+    (tmp_path / "bin").write_bytes(bytes(range(256)))
+    with pytest.raises(MetaTTError, match="not UTF-8"):
+        check_utf8(tmp_path / "bin")

@@ -26,6 +26,8 @@ from metatt_deploy.adapters.multitask import extend_tasks, save_multitask
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.export.factored import (
     ADAPTER_GRAPH,
+    BUNDLE_JSON,
+    SHARED_FILE,
     TASK_GRAPH,
     TASKS_DIR,
     load_bundle,
@@ -257,3 +259,36 @@ def test_cli_merge_factored(tiny, tmp_path) -> None:
     assert res.exit_code == 2 and "unknown task 'nope'" in res.output
     res = runner.invoke(app, ["merge", str(adapter), "--task", "nli", "-o", str(tmp_path / "nli")])
     assert res.exit_code == 0 and (tmp_path / "nli" / "config.json").is_file()
+
+
+def test_a_same_shape_task_file_from_another_bundle_is_refused_by_its_hash(tiny, tmp_path) -> None:
+    """Issue 10: tasks/NAME.json records sha256 of the task files; it is now checked on every read."""
+    root, adapter, mtm, tokenizer, bundle = tiny
+    other = tmp_path / "other"
+    _, other_adapter, _, _ = build_tiny_multitask(root, core_seed=13)
+    write_bundle(other_adapter, other, onnx=False)
+    swapped = Path(shutil.copytree(bundle, tmp_path / "swapped"))
+    shutil.copy(other / TASKS_DIR / "nli.safetensors", swapped / TASKS_DIR / "nli.safetensors")  # same shapes, other values
+    with pytest.raises(MetaTTError, match="nli.safetensors is not the one its record nli.json names"):
+        load_bundle(swapped)
+    shutil.copy(other / SHARED_FILE, swapped / SHARED_FILE)
+    shutil.copy(bundle / TASKS_DIR / "nli.safetensors", swapped / TASKS_DIR / "nli.safetensors")
+    with pytest.raises(MetaTTError, match="shared.safetensors belongs to another bundle"):
+        load_bundle(swapped)
+    for change, message in (
+        (lambda r: r.update(task="movie"), "malformed or names another task"),
+        (lambda r: r["files"]["safetensors"].update(file="../../bundle.json"), "malformed"),
+        (lambda r: r.update(shapes="none"), "malformed"),
+    ):
+        broken = Path(shutil.copytree(bundle, tmp_path / f"broken{len(message)}{id(change)}"))
+        record = json.loads((broken / TASKS_DIR / "nli.json").read_text())
+        change(record)
+        (broken / TASKS_DIR / "nli.json").write_text(json.dumps(record))
+        with pytest.raises(MetaTTError, match=message):
+            task_records(broken)
+    info = json.loads((bundle / BUNDLE_JSON).read_text())
+    for key, value in (("bundle_id", "zz"), ("base_dir", "../elsewhere"), ("tasks", "movie"), ("onnx", {"task_graph": 1})):
+        broken = Path(shutil.copytree(bundle, tmp_path / f"info-{key}"))
+        (broken / BUNDLE_JSON).write_text(json.dumps({**info, key: value}))
+        with pytest.raises(MetaTTError, match=f"malformed '{key}'"):
+            read_bundle(broken)

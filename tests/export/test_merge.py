@@ -9,11 +9,13 @@ bound is a real check.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny_models import HEAD_DIM, inputs, logits, random_cores, tiny_model
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 from typer.testing import CliRunner
@@ -251,3 +253,80 @@ def test_lora_refusals(lora_run, tmp_path) -> None:
             (bare / f.name).write_bytes(f.read_bytes())
     with pytest.raises(MetaTTError, match=f"without {LORA_RECORD}"):
         merge_adapter(bare, tmp_path / "e")
+
+
+# ------------------------------------------------------------------ issue 10: inputs, NaN, architectures, modes, litter
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _one_error(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_merge_never_replaces_or_deletes_its_inputs(tiny, tmp_path):
+    base, adapter_dir, _ = tiny
+    runner = CliRunner()
+    before = _tree(adapter_dir)
+    for out in (adapter_dir, adapter_dir / "merged", adapter_dir.parent):
+        for extra in ([], ["--to", "peft"]):
+            error = _one_error(runner.invoke(app, ["merge", str(adapter_dir), "-o", str(out), "--force", *extra]))
+            assert "the input" in error or "did not write" in error
+    assert _tree(adapter_dir) == before
+    unrelated = tmp_path / "unrelated"
+    unrelated.mkdir()
+    (unrelated / "thesis.tex").write_text("years of work")
+    assert "did not write" in _one_error(runner.invoke(app, ["merge", str(adapter_dir), "-o", str(unrelated), "--force"]))
+    assert (unrelated / "thesis.tex").read_text() == "years of work"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert "is a file" in _one_error(runner.invoke(app, ["merge", str(adapter_dir), "-o", str(a_file), "--force"]))
+    assert "which is a file" in _one_error(runner.invoke(app, ["merge", str(adapter_dir), "-o", str(a_file / "sub")]))
+    assert "adapter folder not found" in _one_error(runner.invoke(app, ["merge", str(tmp_path / "nope"), "-o", str(tmp_path / "m")]))
+
+
+def test_merge_refuses_non_finite_cores(tiny, tmp_path):
+    _, adapter_dir, _ = tiny
+    broken = tmp_path / "nan-adapter"
+    shutil.copytree(adapter_dir, broken)
+    state = load_file(str(broken / "metatt_adapter.safetensors"))
+    state["core.0"][0, 0, 0] = float("nan")
+    save_file(state, str(broken / "metatt_adapter.safetensors"))
+    error = _one_error(CliRunner().invoke(app, ["merge", str(broken), "-o", str(tmp_path / "m")]))
+    assert "core.0 holds NaN or Inf" in error and not (tmp_path / "m").exists()
+
+
+def test_merge_onto_another_architecture_is_one_line(tiny, tmp_path):
+    _, adapter_dir, _ = tiny
+    gpt2 = tmp_path / "gpt2"
+    tiny_model("gpt2").save_pretrained(gpt2)
+    error = _one_error(CliRunner().invoke(app, ["merge", str(adapter_dir), "-o", str(tmp_path / "m"), "--base-model", str(gpt2)]))
+    assert "for a bert model, but the base model is a gpt2" in error
+
+
+def test_merged_outputs_follow_the_umask_and_stale_temporaries_go(tiny, tmp_path):
+    """Another user can read an exported model (modes were 0700/0600); a killed run's temporary is removed."""
+    import subprocess
+    import sys
+
+    _, adapter_dir, _ = tiny
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    litter = tmp_path / f".merged.tmp-{proc.pid}-x1y2"  # as kill -9 during a merge leaves it
+    litter.mkdir()
+    (litter / "model.safetensors").write_bytes(b"half")
+    old = os.umask(0o022)
+    try:
+        result = CliRunner().invoke(app, ["merge", str(adapter_dir), "-o", str(tmp_path / "merged")])
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    assert (tmp_path / "merged").stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "merged").iterdir()} == {
+        p.name: 0o644 for p in (tmp_path / "merged").iterdir()
+    }

@@ -173,3 +173,34 @@ def test_embedded_model_export_parity(tmp_path):
     assert parity["max_abs_logit_diff"] <= FP32_ATOL and parity["label_agreement"] == 1.0
     texts = SAMPLE_SENTENCES[:3]
     assert np.abs(ort_logits(out, texts) - torch_logits(tmp_path / "merged", texts)).max() <= FP32_ATOL
+
+
+# ------------------------------------------------------------------ issue 10
+
+
+def test_export_never_writes_over_or_around_its_inputs(tiny, fp32, tmp_path):
+    merged = shutil.copytree(tiny.merged, tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in merged.iterdir()}
+    for out in (merged, merged / "onnx", tmp_path):
+        with pytest.raises(MetaTTError, match="the input|did not write"):
+            export_onnx(merged, out, force=True)
+    assert {p.name: p.read_bytes() for p in merged.iterdir()} == before
+    unrelated = tmp_path / "unrelated"
+    unrelated.mkdir()
+    (unrelated / "keep.txt").write_text("k")
+    with pytest.raises(MetaTTError, match="did not write .*no manifest.json"):
+        export_onnx(merged, unrelated, force=True)
+    assert (unrelated / "keep.txt").is_file()
+
+
+def test_non_finite_weights_and_parity_figures_fail(tiny, tmp_path):
+    broken = shutil.copytree(tiny.merged, tmp_path / "nan")
+    model = AutoModelForSequenceClassification.from_pretrained(broken)
+    with torch.no_grad():
+        model.classifier.bias.fill_(float("nan"))
+    model.save_pretrained(broken)
+    with pytest.raises(MetaTTError, match="model weight classifier.bias holds NaN or Inf"):
+        export_onnx(broken, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(MetaTTError, match="differs from the PyTorch model by nan"):
+        export_module._enforce({"max_abs_logit_diff": float("nan"), "tolerance": FP32_ATOL}, "the ONNX export")

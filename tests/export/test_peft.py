@@ -149,11 +149,15 @@ def test_existing_output_needs_force(tmp_path: Path) -> None:
     (out / "keep").write_text("x")
     with pytest.raises(MetaTTError, match="already exists"):
         to_peft(adapter_dir, out)
+    with pytest.raises(MetaTTError, match="did not write"):  # --force replaces only a previous PEFT export
+        to_peft(adapter_dir, out, force=True)
     assert [p.name for p in out.iterdir()] == ["keep"]
-    to_peft(adapter_dir, out, force=True)
+    (out / "keep").unlink()
+    to_peft(adapter_dir, out, force=True)  # an empty folder may be replaced
+    to_peft(adapter_dir, out, force=True)  # and so may a previous export
     assert sorted(p.name for p in out.iterdir()) == sorted([PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, LORA_RECORD])
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
-    with pytest.raises(MetaTTError, match="is not a MetaTT adapter"):
+    with pytest.raises(MetaTTError, match="adapter folder not found"):
         to_peft(tmp_path / "nowhere", tmp_path / "peft2")
 
 

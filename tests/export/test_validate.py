@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 from onnx_fixtures import LABELLED, build_tiny, write_jsonl
 from typer.testing import CliRunner
@@ -12,7 +13,7 @@ from typer.testing import CliRunner
 from metatt_deploy.cli import app
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.export.onnx import FP32_ATOL, export_onnx
-from metatt_deploy.export.validate import REPORT_JSON, REPORT_MD, report_paths, summarize, time_round_robin, validate
+from metatt_deploy.export.validate import REPORT_JSON, REPORT_MD, parity_figures, report_paths, summarize, time_round_robin, validate
 
 FAST = dict(batch_sizes=(1, 2), seq_len=16, repeats=3, warmup=1)
 
@@ -29,6 +30,8 @@ def exports(tiny, tmp_path_factory):
         "fp32": export_onnx(tiny.merged, root / "fp32"),
         "int8": export_onnx(tiny.merged, root / "int8", quantize="int8"),
         "base": export_onnx(tiny.base, root / "base"),  # the base model without the adapter
+        # the base model again, its manifest claiming the adapter (as `export BASE --adapter A` writes)
+        "claimed": export_onnx(tiny.base, root / "claimed", adapter_dir=tiny.adapter),
     }
 
 
@@ -67,11 +70,17 @@ def test_int8_against_reference_reports_accuracy_change_and_speedup(tiny, export
 
 
 def test_parity_failure_is_reported_then_raised(tiny, exports, tmp_path):
-    """The base model's export is not the adapter's: the report says so, and validate fails."""
-    with pytest.raises(MetaTTError, match="differ from the unmerged adapter"):
+    """The base model's export is not the adapter's: without provenance it is refused before any
+    work; with a manifest that claims the adapter, parity fails, the report says so."""
+    with pytest.raises(MetaTTError, match="does not record which adapter"):
         validate(tiny.adapter, exports["base"], output=tmp_path, **FAST)
+    assert not (tmp_path / REPORT_JSON).exists()
+    with pytest.raises(MetaTTError, match="differ from the unmerged adapter"):
+        validate(tiny.adapter, exports["claimed"], output=tmp_path, **FAST)
     report = json.loads((tmp_path / REPORT_JSON).read_text())
-    assert report["parity"]["passed"] is False and report["parity"]["max_abs_logit_diff"] > FP32_ATOL
+    parity = report["parity"]
+    assert parity["passed"] is False and parity["max_abs_logit_diff"] > FP32_ATOL
+    assert parity["export_vs_base_max_abs"] < 1e-5 and parity["relative_to_adapter_effect"] == pytest.approx(1.0, abs=1e-3)
 
 
 def test_unlabelled_data_and_refusal_to_overwrite(tiny, exports, tmp_path):
@@ -171,3 +180,34 @@ def test_round_robin_timing_and_summary():
     assert calls == {"a": 7 + 2 + 1 + 1, "b": 7 + 2 + 1 + 1}  # warm-up 2 on the first round, 1 after
     s = summarize([0.001, 0.002, 0.003])
     assert s["p50_ms"] == 2.0 and s["repeats"] == 3 and s["p95_ms"] <= 3.0
+
+
+# ------------------------------------------------------------------ issue 10: provenance, relative parity, NaN
+
+
+def test_parity_figures_relative_to_the_adapters_effect():
+    base = np.zeros((4, 2), dtype=np.float32)
+    pt = base + np.float32(5e-5)  # an adapter that moves the logits by less than the 1e-4 tolerance
+    honest = validation_figures(pt, pt + np.float32(1e-7), base)
+    assert honest["passed"] and honest["relative_to_adapter_effect"] == pytest.approx(2e-3, rel=0.1)
+    lost = validation_figures(pt, base.copy(), base)  # an export without the update: within 1e-4, yet wrong
+    assert lost["max_abs_logit_diff"] < FP32_ATOL and lost["closer_to_base"] and not lost["passed"]
+    assert "closer to the base model" in lost["failure"]
+    nan = validation_figures(pt, np.full_like(pt, np.nan), base)
+    assert not nan["passed"] and nan["failure"] == "NaN or Inf logits"
+    assert not parity_figures(pt, np.full_like(pt, np.nan), base, None)["passed"]  # int8: reported only, but NaN fails
+    zero = validation_figures(base, base.copy(), base)  # a fresh (zero) adapter: nothing to tell apart, passes
+    assert zero["passed"] and zero["relative_to_adapter_effect"] is None
+
+
+def validation_figures(pt, ox, base):
+    return parity_figures(pt, ox, base, FP32_ATOL)
+
+
+def test_an_export_of_another_adapter_is_refused_before_any_work(tiny, exports, tmp_path):
+    other = build_tiny(tmp_path / "other", seed=1)
+    with pytest.raises(MetaTTError, match="was made from another adapter"):
+        validate(other.adapter, exports["fp32"], output=tmp_path / "r", **FAST)
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(MetaTTError, match="the input"):
+        validate(tiny.adapter, exports["fp32"], output=tiny.adapter, **FAST)

@@ -21,6 +21,7 @@ from metatt_deploy.adapters.heads import routers
 from metatt_deploy.adapters.multitask import extend_tasks, save_multitask
 from metatt_deploy.cli import app
 from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.common.files import sha256_file
 from metatt_deploy.export.factored import TASKS_DIR, write_bundle
 from metatt_deploy.export.onnx import export_onnx
 from metatt_deploy.serving.runtime import Runtime, read_inputs
@@ -116,6 +117,12 @@ def test_late_task_served_through_its_adapter_and_foreign_adapters_refused(serve
     _, other_adapter, _, _ = build_tiny_multitask(root, core_seed=11)
     write_bundle(other_adapter, other)
     shutil.copy(other / TASKS_DIR / "movie.onnx_adapter", deployed / TASKS_DIR / "late.onnx_adapter")
+    with pytest.raises(MetaTTError, match="sha256 differs"):  # the task record's hash catches it first
+        Runtime(deployed, form="adapter").predict(["x"], task="late")
+    record_path = deployed / TASKS_DIR / "late.json"
+    record = json.loads(record_path.read_text())
+    record["files"]["onnx_adapter"]["sha256"] = sha256_file(deployed / TASKS_DIR / "late.onnx_adapter")
+    record_path.write_text(json.dumps(record))  # a record edited to match: the bundle version still refuses it
     with pytest.raises(MetaTTError, match="written for another bundle"):
         Runtime(deployed, form="adapter").predict(["x"], task="late")
 
@@ -206,3 +213,23 @@ def test_read_inputs_from_stdin_and_plain_text(tmp_path, monkeypatch) -> None:
         read_inputs(None, None, "movie", stdin=io.StringIO("\n"))
     with pytest.raises(MetaTTError, match="one of them"):
         read_inputs(["a"], plain, "movie")
+
+
+def test_non_utf8_or_binary_inputs_are_one_line(served, tmp_path) -> None:
+    """Issue 10: predict on a Latin-1 or binary file, or command-line bytes that are not UTF-8."""
+    bundle = served[4]
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"text": "café", "task": "movie"}\n'.encode("latin-1"))
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(bytes(range(256)) * 4)
+    runner = CliRunner()
+    for path in (latin, binary):
+        result = runner.invoke(app, ["predict", str(bundle), "--input", str(path)])
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1 and "is not UTF-8 text" in lines[0], result.output
+    with pytest.raises(MetaTTError, match="is not valid UTF-8 text"):
+        read_inputs(["caf\udce9"], None, "movie")  # how Python passes the undecodable argv byte 0xe9
+    out = tmp_path / "preds.jsonl"
+    result = runner.invoke(app, ["predict", str(bundle), "--input", str(latin), "-o", str(latin), "--force"])
+    assert result.exit_code == 2 and "is the input" in result.stderr and latin.read_bytes().startswith(b'{"text": "caf\xe9')
+    assert not out.exists()
