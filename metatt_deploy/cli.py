@@ -20,7 +20,10 @@ from metatt_deploy.export.onnx import MANIFEST_NAME, export_onnx
 from metatt_deploy.export.peft import to_peft
 from metatt_deploy.export.validate import REPORT_MD
 from metatt_deploy.export.validate import validate as run_validation
+from metatt_deploy.serving.app import ServeSettings
 from metatt_deploy.serving.runtime import Runtime, read_inputs
+from metatt_deploy.serving.server import ADMIN_TOKEN_ENV, ServeConfig
+from metatt_deploy.serving.server import serve as run_server
 from metatt_deploy.training.data import load_task
 from metatt_deploy.training.loop import TrainConfig
 from metatt_deploy.training.loop import train as run_training
@@ -483,3 +486,41 @@ def predict(
     check_writable(output, force)
     atomic_write_text(output, lines)
     typer.echo(f"wrote {len(results)} predictions to {output}", err=True)
+
+
+@app.command()
+@user_errors
+def serve(
+    model: Annotated[Path, typer.Argument(help="Factored bundle (merge --factored) to serve; every task in it is served.")],
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface, e.g. in a container).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Worker processes, each with its own copy of the model (scale further with replicas).")] = 1,
+    threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads per worker (default: ONNX Runtime's choice).")] = None,
+    max_batch: Annotated[int, typer.Option(help="Rows per model call (rows of different tasks share a call).")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="The longest a row waits for others to fill its batch.")] = 5.0,
+    max_queue: Annotated[int, typer.Option(help="Rows allowed to wait; beyond that requests get 429 with Retry-After.")] = 1024,
+    max_texts: Annotated[int, typer.Option(help="Texts per request (413 beyond).")] = 64,
+    max_chars: Annotated[int, typer.Option(help="Characters per text (413 beyond).")] = 4096,
+    batch_across_tasks: Annotated[
+        bool,
+        typer.Option("--batch-across-tasks/--batch-per-task", help="Batch rows of different tasks together, or one task per model call."),
+    ] = True,
+    admin_token: Annotated[
+        str | None,
+        typer.Option(envvar=ADMIN_TOKEN_ENV, help="Bearer token for /admin (add/remove tasks while running); without it /admin is off."),
+    ] = None,
+    graceful_seconds: Annotated[float, typer.Option(help="On SIGTERM, how long to wait for open requests before closing.")] = 30.0,
+    form: Annotated[str, typer.Option(help="auto, tasks or adapter (which factored graph serves the tasks; see predict).")] = "auto",
+) -> None:
+    """Serve a model over HTTP: classify texts for any task, batching concurrent requests across tasks (docs/serving.md)."""
+    settings = ServeSettings(
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_queue=max_queue,
+        max_texts=max_texts,
+        max_chars=max_chars,
+        cross_task=batch_across_tasks,
+        admin_token=admin_token,
+    )
+    config = ServeConfig(model=str(model), settings=settings, threads=threads, form=form)
+    run_server(config, host=host, port=port, workers=workers, graceful_s=graceful_seconds)

@@ -19,6 +19,7 @@ labels are MetaTTErrors, never a silent wrong answer.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import numpy as np
 
 from metatt_deploy.adapters.base_model import friendly_load
 from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.common.files import read_json, sha256_file
 from metatt_deploy.export.factored import (
     ADAPTER_GRAPH,
     BASE_DIR,
@@ -33,6 +35,7 @@ from metatt_deploy.export.factored import (
     TASK_IDS,
     TASKS_DIR,
     adapter_model_version,
+    check_task_record,
     read_bundle,
     task_records,
 )
@@ -41,11 +44,19 @@ from metatt_deploy.training.data import TEXT_COLUMN_CANDIDATES
 
 Text = str | Sequence[str]  # a sentence, or a (sentence, sentence) pair
 FORMS = ("auto", "tasks", "adapter")
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a task name is also a file name in tasks/
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def scored(task: str, logits: np.ndarray, labels: Sequence[str]) -> dict:
+    """One row's answer: task, label, label_id, score (its probability) and every label's probability."""
+    p = softmax(np.asarray(logits, dtype=np.float64))
+    k = int(p.argmax())
+    return {"task": task, "label": labels[k], "label_id": k, "score": float(p[k]), "scores": {lab: float(v) for lab, v in zip(labels, p)}}
 
 
 class Runtime:
@@ -103,12 +114,12 @@ class Runtime:
             self._adapter_session = self._session(ADAPTER_GRAPH)
         return self._adapter_session
 
-    def _run_options(self, task: str):
+    def _run_options(self, task: str, rec: dict | None = None):
         """RunOptions with the task's .onnx_adapter active; the file is checked and loaded once."""
         import onnxruntime as ort
 
         if task not in self._adapters:
-            rec = self.records[task]
+            rec = rec or self.records[task]
             entry = rec["files"].get("onnx_adapter")
             if entry is None:
                 raise MetaTTError(f"task '{task}' has no .onnx_adapter file; re-write it with merge --factored")
@@ -235,20 +246,51 @@ class Runtime:
         for start in range(0, len(texts), batch_size):
             chunk = names[start : start + batch_size]
             logits = self.logits(texts[start : start + batch_size], tasks=chunk)
-            for name, row in zip(chunk, logits):
-                p = softmax(row.astype(np.float64))
-                labels = self.records[name]["labels"]
-                k = int(p.argmax())
-                results.append(
-                    {
-                        "task": name,
-                        "label": labels[k],
-                        "label_id": k,
-                        "score": float(p[k]),
-                        "scores": {lab: float(v) for lab, v in zip(labels, p)},
-                    }
-                )
+            results.extend(scored(name, row, self.records[name]["labels"]) for name, row in zip(chunk, logits))
         return results
+
+    # ------------------------------------------------------------ tasks added or removed while serving
+
+    def add_task(self, name: str) -> dict:
+        """Serve the bundle's ``tasks/NAME.json`` from now on (written after this Runtime opened); returns its record.
+
+        The record must carry this bundle's id and its files their recorded sha256; a task run by
+        the adapter graph has its .onnx_adapter loaded and checked here, so a foreign or broken
+        file fails now and the first request pays nothing. The task appears in one assignment:
+        a concurrent `logits` call sees the old task set or the new one, never half of it.
+        """
+        if not TASK_NAME.fullmatch(str(name)):
+            raise MetaTTError(f"'{name}' is not a task name (letters, digits, '_', '.', '-'; at most 64)")
+        if name in self.records:
+            raise MetaTTError(f"task '{name}' is already served; remove it first to replace it")
+        path = self.bundle / TASKS_DIR / f"{name}.json"
+        if not path.is_file():
+            raise MetaTTError(f"bundle {self.bundle} has no task file {TASKS_DIR}/{name}.json; add it with merge --factored --task {name}")
+        rec = read_json(path, "task record")
+        check_task_record(rec, self.info, path)
+        if rec.get("task") != name:
+            raise MetaTTError(f"task file {path.name} describes task '{rec.get('task')}', not '{name}'; re-write it with merge --factored")
+        for entry in rec["files"].values():
+            file = self.bundle / TASKS_DIR / entry["file"]
+            if not file.is_file() or sha256_file(file) != entry["sha256"]:
+                raise MetaTTError(
+                    f"task file {file.name} is missing or differs from its record (sha256); re-write the task with merge --factored"
+                )
+        if self.form == "tasks" and name not in self.baked:
+            raise MetaTTError(f"task '{name}' was added after model_tasks.onnx was exported; serve with form 'auto' or 'adapter'")
+        if self.form == "adapter" or name not in self.baked:
+            self._adapter_graph()
+            self._run_options(name, rec)
+        self.records = {**self.records, name: rec}
+        self.tasks = list(self.records)
+        return rec
+
+    def remove_task(self, name: str) -> None:
+        """Stop serving a task (its files stay in the bundle); callers drain its in-flight rows first."""
+        name = self.task_name(name)
+        self.records = {t: r for t, r in self.records.items() if t != name}
+        self.tasks = list(self.records)
+        self._adapters.pop(name, None)
 
 
 class _Only:
