@@ -20,7 +20,7 @@ from metatt_deploy.export.onnx import MANIFEST_NAME, export_onnx
 from metatt_deploy.export.peft import to_peft
 from metatt_deploy.export.validate import REPORT_MD
 from metatt_deploy.export.validate import validate as run_validation
-from metatt_deploy.serving.app import ServeSettings
+from metatt_deploy.serving.http import ServeSettings
 from metatt_deploy.serving.runtime import Runtime, read_inputs
 from metatt_deploy.serving.server import ADMIN_TOKEN_ENV, ServeConfig
 from metatt_deploy.serving.server import serve as run_server

@@ -24,87 +24,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request, Response
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.serving.batcher import Batcher, Closed, QueueFull
-from metatt_deploy.serving.metrics import UNKNOWN_TASK, ServerMetrics
-from metatt_deploy.serving.runtime import scored
-from metatt_deploy.serving.schemas import (
-    AdminResponse,
-    ClassifyRequest,
-    ClassifyResponse,
-    ErrorResponse,
-    Prediction,
-    Status,
-    TaskInfo,
-    TasksResponse,
+from metatt_deploy.serving.http import (
+    ERRORS,
+    ApiError,
+    Engine,
+    ServeSettings,
+    checked_task,
+    classify_response,
+    engine_id,
+    install_error_handlers,
+    limit_requests,
+    log,
 )
-
-log = logging.getLogger("metatt_deploy.serving")
-
-
-class Engine(Protocol):
-    """What the server needs from a model: `Runtime` is one (a factored bundle or an export)."""
-
-    tasks: list[str]
-
-    def labels(self, task: str) -> list[str]: ...
-
-    def logits(self, texts: list[Any], task: str | None = None, tasks: list[str] | None = None) -> list[np.ndarray]: ...
-
-
-@dataclass
-class ServeSettings:
-    """Batching, limits and admin access (the options of `metatt-deploy serve`)."""
-
-    max_batch: int = 32  # rows per model call
-    max_wait_ms: float = 5.0  # the longest a row waits for others to fill its batch
-    max_queue: int = 1024  # rows waiting; beyond that requests get 429
-    max_texts: int = 64  # texts per request (413 beyond)
-    max_chars: int = 4096  # characters per text (413 beyond); the tokenizer truncates long texts anyway
-    max_body_bytes: int = 1 << 20  # request body (413 beyond)
-    cross_task: bool = True  # batch rows of different tasks together (False: one task per batch)
-    admin_token: str | None = None  # bearer token for /admin; None turns /admin off
-    retry_after_s: int = 1
-    drain_timeout_s: float = 30.0  # how long removing a task waits for its queued rows
-
-    def check(self) -> ServeSettings:
-        for name in ("max_batch", "max_queue", "max_texts", "max_chars", "max_body_bytes"):
-            if getattr(self, name) < 1:
-                raise MetaTTError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.max_wait_ms < 0:
-            raise MetaTTError("--max-wait-ms must be 0 or more")
-        if self.max_queue < self.max_texts:
-            raise MetaTTError(f"--max-queue ({self.max_queue}) must hold at least one full request (--max-texts {self.max_texts})")
-        return self
-
-
-class ApiError(Exception):
-    """An answer other than 200: status code, one-line reason, optional headers."""
-
-    def __init__(self, code: int, reason: str, headers: dict[str, str] | None = None):
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-        self.headers = headers
-
-
-def engine_id(engine: Any) -> str:
-    """The served model's identity: a factored bundle's id, else what the engine calls itself."""
-    info = getattr(engine, "info", None) or {}
-    return str(info.get("bundle_id") or getattr(engine, "model_id", None) or "model")
+from metatt_deploy.serving.metrics import UNKNOWN_TASK, ServerMetrics
+from metatt_deploy.serving.schemas import AdminResponse, ClassifyRequest, ClassifyResponse, Status, TaskInfo, TasksResponse
 
 
 class ServerState:
@@ -179,13 +123,6 @@ class ServerState:
             raise ApiError(503, "the model is still loading", retry)
         return self.engine
 
-    def served_task(self, engine: Engine, task: str) -> str:
-        if task not in engine.tasks or task in self.removing:
-            raise ApiError(
-                404, f"unknown task '{task}'; this server has tasks: {', '.join(t for t in engine.tasks if t not in self.removing)}"
-            )
-        return task
-
     def check_admin(self, request: Request) -> None:
         token = self.settings.admin_token
         if not token:
@@ -193,35 +130,6 @@ class ServerState:
         given = request.headers.get("authorization", "")
         if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
             raise ApiError(401, "admin endpoints need the header 'Authorization: Bearer <admin token>'")
-
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in (
-        (400, "Malformed JSON."),
-        (404, "Unknown task."),
-        (413, "Too many texts, a text too long, or a body too large."),
-        (415, "The body is not sent as application/json."),
-        (422, "Wrong fields or types (the reason names the field)."),
-        (429, "The queue is full; retry after Retry-After seconds."),
-        (503, "Loading, or shutting down; retry after Retry-After seconds."),
-    )
-}
-
-
-def _one_line(exc: RequestValidationError) -> tuple[int, str]:
-    """(status, reason) for a validation error: 400 for malformed JSON, else 422 naming the field."""
-    errors = exc.errors()
-    first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
-    if first.get("type") == "json_invalid":
-        return 400, f"malformed JSON: {first.get('ctx', {}).get('error', first['msg'])}"
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return 422, f"{where}: {first['msg']}{more}".replace("\n", " ")
-
-
-def _error(code: int, reason: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": reason}, status_code=code, headers=headers)
 
 
 def create_app(engine: Engine | Callable[[], Engine], settings: ServeSettings | None = None) -> FastAPI:
@@ -248,35 +156,8 @@ def create_app(engine: Engine | Callable[[], Engine], settings: ServeSettings | 
     def state_of(request: Request) -> ServerState:
         return request.app.state.server
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            return _error(413, f"request body over {settings.max_body_bytes} bytes; send fewer or shorter texts")
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if request.method == "POST" and request.url.path.startswith("/v1/") and kind != "application/json":
-            return _error(415, f"content type '{kind or 'none'}'; send the body as JSON with 'Content-Type: application/json'")
-        return await call_next(request)
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.code, exc.reason, exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        code, reason = _one_line(exc)
-        if request.url.path == "/v1/classify":
-            state_of(request).metrics.observe_request(UNKNOWN_TASK, code, 0.0)
-        return _error(code, reason)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-        return _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
+    limit_requests(app, settings)
+    install_error_handlers(app, lambda request, code: state_of(request).metrics.observe_request(UNKNOWN_TASK, code, 0.0))
 
     @app.post("/v1/classify", response_model=ClassifyResponse, response_model_exclude_none=True, responses=ERRORS)
     async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
@@ -287,12 +168,8 @@ def create_app(engine: Engine | Callable[[], Engine], settings: ServeSettings | 
         code = 500
         try:
             engine = state.ready_engine()
-            task = state.served_task(engine, body.task)
-            if len(body.texts) > settings.max_texts:
-                raise ApiError(413, f"{len(body.texts)} texts in one request; at most {settings.max_texts} (--max-texts)")
-            longest = max(len(t) if isinstance(t, str) else len(t[0]) + len(t[1]) for t in body.texts)
-            if longest > settings.max_chars:
-                raise ApiError(413, f"a text of {longest} characters; at most {settings.max_chars} per text (--max-chars)")
+            task = body.task if body.task in engine.tasks else UNKNOWN_TASK  # metric labels: known tasks only
+            checked_task(engine, body, settings, state.removing)
             labels = engine.labels(task)  # now: a removal may complete while the rows are in flight
             try:
                 rows = await state.batcher.submit(list(body.texts), task)
@@ -300,15 +177,8 @@ def create_app(engine: Engine | Callable[[], Engine], settings: ServeSettings | 
                 raise ApiError(429, f"{e}; retry later", {"Retry-After": str(settings.retry_after_s)}) from None
             except Closed as e:
                 raise ApiError(503, f"{e}; retry on another replica", {"Retry-After": str(settings.retry_after_s)}) from None
-            except MetaTTError as e:
-                raise ApiError(422, str(e)) from None
-            predictions = []
-            for row in rows:
-                answer = scored(task, row, labels)
-                del answer["task"]
-                predictions.append(Prediction(**answer, logits=row.tolist() if body.return_logits else None))
             code = 200
-            return ClassifyResponse(task=task, model_id=engine_id(engine), predictions=predictions)
+            return classify_response(engine, task, labels, rows, body.return_logits)
         except ApiError as e:
             code = e.code
             raise
@@ -378,7 +248,8 @@ def create_app(engine: Engine | Callable[[], Engine], settings: ServeSettings | 
         if remove is None:
             raise ApiError(409, "this model serves a fixed set of tasks (not a factored bundle)")
         async with state.admin_lock:
-            state.served_task(engine, name)
+            if name not in engine.tasks or name in state.removing:
+                raise ApiError(404, f"unknown task '{name}'; this server has tasks: {', '.join(engine.tasks)}")
             state.removing.add(name)
             try:
                 deadline = time.monotonic() + settings.drain_timeout_s

@@ -19,7 +19,8 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.serving.app import ServeSettings, create_app
+from metatt_deploy.serving.app import create_app
+from metatt_deploy.serving.http import ServeSettings
 from metatt_deploy.serving.metrics import MULTIPROC_ENV
 from metatt_deploy.serving.runtime import Runtime
 

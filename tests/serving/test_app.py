@@ -22,7 +22,8 @@ from test_multitask import LABELS, build_tiny_multitask
 from metatt_deploy.adapters.heads import routers
 from metatt_deploy.adapters.multitask import extend_tasks, save_multitask
 from metatt_deploy.export.factored import TASKS_DIR, write_bundle
-from metatt_deploy.serving.app import ServeSettings, create_app
+from metatt_deploy.serving.app import create_app
+from metatt_deploy.serving.http import ServeSettings
 from metatt_deploy.serving.runtime import Runtime
 
 TOKEN = "s3cret"
@@ -67,7 +68,7 @@ async def serving(engine, **settings):
 
 
 def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 120))
+    return asyncio.run(asyncio.wait_for(coro, 300))
 
 
 def one_line_error(response: httpx.Response, code: int, match: str) -> str:
@@ -185,16 +186,14 @@ def test_every_error_is_a_4xx_with_one_line(runtime) -> None:
 
 
 class Gated:
-    """An engine whose model calls wait for a gate, and one that fails: to fill queues and hit bugs."""
+    """A runtime whose model calls wait for a gate (to hold rows in flight) or fail (a bug); the rest is the runtime's."""
 
     def __init__(self, runtime, gate: threading.Event | None = None, fail: bool = False):
         self.runtime, self.gate, self.fail = runtime, gate, fail
-        self.tasks = runtime.tasks
-        self.info = runtime.info
         self.calls: list[list[str]] = []
 
-    def labels(self, task):
-        return self.runtime.labels(task)
+    def __getattr__(self, name):  # tasks, labels, info, add_task, remove_task
+        return getattr(self.runtime, name)
 
     def logits(self, texts, task=None, tasks=None):
         if texts != ["warm-up"]:  # the server's warm-up at load passes
@@ -293,18 +292,20 @@ def test_tasks_added_and_removed_under_load_without_failed_requests(bundles, tmp
     deployed = tmp_path / "deployed"
     shutil.copytree(bundle, deployed)
     runtime = Runtime(deployed, threads=1)
+    gate = threading.Event()
+    gate.set()
     statuses: list[int] = []
 
     async def load(c, stop: asyncio.Event, tasks: list[str]):
         i = 0
-        while not stop.is_set() and i < 400:  # bounded
+        while not stop.is_set() and i < 150:  # bounded
             task = tasks[i % len(tasks)]
             r = await c.post("/v1/classify", json={"task": task, "texts": TEXTS[task]})
             statuses.append(r.status_code)
             i += 1
 
     async def main():
-        async with serving(runtime, max_batch=8, max_wait_ms=2) as (c, state):
+        async with serving(Gated(runtime, gate), max_batch=8, max_wait_ms=2) as (c, state):
             stop = asyncio.Event()
             clients = [asyncio.ensure_future(load(c, stop, ["movie", "nli"])) for _ in range(4)]
             await asyncio.sleep(0.05)
@@ -318,17 +319,19 @@ def test_tasks_added_and_removed_under_load_without_failed_requests(bundles, tmp
             fresh = Runtime(deployed, threads=1)  # a server started now would answer the same
             for text, p in zip(["great", "awful"], late.json()["predictions"]):
                 assert np.abs(np.array(p["logits"]) - fresh.logits([text], task="late")[0]).max() <= 1e-5
-            # removal: rows already queued for the task are answered, new ones get 404
-            state.batcher.max_wait = 0.3
+            # removal: rows in flight for the task are answered, new ones get 404 at once
+            gate.clear()  # hold every model call: rows of the load and of 'four' pile up
             queued = [asyncio.ensure_future(c.post("/v1/classify", json={"task": "four", "texts": ["x"]})) for _ in range(5)]
             while state.batcher.pending("four") < 5:
                 await asyncio.sleep(0.002)
             removal = asyncio.ensure_future(c.delete("/admin/tasks/four", headers=ADMIN))
-            await asyncio.sleep(0.01)
+            while "four" not in state.removing:
+                await asyncio.sleep(0.002)
             one_line_error(await c.post("/v1/classify", json={"task": "four", "texts": ["y"]}), 404, "unknown task 'four'")
+            assert not removal.done()  # waiting for the rows in flight
+            gate.set()
             assert [q.status_code for q in await asyncio.gather(*queued)] == [200] * 5
             r = await removal
-            state.batcher.max_wait = 0.002
             assert r.status_code == 200 and r.json()["tasks"] == ["movie", "nli", "late"]
             assert "four" not in [t["name"] for t in (await c.get("/v1/tasks")).json()["tasks"]]
             # task files that do not belong to this bundle are refused, the server keeps serving
