@@ -21,6 +21,7 @@ from metatt_deploy.export.peft import to_peft
 from metatt_deploy.export.validate import REPORT_MD
 from metatt_deploy.export.validate import validate as run_validation
 from metatt_deploy.serving.http import ServeSettings
+from metatt_deploy.serving.ray_app import run as run_ray
 from metatt_deploy.serving.runtime import Runtime, read_inputs
 from metatt_deploy.serving.server import ADMIN_TOKEN_ENV, ServeConfig
 from metatt_deploy.serving.server import serve as run_server
@@ -511,6 +512,12 @@ def serve(
     ] = None,
     graceful_seconds: Annotated[float, typer.Option(help="On SIGTERM, how long to wait for open requests before closing.")] = 30.0,
     form: Annotated[str, typer.Option(help="auto, tasks or adapter (which factored graph serves the tasks; see predict).")] = "auto",
+    ray_replicas: Annotated[
+        int,
+        typer.Option(
+            help="Serve with Ray Serve instead of uvicorn: this many replicas, Ray's batching (needs the 'ray' extra; RAY_ADDRESS joins a cluster)."
+        ),
+    ] = 0,
 ) -> None:
     """Serve a model over HTTP: classify texts for any task, batching concurrent requests across tasks (docs/serving.md)."""
     settings = ServeSettings(
@@ -522,5 +529,8 @@ def serve(
         cross_task=batch_across_tasks,
         admin_token=admin_token,
     )
+    if ray_replicas:
+        run_ray(str(model), replicas=ray_replicas, host=host, port=port, settings=settings, threads=threads, form=form)
+        return
     config = ServeConfig(model=str(model), settings=settings, threads=threads, form=form)
     run_server(config, host=host, port=port, workers=workers, graceful_s=graceful_seconds)
