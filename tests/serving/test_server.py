@@ -132,3 +132,41 @@ def test_shutdown_answers_every_queued_request(bundle: Path) -> None:
     assert all(len(r.json()["predictions"]) == 1 for r in responses)
     with pytest.raises(httpx.TransportError):  # and the port is closed
         httpx.get(f"{url}/healthz", timeout=2)
+
+
+@pytest.mark.slow
+def test_workers_each_load_the_model_and_metrics_cover_all_of_them(bundle: Path) -> None:
+    """--workers 2: two processes on one port; /metrics of whichever answers counts every worker's requests."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    command = [sys.executable, "-m", "metatt_deploy", "serve", str(bundle), "--port", str(port), "--threads", "1", "--workers", "2"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_ready(url, 120, process)
+        time.sleep(5)  # the second worker may still be warming up: /readyz answered from one of them
+        n = 40
+        for _ in range(n):  # new connections: the kernel spreads them over both workers
+            assert (
+                httpx.post(
+                    f"{url}/v1/classify", json={"task": "movie", "texts": ["fine"]}, headers={"connection": "close"}, timeout=30
+                ).status_code
+                == 200
+            )
+        pids = {
+            int(line.split()[0])
+            for line in subprocess.run(["pgrep", "-P", str(process.pid), "-a"], capture_output=True, text=True).stdout.splitlines()
+            if "multiprocessing" in line
+        }
+        assert len(pids) >= 2
+        for _ in range(5):  # whichever worker answers the scrape
+            text = httpx.get(f"{url}/metrics", headers={"connection": "close"}, timeout=10).text
+            assert f'metatt_requests_total{{task="movie"}} {float(n)}' in text
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
