@@ -510,7 +510,7 @@ def serve(
         str | None,
         typer.Option(envvar=ADMIN_TOKEN_ENV, help="Bearer token for /admin (add/remove tasks while running); without it /admin is off."),
     ] = None,
-    graceful_seconds: Annotated[float, typer.Option(help="On SIGTERM, how long to wait for open requests before closing.")] = 30.0,
+    graceful_seconds: Annotated[int, typer.Option(help="On SIGTERM, how long to wait for open requests before closing.")] = 30,
     form: Annotated[str, typer.Option(help="auto, tasks or adapter (which factored graph serves the tasks; see predict).")] = "auto",
     ray_replicas: Annotated[
         int,

@@ -351,6 +351,67 @@ def plot(cells: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+def targets(result: dict) -> list[dict]:
+    """The issue's targets next to what this run measured (met: yes/no)."""
+    rows = []
+    for r in result["ratios"]:
+        if r["concurrency"] in (8, 32):
+            rows.append(
+                {
+                    "target": f"cross-task >= per-task throughput, concurrency {r['concurrency']}",
+                    "measured": f"{r['a/b throughput']:.2f}x",
+                    "met": r["a/b throughput"] >= 1,
+                }
+            )
+            rows.append(
+                {
+                    "target": f"cross-task > merged sessions throughput, concurrency {r['concurrency']}",
+                    "measured": f"{r['a/c throughput']:.2f}x",
+                    "met": r["a/c throughput"] > 1,
+                }
+            )
+    bound = result["p99_c8_bound_ms"]
+    rows.append(
+        {
+            "target": "p99 at concurrency 8 <= 2 x p50 at concurrency 1 + max wait (a)",
+            "measured": f"{result['p99_c8_ms']:.1f} ms vs {bound:.1f} ms",
+            "met": result["p99_c8_ms"] <= bound,
+        }
+    )
+    for m in result.get("memory") or []:
+        if m["tasks"] == 10:
+            limit = 1.15 if m["serving"] == "factored bundle" else None
+            rows.append(
+                {
+                    "target": f"memory 10 tasks / 1 task, {m['serving']}" + (" <= 1.15x" if limit else ""),
+                    "measured": f"{m['vs_1_task']:.2f}x",
+                    "met": (m["vs_1_task"] <= limit) if limit else "",
+                }
+            )
+    big = result.get("big")
+    if big:
+        bad = big["5xx"] + big["lost"] + big["wrong_or_misrouted"]
+        rows.append(
+            {
+                "target": f"{big['requests']} requests at concurrency 32: no 5xx, lost or misrouted answer",
+                "measured": f"{big['5xx']} / {big['lost']} / {big['wrong_or_misrouted']}",
+                "met": bad == 0,
+            }
+        )
+        if "hot_add" in big:
+            rows.append(
+                {
+                    "target": "hot add under load: 0 failed requests",
+                    "measured": f"{big['requests'] - big['ok']} failed; {big['hot_add']}",
+                    "met": big["requests"] == big["ok"],
+                }
+            )
+    for r in rows:
+        if isinstance(r["met"], bool):
+            r["met"] = "yes" if r["met"] else "NO"
+    return rows
+
+
 def write_report(result: dict, docs: Path) -> None:
     cells = result["cells"]
     columns = ["mode", "concurrency", "requests", "ok", "5xx", "lost", "wrong_or_misrouted", "throughput_rps", "p50_ms", "p95_ms", "p99_ms",
@@ -380,6 +441,9 @@ def write_report(result: dict, docs: Path) -> None:
         "## Long run",
         "",
         markdown_table([result["big"]], floatfmt=".1f") if result.get("big") else "not run (no --big)\n",
+        "## Targets (issue 13), as measured in this run",
+        "",
+        markdown_table(targets(result), floatfmt=".2f"),
         "## Startup (process start to /readyz 200)",
         "",
         markdown_table([{"server": k, "seconds": v} for k, v in result["startup_s"].items()], floatfmt=".1f"),

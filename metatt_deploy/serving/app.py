@@ -27,7 +27,7 @@ import contextlib
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from fastapi import FastAPI, Request, Response
@@ -51,12 +51,19 @@ from metatt_deploy.serving.metrics import UNKNOWN_TASK, ServerMetrics
 from metatt_deploy.serving.schemas import AdminResponse, ClassifyRequest, ClassifyResponse, Status, TaskInfo, TasksResponse
 
 
+def as_factory(engine: Engine | Callable[[], Engine]) -> Callable[[], Engine]:
+    """A loaded engine, or a function that loads one, as a function (called in the background)."""
+    if hasattr(engine, "logits"):
+        return lambda: cast(Engine, engine)
+    return cast(Callable[[], Engine], engine)
+
+
 class ServerState:
     """The engine (once loaded), its batcher and metrics, and the readiness of the server."""
 
     def __init__(self, engine: Engine | Callable[[], Engine], settings: ServeSettings):
         self.settings = settings
-        self.factory = engine if callable(engine) and not hasattr(engine, "logits") else (lambda: engine)
+        self.factory: Callable[[], Engine] = as_factory(engine)
         self.engine: Engine | None = None
         self.metrics = ServerMetrics()
         self.batcher = Batcher(

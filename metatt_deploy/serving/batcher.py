@@ -137,7 +137,8 @@ class Batcher:
         if self.cross_task:
             return [self._rows.popleft() for _ in range(min(self.max_batch, len(self._rows)))]
         task = self._rows[0].task
-        taken, kept = [], deque()
+        taken: list[_Row] = []
+        kept: deque[_Row] = deque()
         for row in self._rows:
             (taken if row.task == task and len(taken) < self.max_batch else kept).append(row)
         self._rows = kept
@@ -168,6 +169,7 @@ class Batcher:
             for row in batch:
                 self._running[row.task] = self._running.get(row.task, 0) + 1
             started = time.perf_counter()
+            error: Exception | None
             try:
                 out = await loop.run_in_executor(self._executor, self.run, [r.text for r in batch], [r.task for r in batch])
                 error = None if len(out) == len(batch) else RuntimeError(f"the model answered {len(out)} rows for {len(batch)}")

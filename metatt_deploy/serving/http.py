@@ -121,8 +121,8 @@ def error(code: int, reason: str, headers: dict[str, str] | None = None) -> JSON
 
 def one_line(exc: RequestValidationError) -> tuple[int, str]:
     """(status, reason) for a validation error: 400 for malformed JSON, else 422 naming the field."""
-    errors = exc.errors()
-    first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
+    errors = list(exc.errors())
+    first: dict[str, Any] = dict(errors[0]) if errors else {"msg": "invalid request", "loc": ()}
     if first.get("type") == "json_invalid":
         return 400, f"malformed JSON: {first.get('ctx', {}).get('error', first['msg'])}"
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"

@@ -62,17 +62,17 @@ def build_app(
 ) -> Any:
     """A bound Ray Serve application of ``replicas`` replicas serving ``model`` (pass it to serve.run)."""
     serve = _ray_serve()
-    settings = (settings or ServeSettings()).check()
+    limits = (settings or ServeSettings()).check()
     if replicas < 1:
         raise MetaTTError("--ray-replicas must be at least 1")
     api = FastAPI(title="metatt-deploy (Ray Serve)", summary="Text classification for many tasks on one model, on Ray Serve.", version="1")
-    limit_requests(api, settings)
+    limit_requests(api, limits)
     install_error_handlers(api)
 
     @serve.deployment(
         num_replicas=replicas,
-        max_ongoing_requests=max(2 * settings.max_batch, 8),  # enough in flight per replica to fill a batch
-        max_queued_requests=settings.max_queue,
+        max_ongoing_requests=max(2 * limits.max_batch, 8),  # enough in flight per replica to fill a batch
+        max_queued_requests=limits.max_queue,
         ray_actor_options={"num_cpus": cpus_per_replica},
     )
     @serve.ingress(api)
@@ -83,7 +83,7 @@ def build_app(
                 self.engine.logits(["warm-up"], tasks=[task])
             self.replica = f"{socket.gethostname()}:{os.getpid()}"
 
-        @serve.batch(max_batch_size=settings.max_batch, batch_wait_timeout_s=settings.max_wait_ms / 1000)
+        @serve.batch(max_batch_size=limits.max_batch, batch_wait_timeout_s=limits.max_wait_ms / 1000)
         async def rows(self, items: list[tuple[Any, str]]) -> list:
             """One model call for the rows of every request Ray gathered, a task per row."""
             return await asyncio.to_thread(self.engine.logits, [text for text, _ in items], tasks=[task for _, task in items])
@@ -91,7 +91,7 @@ def build_app(
         @api.post("/v1/classify", response_model=ClassifyResponse, response_model_exclude_none=True, responses=ERRORS)
         async def classify(self, body: ClassifyRequest, response: Response) -> ClassifyResponse:
             """Classify texts (or sentence pairs) with one task; rows of concurrent requests share model calls."""
-            task = checked_task(self.engine, body, settings)
+            task = checked_task(self.engine, body, limits)
             labels = self.engine.labels(task)
             rows = await asyncio.gather(*(self.rows((text, task)) for text in body.texts))
             response.headers[REPLICA_HEADER] = self.replica
@@ -111,7 +111,7 @@ def build_app(
         async def readyz(self) -> Status:  # a replica takes traffic only after __init__ (load + warm-up)
             return Status(status="ready", detail=f"{len(self.engine.tasks)} task(s)")
 
-    return MetaTTReplica.bind()
+    return MetaTTReplica.bind()  # type: ignore[attr-defined]
 
 
 def run(model: str, *, replicas: int, host: str, port: int, settings: ServeSettings, threads: int | None, form: str = "auto") -> None:

@@ -58,7 +58,7 @@ def app_from_env() -> FastAPI:
 
 
 def serve(
-    config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, graceful_s: float = 30.0, log_level: str = "info"
+    config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, graceful_s: int = 30, log_level: str = "info"
 ) -> None:
     """Run uvicorn until SIGTERM/SIGINT (then drain and exit)."""
     import uvicorn
