@@ -247,33 +247,50 @@ async def drive(url: str, items, refs, concurrency: int, requests: int, seconds:
             await on_start(c)
         await asyncio.gather(*workers)
         elapsed = time.perf_counter() - started
-    lat = np.array(latencies) * 1000
-    done = len(latencies)
+    return {"latencies": latencies, "codes": codes, "wrong": wrong, "max_diff": max_diff, "seconds": elapsed}
+
+
+def summarize(parts: list[dict]) -> dict:
+    """One cell from its rounds: counts summed, throughput over the summed time, percentiles over every request."""
+    lat = np.array([x for p in parts for x in p["latencies"]]) * 1000
+    codes: dict[int, int] = {}
+    for p in parts:
+        for k, n in p["codes"].items():
+            codes[k] = codes.get(k, 0) + n
+    seconds = sum(p["seconds"] for p in parts)
     return {
-        "requests": done,
+        "requests": len(lat),
         "ok": codes.get(200, 0),
         "5xx": sum(n for k, n in codes.items() if k >= 500),
         "lost": codes.get(0, 0),
         "other": sum(n for k, n in codes.items() if k not in (0, 200) and k < 500),
-        "wrong_or_misrouted": wrong,
-        "max_abs_logit_diff": max_diff,
-        "seconds": elapsed,
-        "throughput_rps": done / elapsed,
+        "wrong_or_misrouted": sum(p["wrong"] for p in parts),
+        "max_abs_logit_diff": max(p["max_diff"] for p in parts),
+        "seconds": seconds,
+        "throughput_rps": len(lat) / seconds,
         "p50_ms": float(np.percentile(lat, 50)),
         "p95_ms": float(np.percentile(lat, 95)),
         "p99_ms": float(np.percentile(lat, 99)),
     }
 
 
-def batch_stats(before: dict, after: dict) -> dict:
-    calls = after.get("metatt_batch_rows_count", 0) - before.get("metatt_batch_rows_count", 0)
-    rows = after.get("metatt_batch_rows_sum", 0) - before.get("metatt_batch_rows_sum", 0)
-    secs = after.get("metatt_batch_seconds_sum", 0) - before.get("metatt_batch_seconds_sum", 0)
-    tasks = after.get("metatt_batch_tasks_sum", 0) - before.get("metatt_batch_tasks_sum", 0)
+BATCH_SAMPLES = ("metatt_batch_rows_count", "metatt_batch_rows_sum", "metatt_batch_seconds_sum", "metatt_batch_tasks_sum")
+
+
+def batch_delta(before: dict, after: dict, into: dict | None = None) -> dict:
+    """Batch metric increments between two scrapes, added to ``into``."""
+    into = into if into is not None else {}
+    for k in BATCH_SAMPLES:
+        into[k] = into.get(k, 0.0) + after.get(k, 0.0) - before.get(k, 0.0)
+    return into
+
+
+def batch_stats(delta: dict) -> dict:
+    calls, rows = delta["metatt_batch_rows_count"], delta["metatt_batch_rows_sum"]
     return {
         "rows_per_call": rows / calls if calls else 0.0,
-        "tasks_per_call": tasks / calls if calls else 0.0,
-        "model_ms_per_row": 1000 * secs / rows if rows else 0.0,
+        "tasks_per_call": delta["metatt_batch_tasks_sum"] / calls if calls else 0.0,
+        "model_ms_per_row": 1000 * delta["metatt_batch_seconds_sum"] / rows if rows else 0.0,
     }
 
 
@@ -426,7 +443,7 @@ def write_report(result: dict, docs: Path) -> None:
         f"thread(s) per server; `--max-batch {result['max_batch']} --max-wait-ms {result['max_wait_ms']:g}`. Inputs: the built-in test splits "
         "(sentences and sentence pairs, a round-robin mix of the 3 tasks), one text per request. Each answer is checked against a direct "
         f"call of the same model on that row alone (max |logit diff| <= {result['tolerance']:g}, right task); a failed check counts as "
-        "wrong_or_misrouted. Cells run interleaved (concurrency 1 for a, b, c, then 8, then 32).",
+        f"wrong_or_misrouted. Each cell ran in {result['rounds']} chunks, the modes interleaved chunk by chunk (a, b, c at concurrency 1, 8, 32, then again), so drift in the machine's load hits all three alike.",
         "",
         "Modes, all behind the same HTTP layer: " + "; ".join(f"({k}) {v}" for k, v in MODES.items()) + ".",
         "`rows_per_call`, `tasks_per_call` and `model_ms_per_row` (tokenize + ONNX Runtime, per row) come from the servers' /metrics.",
@@ -466,7 +483,8 @@ def main() -> None:
         "--adapter", type=Path, help="the bundle's adapter: enables the memory probe (1 vs 10 tasks) and the hot add in --big"
     )
     parser.add_argument("--requests", type=int, default=600, help="requests per cell (mode x concurrency)")
-    parser.add_argument("--cell-seconds", type=float, default=120, help="time limit per cell")
+    parser.add_argument("--cell-seconds", type=float, default=120, help="time limit per cell (all rounds together)")
+    parser.add_argument("--rounds", type=int, default=4, help="each cell runs in this many chunks, the modes interleaved chunk by chunk")
     parser.add_argument("--big", type=int, default=0, help="requests of the long run at concurrency 32 on (a) (0: skip)")
     parser.add_argument("--big-seconds", type=float, default=600)
     parser.add_argument("--pool", type=int, default=100, help="distinct inputs per task")
@@ -507,11 +525,27 @@ def main() -> None:
     try:
         for s in servers.values():
             s.ready()
+        parts: dict = {(m, c): [] for c in CONCURRENCY for m in servers}
+        deltas: dict = {(m, c): {} for c in CONCURRENCY for m in servers}
+        chunk = -(-args.requests // args.rounds)
+        for r in range(args.rounds):  # rounds interleave the modes, so drift in the machine's load hits all three alike
+            for concurrency in CONCURRENCY:
+                for mode, server in servers.items():
+                    before = server.metrics()
+                    part = asyncio.run(
+                        drive(server.url, items, refs[mode], concurrency, chunk, args.cell_seconds / args.rounds, args.tolerance)
+                    )
+                    parts[mode, concurrency].append(part)
+                    batch_delta(before, server.metrics(), deltas[mode, concurrency])
+                    print(f"round {r + 1}: ({mode}) c={concurrency}: {len(part['latencies']) / part['seconds']:.1f} req/s", flush=True)
         for concurrency in CONCURRENCY:
-            for mode, server in servers.items():
-                before = server.metrics()
-                cell = asyncio.run(drive(server.url, items, refs[mode], concurrency, args.requests, args.cell_seconds, args.tolerance))
-                cell = {"mode": mode, "concurrency": concurrency, **cell, **batch_stats(before, server.metrics())}
+            for mode in servers:
+                cell = {
+                    "mode": mode,
+                    "concurrency": concurrency,
+                    **summarize(parts[mode, concurrency]),
+                    **batch_stats(deltas[mode, concurrency]),
+                }
                 print(cell, flush=True)
                 cells.append(cell)
         rss = {f"({m}) 3 tasks": s.rss_mib() for m, s in servers.items()}
@@ -547,6 +581,7 @@ def main() -> None:
             "max_batch": args.max_batch,
             "max_wait_ms": args.max_wait_ms,
             "tolerance": args.tolerance,
+            "rounds": args.rounds,
             "cells": cells,
             "ratios": ratios,
             "p99_c8_ms": cell("a", 8)["p99_ms"],
@@ -590,8 +625,8 @@ def big_run(args, items, refs) -> dict:
 
     try:
         before = server.metrics()
-        out = asyncio.run(drive(server.url, items, refs, 32, args.big, args.big_seconds, args.tolerance, on_start=hot_add))
-        out = {"mode": "a", "concurrency": 32, **out, **batch_stats(before, server.metrics())}
+        part = asyncio.run(drive(server.url, items, refs, 32, args.big, args.big_seconds, args.tolerance, on_start=hot_add))
+        out = {"mode": "a", "concurrency": 32, **summarize([part]), **batch_stats(batch_delta(before, server.metrics()))}
         if added:
             out["hot_add"] = (
                 f"{added['task']}: HTTP {added['status']} in {added['add_seconds']:.2f} s, first request {added['first_request_status']}"

@@ -270,6 +270,8 @@ class Runtime:
         check_task_record(rec, self.info, path)
         if rec.get("task") != name:
             raise MetaTTError(f"task file {path.name} describes task '{rec.get('task')}', not '{name}'; re-write it with merge --factored")
+        if not isinstance(rec.get("files"), dict) or not rec["files"]:
+            raise MetaTTError(f"task file {path.name} lists no files; re-write the task with merge --factored")
         for entry in rec["files"].values():
             file = self.bundle / TASKS_DIR / entry["file"]
             if not file.is_file() or sha256_file(file) != entry["sha256"]:
