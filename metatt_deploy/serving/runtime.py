@@ -242,7 +242,7 @@ class Runtime:
         """Per row: task, label, label_id, score (its probability) and the scores of every label."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         names = self._row_tasks(len(texts), task, tasks)
-        results = []
+        results: list[dict] = []
         for start in range(0, len(texts), batch_size):
             chunk = names[start : start + batch_size]
             logits = self.logits(texts[start : start + batch_size], tasks=chunk)
