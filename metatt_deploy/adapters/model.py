@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError
@@ -16,12 +17,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from metatt_deploy.adapters.base_model import load_classifier, load_tokenizer
-from metatt_deploy.adapters.config import DEFAULT_ALPHA, WEIGHTS_NAME, MetaTTConfig
+from metatt_deploy.adapters.config import DEFAULT_ALPHA, METATT_METHODS, WEIGHTS_NAME, MetaTTConfig
 from metatt_deploy.adapters.heads import add_task_heads, select_task_head
 from metatt_deploy.adapters.layer import MetaTT, MetaTTLayer
 from metatt_deploy.adapters.targets import DEFAULT_TARGETS, TargetModule, find_targets, head_modules
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_dir
+from metatt_deploy.tt.cores import tt_ranks
 
 ADAPTER_ATTR = "metatt"
 
@@ -37,8 +39,10 @@ def build_config(
     tasks: list[str] | None = None,
     label_names: dict[str, list[str]] | None = None,
     base_model: str = "",
+    extra: dict | None = None,
 ) -> MetaTTConfig:
     """Derive modes, ranks and placement of an adapter for ``model`` (before attaching)."""
+    hf_config: Any = model.config
     names, layers, modules = find_targets(model, targets)
     d_in = max(m.in_features for m in modules)
     d_out = max(e - s for m in modules for _, s, e in m.segments)  # a fused module's widest owned part
@@ -57,7 +61,9 @@ def build_config(
         mode_names += ["head", "head_dim"]
         mode_sizes += [d_out // head_dim, head_dim]
     else:
-        raise MetaTTError(f"unknown method '{method}'; use metatt-4d, metatt-5d or lora")
+        raise MetaTTError(
+            f"unknown method '{method}'; use {' or '.join(METATT_METHODS)} (lora trains through metatt-deploy train --method lora)"
+        )
     n_bonds = len(mode_sizes) - 1
     ranks = [rank] * n_bonds if isinstance(rank, int) else list(rank)
     config = MetaTTConfig(
@@ -71,18 +77,19 @@ def build_config(
         layers=layers,
         modules=modules,
         tasks=tasks,
-        label_names=label_names or {tasks[0]: [str(v) for v in model.config.id2label.values()]},
+        label_names=label_names or {tasks[0]: [str(v) for v in hf_config.id2label.values()]},
         head_modules=head_modules(model),
         base_model=base_model,
         base_fingerprint=fingerprint(model, modules),
-        model_type=model.config.model_type,
+        model_type=hf_config.model_type,
+        extra=dict(extra or {}),
     )
     config.validate()
     return config
 
 
 def _head_dim(model: nn.Module) -> int:
-    cfg = model.config
+    cfg: Any = model.config
     if getattr(cfg, "head_dim", None):
         return int(cfg.head_dim)
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
@@ -93,7 +100,7 @@ def _head_dim(model: nn.Module) -> int:
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
-    return (module.base_layer if isinstance(module, MetaTTLayer) else module).weight
+    return cast(torch.Tensor, (module.base_layer if isinstance(module, MetaTTLayer) else module).weight)
 
 
 def fingerprint(model: nn.Module, modules: list[TargetModule]) -> str:
@@ -179,7 +186,9 @@ def split_state(state: dict[str, torch.Tensor], config: MetaTTConfig) -> tuple[l
     mode_sizes = [c.shape[1] for c in cores]
     if mode_sizes != config.mode_sizes or any(c.dim() != 3 for c in cores):
         raise MetaTTError(f"adapter cores have modes {mode_sizes} but the config says {config.mode_sizes}; re-create the adapter")
-    config.ranks = [c.shape[-1] for c in cores[:-1]]
+    ranks = tt_ranks(cores)
+    if ranks != list(config.ranks):
+        raise MetaTTError(f"adapter cores have bond ranks {ranks} but the config says {list(config.ranks)}; re-create the adapter")
     heads = {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
     return cores, heads
 
@@ -238,18 +247,27 @@ def merge_and_unload(model: nn.Module, task: str | None = None) -> nn.Module:
             base.weight.data.copy_(w.to(base.weight.dtype))
             setattr(parent, child, base)
     delattr(model, ADAPTER_ATTR)
-    if config.multitask:  # that task's head becomes the classifier, its labels the model's
+    if t is not None:  # multi-task: that task's head becomes the classifier, its labels the model's
         select_task_head(model, config, t)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
 
 
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def is_head_parameter(name: str, heads: tuple[str, ...]) -> bool:
+    """Whether parameter ``name`` (plain or PEFT-prefixed) belongs to one of the head modules ``heads`` ("name." each)."""
+    return name.removeprefix("base_model.model.").startswith(heads)
+
+
 def count_trainable(model: nn.Module) -> dict[str, int]:
-    """Trainable parameters, split into adapter and head (heads are counted separately)."""
-    adapter = getattr(model, ADAPTER_ATTR, None)
-    config = adapter.config if adapter is not None else None
-    heads = config.head_modules if config else []
+    """Trainable parameters of a MetaTT or PEFT LoRA model, split into adapter and head (heads are counted separately)."""
+    heads = tuple(f"{h}." for h in head_modules(unwrap_peft(model)))
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    head = sum(p.numel() for n in heads for p in model.get_submodule(n).parameters() if p.requires_grad)
+    head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and is_head_parameter(n, heads))
     return {"adapter": total - head, "head": head, "total": total}

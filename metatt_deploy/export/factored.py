@@ -12,6 +12,7 @@ each shared core; a task is its ``r x r`` task-core slice plus its head (kilobyt
     tasks/NAME.onnx_adapter     the same tensors as an ONNX Runtime adapter (for model_adapter.onnx)
     model_tasks.onnx            form (a): input ``task_ids`` (int64, one per row); all baked tasks
     model_adapter.onnx          form (b): task slice + head are inputs fed from an .onnx_adapter
+    web/                        metatt.js + index.html: model_tasks.onnx from Node or a browser (export/web.py)
 
 Both graphs hold the base weights and every shared core exactly once (one initializer each,
 used by every layer: the per-layer updates are never materialised); the export runs with
@@ -48,9 +49,10 @@ from torch import nn
 from metatt_deploy.adapters import model as mt
 from metatt_deploy.adapters.config import MetaTTConfig
 from metatt_deploy.adapters.heads import PAD_LOGIT, add_task_heads, label_linear, routers, select_task_head
-from metatt_deploy.adapters.multitask import MultiTaskModel, bundle_id, load_multitask, shared_core_indices
+from metatt_deploy.adapters.multitask import MultiTaskModel, bundle_id, load_multitask, routed, shared_core_indices
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_dir, atomic_write_json, check_writable, read_json, sha256_file
+from metatt_deploy.export.web import factored_spec, write_web_app
 
 BUNDLE_FORMAT = 1
 BUNDLE_JSON = "bundle.json"
@@ -139,7 +141,12 @@ class _TaskIdGraph(nn.Module):
         *text, task_ids = args
         # an id < 0 would wrap around in Gather: send it past the last task so it fails instead
         task_ids = torch.where(task_ids < 0, torch.full_like(task_ids, len(self.mtm.tasks)), task_ids)
-        return self.mtm(**dict(zip(self.names, text)), task_ids=task_ids).logits
+        adapter = self.mtm.metatt
+        adapter.precompute = True  # every layer's update factor once per call, not once per layer
+        try:
+            return self.mtm(**dict(zip(self.names, text)), task_ids=task_ids).logits
+        finally:
+            adapter.precompute = False
 
 
 def export_task_graph(mtm: MultiTaskModel, path: str | Path, names: list[str], opset: int = DEFAULT_OPSET) -> dict:
@@ -205,13 +212,8 @@ class _AdapterGraph(nn.Module):
         text, task_slice, head = args[:n], args[n], args[n + 1 :]
         swaps = {self.task_core: task_slice.unsqueeze(1)}
         swaps.update({k[len("head.") :]: v for k, v in zip(self.head_keys, head)})
-        adapter = mt.get_adapter(self.hf)
-        adapter.use_task(0)
-        try:
-            with _parameters_as(self.hf, swaps):
-                return self.hf(**dict(zip(self.names, text))).logits
-        finally:
-            adapter.use_task(None)
+        with routed(self.hf, 0), _parameters_as(self.hf, swaps):
+            return self.hf(**dict(zip(self.names, text))).logits
 
 
 def export_adapter_graph(mtm: MultiTaskModel, path: str | Path, names: list[str], opset: int = DEFAULT_OPSET) -> dict:
@@ -381,6 +383,11 @@ def write_bundle(
                 "task_graph": export_task_graph(mtm, tmp / TASK_GRAPH, names, opset),
                 "adapter_graph": export_adapter_graph(mtm, tmp / ADAPTER_GRAPH, names, opset),
             }
+        web = None
+        if onnx:
+            max_length = int(config.extra.get("max_length", 128))
+            spec = factored_spec(TASK_GRAPH, list(config.tasks), config.label_names, [*names, TASK_IDS], max_length)
+            web = write_web_app(tmp, spec, tmp / BASE_DIR)
         layout = config.to_json()
         info = {
             "format_version": BUNDLE_FORMAT,
@@ -400,6 +407,7 @@ def write_bundle(
             "logits_layout": LOGITS_LAYOUT,
             "adapter_config": layout,
             "onnx": graphs,
+            "web": web,
             "seconds": round(time.time() - started, 1),
         }
         atomic_write_json(tmp / BUNDLE_JSON, info)
@@ -413,10 +421,8 @@ def _subset(mtm: MultiTaskModel, keep: list[int]) -> MultiTaskModel:
     t_core = config.mode_names.index("task")
     cores = [c.detach() for c in mtm.metatt.cores]
     cores[t_core] = cores[t_core][:, keep, :]
-    config.tasks = [config.tasks[t] for t in keep]
-    config.label_names = {t: config.label_names[t] for t in config.tasks}
-    config.mode_sizes[t_core] = len(keep)
-    mtm.metatt.set_cores(cores)
+    config = config.with_tasks([config.tasks[t] for t in keep], config.label_names)
+    mtm.metatt.set_cores(cores, config)
     for router in routers(mtm.model):
         router.heads = nn.ModuleList([router.heads[t] for t in keep])
     return mtm
@@ -507,9 +513,7 @@ def load_bundle(bundle: str | Path) -> MultiTaskModel:
     cores = [
         shared[f"core.{k}"] if k != t_core else torch.stack([t[TASK_SLICE] for t in tensors], dim=1) for k in range(len(config.mode_names))
     ]
-    config.tasks = [r["task"] for r in records]
-    config.label_names = {r["task"]: list(r["labels"]) for r in records}
-    config.mode_sizes[t_core] = len(records)
+    config = config.with_tasks([r["task"] for r in records], {r["task"]: list(r["labels"]) for r in records})
     model = mt.load_classifier(str(bundle / info["base_dir"]), config.label_names[config.tasks[0]])
     mt.attach(model, config, cores)
     add_task_heads(model, config)

@@ -232,7 +232,7 @@ def create_app(engine: Engine | Callable[[], Engine], settings: ServeSettings | 
         state.check_admin(request)
         engine = state.ready_engine()
         add = getattr(engine, "add_task", None)
-        if add is None:
+        if add is None or getattr(engine, "kind", "factored") != "factored":
             raise ApiError(409, "this model serves a fixed set of tasks (not a factored bundle)")
         async with state.admin_lock:
             if name in engine.tasks:
@@ -252,7 +252,7 @@ def create_app(engine: Engine | Callable[[], Engine], settings: ServeSettings | 
         state.check_admin(request)
         engine = state.ready_engine()
         remove = getattr(engine, "remove_task", None)
-        if remove is None:
+        if remove is None or getattr(engine, "kind", "factored") != "factored":
             raise ApiError(409, "this model serves a fixed set of tasks (not a factored bundle)")
         async with state.admin_lock:
             if name not in engine.tasks or name in state.removing:

@@ -88,9 +88,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def engine_id(engine: Any) -> str:
-    """The served model's identity: a factored bundle's id, else what the engine calls itself."""
+    """The served model's identity: a factored bundle's id, else what the engine calls itself, else the export's name."""
     info = getattr(engine, "info", None) or {}
-    return str(info.get("bundle_id") or getattr(engine, "model_id", None) or "model")
+    return str(info.get("bundle_id") or getattr(engine, "model_id", None) or info.get("name") or "model")
 
 
 def checked_task(engine: Engine, body: ClassifyRequest, settings: ServeSettings, hidden: set[str] | frozenset[str] = frozenset()) -> str:

@@ -30,7 +30,7 @@ ADMIN_TOKEN_ENV = "METATT_ADMIN_TOKEN"
 
 @dataclass
 class ServeConfig:
-    model: str  # a factored bundle (or, with issue 16's Runtime, a merged export)
+    model: str  # a factored bundle, or a single-task export
     settings: ServeSettings = field(default_factory=ServeSettings)
     threads: int | None = None  # ONNX Runtime intra-op threads per worker
     form: str = "auto"
@@ -64,7 +64,7 @@ def serve(
     import uvicorn
 
     if not Path(config.model).exists():
-        raise MetaTTError(f"model {config.model} not found; pass a factored bundle (merge --factored)")
+        raise MetaTTError(f"model {config.model} not found; pass a factored bundle (merge --factored) or an export (metatt-deploy export)")
     if workers < 1:
         raise MetaTTError("--workers must be at least 1")
     if config.threads is not None and config.threads < 1:

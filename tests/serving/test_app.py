@@ -16,12 +16,15 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from onnx_fixtures import LABELS as EXPORT_LABELS
+from onnx_fixtures import build_tiny
 from prometheus_client.parser import text_string_to_metric_families
 from test_multitask import LABELS, build_tiny_multitask
 
 from metatt_deploy.adapters.heads import routers
 from metatt_deploy.adapters.multitask import extend_tasks, save_multitask
 from metatt_deploy.export.factored import TASKS_DIR, write_bundle
+from metatt_deploy.export.onnx import export_onnx
 from metatt_deploy.serving.app import create_app
 from metatt_deploy.serving.http import ServeSettings
 from metatt_deploy.serving.runtime import Runtime
@@ -244,7 +247,7 @@ def test_full_queue_loading_and_internal_errors(runtime) -> None:
             while state.load_error is None:
                 await asyncio.sleep(0.01)
             r = await c.get("/readyz")
-            assert r.status_code == 503 and "not a factored bundle" in r.json()["detail"]
+            assert r.status_code == 503 and "neither a factored bundle" in r.json()["detail"]
 
         async with serving(Gated(runtime, fail=True)) as (c, _):
             error = one_line_error(await c.post("/v1/classify", json={"task": "nli", "texts": ["a"]}), 500, "internal error (RuntimeError)")
@@ -356,3 +359,23 @@ def test_tasks_added_and_removed_under_load_without_failed_requests(bundles, tmp
 
     n = run(main())
     assert n >= 20 and statuses.count(200) == n  # no request of the load failed during adds and removals
+
+
+def test_a_single_task_export_is_served_with_a_fixed_task(tmp_path) -> None:
+    """serve EXPORT: one task (the export's), the same answers as the Runtime, admin changes refused (409)."""
+    exported = export_onnx(build_tiny(tmp_path).merged, tmp_path / "exported" / "mt")
+    runtime = Runtime(exported, threads=1)
+    (task,) = runtime.tasks
+
+    async def main():
+        async with serving(runtime) as (c, _):
+            tasks = (await c.get("/v1/tasks")).json()
+            assert tasks["tasks"] == [{"name": task, "labels": EXPORT_LABELS}]
+            r = await c.post("/v1/classify", json={"task": task, "texts": ["great", "awful"], "return_logits": True})
+            assert r.status_code == 200, r.text
+            for text, p in zip(["great", "awful"], r.json()["predictions"]):
+                assert np.abs(np.array(p["logits"]) - runtime.logits([text], task=task)[0]).max() <= 1e-5
+            one_line_error(await c.post("/admin/tasks/other", headers=ADMIN), 409, "fixed set of tasks")
+            one_line_error(await c.delete(f"/admin/tasks/{task}", headers=ADMIN), 409, "fixed set of tasks")
+
+    run(main())
