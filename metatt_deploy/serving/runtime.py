@@ -27,6 +27,7 @@ labels are MetaTTErrors, never a silent wrong answer.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,7 +44,9 @@ from metatt_deploy.export.factored import (
     BASE_DIR,
     TASK_GRAPH,
     TASK_IDS,
+    TASKS_DIR,
     adapter_model_version,
+    check_task_record,
     is_bundle,
     read_bundle,
     task_file,
@@ -55,11 +58,19 @@ from metatt_deploy.training.data import TEXT_COLUMN_CANDIDATES
 Text = str | Sequence[str]  # a sentence, or a (sentence, sentence) pair
 FORMS = ("auto", "tasks", "adapter")
 DEFAULT_MAX_LENGTH = 128  # tokens, as in training; a factored bundle records its own
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a task name is also a file name in tasks/
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def scored(task: str, logits: np.ndarray, labels: Sequence[str]) -> dict:
+    """One row's answer: task, label, label_id, score (its probability) and every label's probability."""
+    p = softmax(np.asarray(logits, dtype=np.float64))
+    k = int(p.argmax())
+    return {"task": task, "label": labels[k], "label_id": k, "score": float(p[k]), "scores": {lab: float(v) for lab, v in zip(labels, p)}}
 
 
 class Runtime:
@@ -152,12 +163,12 @@ class Runtime:
             self._adapter_session = self._session(ADAPTER_GRAPH)
         return self._adapter_session
 
-    def _run_options(self, task: str):
+    def _run_options(self, task: str, rec: dict | None = None):
         """RunOptions with the task's .onnx_adapter active; the file is checked and loaded once."""
         import onnxruntime as ort
 
         if task not in self._adapters:
-            rec = self.records[task]
+            rec = rec or self.records[task]
             path = task_file(self.bundle, rec, "onnx_adapter")
             try:
                 fmt = ort.AdapterFormat.read_adapter(str(path))
@@ -275,24 +286,53 @@ class Runtime:
         """Per row: task, label, label_id, score (its probability) and the scores of every label."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         names = self._row_tasks(len(texts), task, tasks)
-        results = []
+        results: list[dict] = []
         for start in range(0, len(texts), batch_size):
             chunk = names[start : start + batch_size]
             logits = self.logits(texts[start : start + batch_size], tasks=chunk)
-            for name, row in zip(chunk, logits):
-                p = softmax(row.astype(np.float64))
-                labels = self.records[name]["labels"]
-                k = int(p.argmax())
-                results.append(
-                    {
-                        "task": name,
-                        "label": labels[k],
-                        "label_id": k,
-                        "score": float(p[k]),
-                        "scores": {lab: float(v) for lab, v in zip(labels, p)},
-                    }
-                )
+            results.extend(scored(name, row, self.records[name]["labels"]) for name, row in zip(chunk, logits))
         return results
+
+    # ------------------------------------------------------------ tasks added or removed while serving
+
+    def add_task(self, name: str) -> dict:
+        """Serve the bundle's ``tasks/NAME.json`` from now on (written after this Runtime opened); returns its record.
+
+        The record must carry this bundle's id and its files their recorded sha256; a task run by
+        the adapter graph has its .onnx_adapter loaded and checked here, so a foreign or broken
+        file fails now and the first request pays nothing. The task appears in one assignment:
+        a concurrent `logits` call sees the old task set or the new one, never half of it.
+        """
+        if self.kind != "factored":
+            raise MetaTTError(f"{self.bundle} is a single-task export: its task is fixed; serve a factored bundle to add tasks")
+        if not TASK_NAME.fullmatch(str(name)):
+            raise MetaTTError(f"'{name}' is not a task name (letters, digits, '_', '.', '-'; at most 64)")
+        if name in self.records:
+            raise MetaTTError(f"task '{name}' is already served; remove it first to replace it")
+        path = self.bundle / TASKS_DIR / f"{name}.json"
+        if not path.is_file():
+            raise MetaTTError(f"bundle {self.bundle} has no task file {TASKS_DIR}/{name}.json; add it with merge --factored --task {name}")
+        rec = read_json(path, "task record")
+        check_task_record(rec, self.info, path)
+        for kind in rec["files"]:
+            task_file(self.bundle, rec, kind)
+        if self.form == "tasks" and name not in self.baked:
+            raise MetaTTError(f"task '{name}' was added after model_tasks.onnx was exported; serve with form 'auto' or 'adapter'")
+        if self.form == "adapter" or name not in self.baked:
+            self._adapter_graph()
+            self._run_options(name, rec)
+        self.records = {**self.records, name: rec}
+        self.tasks = list(self.records)
+        return rec
+
+    def remove_task(self, name: str) -> None:
+        """Stop serving a task (its files stay in the bundle); callers drain its in-flight rows first."""
+        if self.kind != "factored":
+            raise MetaTTError(f"{self.bundle} is a single-task export: its task is fixed; serve a factored bundle to remove tasks")
+        name = self.task_name(name)
+        self.records = {t: r for t, r in self.records.items() if t != name}
+        self.tasks = list(self.records)
+        self._adapters.pop(name, None)
 
 
 class _Only:

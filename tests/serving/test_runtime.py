@@ -175,6 +175,41 @@ def test_cli_predict(served, tmp_path) -> None:
     assert res.exit_code == 2 and "already exists" in res.output
 
 
+def test_tasks_added_and_removed_after_open(served, tmp_path) -> None:
+    """add_task publishes a task written after the Runtime opened (checked first); remove_task hides it."""
+    root, _, mtm, tokenizer, bundle = served
+    deployed = tmp_path / "deployed"
+    shutil.copytree(bundle, deployed)
+    rt = Runtime(deployed, threads=1)
+    grown = copy.deepcopy(mtm)
+    extend_tasks(grown, "late", ["no", "yes"], seed=5)
+    write_bundle(save_multitask(grown, tmp_path / "grown", tokenizer), deployed, tasks=["late"])
+    with pytest.raises(MetaTTError, match="unknown task 'late'"):
+        rt.logits(["x"], task="late")  # not served until added
+    assert rt.add_task("late")["task"] == "late" and rt.tasks == [*LABELS, "late"]
+    assert rt._adapter_session is not None and "late" in rt._adapters  # loaded and checked at add, not at first use
+    assert np.abs(rt.logits(["fine"], task="late")[0] - Runtime(deployed, threads=1).logits(["fine"], task="late")[0]).max() <= 1e-6
+    with pytest.raises(MetaTTError, match="already served"):
+        rt.add_task("late")
+    rt.remove_task("movie")
+    assert rt.tasks == ["nli", "four", "late"]
+    with pytest.raises(MetaTTError, match="unknown task 'movie'"):
+        rt.logits(["x"], task="movie")
+    rt.add_task("movie")  # a baked task comes back on the task-id graph
+    assert np.abs(rt.logits(["x"], task="movie")[0] - Runtime(bundle, threads=1).logits(["x"], task="movie")[0]).max() <= 1e-6
+    for name, match in (("../base", "not a task name"), ("nope", "no task file tasks/nope.json")):
+        with pytest.raises(MetaTTError, match=match):
+            rt.add_task(name)
+    record = json.loads((deployed / TASKS_DIR / "late.json").read_text())
+    (deployed / TASKS_DIR / "gone.json").write_text(json.dumps({**record, "task": "gone", "files": {}}))
+    with pytest.raises(MetaTTError, match="malformed"):
+        rt.add_task("gone")
+    (deployed / TASKS_DIR / "late.onnx_adapter").write_bytes(b"\0" * 16)
+    rt.remove_task("late")
+    with pytest.raises(MetaTTError, match="sha256 differs"):
+        rt.add_task("late")
+
+
 def test_a_single_task_export_opens_with_the_same_api(tmp_path) -> None:
     tiny = build_tiny(tmp_path)
     bundle = export_onnx(tiny.merged, tmp_path / "exported" / "mt")

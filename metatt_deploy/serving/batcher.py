@@ -1,0 +1,187 @@
+"""Dynamic batching: rows of concurrent requests, of any task, gathered into one model call.
+
+A factored bundle routes each row to its own task inside one ONNX Runtime call, so the batcher
+need not group by task: it takes rows first-in first-out from one queue, whatever their task,
+until ``max_batch`` rows are waiting or the oldest has waited ``max_wait_ms``, runs them in one
+call on a single inference thread, and resolves each row's future with its logits.
+``cross_task=False`` batches only rows of the oldest row's task (what a server of one model per
+task can do; kept to measure the difference). The queue is bounded in rows: a request that does
+not fit is refused at once (`QueueFull`) instead of waiting without limit, and `close` drains
+every queued row before it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+RunBatch = Callable[[list[Any], list[str]], Sequence[np.ndarray]]  # (texts, task per row) -> logits per row
+OnBatch = Callable[[int, int, float], None]  # (rows, distinct tasks, seconds) after each call
+
+
+class QueueFull(Exception):
+    """The queue has no room for the request's rows: the client should retry later."""
+
+
+class Closed(Exception):
+    """The batcher is draining or stopped and takes no new rows."""
+
+
+@dataclass
+class _Row:
+    text: Any
+    task: str
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    """Gather rows from concurrent callers into batched calls of ``run`` (one at a time, in a thread)."""
+
+    def __init__(
+        self,
+        run: RunBatch,
+        *,
+        max_batch: int = 32,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 1024,
+        cross_task: bool = True,
+        on_batch: OnBatch | None = None,
+    ):
+        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch and max_queue must be >= 1 and max_wait_ms >= 0")
+        self.run = run
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000
+        self.max_queue = max_queue
+        self.cross_task = cross_task
+        self.on_batch = on_batch
+        self._rows: deque[_Row] = deque()
+        self._running: dict[str, int] = {}  # task -> rows taken and not yet answered
+        self._wake: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._closing = False
+
+    # ------------------------------------------------------------ life cycle
+
+    def start(self) -> None:
+        """Start the worker on the running event loop."""
+        if self._worker is None:
+            self._wake = asyncio.Event()
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metatt-infer")
+            self._worker = asyncio.get_running_loop().create_task(self._loop())
+
+    async def close(self) -> None:
+        """Refuse new rows, answer every queued one, then stop the worker and its thread."""
+        self._closing = True
+        if self._worker is not None:
+            self._notify()
+            await self._worker
+            self._worker = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    @property
+    def accepting(self) -> bool:
+        return self._worker is not None and not self._closing
+
+    @property
+    def depth(self) -> int:
+        """Rows queued and not yet taken into a batch."""
+        return len(self._rows)
+
+    def pending(self, task: str) -> int:
+        """Rows of ``task`` queued or running (a task is removed only when this is 0)."""
+        return sum(r.task == task for r in self._rows) + self._running.get(task, 0)
+
+    # ------------------------------------------------------------ callers
+
+    async def submit(self, texts: Sequence[Any], task: str) -> list[np.ndarray]:
+        """Queue one request's rows (all of ``task``); return their logits in order."""
+        if not self.accepting:
+            raise Closed("the server is shutting down")
+        if len(self._rows) + len(texts) > self.max_queue:
+            raise QueueFull(f"queue full ({len(self._rows)} of {self.max_queue} rows waiting)")
+        loop = asyncio.get_running_loop()
+        rows = [_Row(text, task, loop.create_future()) for text in texts]
+        self._rows.extend(rows)
+        self._notify()
+        return list(await asyncio.gather(*(r.future for r in rows)))
+
+    def _notify(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    # ------------------------------------------------------------ the worker
+
+    def _ready(self) -> int:
+        """Rows the next batch could take now."""
+        if self.cross_task or not self._rows:
+            return len(self._rows)
+        task = self._rows[0].task
+        return sum(r.task == task for r in self._rows)
+
+    def _take(self) -> list[_Row]:
+        self._rows = deque(r for r in self._rows if not r.future.done())  # callers that went away
+        if not self._rows:
+            return []
+        if self.cross_task:
+            return [self._rows.popleft() for _ in range(min(self.max_batch, len(self._rows)))]
+        task = self._rows[0].task
+        taken: list[_Row] = []
+        kept: deque[_Row] = deque()
+        for row in self._rows:
+            (taken if row.task == task and len(taken) < self.max_batch else kept).append(row)
+        self._rows = kept
+        return taken
+
+    async def _loop(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._rows:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+            # wait for a full batch, but never longer than max_wait after the oldest row arrived
+            while self._ready() < self.max_batch and not self._closing:
+                remaining = self._rows[0].enqueued + self.max_wait - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            batch = self._take()
+            if not batch:
+                continue
+            for row in batch:
+                self._running[row.task] = self._running.get(row.task, 0) + 1
+            started = time.perf_counter()
+            error: Exception | None
+            try:
+                out = await loop.run_in_executor(self._executor, self.run, [r.text for r in batch], [r.task for r in batch])
+                error = None if len(out) == len(batch) else RuntimeError(f"the model answered {len(out)} rows for {len(batch)}")
+            except Exception as e:  # handed to every caller of the batch; the worker keeps going
+                out, error = [], e
+            for i, row in enumerate(batch):
+                self._running[row.task] -= 1
+                if row.future.done():  # the caller went away (cancelled)
+                    continue
+                if error is None:
+                    row.future.set_result(out[i])
+                else:
+                    row.future.set_exception(error)
+            if self.on_batch is not None:
+                self.on_batch(len(batch), len({r.task for r in batch}), time.perf_counter() - started)
