@@ -298,7 +298,7 @@ def train(
         alpha=alpha,
         lora_alpha=lora_alpha,
         init=init,
-        targets=_split([targets]),
+        targets=_split([targets]) or list(DEFAULT_TARGETS),
         lr=lr,
         head_lr=head_lr,
         weight_decay=weight_decay,

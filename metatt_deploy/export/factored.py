@@ -40,16 +40,18 @@ import re
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import PreTrainedModel
 
 from metatt_deploy.adapters import model as mt
 from metatt_deploy.adapters.config import MetaTTConfig, check_finite
-from metatt_deploy.adapters.heads import PAD_LOGIT, add_task_heads, label_linear, routers, select_task_head
+from metatt_deploy.adapters.heads import PAD_LOGIT, TaskHeads, add_task_heads, label_linear, routers, select_task_head
 from metatt_deploy.adapters.multitask import MultiTaskModel, bundle_id, load_multitask, routed, shared_core_indices
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_dir, atomic_write_json, check_separate, check_writable, read_json, sha256_file
@@ -91,7 +93,7 @@ def text_inputs(model: nn.Module, tokenizer=None) -> list[str]:
 
 
 def _dummy_text(model: nn.Module, names: list[str], batch: int = 2, seq: int = 8) -> list[torch.Tensor]:
-    vocab = model.config.vocab_size
+    vocab = int(cast(Any, model.config).vocab_size)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, max(4, vocab), (batch, seq), generator=g)
     out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
@@ -194,7 +196,7 @@ def head_tensors(config: MetaTTConfig, hf: nn.Module, task: int) -> dict[str, to
     out = {}
     for name in config.head_modules:
         module = hf.get_submodule(name)
-        module = module.heads[task] if hasattr(module, "heads") else module
+        module = module.heads[task] if isinstance(module, TaskHeads) else module
         for k, v in module.state_dict().items():
             out[f"head.{name}.{k}"] = v.detach().to("cpu", torch.float32).contiguous()
     return out
@@ -257,7 +259,7 @@ def _label_keys(config: MetaTTConfig, hf: nn.Module) -> list[str]:
     """Keys of the label-producing Linear's weight and bias (their first dim is the label count)."""
     last = config.head_modules[-1]
     parent, child, linear = label_linear(hf.get_submodule(last))
-    prefix = f"head.{last}." + (f"{_module_path(hf.get_submodule(last), parent)}{child}." if child else "")
+    prefix = f"head.{last}." + (f"{_module_path(hf.get_submodule(last), parent)}{child}." if child and parent is not None else "")
     return [prefix + "weight"] + ([prefix + "bias"] if linear.bias is not None else [])
 
 
@@ -423,7 +425,7 @@ def write_bundle(
         config = mtm.adapter_config
     with atomic_dir(output, force=force, marker=BUNDLE_JSON) as tmp:
         base = mt.load_classifier(base_model or config.base_model, config.label_names[config.tasks[0]])
-        base.save_pretrained(tmp / BASE_DIR, safe_serialization=True)
+        cast(PreTrainedModel, base).save_pretrained(tmp / BASE_DIR, safe_serialization=True)
         del base
         tokenizer.save_pretrained(tmp / BASE_DIR)
         shared = {f"core.{k}": mtm.metatt.cores[k].detach().cpu().contiguous() for k in shared_core_indices(config)}
@@ -603,7 +605,7 @@ def load_bundle(bundle: str | Path) -> MultiTaskModel:
         for name in config.head_modules:
             sub = {k[len(f"head.{name}.") :]: v for k, v in tensors_t.items() if k.startswith(f"head.{name}.")}
             try:
-                model.get_submodule(name).heads[t].load_state_dict(sub)
+                cast(TaskHeads, model.get_submodule(name)).heads[t].load_state_dict(sub)
             except RuntimeError as e:
                 raise MetaTTError(
                     f"the head of task {config.tasks[t]} does not fit ({str(e).splitlines()[0]}); re-write the task"

@@ -650,7 +650,7 @@ def optimizer_settings(hf_config) -> dict:
         )
     heads = getattr(hf_config, "num_attention_heads", None) or getattr(hf_config, "n_heads", None) or getattr(hf_config, "n_head", 0)
     hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "dim", None) or getattr(hf_config, "n_embd", 0)
-    return {"model_type": model_type, "num_heads": int(heads), "hidden_size": int(hidden), "opt_level": 0}
+    return {"model_type": model_type, "num_heads": int(heads or 0), "hidden_size": int(hidden or 0), "opt_level": 0}
 
 
 def _optimize(folder: Path, hf_config, use_gpu: bool) -> tuple[dict, dict]:

@@ -83,7 +83,9 @@ def write_web_app(folder: Path, spec: dict, tokenizer_dir: Path) -> dict:
             shutil.copyfile(tokenizer_dir / name, web / TOKENIZER_DIR / name)
     atomic_write_json(web / SPEC_NAME, spec)
     for name in ASSETS:
-        atomic_write_text(web / name, resources.files("metatt_deploy.export").joinpath("web_assets", name).read_text(encoding="utf-8"))
+        atomic_write_text(
+            web / name, resources.files("metatt_deploy.export").joinpath("web_assets").joinpath(name).read_text(encoding="utf-8")
+        )
     return {
         "folder": WEB_DIR,
         "files": [SPEC_NAME, *ASSETS],

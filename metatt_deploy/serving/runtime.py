@@ -200,7 +200,7 @@ class Runtime:
 
     # ------------------------------------------------------------ tasks and inputs
 
-    def task_name(self, task: str | int) -> str:
+    def task_name(self, task: str | int | None) -> str:
         """A task name from a name or an index into ``tasks``; unknown ones are errors."""
         return self.tasks[resolve_task(self.tasks, task, what="bundle")]
 
