@@ -1,7 +1,7 @@
 """Multi-task MetaTT-(4+1)D: task specs, sampling, per-row routing, merging per task, joint training,
 checkpoint/resume, and adding a task against a frozen adapter. Tiny random models only.
 
-`build_tiny_multitask` is shared with test_factored.py and test_runtime.py.
+`build_tiny_multitask` (tests/multitask_fixtures.py) builds the tiny adapter other stages' tests share.
 """
 
 from __future__ import annotations
@@ -11,57 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from multitask_fixtures import LABELS, build_tiny_multitask, randomise  # noqa: F401 (re-used below)
 from tiny_models import inputs, tiny_model
-from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+from transformers import AutoModelForSequenceClassification
 
 from metatt_deploy.adapters import model as mt
-from metatt_deploy.adapters.base_model import load_tokenizer
 from metatt_deploy.adapters.heads import PAD_LOGIT, routers
-from metatt_deploy.adapters.multitask import build_multitask, load_multitask, parameter_counts, save_multitask
+from metatt_deploy.adapters.multitask import build_multitask, load_multitask, parameter_counts
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.export.merge import merge_adapter
-from metatt_deploy.tt import cores as tt
-
-LABELS = {"movie": ["negative", "positive"], "nli": ["entailment", "neutral", "contradiction"], "four": ["a", "b", "c", "d"]}
-
-
-def randomise(mtm, seed: int = 1) -> None:
-    """Non-trivial cores (every core normal) and heads, so parity checks are real checks."""
-    cfg = mtm.adapter_config
-    mtm.metatt.set_cores(tt.init_cores("-".join(["no"] * len(cfg.mode_names)), cfg.core_shapes(), seed=seed))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for r in routers(mtm.model):
-            for p in r.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    mtm.eval()
-
-
-def build_tiny_multitask(root: Path, seed: int = 0, labels: dict | None = None, core_seed: int = 1):
-    """A tiny BERT base folder (embedded tokenizer) and a saved 3-task adapter with random cores and heads."""
-    labels = labels or LABELS
-    tokenizer = load_tokenizer(None)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        initializer_range=0.2,
-        num_labels=2,
-    )
-    torch.manual_seed(seed)
-    base = root / "base"
-    if not base.exists():
-        BertForSequenceClassification(config).eval().save_pretrained(base)
-        tokenizer.save_pretrained(base)
-    model = mt.load_classifier(str(base), labels[next(iter(labels))])
-    mtm = build_multitask(model, list(labels), labels, rank=4, base_model=str(base))
-    randomise(mtm, core_seed)
-    adapter = save_multitask(mtm, root / f"adapter-{core_seed}", tokenizer)
-    return base, adapter, mtm, tokenizer
-
 
 # ---------------------------------------------------------------- routing, heads, merging
 

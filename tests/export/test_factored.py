@@ -18,7 +18,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from test_multitask import LABELS, build_tiny_multitask
+from multitask_fixtures import LABELS, build_tiny_multitask
 
 from metatt_deploy.adapters import model as mt
 from metatt_deploy.adapters.heads import PAD_LOGIT, routers

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from js_runtime import chromium, node, npm_dir, static_server
-from test_multitask import LABELS, build_tiny_multitask
+from multitask_fixtures import LABELS, build_tiny_multitask
 
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.export.factored import write_bundle

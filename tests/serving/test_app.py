@@ -16,10 +16,10 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from multitask_fixtures import LABELS, build_tiny_multitask
 from onnx_fixtures import LABELS as EXPORT_LABELS
 from onnx_fixtures import build_tiny
 from prometheus_client.parser import text_string_to_metric_families
-from test_multitask import LABELS, build_tiny_multitask
 
 from metatt_deploy.adapters.heads import routers
 from metatt_deploy.adapters.multitask import extend_tasks, save_multitask

@@ -10,7 +10,7 @@ import socket
 import httpx
 import numpy as np
 import pytest
-from test_multitask import LABELS, build_tiny_multitask
+from multitask_fixtures import LABELS, build_tiny_multitask
 
 from metatt_deploy.export.factored import write_bundle
 from metatt_deploy.serving.http import ServeSettings

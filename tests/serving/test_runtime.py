@@ -11,9 +11,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from multitask_fixtures import LABELS, build_tiny_multitask
 from onnx_fixtures import LABELS as EXPORT_LABELS
 from onnx_fixtures import build_tiny
-from test_multitask import LABELS, build_tiny_multitask
 from transformers import AutoModelForSequenceClassification
 from typer.testing import CliRunner
 

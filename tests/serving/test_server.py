@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from test_multitask import build_tiny_multitask
+from multitask_fixtures import build_tiny_multitask
 from typer.testing import CliRunner
 
 from metatt_deploy.cli import app as cli

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from multitask_fixtures import build_tiny_multitask
 from safetensors.torch import load_file
-from test_multitask import build_tiny_multitask
 
 from metatt_deploy.adapters.heads import routers
 from metatt_deploy.adapters.multitask import bundle_id, load_multitask

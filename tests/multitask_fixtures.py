@@ -1,0 +1,55 @@
+"""A tiny saved multi-task (4+1)D adapter with random cores and heads, shared by the tests of every
+stage that needs one (adapters, training, export, serving)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from metatt_deploy.adapters import model as mt
+from metatt_deploy.adapters.base_model import load_tokenizer
+from metatt_deploy.adapters.heads import routers
+from metatt_deploy.adapters.multitask import build_multitask, save_multitask
+from metatt_deploy.tt import cores as tt
+
+LABELS = {"movie": ["negative", "positive"], "nli": ["entailment", "neutral", "contradiction"], "four": ["a", "b", "c", "d"]}
+
+
+def randomise(mtm, seed: int = 1) -> None:
+    """Non-trivial cores (every core normal) and heads, so parity checks are real checks."""
+    cfg = mtm.adapter_config
+    mtm.metatt.set_cores(tt.init_cores("-".join(["no"] * len(cfg.mode_names)), cfg.core_shapes(), seed=seed))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for r in routers(mtm.model):
+            for p in r.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    mtm.eval()
+
+
+def build_tiny_multitask(root: Path, seed: int = 0, labels: dict | None = None, core_seed: int = 1):
+    """A tiny BERT base folder (embedded tokenizer) and a saved 3-task adapter with random cores and heads."""
+    labels = labels or LABELS
+    tokenizer = load_tokenizer(None)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        num_labels=2,
+    )
+    torch.manual_seed(seed)
+    base = root / "base"
+    if not base.exists():
+        BertForSequenceClassification(config).eval().save_pretrained(base)
+        tokenizer.save_pretrained(base)
+    model = mt.load_classifier(str(base), labels[next(iter(labels))])
+    mtm = build_multitask(model, list(labels), labels, rank=4, base_model=str(base))
+    randomise(mtm, core_seed)
+    adapter = save_multitask(mtm, root / f"adapter-{core_seed}", tokenizer)
+    return base, adapter, mtm, tokenizer
