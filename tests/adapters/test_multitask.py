@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from multitask_fixtures import LABELS, build_tiny_multitask, randomise  # noqa: F401 (re-used below)
+from multitask_fixtures import LABELS, build_tiny_multitask, randomise
 from tiny_models import inputs, tiny_model
 from transformers import AutoModelForSequenceClassification
 
