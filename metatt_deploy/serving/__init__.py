@@ -1,5 +1,5 @@
-"""Running exports in production: `runtime` loads a bundle once on ONNX Runtime and
-predicts any task, per call or per row, without reloading the model; `app` (FastAPI, with
-`batcher`, `http`, `metrics`, `schemas`) serves it over HTTP with dynamic batching across tasks,
-`server` runs it on uvicorn (`metatt-deploy serve`) and `ray_app` on Ray Serve replicas.
+"""Running exports in production: `runtime` loads any export once on ONNX Runtime and predicts
+any task, per call or per row, without reloading the model; `batcher`, `app`, `http`,
+`schemas`, `metrics` and `server` put it behind an HTTP service (FastAPI + uvicorn) that
+batches requests across tasks; `ray_app` runs the same code as a Ray Serve deployment.
 """
