@@ -67,6 +67,16 @@ def test_static_int8_row_does_not_depend_on_its_batch(static) -> None:
     assert np.abs(alone - inside).max() <= 1e-4
 
 
+def test_histogram_calibration_pads_rows_to_one_shape(static, tmp_path) -> None:
+    """Percentile (and Entropy) stack every row's activations: rows of different lengths are padded, not a crash."""
+    tiny, _ = static
+    data = tmp_path / "calibration.jsonl"
+    data.write_text("".join(json.dumps({"text": "a fine film " * (1 + i % 5), "label": "0"}) + "\n" for i in range(12)))
+    out = export_onnx(tiny.merged, tmp_path / "pct", quantize="int8-static", calibration=str(data), calibration_method="percentile")
+    calibration = json.loads((out / "manifest.json").read_text())["quantization"]["calibration"]
+    assert calibration["method"] == "percentile" and calibration["fed"].startswith("one row per call, zero-padded")
+
+
 def test_calibration_errors(tmp_path) -> None:
     with pytest.raises(MetaTTError, match="calibration file not found"):
         load_calibration_rows(str(tmp_path / "missing.jsonl"))
