@@ -171,6 +171,19 @@ def load_calibration_rows(
     return rows, f"{data} ({split} split, {len(rows)} rows)"
 
 
+def down_projections(model: Path) -> list[str]:
+    """Names of the MatMul nodes whose constant weight has more rows than columns (FFN outputs)."""
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    shapes = {t.name: tuple(t.dims) for t in graph.initializer}
+    return [
+        n.name
+        for n in graph.node
+        if n.op_type == "MatMul" and len(shapes.get(n.input[1], ())) == 2 and shapes[n.input[1]][0] > shapes[n.input[1]][1]
+    ]
+
+
 def quantize_static_int8(
     source: Path,
     target: Path,
@@ -179,9 +192,16 @@ def quantize_static_int8(
     per_channel: bool = True,
     reduce_range: bool = False,
     method: str = "minmax",
+    fp32_down_projections: bool = True,
     external: bool = False,
 ) -> dict:
-    """Static QDQ int8 of ``source`` into ``target``, activation ranges from ``reader``; returns the settings."""
+    """Static QDQ int8 of ``source`` into ``target``, activation ranges from ``reader``; returns the settings.
+
+    ``fp32_down_projections`` keeps the MatMuls that project down (weight rows > columns: the FFN
+    output, whose input after GELU has outliers that a fixed per-tensor scale cannot cover) in
+    fp32: on MiniLM that took label agreement with fp32 from 93% to 96% and the accuracy change
+    from -1.8 to +0.6 points (docs/int8.md).
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -195,6 +215,7 @@ def quantize_static_int8(
         # optimisation is left to the session, so the file stays provider-neutral
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(source), str(prepared), skip_optimization=True, skip_symbolic_shape=True, save_as_external_data=external)
+        kept = down_projections(prepared) if fp32_down_projections else []
         quantize_static(
             prepared,
             target,
@@ -208,12 +229,14 @@ def quantize_static_int8(
             use_external_data_format=external,
             calibrate_method=calibrate[method],
             calibration_providers=["CPUExecutionProvider"],
+            nodes_to_exclude=kept,
             extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": False, "WeightSymmetric": True},
         )
     return {
         "method": "onnxruntime.quantization.quantize_static",
         "format": "QDQ",
         "op_types": ["MatMul (weight inputs only)"],
+        "fp32_nodes": {"rule": "down projections (weight rows > columns)" if fp32_down_projections else None, "count": len(kept)},
         "weight_type": "QInt8, symmetric",
         "per_channel": per_channel,
         "reduce_range": reduce_range,

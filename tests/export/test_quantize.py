@@ -40,13 +40,17 @@ def test_static_int8_manifest_and_qdq_graph(static) -> None:
     m = json.loads((out / "manifest.json").read_text())
     q = m["quantization"]
     assert q["format"] == "QDQ" and q["per_channel"] is True and q["calibration"]["rows"] == 32
+    assert q["fp32_nodes"]["count"] == 2  # the FFN output MatMul of each of the tiny model's 2 layers (48 -> 32)
     assert q["calibration"]["method"] == "minmax" and "calibration.jsonl" in q["calibration"]["data"]
     assert m["variant"]["quantize"] == "int8-static"  # (size: the tiny model is mostly its fp32 embeddings)
     assert m["session"]["graph_optimization_level"] == "ORT_ENABLE_ALL" and m["session"]["intra_op_num_threads"] >= 1
     import onnx
 
-    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    nodes = onnx.load(str(out / "model.onnx")).graph.node
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in nodes}
+    quantized = {n.output[0] for n in nodes if n.op_type == "DequantizeLinear"}
+    down = [n for n in nodes if n.op_type == "MatMul" and "/output/dense/" in n.name and "attention" not in n.name]
+    assert len(down) == 2 and not any(i in quantized for n in down for i in n.input)  # kept fp32
     final = m["parity"]["final"]
     assert final["tolerance"] is None and final["max_abs_logit_diff"] < 0.5 * max(1.0, final["max_abs_logit"])
 
