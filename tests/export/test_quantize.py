@@ -76,9 +76,17 @@ def test_histogram_calibration_pads_rows_to_one_shape(static, tmp_path) -> None:
     tiny, _ = static
     data = tmp_path / "calibration.jsonl"
     data.write_text("".join(json.dumps({"text": "a fine film " * (1 + i % 5), "label": "0"}) + "\n" for i in range(12)))
-    out = export_onnx(tiny.merged, tmp_path / "pct", quantize="int8-static", calibration=str(data), calibration_method="percentile")
-    calibration = json.loads((out / "manifest.json").read_text())["quantization"]["calibration"]
-    assert calibration["method"] == "percentile" and calibration["fed"].startswith("one row per call, zero-padded")
+    out = export_onnx(
+        tiny.merged,
+        tmp_path / "pct",
+        quantize="int8-static",
+        calibration=str(data),
+        calibration_method="percentile",
+        fp32_down_projections=False,
+    )
+    q = json.loads((out / "manifest.json").read_text())["quantization"]
+    assert q["calibration"]["method"] == "percentile" and q["calibration"]["fed"].startswith("one row per call, zero-padded")
+    assert q["fp32_nodes"] == {"rule": None, "count": 0}  # --int8-down-projections: every weight MatMul in int8
 
 
 def test_calibration_errors(tmp_path) -> None:
