@@ -10,6 +10,15 @@ Runtimes, each on the same fixed-shape inputs (batch x seq tokens, padded):
   ort-merged-opt     ... with --optimize (fused attention / layer norm / GELU / embeddings)
   ort-merged-int8    ... with --quantize int8 (dynamic quantization of the plain graph)
   ort-merged-opt-int8 ... with --optimize --quantize int8
+  ort-merged-int8-static ... with --quantize int8-static --calibration DATA (QDQ, calibrated)
+  ort-merged-ort     the fp32 export as an ORT-format model (`export --format ort`: model.ort)
+  ort-merged-1t      ort-merged with 1 intra-op thread (when --threads is not 1): the thread default
+  tjs-node           Transformers.js (@huggingface/transformers, onnxruntime-node) in Node on the
+                     export's Transformers.js layout, fp32 (onnx/model.onnx); tjs-node-q8: the
+                     dynamic int8 file (onnx/model_quantized.onnx). A Node process per dtype
+                     serves calls over a pipe, so it is timed in the same round robin as the rest
+                     (the pipe adds well under 0.1 ms a call); skipped with a note without Node or
+                     an npm install (--node-modules)
   ort-factored       the factored graph of a (4+1)D adapter (model_tasks.onnx, task_ids input),
                      built from a random 2-task adapter of the same rank when the adapter at hand
                      is single-task (latency does not depend on the values); skipped with a note
@@ -32,6 +41,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,6 +60,7 @@ from metatt_deploy.adapters.model import attach, build_config, get_adapter, load
 from metatt_deploy.export import factored
 from metatt_deploy.export.merge import merge_adapter
 from metatt_deploy.export.onnx import SAMPLE_SENTENCES, export_onnx, library_versions, make_session, onnx_feeds  # noqa: E402
+from metatt_deploy.export.quantize import cpu_summary
 from metatt_deploy.export.validate import load_held_out, summarize, time_round_robin  # noqa: E402
 from metatt_deploy.tt import cores as tt  # noqa: E402
 
@@ -61,6 +72,11 @@ ORDER = [
     "ort-merged-opt",
     "ort-merged-int8",
     "ort-merged-opt-int8",
+    "ort-merged-int8-static",
+    "ort-merged-ort",
+    "ort-merged-1t",
+    "tjs-node",
+    "tjs-node-q8",
     "ort-factored",
 ]
 LABELS = {
@@ -71,6 +87,11 @@ LABELS = {
     "ort-merged-opt": "ORT merged fp32, optimised",
     "ort-merged-int8": "ORT merged int8",
     "ort-merged-opt-int8": "ORT merged optimised + int8",
+    "ort-merged-int8-static": "ORT merged static int8 (QDQ)",
+    "ort-merged-ort": "ORT merged fp32, ORT format (.ort)",
+    "ort-merged-1t": "ORT merged fp32, 1 thread",
+    "tjs-node": "Transformers.js in Node, fp32",
+    "tjs-node-q8": "Transformers.js in Node, q8",
     "ort-factored": "ORT factored (4+1)D graph",
 }
 
@@ -94,6 +115,13 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--max-examples", type=int, default=1000, help="held-out examples for the accuracy check")
     p.add_argument("--no-factored", action="store_true", help="skip the factored graph")
+    p.add_argument("--calibration", default="movie-sentiment", help="calibration data of the static int8 export")
+    p.add_argument(
+        "--node-modules",
+        type=Path,
+        default=Path(os.environ.get("METATT_NPM_DIR", "/tmp/metatt-npm-tests")) / "node_modules",
+        help="an npm install holding @huggingface/transformers (tests/export/js/package.json); 'none' skips Transformers.js",
+    )
     p.add_argument("--out-md", type=Path, default=ROOT / "docs" / "latency.md")
     p.add_argument("--out-png", type=Path, default=ROOT / "docs" / "latency.png")
     p.add_argument("--out-json", type=Path, default=None, help="raw results as JSON (default: <work-dir>/latency.json)")
@@ -175,7 +203,7 @@ def factored_graph(adapter: Path, work: Path, rank: int, reuse: bool) -> tuple[P
         return None, f"skipped: factored export failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
 
 
-def build_exports(adapter: Path, work: Path, reuse: bool) -> dict[str, Path]:
+def build_exports(adapter: Path, work: Path, reuse: bool, calibration: str) -> dict[str, Path]:
     merged = work / "merged"
     if not (reuse and (merged / "config.json").is_file()):
         merge_adapter(adapter, merged, force=True)
@@ -184,20 +212,75 @@ def build_exports(adapter: Path, work: Path, reuse: bool) -> dict[str, Path]:
         base_without_adapter(adapter, base)
     specs = {
         "ort-base": (base, {}),
-        "ort-merged": (merged, {}),
+        # the reference export also carries the Transformers.js layout (onnx/) and model.ort
+        "ort-merged": (merged, {"layout": "transformers.js", "formats": ("onnx", "ort")}),
         "ort-merged-opt": (merged, {"optimize": True}),
         "ort-merged-int8": (merged, {"quantize": "int8"}),
         "ort-merged-opt-int8": (merged, {"optimize": True, "quantize": "int8"}),
+        "ort-merged-int8-static": (merged, {"quantize": "int8-static", "calibration": calibration}),
     }
     out = {}
     for key, (source, options) in specs.items():
         folder = work / "onnx" / key
-        if not (reuse and (folder / "manifest.json").is_file()):
+        if not (reuse and (folder / "manifest.json").is_file() and (key != "ort-merged" or (folder / "model.ort").is_file())):
             t0 = time.time()
             export_onnx(source, folder, force=True, **options)
             print(f"  exported {key} in {time.time() - t0:.0f}s", flush=True)
         out[key] = folder
     return out
+
+
+class NodeRunner:
+    """tools/tjs_latency.mjs in a Node process: Transformers.js runs one call per `run()` (timed here, pipe included)."""
+
+    def __init__(self, npm_dir: Path, export: Path, dtype: str, threads: int):
+        self.proc = subprocess.Popen(
+            ["node", "tjs_latency.mjs", str(export.parent), export.name, dtype, str(threads)],
+            cwd=npm_dir,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        self._expect("ready")
+
+    def _expect(self, wanted: str | None = None) -> str:
+        line = self.proc.stdout.readline().strip()
+        if not line or (wanted is not None and line != wanted):
+            raise RuntimeError(f"tjs_latency.mjs said {line!r} (exit {self.proc.poll()})")
+        return line
+
+    def set_inputs(self, feeds: dict[str, list]) -> None:
+        self.proc.stdin.write(json.dumps(feeds) + "\n")
+        self._expect("ok")
+
+    def run(self) -> float:
+        self.proc.stdin.write("run\n")
+        return float(self._expect())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def start_node(node_modules: Path, export: Path, threads: int) -> tuple[dict[str, NodeRunner], str]:
+    """One Transformers.js runner per dtype on the export's Transformers.js layout, or none and why."""
+    if str(node_modules) == "none":
+        return {}, "skipped (--node-modules none)"
+    if shutil.which("node") is None or not (node_modules / "@huggingface" / "transformers").is_dir():
+        return (
+            {},
+            f"skipped: no node, or no @huggingface/transformers under {node_modules} (npm install tests/export/js/package.json there)",
+        )
+    shutil.copyfile(ROOT / "tools" / "tjs_latency.mjs", node_modules.parent / "tjs_latency.mjs")
+    version = json.loads((node_modules / "@huggingface" / "transformers" / "package.json").read_text())["version"]
+    runners = {"tjs-node": NodeRunner(node_modules.parent, export, "fp32", threads)}
+    runners["tjs-node-q8"] = NodeRunner(node_modules.parent, export, "q8", threads)
+    return runners, (
+        f"@huggingface/transformers {version} in Node {subprocess.run(['node', '--version'], capture_output=True, text=True).stdout.strip()}"
+        f" (onnxruntime-node), AutoModelForSequenceClassification on onnx/model.onnx (fp32) and onnx/model_quantized.onnx (q8), "
+        f"{threads} intra-op threads; timed through a pipe"
+    )
 
 
 def accuracy(adapter, exports, tokenizer, data: str, max_examples: int, threads: int) -> dict:
@@ -240,7 +323,7 @@ def main() -> None:
         print("no trained adapter under runs/: using a random non-zero one on the embedded model", flush=True)
         adapter = random_adapter(work, args.rank)
     print(f"adapter: {adapter}", flush=True)
-    exports = build_exports(Path(adapter), work, args.reuse)
+    exports = build_exports(Path(adapter), work, args.reuse, args.calibration)
     factored_path, factored_note = (
         (None, "skipped (--no-factored)") if args.no_factored else factored_graph(Path(adapter), work, args.rank, args.reuse)
     )
@@ -251,8 +334,13 @@ def main() -> None:
     adapter_model, config, tokenizer = load_adapter(adapter)
     merged_model = AutoModelForSequenceClassification.from_pretrained(work / "merged").eval()
     sessions = {k: make_session(v / "model.onnx", ["CPUExecutionProvider"], args.threads) for k, v in exports.items()}
+    sessions["ort-merged-ort"] = make_session(exports["ort-merged"] / "model.ort", ["CPUExecutionProvider"], args.threads)
+    if args.threads != 1:
+        sessions["ort-merged-1t"] = make_session(exports["ort-merged"] / "model.onnx", ["CPUExecutionProvider"], 1)
     if factored_path is not None:
         sessions["ort-factored"] = make_session(factored_path, ["CPUExecutionProvider"], args.threads)
+    node, node_note = start_node(args.node_modules, exports["ort-merged"], args.threads)
+    print(f"Transformers.js: {node_note}", flush=True)
 
     def torch_call(model, enc):
         def call():
@@ -277,6 +365,9 @@ def main() -> None:
             enc = dict(tokenizer(texts, padding="max_length", truncation=True, max_length=seq, return_tensors="pt"))
             fns = {"pytorch-adapter": torch_call(adapter_model, enc), "pytorch-merged": torch_call(merged_model, enc)}
             fns.update({k: ort_call(s, enc) for k, s in sessions.items()})
+            for key, runner in node.items():
+                runner.set_inputs({k: v.tolist() for k, v in enc.items()})
+                fns[key] = runner.run
             t0 = time.time()
             times = time_round_robin(fns, warmup=args.warmup, repeats=args.repeats, max_seconds=args.max_seconds)
             base = float(np.median(times["ort-base"])) * 1000
@@ -292,6 +383,8 @@ def main() -> None:
                 flush=True,
             )
 
+    for runner in node.values():
+        runner.close()
     acc = None
     if trained and args.accuracy_data.lower() != "none":
         try:
@@ -307,6 +400,8 @@ def main() -> None:
         "adapter_ranks": config.ranks,
         "base_model": config.base_model,
         "factored": factored_note,
+        "transformers_js": node_note,
+        "calibration": manifests["ort-merged-int8-static"]["quantization"]["calibration"],
         "settings": {
             "batch_sizes": ints(args.batch_sizes),
             "seq_lens": ints(args.seq_lens),
@@ -317,11 +412,13 @@ def main() -> None:
         },
         "machine": {
             "cpu_count": os.cpu_count(),
+            "cpu_flags": cpu_summary()["flags"],
             "processor": platform.processor() or platform.machine(),
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
         },
         "parity": {k: m["parity"]["final"]["max_abs_logit_diff"] for k, m in manifests.items()},
+        "ort_format": manifests["ort-merged"].get("ort_format"),
         "fused_nodes": manifests["ort-merged-opt"].get("fused_nodes"),
         "sizes_mb": {k: round(m["sizes"]["final_bytes"] / 2**20, 1) for k, m in manifests.items()},
         "accuracy": acc,
@@ -362,13 +459,15 @@ def render(result: dict, png_name: str) -> str:
         "",
         f"- adapter: `{result['adapter']}` ({'trained' if result['adapter_trained'] else 'random, non-zero: latency only'}; "
         f"{result['adapter_method']}, ranks {result['adapter_ranks']}); base model `{result['base_model']}`",
-        f"- machine: {m['cpu_count']} CPU cores ({m['processor']}); 1-minute load average before/after "
-        f"{m['load_average_before'][0]} / {m['load_average_after'][0]}",
+        f"- machine: {m['cpu_count']} CPU cores ({m['processor']}, {', '.join(m.get('cpu_flags', [])) or 'flags unknown'}); "
+        f"1-minute load average before/after {m['load_average_before'][0]} / {m['load_average_after'][0]}",
         f"- {s['threads']} intra-op threads for ONNX Runtime (CPUExecutionProvider) and PyTorch; {s['warmup']} warm-up calls, "
         f"up to {s['repeats']} timed calls (at most {s['max_seconds']:.0f} s) per runtime and shape, runtimes timed in "
         "interleaved blocks; p50 = median, p95 of single calls; inputs padded to the sequence length",
         "- ratio = p50 / p50 of the base model's ONNX export (no adapter) at the same shape",
         f"- factored: {result['factored']}",
+        f"- Transformers.js: {result.get('transformers_js', 'not measured')}",
+        f"- static int8 calibration: {_calibration(result.get('calibration'))}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
         "",
     ]
@@ -421,6 +520,27 @@ def render(result: dict, png_name: str) -> str:
             f"| optimised int8 vs optimised fp32 | b{b1} s{q} | "
             f"{ratio(p50(result, 'ort-merged-opt', b1, q), p50(result, 'ort-merged-opt-int8', b1, q))} |"
         )
+        lines.append(
+            f"| static int8 vs fp32 merged >= 1.8x | b{b1} s{q} | "
+            f"{ratio(p50(result, 'ort-merged', b1, q), p50(result, 'ort-merged-int8-static', b1, q))} |"
+        )
+    for q in seqs:
+        for b in batches:
+            lines.append(
+                f"| ORT format / .onnx ~ 1.00 | b{b} s{q} | {ratio(p50(result, 'ort-merged-ort', b, q), p50(result, 'ort-merged', b, q))} |"
+            )
+    for q in seqs:
+        for b in batches:
+            lines.append(
+                f"| Transformers.js Node fp32 / ORT Python fp32 | b{b} s{q} | "
+                f"{ratio(p50(result, 'tjs-node', b, q), p50(result, 'ort-merged', b, q))} |"
+            )
+    for q in seqs:
+        for b in batches:
+            lines.append(
+                f"| ORT fp32, {s['threads']} threads vs 1 (speed-up) | b{b} s{q} | "
+                f"{ratio(p50(result, 'ort-merged-1t', b, q), p50(result, 'ort-merged', b, q))} |"
+            )
     acc = result["accuracy"]
     lines += ["", "## Accuracy of the exports", ""]
     if acc is None:
@@ -447,11 +567,25 @@ def render(result: dict, png_name: str) -> str:
     lines += ["", "## Export facts", "", "| export | size (MiB) | max abs logit diff vs PyTorch merged |", "|---|---:|---:|"]
     for key, size in result["sizes_mb"].items():
         lines.append(f"| {LABELS[key]} | {size} | {result['parity'][key]:.2e} |")
+    ort_format = result.get("ort_format")
+    if ort_format:
+        diffs = ", ".join(f"{k} {v['max_abs_logit_diff']:.1e}" for k, v in ort_format["parity_vs_onnx"].items())
+        lines += [
+            "",
+            f"ORT format: {', '.join(ort_format['models'])} (optimization style {ort_format['optimization_style']}), "
+            f"{ort_format['operator_config_lines']} operator lines in {ort_format['operator_config']}; max abs logit diff vs the .onnx: {diffs}.",
+        ]
     if result["fused_nodes"]:
         fused = ", ".join(f"{k} {v}" for k, v in result["fused_nodes"].items() if k not in ("complete", "layers"))
         lines += ["", f"Fused nodes in the optimised graph: {fused} (complete: {result['fused_nodes'].get('complete')})."]
     lines += ["", f"![p50 latency]({png_name})", ""]
     return "\n".join(lines)
+
+
+def _calibration(calibration: dict | None) -> str:
+    if not calibration:
+        return "n/a"
+    return f"{calibration.get('method')} on {calibration.get('data')}, {calibration.get('rows')} rows fed {calibration.get('fed')}"
 
 
 def plot(result: dict, path: Path) -> None:

@@ -1,8 +1,8 @@
 """Benchmark serving T tasks from one factored bundle against T merged ONNX models.
 
-    python tools/bench_multitask.py --adapter runs/multitask-3/best [--work runs/bench-mt] [--threads 1]
+    python tools/bench_multitask.py --adapter runs/multitask-3/best [--work runs/bench-mt] [--threads 1,2]
 
-Measures, on ONNX Runtime's CPU execution provider (fixed-shape random token ids, seq 128):
+Measures, on ONNX Runtime's CPU execution provider (fixed-shape random token ids):
 
 1. task switch: the first factored call after switching task (form a: a different task id;
    form b: a task whose .onnx_adapter is loaded for the first time) against loading the merged
@@ -11,8 +11,14 @@ Measures, on ONNX Runtime's CPU execution provider (fixed-shape random token ids
 2. a mixed batch of K tasks: one factored call against K calls to K merged sessions;
 3. disk and resident memory for T tasks: one bundle against T merged models (RSS measured in a
    fresh subprocess per configuration);
-4. latency at batch 1 and 32: factored (model_tasks.onnx) against merged (optimum's plain fp32
-   export, no transformer fusions on either side), timed round-robin (validate.time_round_robin).
+4. latency at batch 1 (each of --seqs) and 32 (seq --seq): factored (model_tasks.onnx) against
+   merged (optimum's plain fp32 export, no transformer fusions on either side), and the mixed
+   batch of 2., at every thread count of --threads, all timed in one round robin
+   (validate.time_round_robin), so the ratios at 1 and 2 threads are measured side by side;
+5. where the time goes: ONNX Runtime's profiler (SessionOptions.enable_profiling) on both graphs
+   at batch 1, per operator type, per call (--profile-calls calls, 1 thread).
+
+Sections 1 and 3 use the first thread count of --threads.
 
 Writes docs/multitask-bench.md, docs/multitask-bench.json and docs/multitask-bench.png.
 """
@@ -122,63 +128,190 @@ def run_options(path: Path):
     return options, adapter
 
 
+def profile(path: Path, feed: dict[str, np.ndarray], threads: int, calls: int, work: Path) -> dict:
+    """ONNX Runtime's profiler over ``calls`` calls: per-call microseconds and node count by operator type."""
+    import onnxruntime as ort
+
+    from metatt_deploy.common.threads import session_options_record
+
+    record = session_options_record(threads)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, record["graph_optimization_level"])
+    options.intra_op_num_threads, options.inter_op_num_threads = record["intra_op_num_threads"], record["inter_op_num_threads"]
+    options.enable_profiling = True
+    options.profile_file_prefix = str(work / f"profile-{path.stem}")
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=CPU)
+    names = {i.name for i in session.get_inputs()}
+    feed = {k: v for k, v in feed.items() if k in names}
+    for _ in range(3 + calls):  # 3 warm-up calls, whose events are dropped below
+        session.run(None, feed)
+    profile_file = Path(session.end_profiling())
+    events = json.loads(profile_file.read_text())
+    profile_file.unlink()
+    runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])[3:]
+    first = runs[0]["ts"]
+    by_op: dict[str, float] = {}
+    nodes: dict[str, set] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or e["ts"] < first:
+            continue
+        op = e["args"].get("op_name", "?")
+        by_op[op] = by_op.get(op, 0.0) + e["dur"] / calls
+        nodes.setdefault(op, set()).add(e["name"])
+    return {
+        "run_us": float(np.median([e["dur"] for e in runs])),
+        "kernel_us": sum(by_op.values()),
+        "nodes": sum(len(v) for v in nodes.values()),
+        "by_op": {op: {"us": by_op[op], "nodes": len(nodes[op])} for op in sorted(by_op, key=by_op.get, reverse=True)},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapter", type=Path, required=True, help="multi-task adapter (a run's best/)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-multitask")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--threads", default="1,2", help="comma-separated intra-op thread counts, measured side by side")
+    parser.add_argument("--seq", type=int, default=128, help="sequence length of the batch-32, mixed and switch measurements")
+    parser.add_argument("--seqs", default="32,128", help="sequence lengths of the batch-1 latency")
     parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--switches", type=int, default=15)
+    parser.add_argument("--profile-calls", type=int, default=20, help="profiled calls per graph (0: no profile)")
     args = parser.parse_args()
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    threads = thread_counts[0]
 
     bundle, merged, build_times = build(args.adapter, args.work)
     info = read_bundle(bundle)
     tasks = info["tasks"]
     records = {r["task"]: r for r in task_records(bundle, info)}
     vocab = json.loads((bundle / "base" / "config.json").read_text())["vocab_size"]
-    factored = make_session(bundle / TASK_GRAPH, CPU, args.threads)
-    adapter_graph = make_session(bundle / ADAPTER_GRAPH, CPU, args.threads)
-    sessions = {t: make_session(merged[t], CPU, args.threads) for t in tasks}
+    factored_by = {t: make_session(bundle / TASK_GRAPH, CPU, t) for t in thread_counts}
+    merged_by = {t: {task: make_session(merged[task], CPU, t) for task in tasks} for t in thread_counts}
+    sessions = merged_by[threads]
+    adapter_graph = make_session(bundle / ADAPTER_GRAPH, CPU, threads)
     results: dict = {
         "model": info["base_model"],
         "tasks": tasks,
-        "threads": args.threads,
+        "threads": thread_counts,
         "seq": args.seq,
         "provider": "CPUExecutionProvider",
         "build": build_times,
         "machine": {"cpus": os.cpu_count(), "load_average_1min_start": os.getloadavg()[0]},
     }
 
-    def fac(feed, ids):
-        return factored.run(["logits"], {**feed, "task_ids": np.asarray(ids, dtype=np.int64)})[0]
+    def fac(feed, ids, t=threads):
+        return factored_by[t].run(["logits"], {**feed, "task_ids": np.asarray(ids, dtype=np.int64)})[0]
 
-    # ---- 4. latency at batch 1 and 32
+    # ---- 4. latency at batch 1 (each seq) and 32, and the mixed batch of K tasks (2.), every thread count side by side
+    k_tasks = len(tasks)
+    mixed_batch = 32
+    mixed_feed = inputs(mixed_batch, args.seq, vocab, seed=2)
+    ids = [i % k_tasks for i in range(mixed_batch)]
+    groups = {t: [i for i in range(mixed_batch) if ids[i] == t] for t in range(k_tasks)}
+
+    def merged_calls(t):
+        for task, rows in groups.items():
+            merged_by[t][tasks[task]].run(["logits"], {k: v[rows] for k, v in mixed_feed.items()})
+
+    # at 1 thread ONNX Runtime computes on the calling thread, so its CPU time (time.thread_time) is
+    # the call's cost without the waits a loaded machine adds to wall time: reported beside p50
+    cpu: dict = {}
+
+    def cpu_timed(key, fn):
+        if key[1] != 1:
+            return fn
+
+        def call():
+            start = time.thread_time()
+            fn()
+            cpu.setdefault(key, []).append(time.thread_time() - start)
+
+        return call
+
+    def with_cpu(row: dict, t: int, f_key, m_key) -> dict:
+        if t == 1:
+            f_cpu, m_cpu = (1000 * float(np.median(cpu.pop(k))) for k in (f_key, m_key))
+            row.update({"factored_cpu_ms": f_cpu, "merged_cpu_ms": m_cpu, "cpu factored/merged": f_cpu / m_cpu})
+        return row
+
+    shapes = [(1, int(q)) for q in args.seqs.split(",")] + [(32, args.seq)]
     latency = []
-    for batch in (1, 32):
-        feed = inputs(batch, args.seq, vocab)
-        times = time_round_robin(
-            {
-                "factored": lambda f=feed, b=batch: fac(f, [0] * b),
-                "merged": lambda f=feed: sessions[tasks[0]].run(["logits"], f),
-            },
-            warmup=2,
-            repeats=args.repeats if batch == 1 else max(4, args.repeats // 3),
-            rounds=3,
-        )
-        f, m = summarize(times["factored"]), summarize(times["merged"])
-        latency.append(
-            {
-                "batch": batch,
-                "seq": args.seq,
-                "factored_p50_ms": f["p50_ms"],
-                "merged_p50_ms": m["p50_ms"],
-                "factored/merged": f["p50_ms"] / m["p50_ms"],
-            }
-        )
-        print("latency", latency[-1], flush=True)
+    for batch, seq in shapes:
+        feed = inputs(batch, seq, vocab)
+        fns = {}
+        for t in thread_counts:
+            fns[("factored", t)] = lambda f=feed, b=batch, t=t: fac(f, [0] * b, t)
+            fns[("merged", t)] = lambda f=feed, t=t: merged_by[t][tasks[0]].run(["logits"], f)
+        fns = {k: cpu_timed(k, fn) for k, fn in fns.items()}
+        times = time_round_robin(fns, warmup=2, repeats=args.repeats if batch == 1 else max(4, args.repeats // 3), rounds=3)
+        for t in thread_counts:
+            f, m = summarize(times[("factored", t)]), summarize(times[("merged", t)])
+            latency.append(
+                with_cpu(
+                    {
+                        "batch": batch,
+                        "seq": seq,
+                        "threads": t,
+                        "factored_p50_ms": f["p50_ms"],
+                        "merged_p50_ms": m["p50_ms"],
+                        "factored/merged": f["p50_ms"] / m["p50_ms"],
+                    },
+                    t,
+                    ("factored", t),
+                    ("merged", t),
+                )
+            )
+            print("latency", latency[-1], flush=True)
     results["latency"] = latency
+
+    fns = {}
+    for t in thread_counts:
+        fns[("factored", t)] = lambda t=t: fac(mixed_feed, ids, t)
+        fns[("merged", t)] = lambda t=t: merged_calls(t)
+    fns = {k: cpu_timed(k, fn) for k, fn in fns.items()}
+    times = time_round_robin(fns, warmup=1, repeats=max(6, args.repeats // 2), rounds=3)
+    mixed = []
+    for t in thread_counts:
+        f, m = summarize(times[("factored", t)]), summarize(times[("merged", t)])
+        mixed.append(
+            with_cpu(
+                {
+                    "batch": mixed_batch,
+                    "tasks": k_tasks,
+                    "seq": args.seq,
+                    "threads": t,
+                    "factored_one_call_p50_ms": f["p50_ms"],
+                    "merged_k_calls_p50_ms": m["p50_ms"],
+                    "factored/merged": f["p50_ms"] / m["p50_ms"],
+                },
+                t,
+                ("factored", t),
+                ("merged", t),
+            )
+        )
+        print("mixed", mixed[-1], flush=True)
+    # check the mixed call is right while at it: each row equals its merged model's logits
+    out = fac(mixed_feed, ids)
+    worst = 0.0
+    for task, rows in groups.items():
+        ref = sessions[tasks[task]].run(["logits"], {k: v[rows] for k, v in mixed_feed.items()})[0]
+        worst = max(worst, float(np.abs(out[rows, : ref.shape[1]] - ref).max()))
+    for row in mixed:
+        row["max_abs_logit_diff_vs_merged"] = worst
+    results["mixed"] = mixed
+
+    # ---- 5. profile (1 thread: operator times add up to the call)
+    if args.profile_calls > 0:
+        results["profile"] = {}
+        for seq in [int(q) for q in args.seqs.split(",")]:
+            feed = {**inputs(1, seq, vocab, seed=3), "task_ids": np.zeros(1, dtype=np.int64)}
+            results["profile"][seq] = {
+                "factored": profile(bundle / TASK_GRAPH, feed, 1, args.profile_calls, args.work),
+                "merged": profile(merged[tasks[0]], feed, 1, args.profile_calls, args.work),
+            }
+            print("profile", seq, {k: (v["run_us"], v["nodes"]) for k, v in results["profile"][seq].items()}, flush=True)
 
     # ---- 1. task switch: every switch is timed next to a call that stays on the same task, in the
     # same state (right after a task-0 call), so machine drift cancels in the difference
@@ -195,7 +328,7 @@ def main() -> None:
         adapter_graph.run(["logits"], one, options)
 
     def fresh_session(task: str) -> None:
-        make_session(merged[task], CPU, args.threads).run(["logits"], one)
+        make_session(merged[task], CPU, threads).run(["logits"], one)
 
     same_a, switch_a, same_b, switch_b, same_m, fresh = [], [], [], [], [], []
     for _ in range(2):  # warm-up
@@ -220,6 +353,7 @@ def main() -> None:
     results["switch"] = {
         "batch": 1,
         "seq": args.seq,
+        "threads": threads,
         "factored_task_ids_first_call_ms": fa,
         "factored_task_ids_steady_ms": steady,
         "factored_adapter_first_call_ms": fb,
@@ -236,38 +370,6 @@ def main() -> None:
     }
     print("switch", results["switch"], flush=True)
 
-    # ---- 2. mixed batch of K tasks
-    k_tasks = len(tasks)
-    batch = 32
-    feed = inputs(batch, args.seq, vocab, seed=2)
-    ids = [i % k_tasks for i in range(batch)]
-    groups = {t: [i for i in range(batch) if ids[i] == t] for t in range(k_tasks)}
-
-    def merged_calls():
-        for t, rows in groups.items():
-            sessions[tasks[t]].run(["logits"], {k: v[rows] for k, v in feed.items()})
-
-    times = time_round_robin(
-        {"factored": lambda: fac(feed, ids), "merged": merged_calls}, warmup=1, repeats=max(4, args.repeats // 3), rounds=2
-    )
-    f, m = summarize(times["factored"]), summarize(times["merged"])
-    results["mixed"] = {
-        "batch": batch,
-        "tasks": k_tasks,
-        "seq": args.seq,
-        "factored_one_call_p50_ms": f["p50_ms"],
-        "merged_k_calls_p50_ms": m["p50_ms"],
-        "factored/merged": f["p50_ms"] / m["p50_ms"],
-    }
-    print("mixed", results["mixed"], flush=True)
-    # check the mixed call is right while at it: each row equals its merged model's logits
-    out = fac(feed, ids)
-    worst = 0.0
-    for t, rows in groups.items():
-        ref = sessions[tasks[t]].run(["logits"], {k: v[rows] for k, v in feed.items()})[0]
-        worst = max(worst, float(np.abs(out[rows, : ref.shape[1]] - ref).max()))
-    results["mixed"]["max_abs_logit_diff_vs_merged"] = worst
-
     # ---- 3. disk and memory
     task_files = [p for p in (bundle / TASKS_DIR).iterdir()]
     serve_a = (bundle / TASK_GRAPH).stat().st_size + sum(p.stat().st_size for p in task_files if p.suffix in (".json", ".safetensors"))
@@ -282,13 +384,48 @@ def main() -> None:
         "disk_whole_bundle_mib": dir_bytes(bundle) / 2**20,
         "disk_merged_onnx_total_mib": merged_bytes / 2**20,
         "disk_per_task_files_kib": {t: b / 1024 for t, b in per_task.items()},
-        "rss_factored_task_graph_mib": resident([bundle / TASK_GRAPH], args.threads),
-        "rss_factored_adapter_graph_mib": resident([bundle / ADAPTER_GRAPH], args.threads, adapters),
-        "rss_merged_all_tasks_mib": resident([merged[t] for t in tasks], args.threads),
+        "rss_factored_task_graph_mib": resident([bundle / TASK_GRAPH], threads),
+        "rss_factored_adapter_graph_mib": resident([bundle / ADAPTER_GRAPH], threads, adapters),
+        "rss_merged_all_tasks_mib": resident([merged[t] for t in tasks], threads),
     }
     print("footprint", results["footprint"], flush=True)
     results["machine"]["load_average_1min_end"] = os.getloadavg()[0]
     write_report(results, args.docs)
+
+
+def profile_lines(prof: dict | None) -> list[str]:
+    """The profiler section: per-call operator time of both graphs at batch 1, by operator type."""
+    if not prof:
+        return []
+    lines = [
+        "\n## Where the time goes (ONNX Runtime profiler, batch 1, 1 thread)\n",
+        "Per call: medians of the profiled `model_run` events; operator times are means of the kernel events "
+        "(so they add up to less than the run: the rest is the executor's own work between kernels).\n",
+    ]
+    for seq, both in prof.items():
+        f, m = both["factored"], both["merged"]
+        lines.append(
+            f"\nSeq {seq}: run {f['run_us']:.0f} us factored vs {m['run_us']:.0f} us merged ({f['run_us'] / m['run_us']:.3f}x); "
+            f"kernels {f['kernel_us']:.0f} vs {m['kernel_us']:.0f} us; {f['nodes']} vs {m['nodes']} nodes.\n"
+        )
+        ops = sorted(
+            set(f["by_op"]) | set(m["by_op"]), key=lambda o: -abs(f["by_op"].get(o, {}).get("us", 0) - m["by_op"].get(o, {}).get("us", 0))
+        )
+        rows = []
+        for op in ops[:12]:
+            fo, mo = f["by_op"].get(op, {"us": 0.0, "nodes": 0}), m["by_op"].get(op, {"us": 0.0, "nodes": 0})
+            rows.append(
+                {
+                    "operator": op,
+                    "factored us": fo["us"],
+                    "factored nodes": fo["nodes"],
+                    "merged us": mo["us"],
+                    "merged nodes": mo["nodes"],
+                    "difference us": fo["us"] - mo["us"],
+                }
+            )
+        lines.append(markdown_table(rows, floatfmt=".1f"))
+    return lines
 
 
 def write_report(r: dict, docs: Path) -> None:
@@ -298,8 +435,9 @@ def write_report(r: dict, docs: Path) -> None:
     lines = [
         "# Multi-task serving: factored bundle vs merged models\n",
         f"Written by `tools/bench_multitask.py`. Model `{r['model']}` with {len(r['tasks'])} tasks "
-        f"({', '.join(r['tasks'])}); ONNX Runtime {r['provider']}, {r['threads']} intra-op thread(s), random token ids "
-        f"of length {r['seq']} (fixed shapes). Merged = optimum's plain fp32 export of each task's merged model; "
+        f"({', '.join(r['tasks'])}); ONNX Runtime {r['provider']}, {' and '.join(map(str, r['threads']))} intra-op thread(s) "
+        f"(timed side by side in one round robin; the task switch and footprint at {r['threads'][0]}), random token ids "
+        f"(fixed shapes; the batch-32, mixed and switch rows at length {r['seq']}). Merged = optimum's plain fp32 export of each task's merged model; "
         "factored = `model_tasks.onnx` (task ids as an input) unless noted. Neither side uses ONNX Runtime's "
         f"transformer fusions. Machine: {r['machine']['cpus']} CPUs, 1-minute load average "
         f"{r['machine']['load_average_1min_start']:.1f} at the start and {r['machine']['load_average_1min_end']:.1f} at the "
@@ -332,7 +470,8 @@ def write_report(r: dict, docs: Path) -> None:
         f"\nFirst call after a switch relative to loading the merged model: task ids {100 * s['first_call_ratio_task_ids']:.2f}%, "
         f"adapter graph {100 * s['first_call_ratio_adapter']:.2f}% (target < 1%). Switch overhead relative to the merged "
         f"switch overhead: task ids {100 * s['overhead_ratio_task_ids']:.2f}%, adapter graph {100 * s['overhead_ratio_adapter']:.2f}%.\n",
-        f"\n## Mixed batch ({m['batch']} rows, {m['tasks']} tasks)\n\n" + markdown_table([m], floatfmt=".3f"),
+        f"\n## Mixed batch ({m[0]['batch']} rows, {m[0]['tasks']} tasks)\n\n" + markdown_table(m, floatfmt=".3f"),
+        *profile_lines(r.get("profile")),
         f"\n## Footprint for {fp['tasks']} tasks\n\n"
         + markdown_table(
             [
@@ -368,12 +507,17 @@ def write_report(r: dict, docs: Path) -> None:
     atomic_write_json(docs / "multitask-bench.json", r)
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
     lat = r["latency"]
-    x = np.arange(len(lat))
-    axes[0].bar(x - 0.2, [row["factored_p50_ms"] for row in lat], 0.4, label="factored")
-    axes[0].bar(x + 0.2, [row["merged_p50_ms"] for row in lat], 0.4, label="merged")
+    xl = np.arange(len(lat))
+    axes[0].bar(xl - 0.2, [row["factored_p50_ms"] for row in lat], 0.4, label="factored")
+    axes[0].bar(xl + 0.2, [row["merged_p50_ms"] for row in lat], 0.4, label="merged")
     axes[0].set(
-        xticks=x, xticklabels=[f"batch {row['batch']}" for row in lat], ylabel="ms (p50)", title=f"latency, seq {r['seq']}", yscale="log"
+        xticks=xl,
+        xticklabels=[f"b{row['batch']} s{row['seq']}\n{row['threads']}t" for row in lat],
+        ylabel="ms (p50)",
+        title="latency",
+        yscale="log",
     )
+    axes[0].tick_params(axis="x", labelsize=7)
     axes[0].legend()
     axes[1].bar(
         ["task ids", "adapter", "merged"],
@@ -381,10 +525,13 @@ def write_report(r: dict, docs: Path) -> None:
         color=["C0", "C2", "C1"],
     )
     axes[1].set(ylabel="ms", title="first call after a task switch", yscale="log")
-    axes[2].bar(
-        ["factored\n1 call", f"merged\n{m['tasks']} calls"], [m["factored_one_call_p50_ms"], m["merged_k_calls_p50_ms"]], color=["C0", "C1"]
-    )
-    axes[2].set(ylabel="ms (p50)", title=f"mixed batch of {m['tasks']} tasks")
+    xm = np.arange(len(m))
+    axes[2].bar(xm - 0.2, [row["factored_one_call_p50_ms"] for row in m], 0.4, label="factored, 1 call")
+    axes[2].bar(xm + 0.2, [row["merged_k_calls_p50_ms"] for row in m], 0.4, label=f"merged, {m[0]['tasks']} calls")
+    axes[2].set(xticks=xm, xticklabels=[f"{row['threads']} thread(s)" for row in m], ylabel="ms (p50)")
+    axes[2].set_title(f"mixed batch of {m[0]['tasks']} tasks")
+    axes[2].legend()
+    x = np.arange(2)
     axes[3].bar(x - 0.2, [fp["disk_factored_task_graph_and_task_files_mib"], fp["rss_factored_task_graph_mib"]], 0.4, label="factored")
     axes[3].bar(x + 0.2, [fp["disk_merged_onnx_total_mib"], fp["rss_merged_all_tasks_mib"]], 0.4, label="merged")
     axes[3].set(xticks=x, xticklabels=["disk", "resident"], ylabel="MiB", title=f"{fp['tasks']} tasks")

@@ -54,6 +54,9 @@ class TaskHeads(nn.Module):
         self.heads = nn.ModuleList(heads)
         self.pad = pad
         self.task_ids: int | torch.Tensor | None = None
+        # Export only (export/factored.py): heads that are single nn.Linear layers run as one
+        # gathered weight per row instead of every head on every row + pads + a gather
+        self.stacked = False
 
     @property
     def width(self) -> int:
@@ -72,10 +75,31 @@ class TaskHeads(nn.Module):
         width = self.width
         if isinstance(ids, int):
             return self._padded(self.heads[ids](x), width)
+        if self.stacked and all(isinstance(h, nn.Linear) for h in self.heads):
+            return self._stacked(x, ids, width)
         # every head on every row, then each row takes its task's output (heads are tiny)
         outs = torch.stack([self._padded(h(x), width) for h in self.heads])  # (T, B, ..., W)
         index = ids.reshape(1, -1, *([1] * (outs.dim() - 2))).expand(1, *outs.shape[1:])
         return outs.gather(0, index).squeeze(0)
+
+    def _stacked(self, x: torch.Tensor, ids: torch.Tensor, width: int) -> torch.Tensor:
+        """Row b times its task's (in, width) weight plus bias; padded columns get zero weights and ``pad`` as bias.
+
+        The stacked weights depend on parameters only, so ONNX Runtime folds them when it loads
+        the graph; what runs per call is two gathers, a batched MatMul and an add.
+        """
+        weights = torch.stack([F.pad(h.weight, (0, 0, 0, width - h.out_features)) for h in self.heads]).transpose(1, 2)
+        biases = torch.stack(
+            [
+                F.pad(h.bias if h.bias is not None else h.weight.new_zeros(h.out_features), (0, width - h.out_features), value=self.pad)
+                for h in self.heads
+            ]
+        )
+        w, b = weights.index_select(0, ids), biases.index_select(0, ids)  # (B, in, width), (B, width)
+        if x.dim() == 2:  # pooled (B, in): the usual sequence-classification head
+            return (x.unsqueeze(1) @ w).squeeze(1) + b
+        y = x.reshape(x.shape[0], -1, x.shape[-1]) @ w + b.unsqueeze(1)
+        return y.reshape(*x.shape[:-1], width)
 
 
 def new_head(model: nn.Module, template: nn.Module, num_labels: int, seed: int) -> nn.Module:

@@ -1,9 +1,13 @@
 """How many threads the computing verbs use, and the ONNX Runtime session options that follow.
 
-Default: every CPU this process may run on (``os.sched_getaffinity``). Measured on the 2-core
-machine with MiniLM (docs/latency.md, tools/bench_multitask.py with ``--threads 1,2``): 2
-intra-op threads beat 1 at every batch size and sequence length for ONNX Runtime and PyTorch
-alike, so the default is all of them; more threads than CPUs only adds contention.
+Default: every CPU this process may run on (``os.sched_getaffinity``). Measured on the shared
+2-core machine, 1 and 2 threads side by side in one run (docs/latency.md, docs/multitask-bench.md):
+at batch 32, 2 intra-op threads were 1.25-1.6x faster than 1; at batch 1 under a load average of
+3-10 (other jobs on both cores), 1 thread was 1.2-1.3x faster, the second thread waiting for a
+core; on the idle machine 2 threads won at every batch size and length, for ONNX Runtime and
+PyTorch alike. So the default is every CPU (training, validation and served micro-batches are
+batched work); ``--threads 1`` serves single sentences faster on a busy machine. More threads
+than CPUs only adds contention.
 """
 
 from __future__ import annotations

@@ -223,6 +223,7 @@ def export_onnx(
     calibration: str | None = None,
     calibration_rows: int = CALIBRATION_ROWS,
     calibration_method: str = "minmax",
+    fp32_down_projections: bool = True,
     per_channel: bool = True,
     reduce_range: bool | None = None,
     layout: str = "optimum",
@@ -238,7 +239,8 @@ def export_onnx(
     ``adapter_dir`` names the adapter for the manifest when the merged folder does not record it.
 
     ``quantize="int8-static"`` calibrates activation ranges on ``calibration`` (a builtin task,
-    Hub data set or file; its validation split, ``calibration_rows`` rows, ``calibration_method``);
+    Hub data set or file; its validation split, ``calibration_rows`` rows, ``calibration_method``),
+    keeping the FFN down-projections fp32 unless ``fp32_down_projections`` is False (docs/int8.md);
     ``reduce_range`` None picks 7-bit weights only on CPUs without VNNI (export/quantize.py).
     ``layout="transformers.js"`` adds ``onnx/model.onnx`` (fp32) and ``onnx/model_quantized.onnx``
     for Transformers.js; ``"ort"`` in ``formats`` adds ``.ort`` copies and the operator config
@@ -287,7 +289,7 @@ def export_onnx(
         "optimize": optimize,
         "quantize": quantize,
         "dtype": dtype,
-        "calibration": (rows, calibration_source, calibration_method),
+        "calibration": (rows, calibration_source, calibration_method, fp32_down_projections),
         "per_channel": per_channel,
         "reduce_range": reduce_range,
         "layout": layout,
@@ -453,9 +455,11 @@ def _export_into(
         fields["optimizer"], fields["fused_nodes"] = _optimize(tmp, hf_config, use_gpu=dtype == "fp16")
     if dtype == "fp16":
         _to_fp16(tmp)
-    rows, calibration_source, calibration_method = calibration
+    rows, calibration_source, calibration_method, fp32_down = calibration
     if quantize:
-        fields["quantization"] = _quantize(tmp, quantize, tokenizer, fields["inputs"], rows, calibration_method, per_channel, reduce_range)
+        fields["quantization"] = _quantize(
+            tmp, quantize, tokenizer, fields["inputs"], (rows, calibration_method, fp32_down), per_channel, reduce_range
+        )
         if calibration_source:
             fields["quantization"]["calibration"]["data"] = calibration_source
     sizes["final_bytes"] = _model_bytes(tmp)
@@ -499,8 +503,12 @@ def _export_into(
     return fields
 
 
-def _quantize(tmp: Path, quantize: str, tokenizer, inputs: list[str], rows, method: str, per_channel: bool, reduce_range: bool) -> dict:
-    """Replace the bundle's graph by its int8 form; returns the manifest's ``quantization``."""
+def _quantize(tmp: Path, quantize: str, tokenizer, inputs: list[str], static: tuple, per_channel: bool, reduce_range: bool) -> dict:
+    """Replace the bundle's graph by its int8 form; returns the manifest's ``quantization``.
+
+    ``static``: (calibration rows, calibration method, fp32 down-projections), for int8-static.
+    """
+    rows, method, fp32_down = static
     external = _external(tmp)
     if quantize == "int8":
         return _replace_model(
@@ -518,7 +526,14 @@ def _quantize(tmp: Path, quantize: str, tokenizer, inputs: list[str], rows, meth
     return _replace_model(
         tmp,
         lambda path: quantize_static_int8(
-            tmp / ONNX_NAME, path, reader, per_channel=per_channel, reduce_range=reduce_range, method=method, external=external
+            tmp / ONNX_NAME,
+            path,
+            reader,
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            method=method,
+            fp32_down_projections=fp32_down,
+            external=external,
         ),
     )
 

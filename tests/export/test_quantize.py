@@ -40,13 +40,17 @@ def test_static_int8_manifest_and_qdq_graph(static) -> None:
     m = json.loads((out / "manifest.json").read_text())
     q = m["quantization"]
     assert q["format"] == "QDQ" and q["per_channel"] is True and q["calibration"]["rows"] == 32
+    assert q["fp32_nodes"]["count"] == 2  # the FFN output MatMul of each of the tiny model's 2 layers (48 -> 32)
     assert q["calibration"]["method"] == "minmax" and "calibration.jsonl" in q["calibration"]["data"]
     assert m["variant"]["quantize"] == "int8-static"  # (size: the tiny model is mostly its fp32 embeddings)
     assert m["session"]["graph_optimization_level"] == "ORT_ENABLE_ALL" and m["session"]["intra_op_num_threads"] >= 1
     import onnx
 
-    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    nodes = onnx.load(str(out / "model.onnx")).graph.node
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in nodes}
+    quantized = {n.output[0] for n in nodes if n.op_type == "DequantizeLinear"}
+    down = [n for n in nodes if n.op_type == "MatMul" and "/output/dense/" in n.name and "attention" not in n.name]
+    assert len(down) == 2 and not any(i in quantized for n in down for i in n.input)  # kept fp32
     final = m["parity"]["final"]
     assert final["tolerance"] is None and final["max_abs_logit_diff"] < 0.5 * max(1.0, final["max_abs_logit"])
 
@@ -65,6 +69,24 @@ def test_static_int8_row_does_not_depend_on_its_batch(static) -> None:
 
     alone, inside = run([texts[5]])[0], run(texts)[5]
     assert np.abs(alone - inside).max() <= 1e-4
+
+
+def test_histogram_calibration_pads_rows_to_one_shape(static, tmp_path) -> None:
+    """Percentile (and Entropy) stack every row's activations: rows of different lengths are padded, not a crash."""
+    tiny, _ = static
+    data = tmp_path / "calibration.jsonl"
+    data.write_text("".join(json.dumps({"text": "a fine film " * (1 + i % 5), "label": "0"}) + "\n" for i in range(12)))
+    out = export_onnx(
+        tiny.merged,
+        tmp_path / "pct",
+        quantize="int8-static",
+        calibration=str(data),
+        calibration_method="percentile",
+        fp32_down_projections=False,
+    )
+    q = json.loads((out / "manifest.json").read_text())["quantization"]
+    assert q["calibration"]["method"] == "percentile" and q["calibration"]["fed"].startswith("one row per call, zero-padded")
+    assert q["fp32_nodes"] == {"rule": None, "count": 0}  # --int8-down-projections: every weight MatMul in int8
 
 
 def test_calibration_errors(tmp_path) -> None:

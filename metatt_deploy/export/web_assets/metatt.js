@@ -31,6 +31,16 @@ function resolve(base, rel) {
   return parts.join('/') || '/';
 }
 
+function modelPath(folder) {
+  if (!isUrl(folder)) return folder;
+  const url = new URL(folder);
+  if (typeof location === 'undefined') throw new Error(`base must be a folder path outside a browser, not ${folder}`);
+  if (url.origin !== location.origin) {
+    throw new Error(`web/ must be served from this page's origin (${location.origin}), not ${url.origin}`);
+  }
+  return url.pathname;
+}
+
 async function readJson(location) {
   if (isUrl(location)) {
     const response = await fetch(location);
@@ -52,11 +62,15 @@ export async function loadClassifier({ base, ort, AutoTokenizer, env, sessionOpt
   const spec = await readJson(resolve(base, 'metatt.json'));
   if (spec.format_version !== 1) throw new Error(`metatt.json format ${spec.format_version} is not supported (this module reads 1)`);
   // web/tokenizer/ holds the export's tokenizer files: web/ is the "model path", so it works
-  // wherever the bundle is served from (the root of a static server included)
+  // wherever the bundle is served from (the root of a static server included). In a browser
+  // the path must be origin-relative ('/exported/NAME/web/'), not a full http(s) URL:
+  // Transformers.js treats a URL as remote, skips its local existence check, finds no
+  // tokenizer_config.json with remote models off, and fails with "Cannot read properties of
+  // undefined (reading 'tokenizer_class')". So the page and web/ must share an origin.
   env.allowRemoteModels = false;
-  env.allowLocalModels = true;
+  env.allowLocalModels = true; // false by default in browsers
   env.useBrowserCache = false;
-  env.localModelPath = resolve(base, '.') + '/';
+  env.localModelPath = modelPath(resolve(base, '.') + '/');
   const tokenizer = await AutoTokenizer.from_pretrained(spec.tokenizer);
   const session = await ort.InferenceSession.create(resolve(base, spec.graph), { graphOptimizationLevel: 'all', ...sessionOptions });
   const tasks = new Map(spec.tasks.map((t, i) => [t.name, { ...t, id: i }]));
