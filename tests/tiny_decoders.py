@@ -98,3 +98,26 @@ def save_tiny_decoder(root: Path, arch: str = "llama", chat_template: bool = Tru
     tiny_decoder(arch, len(tokenizer), seed=seed, eos=tokenizer.eos_token_id).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+ALL_DECODER_TARGETS = {"llama": "q,k,v,o,gate,up,down", "qwen2": "q,k,v,o,gate,up,down", "gpt2": "q,k,v,o,up,down"}
+
+
+def save_tiny_adapter(
+    root: Path, arch: str = "llama", method: str = "metatt-4d", rank=4, std: float = 0.3, seed: int = 3
+) -> tuple[Path, Path]:
+    """A tiny decoder folder and a MetaTT adapter on it with random cores (so it changes the logits).
+
+    Returns (base folder, adapter folder); the adapter folder holds the tokenizer too.
+    """
+    from metatt_deploy.adapters.base_model import load_causal_lm, load_tokenizer
+    from metatt_deploy.adapters.model import attach, build_config, save_adapter
+
+    base = save_tiny_decoder(root, arch)
+    model = load_causal_lm(str(base))
+    config = build_config(model, method=method, rank=rank, targets=ALL_DECODER_TARGETS[arch], base_model=str(base))
+    g = torch.Generator().manual_seed(seed)
+    attach(model, config, [torch.randn(s, generator=g) * std for s in config.core_shapes()])
+    adapter_dir = Path(root) / f"{arch}-{method}-adapter"
+    save_adapter(model, adapter_dir, tokenizer=load_tokenizer(str(base)))
+    return base, adapter_dir

@@ -21,6 +21,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from metatt_deploy.adapters.gguf import converted_folder
+from metatt_deploy.adapters.targets import CAUSAL_LM_SUFFIXES
 from metatt_deploy.common.errors import MetaTTError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -35,7 +36,6 @@ EMBEDDED = {
     "SmolLM2-135M-Instruct": _SMOLLM2,
 }
 TASK_TYPES = ("classification", "causal-lm")
-CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
 def resolve_model(name: str | None) -> str:

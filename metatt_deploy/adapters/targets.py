@@ -187,8 +187,21 @@ def find_targets(model: nn.Module, targets: str | list[str]) -> tuple[list[str],
     return names, layers, modules
 
 
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """A language model generating text with its own (frozen) LM head, rather than a classifier."""
+    return type(model).__name__.endswith(CAUSAL_LM_SUFFIXES)
+
+
 def head_modules(model: nn.Module) -> list[str]:
-    """Names of the classification head's top modules, which train and ship with the adapter."""
+    """Names of the classification head's top modules, which train and ship with the adapter.
+
+    None for causal language models: their LM head is pretrained, stays frozen and is not shipped.
+    """
+    if is_causal_lm(model):
+        return []
     model_type = getattr(model.config, "model_type", "")
     if model_type in ARCHITECTURES:
         return list(ARCHITECTURES[model_type]["head"])
