@@ -16,10 +16,11 @@ import typer
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_text, check_writable, read_json
 from metatt_deploy.export.merge import merge_adapter, merge_factored
-from metatt_deploy.export.onnx import MANIFEST_NAME, export_onnx
+from metatt_deploy.export.onnx import MANIFEST_NAME, export_onnx, read_manifest
 from metatt_deploy.export.peft import to_peft
 from metatt_deploy.export.validate import REPORT_MD
 from metatt_deploy.export.validate import validate as run_validation
+from metatt_deploy.export.validate_lm import validate_decoder
 from metatt_deploy.serving.runtime import Runtime, read_inputs
 from metatt_deploy.training.data import load_task
 from metatt_deploy.training.loop import TrainConfig
@@ -322,7 +323,9 @@ def export(
     ] = False,
     quantize: Annotated[
         str | None,
-        typer.Option(help="int8: dynamic quantization (int8 weights of MatMul/Attention nodes); logits parity is reported, not enforced."),
+        typer.Option(
+            help="int8: dynamic quantization (int8 weights of MatMul/Attention nodes). int4 (decoders): weight-only 4-bit MatMulNBits, blocks of 32. Logits parity is reported, not enforced."
+        ),
     ] = None,
     dtype: Annotated[
         str, typer.Option(help="fp32, or fp16 (for GPU execution providers; parity tolerance 1e-2 x max(1, max |logit|)).")
@@ -333,7 +336,10 @@ def export(
     task: Annotated[str | None, typer.Option(help="Task to merge when MODEL_DIR is a multi-task adapter.")] = None,
     force: Force = False,
 ) -> None:
-    """Export a merged model to an ONNX bundle (model.onnx, tokenizer, manifest.json) and check its parity."""
+    """Export a merged model to an ONNX bundle (model.onnx, tokenizer, manifest.json) and check its parity.
+
+    Decoders export with a KV cache (text-generation-with-past; --quantize int8 or int4), see docs/decoders.md.
+    """
     out = export_onnx(
         model_dir,
         output,
@@ -372,7 +378,9 @@ def validate(
         ),
     ] = None,
     split: Annotated[str, typer.Option(help="Split of a builtin or hub data set (files are used whole).")] = "test",
-    max_examples: Annotated[int, typer.Option(help="Use at most N held-out examples (a fixed random subset).")] = 200,
+    max_examples: Annotated[
+        int | None, typer.Option(help="Use at most N held-out examples (a fixed random subset). Default: 200; 50 prompts for decoders.")
+    ] = None,
     batch_sizes: Annotated[str, typer.Option(help="Batch sizes to time, comma-separated.")] = "1,8",
     seq_len: Annotated[int, typer.Option(help="Tokens per example: truncation for parity, the fixed padded length for timing.")] = 128,
     repeats: Annotated[int, typer.Option(help="Timed calls per runtime and batch size (medians and p95 are reported).")] = 30,
@@ -398,9 +406,42 @@ def validate(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Folder for validation.json and validation.md (default: the ONNX folder).")
     ] = None,
+    compare: Annotated[
+        list[Path] | None, typer.Option(help="Decoders: more exports of the same model (e.g. int8, int4) measured in the same run.")
+    ] = None,
+    prompt_lengths: Annotated[
+        str, typer.Option(help="Decoders: prompt lengths (tokens) at which time to first token is measured.")
+    ] = "32,256",
+    new_tokens: Annotated[int, typer.Option(help="Decoders: tokens generated to measure decode tokens/s.")] = 32,
     force: Force = False,
 ) -> None:
-    """Compare an ONNX export with its unmerged adapter: logits parity, label agreement, accuracy, latency."""
+    """Compare an ONNX export with its unmerged adapter: logits parity, label agreement, accuracy, latency.
+
+    For decoders (docs/decoders.md): teacher-forced logits, greedy tokens, exact match and perplexity on
+    --data, time to first token and decode tokens/s for PyTorch (unmerged, merged) and every bundle.
+    """
+    if read_manifest(onnx_dir).get("pipeline_task") == "text-generation-with-past":
+        try:
+            lengths = [int(n) for n in _split([prompt_lengths]) or []]
+        except ValueError:
+            raise MetaTTError(f"--prompt-lengths '{prompt_lengths}' must be comma-separated integers, e.g. 32,256") from None
+        report = validate_decoder(
+            adapter,
+            onnx_dir,
+            data=data,
+            split=split,
+            max_examples=max_examples or 50,
+            compare=compare or [],
+            prompt_lengths=lengths,
+            new_tokens=new_tokens,
+            repeats=min(repeats, 10),
+            threads=threads,
+            base_model=base_model,
+            output=output,
+            force=force,
+        )
+        echo_decoder_report(report, output or onnx_dir)
+        return
     try:
         sizes = [int(b) for b in _split([batch_sizes]) or []]
     except ValueError:
@@ -410,7 +451,7 @@ def validate(
         onnx_dir,
         data=data,
         split=split,
-        max_examples=max_examples,
+        max_examples=max_examples or 200,
         batch_sizes=sizes,
         seq_len=seq_len,
         repeats=repeats,
@@ -483,3 +524,23 @@ def predict(
     check_writable(output, force)
     atomic_write_text(output, lines)
     typer.echo(f"wrote {len(results)} predictions to {output}", err=True)
+
+
+def echo_decoder_report(report: dict, folder: Path) -> None:
+    """The lines a person reads after validating a decoder: parity, exact match, tokens/s."""
+    p, q = report["parity"], report["quality"]
+    tol = f"tolerance {p['tolerance']:.0e}" if p["enforced"] else "reported only"
+    typer.echo(
+        f"max |logit diff| ONNX vs unmerged adapter {p['max_abs_logit_diff']:.2e} ({tol}) on {p['prompts']} prompts; "
+        f"greedy tokens identical on {p['greedy_identical']:.0%}"
+    )
+    line = f"exact match: PyTorch {q['pytorch']['exact_match']:.4f} (perplexity {q['pytorch']['perplexity']:.3f})"
+    for name, b in q["bundles"].items():
+        line += f", ONNX {name} {b['exact_match']:.4f} ({b['perplexity']:.3f})"
+    typer.echo(line)
+    for r in report["latency"]["rows"]:
+        ttft = ", ".join(f"{k[5:-3]} tokens {v:.0f} ms" for k, v in r.items() if k.startswith("ttft_"))
+        typer.echo(
+            f"{r['runtime']}: {r['decode_tokens_per_s']:.1f} tokens/s ({r['decode_vs_pytorch_merged']:.2f}x PyTorch merged); first token: {ttft}"
+        )
+    typer.echo(f"report: {folder / 'validation.md'}")

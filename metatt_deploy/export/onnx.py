@@ -21,14 +21,13 @@ Pipeline, all inside a temporary folder renamed into place at the end (nothing h
    ``FP32_ATOL`` for fp32 graphs (plain or optimised), at ``FP16_ATOL`` (relative to the largest
    logit) for fp16, reported only for int8 (quantization error is judged by accuracy: see
    ``metatt-deploy validate --reference-onnx``).
+
+Causal language models take another pipeline (a KV-cache graph, int8 or int4): onnx_lm.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
-import shutil
 import tempfile
 import time
 from collections import Counter
@@ -41,19 +40,21 @@ import numpy as np
 from metatt_deploy import __version__
 from metatt_deploy.adapters.base_model import friendly_load
 from metatt_deploy.adapters.config import WEIGHTS_NAME, MetaTTConfig
+from metatt_deploy.adapters.targets import CAUSAL_LM_SUFFIXES
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_dir, atomic_write_json, check_writable, read_json, sha256_file
 from metatt_deploy.export.merge import merge_adapter
+from metatt_deploy.export.onnx_files import ONNX_NAME, has_external_data, model_bytes, replace_model
+from metatt_deploy.export.onnx_lm import export_decoder_into
+from metatt_deploy.export.quantize import DECODER_ONLY, QUANTIZE, quantize_int8
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
-ONNX_NAME = "model.onnx"
 MERGE_RECORD = "metatt_merge.json"  # written by merge.py into merged folders
 ADAPTER_CONFIG = "metatt_config.json"
 DEFAULT_ROOT = Path("exported")
 ONNX_TASK = "text-classification"
 DTYPES = ("fp32", "fp16")
-QUANTIZE = ("int8",)
 
 FP32_ATOL = 1e-4  # max |logit diff| ONNX fp32 (plain or optimised) vs PyTorch float32
 FP16_RTOL = 1e-2  # fp16: max |logit diff| <= FP16_RTOL * max(1, max |logit|)
@@ -299,6 +300,10 @@ def _export_into(tmp: Path, source: Path, *, opset, optimize, quantize, dtype) -
 
     hf_config = friendly_load(lambda: AutoConfig.from_pretrained(source), str(source), "model config")
     architectures = hf_config.architectures or []
+    if any(a.endswith(CAUSAL_LM_SUFFIXES) for a in architectures):  # decoders: KV-cache graph (onnx_lm.py)
+        return export_decoder_into(tmp, source, hf_config, opset=opset, optimize=optimize, quantize=quantize, dtype=dtype)
+    if quantize in DECODER_ONLY:
+        raise MetaTTError(f"--quantize {quantize} is for decoders (weight-only MatMulNBits); use --quantize int8 for classifiers")
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
         raise MetaTTError(
             f"{source} is not a sequence classifier (architectures: {', '.join(architectures) or 'none'}), so its head "
@@ -331,15 +336,15 @@ def _export_into(tmp: Path, source: Path, *, opset, optimize, quantize, dtype) -
     fp32_parity = _parity(make_session(model_path, cpu), encodings, ref_logits)
     fp32_parity.update(provider="CPUExecutionProvider", tolerance=FP32_ATOL)
     _enforce(fp32_parity, "the fp32 ONNX export")
-    sizes = {"fp32_bytes": _model_bytes(tmp)}
+    sizes = {"fp32_bytes": model_bytes(tmp)}
 
     if optimize:
         fields["optimizer"], fields["fused_nodes"] = _optimize(tmp, hf_config, use_gpu=dtype == "fp16")
     if dtype == "fp16":
         _to_fp16(tmp)
     if quantize == "int8":
-        fields["quantization"] = _quantize_int8(tmp)
-    sizes["final_bytes"] = _model_bytes(tmp)
+        fields["quantization"] = quantize_int8(tmp)
+    sizes["final_bytes"] = model_bytes(tmp)
     fields["sizes"] = sizes
 
     if optimize or quantize or dtype != "fp32":
@@ -425,27 +430,6 @@ def _enforce(parity: dict, what: str) -> None:
         )
 
 
-def _model_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name.startswith(ONNX_NAME))
-
-
-def _external(folder: Path) -> bool:
-    return any(p.name != ONNX_NAME and p.name.startswith(ONNX_NAME) for p in folder.iterdir())
-
-
-def _replace_model(folder: Path, write) -> None:
-    """Run ``write(path)`` into a stage folder, then swap the staged graph (and its data) in."""
-    stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=folder))
-    try:
-        write(stage / ONNX_NAME)
-        for old in [p for p in folder.iterdir() if p.is_file() and p.name.startswith(ONNX_NAME)]:
-            old.unlink()
-        for new in stage.iterdir():
-            os.replace(new, folder / new.name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-
 def optimizer_settings(hf_config) -> dict:
     """model_type, num_heads and hidden_size for ONNX Runtime's transformer optimizer."""
     model_type = OPTIMIZER_MODEL_TYPES.get(hf_config.model_type)
@@ -469,9 +453,9 @@ def _optimize(folder: Path, hf_config, use_gpu: bool) -> tuple[dict, dict]:
         optimized = optimize_model(str(folder / ONNX_NAME), use_gpu=use_gpu, **settings)
         ops = Counter(node.op_type for node in optimized.model.graph.node)
         counts.update({op: ops.get(op, 0) for op in FUSED_OPS})
-        optimized.save_model_to_file(str(path), use_external_data_format=_external(folder))
+        optimized.save_model_to_file(str(path), use_external_data_format=has_external_data(folder))
 
-    _replace_model(folder, write)
+    replace_model(folder, write)
     layers = getattr(hf_config, "num_hidden_layers", None) or getattr(hf_config, "n_layers", None) or getattr(hf_config, "n_layer", None)
     if layers:
         counts["complete"] = (
@@ -490,54 +474,6 @@ def _to_fp16(folder: Path) -> None:
     def write(path: Path) -> None:
         model = OnnxModel(onnx.load(str(folder / ONNX_NAME)))
         model.convert_float_to_float16(keep_io_types=True)
-        model.save_model_to_file(str(path), use_external_data_format=_external(folder))
+        model.save_model_to_file(str(path), use_external_data_format=has_external_data(folder))
 
-    _replace_model(folder, write)
-
-
-# Dynamic int8 quantization settings. Per-channel weight scales: on the embedded MiniLM with a
-# trained adapter they raise label agreement with the fp32 export from 92.7% to 96.0% (max logit
-# error 1.9 -> 0.6) at the same size and within timing noise of per-tensor scales (docs/export.md).
-INT8_SETTINGS = {
-    "method": "onnxruntime.quantization.quantize_dynamic",
-    "op_types": ["MatMul", "Attention"],
-    "weight_type": "QInt8",
-    "per_channel": True,
-    "activations": "uint8, per tensor, quantized at run time",
-}
-
-
-@contextlib.contextmanager
-def _root_log_level(level: int):
-    root = logging.getLogger()
-    old = root.level
-    root.setLevel(level)
-    try:
-        yield
-    finally:
-        root.setLevel(old)
-
-
-def _quantize_int8(folder: Path) -> dict:
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    def write(path: Path) -> None:
-        # the quantizer logs a generic "consider pre-processing" warning on the root logger
-        with _root_log_level(logging.ERROR):
-            _quantize(path)
-
-    def _quantize(path: Path) -> None:
-        quantize_dynamic(
-            folder / ONNX_NAME,
-            path,
-            op_types_to_quantize=INT8_SETTINGS["op_types"],
-            per_channel=INT8_SETTINGS["per_channel"],
-            weight_type=QuantType.QInt8,
-            use_external_data_format=_external(folder),
-            # fused graphs hold com.microsoft ops that ONNX shape inference cannot type
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-        )
-
-    _replace_model(folder, write)
-    return dict(INT8_SETTINGS)
+    replace_model(folder, write)

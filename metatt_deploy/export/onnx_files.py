@@ -1,0 +1,35 @@
+"""The ONNX graph file of an export bundle: its size, whether its weights live beside it, and
+swapping in a rewritten graph (optimised, quantised) without ever leaving a half-written one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+ONNX_NAME = "model.onnx"
+
+
+def model_bytes(folder: Path) -> int:
+    """Bytes of the graph and its external data files."""
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name.startswith(ONNX_NAME))
+
+
+def has_external_data(folder: Path) -> bool:
+    return any(p.name != ONNX_NAME and p.name.startswith(ONNX_NAME) for p in folder.iterdir())
+
+
+def replace_model(folder: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(path)`` into a stage folder, then swap the staged graph (and its data) in."""
+    stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=folder))
+    try:
+        write(stage / ONNX_NAME)
+        for old in [p for p in folder.iterdir() if p.is_file() and p.name.startswith(ONNX_NAME)]:
+            old.unlink()
+        for new in stage.iterdir():
+            os.replace(new, folder / new.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
