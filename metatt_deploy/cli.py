@@ -21,6 +21,7 @@ from metatt_deploy.export.peft import to_peft
 from metatt_deploy.export.validate import REPORT_MD
 from metatt_deploy.export.validate import validate as run_validation
 from metatt_deploy.export.validate_lm import validate_decoder
+from metatt_deploy.serving.generate import Generator
 from metatt_deploy.serving.runtime import Runtime, read_inputs
 from metatt_deploy.training.data import load_task
 from metatt_deploy.training.loop import TrainConfig
@@ -524,6 +525,33 @@ def predict(
     check_writable(output, force)
     atomic_write_text(output, lines)
     typer.echo(f"wrote {len(results)} predictions to {output}", err=True)
+
+
+@app.command()
+@user_errors
+def generate(
+    bundle: Annotated[Path, typer.Argument(help="Decoder bundle written by metatt-deploy export (a causal LM with a KV cache).")],
+    prompts: Annotated[list[str] | None, typer.Argument(help="Prompts; none (or '-'): one prompt per line of standard input.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Stop after this many new tokens (EOS stops earlier).")] = 128,
+    raw: Annotated[bool, typer.Option("--raw", help="Feed prompts as they are, without the model's chat template.")] = False,
+    system: Annotated[str | None, typer.Option(help="A system message for the chat template.")] = None,
+    temperature: Annotated[float, typer.Option(help="0: greedy (the default); above 0: sampling at this temperature.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
+    threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads.")] = None,
+) -> None:
+    """Generate answers from an exported decoder on ONNX Runtime, streaming tokens as they come."""
+    import sys
+
+    if not prompts or prompts == ["-"]:
+        prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        if not prompts:
+            raise MetaTTError("no prompts: pass them as arguments or one per line on standard input")
+    generator = Generator(bundle, threads=threads)
+    for prompt in prompts:
+        for piece in generator.stream(prompt, max_new_tokens=max_new_tokens, raw=raw, system=system, temperature=temperature, seed=seed):
+            typer.echo(piece, nl=False)
+            sys.stdout.flush()
+        typer.echo("")
 
 
 def echo_decoder_report(report: dict, folder: Path) -> None:
