@@ -23,10 +23,10 @@ from metatt_deploy.export.validate import validate as run_validation
 from metatt_deploy.export.validate_lm import validate_decoder
 from metatt_deploy.serving.generate import Generator
 from metatt_deploy.serving.runtime import Runtime, read_inputs
+from metatt_deploy.training.config import TrainConfig
 from metatt_deploy.training.data import load_task
-from metatt_deploy.training.loop import TrainConfig
-from metatt_deploy.training.loop import train as run_training
 from metatt_deploy.training.multitask import train_from_cli
+from metatt_deploy.training.single import train as run_training
 
 app = typer.Typer(
     name="metatt-deploy",

@@ -15,21 +15,23 @@ import statistics
 import time
 
 import torch
+import torch.optim
 
 from metatt_deploy.adapters.base_model import DEFAULT_MODEL, load_classifier, load_tokenizer
 from metatt_deploy.common.files import atomic_write_text
 from metatt_deploy.common.report import markdown_table
+from metatt_deploy.training.config import TrainConfig
 from metatt_deploy.training.data import load_task
-from metatt_deploy.training.loop import TrainConfig, _count, _make_optimizer, _wrap_model
+from metatt_deploy.training.single import count_parameters, param_groups, wrap_model
 
 
 def build(method: str, rank: int, targets: list[str], task):
     torch.manual_seed(0)
     model = load_classifier(DEFAULT_MODEL, task.label_names)
     cfg = TrainConfig(output="-", method=method, rank=rank, targets=targets)
-    model = _wrap_model(cfg, model, task)["peft"] or model
+    model, _ = wrap_model(cfg, model, task)
     model.train()
-    return model, _make_optimizer(cfg, model), _count(model, cfg)
+    return model, torch.optim.AdamW(param_groups(cfg, model), lr=cfg.adapter_lr), count_parameters(model)
 
 
 def step(model, opt, batch) -> float:

@@ -19,8 +19,9 @@ import matplotlib.pyplot as plt
 
 from metatt_deploy.common.files import atomic_write_text
 from metatt_deploy.common.report import markdown_table, save_figure
+from metatt_deploy.training.config import TrainConfig
 from metatt_deploy.training.data import load_task
-from metatt_deploy.training.loop import TrainConfig, train
+from metatt_deploy.training.single import train
 
 
 def run_single(

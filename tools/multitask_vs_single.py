@@ -25,7 +25,8 @@ from compare_lora import run_single
 
 from metatt_deploy.common.files import atomic_write_text
 from metatt_deploy.common.report import markdown_table, save_figure
-from metatt_deploy.training.multitask import MultiTaskConfig, load_task_spec, parse_task_spec, train_multitask
+from metatt_deploy.training.config import MultiTaskConfig
+from metatt_deploy.training.multitask import load_task_spec, parse_task_spec, train_multitask
 
 JOINT = "joint MetaTT-(4+1)D"
 # single-task set-ups: key (run folder prefix) -> (label, method, lr, head lr); None = the method's default

@@ -38,9 +38,10 @@ from pathlib import Path
 
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text
 from metatt_deploy.common.report import markdown_table, plt, save_figure
+from metatt_deploy.training.config import TrainConfig
 from metatt_deploy.training.data import load_task
-from metatt_deploy.training.loop import TrainConfig, train
 from metatt_deploy.training.schedule import parse_rank_schedule
+from metatt_deploy.training.single import train
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

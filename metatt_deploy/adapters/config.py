@@ -6,7 +6,8 @@ package. The format version is bumped on any incompatible change.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from metatt_deploy.adapters.targets import TargetModule
@@ -17,11 +18,30 @@ from metatt_deploy.tt.cores import check_ranks, core_shapes
 FORMAT_VERSION = 1
 CONFIG_NAME = "metatt_config.json"
 WEIGHTS_NAME = "metatt_adapter.safetensors"
-METHODS = ("metatt-4d", "metatt-5d")
+METATT_METHODS = ("metatt-4d", "metatt-5d")
 DEFAULT_ALPHA = 4.0
 
 
-@dataclass
+def resolve_task(tasks: Sequence[str], task: str | int | None, what: str = "adapter") -> int:
+    """The index of ``task`` (a name or an index) in ``tasks``: the one place names become indices.
+
+    ``None`` means the only task; unknown names and ids are one-line errors listing the tasks.
+    """
+    if task is None:
+        if len(tasks) == 1:
+            return 0
+        raise MetaTTError(f"this {what} serves several tasks ({', '.join(tasks)}); pass --task NAME")
+    if isinstance(task, int) or (hasattr(task, "__index__") and not isinstance(task, str)):
+        index = int(task)
+        if isinstance(task, bool) or not 0 <= index < len(tasks):
+            raise MetaTTError(f"unknown task id {task}; this {what} has tasks " + ", ".join(f"{i}={t}" for i, t in enumerate(tasks)))
+        return index
+    if task not in tasks:
+        raise MetaTTError(f"unknown task '{task}'; this {what} has tasks: {', '.join(tasks)}")
+    return list(tasks).index(task)
+
+
+@dataclass(frozen=True)
 class MetaTTConfig:
     """A MetaTT adapter's shape, placement and provenance."""
 
@@ -53,19 +73,19 @@ class MetaTTConfig:
     def mode_size(self, name: str) -> int:
         return self.mode_sizes[self.mode_names.index(name)]
 
-    def task_index(self, task: str | None) -> int:
+    def task_index(self, task: str | int | None) -> int:
         """Index of a task in the task mode (and in ``tasks``); a clear error for unknown names."""
-        if task is None:
-            if len(self.tasks) == 1:
-                return 0
-            raise MetaTTError(f"this adapter serves several tasks ({', '.join(self.tasks)}); pass --task NAME")
-        if task not in self.tasks:
-            raise MetaTTError(f"unknown task '{task}'; this adapter has tasks: {', '.join(self.tasks)}")
-        return self.tasks.index(task)
+        return resolve_task(self.tasks, task)
+
+    def with_tasks(self, tasks: Sequence[str], label_names: dict[str, list[str]]) -> MetaTTConfig:
+        """A copy serving ``tasks`` (the task mode resized to match): tasks added, subset or reordered."""
+        t_core = self.mode_names.index("task")
+        sizes = [len(tasks) if k == t_core else n for k, n in enumerate(self.mode_sizes)]
+        return replace(self, tasks=list(tasks), label_names={t: list(label_names[t]) for t in tasks}, mode_sizes=sizes)
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise MetaTTError(f"unknown method '{self.method}'; use one of {', '.join(METHODS)}")
+        if self.method not in METATT_METHODS:
+            raise MetaTTError(f"unknown method '{self.method}'; use one of {', '.join(METATT_METHODS)}")
         if len(self.mode_names) != len(self.mode_sizes):
             raise MetaTTError("adapter config is inconsistent: mode_names and mode_sizes differ in length; re-create it")
         check_ranks(self.mode_names, self.mode_sizes, self.ranks)

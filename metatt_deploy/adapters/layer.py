@@ -15,16 +15,16 @@ matrix for 5D (kilobytes; never the dense update). Training therefore costs
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from metatt_deploy.adapters.config import MetaTTConfig
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.tt.cores import chain, init_cores
-
-INDEX_MODES = ("layer", "matrix")
+from metatt_deploy.tt.cores import chain, init_cores, tt_ranks
 
 
 class MetaTT(nn.Module):
@@ -32,7 +32,7 @@ class MetaTT(nn.Module):
 
     def __init__(self, config: MetaTTConfig, cores: Sequence[torch.Tensor] | None = None, seed: int = 0):
         super().__init__()
-        self.config = config
+        self._config = config
         if cores is None:
             cores = init_cores(config.init, config.core_shapes(), seed=seed)
         self.cores = nn.ParameterList([nn.Parameter(c.detach().clone().float()) for c in cores])
@@ -40,18 +40,34 @@ class MetaTT(nn.Module):
         names = config.mode_names
         self._layer, self._matrix = names.index("layer"), names.index("matrix")
         self.task_mode = names.index("task") if "task" in names else None
-        # Which task each row of the next forward uses: None (single task), an int, or a
-        # LongTensor of shape (batch,). Set through `use_task`.
+        # Which task each row of a forward uses: None (single task), an int, or a LongTensor of
+        # shape (batch,). Set only inside `routed` (or adapters.multitask.routed for a model).
         self.task_ids: int | torch.Tensor | None = None
 
-    def set_cores(self, cores: Sequence[torch.Tensor]) -> None:
-        """Replace the cores (e.g. after a rank-changing sweep); shapes may change."""
+    @property
+    def config(self) -> MetaTTConfig:
+        """The adapter's configuration, its ranks read off the cores (a sweep may have changed them)."""
+        ranks = tt_ranks(self.cores)
+        if ranks != self._config.ranks:
+            self._config = replace(self._config, ranks=ranks)
+        return self._config
+
+    def set_cores(self, cores: Sequence[torch.Tensor], config: MetaTTConfig | None = None) -> None:
+        """Replace the cores (after a rank-changing sweep; with ``config``, after the task mode grew or shrank)."""
         device = self.cores[0].device
         self.cores = nn.ParameterList([nn.Parameter(c.detach().clone().float().to(device)) for c in cores])
-        self.config.ranks = [c.shape[-1] for c in cores[:-1]]
+        if config is not None:
+            self._config = config
 
-    def use_task(self, task_ids: int | torch.Tensor | None) -> None:
-        self.task_ids = task_ids
+    @contextmanager
+    def routed(self, task_ids: int | torch.Tensor | None) -> Iterator[None]:
+        """Use task ``task_ids`` (one id, or a LongTensor with one id per row) inside the block;
+        the previous routing comes back on exit, exceptions included."""
+        previous, self.task_ids = self.task_ids, task_ids
+        try:
+            yield
+        finally:
+            self.task_ids = previous
 
     def input_factor(self) -> torch.Tensor:
         """A: the first core as a (D_in, r_1) matrix."""
@@ -59,7 +75,7 @@ class MetaTT(nn.Module):
 
     def output_factor(self) -> torch.Tensor:
         """B: the cores after the index cores as one (r, D_out) matrix."""
-        if self.config.mode_names[-1] == "out":
+        if self._config.mode_names[-1] == "out":
             return self.cores[-1][..., 0]
         head, head_dim = self.cores[-2], self.cores[-1]
         b = torch.einsum("ahb,bd->ahd", head, head_dim[..., 0])
@@ -72,7 +88,7 @@ class MetaTT(nn.Module):
     def _task_slices(self) -> torch.Tensor:
         """The task core's slice for the active task(s): (r, r') or (batch, r, r')."""
         if self.task_ids is None:
-            if self.config.mode_size("task") == 1:
+            if self._config.mode_size("task") == 1:
                 return self.cores[self.task_mode][:, 0, :]
             raise MetaTTError("this adapter serves several tasks: choose one (task=... / task_ids) before running it")
         core = self.cores[self.task_mode]

@@ -18,12 +18,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from metatt_deploy.adapters.base_model import load_causal_lm, load_classifier, load_tokenizer
-from metatt_deploy.adapters.config import DEFAULT_ALPHA, WEIGHTS_NAME, MetaTTConfig
+from metatt_deploy.adapters.config import DEFAULT_ALPHA, METATT_METHODS, WEIGHTS_NAME, MetaTTConfig
 from metatt_deploy.adapters.heads import add_task_heads, select_task_head
 from metatt_deploy.adapters.layer import MetaTT, MetaTTLayer
 from metatt_deploy.adapters.targets import DEFAULT_TARGETS, TargetModule, find_targets, head_modules, is_causal_lm
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_dir
+from metatt_deploy.tt.cores import tt_ranks
 
 ADAPTER_ATTR = "metatt"
 CAUSAL_LM = "causal-lm"
@@ -40,6 +41,7 @@ def build_config(
     tasks: list[str] | None = None,
     label_names: dict[str, list[str]] | None = None,
     base_model: str = "",
+    extra: dict | None = None,
 ) -> MetaTTConfig:
     """Derive modes, ranks and placement of an adapter for ``model`` (before attaching)."""
     names, layers, modules = find_targets(model, targets)
@@ -60,7 +62,7 @@ def build_config(
         mode_names += ["head", "head_dim"]
         mode_sizes += [d_out // head_dim, head_dim]
     else:
-        raise MetaTTError(f"unknown method '{method}'; use metatt-4d, metatt-5d or lora")
+        raise MetaTTError(f"unknown method '{method}'; use {' or '.join(METATT_METHODS)} (lora trains through metatt-deploy train --method lora)")
     n_bonds = len(mode_sizes) - 1
     ranks = [rank] * n_bonds if isinstance(rank, int) else list(rank)
     causal = is_causal_lm(model)
@@ -82,7 +84,7 @@ def build_config(
         base_model=base_model,
         base_fingerprint=fingerprint(model, modules),
         model_type=model.config.model_type,
-        extra={"task_type": CAUSAL_LM} if causal else {},
+        extra={**(extra or {}), "task_type": CAUSAL_LM} if causal else dict(extra or {}),
     )
     config.validate()
     return config
@@ -190,7 +192,9 @@ def split_state(state: dict[str, torch.Tensor], config: MetaTTConfig) -> tuple[l
     mode_sizes = [c.shape[1] for c in cores]
     if mode_sizes != config.mode_sizes or any(c.dim() != 3 for c in cores):
         raise MetaTTError(f"adapter cores have modes {mode_sizes} but the config says {config.mode_sizes}; re-create the adapter")
-    config.ranks = [c.shape[-1] for c in cores[:-1]]
+    ranks = tt_ranks(cores)
+    if ranks != list(config.ranks):
+        raise MetaTTError(f"adapter cores have bond ranks {ranks} but the config says {list(config.ranks)}; re-create the adapter")
     heads = {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
     return cores, heads
 

@@ -8,8 +8,9 @@ Model side (docs/multitask.md has the user-facing rules):
   ``classifier`` for DistilBERT, ...) is replaced by a `TaskHeads` router holding one copy per
   task; in the last head module the label-producing ``nn.Linear`` has that task's label count.
 - `MultiTaskModel` is the forward that takes ``task_ids``: an int / task name (the whole batch)
-  or one id per row (a mixed batch). It sets ``adapter.use_task`` and the routers, so every row
-  uses its own task slice and head.
+  or one id per row (a mixed batch). It routes the adapter and the heads for that one forward
+  (`routed`, a context manager that always restores the previous routing), so every row uses
+  its own task slice and head.
 
 Logits layout (the same in PyTorch, the factored ONNX graph and the runtime): ``(batch,
 max_labels)`` where ``max_labels`` is the largest label count among the model's tasks; row ``b``
@@ -18,7 +19,7 @@ column never wins an argmax nor takes probability mass (exp(-1e4) == 0 in float3
 and argmax can run on the padded tensor directly; `split_logits` cuts rows back to their tasks.
 PAD_LOGIT is finite (fp16-safe) so differences of padded tensors stay well defined.
 
-Training several tasks (task specs, sampling, the loop, adding a task) is multitask_train.py.
+Training several tasks (task specs, sampling, the loop, adding a task) is training/multitask.py.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +38,9 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from metatt_deploy.adapters import model as mt
-from metatt_deploy.adapters.config import MetaTTConfig
+from metatt_deploy.adapters.config import DEFAULT_ALPHA, MetaTTConfig
 from metatt_deploy.adapters.heads import add_task_heads, new_head, routers
+from metatt_deploy.adapters.targets import DEFAULT_TARGETS
 from metatt_deploy.common.errors import MetaTTError
 
 
@@ -70,13 +73,11 @@ class MultiTaskModel(nn.Module):
     def task_ids_for(self, task_ids, batch: int) -> int | torch.Tensor:
         """Normalise a task name, an index, names/indices per row or a LongTensor; unknown tasks are errors."""
         cfg = self.adapter_config
-        if isinstance(task_ids, str):
+        if isinstance(task_ids, (str, int)):
             return cfg.task_index(task_ids)
         if isinstance(task_ids, (list, tuple)):
-            task_ids = torch.tensor([cfg.task_index(t) if isinstance(t, str) else int(t) for t in task_ids], dtype=torch.long)
-        if isinstance(task_ids, int):
-            ids = torch.tensor([task_ids])
-        elif isinstance(task_ids, torch.Tensor):
+            task_ids = torch.tensor([cfg.task_index(t) for t in task_ids], dtype=torch.long)
+        if isinstance(task_ids, torch.Tensor):
             ids = task_ids = task_ids.reshape(-1).long().to(self.metatt.cores[0].device)
             if not torch.jit.is_tracing() and ids.numel() != batch:
                 raise MetaTTError(f"task_ids has {ids.numel()} entries for a batch of {batch}; give one task id per row")
@@ -96,18 +97,29 @@ class MultiTaskModel(nn.Module):
         ids = self.task_ids_for(task_ids, batch)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids, **kwargs}
         inputs = {k: v for k, v in inputs.items() if v is not None}
-        adapter, heads = self.metatt, routers(self.model)
-        adapter.use_task(ids)
-        for r in heads:
-            r.task_ids = ids
-        try:
+        with routed(self.model, ids):
             logits = self.model(**inputs).logits
-        finally:
-            adapter.use_task(None)
-            for r in heads:
-                r.task_ids = None
         loss = F.cross_entropy(logits.float(), labels.long()) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+@contextmanager
+def routed(model: nn.Module, task_ids: int | torch.Tensor) -> Iterator[None]:
+    """Route ``model``'s adapter and task heads to ``task_ids`` (one id, or one per row) inside the block.
+
+    The previous routing is restored on exit, exceptions included, so no forward outside the
+    block can run with a stale task.
+    """
+    heads = routers(model)
+    previous = [r.task_ids for r in heads]
+    for r in heads:
+        r.task_ids = task_ids
+    try:
+        with mt.get_adapter(model).routed(task_ids):
+            yield
+    finally:
+        for r, ids in zip(heads, previous):
+            r.task_ids = ids
 
 
 def split_logits(logits: np.ndarray | torch.Tensor, task_ids: Sequence[int], num_labels: Sequence[int]) -> list:
@@ -125,12 +137,13 @@ def build_multitask(
     *,
     method: str = "metatt-4d",
     rank: int | list[int] = 8,
-    alpha: float = 4.0,
+    alpha: float = DEFAULT_ALPHA,
     init: str | None = None,
-    targets="q,k,v,o",
+    targets: str | list[str] = DEFAULT_TARGETS,
     base_model: str = "",
     seed: int = 0,
     cores: list[torch.Tensor] | None = None,
+    extra: dict | None = None,
 ) -> MultiTaskModel:
     """Attach a (4+1)D adapter for ``tasks`` and per-task heads to ``model`` (a fresh HF classifier)."""
     tasks = list(tasks)
@@ -148,6 +161,7 @@ def build_multitask(
         tasks=tasks,
         label_names={t: list(label_names[t]) for t in tasks},
         base_model=base_model,
+        extra=extra,
     )
     mt.attach(model, config, cores, seed=seed)
     add_task_heads(model, config, seed)
@@ -226,11 +240,8 @@ def extend_tasks(mtm: MultiTaskModel, name: str, label_names: list[str], seed: i
         new_core = torch.cat([old, old.mean(dim=1, keepdim=True)], dim=1)
     cores = [c.detach() for c in adapter.cores]
     cores[t_core] = new_core
-    cfg.tasks = [*cfg.tasks, name]
-    cfg.label_names = {**cfg.label_names, name: list(label_names)}
-    cfg.mode_sizes = [*cfg.mode_sizes]
-    cfg.mode_sizes[t_core] += 1
-    adapter.set_cores(cores)
+    cfg = cfg.with_tasks([*cfg.tasks, name], {**cfg.label_names, name: list(label_names)})
+    adapter.set_cores(cores, cfg)
     last = cfg.head_modules[-1]
     index = len(cfg.tasks) - 1
     for head_name, router in zip(cfg.head_modules, [mtm.model.get_submodule(n) for n in cfg.head_modules]):

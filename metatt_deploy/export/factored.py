@@ -48,7 +48,7 @@ from torch import nn
 from metatt_deploy.adapters import model as mt
 from metatt_deploy.adapters.config import MetaTTConfig
 from metatt_deploy.adapters.heads import PAD_LOGIT, add_task_heads, label_linear, routers, select_task_head
-from metatt_deploy.adapters.multitask import MultiTaskModel, bundle_id, load_multitask, shared_core_indices
+from metatt_deploy.adapters.multitask import MultiTaskModel, bundle_id, load_multitask, routed, shared_core_indices
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_dir, atomic_write_json, check_writable, read_json, sha256_file
 
@@ -205,13 +205,8 @@ class _AdapterGraph(nn.Module):
         text, task_slice, head = args[:n], args[n], args[n + 1 :]
         swaps = {self.task_core: task_slice.unsqueeze(1)}
         swaps.update({k[len("head.") :]: v for k, v in zip(self.head_keys, head)})
-        adapter = mt.get_adapter(self.hf)
-        adapter.use_task(0)
-        try:
-            with _parameters_as(self.hf, swaps):
-                return self.hf(**dict(zip(self.names, text))).logits
-        finally:
-            adapter.use_task(None)
+        with routed(self.hf, 0), _parameters_as(self.hf, swaps):
+            return self.hf(**dict(zip(self.names, text))).logits
 
 
 def export_adapter_graph(mtm: MultiTaskModel, path: str | Path, names: list[str], opset: int = DEFAULT_OPSET) -> dict:
@@ -413,10 +408,8 @@ def _subset(mtm: MultiTaskModel, keep: list[int]) -> MultiTaskModel:
     t_core = config.mode_names.index("task")
     cores = [c.detach() for c in mtm.metatt.cores]
     cores[t_core] = cores[t_core][:, keep, :]
-    config.tasks = [config.tasks[t] for t in keep]
-    config.label_names = {t: config.label_names[t] for t in config.tasks}
-    config.mode_sizes[t_core] = len(keep)
-    mtm.metatt.set_cores(cores)
+    config = config.with_tasks([config.tasks[t] for t in keep], config.label_names)
+    mtm.metatt.set_cores(cores, config)
     for router in routers(mtm.model):
         router.heads = nn.ModuleList([router.heads[t] for t in keep])
     return mtm
@@ -507,9 +500,7 @@ def load_bundle(bundle: str | Path) -> MultiTaskModel:
     cores = [
         shared[f"core.{k}"] if k != t_core else torch.stack([t[TASK_SLICE] for t in tensors], dim=1) for k in range(len(config.mode_names))
     ]
-    config.tasks = [r["task"] for r in records]
-    config.label_names = {r["task"]: list(r["labels"]) for r in records}
-    config.mode_sizes[t_core] = len(records)
+    config = config.with_tasks([r["task"] for r in records], {r["task"]: list(r["labels"]) for r in records})
     model = mt.load_classifier(str(bundle / info["base_dir"]), config.label_names[config.tasks[0]])
     mt.attach(model, config, cores)
     add_task_heads(model, config)

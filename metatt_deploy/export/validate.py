@@ -18,6 +18,7 @@ parity failure is written to the report first, then raised.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -29,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from metatt_deploy.adapters.config import WEIGHTS_NAME
-from metatt_deploy.adapters.model import get_adapter, load_adapter
+from metatt_deploy.adapters.model import load_adapter
+from metatt_deploy.adapters.multitask import routed
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text, check_writable, sha256_file
 from metatt_deploy.export.onnx import (
@@ -271,9 +273,9 @@ def validate(
 
     model, config, tokenizer = load_adapter(adapter_dir, base_model=base_model)
     task = task or manifest.get("task")
-    if config.multitask:
-        get_adapter(model).use_task(config.task_index(task))
-    elif task and task not in config.tasks:
+    # a multi-task adapter runs routed to the one task it is validated for (heads included)
+    routing = routed(model, config.task_index(task)) if config.multitask else contextlib.nullcontext()
+    if not config.multitask and task and task not in config.tasks:
         raise MetaTTError(f"unknown task '{task}'; this adapter has tasks: {', '.join(config.tasks)}")
     task_name = config.tasks[config.task_index(task) if config.multitask else 0]
     model_labels = config.label_names.get(task_name) or next(iter(config.label_names.values()))
@@ -285,21 +287,22 @@ def validate(
     if threads:
         torch.set_num_threads(threads)
     try:
-        report = _run(
-            model,
-            tokenizer,
-            held,
-            onnx_dir,
-            manifest,
-            reference_onnx,
-            reference_manifest,
-            batch_sizes=batch_sizes,
-            seq_len=seq_len,
-            repeats=repeats,
-            warmup=warmup,
-            max_seconds=max_seconds,
-            threads=threads,
-        )
+        with routing:
+            report = _run(
+                model,
+                tokenizer,
+                held,
+                onnx_dir,
+                manifest,
+                reference_onnx,
+                reference_manifest,
+                batch_sizes=batch_sizes,
+                seq_len=seq_len,
+                repeats=repeats,
+                warmup=warmup,
+                max_seconds=max_seconds,
+                threads=threads,
+            )
     finally:
         torch.set_num_threads(old_threads)
     report = {

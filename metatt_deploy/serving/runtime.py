@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from metatt_deploy.adapters.base_model import friendly_load
+from metatt_deploy.adapters.config import resolve_task
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.export.factored import (
     ADAPTER_GRAPH,
@@ -144,15 +145,7 @@ class Runtime:
 
     def task_name(self, task: str | int) -> str:
         """A task name from a name or an index into ``tasks``; unknown ones are errors."""
-        if isinstance(task, (int, np.integer)) and not isinstance(task, bool):
-            if not 0 <= int(task) < len(self.tasks):
-                raise MetaTTError(
-                    f"unknown task id {task}; this bundle has tasks " + ", ".join(f"{i}={t}" for i, t in enumerate(self.tasks))
-                )
-            return self.tasks[int(task)]
-        if task not in self.records:
-            raise MetaTTError(f"unknown task '{task}'; this bundle has tasks: {', '.join(self.tasks)}")
-        return task
+        return self.tasks[resolve_task(self.tasks, task, what="bundle")]
 
     def labels(self, task: str | int) -> list[str]:
         return list(self.records[self.task_name(task)]["labels"])

@@ -8,13 +8,12 @@ are rebuilt at their saved shapes.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from metatt_deploy.adapters import model as mt
+from metatt_deploy.adapters.layer import MetaTT
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_dir, atomic_write_json, read_json
 
@@ -40,13 +39,12 @@ def save_checkpoint(run: Path, model: nn.Module, optimizer: torch.optim.Optimize
         atomic_write_json(tmp / "state.json", state)
 
 
-def load_checkpoint(run: Path, cfg: Any, model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Restore trainable tensors (re-shaping the TT when ranks were cut); return state + moments."""
+def load_checkpoint(run: Path, model: nn.Module, adapter: MetaTT | None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Restore trainable tensors (re-shaping ``adapter``'s TT when ranks were cut); return state + moments."""
     state = read_json(run / "checkpoint" / "state.json", "checkpoint state")
     tensors = load_file(str(run / "checkpoint" / "trainable.safetensors"))
     params = {k[len("param.") :]: v for k, v in tensors.items() if k.startswith("param.")}
-    if cfg.method != "lora":
-        adapter = mt.get_adapter(model)
+    if adapter is not None:
         names = {id(p): n for n, p in model.named_parameters()}
         keys = [names[id(c)] for c in adapter.cores]
         if all(k in params for k in keys):  # all cores trained (ranks may have been cut): rebuild them

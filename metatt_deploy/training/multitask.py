@@ -1,55 +1,54 @@
-"""Training several tasks at once: task specs, batch sampling across tasks, the joint loop, adding a task.
+"""Training several tasks at once: task specs, the multi-task recipe for the loop, adding a task.
 
-`train_multitask` samples one task per batch (proportional or temperature sampling), evaluates
-every task every epoch, logs per-task metrics and the normalised gradient norm of every core,
-and checkpoints and resumes through train.py's pieces. With ``add_task_from`` it trains only a
-new task's slice (appended to the task core) and head against a frozen adapter. The models it
-trains are multitask.py's.
+`train_multitask` draws one task per batch (training/sampling.py), evaluates every task every
+epoch, logs per-task metrics and the normalised gradient norm of every core, and runs through
+the one loop (training/loop.py). With ``add_task_from`` it trains only a new task's slice
+(appended to the task core) and head against a frozen adapter. The models it trains are
+adapters/multitask.py's.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
-import math
 import statistics
-import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from matplotlib.ticker import MaxNLocator
+from torch import nn
 from transformers import DataCollatorWithPadding
 
 from metatt_deploy.adapters.base_model import DEFAULT_MODEL, load_classifier, load_tokenizer
 from metatt_deploy.adapters.config import MetaTTConfig
 from metatt_deploy.adapters.heads import routers
+from metatt_deploy.adapters.model import get_adapter
 from metatt_deploy.adapters.multitask import MultiTaskModel, build_multitask, extend_tasks, load_multitask, parameter_counts, save_multitask
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text
-from metatt_deploy.common.report import markdown_table, progress_bar, save_figure
-from metatt_deploy.training.data import load_task, tokenize_task
+from metatt_deploy.common.report import markdown_table, save_figure
+from metatt_deploy.training.config import MultiTaskConfig
+from metatt_deploy.training.data import TaskData, load_task, tokenize_task
 from metatt_deploy.training.loop import (
-    TrainConfig,
-    epoch_order,
+    MODEL_INPUTS,
+    Recipe,
     evaluate,
-    load_checkpoint,
+    make_accelerator,
     make_loader,
     prepare_run,
-    restore_moments,
-    save_checkpoint,
-    seed_step,
-    warmup_schedule,
+    rank_schedule,
+    run_loop,
+    start_ranks,
 )
+from metatt_deploy.training.sampling import task_probabilities
 
-SAMPLING = ("proportional", "temperature")
+N_BONDS_4PLUS1 = {"metatt-4d": 4, "metatt-5d": 5}  # multi-task adapters: modes - 1 (the task mode added)
 DATA_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 
 
-# ---------------------------------------------------------------- task specs and sampling
+# ---------------------------------------------------------------- task specs
 
 
 @dataclass
@@ -91,104 +90,8 @@ def load_task_spec(spec: TaskSpec | str, *, max_samples: dict[str, int] | None =
     return task
 
 
-def task_probabilities(sizes: Sequence[int], sampling: str = "proportional", temperature: float = 1.0) -> np.ndarray:
-    """p_t proportional to n_t (proportional) or to n_t ** (1 / T) (temperature; T=1 is proportional)."""
-    if sampling not in SAMPLING:
-        raise MetaTTError(f"unknown --task-sampling '{sampling}'; use {' or '.join(SAMPLING)}")
-    if temperature <= 0:
-        raise MetaTTError("--temperature must be positive (1 = proportional, larger flattens towards uniform)")
-    n = np.asarray(sizes, dtype=np.float64)
-    if (n <= 0).any():
-        raise MetaTTError("every task needs training examples; check the train split of each --task")
-    w = n if sampling == "proportional" else n ** (1.0 / temperature)
-    return w / w.sum()
-
-
-def epoch_plan(
-    lengths: Sequence[Sequence[int]], batch_size: int, probs: Sequence[float], seed: int, epoch: int
-) -> list[tuple[int, list[int]]]:
-    """The batches of one epoch as (task, row indices): a pure function of (seed, epoch).
-
-    ``lengths[t]`` are the token counts of task t's training rows. An epoch has
-    sum_t ceil(n_t / batch) steps; each step draws a task from ``probs`` and takes the task's next
-    ``batch_size`` rows of its seeded, length-grouped order (train.epoch_order; a new order once
-    one is used up, so a task sampled more often than its size cycles through it). Resuming
-    replays the plan and skips the steps already done.
-    """
-    rng = np.random.default_rng([seed, epoch])
-    steps = sum(math.ceil(len(n) / batch_size) for n in lengths)
-    choice = rng.choice(len(lengths), size=steps, p=np.asarray(probs))
-    streams: list[list[int]] = [[] for _ in lengths]
-    cycles = [0] * len(lengths)
-    plan = []
-    for t in choice.tolist():
-        while len(streams[t]) < batch_size:
-            streams[t].extend(epoch_order(list(lengths[t]), batch_size, seed * 7919 + t, epoch * 1000 + cycles[t]))
-            cycles[t] += 1
-        plan.append((t, streams[t][:batch_size]))
-        del streams[t][:batch_size]
-    return plan
-
-
-# ---------------------------------------------------------------- training
-
-
-ADD_TASK_LR = 5e-3
-
-
-@dataclass
-class MultiTaskConfig(TrainConfig):
-    """A multi-task run: TrainConfig's knobs plus the tasks and how batches are drawn from them."""
-
-    tasks: list[str] = field(default_factory=list)  # the --task values as given (NAME=SOURCE)
-    task_sampling: str = "proportional"
-    temperature: float = 1.0
-    add_task_from: str | None = None  # with --add-task: the frozen multi-task adapter to extend
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-
-    def __post_init__(self) -> None:
-        """Joint training keeps the single-task defaults (cores 1e-3, heads 5e-3): the shared cores
-        take every task's gradient, and 5e-3 for them left all three tasks of the real run at
-        their majority class (docs/multitask.md). --add-task trains one slice and one head,
-        nothing shared, at 5e-3 (measured: amazon 0.79 test accuracy from 1,000 examples).
-        """
-        if self.lr is None and self.add_task_from:
-            self.lr = ADD_TASK_LR
-        super().__post_init__()
-
-    def check(self) -> None:
-        super().check()
-        if self.method == "lora":
-            raise MetaTTError("multi-task training needs a MetaTT method (metatt-4d or metatt-5d); drop --method lora")
-        if self.rank_schedule:
-            raise MetaTTError("--rank-schedule is not supported with several --task yet; train at a fixed --rank")
-        if self.add_task_from:
-            if len(self.tasks) != 1:
-                raise MetaTTError("--add-task trains exactly one new task; give --add-task NAME=SOURCE once")
-        elif len(self.tasks) < 2:
-            raise MetaTTError("multi-task training needs at least two --task NAME=SOURCE; use --dataset for one task")
-        task_probabilities([1] * len(self.tasks), self.task_sampling, self.temperature)
-
-    def sample_limits(self) -> dict[str, int] | None:
-        limits = {
-            k: v
-            for k, v in (("train", self.max_train_samples), ("validation", self.max_eval_samples), ("test", self.max_eval_samples))
-            if v
-        }
-        return limits or None
-
-
 def _core_names(config: MetaTTConfig) -> list[str]:
     return [f"G{k + 1} ({n})" for k, n in enumerate(config.mode_names)]
-
-
-def _optimizer(cfg: MultiTaskConfig, mtm: MultiTaskModel) -> torch.optim.Optimizer:
-    """AdamW: adapter cores at --lr, heads at --head-lr (default --lr)."""
-    cores = [p for p in mtm.metatt.parameters() if p.requires_grad]
-    heads = [p for r in routers(mtm.model) for p in r.parameters() if p.requires_grad]
-    groups = [g for g in ({"params": cores, "lr": cfg.lr}, {"params": heads, "lr": cfg.head_lr or cfg.lr}) if g["params"]]
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def _with_task(collator, task: int, features):
@@ -224,10 +127,18 @@ def _freeze_for_new_task(mtm: MultiTaskModel, new: int):
     return restore
 
 
-def train_multitask(cfg: MultiTaskConfig, tasks: list, force: bool = False) -> dict:
+def _param_groups(cfg: MultiTaskConfig, mtm: nn.Module) -> list[dict[str, Any]]:
+    """Adapter cores at --lr, heads at --head-lr (default --lr)."""
+    cores = [p for p in get_adapter(mtm).parameters() if p.requires_grad]
+    heads = [p for r in routers(mtm) for p in r.parameters() if p.requires_grad]
+    groups = ({"params": cores, "lr": cfg.adapter_lr}, {"params": heads, "lr": cfg.resolved_head_lr})
+    return [g for g in groups if g["params"]]
+
+
+def train_multitask(cfg: MultiTaskConfig, tasks: list[TaskData], force: bool = False) -> dict:
     """Run (or resume) a multi-task run (or an --add-task run) into ``cfg.output``; returns the metrics."""
     run, resuming = prepare_run(cfg, force)
-    accelerator = Accelerator()
+    accelerator = make_accelerator(find_unused_parameters=True)
     torch.manual_seed(cfg.seed)
     restore = None
     if cfg.add_task_from:
@@ -243,17 +154,18 @@ def train_multitask(cfg: MultiTaskConfig, tasks: list, force: bool = False) -> d
             [t.name for t in tasks],
             {t.name: t.label_names for t in tasks},
             method=cfg.method,
-            rank=cfg.rank,
+            rank=start_ranks(cfg, N_BONDS_4PLUS1[cfg.method]),
             alpha=cfg.alpha,
             init=cfg.init,
             targets=cfg.targets,
             base_model=cfg.model,
             seed=cfg.seed,
+            extra={"max_length": cfg.max_length},
         )
-        mtm.adapter_config.extra["max_length"] = cfg.max_length
         train_ids = list(range(len(tasks)))
     mtm.train()
-    config = mtm.adapter_config
+    adapter = mtm.metatt
+    schedule = rank_schedule(cfg, adapter)
 
     splits = []
     for task in tasks:
@@ -262,96 +174,50 @@ def train_multitask(cfg: MultiTaskConfig, tasks: list, force: bool = False) -> d
             raise MetaTTError(f"task '{task.name}' needs a train and a validation split; give train.jsonl,validation.jsonl")
         splits.append(s)
     collator = DataCollatorWithPadding(tokenizer)
-    columns = [c for c in ("input_ids", "attention_mask", "token_type_ids", "labels") if c in splits[0]["train"].column_names]
+    columns = [c for c in MODEL_INPUTS if c in splits[0]["train"].column_names]
     rows = [s["train"].select_columns(columns).to_list() for s in splits]
-    lengths = [[len(r["input_ids"]) for r in task_rows] for task_rows in rows]
     probs = task_probabilities([len(r) for r in rows], cfg.task_sampling, cfg.temperature)
-    steps_per_epoch = sum(math.ceil(len(r) / cfg.batch_size) for r in rows)
-    total_steps = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
-
-    n_cores = len(config.mode_names)
-    fresh = {"sum": [0.0] * n_cores, "count": 0, "task_steps": [0] * len(tasks)}
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None, "step_times": [], "grad": copy.deepcopy(fresh)}
-    moments: dict[str, torch.Tensor] = {}
-    if resuming:
-        state, moments = load_checkpoint(run, cfg, mtm)
-        accelerator.print(f"resuming {run} at epoch {state['epoch'] + 1}, step {state['step_in_epoch']}")
-    optimizer = _optimizer(cfg, mtm)
-
-    def checkpoint() -> None:
-        save_checkpoint(run, accelerator.unwrap_model(model), optimizer, state)
-
-    scheduler = warmup_schedule(cfg, optimizer, total_steps, state["global_step"])
-    restore_moments(optimizer, mtm, moments)
-    model, optimizer = accelerator.prepare(mtm, optimizer)
     val_loaders = {
         i: accelerator.prepare(make_loader(splits[k]["validation"], functools.partial(_with_task, collator, i), cfg.eval_batch_size))
         for k, i in enumerate(train_ids)
     }
     counts = parameter_counts(mtm)
+    config = mtm.adapter_config
     accelerator.print(
         f"{config.method} ({'+'.join(config.mode_names)}): {counts['adapter_total']:,} adapter parameters "
         f"({counts['shared_cores']:,} shared), {counts['total']:,} with the heads; "
         "task sampling " + ", ".join(f"{t.name} {p:.2f}" for t, p in zip(tasks, probs))
     )
-    progress = progress_bar(total_steps, state["global_step"], "train multi-task", accelerator.is_main_process)
-    cores = list(mtm.metatt.cores)
-    while state["epoch"] < cfg.epochs and state["global_step"] < total_steps:
-        epoch = state["epoch"]
-        plan = epoch_plan(lengths, cfg.batch_size, probs, cfg.seed, epoch)
-        for t, idx in plan[state["step_in_epoch"] :]:
-            t0 = time.perf_counter()
-            seed_step(cfg.seed, state["global_step"])
-            batch = _with_task(collator, train_ids[t], [rows[t][i] for i in idx])
-            batch = {k: (v.to(accelerator.device) if hasattr(v, "to") else v) for k, v in batch.items()}
-            loss = model(**batch).loss
-            accelerator.backward(loss)
-            with torch.no_grad():
-                for k, core in enumerate(cores):
-                    if core.grad is not None:
-                        state["grad"]["sum"][k] += float(core.grad.norm() / math.sqrt(core.numel()))
-            state["grad"]["count"] += 1
-            state["grad"]["task_steps"][t] += 1
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if restore is not None:
-                restore()
-            state["step_times"].append(time.perf_counter() - t0)
-            state["global_step"] += 1
-            state["step_in_epoch"] += 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}", task=tasks[t].name, epoch=epoch + 1, refresh=False)
-            if state["global_step"] % cfg.save_steps == 0:
-                checkpoint()
-            if state["global_step"] >= total_steps:
-                break
-        metrics = {tasks[k].name: evaluate(model, val_loaders[i], accelerator, len(tasks[k].label_names)) for k, i in enumerate(train_ids)}
-        grad = state["grad"]
-        entry = {
-            "epoch": epoch + 1,
-            "step": state["global_step"],
-            "tasks": metrics,
-            "mean_accuracy": float(np.mean([m["accuracy"] for m in metrics.values()])),
-            "grad_norm_rms": dict(zip(_core_names(config), [s / max(1, grad["count"]) for s in grad["sum"]])),
+    core_names = _core_names(config)
+
+    def gradient_fields(grad: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "grad_norm_rms": dict(zip(core_names, [s / max(1, grad["count"]) for s in grad["sum"]])),
             "batches_per_task": {tasks[k].name: n for k, n in enumerate(grad["task_steps"])},
         }
-        state["history"].append(entry)
-        state["grad"] = copy.deepcopy(fresh)
-        accelerator.print(
-            f"epoch {epoch + 1}: "
-            + ", ".join(f"{n} acc {m['accuracy']:.4f}" for n, m in metrics.items())
-            + f"; mean {entry['mean_accuracy']:.4f}"
-        )
-        if state["best"] is None or entry["mean_accuracy"] > state["best"]["mean_accuracy"]:
-            state["best"] = entry
-            if accelerator.is_main_process:
-                save_multitask(accelerator.unwrap_model(model), run / "best", tokenizer, force=True)
-        state["epoch"] += 1
-        state["step_in_epoch"] = 0
-        if accelerator.is_main_process:
-            checkpoint()
-    progress.close()
+
+    def evaluate_epoch(model: nn.Module) -> tuple[dict[str, Any], float, str]:
+        metrics = {tasks[k].name: evaluate(model, val_loaders[i], accelerator, len(tasks[k].label_names)) for k, i in enumerate(train_ids)}
+        mean = float(np.mean([m["accuracy"] for m in metrics.values()]))
+        line = ", ".join(f"{n} acc {m['accuracy']:.4f}" for n, m in metrics.items()) + f"; mean {mean:.4f}"
+        return {"tasks": metrics, "mean_accuracy": mean}, mean, line
+
+    recipe = Recipe(
+        model=mtm,
+        rows=rows,
+        probs=probs,
+        collate=lambda t, batch_rows: _with_task(collator, train_ids[t], batch_rows),
+        evaluate=evaluate_epoch,
+        save_best=lambda model, directory: save_multitask(model, directory, tokenizer, force=True),
+        param_groups=lambda model: _param_groups(cfg, model),
+        task_names=[t.name for t in tasks],
+        adapter=adapter,
+        after_step=restore,
+        gradient_fields=gradient_fields,
+        description="train multi-task",
+        schedule=schedule,
+    )
+    state = run_loop(cfg, run, resuming, recipe, accelerator)
 
     result = {
         "method": config.method,

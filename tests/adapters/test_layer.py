@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -86,15 +88,14 @@ def test_4plus1d_per_row_tasks() -> None:
     x = x_batch(D_IN)
     task_ids = torch.tensor([2, 0, 1, 2])  # a batch that mixes tasks
     with torch.no_grad():
-        ad.use_task(task_ids)
-        out = ad.delta(x, 1, [(3, 0, D_OUT)])
+        with ad.routed(task_ids):
+            out = ad.delta(x, 1, [(3, 0, D_OUT)])
         for row, t in enumerate(task_ids.tolist()):
             torch.testing.assert_close(out[row], 1.5 * x[row] @ full[:, 1, 3, t, :], **CLOSE)
         for t in range(T):
-            ad.use_task(t)
-            torch.testing.assert_close(ad.delta(x, 2, [(0, 0, D_OUT)]), 1.5 * x @ full[:, 2, 0, t, :], **CLOSE)
+            with ad.routed(t):
+                torch.testing.assert_close(ad.delta(x, 2, [(0, 0, D_OUT)]), 1.5 * x @ full[:, 2, 0, t, :], **CLOSE)
             torch.testing.assert_close(ad.dense_delta(2, 0, D_IN, D_OUT, task=t), 1.5 * full[:, 2, 0, t, :], **CLOSE)
-        ad.use_task(None)
         with pytest.raises(MetaTTError, match="several tasks"):
             ad.delta(x, 0, [(0, 0, D_OUT)])
 
@@ -106,8 +107,7 @@ def test_per_row_tasks_for_any_input_rank(shape) -> None:
     full = full_tensor(ad)
     x = torch.randn(*shape)
     task_ids = torch.tensor([1, 2, 0, 1])
-    with torch.no_grad():
-        ad.use_task(task_ids)
+    with torch.no_grad(), ad.routed(task_ids):
         out = ad.delta(x, 0, [(2, 0, D_OUT)])
     assert out.shape == (*shape[:-1], D_OUT)
     for row, t in enumerate(task_ids.tolist()):
@@ -160,8 +160,7 @@ def test_default_init_and_seeded_construction() -> None:
     ad = MetaTT(cfg)
     assert torch.count_nonzero(ad.delta(x_batch(D_IN), 0, [(0, 0, D_OUT)])) == 0
     assert [tuple(c.shape) for c in ad.cores] == core_shapes(cfg.mode_sizes, cfg.ranks)
-    cfg_no = make_config(["in", "layer", "matrix", "out"], [D_IN, L, M, D_OUT], [3, 3, 3])
-    cfg_no.init = "no-no-no-no"
+    cfg_no = dataclasses.replace(make_config(["in", "layer", "matrix", "out"], [D_IN, L, M, D_OUT], [3, 3, 3]), init="no-no-no-no")
     assert torch.equal(MetaTT(cfg_no, seed=5).cores[2], MetaTT(cfg_no, seed=5).cores[2])
 
 
@@ -169,7 +168,7 @@ def test_set_cores_updates_ranks_and_gradients_reach_cores() -> None:
     cfg = make_config(["in", "layer", "matrix", "out"], [D_IN, L, M, D_OUT], [3, 3, 3])
     ad = random_adapter(cfg)
     ad.set_cores([torch.randn(s) for s in core_shapes(cfg.mode_sizes, [2, 4, 1])])
-    assert cfg.ranks == [2, 4, 1]
+    assert ad.config.ranks == [2, 4, 1] and cfg.ranks == [3, 3, 3]  # read off the cores; the given config is immutable
     ad.delta(x_batch(D_IN), 1, [(2, 0, D_OUT)]).sum().backward()
     assert all(c.grad is not None for c in ad.cores)
     # only the slices of layer 1 / matrix 2 get gradient

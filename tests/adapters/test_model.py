@@ -111,8 +111,8 @@ def test_multitask_merge_parity_per_task() -> None:
         adapter.set_cores(random_cores(config.core_shapes(), std=0.5))
         with pytest.raises(MetaTTError, match="several tasks"):
             logits(model, batch)
-        adapter.use_task(t)
-        adapted = logits(model, batch)
+        with adapter.routed(t):
+            adapted = logits(model, batch)
         if ref is not None:
             assert (adapted - ref).abs().max() > 1e-4  # tasks differ
         ref = adapted

@@ -48,8 +48,8 @@ def _all_logits(model, adapter) -> list[torch.Tensor]:
         return [logits(model, batch)]
     out = []
     for t in range(len(adapter.config.tasks)):
-        adapter.use_task(t)
-        out.append(logits(model, batch))
+        with adapter.routed(t):
+            out.append(logits(model, batch))
     return out
 
 

@@ -28,9 +28,8 @@ def adapted(arch: str, tmp_path: Path, method: str, rank, targets: str | None = 
         for name in config.head_modules:
             for p in model.get_submodule(name).parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    adapter.use_task(0 if tasks else None)
-    head_only = logits(model, inputs())
-    adapter.use_task(None)
+    with adapter.routed(0 if tasks else None):
+        head_only = logits(model, inputs())
     adapter.set_cores(random_cores(config.core_shapes(), std=0.3))
     adapter_dir = tmp_path / "adapter"
     save_adapter(model, adapter_dir)

@@ -14,7 +14,9 @@ from metatt_deploy.adapters.config import WEIGHTS_NAME
 from metatt_deploy.adapters.model import get_adapter, load_adapter
 from metatt_deploy.cli import app
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.training.loop import TrainConfig, epoch_order, train
+from metatt_deploy.training.config import TrainConfig
+from metatt_deploy.training.sampling import epoch_order
+from metatt_deploy.training.single import train
 from metatt_deploy.tt.cores import init_cores
 
 

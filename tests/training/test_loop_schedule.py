@@ -19,8 +19,9 @@ from safetensors.torch import load_file
 from metatt_deploy.adapters import model as mt
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.training import loop as train_mod
+from metatt_deploy.training.config import TrainConfig
 from metatt_deploy.training.data import load_task
-from metatt_deploy.training.loop import TrainConfig, train
+from metatt_deploy.training.single import train
 from metatt_deploy.tt import rounding
 from metatt_deploy.tt.cores import parameter_count, tt_full, tt_ranks
 
@@ -77,10 +78,10 @@ class _Interrupted(Exception):
 def _spy_cuts(monkeypatch) -> list[dict]:
     """Record, for every rank cut, the optimizer it returned and the adapter's cores right after."""
     cuts: list[dict] = []
-    original = train_mod._cut_ranks
+    original = train_mod.cut_ranks
 
-    def spy(cfg, model, accelerator, optimizer, ranks, build_optimizer):
-        new_opt, new_sched = original(cfg, model, accelerator, optimizer, ranks, build_optimizer)
+    def spy(cfg, model, accelerator, optimizer, recipe, ranks, build_optimizer):
+        model, new_opt, new_sched = original(cfg, model, accelerator, optimizer, recipe, ranks, build_optimizer)
         adapter = mt.get_adapter(accelerator.unwrap_model(model))
         inner = getattr(new_opt, "optimizer", new_opt)
         cuts.append(
@@ -93,9 +94,9 @@ def _spy_cuts(monkeypatch) -> list[dict]:
                 "states": [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in inner.state[c].items()} for c in adapter.cores],
             }
         )
-        return new_opt, new_sched
+        return model, new_opt, new_sched
 
-    monkeypatch.setattr(train_mod, "_cut_ranks", spy)
+    monkeypatch.setattr(train_mod, "cut_ranks", spy)
     return cuts
 
 

@@ -17,7 +17,9 @@ from test_multitask import build_tiny_multitask
 from metatt_deploy.adapters.heads import routers
 from metatt_deploy.adapters.multitask import bundle_id, load_multitask
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.training.multitask import MultiTaskConfig, epoch_plan, parse_task_spec, task_probabilities, train_from_cli
+from metatt_deploy.training.config import MultiTaskConfig
+from metatt_deploy.training.multitask import parse_task_spec, train_from_cli
+from metatt_deploy.training.sampling import epoch_plan, task_probabilities
 
 # ---------------------------------------------------------------- specs and sampling
 
@@ -61,8 +63,9 @@ def test_config_checks() -> None:
         MultiTaskConfig(output="x", tasks=["a=snli"]).check()
     with pytest.raises(MetaTTError, match="lora"):
         MultiTaskConfig(output="x", tasks=["a=snli", "b=snli"], method="lora").check()
+    MultiTaskConfig(output="x", tasks=["a=snli", "b=snli"], rank_schedule="8,1:4").check()  # one loop: schedules work jointly
     with pytest.raises(MetaTTError, match="rank-schedule"):
-        MultiTaskConfig(output="x", tasks=["a=snli", "b=snli"], rank_schedule="8,1:4").check()
+        MultiTaskConfig(output="x", tasks=["c=snli"], add_task_from="run/best", rank_schedule="8,1:4").check()
 
 
 def test_learning_rate_defaults() -> None:
@@ -137,11 +140,28 @@ def test_joint_training_logs_every_task_and_core(trained) -> None:
     assert config.tasks == ["sent", "nli", "four"] and loaded.num_labels == [2, 3, 4]
 
 
+def test_rank_schedule_in_a_joint_run_ends_at_the_final_ranks(trained) -> None:
+    """The one loop cuts a (4+1)D train too; best/ is chosen among epochs at the final ranks."""
+    root, base, specs, _ = trained
+    result = train_from_cli(
+        output=str(root / "scheduled"),
+        specs=specs,
+        add_task=None,
+        from_adapter=None,
+        model=str(base),
+        **{**KNOBS, "rank_schedule": "4,1:2"},
+    )
+    assert [h["ranks"] for h in result["history"]] == [[4, 4, 4, 4], [2, 2, 2, 2]]
+    assert result["best"]["epoch"] == 2
+    _, config, _ = load_multitask(root / "scheduled" / "best")
+    assert config.ranks == [2, 2, 2, 2]
+
+
 def test_interrupted_run_resumes_to_the_same_result(trained, monkeypatch) -> None:
     root, base, specs, result = trained
-    import metatt_deploy.training.multitask as mtmod
+    import metatt_deploy.training.loop as loop_module
 
-    original = mtmod.epoch_plan
+    original = loop_module.epoch_plan
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
@@ -151,12 +171,12 @@ def test_interrupted_run_resumes_to_the_same_result(trained, monkeypatch) -> Non
             return plan[:1] + [(None, None)]
         return plan
 
-    monkeypatch.setattr(mtmod, "epoch_plan", interrupted)
+    monkeypatch.setattr(loop_module, "epoch_plan", interrupted)
     with pytest.raises(TypeError):  # the (None, None) sentinel step
         train_from_cli(output=str(root / "resumed"), specs=specs, add_task=None, from_adapter=None, model=str(base), **KNOBS)
     state = json.loads((root / "resumed" / "checkpoint" / "state.json").read_text())
     assert state["epoch"] == 1 and state["global_step"] == 9
-    monkeypatch.setattr(mtmod, "epoch_plan", original)
+    monkeypatch.setattr(loop_module, "epoch_plan", original)
     again = train_from_cli(output=str(root / "resumed"), specs=specs, add_task=None, from_adapter=None, model=str(base), **KNOBS)
     assert again["steps"] == result["steps"]
     for a, b in zip(again["history"], result["history"]):
