@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from metatt_deploy.adapters.base_model import DEFAULT_DECODER, DEFAULT_MODEL, TASK_TYPES, task_type
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_text, check_writable, read_json
 from metatt_deploy.export.merge import merge_adapter, merge_factored
@@ -23,8 +24,10 @@ from metatt_deploy.export.validate import validate as run_validation
 from metatt_deploy.export.validate_lm import validate_decoder
 from metatt_deploy.serving.generate import Generator
 from metatt_deploy.serving.runtime import Runtime, read_inputs
+from metatt_deploy.training.causal import train_causal
 from metatt_deploy.training.config import TrainConfig
 from metatt_deploy.training.data import load_task
+from metatt_deploy.training.lm_data import load_text_task
 from metatt_deploy.training.multitask import train_from_cli
 from metatt_deploy.training.single import train as run_training
 
@@ -159,13 +162,22 @@ def train(
     from_adapter: Annotated[
         Path | None, typer.Option("--from", help="With --add-task: the multi-task adapter (a run's best/) to extend.")
     ] = None,
+    task_kind: Annotated[
+        str,
+        typer.Option(
+            "--task-type",
+            help="auto (from the model: decoders saved as language models train as causal LMs), classification, or causal-lm (text-to-text data; with the default --model, the embedded SmolLM2-135M-Instruct). See docs/decoders.md.",
+        ),
+    ] = "auto",
     force: Force = False,
 ) -> None:
-    """Fine-tune a sequence classifier with a MetaTT adapter (or a PEFT LoRA baseline).
+    """Fine-tune a sequence classifier or a causal language model with a MetaTT adapter (or a PEFT LoRA baseline).
 
     With --task (repeated), train several tasks jointly; with --add-task and --from, add a task to a trained multi-task adapter.
     """
     if task_specs or add_task or from_adapter:
+        if task_kind == "causal-lm":
+            raise MetaTTError("multi-task training (--task, --add-task) is for classifiers; train a causal LM on one task at a time")
         if dataset or train_file or validation_file or test_file:
             raise MetaTTError("--task/--add-task name their own data; drop --dataset/--train/--validation/--test")
         result = train_from_cli(
@@ -209,6 +221,48 @@ def train(
         return
 
     limits = {k: v for k, v in (("train", max_train_samples), ("validation", max_eval_samples), ("test", max_eval_samples)) if v}
+    if task_kind not in ("auto", *TASK_TYPES):
+        raise MetaTTError(f"unknown --task-type '{task_kind}'; use auto, {', '.join(TASK_TYPES)}")
+    if task_kind == "causal-lm" and model == DEFAULT_MODEL:
+        model = DEFAULT_DECODER  # the embedded encoder cannot generate: use the embedded decoder
+    if (task_kind if task_kind != "auto" else task_type(model)) == "causal-lm":
+        text_task = load_text_task(
+            dataset=dataset,
+            train=str(train_file) if train_file else None,
+            validation=str(validation_file) if validation_file else None,
+            test=str(test_file) if test_file else None,
+            max_samples=limits or None,
+            seed=seed,
+        )
+        cfg = TrainConfig(
+            output=str(output),
+            model=model,
+            method=method,
+            rank=rank,
+            alpha=alpha,
+            lora_alpha=lora_alpha,
+            init=init,
+            targets=_split([targets]),
+            lr=lr,
+            weight_decay=weight_decay,
+            epochs=epochs,
+            batch_size=batch_size,
+            eval_batch_size=min(batch_size * 2, 64),
+            max_length=max_length,
+            seed=seed,
+            save_steps=save_steps,
+            max_steps=max_steps,
+            rank_schedule=rank_schedule,
+            moments=moments,
+        )
+        result = train_causal(cfg, text_task, force=force)
+        best, test = result["best"], result.get("test")
+        typer.echo(
+            f"best validation exact match {best['exact_match']:.4f} (epoch {best['epoch']})"
+            + (f"; test exact match {test['exact_match']:.4f}, perplexity {test['perplexity']:.3f}" if test else "")
+        )
+        typer.echo(f"adapter: {output / 'best'}; report: {output / 'metrics.md'}")
+        return
     task = load_task(
         dataset=dataset,
         train=str(train_file) if train_file else None,

@@ -62,7 +62,9 @@ def build_config(
         mode_names += ["head", "head_dim"]
         mode_sizes += [d_out // head_dim, head_dim]
     else:
-        raise MetaTTError(f"unknown method '{method}'; use {' or '.join(METATT_METHODS)} (lora trains through metatt-deploy train --method lora)")
+        raise MetaTTError(
+            f"unknown method '{method}'; use {' or '.join(METATT_METHODS)} (lora trains through metatt-deploy train --method lora)"
+        )
     n_bonds = len(mode_sizes) - 1
     ranks = [rank] * n_bonds if isinstance(rank, int) else list(rank)
     causal = is_causal_lm(model)
