@@ -242,7 +242,7 @@ def train(
             alpha=alpha,
             lora_alpha=lora_alpha,
             init=init,
-            targets=_split([targets]),
+            targets=_split([targets]) or [],
             lr=lr,
             weight_decay=weight_decay,
             epochs=epochs,

@@ -7,7 +7,6 @@ python tools/lm_zero_shot.py [--model NAME] [--dataset movie-sentiment] [--split
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -56,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.output:
         atomic_write_json(args.output, result)
-    print(f"zero-shot {args.dataset} {args.split} ({result['examples']} examples): exact match {result['exact_match']:.4f}, perplexity {result['perplexity']:.3f}")
+    print(
+        f"zero-shot {args.dataset} {args.split} ({result['examples']} examples): exact match {result['exact_match']:.4f}, perplexity {result['perplexity']:.3f}"
+    )
     return 0
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from metatt_deploy.adapters.base_model import friendly_load
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.export.onnx_files import ONNX_NAME, model_bytes
-from metatt_deploy.export.quantize import quantize_int4, quantize_int8
+from metatt_deploy.export.quantize import DECODER_INT8_EXCLUDE, quantize_int4, quantize_int8
 from metatt_deploy.training.lm_data import prompt_ids
 
 ONNX_TASK = "text-generation-with-past"
@@ -117,7 +117,7 @@ def export_decoder_into(
     _enforce(fp32, "the fp32 ONNX export")
     final = fp32
     if quantize == "int8":
-        fields["quantization"] = quantize_int8(tmp)
+        fields["quantization"] = quantize_int8(tmp, exclude=DECODER_INT8_EXCLUDE)
     elif quantize == "int4":
         fields["quantization"] = quantize_int4(tmp)
     if quantize:

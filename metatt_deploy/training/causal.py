@@ -86,7 +86,7 @@ def train_causal(cfg: TrainConfig, task: TextTask, force: bool = False) -> dict:
     if "test" in splits and accelerator.is_main_process:
         best = load_trained_causal(run / "best", cfg)
         if cfg.method != "lora":
-            result["best_ranks"] = tt_ranks(mt.get_adapter(best).cores)
+            result["best_ranks"] = tt_ranks(list(mt.get_adapter(best).cores))
         test = evaluate_generation(best, tokenizer, splits["test"], cfg.eval_batch_size)
         result["test"] = {"exact_match": test["exact_match"], "perplexity": test["perplexity"], "examples": test["examples"]}
         accelerator.print(f"test: exact match {test['exact_match']:.4f}, perplexity {test['perplexity']:.4f}")

@@ -74,7 +74,7 @@ def greedy_generate(
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         ids, mask = left_pad([prompts[i] for i in rows], pad)
-        generated = model.generate(
+        generated = model.generate(  # type: ignore[operator]
             input_ids=ids,
             attention_mask=mask,
             max_new_tokens=max_new_tokens,
