@@ -7,29 +7,51 @@ and exit with status 2, never a traceback.
 from __future__ import annotations
 
 import functools
+import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from metatt_deploy import __version__
 from metatt_deploy.adapters.base_model import DEFAULT_DECODER, DEFAULT_MODEL, TASK_TYPES, task_type
+from metatt_deploy.adapters.config import DEFAULT_ALPHA
+from metatt_deploy.adapters.targets import DEFAULT_TARGETS
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_text, check_writable, read_json
+from metatt_deploy.common.threads import resolve_threads
 from metatt_deploy.export.merge import merge_adapter, merge_factored
 from metatt_deploy.export.onnx import MANIFEST_NAME, export_onnx, read_manifest
 from metatt_deploy.export.peft import to_peft
-from metatt_deploy.export.validate import REPORT_MD
+from metatt_deploy.export.quantize import CALIBRATION_ROWS
+from metatt_deploy.export.validate import report_paths
 from metatt_deploy.export.validate import validate as run_validation
 from metatt_deploy.export.validate_lm import validate_decoder
+from metatt_deploy.export.web import vendor_web_runtime
 from metatt_deploy.serving.generate import Generator
 from metatt_deploy.serving.runtime import Runtime, read_inputs
 from metatt_deploy.training.causal import train_causal
-from metatt_deploy.training.config import TrainConfig
+from metatt_deploy.training.config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_EPOCHS,
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_RANK,
+    DEFAULT_SAVE_STEPS,
+    MOMENTS,
+    TrainConfig,
+)
 from metatt_deploy.training.data import load_task
 from metatt_deploy.training.lm_data import load_text_task
 from metatt_deploy.training.multitask import train_from_cli
+from metatt_deploy.training.sampling import DEFAULT_SAMPLING, DEFAULT_TEMPERATURE
 from metatt_deploy.training.single import train as run_training
+
+# Help is click's plain formatter, wrapped to the terminal (or HELP_WIDTH columns when stdout is
+# not a terminal): it wraps long option names, defaults and syntax instead of cutting them with
+# an ellipsis as rich's tables do in narrow columns, so --help is complete in any terminal or pipe.
+HELP_WIDTH = 120
 
 app = typer.Typer(
     name="metatt-deploy",
@@ -37,14 +59,19 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"max_content_width": HELP_WIDTH, "terminal_width": None if sys.stdout.isatty() else HELP_WIDTH},
 )
 
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
     import transformers
 
     transformers.logging.set_verbosity_error()
+    if not sys.stderr.isatty():  # off a terminal, progress bars redraw as glued fragments; ours print whole lines
+        datasets.disable_progress_bars()
 
 
 def user_errors(fn):
@@ -60,6 +87,24 @@ def user_errors(fn):
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"metatt-deploy {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Fine-tune transformers with MetaTT tensor-train adapters, merge them, export them to ONNX and validate them."""
+
+
+def _main_process() -> bool:
+    """False in every process but the first of ``accelerate launch`` / torchrun: they print nothing."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
@@ -104,17 +149,17 @@ def train(
     labels: Annotated[list[str] | None, typer.Option(help="Label names in id order (comma-separated); default: from the data.")] = None,
     model: Annotated[
         str, typer.Option(help="Base model: a local folder or hub name. The default is embedded (no network).")
-    ] = "sentence-transformers/all-MiniLM-L6-v2",
+    ] = DEFAULT_MODEL,
     method: Annotated[str, typer.Option(help="metatt-4d, metatt-5d or lora (the PEFT baseline, same loop).")] = "metatt-4d",
-    rank: Annotated[int, typer.Option(help="Bond rank of every TT bond (LoRA: r).")] = 8,
-    alpha: Annotated[float, typer.Option(help="MetaTT output scale (independent of the ranks).")] = 4.0,
+    rank: Annotated[int, typer.Option(help="Bond rank of every TT bond (LoRA: r).")] = DEFAULT_RANK,
+    alpha: Annotated[float, typer.Option(help="MetaTT output scale (independent of the ranks).")] = DEFAULT_ALPHA,
     lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha (scaling alpha/r); default: equal to --rank.")] = None,
     init: Annotated[
         str | None, typer.Option(help="Per-core initialisation, e.g. ze-id-id-id (ze zeros, id identity, no normal std 0.2).")
     ] = None,
     targets: Annotated[
         str, typer.Option(help="Matrix types to adapt: q,k,v,o,up,down (gate for LLaMA), or name=module_suffix pairs.")
-    ] = "q,k,v,o",
+    ] = ",".join(DEFAULT_TARGETS),
     lr: Annotated[
         float | None,
         typer.Option(help="AdamW learning rate for the adapter. Default: 1e-3 (MetaTT, LoRA, joint multi-task); 5e-3 with --add-task."),
@@ -124,11 +169,13 @@ def train(
         typer.Option(help="Learning rate of the classification head(s). Default: 5e-3 for MetaTT (single- and multi-task), --lr for LoRA."),
     ] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 3,
-    batch_size: Annotated[int, typer.Option(help="Training batch size per device.")] = 32,
-    max_length: Annotated[int, typer.Option(help="Maximum tokens per example (longer inputs are truncated).")] = 128,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = DEFAULT_EPOCHS,
+    batch_size: Annotated[
+        int, typer.Option(help="Training batch size (global: split across processes under accelerate launch).")
+    ] = DEFAULT_BATCH_SIZE,
+    max_length: Annotated[int, typer.Option(help="Maximum tokens per example (longer inputs are truncated).")] = DEFAULT_MAX_LENGTH,
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = 0,
-    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps (and at each epoch end).")] = 200,
+    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps (and at each epoch end).")] = DEFAULT_SAVE_STEPS,
     max_steps: Annotated[int | None, typer.Option(help="Stop after N optimizer steps (for quick runs).")] = None,
     max_train_samples: Annotated[int | None, typer.Option(help="Use a fixed random subset of N training examples.")] = None,
     max_eval_samples: Annotated[int | None, typer.Option(help="Use a fixed random subset of N validation and test examples.")] = None,
@@ -138,7 +185,7 @@ def train(
             help="Rank-adaptive training: cut bond ranks by SVD sweeps at epoch starts, e.g. '10,1:8,2:6,3:4' (start rank, then epoch:rank). See docs/rank-adaptive.md."
         ),
     ] = None,
-    moments: Annotated[str, typer.Option(help="AdamW moments after a rank cut: project (onto the kept subspace) or reset.")] = "project",
+    moments: Annotated[str, typer.Option(help="AdamW moments after a rank cut: project (onto the kept subspace) or reset.")] = MOMENTS[0],
     task_specs: Annotated[
         list[str] | None,
         typer.Option(
@@ -148,10 +195,17 @@ def train(
     ] = None,
     task_sampling: Annotated[
         str, typer.Option(help="Multi-task: how each batch's task is drawn: proportional (p_t ~ n_t) or temperature (p_t ~ n_t^(1/T)).")
-    ] = "proportional",
+    ] = DEFAULT_SAMPLING,
     temperature: Annotated[
         float, typer.Option(help="Multi-task: T of --task-sampling temperature (1 = proportional; larger flattens towards uniform).")
-    ] = 2.0,
+    ] = DEFAULT_TEMPERATURE,
+    task_name: Annotated[
+        str | None,
+        typer.Option(
+            "--task-name",
+            help="Name of the task, used in the adapter, merge output, reports and bundles. Default: the --dataset name, or the --train file's name without its split suffix (bbc.train.jsonl -> bbc; data/bbc/train.jsonl -> bbc).",
+        ),
+    ] = None,
     add_task: Annotated[
         str | None,
         typer.Option(
@@ -162,6 +216,7 @@ def train(
     from_adapter: Annotated[
         Path | None, typer.Option("--from", help="With --add-task: the multi-task adapter (a run's best/) to extend.")
     ] = None,
+    threads: Annotated[int | None, typer.Option(help="PyTorch intra-op threads (default: every available CPU; fastest measured).")] = None,
     task_kind: Annotated[
         str,
         typer.Option(
@@ -175,11 +230,16 @@ def train(
 
     With --task (repeated), train several tasks jointly; with --add-task and --from, add a task to a trained multi-task adapter.
     """
+    import torch
+
+    torch.set_num_threads(resolve_threads(threads))
     if task_specs or add_task or from_adapter:
         if task_kind == "causal-lm":
             raise MetaTTError("multi-task training (--task, --add-task) is for classifiers; train a causal LM on one task at a time")
-        if dataset or train_file or validation_file or test_file:
-            raise MetaTTError("--task/--add-task name their own data; drop --dataset/--train/--validation/--test")
+        if dataset or train_file or validation_file or test_file or task_name:
+            raise MetaTTError(
+                "--task/--add-task name their own tasks and data (NAME=SOURCE); drop --dataset/--train/--validation/--test/--task-name"
+            )
         result = train_from_cli(
             output=str(output),
             specs=task_specs or [],
@@ -210,6 +270,8 @@ def train(
             temperature=temperature,
             force=force,
         )
+        if not _main_process():
+            return
         best = result["best"]
         typer.echo(
             f"best mean validation accuracy {best['mean_accuracy']:.4f} (epoch {best['epoch']}): "
@@ -256,6 +318,8 @@ def train(
             moments=moments,
         )
         result = train_causal(cfg, text_task, force=force)
+        if not _main_process():
+            return
         best, test = result["best"], result.get("test")
         typer.echo(
             f"best validation exact match {best['exact_match']:.4f} (epoch {best['epoch']})"
@@ -264,6 +328,7 @@ def train(
         typer.echo(f"adapter: {output / 'best'}; report: {output / 'metrics.md'}")
         return
     task = load_task(
+        name=task_name,
         dataset=dataset,
         train=str(train_file) if train_file else None,
         validation=str(validation_file) if validation_file else None,
@@ -296,9 +361,11 @@ def train(
         moments=moments,
     )
     result = run_training(cfg, task, force=force)
+    if not _main_process():
+        return
     best, test = result["best"], result.get("test")
     typer.echo(
-        f"best validation accuracy {best['accuracy']:.4f} (epoch {best['epoch']})"
+        f"task '{task.name}': best validation accuracy {best['accuracy']:.4f} (epoch {best['epoch']})"
         + (f"; test accuracy {test['accuracy']:.4f}" if test else "")
     )
     typer.echo(f"adapter: {output / 'best'}; report: {output / 'metrics.md'}")
@@ -379,8 +446,39 @@ def export(
     quantize: Annotated[
         str | None,
         typer.Option(
-            help="int8: dynamic quantization (int8 weights of MatMul/Attention nodes). int4 (decoders): weight-only 4-bit MatMulNBits, blocks of 32. Logits parity is reported, not enforced."
+            help="int8: dynamic quantization (int8 weights of MatMul/Attention nodes, activation scales per batch); int8-static: QDQ with activation scales calibrated on --calibration data (a row's logits do not depend on its batch); int4 (decoders): weight-only 4-bit MatMulNBits, blocks of 32. Logits parity is reported, not enforced."
         ),
+    ] = None,
+    calibration: Annotated[
+        str | None,
+        typer.Option(
+            help="With --quantize int8-static: calibration data, a builtin task (its validation split), a hub data set or a CSV/JSONL file."
+        ),
+    ] = None,
+    calibration_rows: Annotated[int, typer.Option(help="Calibration rows (a fixed random subset, fed one at a time).")] = CALIBRATION_ROWS,
+    calibration_method: Annotated[str, typer.Option(help="Activation range estimate: minmax, percentile or entropy.")] = "minmax",
+    per_channel: Annotated[
+        bool, typer.Option("--per-channel/--per-tensor", help="int8 weight scales per output channel or per tensor.")
+    ] = True,
+    reduce_range: Annotated[
+        bool | None,
+        typer.Option("--reduce-range/--full-range", help="7-bit int8 weights (default: only on CPUs without VNNI; see docs/int8.md)."),
+    ] = None,
+    layout: Annotated[
+        str, typer.Option(help="optimum, or transformers.js: also onnx/model.onnx and onnx/model_quantized.onnx for Transformers.js.")
+    ] = "optimum",
+    formats: Annotated[
+        list[str] | None, typer.Option("--format", help="onnx (always), ort: also .ort models + the reduced build's operator config.")
+    ] = None,
+    web_runtime: Annotated[
+        Path | None,
+        typer.Option(
+            help="A node_modules folder with onnxruntime-web and @huggingface/transformers: copy the page's runtime files into web/vendor/."
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="ONNX Runtime intra-op threads of the parity checks (default: every available CPU; fastest measured)."),
     ] = None,
     dtype: Annotated[
         str, typer.Option(help="fp32, or fp16 (for GPU execution providers; parity tolerance 1e-2 x max(1, max |logit|)).")
@@ -406,7 +504,17 @@ def export(
         force=force,
         adapter_dir=adapter,
         task=task,
+        calibration=calibration,
+        calibration_rows=calibration_rows,
+        calibration_method=calibration_method,
+        per_channel=per_channel,
+        reduce_range=reduce_range,
+        layout=layout,
+        formats=["onnx", *(f for f in _split(formats) or [] if f != "onnx")],
+        threads=threads,
     )
+    if web_runtime is not None:
+        vendor_web_runtime(out, web_runtime)
     manifest = read_json(out / MANIFEST_NAME, "export manifest")
     final = manifest["parity"]["final"]
     tolerance = "reported only" if final["tolerance"] is None else f"tolerance {final['tolerance']:.0e}"
@@ -424,8 +532,11 @@ def export(
 @app.command()
 @user_errors
 def validate(
-    adapter: Annotated[Path, typer.Argument(help="Adapter directory (a run's best/ folder): the unmerged PyTorch reference.")],
-    onnx_dir: Annotated[Path, typer.Argument(help="ONNX bundle written by metatt-deploy export.")],
+    adapter: Annotated[
+        Path,
+        typer.Argument(help="Adapter directory (a run's best/ folder; MetaTT, multi-task MetaTT or LoRA): the unmerged PyTorch reference."),
+    ],
+    onnx_dir: Annotated[Path, typer.Argument(help="ONNX bundle written by metatt-deploy export (exported/NAME).")],
     data: Annotated[
         str | None,
         typer.Option(
@@ -434,7 +545,10 @@ def validate(
     ] = None,
     split: Annotated[str, typer.Option(help="Split of a builtin or hub data set (files are used whole).")] = "test",
     max_examples: Annotated[
-        int | None, typer.Option(help="Use at most N held-out examples (a fixed random subset). Default: 200; 50 prompts for decoders.")
+        int | None,
+        typer.Option(
+            help="Use a fixed random subset of N held-out examples (default: all; 50 prompts for decoders; the output and report say when a subset is used)."
+        ),
     ] = None,
     batch_sizes: Annotated[str, typer.Option(help="Batch sizes to time, comma-separated.")] = "1,8",
     seq_len: Annotated[int, typer.Option(help="Tokens per example: truncation for parity, the fixed padded length for timing.")] = 128,
@@ -444,7 +558,8 @@ def validate(
         float, typer.Option(help="Cap on seconds per runtime and batch size (at least 3 calls are still timed).")
     ] = 60.0,
     threads: Annotated[
-        int | None, typer.Option(help="Intra-op threads for both PyTorch and ONNX Runtime (default: each library's default).")
+        int | None,
+        typer.Option(help="Intra-op threads for both PyTorch and ONNX Runtime (default: every available CPU; fastest measured)."),
     ] = None,
     reference_onnx: Annotated[
         Path | None,
@@ -453,13 +568,20 @@ def validate(
     base_model: Annotated[
         str | None, typer.Option(help="Base model folder or hub name, if it moved since training (checked by fingerprint).")
     ] = None,
-    task: Annotated[str | None, typer.Option(help="Task of a multi-task adapter (default: the one the export records).")] = None,
+    task: Annotated[
+        str | None, typer.Option(help="Task of a multi-task adapter (default: the one the export records, from merge/export --task).")
+    ] = None,
     text_column: Annotated[
         list[str] | None, typer.Option(help="Text column(s) of the data: one, or two for sentence pairs. Inferred when omitted.")
     ] = None,
     label_column: Annotated[str, typer.Option(help="Label column of the data (absent: accuracy is not reported).")] = "label",
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Folder for validation.json and validation.md (default: the ONNX folder).")
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Folder for validation.json and validation.md (default: beside the bundle, exported/NAME.validation.json and .md).",
+        ),
     ] = None,
     compare: Annotated[
         list[Path] | None, typer.Option(help="Decoders: more exports of the same model (e.g. int8, int4) measured in the same run.")
@@ -472,6 +594,7 @@ def validate(
 ) -> None:
     """Compare an ONNX export with its unmerged adapter: logits parity, label agreement, accuracy, latency.
 
+    Works for single-task MetaTT, one task of a multi-task MetaTT adapter (--task) and the PEFT LoRA baseline.
     For decoders (docs/decoders.md): teacher-forced logits, greedy tokens, exact match and perplexity on
     --data, time to first token and decode tokens/s for PyTorch (unmerged, merged) and every bundle.
     """
@@ -506,7 +629,7 @@ def validate(
         onnx_dir,
         data=data,
         split=split,
-        max_examples=max_examples or 200,
+        max_examples=max_examples,
         batch_sizes=sizes,
         seq_len=seq_len,
         repeats=repeats,
@@ -520,6 +643,7 @@ def validate(
         label_column=label_column,
         output=output,
         force=force,
+        log=typer.echo,
     )
     parity = report["parity"]
     tolerance = f"tolerance {parity['tolerance']:.0e}" if parity["enforced"] else "reported only"
@@ -536,13 +660,18 @@ def validate(
     for s in report["latency"]["speedups"]:
         extra = f", {s['onnx_vs_reference']:.2f}x vs reference" if "onnx_vs_reference" in s else ""
         typer.echo(f"batch {s['batch']}: ONNX ({s['provider']}) {s['onnx_vs_pytorch_cpu']:.2f}x vs PyTorch eager{extra}")
-    typer.echo(f"report: {(output or onnx_dir) / REPORT_MD}")
+    typer.echo(f"report: {report_paths(onnx_dir, output)[1]}")
 
 
 @app.command()
 @user_errors
 def predict(
-    bundle: Annotated[Path, typer.Argument(help="Factored bundle (merge --factored).")],
+    bundle: Annotated[
+        Path,
+        typer.Argument(
+            help="Any export: a single-task ONNX export (metatt-deploy export: exported/NAME) or a factored bundle (merge --factored)."
+        ),
+    ],
     text: Annotated[
         list[str] | None, typer.Option("--text", help="Input text (repeatable). A sentence pair: join the two with ' ||| '.")
     ] = None,
@@ -551,25 +680,39 @@ def predict(
         typer.Option(
             "--input",
             "-i",
-            help="JSONL input: one object per line with 'text' (and 'text_pair'), or the task's own columns (premise/hypothesis, sentence1/sentence2, ...); optional 'task' and 'id'.",
+            help="Input file ('-': standard input). JSONL (a .jsonl/.json file, or lines starting with '{'): one object per line with 'text' (and 'text_pair') or the task's own columns (premise/hypothesis, sentence1/sentence2, ...), optional 'task' and 'id'. Otherwise one text per line. Without --text and --input, texts are read from standard input.",
         ),
     ] = None,
-    task: Annotated[str | None, typer.Option(help="Task for every row (rows of a JSONL file may name their own 'task').")] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(help="Task for every input (default: the export's only task; rows of a JSONL file may name their own 'task')."),
+    ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the JSONL results here (default: standard output).")] = None,
     form: Annotated[
-        str, typer.Option(help="auto (task-id graph for baked tasks, adapter graph for added ones), tasks or adapter.")
+        str, typer.Option(help="Factored bundles: auto (task-id graph for baked tasks, adapter graph for added ones), tasks or adapter.")
     ] = "auto",
     batch_size: Annotated[int, typer.Option(help="Rows per ONNX Runtime call.")] = 32,
-    threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads.")] = None,
+    max_length: Annotated[
+        int | None, typer.Option(help="Tokens per input (longer inputs are truncated); default: the bundle's, else 128 as in training.")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads (default: every available CPU).")] = None,
     force: Force = False,
 ) -> None:
-    """Predict labels with a factored bundle: one JSON line per input (task, label, score, scores)."""
-    import json
-
+    """Predict labels with any export: one JSON line per input (task, label, label_id, score, scores)."""
     if batch_size < 1:
         raise MetaTTError("--batch-size must be at least 1")
-    texts, tasks, ids = read_inputs(text, input_file, task)
-    runtime = Runtime(bundle, form=form, threads=threads)
+    if max_length is not None and max_length < 2:
+        raise MetaTTError("--max-length must be at least 2")
+    stdin = None
+    if not text and input_file is None:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise MetaTTError(
+                "give inputs with --text, --input FILE, or on standard input (e.g. cat texts.txt | metatt-deploy predict ...)"
+            )
+        stdin = sys.stdin
+    runtime = Runtime(bundle, form=form, threads=threads, max_length=max_length)
+    default_task = task or (runtime.tasks[0] if len(runtime.tasks) == 1 else None)
+    texts, tasks, ids = read_inputs(text, input_file, default_task, stdin=stdin)
     results = runtime.predict(texts, tasks=tasks, batch_size=batch_size)
     lines = "".join(json.dumps({**({"id": i} if i is not None else {}), **r}) + "\n" for i, r in zip(ids, results))
     if output is None:

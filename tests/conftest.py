@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny BERT folder with the embedded tokenizer, and a tiny JSONL task."""
+"""Shared fixtures: a tiny BERT folder with the embedded tokenizer, a tiny JSONL task, fake builtin data sets."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from metatt_deploy.adapters.base_model import load_tokenizer
+from metatt_deploy.training.builtin_data import BUILTIN_TASKS, write_task
 from metatt_deploy.training.data import load_task
 
 
@@ -25,10 +26,8 @@ def one_thread():
 WORDS = {"positive": ["good", "great", "fine", "lovely", "happy"], "negative": ["bad", "awful", "poor", "sad", "boring"]}
 
 
-@pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory) -> Path:
+def save_tiny_bert(root: Path, max_positions: int) -> Path:
     """A 2-layer BERT of width 32 (with dropout, as real models have) and the embedded tokenizer."""
-    root = tmp_path_factory.mktemp("tiny-base")
     tokenizer = load_tokenizer(None)
     config = BertConfig(
         vocab_size=tokenizer.vocab_size,
@@ -36,7 +35,7 @@ def tiny_base(tmp_path_factory) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=48,
-        max_position_embeddings=64,
+        max_position_embeddings=max_positions,
         num_labels=2,
         initializer_range=0.2,
     )
@@ -44,6 +43,17 @@ def tiny_base(tmp_path_factory) -> Path:
     BertForSequenceClassification(config).save_pretrained(root)
     tokenizer.save_pretrained(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-base"), 64)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_128(tmp_path_factory) -> Path:
+    """The tiny BERT with 128 positions: the CLI's defaults (max length, validate --seq-len) fit it."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-base-128"), 128)
 
 
 def sentiment_rows(n: int, offset: int) -> list[dict]:
@@ -71,3 +81,25 @@ def tiny_task(tiny_task_dir):
         validation=str(tiny_task_dir / "validation.jsonl"),
         test=str(tiny_task_dir / "test.jsonl"),
     )
+
+
+NLI = {"entailment": "is", "neutral": "may be", "contradiction": "is not"}
+
+
+def nli_rows(n: int, offset: int) -> list[dict]:
+    labels = list(NLI)
+    return [
+        {"premise": f"the cat {i} sleeps", "hypothesis": f"the cat {NLI[labels[i % 3]]} asleep", "label": labels[i % 3]}
+        for i in range(offset, offset + n)
+    ]
+
+
+@pytest.fixture(scope="session")
+def fake_builtins(tmp_path_factory) -> Path:
+    """A METATT_DATA_DIR holding small builds of the builtin tasks (no download, same format and info.json)."""
+    root = tmp_path_factory.mktemp("builtin-data")
+    for name, task in BUILTIN_TASKS.items():
+        make = nli_rows if task.text_columns == ("premise", "hypothesis") else sentiment_rows
+        splits = {split: make(n, offset) for split, n, offset in (("train", 40, 0), ("validation", 12, 100), ("test", 12, 200))}
+        write_task(task, splits, root / name)
+    return root

@@ -18,11 +18,12 @@ import torch
 import torch.optim
 
 from metatt_deploy.adapters.base_model import DEFAULT_MODEL, load_classifier, load_tokenizer
+from metatt_deploy.adapters.model import count_trainable
 from metatt_deploy.common.files import atomic_write_text
 from metatt_deploy.common.report import markdown_table
 from metatt_deploy.training.config import TrainConfig
 from metatt_deploy.training.data import load_task
-from metatt_deploy.training.single import count_parameters, param_groups, wrap_model
+from metatt_deploy.training.single import param_groups, wrap_model
 
 
 def build(method: str, rank: int, targets: list[str], task):
@@ -31,7 +32,7 @@ def build(method: str, rank: int, targets: list[str], task):
     cfg = TrainConfig(output="-", method=method, rank=rank, targets=targets)
     model, _ = wrap_model(cfg, model, task)
     model.train()
-    return model, torch.optim.AdamW(param_groups(cfg, model), lr=cfg.adapter_lr), count_parameters(model)
+    return model, torch.optim.AdamW(param_groups(cfg, model), lr=cfg.adapter_lr), count_trainable(model)
 
 
 def step(model, opt, batch) -> float:

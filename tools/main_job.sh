@@ -32,16 +32,16 @@ echo "== 4/5 export: ONNX through optimum, parity checked"
 metatt-deploy export "$RUN/merged" --name "$NAME" --force
 
 echo "== 5/5 validate: unmerged PyTorch adapter vs ONNX Runtime on the real test split"
-metatt-deploy validate "$RUN/train/best" "exported/$NAME" --data movie-sentiment --split test --max-examples 1056 --force
+metatt-deploy validate "$RUN/train/best" "exported/$NAME" --data movie-sentiment --split test --force
 
 python - "$RUN" "$NAME" <<'PY'
 import json, sys
 run, name = sys.argv[1], sys.argv[2]
 m = json.load(open(f"{run}/train/metrics.json"))
-v = json.load(open(f"exported/{name}/validation.json"))
+v = json.load(open(f"exported/{name}.validation.json"))
 print("\n== summary")
 print(f"test accuracy (PyTorch adapter, best epoch): {m['test']['accuracy']:.4f}")
 print(f"trainable parameters: {m['trainable_parameters']['adapter']:,} adapter + {m['trainable_parameters']['head']:,} head")
 print(json.dumps({k: v[k] for k in v if k in ("parity", "accuracy", "latency", "agreement")}, indent=1)[:3000])
-print(f"reports: {run}/train/metrics.md, exported/{name}/validation.md")
+print(f"reports: {run}/train/metrics.md, exported/{name}.validation.md")
 PY

@@ -106,7 +106,8 @@ def load_classifier(name: str, label_names: list[str], dtype: torch.dtype = torc
         eos = config.eos_token_id
         config.pad_token_id = eos[0] if isinstance(eos, list) else eos
     return friendly_load(
-        lambda: AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=dtype),
+        # a base that is already a classifier for another label count gets a fresh head of the right size
+        lambda: AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=dtype, ignore_mismatched_sizes=True),
         name,
         "model",
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ from metatt_deploy.common.errors import MetaTTError
 PAD_LOGIT = -1.0e4
 
 
-def label_linear(module: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
+def label_linear(module: nn.Module) -> tuple[nn.Module | None, str, nn.Linear]:
     """(parent, attribute, linear) of the last nn.Linear in ``module``: the label-producing layer."""
     found = None
     for name, sub in module.named_modules():
@@ -128,7 +129,7 @@ def select_task_head(model: nn.Module, config: MetaTTConfig, task: int) -> None:
         if isinstance(router, TaskHeads):
             setattr(parent, child, router.heads[task])
     labels = config.label_names[config.tasks[task]]
-    hf = model.config
+    hf: Any = model.config
     hf.num_labels = len(labels)
     hf.id2label = dict(enumerate(labels))
     hf.label2id = {n: i for i, n in enumerate(labels)}

@@ -43,6 +43,10 @@ class MetaTT(nn.Module):
         # Which task each row of a forward uses: None (single task), an int, or a LongTensor of
         # shape (batch,). Set only inside `routed` (or adapters.multitask.routed for a model).
         self.task_ids: int | torch.Tensor | None = None
+        # Export only (`precomputed_updates`): every (layer, matrix) update factor of the forward
+        # at hand, computed once by its first adapted layer instead of once per layer.
+        self.precompute = False
+        self._updates: torch.Tensor | None = None
 
     @property
     def config(self) -> MetaTTConfig:
@@ -63,11 +67,28 @@ class MetaTT(nn.Module):
     def routed(self, task_ids: int | torch.Tensor | None) -> Iterator[None]:
         """Use task ``task_ids`` (one id, or a LongTensor with one id per row) inside the block;
         the previous routing comes back on exit, exceptions included."""
-        previous, self.task_ids = self.task_ids, task_ids
+        previous, self.task_ids, self._updates = self.task_ids, task_ids, None
         try:
             yield
         finally:
-            self.task_ids = previous
+            self.task_ids, self._updates = previous, None
+
+    def all_updates(self) -> torch.Tensor:
+        """alpha * C[l, m] (@ G_task[:, t, :]) @ B for every (l, m): (L * M, r_1, D_out), or (batch, L * M, r_1, D_out) per row.
+
+        The factored ONNX graph computes these once per call (a few batched MatMuls on r x r
+        matrices) so that each adapted layer adds only ``(x @ A) @ U[l, m]`` and a sum; computed
+        per layer instead, the small products cost more than the adapter's arithmetic
+        (docs/multitask-bench.md).
+        """
+        g_layer = self.cores[self._layer].permute(1, 0, 2).unsqueeze(1)  # (L, 1, r1, r2)
+        g_matrix = self.cores[self._matrix].permute(1, 0, 2).unsqueeze(0)  # (1, M, r2, r3)
+        c = g_layer @ g_matrix
+        c = c.reshape(-1, c.shape[-2], c.shape[-1])  # (L * M, r1, r3), row l * M + m
+        if self.task_mode is not None:
+            t = self._task_slices()
+            c = c @ t if t.dim() == 2 else c.unsqueeze(0) @ t.unsqueeze(1)
+        return self.alpha * (c @ self.output_factor())
 
     def input_factor(self) -> torch.Tensor:
         """A: the first core as a (D_in, r_1) matrix."""
@@ -87,11 +108,12 @@ class MetaTT(nn.Module):
 
     def _task_slices(self) -> torch.Tensor:
         """The task core's slice for the active task(s): (r, r') or (batch, r, r')."""
+        assert self.task_mode is not None, "a task slice of an adapter without a task mode"
+        core = self.cores[self.task_mode]
         if self.task_ids is None:
             if self._config.mode_size("task") == 1:
-                return self.cores[self.task_mode][:, 0, :]
+                return core[:, 0, :]
             raise MetaTTError("this adapter serves several tasks: choose one (task=... / task_ids) before running it")
-        core = self.cores[self.task_mode]
         if isinstance(self.task_ids, int):
             return core[:, self.task_ids, :]
         return core.index_select(1, self.task_ids).permute(1, 0, 2)
@@ -104,6 +126,12 @@ class MetaTT(nn.Module):
         to ``out_features`` when given.
         """
         a, b = self.input_factor(), self.output_factor()
+        if self.precompute and len(segments) == 1 and segments[0][1] == 0 and segments[0][2] == b.shape[1] == out_features:
+            if self._updates is None:
+                self._updates = self.all_updates()
+            z = x @ (a if x.shape[-1] == a.shape[0] else a[: x.shape[-1]])
+            u = self._updates.select(-3, layer * self._config.mode_size("matrix") + segments[0][0])
+            return z @ u if u.dim() == 2 else _per_row_matmul(z, u)
         # slice only when a projection is narrower than the mode (leading-block scheme): unsliced,
         # the q, k, v products x @ A of a layer are one node that ONNX Runtime computes once
         z = x @ (a if x.shape[-1] == a.shape[0] else a[: x.shape[-1]])
@@ -137,10 +165,12 @@ class MetaTTLayer(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.layer = layer
-        self.segments = [tuple(s) for s in segments]
+        self.segments: list[tuple[int, int, int]] = [(int(m), int(s), int(e)) for m, s, e in segments]
         # Not registered as a submodule: the adapter is shared by every wrapped layer and is
         # registered once on the model, so its cores appear once in parameters and exports.
         object.__setattr__(self, "adapter", adapter)
+
+    adapter: MetaTT  # set in __init__ without registering it as a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)

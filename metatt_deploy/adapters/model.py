@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError
@@ -44,6 +45,7 @@ def build_config(
     extra: dict | None = None,
 ) -> MetaTTConfig:
     """Derive modes, ranks and placement of an adapter for ``model`` (before attaching)."""
+    hf_config: Any = model.config
     names, layers, modules = find_targets(model, targets)
     d_in = max(m.in_features for m in modules)
     d_out = max(e - s for m in modules for _, s, e in m.segments)  # a fused module's widest owned part
@@ -81,11 +83,11 @@ def build_config(
         layers=layers,
         modules=modules,
         tasks=tasks,
-        label_names=label_names or {tasks[0]: [str(v) for v in model.config.id2label.values()]},
+        label_names=label_names or {tasks[0]: [str(v) for v in hf_config.id2label.values()]},
         head_modules=head_modules(model),
         base_model=base_model,
         base_fingerprint=fingerprint(model, modules),
-        model_type=model.config.model_type,
+        model_type=hf_config.model_type,
         extra={**(extra or {}), "task_type": CAUSAL_LM} if causal else dict(extra or {}),
     )
     config.validate()
@@ -97,7 +99,7 @@ def is_causal_adapter(config: MetaTTConfig) -> bool:
 
 
 def _head_dim(model: nn.Module) -> int:
-    cfg = model.config
+    cfg: Any = model.config
     if getattr(cfg, "head_dim", None):
         return int(cfg.head_dim)
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
@@ -108,7 +110,7 @@ def _head_dim(model: nn.Module) -> int:
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
-    return (module.base_layer if isinstance(module, MetaTTLayer) else module).weight
+    return cast(torch.Tensor, (module.base_layer if isinstance(module, MetaTTLayer) else module).weight)
 
 
 def fingerprint(model: nn.Module, modules: list[TargetModule]) -> str:
@@ -257,18 +259,27 @@ def merge_and_unload(model: nn.Module, task: str | None = None) -> nn.Module:
             base.weight.data.copy_(w.to(base.weight.dtype))
             setattr(parent, child, base)
     delattr(model, ADAPTER_ATTR)
-    if config.multitask:  # that task's head becomes the classifier, its labels the model's
+    if t is not None:  # multi-task: that task's head becomes the classifier, its labels the model's
         select_task_head(model, config, t)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
 
 
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def is_head_parameter(name: str, heads: tuple[str, ...]) -> bool:
+    """Whether parameter ``name`` (plain or PEFT-prefixed) belongs to one of the head modules ``heads`` ("name." each)."""
+    return name.removeprefix("base_model.model.").startswith(heads)
+
+
 def count_trainable(model: nn.Module) -> dict[str, int]:
-    """Trainable parameters, split into adapter and head (heads are counted separately)."""
-    adapter = getattr(model, ADAPTER_ATTR, None)
-    config = adapter.config if adapter is not None else None
-    heads = config.head_modules if config else []
+    """Trainable parameters of a MetaTT or PEFT LoRA model, split into adapter and head (heads are counted separately)."""
+    heads = tuple(f"{h}." for h in head_modules(unwrap_peft(model)))
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    head = sum(p.numel() for n in heads for p in model.get_submodule(n).parameters() if p.requires_grad)
+    head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and is_head_parameter(n, heads))
     return {"adapter": total - head, "head": head, "total": total}

@@ -30,6 +30,7 @@ import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from metatt_deploy.adapters import model as mt
 from metatt_deploy.adapters.config import DEFAULT_ALPHA, MetaTTConfig
-from metatt_deploy.adapters.heads import add_task_heads, new_head, routers
+from metatt_deploy.adapters.heads import TaskHeads, add_task_heads, new_head, routers
 from metatt_deploy.adapters.targets import DEFAULT_TARGETS
 from metatt_deploy.common.errors import MetaTTError
 
@@ -100,7 +101,7 @@ class MultiTaskModel(nn.Module):
         with routed(self.model, ids):
             logits = self.model(**inputs).logits
         loss = F.cross_entropy(logits.float(), labels.long()) if labels is not None else None
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return SequenceClassifierOutput(loss=cast(torch.FloatTensor, loss), logits=logits)
 
 
 @contextmanager
@@ -120,6 +121,24 @@ def routed(model: nn.Module, task_ids: int | torch.Tensor) -> Iterator[None]:
     finally:
         for r, ids in zip(heads, previous):
             r.task_ids = ids
+
+
+class TaskView(nn.Module):
+    """A multi-task model fixed to one task, giving only that task's logits.
+
+    This is what the dense model of that task (``merge --task``, ``export --task``) computes, so
+    it is the unmerged reference that `metatt-deploy validate --task` compares an export with.
+    """
+
+    def __init__(self, mtm: MultiTaskModel, task: str):
+        super().__init__()
+        self.mtm = mtm
+        self.task = mtm.adapter_config.task_index(task)
+        self.num_labels = mtm.num_labels[self.task]
+
+    def forward(self, **inputs) -> SequenceClassifierOutput:
+        logits = self.mtm(**inputs, task_ids=self.task).logits
+        return SequenceClassifierOutput(logits=logits[:, : self.num_labels])
 
 
 def split_logits(logits: np.ndarray | torch.Tensor, task_ids: Sequence[int], num_labels: Sequence[int]) -> list:
@@ -148,7 +167,7 @@ def build_multitask(
     """Attach a (4+1)D adapter for ``tasks`` and per-task heads to ``model`` (a fresh HF classifier)."""
     tasks = list(tasks)
     if len(tasks) < 2:
-        raise MetaTTError("multi-task training needs at least two tasks; give --task twice or more (or use --dataset for one task)")
+        raise MetaTTError("multi-task training needs at least two tasks; give --task twice or more (for one task: --dataset or --train)")
     if len(set(tasks)) != len(tasks):
         raise MetaTTError(f"task names repeat ({', '.join(tasks)}); give each task a distinct NAME=")
     config = mt.build_config(
@@ -244,7 +263,8 @@ def extend_tasks(mtm: MultiTaskModel, name: str, label_names: list[str], seed: i
     adapter.set_cores(cores, cfg)
     last = cfg.head_modules[-1]
     index = len(cfg.tasks) - 1
-    for head_name, router in zip(cfg.head_modules, [mtm.model.get_submodule(n) for n in cfg.head_modules]):
+    for head_name in cfg.head_modules:
+        router = cast(TaskHeads, mtm.model.get_submodule(head_name))
         template = router.heads[0]
         router.heads.append(
             new_head(mtm.model, template, len(label_names), seed + 1000 + index) if head_name == last else copy.deepcopy(template)

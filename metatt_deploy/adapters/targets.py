@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from typing import cast
 
+import torch
 from torch import nn
 
 from metatt_deploy.common.errors import MetaTTError
@@ -110,7 +112,8 @@ def module_dims(module: nn.Module) -> tuple[int, int, bool]:
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features, False
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        return module.weight.shape[0], module.weight.shape[1], True
+        weight = cast(torch.Tensor, module.weight)
+        return int(weight.shape[0]), int(weight.shape[1]), True
     raise MetaTTError(f"module of type {type(module).__name__} cannot be adapted; target nn.Linear or Conv1D layers")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import matplotlib
@@ -13,24 +14,72 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from metatt_deploy.common.files import atomic_write_bytes, atomic_write_text  # noqa: E402
 
+LINE_INTERVAL_S = 30.0  # off a terminal: at most one progress line per this many seconds
 
-def progress_bar(total: int, initial: int, desc: str, enabled: bool = True) -> tqdm:
-    """A training progress bar that keeps logs readable.
 
-    On a terminal it redraws often; when stderr is a file or pipe (CI, nohup, accelerate
-    launch) every redraw is a new line in the log, so it redraws at most every 30 seconds.
-    Callers update the postfix with ``refresh=False`` so it rides along with those redraws.
+class Progress:
+    """Progress of a long loop that keeps logs one event per line.
+
+    On a terminal (stderr a TTY) it is a tqdm bar that redraws in place. Anywhere else (a file,
+    a pipe, CI, nohup, accelerate launch) a bar's carriage returns would glue redraws and log
+    lines together, so it prints plain whole lines instead: one at the start, one at most every
+    ``LINE_INTERVAL_S`` seconds, one at the end. ``write`` prints a log line (to stdout) between
+    redraws, so an epoch summary never lands on the bar's line. A disabled progress (not the
+    main process) prints nothing, ``write`` included.
     """
-    interactive = sys.stderr.isatty()
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc=desc,
-        disable=not enabled,
-        mininterval=0.1 if interactive else 30.0,
-        maxinterval=10.0 if interactive else 60.0,
-        dynamic_ncols=interactive,
-    )
+
+    def __init__(self, total: int, initial: int, desc: str, enabled: bool = True, unit: str = "it"):
+        self.total, self.n, self.desc, self.unit, self.enabled = total, initial, desc, unit, enabled
+        self.postfix: dict[str, object] = {}
+        self.interactive = sys.stderr.isatty()
+        self._bar = None
+        if enabled and self.interactive:
+            self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, mininterval=0.1, maxinterval=10.0, dynamic_ncols=True)
+        self._start = self._last = time.monotonic()
+        self._printed_n: int | None = None
+        if enabled and self._bar is None:
+            self._line()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self.enabled and time.monotonic() - self._last >= LINE_INTERVAL_S:
+            self._line()
+
+    def set_postfix(self, refresh: bool = False, **values: object) -> None:
+        """Values shown after the count (loss, epoch, ...); they ride along with the next redraw."""
+        self.postfix = values
+        if self._bar is not None:
+            self._bar.set_postfix(refresh=refresh, **values)
+
+    def write(self, message: str) -> None:
+        """A log line on stdout, never glued to the progress display."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            tqdm.write(message, file=sys.stdout)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self.enabled and self._printed_n != self.n:
+            self._line()
+
+    def _line(self) -> None:
+        elapsed = time.monotonic() - self._start
+        percent = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        extra = "".join(f", {k}={v}" for k, v in self.postfix.items())
+        print(f"{self.desc}: {self.n}/{self.total} {self.unit}{percent}, {elapsed:.0f} s{extra}", file=sys.stderr, flush=True)
+        self._last = time.monotonic()
+        self._printed_n = self.n
+
+
+def progress_bar(total: int, initial: int, desc: str, enabled: bool = True, unit: str = "it") -> Progress:
+    """A `Progress` for training and validation loops (a bar on a terminal, whole lines elsewhere)."""
+    return Progress(total, initial, desc, enabled, unit)
 
 
 def markdown_table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = ".4f") -> str:

@@ -12,6 +12,7 @@ each shared core; a task is its ``r x r`` task-core slice plus its head (kilobyt
     tasks/NAME.onnx_adapter     the same tensors as an ONNX Runtime adapter (for model_adapter.onnx)
     model_tasks.onnx            form (a): input ``task_ids`` (int64, one per row); all baked tasks
     model_adapter.onnx          form (b): task slice + head are inputs fed from an .onnx_adapter
+    web/                        metatt.js + index.html: model_tasks.onnx from Node or a browser (export/web.py)
 
 Both graphs hold the base weights and every shared core exactly once (one initializer each,
 used by every layer: the per-layer updates are never materialised); the export runs with
@@ -51,6 +52,7 @@ from metatt_deploy.adapters.heads import PAD_LOGIT, add_task_heads, label_linear
 from metatt_deploy.adapters.multitask import MultiTaskModel, bundle_id, load_multitask, routed, shared_core_indices
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_dir, atomic_write_json, check_writable, read_json, sha256_file
+from metatt_deploy.export.web import factored_spec, write_web_app
 
 BUNDLE_FORMAT = 1
 BUNDLE_JSON = "bundle.json"
@@ -139,7 +141,12 @@ class _TaskIdGraph(nn.Module):
         *text, task_ids = args
         # an id < 0 would wrap around in Gather: send it past the last task so it fails instead
         task_ids = torch.where(task_ids < 0, torch.full_like(task_ids, len(self.mtm.tasks)), task_ids)
-        return self.mtm(**dict(zip(self.names, text)), task_ids=task_ids).logits
+        adapter = self.mtm.metatt
+        adapter.precompute = True  # every layer's update factor once per call, not once per layer
+        try:
+            return self.mtm(**dict(zip(self.names, text)), task_ids=task_ids).logits
+        finally:
+            adapter.precompute = False
 
 
 def export_task_graph(mtm: MultiTaskModel, path: str | Path, names: list[str], opset: int = DEFAULT_OPSET) -> dict:
@@ -376,6 +383,11 @@ def write_bundle(
                 "task_graph": export_task_graph(mtm, tmp / TASK_GRAPH, names, opset),
                 "adapter_graph": export_adapter_graph(mtm, tmp / ADAPTER_GRAPH, names, opset),
             }
+        web = None
+        if onnx:
+            max_length = int(config.extra.get("max_length", 128))
+            spec = factored_spec(TASK_GRAPH, list(config.tasks), config.label_names, [*names, TASK_IDS], max_length)
+            web = write_web_app(tmp, spec, tmp / BASE_DIR)
         layout = config.to_json()
         info = {
             "format_version": BUNDLE_FORMAT,
@@ -395,6 +407,7 @@ def write_bundle(
             "logits_layout": LOGITS_LAYOUT,
             "adapter_config": layout,
             "onnx": graphs,
+            "web": web,
             "seconds": round(time.time() - started, 1),
         }
         atomic_write_json(tmp / BUNDLE_JSON, info)

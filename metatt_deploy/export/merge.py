@@ -1,14 +1,18 @@
-"""Merging: fold a MetaTT adapter into its base weights and write a plain Hugging Face model.
+"""Merging: fold a MetaTT adapter (or a PEFT LoRA baseline) into its base weights: a plain Hugging Face model.
 
 The merged folder loads with ``AutoModelForSequenceClassification`` and no metatt code; a
 ``metatt_merge.json`` beside the weights records where it came from (for export manifests).
+A LoRA run's best/ (PEFT folder + ``metatt_lora.json``) merges through PEFT's
+``merge_and_unload``, so the baseline goes through merge, export and validate like MetaTT.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from metatt_deploy.adapters.lora import is_lora_adapter, load_lora, merge_lora
 from metatt_deploy.adapters.model import get_adapter, load_adapter, merge_and_unload
+from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_dir, atomic_write_json, check_writable
 from metatt_deploy.export.factored import write_bundle
 from metatt_deploy.tt.rounding import round_tt
@@ -28,9 +32,14 @@ def merge_adapter(
     """Write the dense model of ``task`` into ``output``; returns the merge record.
 
     ``max_rank`` first rounds the tensor train to that bond rank (TT-SVD sweep) and records
-    the relative Frobenius error this introduced.
+    the relative Frobenius error this introduced. ``adapter_dir`` may also be a PEFT LoRA
+    folder written by this project (`merge_lora_adapter`).
     """
     check_writable(output, force)
+    if is_lora_adapter(adapter_dir):
+        if max_rank is not None:
+            raise MetaTTError("--max-rank rounds a MetaTT tensor train; a LoRA adapter has none, drop --max-rank")
+        return merge_lora_adapter(adapter_dir, output, task=task, base_model=base_model, force=force)
     model, config, tokenizer = load_adapter(adapter_dir, base_model=base_model)
     task_index = config.task_index(task)
     record = {
@@ -56,6 +65,31 @@ def merge_adapter(
     return record
 
 
+def merge_lora_adapter(
+    adapter_dir: str | Path, output: str | Path, *, task: str | None = None, base_model: str | None = None, force: bool = False
+) -> dict:
+    """The dense model of a LoRA adapter folder (PEFT merge_and_unload), with the same merge record."""
+    peft_model, lora, tokenizer = load_lora(adapter_dir, base_model=base_model)
+    if task is not None and task != lora["task"]:
+        raise MetaTTError(f"unknown task '{task}'; this LoRA adapter has task: {lora['task']}")
+    record = {
+        "adapter": str(Path(adapter_dir).resolve()),
+        "base_model": base_model or lora["base_model"],
+        "base_fingerprint": None,
+        "method": "lora",
+        "task": lora["task"],
+        "ranks": [lora["rank"]],
+        "alpha": lora["lora_alpha"],
+        "merged_with": "peft merge_and_unload",
+    }
+    model = merge_lora(peft_model)
+    with atomic_dir(output, force=force) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / MERGE_RECORD, record)
+    return record
+
+
 def merge_factored(
     adapter_dir: str | Path,
     output: str | Path,
@@ -70,4 +104,6 @@ def merge_factored(
     With ``tasks`` and an existing bundle of the same shared cores as ``output``, only those tasks are
     added to it. Layout and checks: factored.py and docs/multitask.md.
     """
+    if is_lora_adapter(adapter_dir):
+        raise MetaTTError(f"{adapter_dir} is a LoRA adapter; --factored needs a multi-task MetaTT adapter (merge it without --factored)")
     return write_bundle(adapter_dir, output, tasks=tasks, onnx=onnx, base_model=base_model, force=force)

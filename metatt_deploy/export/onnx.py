@@ -28,9 +28,11 @@ Causal language models take another pipeline (a KV-cache graph, int8 or int4): o
 from __future__ import annotations
 
 import contextlib
+import shutil
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -40,13 +42,27 @@ import numpy as np
 from metatt_deploy import __version__
 from metatt_deploy.adapters.base_model import friendly_load
 from metatt_deploy.adapters.config import WEIGHTS_NAME, MetaTTConfig
+from metatt_deploy.adapters.lora import PEFT_WEIGHTS_NAME, is_lora_adapter, read_lora_record
 from metatt_deploy.adapters.targets import CAUSAL_LM_SUFFIXES
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_dir, atomic_write_json, check_writable, read_json, sha256_file
+from metatt_deploy.common.threads import resolve_threads, session_options_record
 from metatt_deploy.export.merge import merge_adapter
 from metatt_deploy.export.onnx_files import ONNX_NAME, has_external_data, model_bytes, replace_model
 from metatt_deploy.export.onnx_lm import export_decoder_into
-from metatt_deploy.export.quantize import DECODER_ONLY, QUANTIZE, quantize_int8
+from metatt_deploy.export.ort_format import convert_to_ort
+from metatt_deploy.export.quantize import (
+    CALIBRATION_ROWS,
+    DECODER_ONLY,
+    QUANTIZE,
+    TextCalibrationReader,
+    cpu_summary,
+    default_reduce_range,
+    load_calibration_rows,
+    quantize_dynamic_int8,
+    quantize_static_int8,
+)
+from metatt_deploy.export.web import single_task_spec, write_web_app
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -55,6 +71,10 @@ ADAPTER_CONFIG = "metatt_config.json"
 DEFAULT_ROOT = Path("exported")
 ONNX_TASK = "text-classification"
 DTYPES = ("fp32", "fp16")
+LAYOUTS = ("optimum", "transformers.js")
+FORMATS = ("onnx", "ort")
+TJS_DIR = "onnx"  # Transformers.js reads <model>/onnx/model.onnx (fp32) and model_quantized.onnx (q8)
+TJS_QUANTIZED = "model_quantized.onnx"
 
 FP32_ATOL = 1e-4  # max |logit diff| ONNX fp32 (plain or optimised) vs PyTorch float32
 FP16_RTOL = 1e-2  # fp16: max |logit diff| <= FP16_RTOL * max(1, max |logit|)
@@ -114,14 +134,15 @@ def available_providers(device: str = "auto") -> list[str]:
 
 
 def make_session(path: str | Path, providers: list[str] | None = None, threads: int | None = None):
-    """An InferenceSession on ``path`` with all graph optimisations and ``threads`` intra-op threads."""
+    """An InferenceSession on ``path`` with the options `session_options_record` describes (threads: default all CPUs)."""
     import onnxruntime as ort
 
+    record = session_options_record(threads)
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, record["graph_optimization_level"])
+    options.intra_op_num_threads = record["intra_op_num_threads"]
+    options.inter_op_num_threads = record["inter_op_num_threads"]
+    options.execution_mode = getattr(ort.ExecutionMode, record["execution_mode"])
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=providers or available_providers())
 
@@ -184,14 +205,30 @@ def export_onnx(
     force: bool = False,
     adapter_dir: str | Path | None = None,
     task: str | None = None,
+    calibration: str | None = None,
+    calibration_rows: int = CALIBRATION_ROWS,
+    calibration_method: str = "minmax",
+    per_channel: bool = True,
+    reduce_range: bool | None = None,
+    layout: str = "optimum",
+    formats: Sequence[str] = ("onnx",),
+    threads: int | None = None,
 ) -> Path:
     """Export ``model_dir`` to an ONNX bundle; returns the bundle folder.
 
     ``model_dir`` is a merged model folder (``metatt-deploy merge``), any Hugging Face sequence
-    classifier folder, or a MetaTT adapter folder, which is then merged on the fly (``task``
-    picks the task of a multi-task adapter). ``output`` defaults to ``exported/<name>`` with
+    classifier folder, or an adapter folder (MetaTT, or a LoRA run's best/), which is then merged
+    on the fly (``task`` picks the task of a multi-task adapter). ``output`` defaults to ``exported/<name>`` with
     ``name`` the folder's name plus the variant (``-opt``, ``-int8``, ``-fp16``).
     ``adapter_dir`` names the adapter for the manifest when the merged folder does not record it.
+
+    ``quantize="int8-static"`` calibrates activation ranges on ``calibration`` (a builtin task,
+    Hub data set or file; its validation split, ``calibration_rows`` rows, ``calibration_method``);
+    ``reduce_range`` None picks 7-bit weights only on CPUs without VNNI (export/quantize.py).
+    ``layout="transformers.js"`` adds ``onnx/model.onnx`` (fp32) and ``onnx/model_quantized.onnx``
+    for Transformers.js; ``"ort"`` in ``formats`` adds ``.ort`` copies and the operator config
+    of a reduced build. Every export writes ``web/`` (a static page; export/web.py). ``threads``:
+    intra-op threads of the parity sessions, recorded in the manifest.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -202,20 +239,45 @@ def export_onnx(
         raise MetaTTError(f"unknown quantization '{quantize}'; use {', '.join(QUANTIZE)}")
     if quantize and dtype != "fp32":
         raise MetaTTError("--quantize int8 and --dtype fp16 exclude each other; choose one")
+    if (quantize == "int8-static") != (calibration is not None):
+        raise MetaTTError("--quantize int8-static needs --calibration DATA (a task or file), and --calibration only applies to it")
+    if layout not in LAYOUTS:
+        raise MetaTTError(f"unknown layout '{layout}'; use one of {', '.join(LAYOUTS)}")
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown or "onnx" not in formats:
+        raise MetaTTError(f"unknown format(s) {', '.join(unknown) or '(none given)'}; use onnx, optionally with ort")
     if opset is not None and not 11 <= opset <= 25:
         raise MetaTTError(f"opset {opset} is out of range; use an opset between 11 and 25, or omit it for optimum's default")
-    is_adapter = (model_dir / ADAPTER_CONFIG).is_file()
+    is_adapter = is_adapter_dir(model_dir)
     if not is_adapter and not (model_dir / "config.json").is_file():
         raise MetaTTError(
-            f"{model_dir} holds neither a model (config.json) nor a MetaTT adapter ({ADAPTER_CONFIG}); pass a merged model folder"
+            f"{model_dir} holds neither a model (config.json) nor an adapter ({ADAPTER_CONFIG} or a PEFT "
+            "adapter_config.json); pass a merged model folder"
         )
-    if adapter_dir is not None and not (Path(adapter_dir) / ADAPTER_CONFIG).is_file():
-        raise MetaTTError(f"{adapter_dir} is not a MetaTT adapter (no {ADAPTER_CONFIG}); pass the adapter directory or omit --adapter")
+    if adapter_dir is not None and not is_adapter_dir(adapter_dir):
+        raise MetaTTError(
+            f"{adapter_dir} is not an adapter (no {ADAPTER_CONFIG}, no PEFT adapter_config.json); pass the adapter directory or omit --adapter"
+        )
 
     variant = variant_suffix(optimize, quantize, dtype)
     if output is None:
         output = DEFAULT_ROOT / f"{name or model_dir.resolve().name}{variant}"
     output = check_writable(output, force)
+    resolve_threads(threads)
+    rows, calibration_source = load_calibration_rows(calibration, max_rows=calibration_rows) if calibration else ([], None)
+    reduce_range = default_reduce_range() if reduce_range is None else reduce_range
+    options = {
+        "opset": opset,
+        "optimize": optimize,
+        "quantize": quantize,
+        "dtype": dtype,
+        "calibration": (rows, calibration_source, calibration_method),
+        "per_channel": per_channel,
+        "reduce_range": reduce_range,
+        "layout": layout,
+        "formats": tuple(formats),
+        "threads": threads,
+    }
 
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="metatt-merge-") as merge_tmp:
@@ -228,7 +290,7 @@ def export_onnx(
             source_kind = "adapter (merged on the fly)"
         provenance = _provenance(source, adapter_dir)
         with atomic_dir(output, force=force) as tmp:
-            manifest = _export_into(tmp, source, opset=opset, optimize=optimize, quantize=quantize, dtype=dtype)
+            manifest = _export_into(tmp, source, **options)
             manifest = {
                 "format_version": MANIFEST_VERSION,
                 "name": output.name,
@@ -248,7 +310,13 @@ def export_onnx(
     return output
 
 
+def is_adapter_dir(directory: str | Path) -> bool:
+    """A MetaTT adapter folder or a PEFT LoRA folder (both merge on the fly)."""
+    return (Path(directory) / ADAPTER_CONFIG).is_file() or is_lora_adapter(directory)
+
+
 def variant_suffix(optimize: bool, quantize: str | None, dtype: str) -> str:
+    """``-opt``, ``-int8``, ``-int8-static``, ``-fp16`` and their combinations."""
     return ("-opt" if optimize else "") + (f"-{quantize}" if quantize else "") + ("-fp16" if dtype == "fp16" else "")
 
 
@@ -256,12 +324,25 @@ def _provenance(source: Path, adapter_dir: str | Path | None) -> dict:
     """Adapter and base model of the export, from the merge record and/or the adapter config."""
     record = read_json(source / MERGE_RECORD, "merge record") if (source / MERGE_RECORD).is_file() else {}
     recorded = record.get("adapter")
-    if adapter_dir is None and recorded and (Path(recorded) / ADAPTER_CONFIG).is_file():
+    if adapter_dir is None and recorded and is_adapter_dir(recorded):
         adapter_dir = recorded
     elif adapter_dir is not None and recorded and Path(recorded).resolve() != Path(adapter_dir).resolve():
         raise MetaTTError(f"the merged model records adapter {recorded}, not {adapter_dir}; pass the matching --adapter or omit it")
     adapter = None
-    if adapter_dir is not None:
+    if adapter_dir is not None and is_lora_adapter(adapter_dir):
+        lora = read_lora_record(adapter_dir)
+        weights = Path(adapter_dir) / PEFT_WEIGHTS_NAME
+        adapter = {
+            "path": str(Path(adapter_dir).resolve()),
+            "method": "lora",
+            "ranks": [lora["rank"]],
+            "alpha": lora["lora_alpha"],
+            "targets": lora["targets"],
+            "tasks": [lora["task"]],
+            "weights_sha256": sha256_file(weights) if weights.is_file() else None,
+        }
+        record = {"base_model": lora["base_model"], "base_fingerprint": None, "method": "lora", "task": lora["task"], **record}
+    elif adapter_dir is not None:
         config = MetaTTConfig.load(adapter_dir)
         weights = Path(adapter_dir) / WEIGHTS_NAME
         adapter = {
@@ -292,7 +373,9 @@ def _provenance(source: Path, adapter_dir: str | Path | None) -> dict:
     }
 
 
-def _export_into(tmp: Path, source: Path, *, opset, optimize, quantize, dtype) -> dict:
+def _export_into(
+    tmp: Path, source: Path, *, opset, optimize, quantize, dtype, calibration, per_channel, reduce_range, layout, formats, threads
+) -> dict:
     """Run the pipeline into ``tmp``; returns the manifest's export-specific fields."""
     import onnx
     import torch
@@ -301,6 +384,8 @@ def _export_into(tmp: Path, source: Path, *, opset, optimize, quantize, dtype) -
     hf_config = friendly_load(lambda: AutoConfig.from_pretrained(source), str(source), "model config")
     architectures = hf_config.architectures or []
     if any(a.endswith(CAUSAL_LM_SUFFIXES) for a in architectures):  # decoders: KV-cache graph (onnx_lm.py)
+        if layout != "optimum" or set(formats) - {"onnx"} or calibration[0]:
+            raise MetaTTError("decoders export as optimum bundles only; drop --layout, --formats and --calibration")
         return export_decoder_into(tmp, source, hf_config, opset=opset, optimize=optimize, quantize=quantize, dtype=dtype)
     if quantize in DECODER_ONLY:
         raise MetaTTError(f"--quantize {quantize} is for decoders (weight-only MatMulNBits); use --quantize int8 for classifiers")
@@ -331,19 +416,27 @@ def _export_into(tmp: Path, source: Path, *, opset, optimize, quantize, dtype) -
         "inputs": [i.name for i in graph.graph.input],
         "outputs": [o.name for o in graph.graph.output],
         "variant": {"dtype": dtype, "optimize": bool(optimize), "quantize": quantize},
+        "session": session_options_record(threads),
+        "cpu": cpu_summary(),
     }
     cpu = ["CPUExecutionProvider"]
-    fp32_parity = _parity(make_session(model_path, cpu), encodings, ref_logits)
+    fp32_parity = _parity(make_session(model_path, cpu, threads), encodings, ref_logits)
     fp32_parity.update(provider="CPUExecutionProvider", tolerance=FP32_ATOL)
     _enforce(fp32_parity, "the fp32 ONNX export")
     sizes = {"fp32_bytes": model_bytes(tmp)}
+    if layout == "transformers.js":  # the plain fp32 graph, kept aside (optimum's loader would see a 2nd model.onnx)
+        stash = Path(tempfile.mkdtemp(prefix="metatt-fp32-"))
+        shutil.copyfile(model_path, stash / ONNX_NAME)
 
     if optimize:
         fields["optimizer"], fields["fused_nodes"] = _optimize(tmp, hf_config, use_gpu=dtype == "fp16")
     if dtype == "fp16":
         _to_fp16(tmp)
-    if quantize == "int8":
-        fields["quantization"] = quantize_int8(tmp)
+    rows, calibration_source, calibration_method = calibration
+    if quantize:
+        fields["quantization"] = _quantize(tmp, quantize, tokenizer, fields["inputs"], rows, calibration_method, per_channel, reduce_range)
+        if calibration_source:
+            fields["quantization"]["calibration"]["data"] = calibration_source
     sizes["final_bytes"] = model_bytes(tmp)
     fields["sizes"] = sizes
 
@@ -369,7 +462,78 @@ def _export_into(tmp: Path, source: Path, *, opset, optimize, quantize, dtype) -
         "fp32_export": fp32_parity,
         "final": final,
     }
+    if layout == "transformers.js":
+        try:
+            (tmp / TJS_DIR).mkdir()
+            shutil.move(stash / ONNX_NAME, tmp / TJS_DIR / ONNX_NAME)
+        finally:
+            shutil.rmtree(stash, ignore_errors=True)
+        fields["transformers_js"] = _transformers_js_layout(tmp, quantize, per_channel, reduce_range, encodings, ref_logits, threads)
+    if "ort" in formats:
+        fields["ort_format"] = _ort_format(tmp, encodings, threads)
+    spec = single_task_spec(fields["labels"], fields["inputs"], TJS_DIR if layout == "transformers.js" else None)
+    fields["web"] = write_web_app(tmp, spec, tmp)
     return fields
+
+
+def _quantize(tmp: Path, quantize: str, tokenizer, inputs: list[str], rows, method: str, per_channel: bool, reduce_range: bool) -> dict:
+    """Replace the bundle's graph by its int8 form; returns the manifest's ``quantization``."""
+    external = has_external_data(tmp)
+    if quantize == "int8":
+        return replace_model(
+            tmp,
+            lambda path: quantize_dynamic_int8(
+                tmp / ONNX_NAME, path, per_channel=per_channel, reduce_range=reduce_range, external=external
+            ),
+        )
+
+    def feeds(batch):
+        enc = tokenizer(*[list(c) for c in zip(*batch)], truncation=True, max_length=128, return_tensors="np")
+        return {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in inputs}
+
+    reader = TextCalibrationReader(rows, feeds)
+    return replace_model(
+        tmp,
+        lambda path: quantize_static_int8(
+            tmp / ONNX_NAME, path, reader, per_channel=per_channel, reduce_range=reduce_range, method=method, external=external
+        ),
+    )
+
+
+def _transformers_js_layout(tmp: Path, quantize, per_channel, reduce_range, encodings, ref_logits, threads) -> dict:
+    """``onnx/model.onnx`` (fp32, checked) and ``onnx/model_quantized.onnx`` (the bundle's int8, else dynamic int8)."""
+    folder = tmp / TJS_DIR
+    quantized = folder / TJS_QUANTIZED
+    if quantize:
+        shutil.copyfile(tmp / ONNX_NAME, quantized)
+    else:
+        quantize_dynamic_int8(folder / ONNX_NAME, quantized, per_channel=per_channel, reduce_range=reduce_range)
+    fp32 = _parity(make_session(folder / ONNX_NAME, ["CPUExecutionProvider"], threads), encodings, ref_logits)
+    fp32["tolerance"] = FP32_ATOL
+    _enforce(fp32, "onnx/model.onnx")
+    q8 = _parity(make_session(quantized, ["CPUExecutionProvider"], threads), encodings, ref_logits)
+    return {
+        "files": [f"{TJS_DIR}/{ONNX_NAME}", f"{TJS_DIR}/{TJS_QUANTIZED}"],
+        "quantized_form": quantize or "int8",
+        "parity": {"model.onnx": fp32, "model_quantized.onnx": {**q8, "tolerance": None}},
+        "load_with": "pipeline('text-classification', NAME) with env.localModelPath = the bundle's parent, env.allowRemoteModels = false",
+    }
+
+
+def _ort_format(tmp: Path, encodings, threads) -> dict:
+    """``.ort`` copies of the bundle's graphs and the reduced build's operator config; parity checked."""
+    written = convert_to_ort(tmp)
+    checked = {}
+    for ort_file in written["models"]:
+        onnx_file = (tmp / ort_file).with_suffix(".onnx")
+        cpu = ["CPUExecutionProvider"]
+        session = make_session(onnx_file, cpu, threads)
+        reference = [session.run(["logits"], onnx_feeds(session, e))[0] for e in encodings]
+        parity = _parity(make_session(tmp / ort_file, cpu, threads), encodings, reference)
+        parity["tolerance"] = FP32_ATOL
+        _enforce(parity, f"the ORT format model {ort_file} (vs its .onnx)")
+        checked[ort_file] = parity
+    return {**written, "parity_vs_onnx": checked}
 
 
 def _run_main_export(source: Path, tmp: Path, opset: int | None) -> None:

@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ONNX_NAME = "model.onnx"
 
@@ -22,14 +23,15 @@ def has_external_data(folder: Path) -> bool:
     return any(p.name != ONNX_NAME and p.name.startswith(ONNX_NAME) for p in folder.iterdir())
 
 
-def replace_model(folder: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(path)`` into a stage folder, then swap the staged graph (and its data) in."""
+def replace_model(folder: Path, write: Callable[[Path], Any]) -> Any:
+    """Run ``write(path)`` into a stage folder, swap the staged graph (and its data) in; returns what ``write`` returned."""
     stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=folder))
     try:
-        write(stage / ONNX_NAME)
+        result = write(stage / ONNX_NAME)
         for old in [p for p in folder.iterdir() if p.is_file() and p.name.startswith(ONNX_NAME)]:
             old.unlink()
         for new in stage.iterdir():
             os.replace(new, folder / new.name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+    return result

@@ -25,8 +25,8 @@ import numpy as np
 
 from metatt_deploy.adapters.base_model import friendly_load
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.export.onnx_files import ONNX_NAME, model_bytes
-from metatt_deploy.export.quantize import DECODER_INT8_EXCLUDE, quantize_int4, quantize_int8
+from metatt_deploy.export.onnx_files import ONNX_NAME, has_external_data, model_bytes, replace_model
+from metatt_deploy.export.quantize import DECODER_INT8_EXCLUDE, quantize_dynamic_int8, quantize_int4
 from metatt_deploy.training.lm_data import prompt_ids
 
 ONNX_TASK = "text-generation-with-past"
@@ -88,8 +88,10 @@ def export_decoder_into(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if optimize or dtype != "fp32":
-        raise MetaTTError("decoders export as fp32, --quantize int8 or --quantize int4; drop --optimize and --dtype")
+    if optimize or dtype != "fp32" or quantize not in (None, "int8", "int4"):
+        raise MetaTTError(
+            "decoders export as fp32, --quantize int8 or --quantize int4; drop --optimize, --dtype and other --quantize forms"
+        )
     tokenizer = friendly_load(lambda: AutoTokenizer.from_pretrained(source), str(source), "tokenizer")
     reference = friendly_load(lambda: AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32), str(source), "model").eval()
     prompts = chat_prompts(tokenizer, SAMPLE_PROMPTS)
@@ -116,10 +118,13 @@ def export_decoder_into(
     fp32["tolerance"] = FP32_ATOL
     _enforce(fp32, "the fp32 ONNX export")
     final = fp32
+    external = has_external_data(tmp)
     if quantize == "int8":
-        fields["quantization"] = quantize_int8(tmp, exclude=DECODER_INT8_EXCLUDE)
+        fields["quantization"] = replace_model(
+            tmp, lambda path: quantize_dynamic_int8(tmp / ONNX_NAME, path, external=external, exclude=DECODER_INT8_EXCLUDE)
+        )
     elif quantize == "int4":
-        fields["quantization"] = quantize_int4(tmp)
+        fields["quantization"] = replace_model(tmp, lambda path: quantize_int4(tmp / ONNX_NAME, path, external=external))
     if quantize:
         final = _parity(tmp, prompts, ref_logits, ref_tokens, eos, pad)
         final.update(tolerance=None, note=f"{quantize} logits and tokens are reported, not enforced; judge them by exact match (validate)")

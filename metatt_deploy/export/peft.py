@@ -43,13 +43,12 @@ from safetensors.torch import save_file
 
 from metatt_deploy.adapters.config import CONFIG_NAME, WEIGHTS_NAME, MetaTTConfig
 from metatt_deploy.adapters.layer import MetaTT
+from metatt_deploy.adapters.lora import PEFT_WEIGHTS_NAME, is_lora_adapter, lora_record, write_lora_record
 from metatt_deploy.adapters.model import is_causal_adapter, read_weights, split_state
 from metatt_deploy.adapters.targets import TargetModule
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_dir, check_writable
 
-PEFT_CONFIG_NAME = "adapter_config.json"
-PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 
@@ -152,19 +151,36 @@ def to_peft(adapter_dir: str | Path, output: str | Path, task: str | None = None
 
     ``task`` picks the task of a multi-task adapter (its task slice is folded into the pairs and
     its head is the one exported: load it on a base with that task's label count).
-    The other files of the adapter directory (the tokenizer's) are copied along. Returns ``output``.
+    The other files of the adapter directory (the tokenizer's) are copied along, and
+    ``metatt_lora.json`` records the task and its labels (so the folder merges, exports and
+    validates like a LoRA run). Returns ``output``.
     """
     from peft import LoraConfig
 
     check_writable(output, force)
+    if is_lora_adapter(adapter_dir):
+        raise MetaTTError(
+            f"{adapter_dir} is already a PEFT LoRA adapter; use it as it is, or merge it to a dense model (without --to peft)"
+        )
     config = MetaTTConfig.load(adapter_dir)
     cores, heads = split_state(read_weights(adapter_dir), config)
     t = config.task_index(task)
     tensors, ranks = peft_state(config, cores, heads, t if config.multitask else None)
-    lora_config = LoraConfig(**lora_config_dict(config, ranks))
+    kwargs = lora_config_dict(config, ranks)
+    lora_config = LoraConfig(**kwargs)
+    name = config.tasks[t]
+    record = lora_record(
+        task=name,
+        label_names=config.label_names[name],
+        base_model=config.base_model,
+        rank=kwargs["r"],
+        lora_alpha=kwargs["lora_alpha"],
+        targets=config.targets,
+    )
     with atomic_dir(output, force=force) as tmp:
         lora_config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+        write_lora_record(tmp, record)
         for f in sorted(Path(adapter_dir).iterdir()):  # tokenizer files (whatever the tokenizer wrote)
             if f.is_file() and f.name not in (CONFIG_NAME, WEIGHTS_NAME) and not f.name.startswith("."):
                 (tmp / f.name).write_bytes(f.read_bytes())

@@ -1,7 +1,11 @@
 """Validate an ONNX export against its UNMERGED adapter: parity, agreement, accuracy, latency.
 
-The reference is the PyTorch model exactly as trained (base + MetaTT adapter, not merged), so
-one check covers merging and exporting together. On held-out inputs it reports:
+The reference is the PyTorch model exactly as trained (base + adapter, not merged), so one
+check covers merging and exporting together. The adapter is a single-task MetaTT adapter, a
+multi-task one (the export's task, or ``task``, through the multi-task model's own task routing:
+`TaskView`), or a PEFT LoRA run's best/ (``peft.PeftModel``, unmerged). On held-out inputs
+(every example of a file or split unless ``max_examples`` asks for a random subset, which the
+console and the report then state) it reports:
 
 - max |logit diff| ONNX vs PyTorch, enforced at 1e-4 for fp32 exports (plain or optimised), at
   1e-2 x max(1, max |logit|) for fp16 exports, reported only for int8 exports;
@@ -12,15 +16,16 @@ one check covers merging and exporting together. On held-out inputs it reports:
   provider, plus CUDA when onnxruntime offers it), timed round-robin so machine load hits every
   runtime alike.
 
-Results go to ``validation.json`` and ``validation.md`` in the ONNX folder (or ``output``). A
-parity failure is written to the report first, then raised.
+Results go NEXT TO the export bundle, ``exported/NAME.validation.json`` and ``.md`` (or to
+``validation.json`` and ``validation.md`` in ``output``): the bundle itself keeps exactly the
+files its manifest lists. A parity failure is written to the report first, then raised.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -29,11 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from metatt_deploy.adapters.config import WEIGHTS_NAME
+from metatt_deploy.adapters.config import WEIGHTS_NAME, MetaTTConfig
+from metatt_deploy.adapters.lora import PEFT_WEIGHTS_NAME, is_lora_adapter, load_lora
 from metatt_deploy.adapters.model import load_adapter
-from metatt_deploy.adapters.multitask import routed
+from metatt_deploy.adapters.multitask import TaskView, load_multitask
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text, check_writable, sha256_file
+from metatt_deploy.common.report import progress_bar
 from metatt_deploy.export.onnx import (
     FP16_RTOL,
     FP32_ATOL,
@@ -116,10 +123,34 @@ def time_round_robin(
 
 
 class HeldOut:
-    """Texts (one or two columns) and optional labels, in the model's label ids."""
+    """Texts (one or two columns) and optional labels, in the model's label ids.
+
+    ``total`` is how many examples the source has; fewer ``texts`` means a random subset was taken.
+    """
 
     def __init__(self, texts: list[tuple[str, ...]], labels: list[int] | None, source: str, split: str | None):
         self.texts, self.labels, self.source, self.split = texts, labels, source, split
+        self.total = len(texts)
+
+    @property
+    def subset(self) -> bool:
+        return len(self.texts) < self.total
+
+    def limit(self, max_examples: int | None, seed: int = 0) -> HeldOut:
+        """A fixed random subset of ``max_examples`` (in source order), or everything when None or larger."""
+        if max_examples is None or max_examples >= self.total:
+            return self
+        keep = sorted(np.random.default_rng(seed).choice(self.total, size=max_examples, replace=False).tolist())
+        self.texts = [self.texts[i] for i in keep]
+        self.labels = [self.labels[i] for i in keep] if self.labels is not None else None
+        return self
+
+    def describe(self) -> str:
+        """One line for the console: the source and how much of it is used."""
+        where = self.source + (f" ({self.split} split)" if self.split else "")
+        if self.subset:
+            return f"{where}: a random {len(self.texts):,} of {self.total:,} examples (--max-examples; omit it to use all)"
+        return f"{where}: all {self.total:,} examples"
 
     def columns(self, rows: slice | list[int]) -> list[list[str]]:
         picked = self.texts[rows] if isinstance(rows, slice) else [self.texts[i] for i in rows]
@@ -130,36 +161,39 @@ def load_held_out(
     data: str | None,
     *,
     split: str = "test",
-    max_examples: int = 200,
+    max_examples: int | None = None,
     model_labels: Sequence[str] = (),
     text_columns: Sequence[str] | None = None,
     label_column: str = "label",
     seed: int = 0,
 ) -> HeldOut:
-    """Held-out examples: a builtin task or Hub name (``split``), a CSV/TSV/JSONL/JSON file, or samples."""
-    if max_examples < 1:
+    """Held-out examples: a builtin task or Hub name (``split``), a CSV/TSV/JSONL/JSON file, or samples.
+
+    Every example is used unless ``max_examples`` is smaller: then a fixed random subset.
+    """
+    if max_examples is not None and max_examples < 1:
         raise MetaTTError(f"--max-examples is {max_examples}; give at least 1")
+    return _load_all(data, split, model_labels, text_columns, label_column, seed).limit(max_examples, seed)
+
+
+def _load_all(data, split, model_labels, text_columns, label_column, seed) -> HeldOut:
     if data is None:
-        return HeldOut([(s,) for s in SAMPLE_SENTENCES][:max_examples], None, "builtin sample sentences", None)
+        return HeldOut([(s,) for s in SAMPLE_SENTENCES], None, "builtin sample sentences", None)
 
     path = Path(data)
     if path.suffix.lower() in (".csv", ".tsv", ".jsonl", ".json") or path.exists():
         if not path.is_file():
             raise MetaTTError(f"data file not found: {path}; check the path, or pass a builtin task name")
         if label_column not in _file_columns(path):
-            return _unlabelled_file(path, text_columns, max_examples)
-        task = load_task(
-            test=str(path), text_columns=text_columns, label_column=label_column, max_samples={"test": max_examples}, seed=seed
-        )
-        split, source = "test", str(path)
+            return _unlabelled_file(path, text_columns)
+        task = load_task(test=str(path), text_columns=text_columns, label_column=label_column, seed=seed)
+        source, split, name = str(path), None, "test"
     else:
         task = load_task(dataset=data, text_columns=text_columns, label_column=label_column, seed=seed)
         if split not in task.splits:
             raise MetaTTError(f"'{data}' has no '{split}' split (it has {', '.join(task.splits)}); pass --split")
-        if len(task.splits[split]) > max_examples:
-            task.splits[split] = task.splits[split].shuffle(seed=seed).select(range(max_examples))
-        source = data
-    ds = task.splits[split]
+        source, name = data, split
+    ds = task.splits[name]
     columns = ds.select_columns(list(task.text_columns))[:]
     texts = list(zip(*(columns[c] for c in task.text_columns)))
     mapping = _label_mapping(task.label_names, list(model_labels))
@@ -188,7 +222,7 @@ def _file_columns(path: Path) -> list[str]:
     return []
 
 
-def _unlabelled_file(path: Path, text_columns: Sequence[str] | None, max_examples: int) -> HeldOut:
+def _unlabelled_file(path: Path, text_columns: Sequence[str] | None) -> HeldOut:
     from datasets import load_dataset
 
     builder, options = FILE_FORMATS[path.suffix.lower()]
@@ -204,7 +238,6 @@ def _unlabelled_file(path: Path, text_columns: Sequence[str] | None, max_example
     )
     if not columns or any(c not in ds.column_names for c in columns):
         raise MetaTTError(f"no text column found in {path} (columns: {', '.join(ds.column_names)}); pass --text-column")
-    ds = ds.select(range(min(max_examples, len(ds))))
     values = ds.select_columns(columns)[:]
     return HeldOut(list(zip(*(values[c] for c in columns))), None, str(path), None)
 
@@ -232,7 +265,7 @@ def validate(
     *,
     data: str | None = None,
     split: str = "test",
-    max_examples: int = 200,
+    max_examples: int | None = None,
     batch_sizes: Sequence[int] = (1, 8),
     seq_len: int = 128,
     repeats: int = 30,
@@ -246,13 +279,17 @@ def validate(
     label_column: str = "label",
     output: str | Path | None = None,
     force: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Compare the ONNX export in ``onnx_dir`` with the unmerged adapter; write and return the report.
 
     ``data``: a builtin task name (e.g. movie-sentiment), a Hub data set, a CSV/TSV/JSONL/JSON
-    file (labels optional), or None for built-in sample sentences. ``threads`` sets PyTorch's and
-    ONNX Runtime's intra-op threads alike (default: each library's own default). ``max_seconds``
-    caps the timed seconds per runtime and batch size (at least 3 calls are always timed).
+    file (labels optional), or None for built-in sample sentences; all of it unless
+    ``max_examples`` asks for a random subset. ``adapter_dir``: a MetaTT adapter (``task`` picks
+    the task of a multi-task one; default: the export's) or a LoRA run's best/. ``threads`` sets
+    PyTorch's and ONNX Runtime's intra-op threads alike (default: each library's own default).
+    ``max_seconds`` caps the timed seconds per runtime and batch size (at least 3 calls are
+    always timed). ``log`` receives one-line notes for the console (the data used).
     """
     import torch
 
@@ -267,72 +304,109 @@ def validate(
         raise MetaTTError(f"batch sizes {list(batch_sizes)} must be positive integers; pass e.g. --batch-sizes 1,8")
     if seq_len < 2 or repeats < 1 or warmup < 0:
         raise MetaTTError("--seq-len must be at least 2, --repeats at least 1 and --warmup at least 0; fix the option")
-    out_dir = Path(output) if output is not None else onnx_dir
-    for name in (REPORT_JSON, REPORT_MD):
-        check_writable(out_dir / name, force)
+    json_path, md_path = report_paths(onnx_dir, output)
+    for path in (json_path, md_path):
+        check_writable(path, force)
 
-    model, config, tokenizer = load_adapter(adapter_dir, base_model=base_model)
-    task = task or manifest.get("task")
-    # a multi-task adapter runs routed to the one task it is validated for (heads included)
-    routing = routed(model, config.task_index(task)) if config.multitask else contextlib.nullcontext()
-    if not config.multitask and task and task not in config.tasks:
-        raise MetaTTError(f"unknown task '{task}'; this adapter has tasks: {', '.join(config.tasks)}")
-    task_name = config.tasks[config.task_index(task) if config.multitask else 0]
-    model_labels = config.label_names.get(task_name) or next(iter(config.label_names.values()))
+    reference = load_reference(adapter_dir, task or manifest.get("task"), base_model)
     held = load_held_out(
-        data, split=split, max_examples=max_examples, model_labels=model_labels, text_columns=text_columns, label_column=label_column
+        data, split=split, max_examples=max_examples, model_labels=reference.labels, text_columns=text_columns, label_column=label_column
     )
+    if log is not None:
+        log(f"data: {held.describe()}")
 
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        with routing:
-            report = _run(
-                model,
-                tokenizer,
-                held,
-                onnx_dir,
-                manifest,
-                reference_onnx,
-                reference_manifest,
-                batch_sizes=batch_sizes,
-                seq_len=seq_len,
-                repeats=repeats,
-                warmup=warmup,
-                max_seconds=max_seconds,
-                threads=threads,
-            )
+        report = _run(
+            reference,
+            held,
+            onnx_dir,
+            manifest,
+            reference_onnx,
+            reference_manifest,
+            batch_sizes=batch_sizes,
+            seq_len=seq_len,
+            repeats=repeats,
+            warmup=warmup,
+            max_seconds=max_seconds,
+            threads=threads,
+        )
     finally:
         torch.set_num_threads(old_threads)
     report = {
         "adapter": str(Path(adapter_dir).resolve()),
         "onnx_dir": str(onnx_dir.resolve()),
         "reference_onnx": str(Path(reference_onnx).resolve()) if reference_onnx is not None else None,
-        "task": task_name,
+        "task": reference.task,
+        "method": reference.method,
         "variant": manifest.get("variant", {"dtype": "fp32", "optimize": False, "quantize": None}),
         "reference_variant": (reference_manifest or {}).get("variant") if reference_onnx is not None else None,
         "adapter_matches_manifest": _matches(manifest, adapter_dir),
         **report,
         "versions": library_versions(),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / REPORT_JSON, report)
-    atomic_write_text(out_dir / REPORT_MD, render_markdown(report))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(json_path, report)
+    atomic_write_text(md_path, render_markdown(report))
     parity = report["parity"]
     if parity["enforced"] and not parity["passed"]:
         raise MetaTTError(
             f"ONNX logits differ from the unmerged adapter by {parity['max_abs_logit_diff']:.3g} "
-            f"(tolerance {parity['tolerance']:.3g}; report in {out_dir / REPORT_MD}); re-merge and re-export the adapter"
+            f"(tolerance {parity['tolerance']:.3g}; report in {md_path}); re-merge and re-export the adapter"
         )
     return report
+
+
+def report_paths(onnx_dir: str | Path, output: str | Path | None = None) -> tuple[Path, Path]:
+    """(json, markdown) report paths: ``output``/validation.json|md, else beside the bundle.
+
+    Beside, not inside: ``exported/NAME.validation.json`` and ``.md``, so the bundle holds
+    exactly the files its manifest lists (and hashes).
+    """
+    if output is not None:
+        return Path(output) / REPORT_JSON, Path(output) / REPORT_MD
+    bundle = Path(onnx_dir).resolve()
+    return bundle.parent / f"{bundle.name}.{REPORT_JSON}", bundle.parent / f"{bundle.name}.{REPORT_MD}"
+
+
+class Reference:
+    """The unmerged PyTorch model an export is checked against, with its task and labels."""
+
+    def __init__(self, model, tokenizer, task: str, labels: list[str], method: str, description: str):
+        self.model, self.tokenizer, self.task, self.labels = model, tokenizer, task, labels
+        self.method, self.description = method, description
+
+
+def load_reference(adapter_dir: str | Path, task: str | None, base_model: str | None = None) -> Reference:
+    """The adapter as trained: single-task MetaTT, one task of a multi-task MetaTT, or PEFT LoRA."""
+    if is_lora_adapter(adapter_dir):
+        model, record, tokenizer = load_lora(adapter_dir, base_model=base_model)
+        if task and task != record["task"]:
+            raise MetaTTError(f"unknown task '{task}'; this LoRA adapter has task: {record['task']}")
+        return Reference(model, tokenizer, record["task"], list(record["label_names"]), "lora", "base model + unmerged PEFT LoRA adapter")
+    config = MetaTTConfig.load(adapter_dir)
+    if config.multitask:
+        name = config.tasks[config.task_index(task)]  # no task: "serves several tasks; pass --task NAME"
+        mtm, config, tokenizer = load_multitask(adapter_dir, base_model=base_model)
+        view = TaskView(mtm, name).eval()
+        return Reference(
+            view, tokenizer, name, list(config.label_names[name]), config.method, f"base model + unmerged MetaTT adapter, task '{name}'"
+        )
+    if task and task not in config.tasks:
+        raise MetaTTError(f"unknown task '{task}'; this adapter has tasks: {', '.join(config.tasks)}")
+    model, config, tokenizer = load_adapter(adapter_dir, base_model=base_model)
+    name = config.tasks[0]
+    return Reference(model, tokenizer, name, list(config.label_names[name]), config.method, "base model + unmerged MetaTT adapter")
 
 
 def _matches(manifest: dict, adapter_dir: str | Path) -> bool | None:
     """Whether the manifest names this adapter (by weights hash, else path); None when it names none."""
     recorded = manifest.get("adapter") or {}
-    if recorded.get("weights_sha256") and (Path(adapter_dir) / WEIGHTS_NAME).is_file():
-        return recorded["weights_sha256"] == sha256_file(Path(adapter_dir) / WEIGHTS_NAME)
+    weights = next((Path(adapter_dir) / n for n in (WEIGHTS_NAME, PEFT_WEIGHTS_NAME) if (Path(adapter_dir) / n).is_file()), None)
+    if recorded.get("weights_sha256") and weights is not None:
+        return recorded["weights_sha256"] == sha256_file(weights)
     if recorded.get("path"):
         return Path(recorded["path"]).resolve() == Path(adapter_dir).resolve()
     return None
@@ -359,8 +433,7 @@ def _encode(tokenizer, held: HeldOut, rows, seq_len: int, fixed: bool) -> dict:
 
 
 def _run(
-    model,
-    tokenizer,
+    reference: Reference,
     held: HeldOut,
     onnx_dir: Path,
     manifest: dict,
@@ -376,6 +449,7 @@ def _run(
 ) -> dict:
     import torch
 
+    model, tokenizer = reference.model, reference.tokenizer
     cpu = ["CPUExecutionProvider"]
     session = make_session(onnx_dir / ONNX_NAME, cpu, threads)
     ref_session = make_session(Path(reference_onnx) / ONNX_NAME, cpu, threads) if reference_onnx is not None else None
@@ -383,6 +457,7 @@ def _run(
     # --- logits on every held-out example, in batches padded to their longest member
     pt_logits, onnx_logits, ref_logits = [], [], []
     n = len(held.texts)
+    progress = progress_bar(math.ceil(n / EVAL_BATCH), 0, "validate: logits", unit="batches")
     for start in range(0, n, EVAL_BATCH):
         enc = _encode(tokenizer, held, slice(start, start + EVAL_BATCH), seq_len, fixed=False)
         with torch.no_grad():
@@ -390,6 +465,8 @@ def _run(
         onnx_logits.append(session.run(["logits"], onnx_feeds(session, enc))[0].astype(np.float32))
         if ref_session is not None:
             ref_logits.append(ref_session.run(["logits"], onnx_feeds(ref_session, enc))[0].astype(np.float32))
+        progress.update(1)
+    progress.close()
     pt, ox = np.concatenate(pt_logits), np.concatenate(onnx_logits)
     ref = np.concatenate(ref_logits) if ref_logits else None
     max_diff = float(np.abs(pt - ox).max())
@@ -404,7 +481,7 @@ def _run(
         "enforced": tolerance is not None,
         "passed": tolerance is None or max_diff <= tolerance,
         "label_agreement": float((pt.argmax(-1) == ox.argmax(-1)).mean()),
-        "reference": "PyTorch eager, base model + unmerged MetaTT adapter, float32, CPU",
+        "reference": f"PyTorch eager, {reference.description}, float32, CPU",
     }
     accuracy = None
     if held.labels is not None:
@@ -466,6 +543,7 @@ def _run(
         runtimes.append(("pytorch eager (adapter unmerged)", "cuda", cuda_bind))
 
     results, speedups = [], []
+    progress = progress_bar(len(batch_sizes), 0, "validate: latency", unit="batch sizes")
     for batch in batch_sizes:
         rows = [i % n for i in range(batch)]
         enc = _encode(tokenizer, held, rows, seq_len, fixed=True)
@@ -482,12 +560,22 @@ def _run(
             if this is None:
                 continue
             entry = {"batch": batch, "seq_len": seq_len, "provider": provider, "onnx_vs_pytorch_cpu": round(torch_p50 / this, 3)}
-            reference = p50.get(("onnxruntime (reference export)", provider))
-            if reference is not None:
-                entry["onnx_vs_reference"] = round(reference / this, 3)
+            reference_p50 = p50.get(("onnxruntime (reference export)", provider))
+            if reference_p50 is not None:
+                entry["onnx_vs_reference"] = round(reference_p50 / this, 3)
             speedups.append(entry)
+        progress.update(1)
+    progress.close()
     return {
-        "data": {"source": held.source, "split": held.split, "examples": n, "labelled": held.labels is not None, "max_length": seq_len},
+        "data": {
+            "source": held.source,
+            "split": held.split,
+            "examples": n,
+            "available": held.total,
+            "subset": held.subset,
+            "labelled": held.labels is not None,
+            "max_length": seq_len,
+        },
         "parity": parity,
         "accuracy": accuracy,
         "versus_reference": versus_reference,
@@ -532,13 +620,18 @@ def render_markdown(report: dict) -> str:
         f"- ONNX export: `{report['onnx_dir']}` ({variant})",
         f"- data: {report['data']['source']}"
         + (f", split `{report['data']['split']}`" if report["data"]["split"] else "")
-        + f", {report['data']['examples']} examples, max {report['data']['max_length']} tokens",
+        + (
+            f", a random {report['data']['examples']} of {report['data']['available']} examples (--max-examples)"
+            if report["data"].get("subset")
+            else f", all {report['data']['examples']} examples"
+        )
+        + f", max {report['data']['max_length']} tokens",
     ]
     if report.get("reference_onnx"):
         lines.append(f"- reference export: `{report['reference_onnx']}`")
     lines += [
         "",
-        "## Parity (ONNX vs PyTorch, adapter unmerged)",
+        f"## Parity (ONNX vs PyTorch, {report['method'] if report['method'] == 'lora' else 'MetaTT'} adapter unmerged)",
         "",
         "| check | value |",
         "|---|---|",

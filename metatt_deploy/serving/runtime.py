@@ -1,12 +1,19 @@
-"""Serving a factored bundle with ONNX Runtime: load once, predict any task, per call or per row.
+"""Serving any export with ONNX Runtime: load once, predict any task, per call or per row.
+
+``Runtime(path)`` opens either kind of export with one API (``tasks``, ``labels``, ``predict``,
+``logits``): a factored multi-task bundle (``merge --factored``) or a single-task ONNX export
+(``export``: ``exported/NAME`` with manifest.json, model.onnx and the tokenizer), whose one task
+is the default, so ``task`` may be omitted:
 
     from metatt_deploy.serving.runtime import Runtime
-    rt = Runtime("bundle/")                                   # one session, every task
+    rt = Runtime("exported/mt")                               # a single-task export
+    rt.predict(["great film", "dull"])                        # its one task
+    rt = Runtime("bundle/")                                   # a factored bundle: one session, every task
     rt.predict(["great film"], task="movie")                  # one task for the batch
     rt.predict([("A man sleeps.", "A man is awake.")], task="snli")   # sentence pairs
     rt.predict(["great film", ("a", "b")], tasks=["movie", "snli"])   # a task per row, one call
 
-Rows of tasks baked into ``model_tasks.onnx`` run in ONE call of that graph with one task id per
+In a factored bundle, rows of tasks baked into ``model_tasks.onnx`` run in ONE call of that graph with one task id per
 row; switching tasks costs nothing (it is an input). Tasks added to the bundle later (``merge
 --factored --task NEW`` into an existing bundle) run through ``model_adapter.onnx`` with their
 ``.onnx_adapter`` file as the active adapter, loaded on first use and kept; the base graph is
@@ -19,14 +26,18 @@ labels are MetaTTErrors, never a silent wrong answer.
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
 from metatt_deploy.adapters.base_model import friendly_load
 from metatt_deploy.adapters.config import resolve_task
 from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.common.files import read_json
 from metatt_deploy.export.factored import (
     ADAPTER_GRAPH,
     BASE_DIR,
@@ -34,14 +45,16 @@ from metatt_deploy.export.factored import (
     TASK_IDS,
     TASKS_DIR,
     adapter_model_version,
+    is_bundle,
     read_bundle,
     task_records,
 )
-from metatt_deploy.export.onnx import make_session, onnx_feeds
+from metatt_deploy.export.onnx import ONNX_NAME, make_session, onnx_feeds, read_manifest
 from metatt_deploy.training.data import TEXT_COLUMN_CANDIDATES
 
 Text = str | Sequence[str]  # a sentence, or a (sentence, sentence) pair
 FORMS = ("auto", "tasks", "adapter")
+DEFAULT_MAX_LENGTH = 128  # tokens, as in training; a factored bundle records its own
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -50,7 +63,11 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 
 class Runtime:
-    """A factored bundle on ONNX Runtime with its tokenizer."""
+    """An export on ONNX Runtime with its tokenizer: a factored bundle or a single-task export.
+
+    ``kind`` is "factored" or "export". ``form`` (and the task/adapter graphs) concern factored
+    bundles only; a single-task export has one graph, ``model.onnx``.
+    """
 
     def __init__(
         self,
@@ -66,25 +83,56 @@ class Runtime:
         if form not in FORMS:
             raise MetaTTError(f"unknown form '{form}'; use one of {', '.join(FORMS)}")
         self.bundle = Path(bundle)
-        self.info = read_bundle(self.bundle)
-        if not self.info.get("onnx"):
-            raise MetaTTError(f"bundle {self.bundle} has no ONNX graphs; write it with merge --factored (without --no-onnx)")
         self.form = form
         self.providers = providers
         self.threads = threads
-        self.max_length = max_length or int(self.info.get("max_length", 128))
+        self._task_session = None
+        self._adapter_session = None
+        self._adapters: dict[str, object] = {}
+        if not is_bundle(self.bundle) and (self.bundle / ONNX_NAME).is_file():
+            self._open_export(max_length)
+            return
+        if not is_bundle(self.bundle) and self.bundle.is_dir():
+            raise MetaTTError(
+                f"{self.bundle} is neither a factored bundle (bundle.json) nor an ONNX export ({ONNX_NAME}); "
+                "pass exported/NAME (metatt-deploy export) or a bundle (merge --factored)"
+            )
+        self.kind = "factored"
+        self.info = read_bundle(self.bundle)
+        if not self.info.get("onnx"):
+            raise MetaTTError(f"bundle {self.bundle} has no ONNX graphs; write it with merge --factored (without --no-onnx)")
+        self.max_length = max_length or int(self.info.get("max_length", DEFAULT_MAX_LENGTH))
         self.records = {r["task"]: r for r in task_records(self.bundle, self.info)}
         self.tasks = list(self.records)
         self.baked = list(self.info["onnx"]["task_graph"]["tasks"])
         base = self.bundle / self.info.get("base_dir", BASE_DIR)
         self.tokenizer = friendly_load(lambda: AutoTokenizer.from_pretrained(base), str(base), "tokenizer")
-        self._task_session = None
-        self._adapter_session = None
-        self._adapters: dict[str, object] = {}
         if form == "tasks":
             self._tasks_graph()
         if form == "adapter":
             self._adapter_graph()
+
+    def _open_export(self, max_length: int | None) -> None:
+        """A single-task export: model.onnx, its manifest (task, labels) and the tokenizer beside it."""
+        from transformers import AutoTokenizer
+
+        if self.form != "auto":
+            raise MetaTTError(f"form '{self.form}' applies to factored bundles; {self.bundle} is a single-task export, drop it")
+        self.kind = "export"
+        self.info = read_manifest(self.bundle)
+        labels = self.info.get("labels")
+        if not labels and (self.bundle / "config.json").is_file():
+            labels = read_json(self.bundle / "config.json", "model config").get("id2label")
+        if not labels:
+            raise MetaTTError(f"{self.bundle} records no labels (manifest.json or config.json); re-export the model")
+        names = [str(labels[k]) for k in sorted(labels, key=int)]
+        task = self.info.get("task") or self.info.get("name") or self.bundle.resolve().name
+        self.records = {task: {"task": task, "labels": names, "num_labels": len(names)}}
+        self.tasks = [task]
+        self.baked = []
+        self.max_length = max_length or int(self.info.get("max_length", DEFAULT_MAX_LENGTH))
+        self.tokenizer = friendly_load(lambda: AutoTokenizer.from_pretrained(self.bundle), str(self.bundle), "tokenizer")
+        self._task_session = make_session(self.bundle / ONNX_NAME, self.providers, self.threads)
 
     # ------------------------------------------------------------ sessions (lazy, kept)
 
@@ -147,7 +195,7 @@ class Runtime:
         """A task name from a name or an index into ``tasks``; unknown ones are errors."""
         return self.tasks[resolve_task(self.tasks, task, what="bundle")]
 
-    def labels(self, task: str | int) -> list[str]:
+    def labels(self, task: str | int | None = None) -> list[str]:
         return list(self.records[self.task_name(task)]["labels"])
 
     def encode(self, texts: Sequence[Text]) -> dict[str, np.ndarray]:
@@ -174,6 +222,8 @@ class Runtime:
         return onnx_feeds(_Only(session, names - {TASK_IDS}), encoding)
 
     def _row_tasks(self, n: int, task, tasks) -> list[str]:
+        if task is None and tasks is None and len(self.tasks) == 1:
+            return [self.tasks[0]] * n
         if (task is None) == (tasks is None):
             raise MetaTTError("pass task=NAME for the whole batch or tasks=[...] with one task per row (not both)")
         if tasks is None:
@@ -191,6 +241,9 @@ class Runtime:
             return []
         names = self._row_tasks(len(texts), task, tasks)
         encoding = self.encode(texts)
+        if self.kind == "export":
+            session = self._tasks_graph()  # model.onnx, opened at load
+            return list(session.run(["logits"], onnx_feeds(session, encoding))[0].astype(np.float32))
         out: list[np.ndarray | None] = [None] * len(texts)
         use_graph = [self.form != "adapter" and t in self.baked for t in names]
         if self.form == "tasks" and not all(use_graph):
@@ -257,52 +310,75 @@ class _Only:
 PAIR_SEPARATOR = " ||| "
 
 
-def read_inputs(texts: Sequence[str] | None, path: str | Path | None, task: str | None) -> tuple[list, list[str], list]:
+def read_inputs(
+    texts: Sequence[str] | None, path: str | Path | None, task: str | None, stdin: TextIO | None = None
+) -> tuple[list, list[str], list]:
     """Inputs of `metatt-deploy predict`: (texts or pairs, task per row, id per row or None).
 
-    ``--text`` values are sentences, or pairs written ``first ||| second``. A JSONL file has one
-    object per line with ``text`` (+ ``text_pair``) or a task's own columns (premise/hypothesis,
-    sentence1/sentence2, question/sentence, sentence), an optional ``task`` (else ``--task``) and
-    an optional ``id`` echoed in the output.
+    From ``texts`` (``--text`` values), a file ``path`` (``-`` or ``stdin``: standard input).
+    A text is a sentence, or a pair written ``first ||| second``. A file is JSON Lines when its
+    name ends in .jsonl/.json or its first non-blank line starts with ``{``: one object per line
+    with ``text`` (+ ``text_pair``) or a task's own columns (premise/hypothesis,
+    sentence1/sentence2, question/sentence, sentence), an optional ``task`` (else ``task``) and
+    an optional ``id`` echoed in the output. Any other file holds one text per line.
     """
-    import json
+    from_stream = path is not None and str(path) == "-"
+    if sum(map(bool, (texts, path, stdin))) != 1:
+        raise MetaTTError("give inputs with --text (repeatable), --input FILE, or on standard input (one of them)")
+    if texts:
+        if not task:
+            raise MetaTTError("pass --task NAME for --text inputs (the export serves several tasks)")
+        return [_text_or_pair(t) for t in texts], [task] * len(texts), [None] * len(texts)
+    if stdin is not None or from_stream:
+        name, lines = "standard input", (stdin or sys.stdin).read().splitlines()
+        jsonl = False
+    else:
+        path = Path(path)  # type: ignore[arg-type]
+        if not path.is_file():
+            raise MetaTTError(f"input file not found: {path}; check the path")
+        name, lines = path.name, path.read_text(encoding="utf-8").splitlines()
+        jsonl = path.suffix.lower() in (".jsonl", ".json")
+    first = next((line for line in lines if line.strip()), "")
+    if jsonl or first.lstrip().startswith("{"):
+        return _read_jsonl(lines, name, task)
+    rows = [_text_or_pair(line) for line in lines if line.strip()]
+    if not rows:
+        raise MetaTTError(f"{name} has no inputs; write one text per line, or one JSON object per line")
+    if not task:
+        raise MetaTTError(f"pass --task NAME for the texts of {name} (the export serves several tasks)")
+    return rows, [task] * len(rows), [None] * len(rows)
 
-    if bool(texts) == bool(path):
-        raise MetaTTError("give inputs with --text (repeatable) or --input FILE.jsonl (one of them)")
+
+def _text_or_pair(text: str) -> Text:
+    first, sep, second = text.partition(PAIR_SEPARATOR)
+    return (first, second) if sep else text
+
+
+def _read_jsonl(lines: list[str], name: str, task: str | None) -> tuple[list, list[str], list]:
     rows: list = []
     tasks: list[str] = []
     ids: list = []
-    if texts:
-        if not task:
-            raise MetaTTError("pass --task NAME for --text inputs")
-        for t in texts:
-            first, sep, second = t.partition(PAIR_SEPARATOR)
-            rows.append((first, second) if sep else t)
-        return rows, [task] * len(rows), [None] * len(rows)
-    path = Path(path)
-    if not path.is_file():
-        raise MetaTTError(f"input file not found: {path}; check the path")
     candidates = (("text", "text_pair"), *TEXT_COLUMN_CANDIDATES)
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise MetaTTError(f"line {n} of {path.name} is not JSON ({e}); write one JSON object per line") from None
+            raise MetaTTError(f"line {n} of {name} is not JSON ({e}); write one JSON object per line") from None
         if not isinstance(obj, dict):
-            raise MetaTTError(f'line {n} of {path.name} is not a JSON object; write {{"text": ...}} per line')
+            raise MetaTTError(f'line {n} of {name} is not a JSON object; write {{"text": ...}} per line')
         columns = next((c for c in candidates if all(isinstance(obj.get(k), str) for k in c)), None)
         if columns is None:
             raise MetaTTError(
-                f"line {n} of {path.name} has no text field (text, text_pair, premise/hypothesis, sentence1/sentence2, sentence); add one"
+                f"line {n} of {name} has no text field (text, text_pair, premise/hypothesis, sentence1/sentence2, sentence); add one"
             )
         rows.append(obj[columns[0]] if len(columns) == 1 else (obj[columns[0]], obj[columns[1]]))
         row_task = obj.get("task", task)
         if not row_task:
-            raise MetaTTError(f'line {n} of {path.name} names no task; add "task" to the line or pass --task')
+            raise MetaTTError(f'line {n} of {name} names no task; add "task" to the line or pass --task')
         tasks.append(row_task)
         ids.append(obj.get("id"))
     if not rows:
-        raise MetaTTError(f"{path.name} has no inputs; write one JSON object per line")
+        raise MetaTTError(f"{name} has no inputs; write one JSON object per line")
     return rows, tasks, ids

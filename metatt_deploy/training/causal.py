@@ -27,7 +27,7 @@ from metatt_deploy.training.config import TrainConfig
 from metatt_deploy.training.lm_data import CausalCollator, TextTask, context_length, tokenize_text_task
 from metatt_deploy.training.lm_eval import evaluate_generation
 from metatt_deploy.training.loop import Recipe, make_accelerator, prepare_run, rank_schedule, run_loop
-from metatt_deploy.training.single import count_parameters, param_groups, save_trained, wrap_model
+from metatt_deploy.training.single import param_groups, save_trained, wrap_model
 from metatt_deploy.tt.cores import tt_ranks
 
 # perplexity breaks exact-match ties: score = exact match - TIE_BREAK * perplexity
@@ -36,8 +36,8 @@ TIE_BREAK = 1e-6
 
 def train_causal(cfg: TrainConfig, task: TextTask, force: bool = False) -> dict:
     """Run (or resume) a causal-LM training run into ``cfg.output``; returns the final metrics."""
-    run, resuming = prepare_run(cfg, force)
     accelerator = make_accelerator()
+    run, resuming = prepare_run(cfg, force, accelerator)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     base = load_causal_lm(cfg.model)
@@ -47,13 +47,13 @@ def train_causal(cfg: TrainConfig, task: TextTask, force: bool = False) -> dict:
     model, adapter = wrap_model(cfg, base, task.name, [])
     schedule = rank_schedule(cfg, adapter)
     collator = CausalCollator(tokenizer.pad_token_id)
-    counts = count_parameters(model)
+    counts = mt.count_trainable(model)
     accelerator.print(f"{cfg.method}: {counts['adapter']:,} trainable adapter parameters")
 
     def evaluate_epoch(m: nn.Module) -> tuple[dict[str, Any], float, str]:
         metrics = evaluate_generation(accelerator.unwrap_model(m), tokenizer, splits["validation"], cfg.eval_batch_size)
         m.train()
-        fields = {"exact_match": metrics["exact_match"], "perplexity": metrics["perplexity"], "trainable": count_parameters(m)["adapter"]}
+        fields = {"exact_match": metrics["exact_match"], "perplexity": metrics["perplexity"], "trainable": mt.count_trainable(m)["adapter"]}
         score = metrics["exact_match"] - TIE_BREAK * metrics["perplexity"]
         return fields, score, f"exact match {metrics['exact_match']:.4f}, perplexity {metrics['perplexity']:.4f}"
 
@@ -63,7 +63,7 @@ def train_causal(cfg: TrainConfig, task: TextTask, force: bool = False) -> dict:
         probs=torch.ones(1).numpy(),
         collate=lambda _, rows: collator(rows),
         evaluate=evaluate_epoch,
-        save_best=lambda m, directory: save_trained(cfg, m, tokenizer, directory),
+        save_best=lambda m, directory: save_trained(cfg, m, tokenizer, directory, task),
         param_groups=lambda m: param_groups(cfg, m),
         task_names=[task.name],
         adapter=adapter,
@@ -76,7 +76,7 @@ def train_causal(cfg: TrainConfig, task: TextTask, force: bool = False) -> dict:
         "task": task.name,
         "task_type": "causal-lm",
         "model": cfg.model,
-        "trainable_parameters": count_parameters(model),
+        "trainable_parameters": mt.count_trainable(model),
         "history": state["history"],
         "best": state["best"],
         "step_time_median_s": statistics.median(state["step_times"]) if state["step_times"] else None,

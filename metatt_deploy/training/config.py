@@ -121,7 +121,10 @@ class MultiTaskConfig(TrainConfig):
             if self.rank_schedule:
                 raise MetaTTError("--add-task trains a slice against frozen cores, whose ranks cannot change; drop --rank-schedule")
         elif len(self.tasks) < 2:
-            raise MetaTTError("multi-task training needs at least two --task NAME=SOURCE; for one task use --dataset NAME or --train FILE")
+            raise MetaTTError(
+                "multi-task training needs at least two --task NAME=SOURCE; for one task use --dataset NAME or --train FILE "
+                "(with --task-name NAME)"
+            )
         check_sampling(self.task_sampling, self.temperature)
 
     def sample_limits(self) -> dict[str, int] | None:

@@ -7,6 +7,8 @@ came from. The user-facing rules are in docs/data.md.
 
 from __future__ import annotations
 
+import csv
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,11 @@ TEXT_COLUMN_CANDIDATES: tuple[tuple[str, ...], ...] = (
 )
 # Hub names written "<benchmark>/<config>" (e.g. glue/mrpc); any other "a/b" is a repository id.
 HUB_CONFIG_BENCHMARKS = ("glue", "super_glue")
+# Hidden column added to rows read from a line-based file (JSONL, CSV, TSV): the 1-based line of the
+# file where the row starts, so data errors name the line the user can open, even after carving.
+LINE = "__line__"
+# File stems like "bbc.train" or "bbc_test": the part after the last separator names the split.
+SPLIT_SUFFIXES = ("train", "training", "validation", "valid", "val", "dev", "test")
 VALIDATION_FRACTION_DENOMINATOR = 10  # carve 1/10 of train when a source has no validation split
 CARVE_SEED = 0  # fixed, so the carved validation split does not move with the training seed
 
@@ -70,8 +77,14 @@ def load_task(
     max_samples: dict[str, int] | None = None,
     seed: int = 0,
 ) -> TaskData:
-    """Load local files (``train``/``validation``/``test``), a builtin task or a Hub data set (``dataset``)."""
+    """Load local files (``train``/``validation``/``test``), a builtin task or a Hub data set (``dataset``).
+
+    ``name`` names the task (adapter config, reports, bundles); default: the data set, or the
+    first file's name without its split suffix (`default_task_name`).
+    """
     files = {split: path for split, path in zip(SPLITS, (train, validation, test)) if path}
+    if name is not None and (not name.strip() or any(c in name for c in "/\\") or name != name.strip()):
+        raise MetaTTError(f"task name {name!r} is not usable (empty, a path, or padded with spaces); pass a plain --task-name")
     splits, origins, defaults = _load_sources(dataset, files, label_column)
     text_columns = text_columns or defaults.get("text_columns")
     label_names = label_names or defaults.get("label_names")
@@ -80,7 +93,7 @@ def load_task(
             raise MetaTTError(f"{origins[split]} has no rows; give a {split} split with data")
     if "train" in splits and "validation" not in splits:
         splits["train"], splits["validation"] = _carve_validation(splits["train"], origins["train"])
-        origins["validation"] = f"the validation part carved from {origins['train']}"
+        origins["validation"] = origins["train"]  # its rows keep their lines in the train file
 
     reference = "train" if "train" in splits else next(iter(splits))
     columns = _resolve_text_columns(text_columns, splits[reference], origins[reference])
@@ -93,8 +106,24 @@ def load_task(
     }
     if max_samples:
         splits = _subsample(splits, max_samples, seed)
-    task_name = name or dataset or Path(files[reference]).stem
+    task_name = name or dataset or default_task_name(files[reference])
     return TaskData(task_name, columns, label_column, names, splits)
+
+
+def default_task_name(path: str | Path) -> str:
+    """The task name of a data file: its stem without a split suffix (bbc.train.jsonl -> bbc).
+
+    A file named after its split alone (data/bbc/train.jsonl) takes its folder's name.
+    """
+    path = Path(path)
+    stem = path.stem
+    if stem.lower() in SPLIT_SUFFIXES:
+        return path.resolve().parent.name or stem
+    for sep in (".", "_", "-"):
+        head, found, tail = stem.rpartition(sep)
+        if found and head and tail.lower() in SPLIT_SUFFIXES:
+            return head
+    return stem
 
 
 # ---------------------------------------------------------------- sources
@@ -126,14 +155,61 @@ def read_data_file(path: Path) -> Dataset:
         raise MetaTTError(f"{path.name} is empty; give a file with a header (CSV) or records (JSONL)")
     builder, options = FILE_FORMATS[path.suffix.lower()]
     try:
-        return load_dataset(builder, data_files=str(path), split="train", **options)
+        ds = load_dataset(builder, data_files=str(path), split="train", **options)
     except ValueError as e:
         if "corresponds to no data" in str(e):  # a CSV header without rows
             raise MetaTTError(f"{path.name} has no rows; give a file with data") from None
+        _raise_bad_json_line(path, builder)
         raise MetaTTError(f"could not read {path} as {builder.upper()} ({e}); fix the file") from None
     except DatasetGenerationError as e:
+        _raise_bad_json_line(path, builder)
         cause = e.__cause__ or e
         raise MetaTTError(f"could not read {path} as {builder.upper()} ({_first_line(cause)}); fix the file") from None
+    lines = _row_lines(path, builder, options.get("delimiter", ","))
+    return ds.add_column(LINE, lines) if lines is not None and len(lines) == len(ds) else ds
+
+
+def _is_json_array(path: Path) -> bool:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        head = f.read(4096).lstrip()
+    return head.startswith("[")
+
+
+def _row_lines(path: Path, builder: str, delimiter: str) -> list[int] | None:
+    """The 1-based file line where each row starts (blank lines are skipped, as the readers do).
+
+    None for a JSON array, whose records are not lines (errors then count records as rows).
+    """
+    if builder == "json":
+        if _is_json_array(path):
+            return None
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return [n for n, line in enumerate(f, 1) if line.strip()]
+    lines = []
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        start = 1
+        for i, record in enumerate(reader):
+            if i > 0 and any(field.strip() for field in record):
+                lines.append(start)
+            start = reader.line_num + 1
+    return lines
+
+
+def _raise_bad_json_line(path: Path, builder: str) -> None:
+    """For a JSON Lines file the reader refused: name the first line that is not a JSON object."""
+    if builder != "json" or _is_json_array(path):
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MetaTTError(f"line {n} of {path.name} is not valid JSON ({e.msg}, column {e.colno}); fix that line") from None
+            if not isinstance(record, dict):
+                raise MetaTTError(f"line {n} of {path.name} is not a JSON object; write one object per line") from None
 
 
 def _load_builtin(name: str) -> tuple[dict[str, Dataset], dict[str, str], dict[str, Any]]:
@@ -199,6 +275,18 @@ def _carve_validation(train: Dataset, origin: str) -> tuple[Dataset, Dataset]:
 # ---------------------------------------------------------------- columns and labels
 
 
+def _columns(ds: Dataset) -> str:
+    """The data's own column names, for messages (not the hidden line column)."""
+    return ", ".join(c for c in ds.column_names if c != LINE)
+
+
+def _place(ds: Dataset, row: int, origin: str) -> str:
+    """Where 1-based row ``row`` of ``ds`` is, for a message: the file line when known."""
+    if LINE in ds.column_names:
+        return f"line {ds[row - 1][LINE]} of {origin}"
+    return f"row {row} of {origin}"
+
+
 def _resolve_text_columns(given: Sequence[str] | None, reference: Dataset, origin: str) -> tuple[str, ...]:
     if given:
         if isinstance(given, str) or not 1 <= len(given) <= 2:
@@ -212,20 +300,20 @@ def _resolve_text_columns(given: Sequence[str] | None, reference: Dataset, origi
             f"{origin} holds text-to-text data (prompt/response or messages), not classification data; "
             "train a causal language model on it (a decoder --model, or --task-type causal-lm)"
         )
-    raise MetaTTError(f"no text column found in {origin} (columns: {', '.join(reference.column_names)}); pass --text-column")
+    raise MetaTTError(f"no text column found in {origin} (columns: {_columns(reference)}); pass --text-column")
 
 
 def _check_text_columns(ds: Dataset, columns: tuple[str, ...], origin: str) -> None:
     """Catch a wrong or holey text column here rather than as a tokenizer traceback."""
     for column in columns:
-        if column not in ds.column_names:
-            raise MetaTTError(f"column '{column}' not found in {origin} (columns: {', '.join(ds.column_names)}); pass --text-column")
+        if column not in ds.column_names or column == LINE:
+            raise MetaTTError(f"column '{column}' not found in {origin} (columns: {_columns(ds)}); pass --text-column")
         dtype = getattr(ds.features[column], "dtype", type(ds.features[column]).__name__)
         if dtype not in ("string", "large_string"):
             raise MetaTTError(f"column '{column}' in {origin} holds {dtype} values, not text; pass --text-column")
         row = _first_missing(_values(ds, column))
         if row is not None:
-            raise MetaTTError(f"column '{column}' in {origin} has no value in row {row}; fill or drop that row")
+            raise MetaTTError(f"column '{column}' has no value in {_place(ds, row, origin)}; fill or drop that row")
 
 
 def _values(ds: Dataset, column: str) -> list[Any]:
@@ -247,13 +335,11 @@ def _encode_labels(
 ) -> tuple[list[str], dict[str, list[int]]]:
     """Label names and the class ids of every split; unknown labels are errors, never new classes."""
     for split, ds in splits.items():
-        if column not in ds.column_names:
-            raise MetaTTError(
-                f"label column '{column}' not found in {origins[split]} (columns: {', '.join(ds.column_names)}); pass --label-column"
-            )
+        if column not in ds.column_names or column == LINE:
+            raise MetaTTError(f"label column '{column}' not found in {origins[split]} (columns: {_columns(ds)}); pass --label-column")
         row = _first_missing(_values(ds, column))
         if row is not None:
-            raise MetaTTError(f"label column '{column}' in {origins[split]} has no value in row {row}; fill or drop that row")
+            raise MetaTTError(f"label column '{column}' has no value in {_place(ds, row, origins[split])}; fill or drop that row")
     feature = splits[reference].features[column]
     dtype = getattr(feature, "dtype", type(feature).__name__)
     if isinstance(feature, ClassLabel) or dtype.startswith(("int", "uint")):
@@ -269,9 +355,7 @@ def _encode_labels(
         )
     if len(set(names)) != len(names):
         raise MetaTTError(f"label names repeat: {', '.join(map(str, names))}; give each class once in --labels")
-    return [str(n) for n in names], {
-        split: _label_ids(_values(ds, column), lookup, names, origins[split], column) for split, ds in splits.items()
-    }
+    return [str(n) for n in names], {split: _label_ids(ds, column, lookup, names, origins[split]) for split, ds in splits.items()}
 
 
 def _int_label_names(ds: Dataset, column: str, feature: Any, label_names: Sequence[str] | None) -> list[str]:
@@ -283,12 +367,12 @@ def _int_label_names(ds: Dataset, column: str, feature: Any, label_names: Sequen
     return [str(i) for i in range(max(0, max(_values(ds, column)) + 1))]
 
 
-def _label_ids(values: list[Any], lookup: dict[Any, int], names: list[str], origin: str, column: str) -> list[int]:
+def _label_ids(ds: Dataset, column: str, lookup: dict[Any, int], names: list[str], origin: str) -> list[int]:
     ids = []
-    for row, value in enumerate(values, 1):
+    for row, value in enumerate(_values(ds, column), 1):
         if value not in lookup:
             raise MetaTTError(
-                f"unknown label {value!r} in row {row} of {origin} (column '{column}'; labels: "
+                f"unknown label {value!r} in {_place(ds, row, origin)} (column '{column}'; labels: "
                 f"{', '.join(names)}); fix the data or pass --labels"
             )
         ids.append(lookup[value])

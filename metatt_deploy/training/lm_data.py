@@ -60,6 +60,11 @@ class TextTask:
     splits: dict[str, Dataset]
     answers: list[str] | None = None
 
+    @property
+    def label_names(self) -> list[str]:
+        """No classes: a decoder answers in text (adapter records keep an empty list)."""
+        return []
+
 
 def load_text_task(
     *,

@@ -16,13 +16,14 @@ same ``--batch-size``. What differs per kind of run comes in as a `Recipe`.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ from metatt_deploy.training.checkpoint import load_checkpoint, restore_moments, 
 from metatt_deploy.training.config import TrainConfig
 from metatt_deploy.training.metrics import compute_metrics
 from metatt_deploy.training.sampling import epoch_plan
-from metatt_deploy.training.schedule import check_schedule, parse_rank_schedule, project_adam_state
+from metatt_deploy.training.schedule import Strategy, check_schedule, parse_rank_schedule, project_adam_state
 from metatt_deploy.tt.cores import max_ranks, tt_ranks
 from metatt_deploy.tt.rounding import sweep
 
@@ -59,7 +60,7 @@ class Recipe:
 
     model: nn.Module
     rows: list[list[dict[str, Any]]]
-    probs: np.ndarray
+    probs: Sequence[float]
     collate: Callable[[int, list[dict[str, Any]]], dict[str, Any]]
     evaluate: Callable[[nn.Module], tuple[dict[str, Any], float, str]]
     save_best: Callable[[nn.Module, Path], None]
@@ -73,10 +74,16 @@ class Recipe:
 
 
 def make_accelerator(find_unused_parameters: bool = False) -> Accelerator:
-    """accelerate's Accelerator; multi-task models leave other tasks' heads unused in a step,
-    which DDP must be told about."""
+    """accelerate's Accelerator for this process.
+
+    Several processes on a machine without CUDA (``accelerate launch --multi_gpu
+    --num_processes N`` or ``torchrun``) train data-parallel on the CPU with gloo, which
+    accelerate only does when asked for the CPU. Multi-task models leave other tasks' heads
+    unused in a step, which DDP must be told about.
+    """
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
-    return Accelerator(kwargs_handlers=handlers)
+    distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return Accelerator(cpu=distributed_cpu, kwargs_handlers=handlers)
 
 
 def make_loader(ds, collator, batch_size: int, order: list[int] | None = None) -> DataLoader:
@@ -102,22 +109,30 @@ def seed_step(seed: int, step: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator, num_labels: int) -> dict:
+def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator | None, num_labels: int) -> dict:
+    """Metrics of ``model`` on ``loader``: gathered across processes when ``accelerator`` prepared
+    the loader, computed in this process alone when ``accelerator`` is None (the main process
+    testing the best adapter after training)."""
     model.eval()
     preds, labels = [], []
+    device = next(model.parameters()).device
     for batch in loader:
+        batch = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        p, y = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"]))
+        p, y = logits.argmax(-1), batch["labels"]
+        if accelerator is not None:
+            p, y = accelerator.gather_for_metrics((p, y))
         preds.append(p.cpu().numpy())
         labels.append(y.cpu().numpy())
     model.train()
     return compute_metrics(np.concatenate(preds), np.concatenate(labels), num_labels)
 
 
-def prepare_run(cfg: TrainConfig, force: bool) -> tuple[Path, bool]:
+def prepare_run(cfg: TrainConfig, force: bool, accelerator: Accelerator) -> tuple[Path, bool]:
     """Check ``cfg``, decide between a fresh run and a resume, write train_config.json.
 
-    Returns (run directory, resuming).
+    Returns (run directory, resuming). Every process decides alike (the checks only read);
+    the main process alone clears and writes the folder while the others wait.
     """
     cfg.check()
     run = Path(cfg.output)
@@ -130,10 +145,13 @@ def prepare_run(cfg: TrainConfig, force: bool) -> tuple[Path, bool]:
         saved = read_json(run / "train_config.json", "run config")
         if {**saved, "output": cfg.output} != {**asdict(cfg), "output": cfg.output}:
             raise MetaTTError(f"{run} holds a checkpoint of a run with other settings; pass the same options, or --force to start over")
-    elif run.exists() and force:
-        shutil.rmtree(run)
-    run.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run / "train_config.json", asdict(cfg))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if run.exists() and force and not resuming:
+            shutil.rmtree(run)
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run / "train_config.json", asdict(cfg))
+    accelerator.wait_for_everyone()
     return run, resuming
 
 
@@ -199,7 +217,7 @@ def run_loop(cfg: TrainConfig, run: Path, resuming: bool, recipe: Recipe, accele
     moments: dict[str, torch.Tensor] = {}
     if resuming:
         state, moments = load_checkpoint(run, recipe.model, recipe.adapter)
-        accelerator.print(f"resuming {run} at epoch {state['epoch'] + 1}, step {state['step_in_epoch']}")
+        accelerator.print(f"resuming {run} at epoch {state['epoch'] + 1}, step {state['step_in_epoch']}", flush=True)
 
     def build_optimizer(model: nn.Module):
         opt = torch.optim.AdamW(recipe.param_groups(model), lr=cfg.adapter_lr, weight_decay=cfg.weight_decay)
@@ -215,11 +233,13 @@ def run_loop(cfg: TrainConfig, run: Path, resuming: bool, recipe: Recipe, accele
             save_checkpoint(run, accelerator.unwrap_model(model), optimizer, state)
 
     model.train()
-    progress = progress_bar(total_steps, state["global_step"], recipe.description, accelerator.is_main_process)
+    progress = progress_bar(total_steps, state["global_step"], recipe.description, accelerator.is_main_process, unit="steps")
     while state["epoch"] < cfg.epochs and state["global_step"] < total_steps:
         epoch = state["epoch"]
         if state["step_in_epoch"] == 0 and epoch in recipe.schedule:
-            model, optimizer, scheduler = cut_ranks(cfg, model, accelerator, optimizer, recipe, recipe.schedule[epoch], build_optimizer)
+            model, optimizer, scheduler = cut_ranks(
+                cfg, model, accelerator, optimizer, recipe, recipe.schedule[epoch], build_optimizer, progress.write
+            )
         plan = epoch_plan(lengths, batch_size, recipe.probs, cfg.seed, epoch)
         for t, idx in plan[state["step_in_epoch"] :]:
             t0 = time.perf_counter()
@@ -243,7 +263,7 @@ def run_loop(cfg: TrainConfig, run: Path, resuming: bool, recipe: Recipe, accele
             postfix = {"loss": f"{loss.item():.4f}", "epoch": epoch + 1}
             if len(rows) > 1:
                 postfix["task"] = recipe.task_names[t]
-            progress.set_postfix(postfix, refresh=False)
+            progress.set_postfix(refresh=False, **postfix)
             if state["global_step"] % cfg.save_steps == 0:
                 checkpoint()
             if state["global_step"] >= total_steps:
@@ -282,7 +302,7 @@ def _record_gradients(stats: dict[str, Any], adapter: MetaTT | None, task: int) 
     stats["task_steps"][task] += 1
 
 
-def cut_ranks(cfg: TrainConfig, model, accelerator: Accelerator, optimizer, recipe: Recipe, ranks: list[int], build_optimizer):
+def cut_ranks(cfg: TrainConfig, model, accelerator: Accelerator, optimizer, recipe: Recipe, ranks: list[int], build_optimizer, log):
     """One left-to-right SVD sweep to ``ranks``; AdamW rebuilt for the new core shapes.
 
     The cores' moments are reset or projected onto the kept subspace (``cfg.moments``, see
@@ -299,13 +319,16 @@ def cut_ranks(cfg: TrainConfig, model, accelerator: Accelerator, optimizer, reci
     result = sweep(old, ranks)
     states = [inner.state[p] for p in old_params] if all(p in inner.state for p in old_params) else None
     adapter.set_cores(result.cores)
-    accelerator.print(f"rank cut {result.ranks_before} -> {result.ranks_after} (relative error {result.relative_error_bound:.3e})")
+    if accelerator.is_main_process:
+        log(f"rank cut {result.ranks_before} -> {result.ranks_after} (relative error {result.relative_error_bound:.3e})")
     new_opt, new_sched = build_optimizer(unwrapped)
     for p in trainable_parameters(unwrapped).values():
         if p in inner.state and all(p is not q for q in old_params):
             new_opt.state[p] = inner.state[p]
     if states is not None:
-        for p, state in zip(adapter.cores, project_adam_state(old, [c.detach() for c in adapter.cores], states, cfg.moments)):
+        for p, state in zip(
+            adapter.cores, project_adam_state(old, [c.detach() for c in adapter.cores], states, cast(Strategy, cfg.moments))
+        ):
             new_opt.state[p] = state
     if accelerator.num_processes > 1:
         model = accelerator.prepare(unwrapped)

@@ -13,7 +13,7 @@ import functools
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ from metatt_deploy.training.loop import (
     run_loop,
     start_ranks,
 )
+from metatt_deploy.training.metrics import PRIMARY_METRIC
 from metatt_deploy.training.sampling import task_probabilities
 
 N_BONDS_4PLUS1 = {"metatt-4d": 4, "metatt-5d": 5}  # multi-task adapters: modes - 1 (the task mode added)
@@ -135,10 +136,14 @@ def _param_groups(cfg: MultiTaskConfig, mtm: nn.Module) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
+def _save_best(model: nn.Module, directory: Path, tokenizer) -> None:
+    save_multitask(cast(MultiTaskModel, model), directory, tokenizer, force=True)
+
+
 def train_multitask(cfg: MultiTaskConfig, tasks: list[TaskData], force: bool = False) -> dict:
     """Run (or resume) a multi-task run (or an --add-task run) into ``cfg.output``; returns the metrics."""
-    run, resuming = prepare_run(cfg, force)
     accelerator = make_accelerator(find_unused_parameters=True)
+    run, resuming = prepare_run(cfg, force, accelerator)
     torch.manual_seed(cfg.seed)
     restore = None
     if cfg.add_task_from:
@@ -186,7 +191,8 @@ def train_multitask(cfg: MultiTaskConfig, tasks: list[TaskData], force: bool = F
     accelerator.print(
         f"{config.method} ({'+'.join(config.mode_names)}): {counts['adapter_total']:,} adapter parameters "
         f"({counts['shared_cores']:,} shared), {counts['total']:,} with the heads; "
-        "task sampling " + ", ".join(f"{t.name} {p:.2f}" for t, p in zip(tasks, probs))
+        "task sampling " + ", ".join(f"{t.name} {p:.2f}" for t, p in zip(tasks, probs)),
+        flush=True,
     )
     core_names = _core_names(config)
 
@@ -198,17 +204,17 @@ def train_multitask(cfg: MultiTaskConfig, tasks: list[TaskData], force: bool = F
 
     def evaluate_epoch(model: nn.Module) -> tuple[dict[str, Any], float, str]:
         metrics = {tasks[k].name: evaluate(model, val_loaders[i], accelerator, len(tasks[k].label_names)) for k, i in enumerate(train_ids)}
-        mean = float(np.mean([m["accuracy"] for m in metrics.values()]))
+        mean = float(np.mean([m[PRIMARY_METRIC] for m in metrics.values()]))
         line = ", ".join(f"{n} acc {m['accuracy']:.4f}" for n, m in metrics.items()) + f"; mean {mean:.4f}"
         return {"tasks": metrics, "mean_accuracy": mean}, mean, line
 
     recipe = Recipe(
         model=mtm,
         rows=rows,
-        probs=probs,
+        probs=probs.tolist(),
         collate=lambda t, batch_rows: _with_task(collator, train_ids[t], batch_rows),
         evaluate=evaluate_epoch,
-        save_best=lambda model, directory: save_multitask(model, directory, tokenizer, force=True),
+        save_best=lambda model, directory: _save_best(model, directory, tokenizer),
         param_groups=lambda model: _param_groups(cfg, model),
         task_names=[t.name for t in tasks],
         adapter=adapter,
@@ -241,7 +247,7 @@ def train_multitask(cfg: MultiTaskConfig, tasks: list[TaskData], force: bool = F
             if "test" in splits[k]:
                 i = best.tasks.index(task.name)
                 loader = make_loader(splits[k]["test"], functools.partial(_with_task, collator, i), cfg.eval_batch_size)
-                result["test"][task.name] = evaluate(best, loader, accelerator, len(task.label_names))
+                result["test"][task.name] = evaluate(best.to(accelerator.device), loader, None, len(task.label_names))
         atomic_write_json(run / "metrics.json", result)
         write_multitask_report(run, result)
     accelerator.end_training()

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from accelerate import Accelerator
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import DataCollatorWithPadding
+from transformers import DataCollatorWithPadding, PreTrainedModel
 
 from metatt_deploy.adapters import model as mt
 from metatt_deploy.adapters.base_model import load_classifier, load_tokenizer
 from metatt_deploy.adapters.layer import MetaTT
+from metatt_deploy.adapters.lora import load_lora, lora_record, write_lora_record
 from metatt_deploy.adapters.targets import find_targets, head_modules, is_causal_lm
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_dir, atomic_write_json
@@ -27,6 +28,7 @@ from metatt_deploy.common.report import write_training_report
 from metatt_deploy.training.checkpoint import trainable_parameters
 from metatt_deploy.training.config import TrainConfig
 from metatt_deploy.training.data import TaskData, tokenize_task
+from metatt_deploy.training.lm_data import TextTask
 from metatt_deploy.training.loop import (
     MODEL_INPUTS,
     Recipe,
@@ -39,6 +41,7 @@ from metatt_deploy.training.loop import (
     run_loop,
     start_ranks,
 )
+from metatt_deploy.training.metrics import PRIMARY_METRIC
 from metatt_deploy.tt.cores import tt_ranks
 
 N_BONDS = {"metatt-4d": 3, "metatt-5d": 4}  # single-task adapters: modes - 1
@@ -54,13 +57,13 @@ def wrap_model(cfg: TrainConfig, model: nn.Module, task_name: str, label_names: 
         lora = LoraConfig(
             task_type="CAUSAL_LM" if is_causal_lm(model) else None,
             r=cfg.rank,
-            lora_alpha=cfg.lora_alpha or cfg.rank,
+            lora_alpha=int(cfg.lora_alpha or cfg.rank),
             target_modules=[m.name for m in modules],
             modules_to_save=head_modules(model),
             lora_dropout=0.0,
             fan_in_fan_out=any(m.transposed for m in modules),
         )
-        return get_peft_model(model, lora), None
+        return get_peft_model(cast(PreTrainedModel, model), lora), None
     config = mt.build_config(
         model,
         method=cfg.method,
@@ -75,55 +78,48 @@ def wrap_model(cfg: TrainConfig, model: nn.Module, task_name: str, label_names: 
     return model, mt.attach(model, config, seed=cfg.seed)
 
 
-def unwrap_peft(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _is_head(name: str, heads: tuple[str, ...]) -> bool:
-    return name.removeprefix("base_model.model.").startswith(heads)
-
-
 def param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict[str, Any]]:
     """Adapter and head parameters; the head may get its own learning rate."""
-    heads = tuple(f"{h}." for h in head_modules(unwrap_peft(model)))
-    adapter, head = [], []
+    heads = tuple(f"{h}." for h in head_modules(mt.unwrap_peft(model)))
+    adapter: list[nn.Parameter] = []
+    head: list[nn.Parameter] = []
     for name, p in trainable_parameters(model).items():
-        (head if _is_head(name, heads) else adapter).append(p)
+        (head if mt.is_head_parameter(name, heads) else adapter).append(p)
     groups: list[dict[str, Any]] = [{"params": adapter, "lr": cfg.adapter_lr}]
     if head:
         groups.append({"params": head, "lr": cfg.resolved_head_lr})
     return groups
 
 
-def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Trainable parameters, split into adapter and head (heads are counted separately)."""
-    heads = tuple(f"{h}." for h in head_modules(unwrap_peft(model)))
-    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and _is_head(n, heads))
-    return {"adapter": total - head, "head": head, "total": total}
-
-
-def save_trained(cfg: TrainConfig, model: nn.Module, tokenizer, directory: Path) -> None:
+def save_trained(cfg: TrainConfig, model: nn.Module, tokenizer, directory: Path, task: TaskData | TextTask) -> None:
     if cfg.method == "lora":
+        record = lora_record(
+            task=task.name,
+            label_names=task.label_names,
+            base_model=cfg.model,
+            rank=cfg.rank,
+            lora_alpha=cfg.lora_alpha or cfg.rank,
+            targets=cfg.targets,
+        )
         with atomic_dir(directory, force=True) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            cast(PeftModel, model).save_pretrained(str(tmp), safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            write_lora_record(tmp, record)
     else:
         mt.save_adapter(model, directory, tokenizer=tokenizer, force=True)
 
 
-def load_trained(directory: Path, cfg: TrainConfig, label_names: list[str]) -> nn.Module:
+def load_trained(directory: Path, cfg: TrainConfig) -> nn.Module:
     """The saved best adapter on a fresh base model, for testing after training."""
     if cfg.method != "lora":
         return mt.load_adapter(directory, base_model=cfg.model, tokenizer=False)[0]
-    base = load_classifier(cfg.model, label_names)
-    return PeftModel.from_pretrained(base, str(directory)).eval()
+    return load_lora(directory, base_model=cfg.model, tokenizer=False)[0]
 
 
 def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
     """Run (or resume) a single-task training run into ``cfg.output``; returns the final metrics."""
-    run, resuming = prepare_run(cfg, force)
     accelerator = make_accelerator()
+    run, resuming = prepare_run(cfg, force, accelerator)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     model, adapter = wrap_model(cfg, load_classifier(cfg.model, task.label_names), task.name, task.label_names)
@@ -136,21 +132,21 @@ def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
     columns = [c for c in MODEL_INPUTS if c in splits["train"].column_names]
     val_loader = accelerator.prepare(make_loader(splits["validation"], collator, cfg.eval_batch_size, by_length(splits["validation"])))
     num_labels = len(task.label_names)
-    counts = count_parameters(model)
-    accelerator.print(f"{cfg.method}: {counts['adapter']:,} trainable adapter parameters (+{counts['head']:,} head)")
+    counts = mt.count_trainable(model)
+    accelerator.print(f"{cfg.method}: {counts['adapter']:,} trainable adapter parameters (+{counts['head']:,} head)", flush=True)
 
     def evaluate_epoch(m: nn.Module) -> tuple[dict[str, Any], float, str]:
         metrics = evaluate(m, val_loader, accelerator, num_labels)
-        trainable = count_parameters(accelerator.unwrap_model(m))["adapter"]
-        return {**metrics, "trainable": trainable}, metrics["accuracy"], ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        trainable = mt.count_trainable(accelerator.unwrap_model(m))["adapter"]
+        return {**metrics, "trainable": trainable}, metrics[PRIMARY_METRIC], ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
     recipe = Recipe(
         model=model,
         rows=[splits["train"].select_columns(columns).to_list()],
-        probs=torch.ones(1).numpy(),
+        probs=[1.0],
         collate=lambda _, rows: collator(rows),
         evaluate=evaluate_epoch,
-        save_best=lambda m, directory: save_trained(cfg, m, tokenizer, directory),
+        save_best=lambda m, directory: save_trained(cfg, m, tokenizer, directory, task),
         param_groups=lambda m: param_groups(cfg, m),
         task_names=[task.name],
         adapter=adapter,
@@ -158,7 +154,7 @@ def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
         schedule=schedule,
     )
     state = run_loop(cfg, run, resuming, recipe, accelerator)
-    result = finish(cfg, run, task, splits, collator, accelerator, state, count_parameters(model))
+    result = finish(cfg, run, task, splits, collator, accelerator, state, mt.count_trainable(model))
     accelerator.end_training()
     return result
 
@@ -176,12 +172,12 @@ def finish(cfg, run: Path, task: TaskData, splits, collator, accelerator: Accele
         "steps": state["global_step"],
     }
     if "test" in splits and accelerator.is_main_process:
-        best = load_trained(run / "best", cfg, task.label_names)
+        best = load_trained(run / "best", cfg)
         if cfg.method != "lora":
             result["best_ranks"] = tt_ranks(mt.get_adapter(best).cores)
-        loader = accelerator.prepare(make_loader(splits["test"], collator, cfg.eval_batch_size, by_length(splits["test"])))
-        result["test"] = evaluate(accelerator.prepare(best), loader, accelerator, len(task.label_names))
-        accelerator.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in result["test"].items()))
+        loader = make_loader(splits["test"], collator, cfg.eval_batch_size, by_length(splits["test"]))
+        result["test"] = evaluate(best.to(accelerator.device), loader, None, len(task.label_names))
+        accelerator.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in result["test"].items()), flush=True)
     if accelerator.is_main_process:
         atomic_write_json(run / "metrics.json", result)
         write_training_report(run, result)

@@ -8,7 +8,7 @@ training (the adapter modules), rank truncation, merging and the tests' dense re
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -117,6 +117,6 @@ def parameter_count(mode_sizes: Sequence[int], ranks: Sequence[int]) -> int:
     return sum(a * n * b for a, n, b in core_shapes(mode_sizes, ranks))
 
 
-def tt_ranks(cores: Sequence[torch.Tensor]) -> list[int]:
-    """The inner bond ranks of a TT, read off its cores."""
-    return [c.shape[-1] for c in cores[:-1]]
+def tt_ranks(cores: Iterable[torch.Tensor]) -> list[int]:
+    """The inner bond ranks of a TT, read off its cores (a list, or a module's ParameterList)."""
+    return [c.shape[-1] for c in list(cores)[:-1]]

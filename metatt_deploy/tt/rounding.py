@@ -220,7 +220,7 @@ def _bond_caps(ranks: Sequence[int] | int | None, n_bonds: int) -> list[int | No
     """One cap per bond (None: no cap) from an int, a per-bond list or None."""
     if ranks is None:
         return [None] * n_bonds
-    caps = [ranks] * n_bonds if isinstance(ranks, int) else list(ranks)
+    caps: list[int | None] = [ranks] * n_bonds if isinstance(ranks, int) else list(ranks)
     if len(caps) != n_bonds:
         raise MetaTTError(f"{len(caps)} target ranks for a train with {n_bonds} bonds; pass one rank or one per bond")
     for k, cap in enumerate(caps):

@@ -19,9 +19,14 @@ from transformers import AutoModelForSequenceClassification, BertForSequenceClas
 from typer.testing import CliRunner
 
 from metatt_deploy.adapters.base_model import load_tokenizer
+from metatt_deploy.adapters.lora import LORA_RECORD, load_lora
 from metatt_deploy.adapters.model import attach, build_config, get_adapter, load_adapter, save_adapter
 from metatt_deploy.cli import app
-from metatt_deploy.export.merge import MERGE_RECORD, merge_adapter
+from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.export.merge import MERGE_RECORD, merge_adapter, merge_factored
+from metatt_deploy.export.peft import to_peft
+from metatt_deploy.training.config import TrainConfig
+from metatt_deploy.training.single import train
 from metatt_deploy.tt.cores import tt_full, tt_ranks
 from metatt_deploy.tt.rounding import round_tt, sweep
 
@@ -203,6 +208,49 @@ def test_cli_merge_max_rank_prints_the_recorded_error(tiny, tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "m" / MERGE_RECORD).read_text())
     assert f"rounding error {record['rounding_relative_error']:.3e}" in result.output
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_base, tiny_task, tmp_path_factory) -> Path:
+    """A PEFT LoRA run's best/ (a few steps with a large lr, so the pairs and the head move)."""
+    run = tmp_path_factory.mktemp("lora") / "run"
+    cfg = TrainConfig(output=str(run), model=str(tiny_base), method="lora", rank=4, lr=5e-2, epochs=1, batch_size=8, max_length=16)
+    train(cfg, tiny_task)
+    return run / "best"
+
+
+def test_lora_run_merges_like_a_metatt_adapter(lora_run, tiny_task, tmp_path) -> None:
+    record = merge_adapter(lora_run, tmp_path / "merged")
+    assert (record["method"], record["task"], record["ranks"]) == ("lora", tiny_task.name, [4])
+    assert json.loads((tmp_path / "merged" / MERGE_RECORD).read_text()) == record
+    peft_model, lora, tokenizer = load_lora(lora_run)
+    assert lora["label_names"] == tiny_task.label_names
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert merged.config.id2label == dict(enumerate(tiny_task.label_names))
+    enc = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected, got = peft_model(**enc).logits, merged(**enc).logits
+    assert (expected - got).abs().max() <= 1e-5
+    with torch.no_grad(), peft_model.disable_adapter():
+        assert (peft_model(**enc).logits - expected).abs().max() > 1e-4  # the LoRA pairs do something
+
+
+def test_lora_refusals(lora_run, tmp_path) -> None:
+    with pytest.raises(MetaTTError, match="drop --max-rank"):
+        merge_adapter(lora_run, tmp_path / "a", max_rank=2)
+    with pytest.raises(MetaTTError, match="already a PEFT LoRA adapter"):
+        to_peft(lora_run, tmp_path / "b")
+    with pytest.raises(MetaTTError, match="--factored needs a multi-task MetaTT adapter"):
+        merge_factored(lora_run, tmp_path / "c")
+    with pytest.raises(MetaTTError, match="unknown task 'other'"):
+        merge_adapter(lora_run, tmp_path / "d", task="other")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in lora_run.iterdir():
+        if f.name != LORA_RECORD:
+            (bare / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(MetaTTError, match=f"without {LORA_RECORD}"):
+        merge_adapter(bare, tmp_path / "e")
 
 
 # ------------------------------------------------------------------ decoders

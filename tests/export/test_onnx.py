@@ -133,7 +133,7 @@ def test_user_errors(tiny, fp32, tmp_path):
         export_onnx(tiny.merged, tmp_path / "out", quantize="int8", dtype="fp16")
     with pytest.raises(MetaTTError, match="unknown quantization"):
         export_onnx(tiny.merged, tmp_path / "out", quantize="int4")
-    with pytest.raises(MetaTTError, match="is not a MetaTT adapter"):
+    with pytest.raises(MetaTTError, match="is not an adapter"):
         export_onnx(tiny.merged, tmp_path / "out", adapter_dir=tmp_path)
     other = shutil.copytree(tiny.adapter, tmp_path / "other-adapter")
     with pytest.raises(MetaTTError, match="records adapter"):

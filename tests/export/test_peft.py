@@ -12,9 +12,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from tiny_models import inputs, logits, random_cores, tiny_model
 
+from metatt_deploy.adapters.lora import LORA_RECORD, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
 from metatt_deploy.adapters.model import attach, build_config, merge_and_unload, save_adapter
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.export.peft import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, to_peft
+from metatt_deploy.export.peft import to_peft
 
 ALL_TARGETS = {"bert": "q,k,v,o,up,down", "gpt2": "q,k,v,o,up,down", "llama": "q,k,v,o,gate,up,down"}
 
@@ -59,7 +60,7 @@ def test_peft_logits_and_merged_weights_match(tmp_path: Path, arch, method, rank
     batch = inputs()
     expected = logits(model, batch)
     out = to_peft(adapter_dir, tmp_path / "peft")
-    assert sorted(p.name for p in out.iterdir()) == [PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME]
+    assert sorted(p.name for p in out.iterdir()) == sorted([PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, LORA_RECORD])
 
     peft_model = load_peft(arch, out)
     assert (expected - model.head_only_logits).abs().max() > 1e-3  # the adapter does something
@@ -150,7 +151,7 @@ def test_existing_output_needs_force(tmp_path: Path) -> None:
         to_peft(adapter_dir, out)
     assert [p.name for p in out.iterdir()] == ["keep"]
     to_peft(adapter_dir, out, force=True)
-    assert sorted(p.name for p in out.iterdir()) == [PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME]
+    assert sorted(p.name for p in out.iterdir()) == sorted([PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, LORA_RECORD])
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
     with pytest.raises(MetaTTError, match="is not a MetaTT adapter"):
         to_peft(tmp_path / "nowhere", tmp_path / "peft2")

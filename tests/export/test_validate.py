@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from onnx_fixtures import LABELLED, build_tiny, write_jsonl
@@ -11,7 +12,7 @@ from typer.testing import CliRunner
 from metatt_deploy.cli import app
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.export.onnx import FP32_ATOL, export_onnx
-from metatt_deploy.export.validate import REPORT_JSON, REPORT_MD, summarize, time_round_robin, validate
+from metatt_deploy.export.validate import REPORT_JSON, REPORT_MD, report_paths, summarize, time_round_robin, validate
 
 FAST = dict(batch_sizes=(1, 2), seq_len=16, repeats=3, warmup=1)
 
@@ -128,7 +129,32 @@ def test_cli_validate(tiny, exports, labelled, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "tolerance 1e-04" in result.output and "accuracy: PyTorch" in result.output
+    assert f"data: {labelled}: all {len(LABELLED)} examples" in result.output
+    assert "validate: logits: 1/1 batches (100%)" in result.output and "validate: latency: 1/1 batch sizes (100%)" in result.output
     assert (tmp_path / "r" / REPORT_MD).is_file()
+
+
+def test_files_are_used_whole_unless_a_subset_is_asked_for_and_then_it_is_said(tiny, exports, labelled, tmp_path):
+    report = validate(tiny.adapter, exports["fp32"], data=str(labelled), output=tmp_path / "all", **FAST)
+    assert (report["data"]["examples"], report["data"]["available"], report["data"]["subset"]) == (6, 6, False)
+    assert "all 6 examples" in (tmp_path / "all" / REPORT_MD).read_text()
+    notes: list[str] = []
+    report = validate(tiny.adapter, exports["fp32"], data=str(labelled), max_examples=4, output=tmp_path / "some", log=notes.append, **FAST)
+    assert (report["data"]["examples"], report["data"]["available"], report["data"]["subset"]) == (4, 6, True)
+    assert notes == [f"data: {labelled}: a random 4 of 6 examples (--max-examples; omit it to use all)"]
+    assert "a random 4 of 6 examples (--max-examples)" in (tmp_path / "some" / REPORT_MD).read_text()
+    again = validate(tiny.adapter, exports["fp32"], data=str(labelled), max_examples=4, output=tmp_path / "some", force=True, **FAST)
+    assert again["parity"]["max_abs_logit_diff"] == report["parity"]["max_abs_logit_diff"]  # a fixed subset
+
+
+def test_reports_go_beside_the_bundle_not_into_it(tiny, exports, tmp_path):
+    bundle = tmp_path / "exported" / "mt"
+    shutil.copytree(exports["fp32"], bundle)
+    before = sorted(p.name for p in bundle.iterdir())
+    validate(tiny.adapter, bundle, **FAST)
+    assert report_paths(bundle) == (tmp_path / "exported" / "mt.validation.json", tmp_path / "exported" / "mt.validation.md")
+    assert all(p.is_file() for p in report_paths(bundle)) and sorted(p.name for p in bundle.iterdir()) == before
+    assert report_paths(bundle, tmp_path / "r") == (tmp_path / "r" / REPORT_JSON, tmp_path / "r" / REPORT_MD)
 
 
 def test_round_robin_timing_and_summary():

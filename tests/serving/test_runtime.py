@@ -4,13 +4,17 @@ mixed batches, tasks added later, and clear errors for unknown tasks and foreign
 from __future__ import annotations
 
 import copy
+import io
 import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from onnx_fixtures import LABELS as EXPORT_LABELS
+from onnx_fixtures import build_tiny
 from test_multitask import LABELS, build_tiny_multitask
+from transformers import AutoModelForSequenceClassification
 from typer.testing import CliRunner
 
 from metatt_deploy.adapters.heads import routers
@@ -18,6 +22,7 @@ from metatt_deploy.adapters.multitask import extend_tasks, save_multitask
 from metatt_deploy.cli import app
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.export.factored import TASKS_DIR, write_bundle
+from metatt_deploy.export.onnx import export_onnx
 from metatt_deploy.serving.runtime import Runtime, read_inputs
 
 TOL = 1e-4
@@ -81,7 +86,7 @@ def test_unknown_tasks_and_bad_inputs_are_errors(served) -> None:
         rt.predict([("a", "b", "c")], task="nli")
     with pytest.raises(MetaTTError, match="unknown form"):
         Runtime(bundle, form="fast")
-    with pytest.raises(MetaTTError, match="not a factored bundle"):
+    with pytest.raises(MetaTTError, match="neither a factored bundle"):
         Runtime(bundle / TASKS_DIR)
 
 
@@ -161,3 +166,43 @@ def test_cli_predict(served, tmp_path) -> None:
     assert res.exit_code == 2 and "unknown task 'nope'" in res.output
     res = runner.invoke(app, ["predict", str(bundle), "-i", str(inp), "-o", str(out)])
     assert res.exit_code == 2 and "already exists" in res.output
+
+
+def test_a_single_task_export_opens_with_the_same_api(tmp_path) -> None:
+    tiny = build_tiny(tmp_path)
+    bundle = export_onnx(tiny.merged, tmp_path / "exported" / "mt")
+    rt = Runtime(bundle, threads=1)
+    task = json.loads((bundle / "manifest.json").read_text())["task"]
+    assert rt.kind == "export" and rt.tasks == [task] and rt.labels() == rt.labels(task) == EXPORT_LABELS
+    texts = ["A wonderful film.", "Dull and slow.", ("A man sleeps.", "A man is awake.")]
+    merged = AutoModelForSequenceClassification.from_pretrained(tiny.merged).eval()
+    for text, row in zip(texts, rt.logits(texts)):
+        enc = rt.tokenizer(*((text,) if isinstance(text, str) else text), return_tensors="pt")
+        with torch.no_grad():
+            ref = merged(**enc).logits[0].numpy()
+        assert np.abs(row - ref).max() <= TOL
+    results = rt.predict(texts, batch_size=2)
+    assert results == rt.predict(texts, task=task) == rt.predict(texts, tasks=[0, 0, 0])
+    assert [r["task"] for r in results] == [task] * 3 and all(r["label"] in EXPORT_LABELS for r in results)
+    with pytest.raises(MetaTTError, match="unknown task 'nope'"):
+        rt.predict(texts, task="nope")
+    with pytest.raises(MetaTTError, match="applies to factored bundles"):
+        Runtime(bundle, form="tasks")
+
+
+def test_read_inputs_from_stdin_and_plain_text(tmp_path, monkeypatch) -> None:
+    texts, tasks, ids = read_inputs(None, None, "movie", stdin=io.StringIO("good film\n\nA ||| B\n"))
+    assert texts == ["good film", ("A", "B")] and tasks == ["movie", "movie"] and ids == [None, None]
+    texts, tasks, _ = read_inputs(None, None, None, stdin=io.StringIO('{"text": "a", "task": "nli"}\n'))
+    assert texts == ["a"] and tasks == ["nli"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("x\n"))
+    assert read_inputs(None, "-", "movie")[0] == ["x"]
+    plain = tmp_path / "texts.txt"
+    plain.write_text("one\ntwo\n")
+    assert read_inputs(None, plain, "movie")[0] == ["one", "two"]
+    with pytest.raises(MetaTTError, match="pass --task NAME"):
+        read_inputs(None, plain, None)
+    with pytest.raises(MetaTTError, match="has no inputs"):
+        read_inputs(None, None, "movie", stdin=io.StringIO("\n"))
+    with pytest.raises(MetaTTError, match="one of them"):
+        read_inputs(["a"], plain, "movie")

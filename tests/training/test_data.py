@@ -46,7 +46,7 @@ def tokenizer():
 def test_csv_string_labels_and_carved_validation(tmp_path):
     task = load_task(train=write_csv(tmp_path / "train.csv", sentiment_rows(40)), test=write_csv(tmp_path / "test.csv", sentiment_rows(6)))
     assert isinstance(task, TaskData)
-    assert (task.name, task.text_columns, task.label_column) == ("train", ("text",), "label")
+    assert (task.name, task.text_columns, task.label_column) == (tmp_path.name, ("text",), "label")  # train.csv: its folder
     assert task.label_names == ["neg", "pos"] and task.num_labels == 2  # sorted unique train labels
     assert {k: len(v) for k, v in task.splits.items()} == {"train": 36, "validation": 4, "test": 6}
     train = task.splits["train"]
@@ -142,7 +142,7 @@ def test_error_text_column_not_text(tmp_path):
 
 def test_error_missing_text_value(tmp_path):
     path = write_csv(tmp_path / "train.csv", [{"text": "a", "label": "x"}, {"text": None, "label": "y"}])
-    assert "column 'text' in train.csv has no value in row 2" in _error(train=path, validation=path)
+    assert "column 'text' has no value in line 3 of train.csv" in _error(train=path, validation=path)  # line 1: header
 
 
 def test_error_missing_label_column(tmp_path):
@@ -153,7 +153,7 @@ def test_error_missing_label_column(tmp_path):
 
 def test_error_missing_label_value(tmp_path):
     path = write_csv(tmp_path / "train.csv", [{"text": "a", "label": "x"}, {"text": "b", "label": None}])
-    assert "label column 'label' in train.csv has no value in row 2" in _error(train=path, validation=path)
+    assert "label column 'label' has no value in line 3 of train.csv" in _error(train=path, validation=path)
 
 
 def test_error_float_labels(tmp_path):
@@ -169,26 +169,62 @@ def test_error_empty_split(tmp_path, content):
 
 def test_error_malformed_jsonl(tmp_path):
     (tmp_path / "train.jsonl").write_text('{"text": "a", "label": 1}\n{broken\n')
-    assert "could not read" in _error(train=str(tmp_path / "train.jsonl"))
+    assert _error(train=str(tmp_path / "train.jsonl")).startswith("line 2 of train.jsonl is not valid JSON")
+
+
+def test_errors_name_the_line_of_the_given_file(tmp_path):
+    """Blank lines, a carved validation split (rows shuffled) and broken lines: the line is the file's."""
+    rows = [json.dumps(r) for r in sentiment_rows(30)]
+    rows[19] = json.dumps({"text": None, "label": "pos"})  # line 21 below, after one blank line
+    path = tmp_path / "bbc.train.jsonl"
+    path.write_text("\n".join(rows[:5]) + "\n\n" + "\n".join(rows[5:]) + "\n")
+    assert "column 'text' has no value in line 21 of bbc.train.jsonl" in _error(train=str(path))
+    lines = [json.dumps(r) for r in sentiment_rows(8)]
+    lines[5] = '{"text": "six", "label": "pos"'
+    path.write_text("\n".join(lines) + "\n")
+    assert _error(train=str(path)).startswith("line 6 of bbc.train.jsonl is not valid JSON")
+    csv_path = tmp_path / "dev.csv"
+    csv_path.write_text('text,label\n"two\nlines",pos\n\nb,\n')  # a quoted line break, a blank line
+    assert "label column 'label' has no value in line 5 of dev.csv" in _error(train=str(csv_path), validation=str(csv_path))
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        (["bbc.train.jsonl"], "bbc"),
+        (["news_test.csv"], "news"),
+        (["reviews-dev.tsv"], "reviews"),
+        (["topics.jsonl"], "topics"),
+        (["bbc/train.jsonl"], "bbc"),
+    ],
+)
+def test_default_task_name_drops_the_split_suffix(files, expected):
+    assert data.default_task_name(files[0]) == expected
+
+
+def test_task_name_is_given_or_derived(tmp_path):
+    path = write_jsonl(tmp_path / "bbc.train.jsonl", sentiment_rows(20))
+    assert load_task(train=path).name == "bbc"
+    assert load_task(train=path, name="news").name == "news"
 
 
 def test_error_unknown_label_in_validation(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(4))
     validation = write_jsonl(tmp_path / "validation.jsonl", sentiment_rows(2) + [{"text": "z", "label": "meh"}])
     message = _error(train=train, validation=validation)
-    assert message.startswith("unknown label 'meh' in row 3 of validation.jsonl (column 'label'; labels: neg, pos)")
+    assert message.startswith("unknown label 'meh' in line 3 of validation.jsonl (column 'label'; labels: neg, pos)")
 
 
 def test_error_unknown_int_label_in_test(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": i % 2} for i in range(4)])
     test = write_jsonl(tmp_path / "test.jsonl", [{"text": "a", "label": 2}])
-    assert "unknown label 2 in row 1 of test.jsonl" in _error(train=train, test=test)
+    assert "unknown label 2 in line 1 of test.jsonl" in _error(train=train, test=test)
 
 
 def test_error_labels_outside_given_label_names(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(4))
     message = _error(train=path, validation=path, label_names=["negative", "positive"])
-    assert "unknown label 'pos' in row 1 of train.jsonl" in message and "--labels" in message
+    assert "unknown label 'pos' in line 1 of train.jsonl" in message and "--labels" in message
 
 
 def test_error_repeated_label_names(tmp_path):

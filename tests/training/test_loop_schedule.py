@@ -80,8 +80,8 @@ def _spy_cuts(monkeypatch) -> list[dict]:
     cuts: list[dict] = []
     original = train_mod.cut_ranks
 
-    def spy(cfg, model, accelerator, optimizer, recipe, ranks, build_optimizer):
-        model, new_opt, new_sched = original(cfg, model, accelerator, optimizer, recipe, ranks, build_optimizer)
+    def spy(cfg, model, accelerator, optimizer, recipe, ranks, build_optimizer, log):
+        model, new_opt, new_sched = original(cfg, model, accelerator, optimizer, recipe, ranks, build_optimizer, log)
         adapter = mt.get_adapter(accelerator.unwrap_model(model))
         inner = getattr(new_opt, "optimizer", new_opt)
         cuts.append(

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from metatt_deploy.training.metrics import compute_metrics, confusion_matrix, primary_metric
+from metatt_deploy.training.metrics import PRIMARY_METRIC, compute_metrics, confusion_matrix
 
 # Binary: TP=3 (rows 0, 2, 6), FN=1 (row 1), FP=1 (row 4), TN=3.
 BINARY_LABELS = np.array([1, 1, 1, 0, 0, 0, 1, 0])
@@ -74,5 +74,6 @@ def test_bad_inputs_are_programming_errors(preds, labels):
         compute_metrics(np.array(preds, dtype=int), np.array(labels, dtype=int), 3)
 
 
-def test_primary_metric():
-    assert primary_metric(2) == primary_metric(3) == "accuracy"
+def test_primary_metric_is_reported_for_every_label_count():
+    for k in (2, 3, 5):
+        assert PRIMARY_METRIC in compute_metrics(np.arange(10) % k, np.arange(10) % k, k)

@@ -1,0 +1,87 @@
+"""PEFT LoRA adapter folders as this project writes them: recognise, describe, load.
+
+A PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``) holds the LoRA pairs and
+the classification head, but not the task: its name and label names (the head's classes) are
+needed to rebuild the base classifier before PEFT can load onto it. So every LoRA folder written
+here (``train --method lora``'s best/, ``merge --to peft``) gets a small ``metatt_lora.json``
+beside it (task, labels, base model, rank, alpha), which lets the LoRA baseline go through merge,
+export and validate exactly like a MetaTT adapter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import PreTrainedModel
+
+from metatt_deploy.adapters.base_model import load_classifier, load_tokenizer
+from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.common.files import atomic_write_json, read_json
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+LORA_RECORD = "metatt_lora.json"
+
+
+def is_lora_adapter(directory: str | Path) -> bool:
+    """A folder holding a PEFT adapter config (whether or not this project wrote it)."""
+    return (Path(directory) / PEFT_CONFIG_NAME).is_file()
+
+
+def lora_record(*, task: str, label_names: list[str], base_model: str, rank: int, lora_alpha: float, targets: list[str]) -> dict:
+    """The ``metatt_lora.json`` of a LoRA folder: what PEFT's config does not say."""
+    return {
+        "method": "lora",
+        "task": task,
+        "label_names": list(label_names),
+        "base_model": base_model,
+        "rank": rank,
+        "lora_alpha": lora_alpha,
+        "targets": list(targets),
+    }
+
+
+def write_lora_record(directory: str | Path, record: dict) -> None:
+    atomic_write_json(Path(directory) / LORA_RECORD, record)
+
+
+def read_lora_record(directory: str | Path) -> dict:
+    """The record of a LoRA folder; a PEFT folder without one is a clear error."""
+    path = Path(directory) / LORA_RECORD
+    if not path.is_file():
+        raise MetaTTError(
+            f"{directory} is a PEFT adapter without {LORA_RECORD} (task and label names), so its classifier head "
+            "cannot be rebuilt; use a folder written by metatt-deploy train --method lora or merge --to peft"
+        )
+    record = read_json(path, "LoRA record")
+    if not isinstance(record, dict) or not record.get("task") or not record.get("label_names"):
+        raise MetaTTError(f"{path} lacks 'task' or 'label_names'; re-create the adapter")
+    return record
+
+
+def load_lora(directory: str | Path, base_model: str | None = None, tokenizer: bool = True):
+    """The unmerged LoRA model (peft.PeftModel, eval mode), its record and its tokenizer (or None)."""
+    from peft import PeftModel
+
+    record = read_lora_record(directory)
+    base = base_model or record["base_model"]
+    model = load_classifier(base, list(record["label_names"]))
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(directory)).eval()
+    except (RuntimeError, ValueError, KeyError) as e:  # shapes or module names of another base model
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise MetaTTError(
+            f"the LoRA adapter {directory} does not fit base model '{base}' ({first}); pass the base it was trained on"
+        ) from None
+    tok = None
+    if tokenizer:
+        tok = load_tokenizer(str(directory) if (Path(directory) / "tokenizer_config.json").is_file() else base)
+    return peft_model, record, tok
+
+
+def merge_lora(peft_model) -> PreTrainedModel:
+    """Fold the LoRA pairs into the base weights (PEFT's merge_and_unload); the head stays trained."""
+    model = peft_model.merge_and_unload()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()

@@ -1,0 +1,84 @@
+"""int8: CPU-flag driven defaults, calibration data, and static int8 independent of batch composition."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx_fixtures import build_tiny
+from transformers import AutoTokenizer
+
+from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.export.onnx import export_onnx
+from metatt_deploy.export.quantize import cpu_flags, default_reduce_range, has_vnni, load_calibration_rows
+
+WORDS = ["good", "bad", "great", "awful", "fine", "dull", "lovely", "boring"]
+
+
+@pytest.fixture(scope="module")
+def static(tmp_path_factory):
+    root = tmp_path_factory.mktemp("static")
+    tiny = build_tiny(root / "tiny")
+    data = root / "calibration.jsonl"
+    rows = [{"text": f"this film was {WORDS[i % 8]} and {WORDS[(i * 3) % 8]} " * (1 + i % 4), "label": str(i % 2)} for i in range(60)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tiny, export_onnx(tiny.merged, root / "static", quantize="int8-static", calibration=str(data), calibration_rows=32)
+
+
+def test_reduce_range_only_without_vnni(tmp_path) -> None:
+    assert has_vnni({"avx2", "avx512_vnni"}) and has_vnni({"avx_vnni"}) and not has_vnni({"avx2", "avx512f"})
+    assert default_reduce_range({"avx2"}) is True and default_reduce_range({"avx2", "avx512_vnni"}) is False
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_vnni\n")
+    assert cpu_flags(str(cpuinfo)) == {"fpu", "avx2", "avx512_vnni"} and cpu_flags(str(tmp_path / "none")) == set()
+
+
+def test_static_int8_manifest_and_qdq_graph(static) -> None:
+    tiny, out = static
+    m = json.loads((out / "manifest.json").read_text())
+    q = m["quantization"]
+    assert q["format"] == "QDQ" and q["per_channel"] is True and q["calibration"]["rows"] == 32
+    assert q["calibration"]["method"] == "minmax" and "calibration.jsonl" in q["calibration"]["data"]
+    assert m["variant"]["quantize"] == "int8-static"  # (size: the tiny model is mostly its fp32 embeddings)
+    assert m["session"]["graph_optimization_level"] == "ORT_ENABLE_ALL" and m["session"]["intra_op_num_threads"] >= 1
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    final = m["parity"]["final"]
+    assert final["tolerance"] is None and final["max_abs_logit_diff"] < 0.5 * max(1.0, final["max_abs_logit"])
+
+
+def test_static_int8_row_does_not_depend_on_its_batch(static) -> None:
+    """The same row alone and inside a padded batch of 64 gives the same logits (fixed activation scales)."""
+    tiny, out = static
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    texts = [f"a {WORDS[i % 8]} story " * (1 + i % 7) for i in range(64)]
+    texts[5] = "An uneven but ultimately rewarding story."
+
+    def run(batch):
+        enc = tokenizer(batch, padding=True, return_tensors="np")
+        return session.run(["logits"], {k: v.astype(np.int64) for k, v in enc.items()})[0]
+
+    alone, inside = run([texts[5]])[0], run(texts)[5]
+    assert np.abs(alone - inside).max() <= 1e-4
+
+
+def test_calibration_errors(tmp_path) -> None:
+    with pytest.raises(MetaTTError, match="calibration file not found"):
+        load_calibration_rows(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(MetaTTError, match="at least 1"):
+        load_calibration_rows("movie-sentiment", max_rows=0)
+    tiny = build_tiny(tmp_path / "tiny")
+    with pytest.raises(MetaTTError, match="needs --calibration"):
+        export_onnx(tiny.merged, tmp_path / "out", quantize="int8-static")
+    with pytest.raises(MetaTTError, match="needs --calibration"):
+        export_onnx(tiny.merged, tmp_path / "out", quantize="int8", calibration="movie-sentiment")
+    with pytest.raises(MetaTTError, match="unknown layout"):
+        export_onnx(tiny.merged, tmp_path / "out", layout="tfjs")
+    with pytest.raises(MetaTTError, match="unknown format"):
+        export_onnx(tiny.merged, tmp_path / "out", formats=("onnx", "tflite"))
+    assert not (tmp_path / "out").exists()

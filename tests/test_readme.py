@@ -1,0 +1,68 @@
+"""The README's "Using it" commands run as written, so the documentation cannot drift from the code.
+
+Each line of the section's bash block is one `metatt-deploy` command; it runs through the CLI in
+a scratch folder with the builtin data sets faked in METATT_DATA_DIR, the files it names
+(my.jsonl, dev.jsonl) written there, and only these additions: train commands get a tiny base
+model (`--model`) and a few steps; validate commands time fewer calls.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from conftest import sentiment_rows
+from typer.testing import CliRunner
+
+from metatt_deploy.cli import app
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+FEWER_STEPS = ["--max-steps", "2", "--batch-size", "8", "--max-length", "32"]
+FEWER_CALLS = ["--repeats", "3", "--warmup", "1", "--threads", "1"]
+
+
+def using_it_commands() -> list[list[str]]:
+    """The argument lists of the `metatt-deploy` lines in the first bash block of "## Using it"."""
+    section = README.read_text().split("## Using it", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert block, "README's 'Using it' section lost its bash block"
+    commands = []
+    for line in block.group(1).splitlines():
+        words = shlex.split(line, comments=True)
+        if not words or words[0] == ".":  # comments, blank lines, `. .venv/bin/activate`
+            continue
+        assert words[0] == "metatt-deploy", f"README command is not metatt-deploy: {line}"
+        commands.append(words[1:])
+    return commands
+
+
+def test_the_block_covers_every_verb_and_kind_of_run() -> None:
+    commands = using_it_commands()
+    assert {c[0] for c in commands} == {"train", "merge", "export", "validate", "predict"}
+    flat = [" ".join(c) for c in commands]
+    assert any("--method lora" in c for c in flat) and any(c.startswith("validate runs/lora") for c in flat)
+    assert any("--task " in c and c.startswith("validate") for c in flat)
+    assert any(c.startswith("predict exported/") for c in flat) and any(c.startswith("predict runs/bundle") for c in flat)
+
+
+@pytest.mark.slow
+def test_readme_using_it_commands_run(tmp_path, monkeypatch, tiny_base_128, fake_builtins) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("METATT_DATA_DIR", str(fake_builtins))
+    for name, n, offset in (("my.jsonl", 40, 0), ("dev.jsonl", 12, 100)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(n, offset)))
+    outputs = {}
+    for args in using_it_commands():
+        extra = {"train": ["--model", str(tiny_base_128), *FEWER_STEPS], "validate": FEWER_CALLS}.get(args[0], [])
+        result = CliRunner().invoke(app, [*args, *extra])
+        assert result.exit_code == 0, f"metatt-deploy {shlex.join(args)}\n{result.output}"
+        outputs[shlex.join(args[:2])] = result.output
+    assert (tmp_path / "exported/mt/manifest.json").is_file() and (tmp_path / "exported/mt.validation.md").is_file()
+    assert json.loads((tmp_path / "runs/mine/metrics.json").read_text())["task"] == "mine"
+    assert json.loads((tmp_path / "exported/snli.validation.json").read_text())["task"] == "snli"
+    assert json.loads((tmp_path / "exported/lora.validation.json").read_text())["method"] == "lora"
+    rows = [json.loads(line) for line in outputs["predict exported/mt"].splitlines() if line.startswith("{")]
+    assert [r["task"] for r in rows] == ["movie-sentiment"] * 2
