@@ -754,7 +754,7 @@ def generate(
 def echo_decoder_report(report: dict, folder: Path) -> None:
     """The lines a person reads after validating a decoder: parity, exact match, tokens/s."""
     p, q = report["parity"], report["quality"]
-    tol = f"tolerance {p['tolerance']:.0e}" if p["enforced"] else "reported only"
+    tol = f"tolerance {p['tolerance']:.2g}" if p["enforced"] else "reported only"
     typer.echo(
         f"max |logit diff| ONNX vs unmerged adapter {p['max_abs_logit_diff']:.2e} ({tol}) on {p['prompts']} prompts; "
         f"greedy tokens identical on {p['greedy_identical']:.0%}"

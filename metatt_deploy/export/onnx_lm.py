@@ -10,7 +10,12 @@ config, so it serves without the source folder.
 Parity, on ``SAMPLE_PROMPTS`` formatted with the model's chat template and run through the
 bundle as served (ORTModelForCausalLM on the CPU execution provider):
 
-- teacher-forced logits of every prompt position, enforced at ``FP32_ATOL`` for fp32;
+- teacher-forced logits of every prompt position, enforced for fp32 at ``fp32_tolerance``:
+  ``FP32_ATOL`` (1e-4) times ``max(1, max |logit| / LOGIT_SCALE)``. Decoder logits are large
+  (SmolLM2's reach 38 on the chat template's first tokens) and float32 rounding grows with them:
+  the untouched SmolLM2 exports at 9.5e-5 and a merged MetaTT-4D adapter at 1.06e-4, both
+  2.5-2.8e-6 of the largest logit, so a flat 1e-4 fails on rounding alone. Logits up to
+  LOGIT_SCALE (10, the range of classifier logits) keep the flat 1e-4;
 - greedy continuations of ``PARITY_NEW_TOKENS`` tokens, which must be token-identical for fp32;
 - int8 / int4 exports report both (agreement instead of identity), judged by exact match and
   perplexity in ``metatt-deploy validate`` rather than enforced here.
@@ -31,6 +36,14 @@ from metatt_deploy.training.lm_data import prompt_ids
 
 ONNX_TASK = "text-generation-with-past"
 FP32_ATOL = 1e-4
+LOGIT_SCALE = 10.0
+
+
+def fp32_tolerance(max_abs_logit: float) -> float:
+    """1e-4, scaled up for logits beyond LOGIT_SCALE in magnitude (float32 rounding is relative)."""
+    return FP32_ATOL * max(1.0, max_abs_logit / LOGIT_SCALE)
+
+
 PARITY_NEW_TOKENS = 12
 SAMPLE_PROMPTS = [
     "What is the capital of France?",
@@ -115,7 +128,7 @@ def export_decoder_into(
     }
     sizes = {"fp32_bytes": model_bytes(tmp)}
     fp32 = _parity(tmp, prompts, ref_logits, ref_tokens, eos, pad)
-    fp32["tolerance"] = FP32_ATOL
+    fp32["tolerance"] = fp32_tolerance(fp32["max_abs_logit"])
     _enforce(fp32, "the fp32 ONNX export")
     final = fp32
     external = has_external_data(tmp)

@@ -15,7 +15,7 @@ from tiny_decoders import save_tiny_adapter
 from metatt_deploy.adapters.model import load_adapter
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.export.onnx import MANIFEST_NAME, export_onnx
-from metatt_deploy.export.onnx_lm import FP32_ATOL, greedy, load_ort_decoder
+from metatt_deploy.export.onnx_lm import FP32_ATOL, fp32_tolerance, greedy, load_ort_decoder
 from metatt_deploy.export.quantize import INT4_BLOCK_SIZE
 
 
@@ -68,3 +68,8 @@ def test_decoder_only_options_and_decoder_refusals_are_one_line_errors(tmp_path:
     with pytest.raises(MetaTTError, match="decoders export as fp32"):
         export_onnx(adapter_dir, tmp_path / "y", optimize=True)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_fp32_tolerance_is_flat_for_small_logits_and_relative_for_large_ones() -> None:
+    assert fp32_tolerance(3.0) == fp32_tolerance(10.0) == FP32_ATOL
+    assert fp32_tolerance(38.0) == pytest.approx(3.8 * FP32_ATOL)
