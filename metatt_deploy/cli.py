@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from metatt_deploy import __version__
-from metatt_deploy.adapters.base_model import DEFAULT_MODEL
+from metatt_deploy.adapters.base_model import DEFAULT_DECODER, DEFAULT_MODEL, TASK_TYPES, task_type
 from metatt_deploy.adapters.config import DEFAULT_ALPHA
 from metatt_deploy.adapters.targets import DEFAULT_TARGETS
 from metatt_deploy.common.errors import MetaTTError
@@ -24,17 +24,20 @@ from metatt_deploy.common.files import atomic_write_text, check_separate, check_
 from metatt_deploy.common.report import close_progress_bars
 from metatt_deploy.common.threads import resolve_threads
 from metatt_deploy.export.merge import merge_adapter, merge_factored
-from metatt_deploy.export.onnx import MANIFEST_NAME, export_onnx
+from metatt_deploy.export.onnx import MANIFEST_NAME, export_onnx, read_manifest
 from metatt_deploy.export.peft import to_peft
 from metatt_deploy.export.quantize import CALIBRATION_ROWS
 from metatt_deploy.export.validate import report_paths
 from metatt_deploy.export.validate import validate as run_validation
+from metatt_deploy.export.validate_lm import validate_decoder
 from metatt_deploy.export.web import vendor_web_runtime
+from metatt_deploy.serving.generate import Generator
 from metatt_deploy.serving.http import ServeSettings
 from metatt_deploy.serving.ray_app import run as run_ray
 from metatt_deploy.serving.runtime import Runtime, read_inputs
 from metatt_deploy.serving.server import ADMIN_TOKEN_ENV, ServeConfig
 from metatt_deploy.serving.server import serve as run_server
+from metatt_deploy.training.causal import train_causal
 from metatt_deploy.training.config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_EPOCHS,
@@ -45,6 +48,7 @@ from metatt_deploy.training.config import (
     TrainConfig,
 )
 from metatt_deploy.training.data import load_task
+from metatt_deploy.training.lm_data import load_text_task
 from metatt_deploy.training.multitask import train_from_cli
 from metatt_deploy.training.sampling import DEFAULT_SAMPLING, DEFAULT_TEMPERATURE
 from metatt_deploy.training.single import train as run_training
@@ -219,9 +223,16 @@ def train(
         Path | None, typer.Option("--from", help="With --add-task: the multi-task adapter (a run's best/) to extend.")
     ] = None,
     threads: Annotated[int | None, typer.Option(help="PyTorch intra-op threads (default: every available CPU; fastest measured).")] = None,
+    task_kind: Annotated[
+        str,
+        typer.Option(
+            "--task-type",
+            help="auto (from the model: decoders saved as language models train as causal LMs), classification, or causal-lm (text-to-text data; with the default --model, the embedded SmolLM2-135M-Instruct). See docs/decoders.md.",
+        ),
+    ] = "auto",
     force: Force = False,
 ) -> None:
-    """Fine-tune a sequence classifier with a MetaTT adapter (or a PEFT LoRA baseline).
+    """Fine-tune a sequence classifier or a causal language model with a MetaTT adapter (or a PEFT LoRA baseline).
 
     With --task (repeated), train several tasks jointly; with --add-task and --from, add a task to a trained multi-task adapter.
     """
@@ -231,6 +242,8 @@ def train(
     spec_files = [f for spec in [*(task_specs or []), add_task or ""] for f in spec.partition("=")[2].split(",") if f.strip()]
     check_separate(output, [train_file, validation_file, test_file, from_adapter, model, *spec_files], what="--output")
     if task_specs or add_task or from_adapter:
+        if task_kind == "causal-lm":
+            raise MetaTTError("multi-task training (--task, --add-task) is for classifiers; train a causal LM on one task at a time")
         if dataset or train_file or validation_file or test_file or task_name:
             raise MetaTTError(
                 "--task/--add-task name their own tasks and data (NAME=SOURCE); drop --dataset/--train/--validation/--test/--task-name"
@@ -278,6 +291,50 @@ def train(
         return
 
     limits = {k: v for k, v in (("train", max_train_samples), ("validation", max_eval_samples), ("test", max_eval_samples)) if v}
+    if task_kind not in ("auto", *TASK_TYPES):
+        raise MetaTTError(f"unknown --task-type '{task_kind}'; use auto, {', '.join(TASK_TYPES)}")
+    if task_kind == "causal-lm" and model == DEFAULT_MODEL:
+        model = DEFAULT_DECODER  # the embedded encoder cannot generate: use the embedded decoder
+    if (task_kind if task_kind != "auto" else task_type(model)) == "causal-lm":
+        text_task = load_text_task(
+            dataset=dataset,
+            train=str(train_file) if train_file else None,
+            validation=str(validation_file) if validation_file else None,
+            test=str(test_file) if test_file else None,
+            max_samples=limits or None,
+            seed=seed,
+        )
+        cfg = TrainConfig(
+            output=str(output),
+            model=model,
+            method=method,
+            rank=rank,
+            alpha=alpha,
+            lora_alpha=lora_alpha,
+            init=init,
+            targets=_split([targets]) or [],
+            lr=lr,
+            weight_decay=weight_decay,
+            epochs=epochs,
+            batch_size=batch_size,
+            eval_batch_size=min(batch_size * 2, 64),
+            max_length=max_length,
+            seed=seed,
+            save_steps=save_steps,
+            max_steps=max_steps,
+            rank_schedule=rank_schedule,
+            moments=moments,
+        )
+        result = train_causal(cfg, text_task, force=force)
+        if not _main_process():
+            return
+        best, test = result["best"], result.get("test")
+        typer.echo(
+            f"best validation exact match {best['exact_match']:.4f} (epoch {best['epoch']})"
+            + (f"; test exact match {test['exact_match']:.4f}, perplexity {test['perplexity']:.3f}" if test else "")
+        )
+        typer.echo(f"adapter: {output / 'best'}; report: {output / 'metrics.md'}")
+        return
     task = load_task(
         name=task_name,
         dataset=dataset,
@@ -397,7 +454,7 @@ def export(
     quantize: Annotated[
         str | None,
         typer.Option(
-            help="int8: dynamic quantization (int8 weights of MatMul/Attention nodes, activation scales per batch); int8-static: QDQ with activation scales calibrated on --calibration data (a row's logits do not depend on its batch). Logits parity is reported, not enforced."
+            help="int8: dynamic quantization (int8 weights of MatMul/Attention nodes, activation scales per batch); int8-static: QDQ with activation scales calibrated on --calibration data (a row's logits do not depend on its batch); int4 (decoders): weight-only 4-bit MatMulNBits, blocks of 32. Logits parity is reported, not enforced."
         ),
     ] = None,
     calibration: Annotated[
@@ -447,7 +504,10 @@ def export(
     task: Annotated[str | None, typer.Option(help="Task to merge when MODEL_DIR is a multi-task adapter.")] = None,
     force: Force = False,
 ) -> None:
-    """Export a merged model to an ONNX bundle (model.onnx, tokenizer, manifest.json) and check its parity."""
+    """Export a merged model to an ONNX bundle (model.onnx, tokenizer, manifest.json) and check its parity.
+
+    Decoders export with a KV cache (text-generation-with-past; --quantize int8 or int4), see docs/decoders.md.
+    """
     out = export_onnx(
         model_dir,
         output,
@@ -503,7 +563,7 @@ def validate(
     max_examples: Annotated[
         int | None,
         typer.Option(
-            help="Use a fixed random subset of N held-out examples (default: all; the output and report say when a subset is used)."
+            help="Use a fixed random subset of N held-out examples (default: all; 50 prompts for decoders; the output and report say when a subset is used)."
         ),
     ] = None,
     batch_sizes: Annotated[str, typer.Option(help="Batch sizes to time, comma-separated.")] = "1,8",
@@ -539,12 +599,43 @@ def validate(
             help="Folder for validation.json and validation.md (default: beside the bundle, exported/NAME.validation.json and .md).",
         ),
     ] = None,
+    compare: Annotated[
+        list[Path] | None, typer.Option(help="Decoders: more exports of the same model (e.g. int8, int4) measured in the same run.")
+    ] = None,
+    prompt_lengths: Annotated[
+        str, typer.Option(help="Decoders: prompt lengths (tokens) at which time to first token is measured.")
+    ] = "32,256",
+    new_tokens: Annotated[int, typer.Option(help="Decoders: tokens generated to measure decode tokens/s.")] = 32,
     force: Force = False,
 ) -> None:
     """Compare an ONNX export with its unmerged adapter: logits parity, label agreement, accuracy, latency.
 
     Works for single-task MetaTT, one task of a multi-task MetaTT adapter (--task) and the PEFT LoRA baseline.
+    For decoders (docs/decoders.md): teacher-forced logits, greedy tokens, exact match and perplexity on
+    --data, time to first token and decode tokens/s for PyTorch (unmerged, merged) and every bundle.
     """
+    if read_manifest(onnx_dir).get("pipeline_task") == "text-generation-with-past":
+        try:
+            lengths = [int(n) for n in _split([prompt_lengths]) or []]
+        except ValueError:
+            raise MetaTTError(f"--prompt-lengths '{prompt_lengths}' must be comma-separated integers, e.g. 32,256") from None
+        report = validate_decoder(
+            adapter,
+            onnx_dir,
+            data=data,
+            split=split,
+            max_examples=max_examples or 50,
+            compare=compare or [],
+            prompt_lengths=lengths,
+            new_tokens=new_tokens,
+            repeats=min(repeats, 10),
+            threads=threads,
+            base_model=base_model,
+            output=output,
+            force=force,
+        )
+        echo_decoder_report(report, output or onnx_dir)
+        return
     try:
         sizes = [int(b) for b in _split([batch_sizes]) or []]
     except ValueError:
@@ -702,3 +793,50 @@ def serve(
         return
     config = ServeConfig(model=str(model), settings=settings, threads=threads, form=form)
     run_server(config, host=host, port=port, workers=workers, graceful_s=graceful_seconds)
+
+
+@app.command()
+@user_errors
+def generate(
+    bundle: Annotated[Path, typer.Argument(help="Decoder bundle written by metatt-deploy export (a causal LM with a KV cache).")],
+    prompts: Annotated[list[str] | None, typer.Argument(help="Prompts; none (or '-'): one prompt per line of standard input.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Stop after this many new tokens (EOS stops earlier).")] = 128,
+    raw: Annotated[bool, typer.Option("--raw", help="Feed prompts as they are, without the model's chat template.")] = False,
+    system: Annotated[str | None, typer.Option(help="A system message for the chat template.")] = None,
+    temperature: Annotated[float, typer.Option(help="0: greedy (the default); above 0: sampling at this temperature.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
+    threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads.")] = None,
+) -> None:
+    """Generate answers from an exported decoder on ONNX Runtime, streaming tokens as they come."""
+    import sys
+
+    if not prompts or prompts == ["-"]:
+        prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        if not prompts:
+            raise MetaTTError("no prompts: pass them as arguments or one per line on standard input")
+    generator = Generator(bundle, threads=threads)
+    for prompt in prompts:
+        for piece in generator.stream(prompt, max_new_tokens=max_new_tokens, raw=raw, system=system, temperature=temperature, seed=seed):
+            typer.echo(piece, nl=False)
+            sys.stdout.flush()
+        typer.echo("")
+
+
+def echo_decoder_report(report: dict, folder: Path) -> None:
+    """The lines a person reads after validating a decoder: parity, exact match, tokens/s."""
+    p, q = report["parity"], report["quality"]
+    tol = f"tolerance {p['tolerance']:.2g}" if p["enforced"] else "reported only"
+    typer.echo(
+        f"max |logit diff| ONNX vs unmerged adapter {p['max_abs_logit_diff']:.2e} ({tol}) on {p['prompts']} prompts; "
+        f"greedy tokens identical on {p['greedy_identical']:.0%}"
+    )
+    line = f"exact match: PyTorch {q['pytorch']['exact_match']:.4f} (perplexity {q['pytorch']['perplexity']:.3f})"
+    for name, b in q["bundles"].items():
+        line += f", ONNX {name} {b['exact_match']:.4f} ({b['perplexity']:.3f})"
+    typer.echo(line)
+    for r in report["latency"]["rows"]:
+        ttft = ", ".join(f"{k[5:-3]} tokens {v:.0f} ms" for k, v in r.items() if k.startswith("ttft_"))
+        typer.echo(
+            f"{r['runtime']}: {r['decode_tokens_per_s']:.1f} tokens/s ({r['decode_vs_pytorch_merged']:.2f}x PyTorch merged); first token: {ttft}"
+        )
+    typer.echo(f"report: {folder / 'validation.md'}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -88,11 +88,12 @@ class TaskHeads(nn.Module):
         The stacked weights depend on parameters only, so ONNX Runtime folds them when it loads
         the graph; what runs per call is two gathers, a batched MatMul and an add.
         """
-        weights = torch.stack([F.pad(h.weight, (0, 0, 0, width - h.out_features)) for h in self.heads]).transpose(1, 2)
+        linears = [cast(nn.Linear, h) for h in self.heads]
+        weights = torch.stack([F.pad(h.weight, (0, 0, 0, width - h.out_features)) for h in linears]).transpose(1, 2)
         biases = torch.stack(
             [
                 F.pad(h.bias if h.bias is not None else h.weight.new_zeros(h.out_features), (0, width - h.out_features), value=self.pad)
-                for h in self.heads
+                for h in linears
             ]
         )
         w, b = weights.index_select(0, ids), biases.index_select(0, ids)  # (B, in, width), (B, width)

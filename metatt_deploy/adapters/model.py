@@ -2,7 +2,9 @@
 
 The model keeps its own classes: adapted modules are wrapped in place (MetaTTLayer), the
 shared adapter is registered once as ``model.metatt``, the base is frozen and the
-classification head stays trainable and ships with the adapter.
+classification head stays trainable and ships with the adapter. Causal language models have no
+head to train: their adapter records ``extra["task_type"] = "causal-lm"`` so loading rebuilds a
+causal LM (``AutoModelForCausalLM``) rather than a classifier.
 """
 
 from __future__ import annotations
@@ -16,15 +18,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from metatt_deploy.adapters.base_model import load_classifier, load_tokenizer
+from metatt_deploy.adapters.base_model import load_causal_lm, load_classifier, load_tokenizer
 from metatt_deploy.adapters.config import DEFAULT_ALPHA, METATT_METHODS, WEIGHTS_NAME, MetaTTConfig, check_finite
 from metatt_deploy.adapters.heads import add_task_heads, select_task_head
 from metatt_deploy.adapters.layer import MetaTT, MetaTTLayer
-from metatt_deploy.adapters.targets import DEFAULT_TARGETS, NEW_MODULES_ATTR, TargetModule, find_targets, head_modules
+from metatt_deploy.adapters.targets import DEFAULT_TARGETS, NEW_MODULES_ATTR, TargetModule, find_targets, head_modules, is_causal_lm
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_dir
 
 ADAPTER_ATTR = "metatt"
+CAUSAL_LM = "causal-lm"
 
 
 def build_config(
@@ -66,6 +69,9 @@ def build_config(
     n_bonds = len(mode_sizes) - 1
     heads = head_modules(model)
     ranks = [rank] * n_bonds if isinstance(rank, int) else list(rank)
+    causal = is_causal_lm(model)
+    if causal:
+        label_names = label_names or {t: [] for t in tasks}
     config = MetaTTConfig(
         method=method,
         mode_names=mode_names,
@@ -82,10 +88,14 @@ def build_config(
         base_model=base_model,
         base_fingerprint=fingerprint(model, modules, heads),
         model_type=hf_config.model_type,
-        extra=dict(extra or {}),
+        extra={**(extra or {}), "task_type": CAUSAL_LM} if causal else dict(extra or {}),
     )
     config.validate()
     return config
+
+
+def is_causal_adapter(config: MetaTTConfig) -> bool:
+    return config.extra.get("task_type") == CAUSAL_LM
 
 
 def _head_dim(model: nn.Module) -> int:
@@ -245,8 +255,10 @@ def load_adapter(directory: str | Path, base_model: str | None = None, tokenizer
     config = MetaTTConfig.load(directory)
     cores, heads = split_state(read_weights(directory), config)
     base = base_model or config.base_model
-    task = config.tasks[0]
-    model = load_classifier(base, config.label_names[task])
+    if is_causal_adapter(config):
+        model = load_causal_lm(base)
+    else:
+        model = load_classifier(base, config.label_names[config.tasks[0]])
     attach(model, config, cores)
     if config.multitask:  # one head per task, routed per row (multitask.py)
         add_task_heads(model, config)

@@ -21,6 +21,8 @@ Pipeline, all inside a temporary folder renamed into place at the end (nothing h
    ``FP32_ATOL`` for fp32 graphs (plain or optimised), at ``FP16_ATOL`` (relative to the largest
    logit) for fp16, reported only for int8 (quantization error is judged by accuracy: see
    ``metatt-deploy validate --reference-onnx``).
+
+Causal language models take another pipeline (a KV-cache graph, int8 or int4): onnx_lm.py.
 """
 
 from __future__ import annotations
@@ -42,13 +44,17 @@ from metatt_deploy import __version__
 from metatt_deploy.adapters.base_model import friendly_load
 from metatt_deploy.adapters.config import WEIGHTS_NAME, MetaTTConfig, check_finite
 from metatt_deploy.adapters.lora import PEFT_WEIGHTS_NAME, is_lora_adapter, read_lora_record
+from metatt_deploy.adapters.targets import CAUSAL_LM_SUFFIXES
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import TMP_TAG, atomic_dir, atomic_write_json, check_separate, check_writable, read_json, sha256_file
 from metatt_deploy.common.threads import resolve_threads, session_options_record
 from metatt_deploy.export.merge import merge_adapter
+from metatt_deploy.export.onnx_files import ONNX_NAME, has_external_data, model_bytes, replace_model
+from metatt_deploy.export.onnx_lm import export_decoder_into
 from metatt_deploy.export.ort_format import convert_to_ort
 from metatt_deploy.export.quantize import (
     CALIBRATION_ROWS,
+    DECODER_ONLY,
     QUANTIZE,
     TextCalibrationReader,
     cpu_summary,
@@ -61,7 +67,6 @@ from metatt_deploy.export.web import single_task_spec, write_web_app
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
-ONNX_NAME = "model.onnx"
 MERGE_RECORD = "metatt_merge.json"  # written by merge.py into merged folders
 ADAPTER_CONFIG = "metatt_config.json"
 DEFAULT_ROOT = Path("exported")
@@ -411,6 +416,12 @@ def _export_into(
 
     hf_config = friendly_load(lambda: AutoConfig.from_pretrained(source), str(source), "model config")
     architectures = hf_config.architectures or []
+    if any(a.endswith(CAUSAL_LM_SUFFIXES) for a in architectures):  # decoders: KV-cache graph (onnx_lm.py)
+        if layout != "optimum" or set(formats) - {"onnx"} or calibration[0]:
+            raise MetaTTError("decoders export as optimum bundles only; drop --layout, --formats and --calibration")
+        return export_decoder_into(tmp, source, hf_config, opset=opset, optimize=optimize, quantize=quantize, dtype=dtype)
+    if quantize in DECODER_ONLY:
+        raise MetaTTError(f"--quantize {quantize} is for decoders (weight-only MatMulNBits); use --quantize int8 for classifiers")
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
         raise MetaTTError(
             f"{source} is not a sequence classifier (architectures: {', '.join(architectures) or 'none'}), so its head "
@@ -446,7 +457,7 @@ def _export_into(
     fp32_parity = _parity(make_session(model_path, cpu, threads), encodings, ref_logits)
     fp32_parity.update(provider="CPUExecutionProvider", tolerance=FP32_ATOL)
     _enforce(fp32_parity, "the fp32 ONNX export")
-    sizes = {"fp32_bytes": _model_bytes(tmp)}
+    sizes = {"fp32_bytes": model_bytes(tmp)}
     if layout == "transformers.js":  # the plain fp32 graph, kept aside (optimum's loader would see a 2nd model.onnx)
         stash = Path(tempfile.mkdtemp(prefix="metatt-fp32-"))
         shutil.copyfile(model_path, stash / ONNX_NAME)
@@ -462,7 +473,7 @@ def _export_into(
         )
         if calibration_source:
             fields["quantization"]["calibration"]["data"] = calibration_source
-    sizes["final_bytes"] = _model_bytes(tmp)
+    sizes["final_bytes"] = model_bytes(tmp)
     fields["sizes"] = sizes
 
     if optimize or quantize or dtype != "fp32":
@@ -509,9 +520,9 @@ def _quantize(tmp: Path, quantize: str, tokenizer, inputs: list[str], static: tu
     ``static``: (calibration rows, calibration method, fp32 down-projections), for int8-static.
     """
     rows, method, fp32_down = static
-    external = _external(tmp)
+    external = has_external_data(tmp)
     if quantize == "int8":
-        return _replace_model(
+        return replace_model(
             tmp,
             lambda path: quantize_dynamic_int8(
                 tmp / ONNX_NAME, path, per_channel=per_channel, reduce_range=reduce_range, external=external
@@ -523,7 +534,7 @@ def _quantize(tmp: Path, quantize: str, tokenizer, inputs: list[str], static: tu
         return {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in inputs}
 
     reader = TextCalibrationReader(rows, feeds)
-    return _replace_model(
+    return replace_model(
         tmp,
         lambda path: quantize_static_int8(
             tmp / ONNX_NAME,
@@ -633,28 +644,6 @@ def _enforce(parity: dict, what: str) -> None:
         )
 
 
-def _model_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name.startswith(ONNX_NAME))
-
-
-def _external(folder: Path) -> bool:
-    return any(p.name != ONNX_NAME and p.name.startswith(ONNX_NAME) for p in folder.iterdir())
-
-
-def _replace_model(folder: Path, write) -> Any:
-    """Run ``write(path)`` into a stage folder, swap the staged graph (and its data) in; returns what ``write`` returned."""
-    stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=folder))
-    try:
-        result = write(stage / ONNX_NAME)
-        for old in [p for p in folder.iterdir() if p.is_file() and p.name.startswith(ONNX_NAME)]:
-            old.unlink()
-        for new in stage.iterdir():
-            os.replace(new, folder / new.name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return result
-
-
 def optimizer_settings(hf_config) -> dict:
     """model_type, num_heads and hidden_size for ONNX Runtime's transformer optimizer."""
     model_type = OPTIMIZER_MODEL_TYPES.get(hf_config.model_type)
@@ -678,9 +667,9 @@ def _optimize(folder: Path, hf_config, use_gpu: bool) -> tuple[dict, dict]:
         optimized = optimize_model(str(folder / ONNX_NAME), use_gpu=use_gpu, **settings)
         ops = Counter(node.op_type for node in optimized.model.graph.node)
         counts.update({op: ops.get(op, 0) for op in FUSED_OPS})
-        optimized.save_model_to_file(str(path), use_external_data_format=_external(folder))
+        optimized.save_model_to_file(str(path), use_external_data_format=has_external_data(folder))
 
-    _replace_model(folder, write)
+    replace_model(folder, write)
     layers = getattr(hf_config, "num_hidden_layers", None) or getattr(hf_config, "n_layers", None) or getattr(hf_config, "n_layer", None)
     if layers:
         counts["complete"] = (
@@ -699,6 +688,6 @@ def _to_fp16(folder: Path) -> None:
     def write(path: Path) -> None:
         model = OnnxModel(onnx.load(str(folder / ONNX_NAME)))
         model.convert_float_to_float16(keep_io_types=True)
-        model.save_model_to_file(str(path), use_external_data_format=_external(folder))
+        model.save_model_to_file(str(path), use_external_data_format=has_external_data(folder))
 
-    _replace_model(folder, write)
+    replace_model(folder, write)

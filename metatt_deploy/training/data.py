@@ -165,12 +165,12 @@ def _load_sources(
     if dataset:
         return (*_load_hub(dataset, label_column), {})
     if files:
-        splits = {split: _read_file(Path(path)) for split, path in files.items()}
+        splits = {split: read_data_file(Path(path)) for split, path in files.items()}
         return splits, {split: Path(path).name for split, path in files.items()}, {}
     raise MetaTTError("no data given; pass --train FILE (CSV, TSV, JSONL or JSON) or --dataset NAME")
 
 
-def _read_file(path: Path) -> Dataset:
+def read_data_file(path: Path) -> Dataset:
     """One local data file as a Dataset; reading errors become one-line messages."""
     if not path.is_file():
         raise MetaTTError(f"data file not found: {path}; check the path")
@@ -272,7 +272,7 @@ def check_records(path: Path) -> None:
 def _load_builtin(name: str) -> tuple[dict[str, Dataset], dict[str, str], dict[str, Any]]:
     task_dir = ensure_builtin(name)
     info = read_json(task_dir / "info.json", f"builtin {name} info.json")
-    splits = {split: _read_file(task_dir / f"{split}.jsonl") for split in SPLITS}
+    splits = {split: read_data_file(task_dir / f"{split}.jsonl") for split in SPLITS}
     return splits, {split: f"builtin {name} {split}.jsonl" for split in SPLITS}, info
 
 
@@ -352,6 +352,11 @@ def _resolve_text_columns(given: Sequence[str] | None, reference: Dataset, origi
     for candidate in TEXT_COLUMN_CANDIDATES:
         if all(column in reference.column_names for column in candidate):
             return candidate
+    if "messages" in reference.column_names or {"prompt", "response"} <= set(reference.column_names):
+        raise MetaTTError(
+            f"{origin} holds text-to-text data (prompt/response or messages), not classification data; "
+            "train a causal language model on it (a decoder --model, or --task-type causal-lm)"
+        )
     raise MetaTTError(f"no text column found in {origin} (columns: {_columns(reference)}); pass --text-column")
 
 

@@ -21,7 +21,7 @@ from metatt_deploy.adapters import model as mt
 from metatt_deploy.adapters.base_model import load_classifier, load_tokenizer
 from metatt_deploy.adapters.layer import MetaTT
 from metatt_deploy.adapters.lora import load_lora, lora_record, write_lora_record
-from metatt_deploy.adapters.targets import find_targets, head_modules
+from metatt_deploy.adapters.targets import find_targets, head_modules, is_causal_lm
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_dir, atomic_write_json
 from metatt_deploy.common.report import write_training_report
@@ -29,6 +29,7 @@ from metatt_deploy.training.checkpoint import trainable_parameters
 from metatt_deploy.training.config import TrainConfig
 from metatt_deploy.training.data import TaskData, tokenize_task
 from metatt_deploy.training.guards import exclusive_run
+from metatt_deploy.training.lm_data import TextTask
 from metatt_deploy.training.loop import (
     MODEL_INPUTS,
     Recipe,
@@ -47,11 +48,15 @@ from metatt_deploy.tt.cores import tt_ranks
 N_BONDS = {"metatt-4d": 3, "metatt-5d": 4}  # single-task adapters: modes - 1
 
 
-def wrap_model(cfg: TrainConfig, model: nn.Module, task: TaskData) -> tuple[nn.Module, MetaTT | None]:
-    """Attach the adapter (MetaTT or PEFT LoRA); returns (model to train, MetaTT adapter or None)."""
+def wrap_model(cfg: TrainConfig, model: nn.Module, task_name: str, label_names: list[str]) -> tuple[nn.Module, MetaTT | None]:
+    """Attach the adapter (MetaTT or PEFT LoRA); returns (model to train, MetaTT adapter or None).
+
+    Causal LMs have no head (``label_names`` empty); their LoRA model is PEFT's causal-LM kind.
+    """
     if cfg.method == "lora":
         _, _, modules = find_targets(model, cfg.targets)
         lora = LoraConfig(
+            task_type="CAUSAL_LM" if is_causal_lm(model) else None,
             r=cfg.rank,
             lora_alpha=int(cfg.lora_alpha or cfg.rank),
             target_modules=[m.name for m in modules],
@@ -67,8 +72,8 @@ def wrap_model(cfg: TrainConfig, model: nn.Module, task: TaskData) -> tuple[nn.M
         alpha=cfg.alpha,
         init=cfg.init,
         targets=cfg.targets,
-        tasks=[task.name],
-        label_names={task.name: task.label_names},
+        tasks=[task_name],
+        label_names={task_name: label_names},
         base_model=cfg.model,
     )
     return model, mt.attach(model, config, seed=cfg.seed)
@@ -87,7 +92,7 @@ def param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict[str, Any]]:
     return groups
 
 
-def save_trained(cfg: TrainConfig, model: nn.Module, tokenizer, directory: Path, task: TaskData) -> None:
+def save_trained(cfg: TrainConfig, model: nn.Module, tokenizer, directory: Path, task: TaskData | TextTask) -> None:
     if cfg.method == "lora":
         record = lora_record(
             task=task.name,
@@ -119,7 +124,7 @@ def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
     run, resuming = prepare_run(cfg, force, accelerator)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
-    model, adapter = wrap_model(cfg, load_classifier(cfg.model, task.label_names), task)
+    model, adapter = wrap_model(cfg, load_classifier(cfg.model, task.label_names), task.name, task.label_names)
     schedule = rank_schedule(cfg, adapter)
 
     splits = tokenize_task(task, tokenizer, cfg.max_length)

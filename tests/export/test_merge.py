@@ -330,3 +330,44 @@ def test_merged_outputs_follow_the_umask_and_stale_temporaries_go(tiny, tmp_path
     assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "merged").iterdir()} == {
         p.name: 0o644 for p in (tmp_path / "merged").iterdir()
     }
+
+
+# ------------------------------------------------------------------ decoders
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_merged_decoder_is_a_standard_causal_lm_folder_that_generates_like_the_adapter(tmp_path: Path, arch: str) -> None:
+    from tiny_decoders import save_tiny_adapter
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from metatt_deploy.adapters.base_model import load_causal_lm
+
+    base, adapter_dir = save_tiny_adapter(tmp_path, arch)
+    model, config, tok = load_adapter(adapter_dir)
+    assert config.extra == {"task_type": "causal-lm"} and config.head_modules == []
+    out = tmp_path / "merged"
+    merge_adapter(adapter_dir, out)
+    assert {"config.json", "generation_config.json", "tokenizer.json", MERGE_RECORD} <= {p.name for p in out.iterdir()}
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(merged).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    assert GenerationConfig.from_pretrained(out).eos_token_id == AutoTokenizer.from_pretrained(out).eos_token_id
+    ids = torch.tensor([tok("Review: this was good").input_ids])
+    with torch.no_grad():
+        expected, got = model(input_ids=ids).logits, merged(input_ids=ids).logits
+        untouched = load_causal_lm(str(base))(input_ids=ids).logits
+    assert (expected - untouched).abs().max() > 1e-2  # the adapter does something
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert torch.equal(merged.generate(ids, **kwargs), model.generate(ids, **kwargs))
+
+
+def test_an_adapter_trained_on_another_decoder_is_refused(tmp_path: Path) -> None:
+    from tiny_decoders import save_tiny_adapter, save_tiny_decoder
+
+    from metatt_deploy.common.errors import MetaTTError
+
+    _, adapter_dir = save_tiny_adapter(tmp_path, "llama")
+    other = save_tiny_decoder(tmp_path / "other", "llama", seed=1)
+    with pytest.raises(MetaTTError, match="adapter was trained on base model"):
+        merge_adapter(adapter_dir, tmp_path / "merged", base_model=str(other))
+    assert not (tmp_path / "merged").exists()

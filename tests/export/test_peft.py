@@ -175,3 +175,22 @@ def test_cli_merge_to_peft(tmp_path: Path) -> None:
     assert again.exit_code == 2 and "already exists" in again.output
     bad = runner.invoke(app, ["merge", str(adapter_dir), "-o", str(tmp_path / "q"), "--to", "onnx"])
     assert bad.exit_code == 2 and "unknown --to" in bad.output
+
+
+@pytest.mark.parametrize("arch,method,rank", [("llama", "metatt-4d", 4), ("llama", "metatt-5d", [2, 4, 4, 4]), ("gpt2", "metatt-4d", 4)])
+def test_decoder_adapters_become_exact_causal_lm_peft_adapters(tmp_path: Path, arch, method, rank) -> None:
+    from tiny_decoders import save_tiny_adapter
+
+    from metatt_deploy.adapters.base_model import load_causal_lm
+    from metatt_deploy.adapters.model import load_adapter
+
+    base, adapter_dir = save_tiny_adapter(tmp_path, arch, method, rank)
+    model, _, tok = load_adapter(adapter_dir)
+    out = to_peft(adapter_dir, tmp_path / "peft")
+    assert json.loads((out / PEFT_CONFIG_NAME).read_text())["task_type"] == "CAUSAL_LM"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        peft_model = PeftModel.from_pretrained(load_causal_lm(str(base)), str(out)).eval()
+    ids = torch.tensor([tok("Premise: a man plays. Hypothesis: a person plays.").input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)

@@ -1,0 +1,192 @@
+"""Exporting a causal language model to ONNX with a KV cache, checked against PyTorch.
+
+optimum's ``text-generation-with-past`` task writes one graph, ``model.onnx``, taking
+``input_ids``, ``attention_mask``, ``position_ids`` and ``past_key_values.*`` and returning
+``logits`` and ``present.*``: the prompt runs with an empty cache, every later token with the
+cache of the step before. ``optimum.onnxruntime.ORTModelForCausalLM`` loads the bundle as it is
+and runs ``generate()`` on it. The bundle keeps the tokenizer, chat template and generation
+config, so it serves without the source folder.
+
+Parity, on ``SAMPLE_PROMPTS`` formatted with the model's chat template and run through the
+bundle as served (ORTModelForCausalLM on the CPU execution provider):
+
+- teacher-forced logits of every prompt position, enforced for fp32 at ``fp32_tolerance``:
+  ``FP32_ATOL`` (1e-4) times ``max(1, max |logit| / LOGIT_SCALE)``. Decoder logits are large
+  (SmolLM2's reach 38 on the chat template's first tokens) and float32 rounding grows with them:
+  the untouched SmolLM2 exports at 9.5e-5 and a merged MetaTT-4D adapter at 1.06e-4, both
+  2.5-2.8e-6 of the largest logit, so a flat 1e-4 fails on rounding alone. Logits up to
+  LOGIT_SCALE (10, the range of classifier logits) keep the flat 1e-4;
+- greedy continuations of ``PARITY_NEW_TOKENS`` tokens, which must be token-identical for fp32;
+- int8 / int4 exports report both (agreement instead of identity), judged by exact match and
+  perplexity in ``metatt-deploy validate`` rather than enforced here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metatt_deploy.adapters.base_model import friendly_load
+from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.export.onnx_files import ONNX_NAME, has_external_data, model_bytes, replace_model
+from metatt_deploy.export.quantize import DECODER_INT8_EXCLUDE, quantize_dynamic_int8, quantize_int4
+from metatt_deploy.training.lm_data import prompt_ids
+
+ONNX_TASK = "text-generation-with-past"
+FP32_ATOL = 1e-4
+LOGIT_SCALE = 10.0
+
+
+def fp32_tolerance(max_abs_logit: float) -> float:
+    """1e-4, scaled up for logits beyond LOGIT_SCALE in magnitude (float32 rounding is relative)."""
+    return FP32_ATOL * max(1.0, max_abs_logit / LOGIT_SCALE)
+
+
+PARITY_NEW_TOKENS = 12
+SAMPLE_PROMPTS = [
+    "What is the capital of France?",
+    "Is the sentiment of this movie review positive or negative? Answer with one word: positive or negative.\n\n"
+    "Review: A gripping, beautifully shot film with a superb cast.",
+    "Write a haiku about the sea.",
+    "Premise: A man is playing a guitar on stage.\nHypothesis: A person is performing music.\nDoes the premise entail the hypothesis?",
+    "List three colours.",
+]
+
+
+def load_ort_decoder(folder: str | Path, providers: list[str] | None = None, threads: int | None = None):
+    """ORTModelForCausalLM on ``folder`` (CPU unless told), with ``threads`` intra-op threads."""
+    import onnxruntime as ort
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ORTModelForCausalLM.from_pretrained(folder, providers=providers or ["CPUExecutionProvider"], session_options=options)
+
+
+def chat_prompts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    return [prompt_ids([{"role": "user", "content": t}], tokenizer) for t in texts]
+
+
+def greedy(model: Any, ids: list[int], max_new_tokens: int, eos: int | list[int] | None, pad: int) -> list[int]:
+    """Greedy continuation of one prompt (no padding), through ``generate`` of either runtime."""
+    import torch
+
+    x = torch.tensor([ids])
+    out = model.generate(
+        input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad
+    )
+    return out[0, len(ids) :].tolist()
+
+
+def teacher_forced_logits(model: Any, ids: list[int]) -> np.ndarray:
+    """Next-token logits at every position of ``ids`` (one sequence, no cache reuse)."""
+    import torch
+
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = model(input_ids=x, attention_mask=torch.ones_like(x)).logits
+    return (out.detach().numpy() if hasattr(out, "detach") else np.asarray(out))[0].astype(np.float32)
+
+
+def export_decoder_into(
+    tmp: Path, source: Path, hf_config: Any, *, opset: int | None, optimize: bool, quantize: str | None, dtype: str
+) -> dict:
+    """Export ``source`` (a causal-LM folder) into ``tmp`` and check it; returns the manifest's export fields."""
+    import onnx
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if optimize or dtype != "fp32" or quantize not in (None, "int8", "int4"):
+        raise MetaTTError(
+            "decoders export as fp32, --quantize int8 or --quantize int4; drop --optimize, --dtype and other --quantize forms"
+        )
+    tokenizer = friendly_load(lambda: AutoTokenizer.from_pretrained(source), str(source), "tokenizer")
+    reference = friendly_load(lambda: AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32), str(source), "model").eval()
+    prompts = chat_prompts(tokenizer, SAMPLE_PROMPTS)
+    eos, pad = reference.generation_config.eos_token_id, tokenizer.pad_token_id
+    ref_logits = [teacher_forced_logits(reference, p) for p in prompts]
+    ref_tokens = [greedy(reference, p, PARITY_NEW_TOKENS, eos, pad) for p in prompts]
+    del reference
+
+    _run_main_export(source, tmp, opset)
+    graph = onnx.load(str(tmp / ONNX_NAME), load_external_data=False)
+    fields: dict[str, Any] = {
+        "pipeline_task": ONNX_TASK,
+        "task_type": "causal-lm",
+        "model_type": hf_config.model_type,
+        "labels": {},
+        "opset": next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None),
+        "inputs": [i.name for i in graph.graph.input],
+        "outputs": [o.name for o in graph.graph.output],
+        "kv_cache": True,
+        "variant": {"dtype": "fp32", "optimize": False, "quantize": quantize},
+    }
+    sizes = {"fp32_bytes": model_bytes(tmp)}
+    fp32 = _parity(tmp, prompts, ref_logits, ref_tokens, eos, pad)
+    fp32["tolerance"] = fp32_tolerance(fp32["max_abs_logit"])
+    _enforce(fp32, "the fp32 ONNX export")
+    final = fp32
+    external = has_external_data(tmp)
+    if quantize == "int8":
+        fields["quantization"] = replace_model(
+            tmp, lambda path: quantize_dynamic_int8(tmp / ONNX_NAME, path, external=external, exclude=DECODER_INT8_EXCLUDE)
+        )
+    elif quantize == "int4":
+        fields["quantization"] = replace_model(tmp, lambda path: quantize_int4(tmp / ONNX_NAME, path, external=external))
+    if quantize:
+        final = _parity(tmp, prompts, ref_logits, ref_tokens, eos, pad)
+        final.update(tolerance=None, note=f"{quantize} logits and tokens are reported, not enforced; judge them by exact match (validate)")
+    sizes["final_bytes"] = model_bytes(tmp)
+    fields["sizes"] = sizes
+    fields["parity"] = {
+        "reference": "PyTorch float32 causal LM (AutoModelForCausalLM) on CPU",
+        "inputs": f"{len(SAMPLE_PROMPTS)} sample prompts in the chat template; logits teacher-forced, {PARITY_NEW_TOKENS} greedy tokens",
+        "fp32_export": fp32,
+        "final": final,
+    }
+    return fields
+
+
+def _run_main_export(source: Path, tmp: Path, opset: int | None) -> None:
+    from optimum.exporters.onnx import main_export
+
+    try:
+        main_export(str(source), output=str(tmp), task=ONNX_TASK, opset=opset, do_validation=False)
+    except (ValueError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise MetaTTError(
+            f"optimum cannot export {source} with a KV cache ({first}); export a supported decoder (llama, qwen2, gpt2, ...)"
+        ) from None
+    if not (tmp / ONNX_NAME).is_file():
+        raise RuntimeError(f"optimum wrote no {ONNX_NAME} into the export folder")
+
+
+def _parity(folder: Path, prompts, ref_logits, ref_tokens, eos, pad) -> dict:
+    """Logits and greedy tokens of the bundle, loaded as served, against the PyTorch reference."""
+    model = load_ort_decoder(folder)
+    diffs, identical, max_logit = [], 0, 0.0
+    for ids, ref, tokens in zip(prompts, ref_logits, ref_tokens):
+        diffs.append(float(np.abs(teacher_forced_logits(model, ids) - ref).max()))
+        max_logit = max(max_logit, float(np.abs(ref).max()))
+        identical += greedy(model, ids, PARITY_NEW_TOKENS, eos, pad) == tokens
+    return {
+        "max_abs_logit_diff": max(diffs),
+        "max_abs_logit": max_logit,
+        "greedy_identical": identical / len(prompts),
+        "prompts": len(prompts),
+        "provider": "CPUExecutionProvider",
+        "loaded_with": "optimum.onnxruntime.ORTModelForCausalLM",
+    }
+
+
+def _enforce(parity: dict, what: str) -> None:
+    if parity["max_abs_logit_diff"] > parity["tolerance"] or parity["greedy_identical"] < 1.0:
+        raise MetaTTError(
+            f"{what} differs from the PyTorch model (max |logit diff| {parity['max_abs_logit_diff']:.3g}, tolerance "
+            f"{parity['tolerance']:.3g}; greedy tokens identical on {parity['greedy_identical']:.0%} of the prompts); try another --opset"
+        )

@@ -1,0 +1,75 @@
+"""metatt_deploy.export.onnx_lm: decoders export with a KV cache, load in ORTModelForCausalLM and
+generate as PyTorch does; int8 and int4 (MatMulNBits) variants."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from tiny_decoders import save_tiny_adapter
+
+from metatt_deploy.adapters.model import load_adapter
+from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.export.onnx import MANIFEST_NAME, export_onnx
+from metatt_deploy.export.onnx_lm import FP32_ATOL, fp32_tolerance, greedy, load_ort_decoder
+from metatt_deploy.export.quantize import INT4_BLOCK_SIZE
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_fp32_decoder_export_has_a_kv_cache_and_generates_like_the_unmerged_adapter(tmp_path: Path, arch: str) -> None:
+    _, adapter_dir = save_tiny_adapter(tmp_path, arch)
+    out = export_onnx(adapter_dir, tmp_path / "onnx")  # an adapter folder: merged on the fly
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["pipeline_task"] == "text-generation-with-past" and manifest["kv_cache"]
+    assert any(name.startswith("past_key_values.") for name in manifest["inputs"])
+    assert manifest["adapter"]["method"] == "metatt-4d"
+    final = manifest["parity"]["final"]
+    assert final["max_abs_logit_diff"] <= FP32_ATOL and final["greedy_identical"] == 1.0
+    assert {"tokenizer.json", "generation_config.json", "config.json"} <= {p.name for p in out.iterdir()}
+    # a prompt the export never saw: the served bundle generates what the unmerged adapter generates
+    model, _, tok = load_adapter(adapter_dir)
+    ids = tok("Review: this was boring and sad").input_ids
+    ort = load_ort_decoder(out)
+    assert greedy(ort, ids, 10, tok.eos_token_id, tok.pad_token_id) == greedy(model, ids, 10, tok.eos_token_id, tok.pad_token_id)
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_decoder_exports(tmp_path: Path, quantize: str) -> None:
+    _, adapter_dir = save_tiny_adapter(tmp_path, "llama")
+    out = export_onnx(adapter_dir, tmp_path / quantize, quantize=quantize)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["variant"]["quantize"] == quantize and manifest["parity"]["final"]["tolerance"] is None
+    assert manifest["parity"]["fp32_export"]["max_abs_logit_diff"] <= FP32_ATOL  # checked before quantizing
+    ops = Counter(n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node)
+    if quantize == "int4":
+        assert manifest["quantization"]["block_size"] == INT4_BLOCK_SIZE
+        assert ops["MatMulNBits"] >= 2 * 7 and ops["GatherBlockQuantized"] == 1
+        assert manifest["sizes"]["final_bytes"] < manifest["sizes"]["fp32_bytes"]
+        node = next(n for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits")
+        assert {a.name: a.i for a in node.attribute}["block_size"] == INT4_BLOCK_SIZE
+    else:
+        assert ops["MatMulInteger"] + ops["DynamicQuantizeMatMul"] == 2 * 6  # q,k,v,o,gate,up; down stays float32
+        assert ops["MatMul"] >= 2 and manifest["quantization"]["float32_nodes"]["count"] >= 2
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert load_ort_decoder(out).generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False).shape == (
+        1,
+        7,
+    )
+
+
+def test_decoder_only_options_and_decoder_refusals_are_one_line_errors(tmp_path: Path, tiny_base: Path) -> None:
+    with pytest.raises(MetaTTError, match="--quantize int4 is for decoders"):
+        export_onnx(tiny_base, tmp_path / "x", quantize="int4")
+    _, adapter_dir = save_tiny_adapter(tmp_path, "llama")
+    with pytest.raises(MetaTTError, match="decoders export as fp32"):
+        export_onnx(adapter_dir, tmp_path / "y", optimize=True)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_fp32_tolerance_is_flat_for_small_logits_and_relative_for_large_ones() -> None:
+    assert fp32_tolerance(3.0) == fp32_tolerance(10.0) == FP32_ATOL
+    assert fp32_tolerance(38.0) == pytest.approx(3.8 * FP32_ATOL)
