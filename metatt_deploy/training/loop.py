@@ -192,6 +192,7 @@ def initial_state(n_cores: int, n_tasks: int) -> dict[str, Any]:
         "history": [],
         "best": None,
         "best_score": None,
+        "best_stage": 0,
         "step_times": [],
         "grad": fresh_grad_stats(n_cores, n_tasks),
     }
@@ -206,14 +207,14 @@ def run_loop(cfg: TrainConfig, run: Path, resuming: bool, recipe: Recipe, accele
 
     ``state["history"]`` holds one entry per epoch, ``state["best"]`` the entry of the epoch
     whose adapter ``recipe.save_best`` wrote to ``run/best``. With a rank schedule, only epochs
-    trained at the final ranks compete for best (a user who asked for rank 4 gets rank 4).
+    at the lowest ranks reached compete for best (a user who asked for rank 4 gets rank 4; a run
+    stopped by --max-steps before its last cut keeps the last stage it reached).
     """
     rows, batch_size = recipe.rows, cfg.batch_size
     lengths = [[len(r["input_ids"]) for r in task_rows] for task_rows in rows]
     steps_per_epoch = sum(math.ceil(len(r) / batch_size) for r in rows)
     total_steps = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
     n_cores = len(recipe.adapter.cores) if recipe.adapter is not None else 0
-    final_cut = max(recipe.schedule, default=0)
 
     state = initial_state(n_cores, len(rows))
     moments: dict[str, torch.Tensor] = {}
@@ -281,9 +282,11 @@ def run_loop(cfg: TrainConfig, run: Path, resuming: bool, recipe: Recipe, accele
         state["grad"] = fresh_grad_stats(n_cores, len(rows))
         if accelerator.is_main_process:
             progress.write(f"epoch {epoch + 1}: {line}")
-        eligible = epoch >= final_cut
-        if eligible and (state["best"] is None or score > state["best_score"]):
-            state["best"], state["best_score"] = entry, score
+        # a later stage of the rank schedule supersedes earlier ones: best among the epochs at the
+        # lowest ranks reached so far (ties keep the earliest epoch)
+        stage = sum(1 for cut in recipe.schedule if cut <= epoch)
+        if state["best"] is None or (stage, score) > (state["best_stage"], state["best_score"]):
+            state["best"], state["best_score"], state["best_stage"] = entry, score, stage
             if accelerator.is_main_process:
                 recipe.save_best(accelerator.unwrap_model(model), run / "best")
         state["epoch"] += 1
