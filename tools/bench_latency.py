@@ -464,7 +464,8 @@ def render(result: dict, png_name: str) -> str:
         f"- {s['threads']} intra-op threads for ONNX Runtime (CPUExecutionProvider) and PyTorch; {s['warmup']} warm-up calls, "
         f"up to {s['repeats']} timed calls (at most {s['max_seconds']:.0f} s) per runtime and shape, runtimes timed in "
         "interleaved blocks; p50 = median, p95 of single calls; inputs padded to the sequence length",
-        "- ratio = p50 / p50 of the base model's ONNX export (no adapter) at the same shape",
+        "- ratio = p50 / p50 of the base model's ONNX export (no adapter) at the same shape; the merged fp32 graph is the "
+        "base graph with other weights, so its ratio's spread around 1.00 is this run's noise band",
         f"- factored: {result['factored']}",
         f"- Transformers.js: {result.get('transformers_js', 'not measured')}",
         f"- static int8 calibration: {_calibration(result.get('calibration'))}",

@@ -2,12 +2,12 @@
 
 Default: every CPU this process may run on (``os.sched_getaffinity``). Measured on the shared
 2-core machine, 1 and 2 threads side by side in one run (docs/latency.md, docs/multitask-bench.md):
-at batch 32, 2 intra-op threads were 1.25-1.6x faster than 1; at batch 1 under a load average of
-3-10 (other jobs on both cores), 1 thread was 1.2-1.3x faster, the second thread waiting for a
-core; on the idle machine 2 threads won at every batch size and length, for ONNX Runtime and
-PyTorch alike. So the default is every CPU (training, validation and served micro-batches are
-batched work); ``--threads 1`` serves single sentences faster on a busy machine. More threads
-than CPUs only adds contention.
+on the idle machine 2 threads won at every batch size and length, for ONNX Runtime and PyTorch
+alike; under a load average of 3-10 (other jobs on both cores) 1 thread was 1.1-1.7x faster at
+batch 1 and 8, the second thread waiting for a core, and at batch 32 either won (2 threads
+1.25-1.6x faster in two runs, 1 thread 1.15-1.3x in a third). So the default is every CPU (it
+wins idle and for batched work: training, validation, served micro-batches); ``--threads 1``
+serves single sentences faster on a busy machine. More threads than CPUs only adds contention.
 """
 
 from __future__ import annotations
