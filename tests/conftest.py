@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from tiny_models import save_tiny_bert
 
-from metatt_deploy.adapters.base_model import load_tokenizer
 from metatt_deploy.training.builtin_data import BUILTIN_TASKS, write_task
 from metatt_deploy.training.data import load_task
 
@@ -26,34 +25,20 @@ def one_thread():
 WORDS = {"positive": ["good", "great", "fine", "lovely", "happy"], "negative": ["bad", "awful", "poor", "sad", "boring"]}
 
 
-def save_tiny_bert(root: Path, max_positions: int) -> Path:
-    """A 2-layer BERT of width 32 (with dropout, as real models have) and the embedded tokenizer."""
-    tokenizer = load_tokenizer(None)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=max_positions,
-        num_labels=2,
-        initializer_range=0.2,
-    )
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(root)
-    tokenizer.save_pretrained(root)
-    return root
-
-
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
-    return save_tiny_bert(tmp_path_factory.mktemp("tiny-base"), 64)
+    """A 2-layer BERT of width 32 (with dropout, as real models have) and the embedded tokenizer."""
+    root = tmp_path_factory.mktemp("tiny-base")
+    save_tiny_bert(root)
+    return root
 
 
 @pytest.fixture(scope="session")
 def tiny_base_128(tmp_path_factory) -> Path:
     """The tiny BERT with 128 positions: the CLI's defaults (max length, validate --seq-len) fit it."""
-    return save_tiny_bert(tmp_path_factory.mktemp("tiny-base-128"), 128)
+    root = tmp_path_factory.mktemp("tiny-base-128")
+    save_tiny_bert(root, max_position_embeddings=128)
+    return root
 
 
 def sentiment_rows(n: int, offset: int) -> list[dict]:

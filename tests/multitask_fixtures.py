@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from tiny_models import save_tiny_bert
 
 from metatt_deploy.adapters import model as mt
 from metatt_deploy.adapters.base_model import load_tokenizer
@@ -33,21 +33,9 @@ def build_tiny_multitask(root: Path, seed: int = 0, labels: dict | None = None, 
     """A tiny BERT base folder (embedded tokenizer) and a saved 3-task adapter with random cores and heads."""
     labels = labels or LABELS
     tokenizer = load_tokenizer(None)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        initializer_range=0.2,
-        num_labels=2,
-    )
-    torch.manual_seed(seed)
     base = root / "base"
     if not base.exists():
-        BertForSequenceClassification(config).eval().save_pretrained(base)
-        tokenizer.save_pretrained(base)
+        save_tiny_bert(base, seed, intermediate_size=64, max_position_embeddings=128)
     model = mt.load_classifier(str(base), labels[next(iter(labels))])
     mtm = build_multitask(model, list(labels), labels, rank=4, base_model=str(base))
     randomise(mtm, core_seed)

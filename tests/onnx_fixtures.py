@@ -12,8 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from transformers import BertConfig, BertForSequenceClassification
+from tiny_models import save_tiny_bert
 
 from metatt_deploy.adapters.base_model import load_tokenizer
 from metatt_deploy.adapters.model import attach, build_config, get_adapter, save_adapter
@@ -41,23 +40,15 @@ class Tiny:
 def build_tiny(root: Path, seed: int = 0) -> Tiny:
     """Base model folder, adapter folder (random no-no-no-no cores) and merged folder under ``root``."""
     tokenizer = load_tokenizer(None)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+    base = root / "base"
+    model = save_tiny_bert(
+        base,
+        seed,
         intermediate_size=64,
         max_position_embeddings=128,
-        initializer_range=0.2,
-        num_labels=2,
         id2label=dict(enumerate(LABELS)),
         label2id={n: i for i, n in enumerate(LABELS)},
     )
-    torch.manual_seed(seed)
-    model = BertForSequenceClassification(config).eval()
-    base = root / "base"
-    model.save_pretrained(base)
-    tokenizer.save_pretrained(base)
     adapter_config = build_config(model, rank=4, base_model=str(base))
     attach(model, adapter_config)
     get_adapter(model).set_cores(tt.init_cores("no-no-no-no", adapter_config.core_shapes(), seed=1))

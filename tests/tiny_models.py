@@ -113,3 +113,26 @@ def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
 def random_cores(shapes, seed: int = 0, std: float = 0.3) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(s, generator=g) * std for s in shapes]
+
+
+def save_tiny_bert(folder, seed: int = 0, **overrides) -> BertForSequenceClassification:
+    """A 2-layer BERT of width 32 with the embedded tokenizer, saved to ``folder`` (a base model
+    for tests that go through files and the CLI); returns the model."""
+    from metatt_deploy.adapters.base_model import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    settings = dict(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        num_labels=2,
+        initializer_range=0.2,
+    )
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(BertConfig(**{**settings, **overrides})).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model

@@ -29,6 +29,7 @@ READABLE_VERSIONS = (1, 2)
 CONFIG_NAME = "metatt_config.json"
 WEIGHTS_NAME = "metatt_adapter.safetensors"
 METATT_METHODS = ("metatt-4d", "metatt-5d")
+CAUSAL_LM = "causal-lm"  # extra.task_type of a decoder's adapter
 DEFAULT_ALPHA = 4.0
 MAX_PARTS = 3  # a module's output is one matrix type, or up to 3 fused ones (GPT-2 c_attn: q, k, v)
 
@@ -73,6 +74,11 @@ class MetaTTConfig:
     model_type: str
     format_version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)
+
+    @property
+    def causal_lm(self) -> bool:
+        """A decoder's adapter (extra.task_type == "causal-lm"), as opposed to a classifier's."""
+        return self.extra.get("task_type") == CAUSAL_LM
 
     @property
     def multitask(self) -> bool:
@@ -129,11 +135,15 @@ class MetaTTConfig:
             raise _bad(f"{len(self.tasks)} tasks but the task mode has size {self.mode_size('task')}")
         if set(self.label_names) != set(self.tasks):
             raise _bad(f"label_names name tasks {sorted(self.label_names)}, not the tasks {self.tasks}")
-        for t, names in self.label_names.items():
-            if len(names) < 2 or len(set(names)) != len(names):
-                raise _bad(f"task '{t}' needs two or more distinct label names, has {names}")
-        if not self.head_modules or len(set(self.head_modules)) != len(self.head_modules):
-            raise _bad(f"head_modules {self.head_modules} must name one or more distinct modules")
+        if self.causal_lm:  # a decoder generates with its own frozen LM head: no labels, no head shipped
+            if self.head_modules or any(self.label_names.values()):
+                raise _bad("a causal-lm adapter ships no head and no labels; head_modules and label_names must be empty")
+        else:
+            for t, names in self.label_names.items():
+                if len(names) < 2 or len(set(names)) != len(names):
+                    raise _bad(f"task '{t}' needs two or more distinct label names, has {names}")
+            if not self.head_modules or len(set(self.head_modules)) != len(self.head_modules):
+                raise _bad(f"head_modules {self.head_modules} must name one or more distinct modules")
         if self.base_fingerprint and not re.fullmatch(r"[0-9a-f]{32}", self.base_fingerprint):
             raise _bad("base_fingerprint must be 32 lowercase hex characters (or empty)")
         self._check_modules()

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from metatt_deploy.adapters.base_model import load_causal_lm, load_classifier, load_tokenizer
-from metatt_deploy.adapters.config import DEFAULT_ALPHA, METATT_METHODS, WEIGHTS_NAME, MetaTTConfig, check_finite
+from metatt_deploy.adapters.config import CAUSAL_LM, DEFAULT_ALPHA, METATT_METHODS, WEIGHTS_NAME, MetaTTConfig, check_finite
 from metatt_deploy.adapters.heads import add_task_heads, select_task_head
 from metatt_deploy.adapters.layer import MetaTT, MetaTTLayer
 from metatt_deploy.adapters.targets import DEFAULT_TARGETS, NEW_MODULES_ATTR, TargetModule, find_targets, head_modules, is_causal_lm
@@ -27,7 +27,6 @@ from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_dir
 
 ADAPTER_ATTR = "metatt"
-CAUSAL_LM = "causal-lm"
 
 
 def build_config(
@@ -95,7 +94,7 @@ def build_config(
 
 
 def is_causal_adapter(config: MetaTTConfig) -> bool:
-    return config.extra.get("task_type") == CAUSAL_LM
+    return config.causal_lm
 
 
 def _head_dim(model: nn.Module) -> int:

@@ -62,11 +62,7 @@ def merge_adapter(
         # "ranks" stays the trained adapter's; the merged update has the rounded bond ranks
         record.update(rounded_to=max_rank, rounded_ranks=[int(c.shape[-1]) for c in cores[:-1]], rounding_relative_error=float(rel_error))
     merge_and_unload(model, config.tasks[task_index] if config.multitask else None)
-    with atomic_dir(output, force=force, marker=MERGE_RECORD) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / MERGE_RECORD, record)
-    return record
+    return write_merged(model, tokenizer, record, output, force)
 
 
 def merge_lora_adapter(
@@ -87,7 +83,11 @@ def merge_lora_adapter(
         "alpha": lora["lora_alpha"],
         "merged_with": "peft merge_and_unload",
     }
-    model = merge_lora(peft_model)
+    return write_merged(merge_lora(peft_model), tokenizer, record, output, force)
+
+
+def write_merged(model, tokenizer, record: dict, output: str | Path, force: bool) -> dict:
+    """A merged model folder: weights, tokenizer and the merge record, written atomically; returns the record."""
     with atomic_dir(output, force=force, marker=MERGE_RECORD) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

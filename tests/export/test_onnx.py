@@ -132,6 +132,8 @@ def test_user_errors(tiny, fp32, tmp_path):
     with pytest.raises(MetaTTError, match="exclude each other"):
         export_onnx(tiny.merged, tmp_path / "out", quantize="int8", dtype="fp16")
     with pytest.raises(MetaTTError, match="unknown quantization"):
+        export_onnx(tiny.merged, tmp_path / "out", quantize="int3")
+    with pytest.raises(MetaTTError, match="int4 is for decoders"):  # weight-only 4-bit: the decoder form
         export_onnx(tiny.merged, tmp_path / "out", quantize="int4")
     with pytest.raises(MetaTTError, match="is not an adapter"):
         export_onnx(tiny.merged, tmp_path / "out", adapter_dir=tmp_path)

@@ -19,9 +19,8 @@ import pytest
 import torch
 from conftest import sentiment_rows
 from safetensors.torch import load_file
-from transformers import BertConfig, BertForSequenceClassification
+from tiny_models import save_tiny_bert
 
-from metatt_deploy.adapters.base_model import load_tokenizer
 from metatt_deploy.adapters.config import WEIGHTS_NAME
 
 pytestmark = pytest.mark.slow
@@ -32,22 +31,7 @@ COMMON = ["--epochs", "2", "--batch-size", "8", "--max-length", "16", "--rank", 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ddp")
-    tokenizer = load_tokenizer(None)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        num_labels=2,
-        initializer_range=0.2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
+    save_tiny_bert(root / "base", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     for task, offset in (("a", 0), ("b", 500)):
         for split, n, extra in (("train", 40, 0), ("validation", 16, 100), ("test", 16, 200)):
             rows = sentiment_rows(n, offset + extra)
