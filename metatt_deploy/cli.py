@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -295,6 +296,27 @@ def train(
         raise MetaTTError(f"unknown --task-type '{task_kind}'; use auto, {', '.join(TASK_TYPES)}")
     if task_kind == "causal-lm" and model == DEFAULT_MODEL:
         model = DEFAULT_DECODER  # the embedded encoder cannot generate: use the embedded decoder
+    cfg = TrainConfig(
+        output=str(output),
+        model=model,
+        method=method,
+        rank=rank,
+        alpha=alpha,
+        lora_alpha=lora_alpha,
+        init=init,
+        targets=_split([targets]) or list(DEFAULT_TARGETS),
+        lr=lr,
+        head_lr=head_lr,
+        weight_decay=weight_decay,
+        epochs=epochs,
+        batch_size=batch_size,
+        max_length=max_length,
+        seed=seed,
+        save_steps=save_steps,
+        max_steps=max_steps,
+        rank_schedule=rank_schedule,
+        moments=moments,
+    )
     if (task_kind if task_kind != "auto" else task_type(model)) == "causal-lm":
         text_task = load_text_task(
             dataset=dataset,
@@ -304,27 +326,7 @@ def train(
             max_samples=limits or None,
             seed=seed,
         )
-        cfg = TrainConfig(
-            output=str(output),
-            model=model,
-            method=method,
-            rank=rank,
-            alpha=alpha,
-            lora_alpha=lora_alpha,
-            init=init,
-            targets=_split([targets]) or [],
-            lr=lr,
-            weight_decay=weight_decay,
-            epochs=epochs,
-            batch_size=batch_size,
-            eval_batch_size=min(batch_size * 2, 64),
-            max_length=max_length,
-            seed=seed,
-            save_steps=save_steps,
-            max_steps=max_steps,
-            rank_schedule=rank_schedule,
-            moments=moments,
-        )
+        cfg = replace(cfg, eval_batch_size=min(batch_size * 2, 64))  # generation is slower than a forward
         result = train_causal(cfg, text_task, force=force)
         if not _main_process():
             return
@@ -346,27 +348,6 @@ def train(
         label_names=_split(labels),
         max_samples=limits or None,
         seed=seed,
-    )
-    cfg = TrainConfig(
-        output=str(output),
-        model=model,
-        method=method,
-        rank=rank,
-        alpha=alpha,
-        lora_alpha=lora_alpha,
-        init=init,
-        targets=_split([targets]) or list(DEFAULT_TARGETS),
-        lr=lr,
-        head_lr=head_lr,
-        weight_decay=weight_decay,
-        epochs=epochs,
-        batch_size=batch_size,
-        max_length=max_length,
-        seed=seed,
-        save_steps=save_steps,
-        max_steps=max_steps,
-        rank_schedule=rank_schedule,
-        moments=moments,
     )
     result = run_training(cfg, task, force=force)
     if not _main_process():
