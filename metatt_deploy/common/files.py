@@ -302,3 +302,20 @@ def check_utf8(path: str | os.PathLike, what: str = "file") -> None:
         raise MetaTTError(f"{what} {path} is not UTF-8 text (byte {at}); save it as UTF-8") from None
     except OSError as e:
         raise MetaTTError(f"cannot read {what} {path} ({e.strerror or e}); check the path") from None
+
+
+def jsonl_objects(lines: Iterable[str], name: str) -> Iterator[tuple[int, dict]]:
+    """(1-based line number, object) for each non-blank line of JSON Lines ``name``.
+
+    A line that is not JSON, or not a JSON object, is a one-line error naming the line.
+    """
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MetaTTError(f"line {n} of {name} is not valid JSON ({e.msg}, column {e.colno}); fix that line") from None
+        if not isinstance(obj, dict):
+            raise MetaTTError(f"line {n} of {name} is not a JSON object; write one object per line") from None
+        yield n, obj

@@ -26,7 +26,6 @@ labels are MetaTTErrors, never a silent wrong answer.
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from collections.abc import Sequence
@@ -38,7 +37,7 @@ import numpy as np
 from metatt_deploy.adapters.base_model import friendly_load
 from metatt_deploy.adapters.config import resolve_task
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.common.files import check_utf8, read_json
+from metatt_deploy.common.files import check_utf8, jsonl_objects, read_json
 from metatt_deploy.export.factored import (
     ADAPTER_GRAPH,
     BASE_DIR,
@@ -401,15 +400,7 @@ def _read_jsonl(lines: list[str], name: str, task: str | None) -> tuple[list, li
     tasks: list[str] = []
     ids: list = []
     candidates = (("text", "text_pair"), *TEXT_COLUMN_CANDIDATES)
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MetaTTError(f"line {n} of {name} is not JSON ({e}); write one JSON object per line") from None
-        if not isinstance(obj, dict):
-            raise MetaTTError(f'line {n} of {name} is not a JSON object; write {{"text": ...}} per line')
+    for n, obj in jsonl_objects(lines, name):
         columns = next((c for c in candidates if all(isinstance(obj.get(k), str) for k in c)), None)
         if columns is None:
             raise MetaTTError(

@@ -21,7 +21,7 @@ from datasets.exceptions import DatasetGenerationError
 from datasets.utils import logging as ds_logging
 
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.common.files import check_utf8, read_json
+from metatt_deploy.common.files import check_utf8, jsonl_objects, read_json
 from metatt_deploy.training.builtin_data import BUILTIN_TASKS, ensure_builtin
 
 SPLITS = ("train", "validation", "test")
@@ -228,15 +228,8 @@ def _raise_bad_json_line(path: Path, builder: str) -> None:
     if builder != "json" or _is_json_array(path):
         return
     with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MetaTTError(f"line {n} of {path.name} is not valid JSON ({e.msg}, column {e.colno}); fix that line") from None
-            if not isinstance(record, dict):
-                raise MetaTTError(f"line {n} of {path.name} is not a JSON object; write one object per line") from None
+        for _ in jsonl_objects(f, path.name):  # raises at the first line that is not a JSON object
+            pass
 
 
 def check_records(path: Path) -> None:

@@ -138,7 +138,7 @@ def test_read_inputs(tmp_path) -> None:
     assert texts == ["a", ("p", "h"), ("x", "y")] and tasks == ["movie", "nli", "nli"] and ids == [7, None, None]
     with pytest.raises(MetaTTError, match="names no task"):
         read_inputs(None, path, None)
-    for bad, match in (('{"foo": 1}\n', "no text field"), ("not json\n", "not JSON"), ("[1]\n", "not a JSON object")):
+    for bad, match in (('{"foo": 1}\n', "no text field"), ("not json\n", "not valid JSON"), ("[1]\n", "not a JSON object")):
         path.write_text(bad)
         with pytest.raises(MetaTTError, match=match):
             read_inputs(None, path, "movie")
