@@ -59,8 +59,9 @@ def tiny_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
 def tiny_decoder(arch: str, vocab_size: int, seed: int = 0, eos: int = 2) -> torch.nn.Module:
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=eos, pad_token_id=eos)
-    if arch == "llama":
-        config = LlamaConfig(
+    if arch in ("llama", "qwen2"):  # the same LLaMA-style block; Qwen2 adds q/k/v biases
+        config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+        config = config_cls(
             hidden_size=HIDDEN,
             intermediate_size=FFN,
             num_hidden_layers=LAYERS,
@@ -70,19 +71,7 @@ def tiny_decoder(arch: str, vocab_size: int, seed: int = 0, eos: int = 2) -> tor
             tie_word_embeddings=True,
             **common,
         )
-        model = LlamaForCausalLM(config)
-    elif arch == "qwen2":
-        config = Qwen2Config(
-            hidden_size=HIDDEN,
-            intermediate_size=FFN,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            num_key_value_heads=KV_HEADS,
-            max_position_embeddings=512,
-            tie_word_embeddings=True,
-            **common,
-        )
-        model = Qwen2ForCausalLM(config)
+        model = model_cls(config)
     elif arch == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=FFN, n_positions=512, **common))
     else:

@@ -231,9 +231,7 @@ def create_app(engine: Engine | Callable[[], Engine], settings: ServeSettings | 
         state = state_of(request)
         state.check_admin(request)
         engine = state.ready_engine()
-        add = getattr(engine, "add_task", None)
-        if add is None or getattr(engine, "kind", "factored") != "factored":
-            raise ApiError(409, "this model serves a fixed set of tasks (not a factored bundle)")
+        add = admin_method(engine, "add_task")
         async with state.admin_lock:
             if name in engine.tasks:
                 raise ApiError(409, f"task '{name}' is already served; DELETE it first to replace it")
@@ -251,9 +249,7 @@ def create_app(engine: Engine | Callable[[], Engine], settings: ServeSettings | 
         state = state_of(request)
         state.check_admin(request)
         engine = state.ready_engine()
-        remove = getattr(engine, "remove_task", None)
-        if remove is None or getattr(engine, "kind", "factored") != "factored":
-            raise ApiError(409, "this model serves a fixed set of tasks (not a factored bundle)")
+        remove = admin_method(engine, "remove_task")
         async with state.admin_lock:
             if name not in engine.tasks or name in state.removing:
                 raise ApiError(404, f"unknown task '{name}'; this server has tasks: {', '.join(engine.tasks)}")
@@ -274,3 +270,11 @@ def create_app(engine: Engine | Callable[[], Engine], settings: ServeSettings | 
         return AdminResponse(task=name, action="removed", tasks=list(engine.tasks))
 
     return app
+
+
+def admin_method(engine, name: str):
+    """The engine's add_task / remove_task, or 409: only a factored bundle's task set can change."""
+    method = getattr(engine, name, None)
+    if method is None or getattr(engine, "kind", "factored") != "factored":
+        raise ApiError(409, "this model serves a fixed set of tasks (not a factored bundle)")
+    return method
