@@ -78,7 +78,7 @@ def peft_config(cfg: TrainConfig, model: nn.Module) -> PeftConfig:
     depends on a PRNG.
     """
     _, _, modules = find_targets(model, cfg.targets)
-    common = dict(
+    common: dict[str, Any] = dict(
         task_type="CAUSAL_LM" if is_causal_lm(model) else None,
         r=cfg.rank,
         target_modules=[m.name for m in modules],
