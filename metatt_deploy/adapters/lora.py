@@ -28,10 +28,12 @@ def is_lora_adapter(directory: str | Path) -> bool:
     return (Path(directory) / PEFT_CONFIG_NAME).is_file()
 
 
-def lora_record(*, task: str, label_names: list[str], base_model: str, rank: int, lora_alpha: float, targets: list[str]) -> dict:
-    """The ``metatt_lora.json`` of a LoRA folder: what PEFT's config does not say."""
+def lora_record(
+    *, method: str = "lora", task: str, label_names: list[str], base_model: str, rank: int, lora_alpha: float, targets: list[str]
+) -> dict:
+    """The ``metatt_lora.json`` of a PEFT baseline folder (LoRA or VeRA): what PEFT's config does not say."""
     return {
-        "method": "lora",
+        "method": method,
         "task": task,
         "label_names": list(label_names),
         "base_model": base_model,

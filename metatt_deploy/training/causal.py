@@ -23,7 +23,7 @@ from metatt_deploy.adapters.base_model import load_causal_lm, load_tokenizer
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_json
 from metatt_deploy.common.report import write_training_report
-from metatt_deploy.training.config import TrainConfig
+from metatt_deploy.training.config import PEFT_METHODS, TrainConfig
 from metatt_deploy.training.lm_data import CausalCollator, TextTask, context_length, tokenize_text_task
 from metatt_deploy.training.lm_eval import evaluate_generation
 from metatt_deploy.training.loop import Recipe, make_accelerator, prepare_run, rank_schedule, run_loop
@@ -36,6 +36,8 @@ TIE_BREAK = 1e-6
 
 def train_causal(cfg: TrainConfig, task: TextTask, force: bool = False) -> dict:
     """Run (or resume) a causal-LM training run into ``cfg.output``; returns the final metrics."""
+    if cfg.method == "vera":  # not measured on decoders; the LoRA baseline is
+        raise MetaTTError("--method vera is a baseline for classifiers; for a decoder use lora, metatt-4d or metatt-5d")
     accelerator = make_accelerator()
     run, resuming = prepare_run(cfg, force, accelerator)
     torch.manual_seed(cfg.seed)
@@ -85,7 +87,7 @@ def train_causal(cfg: TrainConfig, task: TextTask, force: bool = False) -> dict:
     }
     if "test" in splits and accelerator.is_main_process:
         best = load_trained_causal(run / "best", cfg)
-        if cfg.method != "lora":
+        if cfg.method not in PEFT_METHODS:
             result["best_ranks"] = tt_ranks(list(mt.get_adapter(best).cores))
         test = evaluate_generation(best, tokenizer, splits["test"], cfg.eval_batch_size)
         result["test"] = {"exact_match": test["exact_match"], "perplexity": test["perplexity"], "examples": test["examples"]}
@@ -99,6 +101,6 @@ def train_causal(cfg: TrainConfig, task: TextTask, force: bool = False) -> dict:
 
 def load_trained_causal(directory: Path, cfg: TrainConfig) -> nn.Module:
     """The saved best adapter on a fresh copy of the base decoder."""
-    if cfg.method != "lora":
+    if cfg.method not in PEFT_METHODS:
         return mt.load_adapter(directory, base_model=cfg.model, tokenizer=False)[0]
     return PeftModel.from_pretrained(load_causal_lm(cfg.model), str(directory)).eval()

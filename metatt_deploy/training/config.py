@@ -16,13 +16,18 @@ from metatt_deploy.adapters.targets import DEFAULT_TARGETS
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.training.sampling import DEFAULT_SAMPLING, DEFAULT_TEMPERATURE, check_sampling
 
-TRAIN_METHODS = (*METATT_METHODS, "lora")
+# PEFT baselines trained through the same loop (saved as PEFT folders with a metatt_lora.json record)
+PEFT_METHODS = ("lora", "vera")
+TRAIN_METHODS = (*METATT_METHODS, *PEFT_METHODS)
 # Default (adapter lr, head lr; None = the adapter's) per method, from docs/multitask-comparison.md:
 # MetaTT at 5e-3 for cores and head collapsed to the majority class on 2 of 6 short runs (snli,
 # tweet), at 1e-3 with a 5e-3 head it learned in all 6 and matched 5e-3 on movie within noise.
 # LoRA learned more at 1e-3 than at 5e-3 (docs/results.md) and trains its head at the same rate.
-DEFAULT_LR = {"metatt-4d": 1e-3, "metatt-5d": 1e-3, "lora": 1e-3}
-DEFAULT_HEAD_LR: dict[str, float | None] = {"metatt-4d": 5e-3, "metatt-5d": 5e-3, "lora": None}
+# VeRA trains only two scaling vectors per matrix over frozen random projections; its paper tuned
+# lr around 4e-3 .. 1e-2 for RoBERTa-base on GLUE (far above LoRA's), with the head at its own rate:
+# 5e-3 here, head 5e-3 (not yet measured on this project's tasks; tools/frontier.py --vera-lr sweeps it).
+DEFAULT_LR = {"metatt-4d": 1e-3, "metatt-5d": 1e-3, "lora": 1e-3, "vera": 5e-3}
+DEFAULT_HEAD_LR: dict[str, float | None] = {"metatt-4d": 5e-3, "metatt-5d": 5e-3, "lora": None, "vera": None}
 # --add-task trains one slice and one head, nothing shared (measured: amazon 0.79 test accuracy
 # from 1,000 examples at 5e-3).
 ADD_TASK_LR = 5e-3
@@ -90,8 +95,8 @@ class TrainConfig:
             raise MetaTTError("--alpha must be a finite number and --weight-decay a finite number >= 0")
         if not 0 <= self.warmup_ratio <= 1 or (self.lora_alpha is not None and not math.isfinite(self.lora_alpha)):
             raise MetaTTError("the warm-up ratio must be between 0 and 1 and --lora-alpha finite")
-        if self.rank_schedule and self.method == "lora":
-            raise MetaTTError("--rank-schedule applies to MetaTT methods only; drop it for --method lora")
+        if self.rank_schedule and self.method in PEFT_METHODS:
+            raise MetaTTError(f"--rank-schedule applies to MetaTT methods only; drop it for --method {self.method}")
         if self.moments not in MOMENTS:  # else it would fail only at the first cut
             raise MetaTTError(f"unknown --moments '{self.moments}'; use {' or '.join(MOMENTS)}")
 
@@ -118,8 +123,8 @@ class MultiTaskConfig(TrainConfig):
 
     def check(self) -> None:
         super().check()
-        if self.method == "lora":
-            raise MetaTTError("multi-task training needs a MetaTT method (metatt-4d or metatt-5d); drop --method lora")
+        if self.method in PEFT_METHODS:
+            raise MetaTTError(f"multi-task training needs a MetaTT method (metatt-4d or metatt-5d); drop --method {self.method}")
         if self.add_task_from:
             if len(self.tasks) != 1:
                 raise MetaTTError("--add-task trains exactly one new task; give --add-task NAME=SOURCE once")

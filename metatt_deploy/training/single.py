@@ -1,6 +1,6 @@
-"""Single-task runs: a MetaTT adapter or the PEFT LoRA baseline on one task, through the one loop.
+"""Single-task runs: a MetaTT adapter or a PEFT baseline (LoRA, VeRA) on one task, through the one loop.
 
-Both methods share data, targets, head, loop and evaluation, so comparisons are like for like;
+All methods share data, targets, head, loop and evaluation, so comparisons are like for like;
 what differs (how the model is wrapped, which parameters train at which rate, how the adapter
 is saved and loaded back) is this module's recipe for training/loop.py.
 """
@@ -13,7 +13,7 @@ from typing import Any, cast
 
 import torch
 from accelerate import Accelerator
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftModel, VeraConfig, get_peft_model
 from torch import nn
 from transformers import DataCollatorWithPadding, PreTrainedModel
 
@@ -26,7 +26,7 @@ from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_dir, atomic_write_json
 from metatt_deploy.common.report import write_training_report
 from metatt_deploy.training.checkpoint import trainable_parameters
-from metatt_deploy.training.config import TrainConfig
+from metatt_deploy.training.config import PEFT_METHODS, TrainConfig
 from metatt_deploy.training.data import TaskData, tokenize_task
 from metatt_deploy.training.guards import exclusive_run
 from metatt_deploy.training.lm_data import TextTask
@@ -49,22 +49,12 @@ N_BONDS = {"metatt-4d": 3, "metatt-5d": 4}  # single-task adapters: modes - 1
 
 
 def wrap_model(cfg: TrainConfig, model: nn.Module, task_name: str, label_names: list[str]) -> tuple[nn.Module, MetaTT | None]:
-    """Attach the adapter (MetaTT or PEFT LoRA); returns (model to train, MetaTT adapter or None).
+    """Attach the adapter (MetaTT, PEFT LoRA or VeRA); returns (model to train, MetaTT adapter or None).
 
-    Causal LMs have no head (``label_names`` empty); their LoRA model is PEFT's causal-LM kind.
+    Causal LMs have no head (``label_names`` empty); their PEFT model is PEFT's causal-LM kind.
     """
-    if cfg.method == "lora":
-        _, _, modules = find_targets(model, cfg.targets)
-        lora = LoraConfig(
-            task_type="CAUSAL_LM" if is_causal_lm(model) else None,
-            r=cfg.rank,
-            lora_alpha=int(cfg.lora_alpha or cfg.rank),
-            target_modules=[m.name for m in modules],
-            modules_to_save=head_modules(model),
-            lora_dropout=0.0,
-            fan_in_fan_out=any(m.transposed for m in modules),
-        )
-        return get_peft_model(cast(PreTrainedModel, model), lora), None
+    if cfg.method in PEFT_METHODS:
+        return get_peft_model(cast(PreTrainedModel, model), peft_config(cfg, model)), None
     config = mt.build_config(
         model,
         method=cfg.method,
@@ -77,6 +67,27 @@ def wrap_model(cfg: TrainConfig, model: nn.Module, task_name: str, label_names: 
         base_model=cfg.model,
     )
     return model, mt.attach(model, config, seed=cfg.seed)
+
+
+def peft_config(cfg: TrainConfig, model: nn.Module) -> PeftConfig:
+    """The PEFT config of a baseline run on ``cfg.targets``, the head trained and saved with it.
+
+    VeRA (peft >= 0.14) shares one pair of frozen random projections sized for the largest target
+    and slices it for smaller ones, so non-square targets (up, down) work; the projections are
+    seeded by ``cfg.seed`` and saved with the adapter (``save_projection``), so a load never
+    depends on a PRNG.
+    """
+    _, _, modules = find_targets(model, cfg.targets)
+    common: dict[str, Any] = dict(
+        task_type="CAUSAL_LM" if is_causal_lm(model) else None,
+        r=cfg.rank,
+        target_modules=[m.name for m in modules],
+        modules_to_save=head_modules(model),
+        fan_in_fan_out=any(m.transposed for m in modules),
+    )
+    if cfg.method == "vera":
+        return VeraConfig(**common, vera_dropout=0.0, projection_prng_key=cfg.seed, save_projection=True)
+    return LoraConfig(**common, lora_alpha=int(cfg.lora_alpha or cfg.rank), lora_dropout=0.0)
 
 
 def param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict[str, Any]]:
@@ -93,8 +104,9 @@ def param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict[str, Any]]:
 
 
 def save_trained(cfg: TrainConfig, model: nn.Module, tokenizer, directory: Path, task: TaskData | TextTask) -> None:
-    if cfg.method == "lora":
+    if cfg.method in PEFT_METHODS:
         record = lora_record(
+            method=cfg.method,
             task=task.name,
             label_names=task.label_names,
             base_model=cfg.model,
@@ -112,7 +124,7 @@ def save_trained(cfg: TrainConfig, model: nn.Module, tokenizer, directory: Path,
 
 def load_trained(directory: Path, cfg: TrainConfig) -> nn.Module:
     """The saved best adapter on a fresh base model, for testing after training."""
-    if cfg.method != "lora":
+    if cfg.method not in PEFT_METHODS:
         return mt.load_adapter(directory, base_model=cfg.model, tokenizer=False)[0]
     return load_lora(directory, base_model=cfg.model, tokenizer=False)[0]
 
@@ -175,7 +187,7 @@ def finish(cfg, run: Path, task: TaskData, splits, collator, accelerator: Accele
     }
     if "test" in splits and accelerator.is_main_process:
         best = load_trained(run / "best", cfg)
-        if cfg.method != "lora":
+        if cfg.method not in PEFT_METHODS:
             result["best_ranks"] = tt_ranks(mt.get_adapter(best).cores)
         loader = make_loader(splits["test"], collator, cfg.eval_batch_size, by_length(splits["test"]))
         result["test"] = evaluate(best.to(accelerator.device), loader, None, len(task.label_names))

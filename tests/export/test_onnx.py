@@ -206,3 +206,38 @@ def test_non_finite_weights_and_parity_figures_fail(tiny, tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(MetaTTError, match="differs from the PyTorch model by nan"):
         export_module._enforce({"max_abs_logit_diff": float("nan"), "tolerance": FP32_ATOL}, "the ONNX export")
+
+
+def test_mpnet_adapter_merges_and_exports_within_fp32_parity(tmp_path):
+    """MPNet (all-mpnet-base-v2's architecture, tiny): q,k,v,o + FFN adapter, merged, exported, parity held."""
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+
+    from metatt_deploy.adapters.base_model import load_tokenizer
+    from metatt_deploy.adapters.model import attach, build_config, get_adapter, save_adapter
+    from metatt_deploy.export.merge import merge_adapter
+    from metatt_deploy.tt import cores as tt
+
+    tokenizer = load_tokenizer(None)
+    tokenizer.model_input_names = tokenizer.init_kwargs["model_input_names"] = ["input_ids", "attention_mask"]  # as MPNet's own
+    torch.manual_seed(0)
+    config = MPNetConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=130,
+        pad_token_id=tokenizer.pad_token_id,
+        num_labels=2,
+        initializer_range=0.2,
+    )
+    model = MPNetForSequenceClassification(config).eval()
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    adapter_config = build_config(model, rank=4, targets="q,k,v,o,up,down", base_model=str(tmp_path / "base"))
+    attach(model, adapter_config)
+    get_adapter(model).set_cores(tt.init_cores("no-no-no-no", adapter_config.core_shapes(), seed=1))
+    merge_adapter(save_adapter(model, tmp_path / "adapter", tokenizer), tmp_path / "merged")
+    out = export_onnx(tmp_path / "merged", tmp_path / "onnx")
+    parity = manifest(out)["parity"]["final"]
+    assert parity["max_abs_logit_diff"] <= FP32_ATOL and parity["label_agreement"] == 1.0 and parity["max_abs_logit"] > 0.1

@@ -25,7 +25,7 @@ def _cfg(tiny_base, out, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("method", ["metatt-4d", "metatt-5d", "lora"])
+@pytest.mark.parametrize("method", ["metatt-4d", "metatt-5d", "lora", "vera"])
 def test_each_method_trains_evaluates_and_writes_its_reports(tiny_base, tiny_task, tmp_path, method):
     result = train(_cfg(tiny_base, tmp_path / "run", method=method), tiny_task)
     run = tmp_path / "run"
@@ -41,6 +41,9 @@ def test_each_method_trains_evaluates_and_writes_its_reports(tiny_base, tiny_tas
     if method == "lora":  # PEFT: 2 layers x 4 matrices x (32 + 32) x r
         assert counts["adapter"] == 2 * 4 * 64 * 4
         assert (run / "best" / "adapter_model.safetensors").is_file()
+    elif method == "vera":  # VeRA: per matrix a vector of d_out and one of r, the projections frozen
+        assert counts["adapter"] == 2 * 4 * (32 + 4)
+        assert json.loads((run / "best" / "metatt_lora.json").read_text())["method"] == "vera"
     else:
         weights = load_file(str(run / "best" / WEIGHTS_NAME))
         assert counts["adapter"] == sum(v.numel() for k, v in weights.items() if k.startswith("core."))
@@ -70,6 +73,35 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(tiny_base, tiny_task, tmp
     train(_cfg(tiny_base, tmp_path / "run", epochs=1), tiny_task)
     with pytest.raises(MetaTTError, match="other settings"):
         train(_cfg(tiny_base, tmp_path / "run", epochs=1, rank=2), tiny_task)
+
+
+def test_vera_reloads_and_merges_to_the_trained_function(tiny_base, tiny_task, tmp_path):
+    """The saved VeRA folder (projections included) reloads on a fresh base to the trained logits,
+    and PEFT's merge folds it into the weights exactly; targets of two shapes (q and up) share one
+    pair of projections."""
+    from metatt_deploy.adapters.lora import load_lora, merge_lora
+
+    train(_cfg(tiny_base, tmp_path / "run", method="vera", targets=["q", "up"], epochs=1), tiny_task)
+    model, record, tok = load_lora(tmp_path / "run" / "best")
+    assert record["method"] == "vera" and record["targets"] == ["q", "up"]
+    batch = tok(["this was great and fine today", "this was bad"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        adapted = model(**batch).logits
+        again = load_lora(tmp_path / "run" / "best")[0](**batch).logits
+        merged = merge_lora(model)(**batch).logits
+        plain = load_classifier(str(tiny_base), ["negative", "positive"])(**batch).logits
+    assert torch.equal(adapted, again)
+    torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-5)
+    assert (adapted - plain).abs().max() > 1e-3  # head and adapter trained
+
+
+def test_vera_is_refused_where_it_is_not_measured(tiny_base):
+    with pytest.raises(MetaTTError, match="MetaTT methods only"):
+        TrainConfig(output="x", method="vera", rank_schedule="4,1:2").check()
+    from metatt_deploy.training.causal import train_causal
+
+    with pytest.raises(MetaTTError, match="baseline for classifiers"):
+        train_causal(TrainConfig(output="x", method="vera"), None)  # type: ignore[arg-type]
 
 
 def test_learning_rate_defaults_per_method():
