@@ -779,7 +779,12 @@ def serve(
 @app.command()
 @user_errors
 def generate(
-    bundle: Annotated[Path, typer.Argument(help="Decoder bundle written by metatt-deploy export (a causal LM with a KV cache).")],
+    bundle: Annotated[
+        Path,
+        typer.Argument(
+            help="Decoder bundle written by metatt-deploy export (a causal LM with a KV cache), or a factored bundle of a multi-task causal LM (merge --factored; pick the task with --task)."
+        ),
+    ],
     prompts: Annotated[list[str] | None, typer.Argument(help="Prompts; none (or '-'): one prompt per line of standard input.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Stop after this many new tokens (EOS stops earlier).")] = 128,
     raw: Annotated[bool, typer.Option("--raw", help="Feed prompts as they are, without the model's chat template.")] = False,
@@ -787,6 +792,16 @@ def generate(
     temperature: Annotated[float, typer.Option(help="0: greedy (the default); above 0: sampling at this temperature.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads.")] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(help="Factored bundle: the task (name or index) every prompt is answered with. See docs/multitask-decoders.md."),
+    ] = None,
+    form: Annotated[
+        str,
+        typer.Option(
+            help="Factored bundle: adapter (model_adapter.onnx + the task's .onnx_adapter) or tasks (model_tasks.onnx, task ids)."
+        ),
+    ] = "adapter",
 ) -> None:
     """Generate answers from an exported decoder on ONNX Runtime, streaming tokens as they come."""
     import sys
@@ -795,7 +810,9 @@ def generate(
         prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
         if not prompts:
             raise MetaTTError("no prompts: pass them as arguments or one per line on standard input")
-    generator = Generator(bundle, threads=threads)
+    generator = Generator(bundle, threads=threads, form=form)
+    if task is not None:
+        generator.use(int(task) if task.isdigit() else task)
     for prompt in prompts:
         for piece in generator.stream(prompt, max_new_tokens=max_new_tokens, raw=raw, system=system, temperature=temperature, seed=seed):
             typer.echo(piece, nl=False)
