@@ -199,7 +199,7 @@ def train(
         list[str] | None,
         typer.Option(
             "--task",
-            help="Multi-task: NAME=DATASET (builtin or hub) or NAME=train.jsonl[,validation.jsonl[,test.jsonl]]; repeat for each task (2 or more). Trains MetaTT-(4+1)D with one head per task. See docs/multitask.md.",
+            help="Multi-task: NAME=DATASET (builtin or hub) or NAME=train.jsonl[,validation.jsonl[,test.jsonl]]; repeat for each task (2 or more). Trains MetaTT-(4+1)D (one head per task for classifiers; text-to-text tasks for causal LMs). See docs/multitask.md, docs/multitask-decoders.md.",
         ),
     ] = None,
     task_sampling: Annotated[
@@ -244,9 +244,9 @@ def train(
     torch.set_num_threads(resolve_threads(threads))
     spec_files = [f for spec in [*(task_specs or []), add_task or ""] for f in spec.partition("=")[2].split(",") if f.strip()]
     check_separate(output, [train_file, validation_file, test_file, from_adapter, model, *spec_files], what="--output")
+    if task_kind not in ("auto", *TASK_TYPES):
+        raise MetaTTError(f"unknown --task-type '{task_kind}'; use auto, {', '.join(TASK_TYPES)}")
     if task_specs or add_task or from_adapter:
-        if task_kind == "causal-lm":
-            raise MetaTTError("multi-task training (--task, --add-task) is for classifiers; train a causal LM on one task at a time")
         if dataset or train_file or validation_file or test_file or task_name:
             raise MetaTTError(
                 "--task/--add-task name their own tasks and data (NAME=SOURCE); drop --dataset/--train/--validation/--test/--task-name"
@@ -279,23 +279,23 @@ def train(
             rank_schedule=rank_schedule,
             task_sampling=task_sampling,
             temperature=temperature,
+            task_kind=task_kind,
             force=force,
         )
         if not _main_process():
             return
-        best = result["best"]
+        best, primary = result["best"], result["primary_metric"]
+        label = primary.replace("_", " ")
         typer.echo(
-            f"best mean validation accuracy {best['mean_accuracy']:.4f} (epoch {best['epoch']}): "
-            + ", ".join(f"{n} {m['accuracy']:.4f}" for n, m in best["tasks"].items())
+            f"best mean validation {label} {best['mean_' + primary]:.4f} (epoch {best['epoch']}): "
+            + ", ".join(f"{n} {m[primary]:.4f}" for n, m in best["tasks"].items())
         )
         if result.get("test"):
-            typer.echo("test accuracy: " + ", ".join(f"{n} {m['accuracy']:.4f}" for n, m in result["test"].items()))
+            typer.echo(f"test {label}: " + ", ".join(f"{n} {m[primary]:.4f}" for n, m in result["test"].items()))
         typer.echo(f"adapter: {output / 'best'}; report: {output / 'metrics.md'}")
         return
 
     limits = {k: v for k, v in (("train", max_train_samples), ("validation", max_eval_samples), ("test", max_eval_samples)) if v}
-    if task_kind not in ("auto", *TASK_TYPES):
-        raise MetaTTError(f"unknown --task-type '{task_kind}'; use auto, {', '.join(TASK_TYPES)}")
     if task_kind == "causal-lm" and model == DEFAULT_MODEL:
         model = DEFAULT_DECODER  # the embedded encoder cannot generate: use the embedded decoder
     cfg = TrainConfig(
@@ -781,7 +781,12 @@ def serve(
 @app.command()
 @user_errors
 def generate(
-    bundle: Annotated[Path, typer.Argument(help="Decoder bundle written by metatt-deploy export (a causal LM with a KV cache).")],
+    bundle: Annotated[
+        Path,
+        typer.Argument(
+            help="Decoder bundle written by metatt-deploy export (a causal LM with a KV cache), or a factored bundle of a multi-task causal LM (merge --factored; pick the task with --task)."
+        ),
+    ],
     prompts: Annotated[list[str] | None, typer.Argument(help="Prompts; none (or '-'): one prompt per line of standard input.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Stop after this many new tokens (EOS stops earlier).")] = 128,
     raw: Annotated[bool, typer.Option("--raw", help="Feed prompts as they are, without the model's chat template.")] = False,
@@ -789,6 +794,16 @@ def generate(
     temperature: Annotated[float, typer.Option(help="0: greedy (the default); above 0: sampling at this temperature.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads.")] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(help="Factored bundle: the task (name or index) every prompt is answered with. See docs/multitask-decoders.md."),
+    ] = None,
+    form: Annotated[
+        str,
+        typer.Option(
+            help="Factored bundle: adapter (model_adapter.onnx + the task's .onnx_adapter) or tasks (model_tasks.onnx, task ids)."
+        ),
+    ] = "adapter",
 ) -> None:
     """Generate answers from an exported decoder on ONNX Runtime, streaming tokens as they come."""
     import sys
@@ -797,7 +812,9 @@ def generate(
         prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
         if not prompts:
             raise MetaTTError("no prompts: pass them as arguments or one per line on standard input")
-    generator = Generator(bundle, threads=threads)
+    generator = Generator(bundle, threads=threads, form=form)
+    if task is not None:
+        generator.use(int(task) if task.isdigit() else task)
     for prompt in prompts:
         for piece in generator.stream(prompt, max_new_tokens=max_new_tokens, raw=raw, system=system, temperature=temperature, seed=seed):
             typer.echo(piece, nl=False)

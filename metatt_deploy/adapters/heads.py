@@ -123,8 +123,10 @@ def add_task_heads(model: nn.Module, config: MetaTTConfig, seed: int = 0) -> Non
     """Replace each head module of ``model`` by a `TaskHeads` with one copy per task of ``config``.
 
     Only the last head module produces labels; earlier ones (DistilBERT's pre_classifier) are
-    plain copies, one per task.
+    plain copies, one per task. A causal LM has no head modules: nothing to do.
     """
+    if not config.head_modules:
+        return
     last = config.head_modules[-1]
     for name in config.head_modules:
         parent_name, _, child = name.rpartition(".")

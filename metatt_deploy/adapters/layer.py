@@ -47,6 +47,9 @@ class MetaTT(nn.Module):
         # at hand, computed once by its first adapted layer instead of once per layer.
         self.precompute = False
         self._updates: torch.Tensor | None = None
+        # Export only (export/factored_lm.py): the task slice as a parameter of its own, multiplied
+        # in directly, so the ONNX graph can take it as an input (an .onnx_adapter) or gather it per row.
+        self.slice_input: nn.Parameter | None = None
 
     @property
     def config(self) -> MetaTTConfig:
@@ -109,6 +112,8 @@ class MetaTT(nn.Module):
     def _task_slices(self) -> torch.Tensor:
         """The task core's slice for the active task(s): (r, r') or (batch, r, r')."""
         assert self.task_mode is not None, "a task slice of an adapter without a task mode"
+        if self.slice_input is not None:
+            return self.slice_input
         core = self.cores[self.task_mode]
         if self.task_ids is None:
             if self._config.mode_size("task") == 1:

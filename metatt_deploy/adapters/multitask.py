@@ -46,7 +46,11 @@ from metatt_deploy.common.errors import MetaTTError
 
 
 class MultiTaskModel(nn.Module):
-    """A HF classifier carrying a (4+1)D adapter and per-task heads; forward takes ``task_ids``."""
+    """A HF classifier (with per-task heads) or causal LM carrying a (4+1)D adapter; forward takes ``task_ids``.
+
+    For a causal LM the forward is the language model's own (``labels`` give its loss, logits
+    over the vocabulary) with every row's task slice, and `generate` routes the whole generation.
+    """
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -98,10 +102,23 @@ class MultiTaskModel(nn.Module):
         ids = self.task_ids_for(task_ids, batch)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids, **kwargs}
         inputs = {k: v for k, v in inputs.items() if v is not None}
+        if self.adapter_config.causal_lm:
+            with routed(self.model, ids):
+                return self.model(**inputs, labels=labels)
         with routed(self.model, ids):
             logits = self.model(**inputs).logits
         loss = F.cross_entropy(logits.float(), labels.long()) if labels is not None else None
         return SequenceClassifierOutput(loss=cast(torch.FloatTensor, loss), logits=logits)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, task_ids=None, **kwargs) -> torch.Tensor:
+        """A causal LM's ``generate`` with task ``task_ids`` (one, or one per row) for every step."""
+        if not self.adapter_config.causal_lm:
+            raise MetaTTError("generate is for causal language models; this multi-task model is a classifier")
+        if task_ids is None:
+            raise MetaTTError(f"pass task_ids (one of {', '.join(self.tasks)}, or one per row) to generate")
+        with routed(self.model, self.task_ids_for(task_ids, input_ids.shape[0])):
+            return self.model.generate(input_ids=input_ids, **kwargs)  # type: ignore[operator]
 
 
 @contextmanager
@@ -261,8 +278,8 @@ def extend_tasks(mtm: MultiTaskModel, name: str, label_names: list[str], seed: i
     cores[t_core] = new_core
     cfg = cfg.with_tasks([*cfg.tasks, name], {**cfg.label_names, name: list(label_names)})
     adapter.set_cores(cores, cfg)
-    last = cfg.head_modules[-1]
     index = len(cfg.tasks) - 1
+    last = cfg.head_modules[-1] if cfg.head_modules else None  # a causal LM has no head
     for head_name in cfg.head_modules:
         router = cast(TaskHeads, mtm.model.get_submodule(head_name))
         template = router.heads[0]

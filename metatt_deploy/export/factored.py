@@ -55,6 +55,7 @@ from metatt_deploy.adapters.heads import PAD_LOGIT, TaskHeads, add_task_heads, l
 from metatt_deploy.adapters.multitask import MultiTaskModel, bundle_id, load_multitask, routed, shared_core_indices
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_dir, atomic_write_json, check_separate, check_writable, read_json, sha256_file
+from metatt_deploy.export.factored_lm import TASK_IDS, TASK_SLICE, export_decoder_graphs
 from metatt_deploy.export.web import factored_spec, write_web_app
 
 BUNDLE_FORMAT = 1
@@ -65,8 +66,6 @@ TASKS_DIR = "tasks"
 TASK_GRAPH = "model_tasks.onnx"
 ADAPTER_GRAPH = "model_adapter.onnx"
 ADAPTER_SUFFIX = ".onnx_adapter"
-TASK_SLICE = "task_slice"
-TASK_IDS = "task_ids"
 LOGITS = "logits"
 DEFAULT_OPSET = 17
 ADAPTER_FORMAT_VERSION = 1
@@ -429,8 +428,11 @@ def write_bundle(
         mtm = _subset(mtm, keep)
         config = mtm.adapter_config
     with atomic_dir(output, force=force, marker=BUNDLE_JSON) as tmp:
-        base = mt.load_classifier(base_model or config.base_model, config.label_names[config.tasks[0]])
+        base = _load_base(base_model or config.base_model, config)
         cast(PreTrainedModel, base).save_pretrained(tmp / BASE_DIR, safe_serialization=True)
+        if config.causal_lm:  # ORTModelForCausalLM reads the model config next to the graph it loads
+            cast(PreTrainedModel, base).config.save_pretrained(tmp)
+            base.generation_config.save_pretrained(tmp)
         del base
         tokenizer.save_pretrained(tmp / BASE_DIR)
         shared = {f"core.{k}": mtm.metatt.cores[k].detach().cpu().contiguous() for k in shared_core_indices(config)}
@@ -438,14 +440,16 @@ def write_bundle(
         (tmp / TASKS_DIR).mkdir()
         records = [_write_task(tmp / TASKS_DIR, mtm, t, bid, onnx) for t in range(len(config.tasks))]
         graphs = None
-        if onnx:
+        if onnx and config.causal_lm:
+            graphs = export_decoder_graphs(mtm, tmp / ADAPTER_GRAPH, tmp / TASK_GRAPH, opset)
+        elif onnx:
             names = text_inputs(mtm.model, tokenizer)
             graphs = {
                 "task_graph": export_task_graph(mtm, tmp / TASK_GRAPH, names, opset),
                 "adapter_graph": export_adapter_graph(mtm, tmp / ADAPTER_GRAPH, names, opset),
             }
         web = None
-        if onnx:
+        if onnx and not config.causal_lm:
             max_length = int(config.extra.get("max_length", 128))
             spec = factored_spec(TASK_GRAPH, list(config.tasks), config.label_names, [*names, TASK_IDS], max_length)
             web = write_web_app(tmp, spec, tmp / BASE_DIR)
@@ -453,6 +457,7 @@ def write_bundle(
         info = {
             "format_version": BUNDLE_FORMAT,
             "kind": "metatt-factored-bundle",
+            "task_type": "causal-lm" if config.causal_lm else "classification",
             "bundle_id": bid,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "source_adapter": str(Path(adapter_dir).resolve()),
@@ -473,6 +478,13 @@ def write_bundle(
         }
         atomic_write_json(tmp / BUNDLE_JSON, info)
     return {"bundle": str(output), "bundle_id": bid, "tasks": [r["task"] for r in records], "added": False}
+
+
+def _load_base(name: str, config: MetaTTConfig) -> nn.Module:
+    """The bundle's base: a causal LM for a decoder adapter, else a classifier with the first task's labels."""
+    if config.causal_lm:
+        return mt.load_causal_lm(name)
+    return mt.load_classifier(name, config.label_names[config.tasks[0]])
 
 
 def _subset(mtm: MultiTaskModel, keep: list[int]) -> MultiTaskModel:
@@ -556,6 +568,12 @@ def check_task_record(rec: dict, info: dict, path: Path) -> None:
         )
     shapes = rec.get("shapes", {})
     n = rec.get("num_labels")
+    if info.get("task_type") == "causal-lm":  # a decoder task is its slice alone: no head, no labels
+        if n != 0 or rec.get("labels") or set(shapes) != {TASK_SLICE}:
+            raise MetaTTError(
+                f"task file {path.name} is not a decoder task (labels or head tensors); re-write the task with merge --factored"
+            )
+        return
     label_shapes = [s for k, s in shapes.items() if k.startswith("head.")]
     if n != len(rec.get("labels", [])) or not any(s and s[0] == n for s in label_shapes):
         raise MetaTTError(
@@ -603,7 +621,7 @@ def load_bundle(bundle: str | Path) -> MultiTaskModel:
         shared[f"core.{k}"] if k != t_core else torch.stack([t[TASK_SLICE] for t in tensors], dim=1) for k in range(len(config.mode_names))
     ]
     config = config.with_tasks([r["task"] for r in records], {r["task"]: list(r["labels"]) for r in records})
-    model = mt.load_classifier(str(bundle / info["base_dir"]), config.label_names[config.tasks[0]])
+    model = _load_base(str(bundle / info["base_dir"]), config)
     mt.attach(model, config, cores)
     add_task_heads(model, config)
     for t, tensors_t in enumerate(tensors):

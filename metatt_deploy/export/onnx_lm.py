@@ -55,8 +55,8 @@ SAMPLE_PROMPTS = [
 ]
 
 
-def load_ort_decoder(folder: str | Path, providers: list[str] | None = None, threads: int | None = None):
-    """ORTModelForCausalLM on ``folder`` (CPU unless told), with ``threads`` intra-op threads."""
+def load_ort_decoder(folder: str | Path, providers: list[str] | None = None, threads: int | None = None, file_name: str | None = None):
+    """ORTModelForCausalLM on ``folder`` (its ``file_name`` graph, model.onnx by default; CPU unless told), with ``threads`` intra-op threads."""
     import onnxruntime as ort
     from optimum.onnxruntime import ORTModelForCausalLM
 
@@ -65,7 +65,9 @@ def load_ort_decoder(folder: str | Path, providers: list[str] | None = None, thr
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    return ORTModelForCausalLM.from_pretrained(folder, providers=providers or ["CPUExecutionProvider"], session_options=options)
+    return ORTModelForCausalLM.from_pretrained(
+        folder, providers=providers or ["CPUExecutionProvider"], session_options=options, file_name=file_name, use_io_binding=False
+    )
 
 
 def chat_prompts(tokenizer: Any, texts: list[str]) -> list[list[int]]:

@@ -109,6 +109,8 @@ class Runtime:
             )
         self.kind = "factored"
         self.info = read_bundle(self.bundle)
+        if self.info.get("task_type") == "causal-lm":
+            raise MetaTTError(f"{self.bundle} is a bundle of a causal LM; generate with it (metatt-deploy generate BUNDLE --task NAME)")
         if not self.info.get("onnx"):
             raise MetaTTError(f"bundle {self.bundle} has no ONNX graphs; write it with merge --factored (without --no-onnx)")
         self.max_length = max_length or int(self.info.get("max_length", DEFAULT_MAX_LENGTH))
@@ -167,32 +169,7 @@ class Runtime:
         import onnxruntime as ort
 
         if task not in self._adapters:
-            rec = rec or self.records[task]
-            path = task_file(self.bundle, rec, "onnx_adapter")
-            try:
-                fmt = ort.AdapterFormat.read_adapter(str(path))
-            except Exception as e:  # onnxruntime raises its own (Fail/InvalidArgument) types for bad files
-                raise MetaTTError(f"adapter file {path.name} cannot be read ({_first_line(e)}); re-write the task") from None
-            if fmt.get_model_version() != adapter_model_version(self.info["bundle_id"]):
-                raise MetaTTError(
-                    f"adapter file {path.name} was written for another bundle (version {fmt.get_model_version()}, "
-                    f"this bundle {adapter_model_version(self.info['bundle_id'])}); re-write the task for this bundle"
-                )
-            params = fmt.get_parameters()
-            expected = set(self.info["onnx"]["adapter_graph"]["adapter_inputs"])
-            if set(params) != expected:
-                raise MetaTTError(
-                    f"adapter file {path.name} holds {sorted(params)}, the graph takes {sorted(expected)}; "
-                    "re-write the task with merge --factored"
-                )
-            shapes = {k: list(np.asarray(v.numpy()).shape) for k, v in params.items()}
-            if shapes != rec["shapes"]:
-                raise MetaTTError(
-                    f"adapter file {path.name} does not match its task record ({shapes} vs {rec['shapes']}); re-write the task"
-                )
-            adapter = ort.LoraAdapter()
-            adapter.Load(str(path))
-            self._adapters[task] = adapter
+            self._adapters[task] = load_task_adapter(self.bundle, self.info, rec or self.records[task])
         options = ort.RunOptions()
         options.add_active_adapter(self._adapters[task])
         return options
@@ -332,6 +309,40 @@ class Runtime:
         self.records = {t: r for t, r in self.records.items() if t != name}
         self.tasks = list(self.records)
         self._adapters.pop(name, None)
+
+
+def load_task_adapter(bundle: Path, info: dict, rec: dict):
+    """A task's .onnx_adapter as an onnxruntime.LoraAdapter, after checking it belongs here.
+
+    Refused (one line each): a file whose sha256 is not its record's, one written for another
+    bundle (model version), tensors the graph does not take, or shapes other than the record's.
+    The adapter must outlive every RunOptions it is added to (a freed one makes ONNX Runtime
+    fall back to the empty defaults), so callers keep it.
+    """
+    import onnxruntime as ort
+
+    path = task_file(bundle, rec, "onnx_adapter")
+    try:
+        fmt = ort.AdapterFormat.read_adapter(str(path))
+    except Exception as e:  # onnxruntime raises its own (Fail/InvalidArgument) types for bad files
+        raise MetaTTError(f"adapter file {path.name} cannot be read ({_first_line(e)}); re-write the task") from None
+    if fmt.get_model_version() != adapter_model_version(info["bundle_id"]):
+        raise MetaTTError(
+            f"adapter file {path.name} was written for another bundle (version {fmt.get_model_version()}, "
+            f"this bundle {adapter_model_version(info['bundle_id'])}); re-write the task for this bundle"
+        )
+    params = fmt.get_parameters()
+    expected = set(info["onnx"]["adapter_graph"]["adapter_inputs"])
+    if set(params) != expected:
+        raise MetaTTError(
+            f"adapter file {path.name} holds {sorted(params)}, the graph takes {sorted(expected)}; re-write the task with merge --factored"
+        )
+    shapes = {k: list(np.asarray(v.numpy()).shape) for k, v in params.items()}
+    if shapes != rec["shapes"]:
+        raise MetaTTError(f"adapter file {path.name} does not match its task record ({shapes} vs {rec['shapes']}); re-write the task")
+    adapter = ort.LoraAdapter()
+    adapter.Load(str(path))
+    return adapter
 
 
 class _Only:

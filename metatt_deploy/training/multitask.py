@@ -5,6 +5,11 @@ epoch, logs per-task metrics and the normalised gradient norm of every core, and
 the one loop (training/loop.py). With ``add_task_from`` it trains only a new task's slice
 (appended to the task core) and head against a frozen adapter. The models it trains are
 adapters/multitask.py's.
+
+The same recipe trains classifiers (`TaskData`: one head per task, accuracy) and causal language
+models (`TextTask`, training/lm_data.py: no head, response-only loss, exact match of greedy
+answers with the perplexity of the references, as a single-task causal run scores them); what
+differs is `TaskKind`.
 """
 
 from __future__ import annotations
@@ -21,17 +26,28 @@ from matplotlib.ticker import MaxNLocator
 from torch import nn
 from transformers import DataCollatorWithPadding
 
-from metatt_deploy.adapters.base_model import DEFAULT_MODEL, load_classifier, load_tokenizer
+from metatt_deploy.adapters.base_model import DEFAULT_DECODER, DEFAULT_MODEL, load_causal_lm, load_classifier, load_tokenizer, task_type
 from metatt_deploy.adapters.config import MetaTTConfig
 from metatt_deploy.adapters.heads import routers
 from metatt_deploy.adapters.model import get_adapter
-from metatt_deploy.adapters.multitask import MultiTaskModel, build_multitask, extend_tasks, load_multitask, parameter_counts, save_multitask
+from metatt_deploy.adapters.multitask import (
+    MultiTaskModel,
+    build_multitask,
+    extend_tasks,
+    load_multitask,
+    parameter_counts,
+    routed,
+    save_multitask,
+)
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text
 from metatt_deploy.common.report import markdown_table, save_figure
-from metatt_deploy.training.config import MultiTaskConfig
+from metatt_deploy.training.causal import TIE_BREAK
+from metatt_deploy.training.config import DEFAULT_BATCH_SIZE, MultiTaskConfig
 from metatt_deploy.training.data import TaskData, load_task, tokenize_task
 from metatt_deploy.training.guards import exclusive_run
+from metatt_deploy.training.lm_data import CausalCollator, TextTask, context_length, load_text_task, tokenize_text_task
+from metatt_deploy.training.lm_eval import evaluate_generation
 from metatt_deploy.training.loop import (
     MODEL_INPUTS,
     Recipe,
@@ -48,6 +64,7 @@ from metatt_deploy.training.sampling import task_probabilities
 
 N_BONDS_4PLUS1 = {"metatt-4d": 4, "metatt-5d": 5}  # multi-task adapters: modes - 1 (the task mode added)
 DATA_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
+METRIC_SHORT = {"accuracy": "acc", "exact_match": "exact match"}  # the metric that picks the best epoch, in reports
 
 
 # ---------------------------------------------------------------- task specs
@@ -88,6 +105,15 @@ def load_task_spec(spec: TaskSpec | str, *, max_samples: dict[str, int] | None =
     spec = parse_task_spec(spec) if isinstance(spec, str) else spec
     files = dict(zip(("train", "validation", "test"), spec.files))
     task = load_task(name=spec.name, dataset=spec.dataset, max_samples=max_samples, seed=seed, **files, **options)
+    task.name = spec.name
+    return task
+
+
+def load_text_spec(spec: TaskSpec | str, *, max_samples: dict[str, int] | None = None, seed: int = 0) -> TextTask:
+    """The TextTask of a ``--task`` value for a causal LM (builtin task as text-to-text, or prompt/response files)."""
+    spec = parse_task_spec(spec) if isinstance(spec, str) else spec
+    files = dict(zip(("train", "validation", "test"), spec.files))
+    task = load_text_task(dataset=spec.dataset, max_samples=max_samples, seed=seed, **files)
     task.name = spec.name
     return task
 
@@ -141,21 +167,39 @@ def _save_best(model: nn.Module, directory: Path, tokenizer) -> None:
     save_multitask(cast(MultiTaskModel, model), directory, tokenizer, force=True)
 
 
+def _evaluate_lm(mtm: MultiTaskModel, task: int, split, tokenizer, batch_size: int) -> dict[str, Any]:
+    """Exact match and perplexity of one task of a multi-task causal LM (its slice routed for every step)."""
+    with routed(mtm.model, task):
+        metrics = evaluate_generation(mtm.model, tokenizer, split, batch_size)
+    mtm.train()
+    return {k: metrics[k] for k in ("exact_match", "perplexity", "examples")}
+
+
 @exclusive_run
-def train_multitask(cfg: MultiTaskConfig, tasks: list[TaskData], force: bool = False) -> dict:
-    """Run (or resume) a multi-task run (or an --add-task run) into ``cfg.output``; returns the metrics."""
+def train_multitask(cfg: MultiTaskConfig, tasks: list[TaskData] | list[TextTask], force: bool = False) -> dict:
+    """Run (or resume) a multi-task run (or an --add-task run) into ``cfg.output``; returns the metrics.
+
+    ``tasks`` are classification tasks (`TaskData`: a head per task, accuracy picks the best epoch)
+    or text-to-text tasks (`TextTask`: a causal LM, mean exact match picks it, ties broken by the
+    lower mean perplexity).
+    """
+    causal = isinstance(tasks[0], TextTask)
+    primary = "exact_match" if causal else PRIMARY_METRIC
     accelerator = make_accelerator(find_unused_parameters=True)
     run, resuming = prepare_run(cfg, force, accelerator)
     torch.manual_seed(cfg.seed)
     restore = None
     if cfg.add_task_from:
         mtm, _, tokenizer = load_multitask(cfg.add_task_from, base_model=cfg.model)
+        if mtm.adapter_config.causal_lm != causal:
+            kind = "a causal LM" if mtm.adapter_config.causal_lm else "a classifier"
+            raise MetaTTError(f"{cfg.add_task_from} is {kind}; add a task of the same kind (text-to-text tasks for a causal LM)")
         new = extend_tasks(mtm, tasks[0].name, tasks[0].label_names, seed=cfg.seed)
         restore = _freeze_for_new_task(mtm, new)
         train_ids = [new]
     else:
         tokenizer = load_tokenizer(cfg.model)
-        model = load_classifier(cfg.model, tasks[0].label_names)
+        model = load_causal_lm(cfg.model) if causal else load_classifier(cfg.model, tasks[0].label_names)
         mtm = build_multitask(
             model,
             [t.name for t in tasks],
@@ -176,17 +220,21 @@ def train_multitask(cfg: MultiTaskConfig, tasks: list[TaskData], force: bool = F
 
     splits = []
     for task in tasks:
-        s = tokenize_task(task, tokenizer, cfg.max_length)
+        if isinstance(task, TextTask):
+            s = tokenize_text_task(task, tokenizer, cfg.max_length, context_length(mtm.model.config))
+        else:
+            s = tokenize_task(task, tokenizer, cfg.max_length)
         if "train" not in s or "validation" not in s:
             raise MetaTTError(f"task '{task.name}' needs a train and a validation split; give train.jsonl,validation.jsonl")
         splits.append(s)
-    collator = DataCollatorWithPadding(tokenizer)
+    collator = CausalCollator(tokenizer.pad_token_id) if causal else DataCollatorWithPadding(tokenizer)
     columns = [c for c in MODEL_INPUTS if c in splits[0]["train"].column_names]
     rows = [s["train"].select_columns(columns).to_list() for s in splits]
     probs = task_probabilities([len(r) for r in rows], cfg.task_sampling, cfg.temperature)
     val_loaders = {
         i: accelerator.prepare(make_loader(splits[k]["validation"], functools.partial(_with_task, collator, i), cfg.eval_batch_size))
         for k, i in enumerate(train_ids)
+        if not causal
     }
     counts = parameter_counts(mtm)
     config = mtm.adapter_config
@@ -205,10 +253,23 @@ def train_multitask(cfg: MultiTaskConfig, tasks: list[TaskData], force: bool = F
         }
 
     def evaluate_epoch(model: nn.Module) -> tuple[dict[str, Any], float, str]:
-        metrics = {tasks[k].name: evaluate(model, val_loaders[i], accelerator, len(tasks[k].label_names)) for k, i in enumerate(train_ids)}
-        mean = float(np.mean([m[PRIMARY_METRIC] for m in metrics.values()]))
-        line = ", ".join(f"{n} acc {m['accuracy']:.4f}" for n, m in metrics.items()) + f"; mean {mean:.4f}"
-        return {"tasks": metrics, "mean_accuracy": mean}, mean, line
+        if causal:
+            m = cast(MultiTaskModel, accelerator.unwrap_model(model))
+            metrics = {
+                tasks[k].name: _evaluate_lm(m, i, splits[k]["validation"], tokenizer, cfg.eval_batch_size) for k, i in enumerate(train_ids)
+            }
+        else:
+            metrics = {
+                tasks[k].name: evaluate(model, val_loaders[i], accelerator, len(tasks[k].label_names)) for k, i in enumerate(train_ids)
+            }
+        mean = float(np.mean([m[primary] for m in metrics.values()]))
+        fields: dict[str, Any] = {"tasks": metrics, f"mean_{primary}": mean}
+        score = mean
+        if causal:
+            fields["mean_perplexity"] = float(np.mean([m["perplexity"] for m in metrics.values()]))
+            score = mean - TIE_BREAK * fields["mean_perplexity"]
+        line = ", ".join(f"{n} {METRIC_SHORT[primary]} {m[primary]:.4f}" for n, m in metrics.items()) + f"; mean {mean:.4f}"
+        return fields, score, line
 
     recipe = Recipe(
         model=mtm,
@@ -230,6 +291,8 @@ def train_multitask(cfg: MultiTaskConfig, tasks: list[TaskData], force: bool = F
     result = {
         "method": config.method,
         "mode": "add-task" if cfg.add_task_from else "joint",
+        "task_type": "causal-lm" if causal else "classification",
+        "primary_metric": primary,
         "model": cfg.model,
         "tasks": [
             {"name": t.name, "source": spec, "labels": t.label_names, "train_examples": len(r), "sampling_probability": float(p)}
@@ -248,6 +311,11 @@ def train_multitask(cfg: MultiTaskConfig, tasks: list[TaskData], force: bool = F
         for k, task in enumerate(tasks):
             if "test" in splits[k]:
                 i = best.tasks.index(task.name)
+                if causal:
+                    result["test"][task.name] = _evaluate_lm(
+                        best.to(accelerator.device), i, splits[k]["test"], tokenizer, cfg.eval_batch_size
+                    )
+                    continue
                 loader = make_loader(splits[k]["test"], functools.partial(_with_task, collator, i), cfg.eval_batch_size)
                 result["test"][task.name] = evaluate(best.to(accelerator.device), loader, None, len(task.label_names))
         atomic_write_json(run / "metrics.json", result)
@@ -273,6 +341,8 @@ def write_multitask_report(run: Path, result: dict) -> None:
     import matplotlib.pyplot as plt
 
     history = result["history"]
+    primary = result.get("primary_metric", PRIMARY_METRIC)
+    short = METRIC_SHORT[primary]
     names = [t["name"] for t in result["tasks"]]
     counts = result["trainable_parameters"]
     text = [f"# {result['method']} multi-task ({result['mode']}): {', '.join(names)}\n", f"model: `{result['model']}`\n"]
@@ -311,8 +381,10 @@ def write_multitask_report(run: Path, result: dict) -> None:
     rows = []
     for h in history:
         row = {"epoch": h["epoch"], "step": h["step"]}
-        row.update({f"{n} acc": m["accuracy"] for n, m in h["tasks"].items()})
-        row["mean acc"] = h["mean_accuracy"]
+        row.update({f"{n} {short}": m[primary] for n, m in h["tasks"].items()})
+        row[f"mean {short}"] = h[f"mean_{primary}"]
+        if "mean_perplexity" in h:
+            row.update({f"{n} perplexity": m["perplexity"] for n, m in h["tasks"].items()})
         row.update({f"{n} batches": b for n, b in h["batches_per_task"].items()})
         rows.append(row)
     text.append("\n## Validation per epoch\n\n" + markdown_table(rows))
@@ -330,10 +402,11 @@ def write_multitask_report(run: Path, result: dict) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     epochs = [h["epoch"] for h in history]
     for n in history[0]["tasks"]:
-        ax1.plot(epochs, [h["tasks"][n]["accuracy"] for h in history], marker="o", label=n)
+        ax1.plot(epochs, [h["tasks"][n][primary] for h in history], marker="o", label=n)
     if len(history[0]["tasks"]) > 1:
-        ax1.plot(epochs, [h["mean_accuracy"] for h in history], "k--", label="mean")
-    ax1.set(xlabel="epoch", ylabel="validation accuracy", title="per-task validation accuracy")
+        ax1.plot(epochs, [h[f"mean_{primary}"] for h in history], "k--", label="mean")
+    label = primary.replace("_", " ")
+    ax1.set(xlabel="epoch", ylabel=f"validation {label}", title=f"per-task validation {label}")
     ax1.legend()
     ax1.grid(alpha=0.3)
     for core in history[0]["grad_norm_rms"]:
@@ -356,10 +429,16 @@ def train_from_cli(
     label_column: str = "label",
     label_names=None,
     model: str | None = None,
+    task_kind: str = "auto",
     force: bool = False,
     **knobs,
 ) -> dict:
-    """`metatt-deploy train --task ... | --add-task ... --from ...`: load every task, build the config, train."""
+    """`metatt-deploy train --task ... | --add-task ... --from ...`: load every task, build the config, train.
+
+    ``task_kind`` (auto, classification, causal-lm) as for a single-task run: auto reads it from
+    the model (the adapter's, with --add-task); causal-lm with the default model uses the
+    embedded decoder.
+    """
     if add_task:
         if specs:
             raise MetaTTError("--add-task trains one new task against a frozen adapter; drop --task")
@@ -370,17 +449,28 @@ def train_from_cli(
             raise MetaTTError(f"{from_adapter} is a single-task adapter; --add-task extends one trained with several --task")
         if model in (None, DEFAULT_MODEL):
             model = base.base_model
+        if task_kind == "auto":
+            task_kind = "causal-lm" if base.causal_lm else "classification"
         specs = [add_task]
     elif from_adapter:
         raise MetaTTError("--from is used with --add-task only; add --add-task NAME=SOURCE")
+    if task_kind == "causal-lm" and model in (None, DEFAULT_MODEL):
+        model = DEFAULT_DECODER  # the embedded encoder cannot generate: use the embedded decoder
+    model = model or DEFAULT_MODEL
+    causal = (task_kind if task_kind != "auto" else task_type(model)) == "causal-lm"
     parsed = [parse_task_spec(s) for s in specs]
     names = [p.name for p in parsed]
     if len(set(names)) != len(names):
         raise MetaTTError(f"task names repeat ({', '.join(names)}); give each --task a distinct NAME")
-    if label_names and len(parsed) > 1:
-        raise MetaTTError("--labels names one task's labels; with several --task, labels come from each task's data")
-    cfg = MultiTaskConfig(output=output, model=model or DEFAULT_MODEL, tasks=list(specs), add_task_from=from_adapter, **knobs)
+    if label_names and (len(parsed) > 1 or causal):
+        raise MetaTTError("--labels names one classification task's labels; with several --task, or text-to-text tasks, drop it")
+    if causal:  # generation is slower than a forward (as for a single-task causal run)
+        knobs["eval_batch_size"] = min(knobs.get("batch_size", DEFAULT_BATCH_SIZE) * 2, 64)
+    cfg = MultiTaskConfig(output=output, model=model, tasks=list(specs), add_task_from=from_adapter, **knobs)
     cfg.check()
+    if causal:
+        tasks: list[TaskData] | list[TextTask] = [load_text_spec(p, max_samples=cfg.sample_limits(), seed=cfg.seed) for p in parsed]
+        return train_multitask(cfg, tasks, force=force)
     options = {"label_column": label_column}
     if text_columns:
         options["text_columns"] = text_columns

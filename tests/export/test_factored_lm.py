@@ -1,0 +1,178 @@
+"""metatt_deploy.export.factored_lm (+ factored.py for decoders, serving/generate.py's TaskSession):
+a factored bundle of a multi-task causal LM, its two ONNX graphs with a KV cache, and greedy
+generation per task identical to that task's merged export. Tiny random Llama only."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from tiny_decoders import ALL_DECODER_TARGETS, save_tiny_decoder
+
+from metatt_deploy.adapters.base_model import load_causal_lm, load_tokenizer
+from metatt_deploy.adapters.multitask import build_multitask, save_multitask
+from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.export.factored import ADAPTER_GRAPH, TASK_GRAPH, load_bundle
+from metatt_deploy.export.merge import merge_adapter, merge_factored
+from metatt_deploy.export.onnx import export_onnx
+from metatt_deploy.export.onnx_lm import greedy, load_ort_decoder
+from metatt_deploy.serving.generate import Generator
+from metatt_deploy.serving.runtime import Runtime
+
+TASKS = ["sent", "nli", "city"]
+PROMPTS = ["Review: this was good today", "Premise: a man plays.", "What is the capital of France?", "fine lovely", "sad boring"]
+NEW = 8
+
+
+def _adapter(root: Path, seed: int) -> tuple[Path, Path]:
+    base = root / "llama"
+    if not base.exists():
+        save_tiny_decoder(root, "llama")
+    model = load_causal_lm(str(base))
+    mtm = build_multitask(model, TASKS, {t: [] for t in TASKS}, rank=4, targets=ALL_DECODER_TARGETS["llama"], base_model=str(base))
+    g = torch.Generator().manual_seed(seed)
+    mtm.metatt.set_cores([torch.randn(s, generator=g) * 0.25 for s in mtm.adapter_config.core_shapes()])
+    return base, save_multitask(mtm, root / f"adapter-{seed}", load_tokenizer(str(base)))
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("factored-lm")
+    base, adapter = _adapter(root, 1)
+    merge_factored(adapter, root / "bundle")
+    return root, base, adapter, root / "bundle"
+
+
+def test_decoder_bundle_holds_base_and_shared_cores_once_and_a_slice_per_task(bundle) -> None:
+    _, _, _, out = bundle
+    info = json.loads((out / "bundle.json").read_text())
+    assert info["task_type"] == "causal-lm" and info["tasks"] == TASKS
+    for t in TASKS:
+        rec = json.loads((out / "tasks" / f"{t}.json").read_text())
+        assert rec["shapes"] == {"task_slice": [4, 4]} and rec["labels"] == [] and (out / "tasks" / f"{t}.onnx_adapter").is_file()
+    for graph_file, extra in ((ADAPTER_GRAPH, set()), (TASK_GRAPH, {"task_ids"})):
+        graph = onnx.load(str(out / graph_file))
+        inputs = {i.name for i in graph.graph.input}
+        initializers = {i.name: i for i in graph.graph.initializer}
+        assert {"input_ids", "attention_mask", "position_ids", "past_key_values.0.key", "past_key_values.1.value"} | extra <= inputs
+        assert {"logits", "present.0.key", "present.1.value"} <= {o.name for o in graph.graph.output}
+        cores = sorted(n for n in initializers if n.startswith("metatt.cores."))
+        assert cores == ["metatt.cores.0", "metatt.cores.1", "metatt.cores.2", "metatt.cores.4"]  # shared cores once, no task core
+    adapter_graph = onnx.load(str(out / ADAPTER_GRAPH))
+    default = next(i for i in adapter_graph.graph.initializer if i.name == "task_slice")
+    assert list(default.dims) == [0, 4]  # an empty default: a run without an active adapter fails
+    assert load_bundle(out).tasks == TASKS
+
+
+def test_generation_per_task_is_token_identical_to_that_tasks_merged_export(bundle) -> None:
+    root, _, adapter, out = bundle
+    tok = load_tokenizer(str(out / "base"))
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in PROMPTS]
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    factored = {form: Generator(out, form=form) for form in ("adapter", "tasks")}
+    pytorch = load_bundle(out)
+    for task in TASKS:
+        merge_adapter(adapter, root / f"merged-{task}", task=task)
+        merged = export_onnx(root / f"merged-{task}", root / f"onnx-{task}")
+        reference = load_ort_decoder(merged)
+        expected = [greedy(reference, ids, NEW, eos, pad) for ids in prompts]
+        for form, gen in factored.items():
+            gen.use(task)  # a switch: no reload
+            assert [greedy(gen.model, ids, NEW, eos, pad) for ids in prompts] == expected, (task, form)
+        x = torch.tensor([prompts[0]])
+        assert (
+            pytorch.generate(x, task_ids=task, max_new_tokens=NEW, do_sample=False)[0, x.shape[1] :].tolist()[: len(expected[0])]
+            == expected[0]
+        )
+    # the tasks differ (else the check above proves nothing)
+    gen = factored["adapter"]
+    answers = []
+    for task in TASKS:
+        gen.use(task)
+        answers.append(greedy(gen.model, prompts[0], NEW, eos, pad))
+    assert len({tuple(a) for a in answers}) > 1
+
+
+def test_tasks_graph_serves_a_batch_that_mixes_tasks(bundle) -> None:
+    _, _, _, out = bundle
+    gen = Generator(out, form="tasks")
+    ids = torch.tensor([[5, 6, 7, 8, 9]] * 3)
+    alone = []
+    for task in TASKS:
+        gen.use(task)
+        alone.append(gen.model(input_ids=ids[:1], attention_mask=torch.ones_like(ids[:1])).logits)
+    gen.use(TASKS)
+    mixed = gen.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    for row in range(3):
+        torch.testing.assert_close(mixed[row : row + 1], alone[row], atol=1e-5, rtol=0)
+    with pytest.raises(MetaTTError, match="task ids for a batch"):
+        gen.use(TASKS[:2])
+        gen.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+def test_bad_tasks_and_files_are_one_line_errors(bundle) -> None:
+    import onnxruntime as ort
+
+    root, _, _, out = bundle
+    gen = Generator(out)
+    with pytest.raises(MetaTTError, match="choose one with --task"):
+        gen.generate("hello", max_new_tokens=2)
+    with pytest.raises(MetaTTError, match="unknown task"):
+        gen.use("nope")
+    with pytest.raises(MetaTTError, match="causal LM"):
+        Runtime(out)
+    # the raw adapter graph without an active adapter fails instead of answering for some task
+    session = ort.InferenceSession(str(out / ADAPTER_GRAPH), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": np.array([[5, 6]]), "attention_mask": np.ones((1, 2), np.int64), "position_ids": np.array([[0, 1]])}
+    feeds.update({i.name: np.zeros((1, 1, 0, 8), np.float32) for i in session.get_inputs() if i.name.startswith("past_key_values")})
+    with pytest.raises(Exception, match="MatMul|dimension|shape"):  # noqa: B017 (onnxruntime's own exception types)
+        session.run(None, feeds)
+    # another bundle's adapter file, and a record whose shapes were edited
+    _, other_adapter = _adapter(root, 2)
+    other = root / "other-bundle"
+    merge_factored(other_adapter, other, onnx=True)
+    copy = root / "copy"
+    shutil.copytree(out, copy)
+    shutil.copy(other / "tasks" / "sent.onnx_adapter", copy / "tasks" / "sent.onnx_adapter")
+    with pytest.raises(MetaTTError, match="sha256 differs"):
+        Generator(copy).use("sent")
+    record = json.loads((copy / "tasks" / "sent.json").read_text())
+    record["files"]["onnx_adapter"]["sha256"] = json.loads((other / "tasks" / "sent.json").read_text())["files"]["onnx_adapter"]["sha256"]
+    (copy / "tasks" / "sent.json").write_text(json.dumps(record))
+    with pytest.raises(MetaTTError, match="another bundle"):
+        Generator(copy).use("sent")
+    record = json.loads((copy / "tasks" / "nli.json").read_text())
+    record["shapes"]["task_slice"] = [4, 3]
+    (copy / "tasks" / "nli.json").write_text(json.dumps(record))
+    with pytest.raises(MetaTTError, match="does not match its task record"):
+        Generator(copy).use("nli")
+
+
+def test_cli_generate_with_task_on_a_factored_bundle(bundle) -> None:
+    from typer.testing import CliRunner
+
+    from metatt_deploy.cli import app
+
+    _, _, _, out = bundle
+    runner = CliRunner()
+    answers = {}
+    for task in TASKS:
+        res = runner.invoke(app, ["generate", str(out), "--task", task, "--max-new-tokens", "4", "What is the capital of France?"])
+        assert res.exit_code == 0, res.output
+        answers[task] = res.output
+    res = runner.invoke(
+        app, ["generate", str(out), "--task", "1", "--form", "tasks", "--max-new-tokens", "4", "What is the capital of France?"]
+    )
+    assert res.exit_code == 0 and res.output == answers["nli"]
+    for args, message in (
+        (["--task", "nope"], "unknown task"),
+        ([], "choose one with --task"),
+        (["--task", "sent", "--form", "x"], "unknown form"),
+    ):
+        res = runner.invoke(app, ["generate", str(out), *args, "hello"])
+        assert res.exit_code == 2 and message in res.output, (args, res.output)
