@@ -513,6 +513,14 @@ def _add_tasks(output: Path, mtm: MultiTaskModel, tasks: list[str], bid: str, fo
     clash = [t for t in tasks if t in present]
     if clash and not force:
         raise MetaTTError(f"bundle {output} already has task(s) {', '.join(clash)}; pass --force to replace them")
+    # a baked task's slice also lives in model_tasks.onnx (and the web app reading it): replacing only
+    # its file would leave the graph serving the old slice, so that takes a new bundle
+    baked = [t for t in clash if t in ((info.get("onnx") or {}).get("task_graph") or {}).get("tasks", [])]
+    if baked:
+        raise MetaTTError(
+            f"task(s) {', '.join(baked)} are baked into {TASK_GRAPH} of bundle {output}; write a new bundle "
+            "(merge --factored -o NEW) to change them, --force replaces only tasks added later"
+        )
     written = []
     for t in tasks:
         # write into a staging folder, then move the files in, so a failure leaves the bundle as it was

@@ -207,6 +207,11 @@ def test_a_task_trained_later_joins_the_deployed_bundle(tiny, tmp_path) -> None:
     assert np.abs(out - ref).max() <= TOL
     with pytest.raises(MetaTTError, match="already has task"):
         write_bundle(grown_dir, deployed, tasks=["late"])
+    assert write_bundle(grown_dir, deployed, tasks=["late"], force=True)["tasks"] == ["late"]  # added later: replaceable
+    baked = "movie"  # its slice is also inside model_tasks.onnx: replacing the file alone would leave the graph stale
+    with pytest.raises(MetaTTError, match=f"{baked} are baked into {TASK_GRAPH}.*new bundle"):
+        write_bundle(grown_dir, deployed, tasks=[baked], force=True)
+    assert all((deployed / f).read_bytes() == b for f, b in graphs.items())
     # an adapter whose shared cores differ (retrained) cannot add tasks to this bundle
     _, other, _, _ = build_tiny_multitask(root, core_seed=7)
     with pytest.raises(MetaTTError, match="other shared cores"):
