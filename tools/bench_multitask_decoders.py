@@ -34,16 +34,18 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from metatt_deploy.adapters.base_model import DEFAULT_DECODER, load_causal_lm, load_tokenizer  # noqa: E402
 from metatt_deploy.adapters.multitask import build_multitask, save_multitask  # noqa: E402
 from metatt_deploy.common.report import markdown_table, save_figure  # noqa: E402
-from metatt_deploy.export.factored import ADAPTER_GRAPH  # noqa: E402
+from metatt_deploy.export.factored import ADAPTER_GRAPH, read_bundle, task_records  # noqa: E402
 from metatt_deploy.export.merge import merge_adapter, merge_factored  # noqa: E402
 from metatt_deploy.export.onnx import export_onnx  # noqa: E402
-from metatt_deploy.export.onnx_lm import greedy, load_ort_decoder  # noqa: E402
+from metatt_deploy.export.onnx_lm import fp32_tolerance, greedy, load_ort_decoder, teacher_forced_logits  # noqa: E402
 from metatt_deploy.serving.generate import Generator  # noqa: E402
 from metatt_deploy.training.lm_data import load_text_task, prompt_ids  # noqa: E402
 
@@ -97,6 +99,64 @@ def make_adapter(work: Path, model: str, n_tasks: int, std: float) -> Path:
     return save_multitask(mtm, work / "adapter", load_tokenizer(model), force=True)
 
 
+def bundle_and_exports(adapter: Path, work: Path, timings: dict[str, float] | None = None) -> tuple[Path, dict[str, Path]]:
+    """``merge --factored`` of ``adapter`` into work/bundle, and per task ``merge --task`` + ``export``
+    into work/onnx-TASK (each reused when already there); returns (bundle, task -> export folder)."""
+    t0 = time.perf_counter()
+    bundle = work / "bundle"
+    if not (bundle / "bundle.json").is_file():
+        merge_factored(adapter, bundle)
+    t1 = time.perf_counter()
+    merged: dict[str, Path] = {}
+    for task in (r["task"] for r in task_records(bundle, read_bundle(bundle))):
+        out = work / f"onnx-{task}"
+        if not (out / "model.onnx").is_file():
+            merge_adapter(adapter, work / f"merged-{task}", task=task, force=True)
+            export_onnx(work / f"merged-{task}", out, force=True)
+        merged[task] = out
+    if timings is not None:
+        timings["bundle_s"] = t1 - t0
+        timings["merged_exports_s"] = time.perf_counter() - t1
+    return bundle, merged
+
+
+def task_parity(
+    bundle: Path,
+    merged: dict[str, Path],
+    prompts: dict[str, list[list[int]]],
+    new_tokens: int,
+    forms: tuple[str, ...] = ("adapter", "tasks"),
+    logits: bool = True,
+) -> list[dict]:
+    """Per task and bundle form, greedy generation from the factored bundle against that task's merged export.
+
+    One row per (task, form): prompts whose ``new_tokens`` greedy tokens are identical, and with
+    ``logits`` the max |logit diff| teacher-forced over the prompt plus the merged export's answer and
+    the fp32 tolerance that ``export`` holds a decoder to at those logits (onnx_lm.fp32_tolerance).
+    """
+    generators = {form: Generator(bundle, threads=1, form=form) for form in forms}
+    tok = next(iter(generators.values())).tokenizer
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    rows = []
+    for task, ids in prompts.items():
+        reference = load_ort_decoder(merged[task], threads=1)
+        answers = [greedy(reference, p, new_tokens, eos, pad) for p in ids]
+        expected = [teacher_forced_logits(reference, p + a) for p, a in zip(ids, answers)] if logits else []
+        for form, gen in generators.items():
+            gen.use(task)
+            same = sum(greedy(gen.model, p, new_tokens, eos, pad) == a for p, a in zip(ids, answers))
+            row = {"task": task, "form": form, "prompts": len(ids), "token-identical": same}
+            if logits:
+                row["max abs logit diff"] = max(
+                    float(np.abs(teacher_forced_logits(gen.model, p + a) - e).max()) for p, a, e in zip(ids, answers, expected)
+                )
+                row["fp32 tolerance"] = fp32_tolerance(max(float(np.abs(e).max()) for e in expected))
+            rows.append(row)
+            print(row, flush=True)
+        del reference
+    return rows
+
+
 def decode_time(model, ids: list[int], n: int) -> float:
     """Seconds for ``n`` forced new tokens after the prompt, less the prompt's own forward."""
     import torch
@@ -129,36 +189,20 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
     adapter = args.adapter or make_adapter(work, args.model, args.tasks, args.std)
-    bundle = work / "bundle"
-    if not (bundle / "bundle.json").is_file():
-        merge_factored(adapter, bundle)
-    timings["bundle_s"] = time.perf_counter() - t0
+    bundle, merged = bundle_and_exports(adapter, work, timings)
     gen = Generator(bundle, threads=1)
     tasks = gen.tasks
     tok = gen.tokenizer
-    merged: dict[str, Path] = {}
-    for task in tasks:
-        out = work / f"onnx-{task}"
-        if not (out / "model.onnx").is_file():
-            merge_adapter(adapter, work / f"merged-{task}", task=task, force=True)
-            export_onnx(work / f"merged-{task}", out, force=True)
-        merged[task] = out
-    timings["merged_exports_s"] = time.perf_counter() - t0 - timings["bundle_s"]
 
     # 1. parity
-    parity = []
-    eos, pad = tok.eos_token_id, tok.pad_token_id
+    prompts = {}
     for k, task in enumerate(tasks):
         rows = load_text_task(dataset=SOURCES[k % len(SOURCES)], max_samples={"test": args.prompts}).splits["test"]
-        prompts = [prompt_ids(m, tok) for m in rows["messages"]]
-        reference = load_ort_decoder(merged[task], threads=1)
-        gen.use(task)
-        same = sum(greedy(gen.model, p, args.new_tokens, eos, pad) == greedy(reference, p, args.new_tokens, eos, pad) for p in prompts)
-        parity.append({"task": task, "prompts from": SOURCES[k % len(SOURCES)], "prompts": len(prompts), "token-identical": same})
-        del reference
-        print(parity[-1], flush=True)
+        prompts[task] = [prompt_ids(m, tok) for m in rows["messages"]]
+    parity = task_parity(bundle, merged, prompts, args.new_tokens, forms=("adapter",), logits=False)
+    for k, row in enumerate(parity):
+        row["prompts from"] = SOURCES[k % len(SOURCES)]
 
     # 2. switching
     x = torch.tensor([prompt_ids([{"role": "user", "content": "word " * 28}], tok)[:32]])
