@@ -4,7 +4,7 @@ error over seeds), adapter parameters and median training-step time (ratio to Lo
 
 python tools/compare_decoders.py [--dataset movie-sentiment] [--train-samples 256] [--eval-samples 100]
     [--val-samples 32] [--epochs 1] [--seeds 0,1] [--methods zero-shot,metatt-4d,metatt-5d,lora]
-    [--out runs/compare-llm] [--report docs/decoders-results-movie.md]
+    [--out runs/compare-llm] [--report docs/decoders-results-movie.md] [--finished-only]
 
 Each run is an ordinary `train` run under --out (finished runs are reused, so an interrupted
 comparison resumes run by run). LoRA trains at --lora-lr (PEFT's usual 1e-3 range); MetaTT at
@@ -41,12 +41,24 @@ def mean_se(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} +- {statistics.stdev(values) / math.sqrt(len(values)):.3f}"
 
 
+def result_file(args: argparse.Namespace, method: str, seed: int) -> Path:
+    """Where one seed of one method (or the zero-shot floor) writes its result under --out."""
+    out = Path(args.out) / f"{args.dataset}-{method}-s{seed}"
+    return out / ("zero-shot.json" if method == "zero-shot" else "metrics.json")
+
+
+def finished(args: argparse.Namespace, method: str, seed: int) -> dict | None:
+    """That result if the run has finished."""
+    done = result_file(args, method, seed)
+    return json.loads(done.read_text()) if done.is_file() else None
+
+
 def run_one(args: argparse.Namespace, method: str, seed: int) -> dict:
     """One seed of one method (or the zero-shot floor), reusing a finished run under --out."""
-    out = Path(args.out) / f"{args.dataset}-{method}-s{seed}"
-    done = out / ("zero-shot.json" if method == "zero-shot" else "metrics.json")
-    if done.is_file():
-        return json.loads(done.read_text())
+    if (result := finished(args, method, seed)) is not None:
+        return result
+    done = result_file(args, method, seed)
+    out = done.parent
     if method == "zero-shot":
         z = zero_shot(args.model, args.dataset, "test", args.eval_samples, seed=seed, max_length=args.max_length)
         result = {"test": {"exact_match": z["exact_match"], "perplexity": z["perplexity"]}, "trainable_parameters": {"adapter": 0}}
@@ -87,10 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="zero-shot,metatt-4d,metatt-5d,lora")
     parser.add_argument("--out", default="runs/compare-llm")
     parser.add_argument("--report", default=None)
+    parser.add_argument("--finished-only", action="store_true", help="report the finished runs only; train nothing")
     args = parser.parse_args(argv)
 
     seeds = [int(s) for s in args.seeds.split(",")]
-    runs = {m: [run_one(args, m, seed) for seed in seeds] for m in args.methods.split(",")}
+    if args.finished_only:
+        runs = {m: [r for seed in seeds if (r := finished(args, m, seed))] for m in args.methods.split(",")}
+        runs = {m: rs for m, rs in runs.items() if rs}
+    else:
+        runs = {m: [run_one(args, m, seed) for seed in seeds] for m in args.methods.split(",")}
     lora_step = statistics.median(r["step_time_median_s"] for r in runs["lora"]) if "lora" in runs else None
     rows = []
     for method, results in runs.items():
