@@ -16,7 +16,9 @@ SmolLM2-135M-Instruct (first core normal std 0.02, every task slice identity + n
    --prompts test prompts of a builtin task per task (movie, snli, amazon);
 3. time per new token of GenAI and of ONNX Runtime on the same prompts (median; the shared
    machine makes this indicative only);
-4. disk: the graph, each task's .onnx_adapter and safetensors.
+4. disk: the graph, each task's .onnx_adapter and safetensors, and (when the adapter is known:
+   --adapter, or the one made here) each task's lossless LoRA form as ``merge --to peft`` writes
+   it (adapter_model.safetensors), which is what a GenAI LoRA adapter per task would hold.
 
 Writes OUTPUT.md and OUTPUT.json.
 """
@@ -42,6 +44,7 @@ from metatt_deploy.export.factored import ADAPTER_GRAPH, load_bundle, read_bundl
 from metatt_deploy.export.genai import GENAI_CONFIG, GENAI_FILES, export_genai, import_genai  # noqa: E402
 from metatt_deploy.export.merge import merge_factored  # noqa: E402
 from metatt_deploy.export.onnx_lm import greedy  # noqa: E402
+from metatt_deploy.export.peft import to_peft  # noqa: E402
 from metatt_deploy.serving.genai import GenAIGenerator  # noqa: E402
 from metatt_deploy.serving.generate import Generator  # noqa: E402
 from metatt_deploy.training.lm_data import load_text_task, prompt_ids  # noqa: E402
@@ -49,8 +52,19 @@ from metatt_deploy.training.lm_data import load_text_task, prompt_ids  # noqa: E
 KIB = 1024
 
 
+def compare_ids(og_tokenizer, prompts: list[list[int]], tokenizer) -> dict:
+    """GenAI's ids of the prompts' text against transformers' ids: prompts identical, ids that are -1."""
+    minus, total, same = 0, 0, 0
+    for ids in prompts:
+        got = [int(i) for i in og_tokenizer.encode(tokenizer.decode(ids))]
+        minus += sum(i == -1 for i in got)
+        total += len(got)
+        same += got == ids
+    return {"prompts": len(prompts), "identical": same, "ids": total, "minus_one": minus}
+
+
 def as_saved_tokenizer_ids(og, bundle: Path, prompts: list[list[int]], tokenizer) -> dict:
-    """GenAI's ids of the prompts' text from the tokenizer files as saved in base/ (no GenAI fixes)."""
+    """`compare_ids` with the tokenizer files as saved in base/ (no GenAI fixes), beside the same graph and config."""
     folder = bundle.parent / "genai-as-saved"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir()
@@ -59,17 +73,10 @@ def as_saved_tokenizer_ids(og, bundle: Path, prompts: list[list[int]], tokenizer
     for name in GENAI_FILES[1:]:
         shutil.copy(bundle / "base" / name, folder / name)
     model = og.Model(str(folder))
-    og_tok = og.Tokenizer(model)
-    texts = [tokenizer.decode(p) for p in prompts]
-    minus, total, same = 0, 0, 0
-    for text, ids in zip(texts, prompts):
-        got = [int(i) for i in og_tok.encode(text)]
-        minus += sum(i == -1 for i in got)
-        total += len(got)
-        same += got == ids
-    del og_tok, model
+    out = compare_ids(og.Tokenizer(model), prompts, tokenizer)
+    del model
     shutil.rmtree(folder)
-    return {"prompts": len(prompts), "identical": same, "ids": total, "minus_one": minus}
+    return out
 
 
 def main() -> None:
@@ -89,11 +96,12 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    bundle = args.bundle
+    bundle, adapter = args.bundle, args.adapter
     if bundle is None:
         bundle = work / "bundle"
+        adapter = adapter or (work / "adapter" if (work / "adapter").is_dir() else make_adapter(work, args.model, 3, 0.02))
         if not (bundle / "bundle.json").is_file():
-            merge_factored(args.adapter or make_adapter(work, args.model, 3, 0.02), bundle)
+            merge_factored(adapter, bundle)
     info = read_bundle(bundle)
     record = info.get("genai") or export_genai(bundle)
     prepared_s = time.perf_counter() - started
@@ -104,13 +112,17 @@ def main() -> None:
     tok = ort_gen.tokenizer
     eos, pad = tok.eos_token_id, tok.pad_token_id
     rows, all_prompts, times = [], [], {"genai": [], "onnxruntime": []}
+    first_prompt = None
+    answers: dict[str, list[int]] = {}  # every task's GenAI answer to the first task's first prompt
     for k, task in enumerate(ort_gen.tasks):
         source = SOURCES[k % len(SOURCES)]
         messages = load_text_task(dataset=source, max_samples={"test": args.prompts}).splits["test"]["messages"]
         prompts = [prompt_ids(m, tok) for m in messages]
+        first_prompt = first_prompt or prompts[0]
         all_prompts += prompts
         ort_gen.use(task)
         genai.use(task)
+        answers[task] = list(genai.tokens(first_prompt, args.new_tokens))
         same_pt = same_ort = 0
         for ids in prompts:
             t0 = time.perf_counter()
@@ -135,10 +147,7 @@ def main() -> None:
         )
         print(rows[-1], flush=True)
     saved = as_saved_tokenizer_ids(og, bundle, all_prompts, tok)
-    written = {
-        "prompts": len(all_prompts),
-        "identical": sum([int(i) for i in genai.og_tokenizer.encode(tok.decode(p))] == p for p in all_prompts),
-    }
+    written = compare_ids(genai.og_tokenizer, all_prompts, tok)
     sizes = [
         {
             "task": r["task"],
@@ -147,6 +156,12 @@ def main() -> None:
         }
         for r in task_records(bundle, info)
     ]
+    if adapter is not None:
+        for row in sizes:
+            peft = work / f"peft-{row['task']}"
+            if not (peft / "adapter_model.safetensors").is_file():
+                to_peft(adapter, peft, task=row["task"], force=True)
+            row["LoRA (merge --to peft) bytes"] = (peft / "adapter_model.safetensors").stat().st_size
     result = {
         "bundle": str(bundle),
         "onnxruntime_genai": record["onnxruntime_genai"],
@@ -154,6 +169,7 @@ def main() -> None:
         "tokenizer_as_saved": saved,
         "tokenizer_written": written,
         "parity": rows,
+        "distinct_answers_to_one_prompt": len({tuple(a) for a in answers.values()}),
         "ms_per_token_median": {k: statistics.median(v) * 1e3 for k, v in times.items()},
         "graph_mib": (bundle / ADAPTER_GRAPH).stat().st_size / 2**20,
         "sizes": sizes,
@@ -181,7 +197,7 @@ def main() -> None:
                 {
                     "tokenizer files": "written by export --genai",
                     "prompts identical": f"{written['identical']}/{written['prompts']}",
-                    "ids that are -1": "0",
+                    "ids that are -1": f"{written['minus_one']}/{written['ids']}",
                 },
             ]
         ),
@@ -189,6 +205,9 @@ def main() -> None:
         f"## Greedy parity per task ({args.new_tokens} new tokens)",
         "",
         markdown_table(rows),
+        "",
+        f"The {len(answers)} tasks give {result['distinct_answers_to_one_prompt']} different answers to the same prompt "
+        "(the first prompt of the first task), so the parity above distinguishes the tasks.",
         "",
         f"Median time per new token: GenAI {result['ms_per_token_median']['genai']:.1f} ms, ONNX Runtime (optimum generate) "
         f"{result['ms_per_token_median']['onnxruntime']:.1f} ms (shared 2-core machine: indicative only).",
@@ -199,7 +218,12 @@ def main() -> None:
         "",
     ]
     args.output.with_suffix(".md").write_text("\n".join(md))
-    print(json.dumps({k: result[k] for k in ("parity", "tokenizer_as_saved", "tokenizer_written", "ms_per_token_median")}, indent=1))
+    print(
+        json.dumps(
+            {k: result[k] for k in ("parity", "distinct_answers_to_one_prompt", "tokenizer_as_saved", "ms_per_token_median", "sizes")},
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

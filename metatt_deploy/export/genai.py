@@ -207,7 +207,7 @@ def genai_tokens(
     params = og.GeneratorParams(model)
     options: dict[str, Any] = {"max_length": len(ids) + max_new_tokens, "do_sample": temperature > 0}
     if temperature > 0:
-        options.update(temperature=temperature, random_seed=seed, top_k=0, top_p=1.0)
+        options.update(temperature=temperature, random_seed=seed, top_k=50, top_p=1.0)  # transformers' sampling defaults
     params.set_search_options(**options)
     generator = og.Generator(model, params)
     generator.set_active_adapter(adapters, task)
@@ -250,6 +250,10 @@ def export_genai(bundle: str | Path, *, force: bool = False) -> dict:
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
+        if info.get("genai"):  # --force over earlier GenAI files: the record goes with them
+            atomic_write_json(
+                bundle / BUNDLE_JSON, {k: v for k, v in read_json(bundle / BUNDLE_JSON, "bundle description").items() if k != "genai"}
+            )
         raise
     sizes = {r["task"]: task_file(bundle, r, "onnx_adapter").stat().st_size for r in task_records(bundle, info)}
     record = {

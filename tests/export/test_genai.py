@@ -147,6 +147,9 @@ def test_greedy_generation_per_task_is_token_identical_to_pytorch_and_onnxruntim
         answers.setdefault(task, got)
         assert answers[task] == got
     assert len({json.dumps(a) for a in answers.values()}) == len(TASKS)  # the tasks answer differently (else this proves nothing)
+    # sampling: seeded, so repeatable
+    sampled = [list(gen.tokens(prompts[0], NEW, temperature=1.5, seed=s)) for s in (7, 7, 8)]
+    assert sampled[0] == sampled[1] and all(len(s) >= 1 for s in sampled)
     # the text pieces are GenAI's own decoding of the same ids
     gen.use("nli")
     text = gen.generate(PROMPTS[2], max_new_tokens=NEW)
@@ -212,18 +215,16 @@ def test_bad_input_is_a_one_line_error(og, genai_bundle, bundle, tmp_path, monke
     with pytest.raises(MetaTTError, match="sha256 differs"):
         GenAIGenerator(swapped).use("sent")
     # a tokenizer GenAI cannot read the same way: a one-line error, and no GenAI files are left behind
-    odd = tmp_path / "odd"
-    shutil.copytree(plain, odd)
-    data = json.loads((odd / "base" / "tokenizer.json").read_text())
-    data["pre_tokenizer"] = {"type": "Whitespace"}  # no longer byte-level: left as written, and GenAI disagrees
-    (odd / "base" / "tokenizer.json").write_text(json.dumps(data))
-    with pytest.raises(MetaTTError, match="GenAI's tokenizer"):
-        export_genai(odd)
-    assert (
-        not (odd / GENAI_CONFIG).exists()
-        and not (odd / "tokenizer.json").exists()
-        and "genai" not in json.loads((odd / "bundle.json").read_text())
-    )
+    for source, force in ((plain, False), (ready, True)):  # a first export, and --force over an earlier one
+        odd = tmp_path / f"odd-{force}"
+        shutil.copytree(source, odd)
+        data = json.loads((odd / "base" / "tokenizer.json").read_text())
+        data["pre_tokenizer"] = {"type": "Whitespace"}  # no longer byte-level: left as written, and GenAI disagrees
+        (odd / "base" / "tokenizer.json").write_text(json.dumps(data))
+        with pytest.raises(MetaTTError, match="GenAI's tokenizer"):
+            export_genai(odd, force=force)
+        assert not (odd / GENAI_CONFIG).exists() and not (odd / "tokenizer.json").exists()
+        assert "genai" not in json.loads((odd / "bundle.json").read_text())
     # without onnxruntime-genai: how to install it
     monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)
     with pytest.raises(MetaTTError, match=r"pip install 'metatt-deploy\[genai\]'"):
