@@ -186,7 +186,7 @@ def test_og_api_as_documented(og, genai_bundle) -> None:
         generator.generate_next_token()
 
 
-def test_bad_input_is_a_one_line_error(og, genai_bundle, bundle, tmp_path, monkeypatch) -> None:
+def test_bad_input_is_a_one_line_error(og, genai_bundle, bundle, tmp_path) -> None:
     from metatt_deploy.serving.genai import GenAIGenerator
 
     ready, _ = genai_bundle
@@ -225,10 +225,16 @@ def test_bad_input_is_a_one_line_error(og, genai_bundle, bundle, tmp_path, monke
             export_genai(odd, force=force)
         assert not (odd / GENAI_CONFIG).exists() and not (odd / "tokenizer.json").exists()
         assert "genai" not in json.loads((odd / "bundle.json").read_text())
-    # without onnxruntime-genai: how to install it
+
+
+def test_without_onnxruntime_genai_the_error_says_how_to_install_it(bundle, monkeypatch) -> None:
+    from metatt_deploy.serving.genai import GenAIGenerator
+
+    _, plain = bundle
     monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)
-    with pytest.raises(MetaTTError, match=r"pip install 'metatt-deploy\[genai\]'"):
-        GenAIGenerator(ready)
+    for call in (lambda: export_genai(plain), lambda: GenAIGenerator(plain)):
+        with pytest.raises(MetaTTError, match=r"not installed; pip install 'metatt-deploy\[genai\]'"):
+            call()
 
 
 def test_cli_export_genai_and_generate_with_runtime_genai(og, bundle, tmp_path) -> None:
