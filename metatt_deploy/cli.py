@@ -24,6 +24,7 @@ from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_text, check_separate, check_writable, read_json
 from metatt_deploy.common.report import close_progress_bars
 from metatt_deploy.common.threads import resolve_threads
+from metatt_deploy.export.genai import GENAI_CONFIG, export_genai
 from metatt_deploy.export.merge import merge_adapter, merge_factored
 from metatt_deploy.export.onnx import MANIFEST_NAME, export_onnx, read_manifest
 from metatt_deploy.export.peft import to_peft
@@ -32,6 +33,7 @@ from metatt_deploy.export.validate import report_paths
 from metatt_deploy.export.validate import validate as run_validation
 from metatt_deploy.export.validate_lm import validate_decoder
 from metatt_deploy.export.web import vendor_web_runtime
+from metatt_deploy.serving.genai import GenAIGenerator
 from metatt_deploy.serving.generate import Generator
 from metatt_deploy.serving.http import ServeSettings
 from metatt_deploy.serving.ray_app import run as run_ray
@@ -58,6 +60,7 @@ from metatt_deploy.training.single import train as run_training
 # not a terminal): it wraps long option names, defaults and syntax instead of cutting them with
 # an ellipsis as rich's tables do in narrow columns, so --help is complete in any terminal or pipe.
 HELP_WIDTH = 120
+RUNTIMES = ("onnxruntime", "genai")  # generate --runtime
 
 app = typer.Typer(
     name="metatt-deploy",
@@ -485,12 +488,39 @@ def export(
         Path | None, typer.Option(help="Adapter the model was merged from, for the manifest (default: the one metatt_merge.json records).")
     ] = None,
     task: Annotated[str | None, typer.Option(help="Task to merge when MODEL_DIR is a multi-task adapter.")] = None,
+    genai: Annotated[
+        bool,
+        typer.Option(
+            "--genai",
+            help="MODEL_DIR is a factored decoder bundle (merge --factored): make it an ONNX Runtime GenAI model folder (genai_config.json + tokenizer files; every tasks/NAME.onnx_adapter is a GenAI adapter), checked with onnxruntime-genai.",
+        ),
+    ] = False,
     force: Force = False,
 ) -> None:
     """Export a merged model to an ONNX bundle (model.onnx, tokenizer, manifest.json) and check its parity.
 
     Decoders export with a KV cache (text-generation-with-past; --quantize int8 or int4), see docs/decoders.md.
+    With --genai, a factored decoder bundle becomes an ONNX Runtime GenAI model, see docs/multitask-decoders.md.
     """
+    if genai:
+        others = {"--output": output, "--name": name, "--quantize": quantize, "--calibration": calibration, "--web-runtime": web_runtime}
+        others.update({"--adapter": adapter, "--task": task, "--format": formats, "--optimize": optimize or None})
+        others.update({"--dtype": None if dtype == "fp32" else dtype, "--layout": None if layout == "optimum" else layout})
+        given = [k for k, v in others.items() if v]
+        if given:
+            raise MetaTTError(f"--genai writes into the bundle itself and takes no {given[0]}; drop it")
+        record = export_genai(model_dir, force=force)
+        parity = record["parity"]
+        sizes = ", ".join(f"{t} {b} B" for t, b in record["adapter_bytes"].items())
+        typer.echo(
+            f"wrote {GENAI_CONFIG} + tokenizer into {model_dir} (onnxruntime-genai {record['onnxruntime_genai']}; "
+            f"{record['tokenizer_probes_identical']} tokenizer probes identical to transformers); adapters: {sizes}"
+        )
+        typer.echo(
+            f"greedy parity GenAI vs PyTorch adapter: {parity['identical']}/{parity['total']} token-identical "
+            f"({parity['prompts']} prompts x {parity['new_tokens']} tokens per task)"
+        )
+        return
     out = export_onnx(
         model_dir,
         output,
@@ -804,15 +834,25 @@ def generate(
             help="Factored bundle: adapter (model_adapter.onnx + the task's .onnx_adapter) or tasks (model_tasks.onnx, task ids)."
         ),
     ] = "adapter",
+    runtime: Annotated[
+        str,
+        typer.Option(
+            help="onnxruntime (optimum's generate loop), or genai: ONNX Runtime GenAI on a factored bundle made ready with export --genai."
+        ),
+    ] = "onnxruntime",
 ) -> None:
-    """Generate answers from an exported decoder on ONNX Runtime, streaming tokens as they come."""
+    """Generate answers from an exported decoder on ONNX Runtime (or ONNX Runtime GenAI), streaming tokens as they come."""
     import sys
 
     if not prompts or prompts == ["-"]:
         prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
         if not prompts:
             raise MetaTTError("no prompts: pass them as arguments or one per line on standard input")
-    generator = Generator(bundle, threads=threads, form=form)
+    if runtime not in RUNTIMES:
+        raise MetaTTError(f"unknown --runtime '{runtime}'; use {' or '.join(RUNTIMES)}")
+    if runtime == "genai" and form != "adapter":
+        raise MetaTTError("--runtime genai serves model_adapter.onnx (one task per call); drop --form")
+    generator = Generator(bundle, threads=threads, form=form) if runtime == "onnxruntime" else GenAIGenerator(bundle, threads=threads)
     if task is not None:
         generator.use(int(task) if task.isdigit() else task)
     for prompt in prompts:

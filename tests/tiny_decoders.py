@@ -110,3 +110,21 @@ def save_tiny_adapter(
     adapter_dir = Path(root) / f"{arch}-{method}-adapter"
     save_adapter(model, adapter_dir, tokenizer=load_tokenizer(str(base)))
     return base, adapter_dir
+
+
+def save_tiny_multitask(root: Path, tasks: list[str], seed: int, rank: int = 4, std: float = 0.25) -> tuple[Path, Path]:
+    """A tiny Llama (under ``root/llama``, made once) and a multi-task (4+1)D adapter on it with random cores.
+
+    Returns (base folder, adapter folder ``root/adapter-<seed>``).
+    """
+    from metatt_deploy.adapters.base_model import load_causal_lm, load_tokenizer
+    from metatt_deploy.adapters.multitask import build_multitask, save_multitask
+
+    base = Path(root) / "llama"
+    if not base.exists():
+        save_tiny_decoder(root, "llama")
+    model = load_causal_lm(str(base))
+    mtm = build_multitask(model, tasks, {t: [] for t in tasks}, rank=rank, targets=ALL_DECODER_TARGETS["llama"], base_model=str(base))
+    g = torch.Generator().manual_seed(seed)
+    mtm.metatt.set_cores([torch.randn(s, generator=g) * std for s in mtm.adapter_config.core_shapes()])
+    return base, save_multitask(mtm, Path(root) / f"adapter-{seed}", load_tokenizer(str(base)))

@@ -34,6 +34,28 @@ from metatt_deploy.training.lm_data import context_length, prompt_ids
 DECODER_FORMS = ("adapter", "tasks")
 
 
+def encode_prompt(tokenizer, prompt: str, raw: bool = False, system: str | None = None) -> list[int]:
+    """The ids of ``prompt`` as the model was trained to see it: in its chat template (with ``system``), or as is (``raw``)."""
+    if raw:
+        return tokenizer(prompt).input_ids
+    if not tokenizer.chat_template:
+        raise MetaTTError("this model's tokenizer has no chat template; pass --raw to feed prompts as they are")
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return prompt_ids(messages, tokenizer)
+
+
+def checked_prompt(ids: list[int], max_new_tokens: int, context: int | None) -> list[int]:
+    """``ids``, if they and ``max_new_tokens`` new tokens fit the model's context (else a one-line error)."""
+    if max_new_tokens < 1:
+        raise MetaTTError("--max-new-tokens must be at least 1")
+    if context and len(ids) + max_new_tokens > context:
+        raise MetaTTError(
+            f"the prompt has {len(ids)} tokens; with {max_new_tokens} new tokens that exceeds the model's context of "
+            f"{context}; shorten the prompt or lower --max-new-tokens"
+        )
+    return ids
+
+
 class TaskSession:
     """An ONNX Runtime session of a factored decoder graph that runs with the chosen task.
 
@@ -138,12 +160,7 @@ class Generator:
         self.session.use(task)
 
     def encode(self, prompt: str, raw: bool = False, system: str | None = None) -> list[int]:
-        if raw:
-            return self.tokenizer(prompt).input_ids
-        if not self.tokenizer.chat_template:
-            raise MetaTTError("this model's tokenizer has no chat template; pass --raw to feed prompts as they are")
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return prompt_ids(messages, self.tokenizer)
+        return encode_prompt(self.tokenizer, prompt, raw, system)
 
     def stream(
         self,
@@ -164,14 +181,7 @@ class Generator:
             self.use(task)
         elif self.session is not None and self.session.task is None:
             raise MetaTTError(f"this bundle serves several tasks; choose one with --task ({', '.join(self.tasks)})")
-        if max_new_tokens < 1:
-            raise MetaTTError("--max-new-tokens must be at least 1")
-        ids = self.encode(prompt, raw, system)
-        if self.context and len(ids) + max_new_tokens > self.context:
-            raise MetaTTError(
-                f"the prompt has {len(ids)} tokens; with {max_new_tokens} new tokens that exceeds the model's context of "
-                f"{self.context}; shorten the prompt or lower --max-new-tokens"
-            )
+        ids = checked_prompt(self.encode(prompt, raw, system), max_new_tokens, self.context)
         x = torch.tensor([ids])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         options = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)

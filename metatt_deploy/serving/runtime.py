@@ -312,12 +312,24 @@ class Runtime:
 
 
 def load_task_adapter(bundle: Path, info: dict, rec: dict):
-    """A task's .onnx_adapter as an onnxruntime.LoraAdapter, after checking it belongs here.
+    """A task's .onnx_adapter as an onnxruntime.LoraAdapter, after checking it belongs here (`checked_adapter_file`).
+
+    The adapter must outlive every RunOptions it is added to (a freed one makes ONNX Runtime
+    fall back to the empty defaults), so callers keep it.
+    """
+    import onnxruntime as ort
+
+    path = checked_adapter_file(bundle, info, rec)
+    adapter = ort.LoraAdapter()
+    adapter.Load(str(path))
+    return adapter
+
+
+def checked_adapter_file(bundle: Path, info: dict, rec: dict) -> Path:
+    """The path of a task's .onnx_adapter, after checking it belongs to this bundle and its graph.
 
     Refused (one line each): a file whose sha256 is not its record's, one written for another
     bundle (model version), tensors the graph does not take, or shapes other than the record's.
-    The adapter must outlive every RunOptions it is added to (a freed one makes ONNX Runtime
-    fall back to the empty defaults), so callers keep it.
     """
     import onnxruntime as ort
 
@@ -340,9 +352,8 @@ def load_task_adapter(bundle: Path, info: dict, rec: dict):
     shapes = {k: list(np.asarray(v.numpy()).shape) for k, v in params.items()}
     if shapes != rec["shapes"]:
         raise MetaTTError(f"adapter file {path.name} does not match its task record ({shapes} vs {rec['shapes']}); re-write the task")
-    adapter = ort.LoraAdapter()
-    adapter.Load(str(path))
-    return adapter
+    del params, fmt  # the parameters are views into the file's buffer
+    return path
 
 
 class _Only:

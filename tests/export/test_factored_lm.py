@@ -12,10 +12,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from tiny_decoders import ALL_DECODER_TARGETS, save_tiny_decoder
+from tiny_decoders import save_tiny_multitask
 
-from metatt_deploy.adapters.base_model import load_causal_lm, load_tokenizer
-from metatt_deploy.adapters.multitask import build_multitask, save_multitask
+from metatt_deploy.adapters.base_model import load_tokenizer
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.export.factored import ADAPTER_GRAPH, TASK_GRAPH, load_bundle
 from metatt_deploy.export.merge import merge_adapter, merge_factored
@@ -30,14 +29,7 @@ NEW = 8
 
 
 def _adapter(root: Path, seed: int) -> tuple[Path, Path]:
-    base = root / "llama"
-    if not base.exists():
-        save_tiny_decoder(root, "llama")
-    model = load_causal_lm(str(base))
-    mtm = build_multitask(model, TASKS, {t: [] for t in TASKS}, rank=4, targets=ALL_DECODER_TARGETS["llama"], base_model=str(base))
-    g = torch.Generator().manual_seed(seed)
-    mtm.metatt.set_cores([torch.randn(s, generator=g) * 0.25 for s in mtm.adapter_config.core_shapes()])
-    return base, save_multitask(mtm, root / f"adapter-{seed}", load_tokenizer(str(base)))
+    return save_tiny_multitask(root, TASKS, seed)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,105 @@
+"""Generation per task from a factored decoder bundle on ONNX Runtime GenAI (``generate --runtime genai``).
+
+The bundle must have been made a GenAI model folder first (``export BUNDLE --genai``,
+export/genai.py). One ``og.Model`` holds the graph (base weights and shared cores once); every
+task's ``.onnx_adapter`` is checked like on ONNX Runtime (sha256, bundle version, shapes) and
+loaded once into one ``og.Adapters``; a call makes a fresh generator (cheap: it holds only the
+KV cache) and activates its task with ``set_active_adapter``, so switching tasks reloads nothing.
+A generator without an active adapter is never run: the graph's empty default slice would fail.
+
+Prompts are encoded exactly as on ONNX Runtime (transformers' tokenizer and chat template,
+serving/generate.py); the export checked that GenAI's own tokenizer gives the same ids, so a
+caller using ``og.Tokenizer`` directly gets the same answers. Pieces of text come from GenAI's
+tokenizer stream (special tokens skipped, no clean-up of spaces before punctuation).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from metatt_deploy.adapters.config import resolve_task
+from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.export.factored import BASE_DIR, read_bundle, task_records
+from metatt_deploy.export.genai import GENAI_CONFIG, genai_tokens, import_genai
+from metatt_deploy.serving.generate import checked_prompt, encode_prompt
+from metatt_deploy.serving.runtime import checked_adapter_file
+from metatt_deploy.training.lm_data import context_length
+
+
+class GenAIGenerator:
+    """A factored decoder bundle on ONNX Runtime GenAI: one model, one adapter per task, switched per call."""
+
+    def __init__(self, bundle: str | Path, threads: int | None = None):
+        from transformers import AutoConfig, AutoTokenizer
+
+        og = import_genai()
+        bundle = Path(bundle)
+        info = read_bundle(bundle)
+        if info.get("task_type") != "causal-lm" or not info.get("onnx"):
+            raise MetaTTError(f"{bundle} is not a factored bundle of a causal LM with ONNX graphs; --runtime genai needs one")
+        if not info.get("genai") or not (bundle / GENAI_CONFIG).is_file():
+            raise MetaTTError(f"{bundle} has no ONNX Runtime GenAI files; write them with metatt-deploy export {bundle} --genai")
+        config = og.Config(str(bundle))
+        if threads is not None:
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": int(threads)}}}}))
+        self.og, self.bundle, self.info = og, bundle, info
+        self.model = og.Model(config)
+        self.adapters = og.Adapters(self.model)
+        self.records = {r["task"]: r for r in task_records(bundle, info)}
+        self.tasks = list(self.records)
+        self.loaded: set[str] = set()
+        self.task: str | None = None
+        base = bundle / info.get("base_dir", BASE_DIR)
+        self.tokenizer = AutoTokenizer.from_pretrained(base)
+        self.og_tokenizer = og.Tokenizer(self.model)
+        self.context = context_length(AutoConfig.from_pretrained(base))
+
+    def use(self, task: str | int | Sequence[str | int]) -> None:
+        """Choose the task of the next calls (its adapter file is checked and loaded on first use, then kept)."""
+        if isinstance(task, (list, tuple)):
+            raise MetaTTError("ONNX Runtime GenAI answers one task per generator; one task per row needs --form tasks on ONNX Runtime")
+        name = self.tasks[resolve_task(self.tasks, task, "bundle")]
+        if name not in self.loaded:
+            self.adapters.load(str(checked_adapter_file(self.bundle, self.info, self.records[name])), name)
+            self.loaded.add(name)
+        self.task = name
+
+    def encode(self, prompt: str, raw: bool = False, system: str | None = None) -> list[int]:
+        return encode_prompt(self.tokenizer, prompt, raw, system)
+
+    def tokens(
+        self, ids: list[int], max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0, task: str | None = None
+    ) -> Iterator[int]:
+        """New token ids for prompt ids ``ids`` with the active (or given) task; EOS included when reached."""
+        if task is not None:
+            self.use(task)
+        if self.task is None:
+            raise MetaTTError(f"this bundle serves several tasks; choose one with --task ({', '.join(self.tasks)})")
+        ids = checked_prompt(ids, max_new_tokens, self.context)
+        yield from genai_tokens(self.og, self.model, self.adapters, self.task, ids, max_new_tokens, temperature=temperature, seed=seed)
+
+    def stream(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int = 128,
+        raw: bool = False,
+        system: str | None = None,
+        temperature: float = 0.0,
+        seed: int = 0,
+        task: str | None = None,
+    ) -> Iterator[str]:
+        """Pieces of the answer to ``prompt`` as they are generated (as `Generator.stream`)."""
+        if task is not None:
+            self.use(task)
+        ids = self.encode(prompt, raw, system)
+        decoder = self.og_tokenizer.create_stream()
+        for token in self.tokens(ids, max_new_tokens, temperature=temperature, seed=seed):
+            piece = decoder.decode(token)
+            if piece:
+                yield piece
+
+    def generate(self, prompt: str, **options) -> str:
+        return "".join(self.stream(prompt, **options)).strip()
