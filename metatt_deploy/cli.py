@@ -503,7 +503,8 @@ def export(
     With --genai, a factored decoder bundle becomes an ONNX Runtime GenAI model, see docs/multitask-decoders.md.
     """
     if genai:
-        others = {"--output": output, "--name": name, "--quantize": quantize, "--calibration": calibration, "--web-runtime": web_runtime}
+        others: dict[str, object] = {"--output": output, "--name": name, "--quantize": quantize, "--calibration": calibration}
+        others["--web-runtime"] = web_runtime
         others.update({"--adapter": adapter, "--task": task, "--format": formats, "--optimize": optimize or None})
         others.update({"--dtype": None if dtype == "fp32" else dtype, "--layout": None if layout == "optimum" else layout})
         given = [k for k, v in others.items() if v]

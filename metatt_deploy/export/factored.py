@@ -429,10 +429,11 @@ def write_bundle(
         config = mtm.adapter_config
     with atomic_dir(output, force=force, marker=BUNDLE_JSON) as tmp:
         base = _load_base(base_model or config.base_model, config)
-        cast(PreTrainedModel, base).save_pretrained(tmp / BASE_DIR, safe_serialization=True)
+        base.save_pretrained(tmp / BASE_DIR, safe_serialization=True)
         if config.causal_lm:  # ORTModelForCausalLM reads the model config next to the graph it loads
-            cast(PreTrainedModel, base).config.save_pretrained(tmp)
-            base.generation_config.save_pretrained(tmp)
+            base.config.save_pretrained(tmp)
+            if base.generation_config is not None:
+                base.generation_config.save_pretrained(tmp)
         del base
         tokenizer.save_pretrained(tmp / BASE_DIR)
         shared = {f"core.{k}": mtm.metatt.cores[k].detach().cpu().contiguous() for k in shared_core_indices(config)}
@@ -480,11 +481,11 @@ def write_bundle(
     return {"bundle": str(output), "bundle_id": bid, "tasks": [r["task"] for r in records], "added": False}
 
 
-def _load_base(name: str, config: MetaTTConfig) -> nn.Module:
+def _load_base(name: str, config: MetaTTConfig) -> PreTrainedModel:
     """The bundle's base: a causal LM for a decoder adapter, else a classifier with the first task's labels."""
     if config.causal_lm:
-        return mt.load_causal_lm(name)
-    return mt.load_classifier(name, config.label_names[config.tasks[0]])
+        return cast(PreTrainedModel, mt.load_causal_lm(name))
+    return cast(PreTrainedModel, mt.load_classifier(name, config.label_names[config.tasks[0]]))
 
 
 def _subset(mtm: MultiTaskModel, keep: list[int]) -> MultiTaskModel:

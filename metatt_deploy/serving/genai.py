@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import cast
 
 from metatt_deploy.adapters.config import resolve_task
 from metatt_deploy.common.errors import MetaTTError
@@ -60,7 +61,7 @@ class GenAIGenerator:
         """Choose the task of the next calls (its adapter file is checked and loaded on first use, then kept)."""
         if isinstance(task, (list, tuple)):
             raise MetaTTError("ONNX Runtime GenAI answers one task per generator; one task per row needs --form tasks on ONNX Runtime")
-        name = self.tasks[resolve_task(self.tasks, task, "bundle")]
+        name = self.tasks[resolve_task(self.tasks, cast(str | int, task), "bundle")]
         if name not in self.loaded:
             self.adapters.load(str(checked_adapter_file(self.bundle, self.info, self.records[name])), name)
             self.loaded.add(name)

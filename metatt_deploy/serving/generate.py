@@ -20,6 +20,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -83,7 +84,7 @@ class TaskSession:
                 raise MetaTTError("one task per row needs form 'tasks' (model_tasks.onnx); open the bundle with form='tasks'")
             chosen = [names[resolve_task(names, t, "bundle")] for t in task]
         else:
-            chosen = [names[resolve_task(names, task, "bundle")]]
+            chosen = [names[resolve_task(names, cast(str | int, task), "bundle")]]
         if self.form == "tasks":
             missing = [t for t in chosen if t not in self.baked]
             if missing:
@@ -95,8 +96,9 @@ class TaskSession:
         else:
             if chosen[0] not in self.adapters:
                 self.adapters[chosen[0]] = load_task_adapter(self.bundle, self.info, self.records[chosen[0]])
-            self.options = ort.RunOptions()
-            self.options.add_active_adapter(self.adapters[chosen[0]])
+            options = ort.RunOptions()
+            options.add_active_adapter(self.adapters[chosen[0]])
+            self.options = options
         self.task = chosen if isinstance(task, (list, tuple)) else chosen[0]
 
     def run(self, output_names, feeds: dict, run_options=None):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -176,7 +177,7 @@ def _evaluate_lm(mtm: MultiTaskModel, task: int, split, tokenizer, batch_size: i
 
 
 @exclusive_run
-def train_multitask(cfg: MultiTaskConfig, tasks: list[TaskData] | list[TextTask], force: bool = False) -> dict:
+def train_multitask(cfg: MultiTaskConfig, tasks: Sequence[TaskData | TextTask], force: bool = False) -> dict:
     """Run (or resume) a multi-task run (or an --add-task run) into ``cfg.output``; returns the metrics.
 
     ``tasks`` are classification tasks (`TaskData`: a head per task, accuracy picks the best epoch)
@@ -469,8 +470,8 @@ def train_from_cli(
     cfg = MultiTaskConfig(output=output, model=model, tasks=list(specs), add_task_from=from_adapter, **knobs)
     cfg.check()
     if causal:
-        tasks: list[TaskData] | list[TextTask] = [load_text_spec(p, max_samples=cfg.sample_limits(), seed=cfg.seed) for p in parsed]
-        return train_multitask(cfg, tasks, force=force)
+        text_tasks = [load_text_spec(p, max_samples=cfg.sample_limits(), seed=cfg.seed) for p in parsed]
+        return train_multitask(cfg, text_tasks, force=force)
     options = {"label_column": label_column}
     if text_columns:
         options["text_columns"] = text_columns
