@@ -25,6 +25,7 @@ from metatt_deploy.common.files import atomic_write_text, check_separate, check_
 from metatt_deploy.common.report import close_progress_bars
 from metatt_deploy.common.threads import resolve_threads
 from metatt_deploy.export.genai import GENAI_CONFIG, export_genai
+from metatt_deploy.export.int4 import INT4_ACCURACY_LEVEL
 from metatt_deploy.export.merge import merge_adapter, merge_factored
 from metatt_deploy.export.onnx import MANIFEST_NAME, export_onnx, read_manifest
 from metatt_deploy.export.peft import to_peft
@@ -440,9 +441,15 @@ def export(
     quantize: Annotated[
         str | None,
         typer.Option(
-            help="int8: dynamic quantization (int8 weights of MatMul/Attention nodes, activation scales per batch); int8-static: QDQ with activation scales calibrated on --calibration data (a row's logits do not depend on its batch); int4 (decoders): weight-only 4-bit MatMulNBits, blocks of 32. Logits parity is reported, not enforced."
+            help="int8: dynamic quantization (int8 weights of MatMul/Attention nodes, activation scales per batch); int8-static: QDQ with activation scales calibrated on --calibration data (a row's logits do not depend on its batch); int4 (decoders): weight-only 4-bit MatMulNBits, blocks of 32, the tied LM head included. Logits parity is reported, not enforced."
         ),
     ] = None,
+    int4_accuracy_level: Annotated[
+        int,
+        typer.Option(
+            help="With --quantize int4: MatMulNBits compute type, 4 = int8 activations quantized per block at run time (fastest on CPUs), 0 = float32 activations (see docs/decoders.md)."
+        ),
+    ] = INT4_ACCURACY_LEVEL,
     calibration: Annotated[
         str | None,
         typer.Option(
@@ -542,6 +549,7 @@ def export(
         layout=layout,
         formats=["onnx", *(f for f in _split(formats) or [] if f != "onnx")],
         threads=threads,
+        int4_accuracy_level=int4_accuracy_level,
     )
     if web_runtime is not None:
         vendor_web_runtime(out, web_runtime)

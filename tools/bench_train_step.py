@@ -1,11 +1,19 @@
 """Training-step time of MetaTT against PEFT LoRA, side by side in one process.
 
 Both adapters sit on the same base model with the same targets and rank; the same real
-batches (movie-review sentences, length-grouped as in training) go through forward, backward
-and an AdamW step, alternating A B A B so machine drift hits both alike. Reports medians and
-the per-pair ratio MetaTT / LoRA, and writes docs/train-step.md.
+batches go through forward, backward and an AdamW step, alternating A B A B so machine drift
+hits both alike. Reports medians and the per-pair ratio MetaTT / LoRA, and writes a markdown
+table.
+
+- classifiers (default): all-MiniLM-L6-v2 on movie-review sentences, length-grouped as in
+  training; writes docs/train-step.md.
+- decoders (``--task-type causal-lm``): SmolLM2-135M-Instruct on the movie-sentiment
+  text-to-text rows (chat template, loss on the one-word answer: training/lm_data.py), batches
+  of 8 in training's length-grouped order (training/sampling.py); writes docs/train-step-decoders.md.
 
     python tools/bench_train_step.py --reps 20 --batch-size 32 --max-length 64
+    python tools/bench_train_step.py --task-type causal-lm --reps 8 --batch-size 8 \\
+        --max-length 192 --targets q,k,v,o,gate,up,down --methods metatt-4d,lora
 """
 
 from __future__ import annotations
@@ -13,24 +21,28 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.optim
 
-from metatt_deploy.adapters.base_model import DEFAULT_MODEL, load_classifier, load_tokenizer
+from metatt_deploy.adapters.base_model import DEFAULT_DECODER, DEFAULT_MODEL, load_causal_lm, load_classifier, load_tokenizer
 from metatt_deploy.adapters.model import count_trainable
 from metatt_deploy.common.files import atomic_write_text
 from metatt_deploy.common.report import markdown_table
 from metatt_deploy.training.config import TrainConfig
 from metatt_deploy.training.data import load_task
+from metatt_deploy.training.lm_data import CausalCollator, load_text_task, tokenize_text_task
+from metatt_deploy.training.sampling import epoch_order
 from metatt_deploy.training.single import param_groups, wrap_model
 
+DATASET = "movie-sentiment"
 
-def build(method: str, rank: int, targets: list[str], task):
+
+def build(method: str, rank: int, targets: list[str], load_base: Callable[[], torch.nn.Module], task_name: str, labels: list[str]):
     torch.manual_seed(0)
-    model = load_classifier(DEFAULT_MODEL, task.label_names)
     cfg = TrainConfig(output="-", method=method, rank=rank, targets=targets)
-    model, _ = wrap_model(cfg, model, task)
+    model, _ = wrap_model(cfg, load_base(), task_name, labels)
     model.train()
     return model, torch.optim.AdamW(param_groups(cfg, model), lr=cfg.adapter_lr), count_trainable(model)
 
@@ -43,16 +55,9 @@ def step(model, opt, batch) -> float:
     return time.perf_counter() - t0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--max-length", type=int, default=64)
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--targets", default="q,k,v,o")
-    ap.add_argument("--output", default="docs/train-step.md")
-    args = ap.parse_args()
-    task = load_task(dataset="movie-sentiment", max_samples={"train": args.batch_size * args.reps})
+def classifier_setup(args) -> tuple[list[dict], Callable[[], torch.nn.Module], str, list[str], str]:
+    """Real sentence batches for the encoder; (batches, base loader, task, labels, model name)."""
+    task = load_task(dataset=DATASET, max_samples={"train": args.batch_size * args.reps})
     tok = load_tokenizer(DEFAULT_MODEL)
     texts = task.splits["train"]["text"]
     labels = torch.tensor(task.splits["train"]["label"])
@@ -63,8 +68,40 @@ def main() -> None:
         }
         for i in range(0, len(texts), args.batch_size)
     ]
+    return batches, lambda: load_classifier(DEFAULT_MODEL, task.label_names), task.name, task.label_names, "all-MiniLM-L6-v2"
+
+
+def decoder_setup(args) -> tuple[list[dict], Callable[[], torch.nn.Module], str, list[str], str]:
+    """Real text-to-text batches for the decoder, in training's length-grouped order."""
+    task = load_text_task(dataset=DATASET, max_samples={"train": args.batch_size * args.reps})
+    task.splits = {"train": task.splits["train"]}
+    tok = load_tokenizer(DEFAULT_DECODER)
+    rows = tokenize_text_task(task, tok, args.max_length)["train"]
+    rows = rows.select_columns(["input_ids", "labels"]).to_list()
+    order = epoch_order([len(r["input_ids"]) for r in rows], args.batch_size, seed=0, epoch=0)
+    collate = CausalCollator(tok.pad_token_id)
+    batches = [collate([rows[i] for i in order[j : j + args.batch_size]]) for j in range(0, len(order), args.batch_size)]
+    return batches, lambda: load_causal_lm(DEFAULT_DECODER), task.name, [], "SmolLM2-135M-Instruct"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task-type", choices=["classification", "causal-lm"], default="classification")
+    ap.add_argument("--reps", type=int, default=20, help="batches (each timed once per method)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--targets", default="q,k,v,o")
+    ap.add_argument("--methods", default="metatt-4d,metatt-5d,lora", help="comma-separated; lora is the reference")
+    ap.add_argument("--output", default=None, help="default: docs/train-step.md, or docs/train-step-decoders.md for decoders")
+    args = ap.parse_args()
+    decoder = args.task_type == "causal-lm"
+    batches, load_base, task_name, labels, model_name = (decoder_setup if decoder else classifier_setup)(args)
     targets = args.targets.split(",")
-    runs = {m: build(m, args.rank, targets, task) for m in ("metatt-4d", "metatt-5d", "lora")}
+    methods = args.methods.split(",")
+    if "lora" not in methods:
+        ap.error("--methods must include lora (the reference of the ratios)")
+    runs = {m: build(m, args.rank, targets, load_base, task_name, labels) for m in methods}
     times: dict[str, list[float]] = {m: [] for m in runs}
     for model, opt, _ in runs.values():  # warm-up
         step(model, opt, batches[0])
@@ -84,13 +121,20 @@ def main() -> None:
             }
         )
     table = markdown_table(rows, floatfmt=".2f")
-    header = (
-        f"# Training step: MetaTT vs PEFT LoRA\n\nall-MiniLM-L6-v2, targets {args.targets}, rank {args.rank}, "
-        f"batch {args.batch_size}, max length {args.max_length}, {len(batches)} real batches, "
-        f"torch threads {torch.get_num_threads()}; forward + backward + AdamW step, alternated per batch.\n\n"
-        f"Reproduce: `python tools/bench_train_step.py --reps {args.reps} --batch-size {args.batch_size} --max-length {args.max_length}`\n\n"
+    tokens = statistics.median(int(b["attention_mask"].sum()) for b in batches)
+    kind = "decoders" if decoder else "classifiers"
+    command = (
+        f"python tools/bench_train_step.py{' --task-type causal-lm' if decoder else ''} --reps {args.reps} --batch-size {args.batch_size} "
+        f"--max-length {args.max_length} --rank {args.rank} --targets {args.targets} --methods {args.methods}"
     )
-    atomic_write_text(args.output, header + table)
+    header = (
+        f"# Training step ({kind}): MetaTT vs PEFT LoRA\n\n{model_name}, {DATASET}, targets {args.targets}, rank {args.rank}, "
+        f"batch {args.batch_size}, max length {args.max_length}, {len(batches)} real batches (median {tokens} tokens each), "
+        f"torch threads {torch.get_num_threads()}; forward + backward + AdamW step, alternated per batch.\n\n"
+        f"Reproduce: `{command}`\n\n"
+    )
+    output = args.output or ("docs/train-step-decoders.md" if decoder else "docs/train-step.md")
+    atomic_write_text(output, header + table)
     print(header + table)
 
 

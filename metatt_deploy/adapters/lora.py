@@ -6,6 +6,9 @@ needed to rebuild the base classifier before PEFT can load onto it. So every LoR
 here (``train --method lora``'s best/, ``merge --to peft``) gets a small ``metatt_lora.json``
 beside it (task, labels, base model, rank, alpha), which lets the LoRA baseline go through merge,
 export and validate exactly like a MetaTT adapter.
+
+A decoder's LoRA (PEFT ``task_type: CAUSAL_LM``) has no head and no labels: it loads onto the base
+causal LM as it is (`lora_task_type` reads the kind from PEFT's own config).
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from metatt_deploy.adapters.base_model import load_classifier, load_tokenizer
+from metatt_deploy.adapters.base_model import load_causal_lm, load_classifier, load_tokenizer
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_json, read_json
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 LORA_RECORD = "metatt_lora.json"
+PEFT_CAUSAL_LM = "CAUSAL_LM"
 
 
 def is_lora_adapter(directory: str | Path) -> bool:
@@ -47,8 +51,14 @@ def write_lora_record(directory: str | Path, record: dict) -> None:
     atomic_write_json(Path(directory) / LORA_RECORD, record)
 
 
+def lora_task_type(directory: str | Path) -> str:
+    """'causal-lm' for a decoder's LoRA (PEFT task_type CAUSAL_LM), else 'classification'."""
+    config = read_json(Path(directory) / PEFT_CONFIG_NAME, "PEFT adapter config")
+    return "causal-lm" if isinstance(config, dict) and config.get("task_type") == PEFT_CAUSAL_LM else "classification"
+
+
 def read_lora_record(directory: str | Path) -> dict:
-    """The record of a LoRA folder; a PEFT folder without one is a clear error."""
+    """The record of a LoRA folder (with its ``task_type``); a PEFT folder without one is a clear error."""
     path = Path(directory) / LORA_RECORD
     if not path.is_file():
         raise MetaTTError(
@@ -56,18 +66,25 @@ def read_lora_record(directory: str | Path) -> dict:
             "cannot be rebuilt; use a folder written by metatt-deploy train --method lora or merge --to peft"
         )
     record = read_json(path, "LoRA record")
-    if not isinstance(record, dict) or not record.get("task") or not record.get("label_names"):
+    task_type = lora_task_type(directory)
+    if not isinstance(record, dict) or not record.get("task") or (task_type == "classification" and not record.get("label_names")):
         raise MetaTTError(f"{path} lacks 'task' or 'label_names'; re-create the adapter")
-    return record
+    return {**record, "task_type": task_type}
 
 
 def load_lora(directory: str | Path, base_model: str | None = None, tokenizer: bool = True):
-    """The unmerged LoRA model (peft.PeftModel, eval mode), its record and its tokenizer (or None)."""
+    """The unmerged LoRA model (peft.PeftModel, eval mode), its record and its tokenizer (or None).
+
+    The base is a classifier with a head for the record's labels, or, for a decoder's LoRA, the causal LM.
+    """
     from peft import PeftModel
 
     record = read_lora_record(directory)
     base = base_model or record["base_model"]
-    model = load_classifier(base, list(record["label_names"]))
+    if record["task_type"] == "causal-lm":
+        model = load_causal_lm(base)
+    else:
+        model = load_classifier(base, list(record["label_names"]))
     try:
         peft_model = PeftModel.from_pretrained(model, str(directory)).eval()
     except (RuntimeError, ValueError, KeyError) as e:  # shapes or module names of another base model

@@ -48,6 +48,7 @@ from metatt_deploy.adapters.targets import CAUSAL_LM_SUFFIXES
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import TMP_TAG, atomic_dir, atomic_write_json, check_separate, check_writable, read_json, sha256_file
 from metatt_deploy.common.threads import resolve_threads, session_options_record
+from metatt_deploy.export.int4 import INT4_ACCURACY_LEVEL
 from metatt_deploy.export.merge import merge_adapter
 from metatt_deploy.export.onnx_files import ONNX_NAME, has_external_data, model_bytes, replace_model
 from metatt_deploy.export.onnx_lm import export_decoder_into
@@ -234,6 +235,7 @@ def export_onnx(
     layout: str = "optimum",
     formats: Sequence[str] = ("onnx",),
     threads: int | None = None,
+    int4_accuracy_level: int = INT4_ACCURACY_LEVEL,
 ) -> Path:
     """Export ``model_dir`` to an ONNX bundle; returns the bundle folder.
 
@@ -250,7 +252,8 @@ def export_onnx(
     ``layout="transformers.js"`` adds ``onnx/model.onnx`` (fp32) and ``onnx/model_quantized.onnx``
     for Transformers.js; ``"ort"`` in ``formats`` adds ``.ort`` copies and the operator config
     of a reduced build. Every export writes ``web/`` (a static page; export/web.py). ``threads``:
-    intra-op threads of the parity sessions, recorded in the manifest.
+    intra-op threads of the parity sessions, recorded in the manifest. ``int4_accuracy_level``:
+    MatMulNBits' compute type for ``quantize="int4"`` (4: int8 activations; export/int4.py).
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -300,6 +303,7 @@ def export_onnx(
         "layout": layout,
         "formats": tuple(formats),
         "threads": threads,
+        "int4_accuracy_level": int4_accuracy_level,
     }
 
     started = time.time()
@@ -407,7 +411,20 @@ def _provenance(source: Path, adapter_dir: str | Path | None) -> dict:
 
 
 def _export_into(
-    tmp: Path, source: Path, *, opset, optimize, quantize, dtype, calibration, per_channel, reduce_range, layout, formats, threads
+    tmp: Path,
+    source: Path,
+    *,
+    opset,
+    optimize,
+    quantize,
+    dtype,
+    calibration,
+    per_channel,
+    reduce_range,
+    layout,
+    formats,
+    threads,
+    int4_accuracy_level,
 ) -> dict:
     """Run the pipeline into ``tmp``; returns the manifest's export-specific fields."""
     import onnx
@@ -419,7 +436,9 @@ def _export_into(
     if any(a.endswith(CAUSAL_LM_SUFFIXES) for a in architectures):  # decoders: KV-cache graph (onnx_lm.py)
         if layout != "optimum" or set(formats) - {"onnx"} or calibration[0]:
             raise MetaTTError("decoders export as optimum bundles only; drop --layout, --formats and --calibration")
-        return export_decoder_into(tmp, source, hf_config, opset=opset, optimize=optimize, quantize=quantize, dtype=dtype)
+        return export_decoder_into(
+            tmp, source, hf_config, opset=opset, optimize=optimize, quantize=quantize, dtype=dtype, int4_accuracy_level=int4_accuracy_level
+        )
     if quantize in DECODER_ONLY:
         raise MetaTTError(f"--quantize {quantize} is for decoders (weight-only MatMulNBits); use --quantize int8 for classifiers")
     if not any(a.endswith("ForSequenceClassification") for a in architectures):

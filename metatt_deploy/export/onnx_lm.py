@@ -30,8 +30,9 @@ import numpy as np
 
 from metatt_deploy.adapters.base_model import friendly_load
 from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.export.int4 import INT4_ACCURACY_LEVEL, quantize_int4
 from metatt_deploy.export.onnx_files import ONNX_NAME, has_external_data, model_bytes, replace_model
-from metatt_deploy.export.quantize import DECODER_INT8_EXCLUDE, quantize_dynamic_int8, quantize_int4
+from metatt_deploy.export.quantize import DECODER_INT8_EXCLUDE, quantize_dynamic_int8
 from metatt_deploy.training.lm_data import prompt_ids
 
 ONNX_TASK = "text-generation-with-past"
@@ -96,7 +97,15 @@ def teacher_forced_logits(model: Any, ids: list[int]) -> np.ndarray:
 
 
 def export_decoder_into(
-    tmp: Path, source: Path, hf_config: Any, *, opset: int | None, optimize: bool, quantize: str | None, dtype: str
+    tmp: Path,
+    source: Path,
+    hf_config: Any,
+    *,
+    opset: int | None,
+    optimize: bool,
+    quantize: str | None,
+    dtype: str,
+    int4_accuracy_level: int = INT4_ACCURACY_LEVEL,
 ) -> dict:
     """Export ``source`` (a causal-LM folder) into ``tmp`` and check it; returns the manifest's export fields."""
     import onnx
@@ -139,7 +148,9 @@ def export_decoder_into(
             tmp, lambda path: quantize_dynamic_int8(tmp / ONNX_NAME, path, external=external, exclude=DECODER_INT8_EXCLUDE)
         )
     elif quantize == "int4":
-        fields["quantization"] = replace_model(tmp, lambda path: quantize_int4(tmp / ONNX_NAME, path, external=external))
+        fields["quantization"] = replace_model(
+            tmp, lambda path: quantize_int4(tmp / ONNX_NAME, path, accuracy_level=int4_accuracy_level, external=external)
+        )
     if quantize:
         final = _parity(tmp, prompts, ref_logits, ref_tokens, eos, pad)
         final.update(tolerance=None, note=f"{quantize} logits and tokens are reported, not enforced; judge them by exact match (validate)")

@@ -31,12 +31,8 @@ Decoders (export/onnx_lm.py):
   quantizing every MatMul turned the answer to "What is the capital of France?" into French
   gibberish (max |logit diff| 10-24 on 3 prompts); without those two kinds it answers "The
   capital of France is Paris." (2.5-4.6).
-- ``int4``: ONNX Runtime's MatMulNBitsQuantizer, the format LLMs ship in for edge devices: the
-  weights of every projection MatMul become 4-bit integers in blocks of ``INT4_BLOCK_SIZE``
-  input rows with one float scale per block (symmetric, no zero points), run by the MatMulNBits
-  contrib operator; the token-embedding Gather is quantized the same way (GatherBlockQuantized).
-  Activations stay float32 (``accuracy_level`` unset). Block 32 is the finest the operator
-  offers: 4.5 bits per weight in all, and less accuracy lost than with 64 or 128.
+- ``int4``: weight-only 4-bit MatMulNBits, the format LLMs ship in for edge devices
+  (export/int4.py).
 """
 
 from __future__ import annotations
@@ -57,8 +53,6 @@ QUANTIZE = ("int8", "int8-static", "int4")
 DECODER_ONLY = ("int4",)
 # substrings of ONNX node names (optimum keeps the module path) that decoder int8 leaves in float32
 DECODER_INT8_EXCLUDE = ("rotary_emb", "mlp/down_proj", "mlp/c_proj")
-INT4_BLOCK_SIZE = 32
-INT4_OP_TYPES = ("MatMul", "Gather")
 CALIBRATION_ROWS = 256
 CALIBRATION_SPLITS = ("validation", "train")  # the first one the data has; never test
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
@@ -280,32 +274,4 @@ def quantize_static_int8(
             "rows": len(reader),
             "fed": "one row per call, zero-padded to the longest row" if reader.padded else "one unpadded row per call",
         },
-    }
-
-
-def quantize_int4(source: Path, target: Path, *, block_size: int = INT4_BLOCK_SIZE, external: bool = False) -> dict:
-    """Weight-only 4-bit (MatMulNBits, GatherBlockQuantized) of ``source`` into ``target``; returns the settings."""
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    model = onnx.load(str(source))
-    with root_log_level(logging.ERROR):
-        quantizer = MatMulNBitsQuantizer(
-            model,
-            block_size=block_size,
-            is_symmetric=True,
-            accuracy_level=None,
-            op_types_to_quantize=INT4_OP_TYPES,
-            quant_axes=(("MatMul", 0), ("Gather", 1)),
-        )
-        quantizer.process()
-    quantizer.model.save_model_to_file(str(target), use_external_data_format=external)
-    return {
-        "method": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
-        "op_types": list(INT4_OP_TYPES),
-        "bits": 4,
-        "block_size": block_size,
-        "symmetric": True,
-        "accuracy_level": None,
-        "activations": "float32",
     }

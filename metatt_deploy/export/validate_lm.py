@@ -1,7 +1,7 @@
 """Validate a decoder's ONNX export against its UNMERGED adapter: parity, exact match, perplexity, latency.
 
-The reference is the PyTorch model as trained (base + MetaTT adapter, not merged), so one check
-covers merging and exporting. On held-out prompts of a real task (``data``: a builtin task or a
+The reference is the PyTorch model as trained (base + MetaTT adapter, or the PEFT LoRA baseline,
+not merged), so one check covers merging and exporting. On held-out prompts of a real task (``data``: a builtin task or a
 prompt/response / messages JSONL file; at least ``MIN_PARITY_PROMPTS`` for the parity claim):
 
 - teacher-forced logits at every position of prompt + reference response, PyTorch vs ONNX
@@ -28,12 +28,13 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from metatt_deploy.adapters.lora import is_lora_adapter, load_lora, merge_lora
 from metatt_deploy.adapters.model import load_adapter, merge_and_unload
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text, check_writable
@@ -86,9 +87,7 @@ def validate_decoder(
     for name in (REPORT_JSON, REPORT_MD, REPORT_PNG):
         check_writable(out_dir / name, force)
 
-    model, config, tokenizer = load_adapter(adapter_dir, base_model=base_model)
-    if config.extra.get("task_type") != "causal-lm":
-        raise MetaTTError(f"{adapter_dir} is a classification adapter; validate it without decoder options")
+    model, tokenizer, method, merge = load_decoder_reference(adapter_dir, base_model)
     context = context_length(model.config)
     if context and max(prompt_lengths) + new_tokens > context:
         raise MetaTTError(f"prompt length {max(prompt_lengths)} + {new_tokens} new tokens exceed the model's context of {context}")
@@ -101,7 +100,7 @@ def validate_decoder(
         names = [_bundle_name(m, b) for b, m in zip(bundles, manifests)]
         sessions = {name: load_ort_decoder(b, threads=threads) for name, b in zip(names, bundles)}
         quality = _quality(model, tokenizer, sessions, rows)
-        merged = merge_and_unload(copy.deepcopy(model)).eval()
+        merged = merge(copy.deepcopy(model)).eval()
         runtimes = {"pytorch-unmerged": model, "pytorch-merged": merged, **{f"onnx-{n}": s for n, s in sessions.items()}}
         latency = _latency(runtimes, tokenizer, prompt_lengths, new_tokens, repeats)
     finally:
@@ -118,12 +117,13 @@ def validate_decoder(
         "tolerance": tolerance,
         "enforced": fp32,
         "passed": (not fp32) or (main["max_abs_logit_diff"] <= tolerance and main["greedy_identical"] == 1.0),
-        "reference": "PyTorch eager, base model + unmerged MetaTT adapter, float32, CPU",
+        "reference": f"PyTorch eager, base model + unmerged {'PEFT LoRA' if method == 'lora' else 'MetaTT'} adapter, float32, CPU",
     }
     report = {
         "adapter": str(Path(adapter_dir).resolve()),
         "onnx_dir": str(onnx_dir.resolve()),
         "task_type": "causal-lm",
+        "method": method,
         "data": data,
         "split": split,
         "parity": parity,
@@ -142,6 +142,20 @@ def validate_decoder(
             f"identical on {parity['greedy_identical']:.0%}; report in {out_dir / REPORT_MD}); re-merge and re-export the adapter"
         )
     return report
+
+
+def load_decoder_reference(adapter_dir: str | Path, base_model: str | None) -> tuple[Any, Any, str, Callable[[Any], Any]]:
+    """(unmerged decoder + adapter, tokenizer, method, the function that merges it): a MetaTT adapter or a PEFT LoRA."""
+    merge: Callable[[Any], Any]
+    if is_lora_adapter(adapter_dir):
+        model, record, tokenizer = load_lora(adapter_dir, base_model=base_model)
+        kind, method, merge = record["task_type"], "lora", merge_lora
+    else:
+        model, config, tokenizer = load_adapter(adapter_dir, base_model=base_model)
+        kind, method, merge = config.extra.get("task_type", "classification"), config.method, merge_and_unload
+    if kind != "causal-lm":
+        raise MetaTTError(f"{adapter_dir} is a classification adapter; validate it without decoder options")
+    return model, tokenizer, method, merge
 
 
 def _bundle_name(manifest: dict, folder: Path) -> str:

@@ -11,11 +11,9 @@ has no head, so every trainable parameter is the adapter's.
 from __future__ import annotations
 
 import statistics
-from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
 from torch import nn
 
 from metatt_deploy.adapters import model as mt
@@ -27,7 +25,7 @@ from metatt_deploy.training.config import PEFT_METHODS, TrainConfig
 from metatt_deploy.training.lm_data import CausalCollator, TextTask, context_length, tokenize_text_task
 from metatt_deploy.training.lm_eval import evaluate_generation
 from metatt_deploy.training.loop import Recipe, make_accelerator, prepare_run, rank_schedule, run_loop
-from metatt_deploy.training.single import param_groups, save_trained, wrap_model
+from metatt_deploy.training.single import load_trained, param_groups, save_trained, wrap_model
 from metatt_deploy.tt.cores import tt_ranks
 
 # perplexity breaks exact-match ties: score = exact match - TIE_BREAK * perplexity
@@ -86,7 +84,7 @@ def train_causal(cfg: TrainConfig, task: TextTask, force: bool = False) -> dict:
         "train_examples": len(splits["train"]),
     }
     if "test" in splits and accelerator.is_main_process:
-        best = load_trained_causal(run / "best", cfg)
+        best = load_trained(run / "best", cfg)
         if cfg.method not in PEFT_METHODS:
             result["best_ranks"] = tt_ranks(list(mt.get_adapter(best).cores))
         test = evaluate_generation(best, tokenizer, splits["test"], cfg.eval_batch_size)
@@ -97,10 +95,3 @@ def train_causal(cfg: TrainConfig, task: TextTask, force: bool = False) -> dict:
         write_training_report(run, result)
     accelerator.end_training()
     return result
-
-
-def load_trained_causal(directory: Path, cfg: TrainConfig) -> nn.Module:
-    """The saved best adapter on a fresh copy of the base decoder."""
-    if cfg.method not in PEFT_METHODS:
-        return mt.load_adapter(directory, base_model=cfg.model, tokenizer=False)[0]
-    return PeftModel.from_pretrained(load_causal_lm(cfg.model), str(directory)).eval()

@@ -4,6 +4,7 @@ generate as PyTorch does; int8 and int4 (MatMulNBits) variants."""
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -14,9 +15,9 @@ from tiny_decoders import save_tiny_adapter
 
 from metatt_deploy.adapters.model import load_adapter
 from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.export.int4 import INT4_ACCURACY_LEVEL, INT4_BLOCK_SIZE
 from metatt_deploy.export.onnx import MANIFEST_NAME, export_onnx
 from metatt_deploy.export.onnx_lm import FP32_ATOL, fp32_tolerance, greedy, load_ort_decoder
-from metatt_deploy.export.quantize import INT4_BLOCK_SIZE
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
@@ -46,11 +47,21 @@ def test_quantized_decoder_exports(tmp_path: Path, quantize: str) -> None:
     assert manifest["parity"]["fp32_export"]["max_abs_logit_diff"] <= FP32_ATOL  # checked before quantizing
     ops = Counter(n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node)
     if quantize == "int4":
-        assert manifest["quantization"]["block_size"] == INT4_BLOCK_SIZE
-        assert ops["MatMulNBits"] >= 2 * 7 and ops["GatherBlockQuantized"] == 1
-        assert manifest["sizes"]["final_bytes"] < manifest["sizes"]["fp32_bytes"]
-        node = next(n for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits")
-        assert {a.name: a.i for a in node.attribute}["block_size"] == INT4_BLOCK_SIZE
+        q = manifest["quantization"]
+        assert q["block_size"] == INT4_BLOCK_SIZE and q["accuracy_level"] == INT4_ACCURACY_LEVEL
+        # every projection and the tied LM head are MatMulNBits; the embedding lookup reads the head's int4 weight
+        assert ops["MatMulNBits"] == 2 * 7 + 1 and ops["GatherBlockQuantized"] == 1
+        assert q["tied_lm_head"] == {"untied": ["/lm_head/MatMul"], "embedding_shares_head_weight": 1}
+        graph = onnx.load(str(out / "model.onnx")).graph
+        config = json.loads((out / "config.json").read_text())
+        table = config["vocab_size"] * config["hidden_size"]
+        vocab_tables = [t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and math.prod(t.dims) >= table]
+        assert vocab_tables == []  # no float32 embedding / LM head weight left
+        assert all(n.input[1] not in {t.name for t in graph.initializer} for n in graph.node if n.op_type == "MatMul")
+        assert manifest["sizes"]["final_bytes"] < 0.6 * manifest["sizes"]["fp32_bytes"]
+        for node in (n for n in graph.node if n.op_type == "MatMulNBits"):
+            attrs = {a.name: a.i for a in node.attribute}
+            assert attrs["block_size"] == INT4_BLOCK_SIZE and attrs["accuracy_level"] == INT4_ACCURACY_LEVEL
     else:
         assert ops["MatMulInteger"] + ops["DynamicQuantizeMatMul"] == 2 * 6  # q,k,v,o,gate,up; down stays float32
         assert ops["MatMul"] >= 2 and manifest["quantization"]["float32_nodes"]["count"] >= 2

@@ -12,7 +12,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from tiny_models import inputs, logits, random_cores, tiny_model
 
-from metatt_deploy.adapters.lora import LORA_RECORD, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
+from metatt_deploy.adapters.lora import LORA_RECORD, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, load_lora
 from metatt_deploy.adapters.model import attach, build_config, merge_and_unload, save_adapter
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.export.peft import to_peft
@@ -194,3 +194,7 @@ def test_decoder_adapters_become_exact_causal_lm_peft_adapters(tmp_path: Path, a
     ids = torch.tensor([tok("Premise: a man plays. Hypothesis: a person plays.").input_ids])
     with torch.no_grad():
         torch.testing.assert_close(peft_model(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
+    loaded, record, _ = load_lora(out)  # the project's loader rebuilds the causal LM (no head, no labels)
+    assert record["task_type"] == "causal-lm" and record["label_names"] == []
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)

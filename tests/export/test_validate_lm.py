@@ -1,4 +1,5 @@
-"""metatt_deploy.export.validate_lm: a tiny decoder's fp32 and int4 bundles against the unmerged adapter."""
+"""metatt_deploy.export.validate_lm: a tiny decoder's fp32 and int4 bundles against the unmerged adapter
+(MetaTT, or a PEFT LoRA: trained with --method lora, or written by merge --to peft)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,19 @@ import json
 from pathlib import Path
 
 import pytest
-from tiny_decoders import save_tiny_adapter
+import torch
+from tiny_decoders import save_tiny_adapter, save_tiny_decoder
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
+from metatt_deploy.adapters.lora import load_lora
 from metatt_deploy.cli import app
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.export.onnx import export_onnx
+from metatt_deploy.export.peft import to_peft
 from metatt_deploy.export.validate_lm import REPORT_JSON, REPORT_MD, REPORT_PNG, validate_decoder
+
+WORDS = ["good", "bad", "great", "awful", "fine", "poor"]
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +65,52 @@ def test_cli_validates_a_decoder_and_refuses_bad_input(bundles, tmp_path: Path) 
     assert result.exit_code == 2 and "needs held-out prompts with answers" in result.output
     with pytest.raises(MetaTTError, match="exceed the model's context"):
         validate_decoder(adapter_dir, fp32, data=str(data), prompt_lengths=(600,), output=tmp_path / "long")
+
+
+def test_a_metatt_decoder_as_a_peft_lora_validates_against_the_same_export(bundles, tmp_path: Path) -> None:
+    adapter_dir, fp32, _, data = bundles
+    peft_dir = to_peft(adapter_dir, tmp_path / "peft")  # lossless: the PEFT LoRA is the same model
+    report = validate_decoder(peft_dir, fp32, data=str(data), prompt_lengths=(8,), new_tokens=3, repeats=1, output=tmp_path / "r")
+    assert report["method"] == "lora" and report["parity"]["passed"] and report["parity"]["max_abs_logit_diff"] <= 1e-4
+    assert "unmerged PEFT LoRA adapter" in report["parity"]["reference"]
+
+
+def test_a_lora_trained_decoder_goes_through_merge_export_and_validate(tmp_path: Path) -> None:
+    """train --method lora on a tiny Llama, then merge (a causal-LM folder), export (KV cache) and validate, all by the CLI."""
+    base = save_tiny_decoder(tmp_path, "llama")
+    rows = [{"prompt": f"Review: this was {w} today", "response": "positive" if w in ("good", "great") else "negative"} for w in WORDS]
+    files = {}
+    for split, n in (("train", 24), ("validation", 6)):
+        files[split] = tmp_path / f"{split}.jsonl"
+        files[split].write_text("".join(json.dumps(rows[i % len(rows)]) + "\n" for i in range(n)))
+    runner = CliRunner()
+
+    def cli(*args: str) -> str:
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    cli("train", "--model", base, "--method", "lora", "--rank", "4", "--targets", "q,k,v,o,gate,up,down", "--lr", "5e-2", "--epochs", "1",
+        "--batch-size", "8", "--max-length", "64", "--train", files["train"], "--validation", files["validation"], "-o", tmp_path / "run")  # fmt: skip
+    best = tmp_path / "run" / "best"
+    cli("merge", best, "-o", tmp_path / "merged")
+    merged = tmp_path / "merged"
+    assert {"config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja"} <= {p.name for p in merged.iterdir()}
+    peft_model, record, tok = load_lora(best)
+    assert record["task_type"] == "causal-lm" and record["label_names"] == []
+    dense = AutoModelForCausalLM.from_pretrained(merged).eval()
+    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "Review: this was fine today"}], add_generation_prompt=True)])
+    with torch.no_grad():
+        torch.testing.assert_close(dense(input_ids=ids).logits, peft_model(input_ids=ids).logits, rtol=0, atol=1e-5)
+        with peft_model.disable_adapter():
+            assert (peft_model(input_ids=ids).logits - dense(input_ids=ids).logits).abs().max() > 1e-3  # the pairs moved
+    refused = runner.invoke(app, ["merge", str(best), "-o", str(tmp_path / "p"), "--to", "peft"])
+    assert refused.exit_code == 2 and "already a PEFT LoRA adapter" in refused.output
+    cli("export", merged, "-o", tmp_path / "onnx")
+    manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
+    assert manifest["adapter"]["method"] == "lora" and manifest["pipeline_task"] == "text-generation-with-past"
+    out = cli("validate", best, tmp_path / "onnx", "--data", files["validation"], "--prompt-lengths", "8", "--new-tokens", "3",
+              "--repeats", "1", "-o", tmp_path / "report")  # fmt: skip
+    assert "greedy tokens identical on 100%" in out
+    report = json.loads((tmp_path / "report" / REPORT_JSON).read_text())
+    assert report["method"] == "lora" and report["parity"]["passed"] and report["parity"]["max_abs_logit_diff"] <= 1e-4

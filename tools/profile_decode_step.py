@@ -1,0 +1,78 @@
+"""Where a decoder bundle's decode step spends its time: ONNX Runtime's profiler, summed per operator type.
+
+One decode step at batch 1 (one new token after a KV cache of ``--past`` positions, random
+cache contents: the work does not depend on them), run ``--steps`` times on the CPU with
+``--threads`` intra-op threads. Prints the median wall time of a step and the kernel time per
+step of the heaviest operator types, for each bundle in turn. This is what shows how much of a
+step the weight MatMuls are (what int4 can speed up) and how much the rest of the graph is.
+
+    python tools/profile_decode_step.py exported/smollm2-movie-sentiment exported/smollm2-movie-sentiment-int4
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+
+def decode_feeds(session: ort.InferenceSession, past: int) -> dict[str, np.ndarray]:
+    feeds = {
+        "input_ids": np.array([[123]], dtype=np.int64),
+        "attention_mask": np.ones((1, past + 1), dtype=np.int64),
+        "position_ids": np.array([[past]], dtype=np.int64),
+    }
+    rng = np.random.default_rng(0)
+    for i in session.get_inputs():
+        if i.name.startswith("past_key_values"):
+            heads, head_dim = i.shape[1], i.shape[3]
+            feeds[i.name] = rng.normal(size=(1, heads, past, head_dim)).astype(np.float32)
+    return feeds
+
+
+def profile(bundle: Path, steps: int, past: int, threads: int, top: int) -> None:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = threads, 1, 3
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory(prefix="metatt-profile-") as tmp:
+        options.profile_file_prefix = os.path.join(tmp, "decode")
+        session = ort.InferenceSession(str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        feeds = decode_feeds(session, past)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            session.run(None, feeds)
+            times.append(time.perf_counter() - t0)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    per_op: collections.Counter[str] = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            per_op[e["args"]["op_name"]] += e["dur"]
+    total = sum(per_op.values())
+    print(f"{bundle}: step {statistics.median(times) * 1000:.1f} ms (median of {steps}), kernels {total / 1000 / steps:.1f} ms/step")
+    for op, us in per_op.most_common(top):
+        print(f"  {op}: {us / 1000 / steps:.2f} ms/step ({us / total:.0%})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("bundles", nargs="+", type=Path, help="decoder bundles written by metatt-deploy export")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--past", type=int, default=32, help="positions already in the KV cache")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--top", type=int, default=6)
+    args = ap.parse_args()
+    for bundle in args.bundles:
+        profile(bundle, args.steps, args.past, args.threads, args.top)
+
+
+if __name__ == "__main__":
+    main()
