@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             f"(each seed draws its own rows); test: {args.eval_samples} examples per seed (exact match after normalisation; "
             f"perplexity of the reference responses); mean +- standard error over seeds. Step times are medians over the "
             f"run's steps, runs one after another on the same machine.\n\n"
-            f"`python tools/compare_decoders.py {' '.join(argv or sys.argv[1:])}`\n\n"
+            f"`python tools/compare_decoders.py {' '.join(a for a in (argv or sys.argv[1:]) if a != '--finished-only')}`\n\n"
         )
         atomic_write_text(args.report, header + table + "\n")
     return 0
