@@ -24,8 +24,8 @@ from metatt_deploy.common.report import write_training_report
 from metatt_deploy.training.config import PEFT_METHODS, TrainConfig
 from metatt_deploy.training.lm_data import CausalCollator, TextTask, context_length, tokenize_text_task
 from metatt_deploy.training.lm_eval import evaluate_generation
-from metatt_deploy.training.loop import Recipe, make_accelerator, prepare_run, rank_schedule, run_loop
-from metatt_deploy.training.single import load_trained, param_groups, save_trained, wrap_model
+from metatt_deploy.training.loop import make_accelerator, prepare_run, rank_schedule, run_loop
+from metatt_deploy.training.single import load_trained, single_task_recipe, wrap_model
 from metatt_deploy.tt.cores import tt_ranks
 
 # perplexity breaks exact-match ties: score = exact match - TIE_BREAK * perplexity
@@ -57,19 +57,8 @@ def train_causal(cfg: TrainConfig, task: TextTask, force: bool = False) -> dict:
         score = metrics["exact_match"] - TIE_BREAK * metrics["perplexity"]
         return fields, score, f"exact match {metrics['exact_match']:.4f}, perplexity {metrics['perplexity']:.4f}"
 
-    recipe = Recipe(
-        model=model,
-        rows=[splits["train"].select_columns(["input_ids", "labels"]).to_list()],
-        probs=[1.0],
-        collate=lambda _, rows: collator(rows),
-        evaluate=evaluate_epoch,
-        save_best=lambda m, directory: save_trained(cfg, m, tokenizer, directory, task),
-        param_groups=lambda m: param_groups(cfg, m),
-        task_names=[task.name],
-        adapter=adapter,
-        description=f"train {cfg.method}",
-        schedule=schedule,
-    )
+    rows = splits["train"].select_columns(["input_ids", "labels"]).to_list()
+    recipe = single_task_recipe(cfg, model, adapter, schedule, rows, collator, evaluate_epoch, tokenizer, task)
     state = run_loop(cfg, run, resuming, recipe, accelerator)
     result = {
         "method": cfg.method,

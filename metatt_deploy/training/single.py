@@ -8,6 +8,7 @@ is saved and loaded back) is this module's recipe for training/loop.py.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -129,6 +130,34 @@ def load_trained(directory: Path, cfg: TrainConfig) -> nn.Module:
     return load_lora(directory, base_model=cfg.model, tokenizer=False)[0]
 
 
+def single_task_recipe(
+    cfg: TrainConfig,
+    model: nn.Module,
+    adapter: MetaTT | None,
+    schedule: dict[int, list[int]],
+    rows: list[dict[str, Any]],
+    collator: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    evaluate_epoch: Callable[[nn.Module], tuple[dict[str, Any], float, str]],
+    tokenizer: Any,
+    task: TaskData | TextTask,
+) -> Recipe:
+    """The loop's recipe for one task (a classifier or a causal LM): what differs is the rows, the
+    collator and the evaluation; saving, parameter groups and the schedule are shared."""
+    return Recipe(
+        model=model,
+        rows=[rows],
+        probs=[1.0],
+        collate=lambda _, batch: collator(batch),
+        evaluate=evaluate_epoch,
+        save_best=lambda m, directory: save_trained(cfg, m, tokenizer, directory, task),
+        param_groups=lambda m: param_groups(cfg, m),
+        task_names=[task.name],
+        adapter=adapter,
+        description=f"train {cfg.method}",
+        schedule=schedule,
+    )
+
+
 @exclusive_run
 def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
     """Run (or resume) a single-task training run into ``cfg.output``; returns the final metrics."""
@@ -154,18 +183,8 @@ def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
         trainable = mt.count_trainable(accelerator.unwrap_model(m))["adapter"]
         return {**metrics, "trainable": trainable}, metrics[PRIMARY_METRIC], ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
-    recipe = Recipe(
-        model=model,
-        rows=[splits["train"].select_columns(columns).to_list()],
-        probs=[1.0],
-        collate=lambda _, rows: collator(rows),
-        evaluate=evaluate_epoch,
-        save_best=lambda m, directory: save_trained(cfg, m, tokenizer, directory, task),
-        param_groups=lambda m: param_groups(cfg, m),
-        task_names=[task.name],
-        adapter=adapter,
-        description=f"train {cfg.method}",
-        schedule=schedule,
+    recipe = single_task_recipe(
+        cfg, model, adapter, schedule, splits["train"].select_columns(columns).to_list(), collator, evaluate_epoch, tokenizer, task
     )
     state = run_loop(cfg, run, resuming, recipe, accelerator)
     result = finish(cfg, run, task, splits, collator, accelerator, state, mt.count_trainable(model))
