@@ -41,3 +41,13 @@ def build_tiny_multitask(root: Path, seed: int = 0, labels: dict | None = None, 
     randomise(mtm, core_seed)
     adapter = save_multitask(mtm, root / f"adapter-{core_seed}", tokenizer)
     return base, adapter, mtm, tokenizer
+
+
+def assert_only_new_slice_moved(old, new, task_core: int, n_old: int = 3) -> None:
+    """After --add-task: every shared core is bit-identical, the old task slices too, and the new
+    slice has moved from its initial value (the mean of the old slices)."""
+    for k, (a, b) in enumerate(zip(old.metatt.cores, new.metatt.cores)):
+        if k == task_core:
+            assert torch.equal(a, b[:, :n_old]) and not torch.equal(b[:, n_old], b[:, :n_old].mean(dim=1))
+        else:
+            assert torch.equal(a, b)
