@@ -175,7 +175,9 @@ def train(
     ] = ",".join(DEFAULT_TARGETS),
     lr: Annotated[
         float | None,
-        typer.Option(help="AdamW learning rate for the adapter. Default: 1e-3 (MetaTT, LoRA, joint multi-task); 5e-3 with --add-task."),
+        typer.Option(
+            help="AdamW learning rate for the adapter. Default: 3e-3 (MetaTT-4D, joint multi-task), 1e-3 (MetaTT-5D, LoRA), 5e-3 (VeRA, --add-task)."
+        ),
     ] = None,
     head_lr: Annotated[
         float | None,

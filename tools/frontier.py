@@ -22,6 +22,7 @@ adapter and head parameters, the exact command) and ``--output``.png.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -127,16 +128,19 @@ def collect(args) -> list[dict]:
         if (task, targets, method, rank) in seen:
             continue
         seen.add((task, targets, method, rank))
-        results = [r for s in args.seeds if (r := finished(config(args, task, targets, method, rank, s)))]
-        if not results:
+        runs = {Path(cfg.output): r for s in args.seeds if (r := finished(cfg := config(args, task, targets, method, rank, s)))}
+        if not runs:
             continue
+        results = list(runs.values())
         test = mean_se([r["test"]["accuracy"] for r in results if "test" in r])
+        trained = json.loads((next(iter(runs)) / "train_config.json").read_text())  # the rates it ran at, not today's defaults
         rows.append(
             {
                 "task": task_name(task),
                 "targets": targets,
                 "method": LABEL[method],
                 "rank": rank,
+                "lr (adapter / head)": f"{trained['lr']:g} / {trained['head_lr'] or trained['lr']:g}",
                 "adapter params": results[0]["trainable_parameters"]["adapter"],
                 "head params": results[0]["trainable_parameters"]["head"],
                 "seeds": len(results),

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -32,7 +34,8 @@ JOINT = "joint MetaTT-(4+1)D"
 # single-task set-ups: key (run folder prefix) -> (label, method, lr, head lr); None = the method's default
 SINGLE = {
     "metatt-4d": ("single MetaTT-4D, lr 5e-3 (old default)", "metatt-4d", 5e-3, 5e-3),
-    "metatt-4d-lr1e-3": ("single MetaTT-4D, lr 1e-3, head 5e-3 (default)", "metatt-4d", 1e-3, 5e-3),
+    "metatt-4d-lr1e-3": ("single MetaTT-4D, lr 1e-3, head 5e-3 (default until issue 15)", "metatt-4d", 1e-3, 5e-3),
+    "metatt-4d-lr3e-3": ("single MetaTT-4D, lr 3e-3, head 5e-3 (default)", "metatt-4d", 3e-3, 5e-3),
     "lora": ("single PEFT LoRA, lr 1e-3 (default)", "lora", 1e-3, None),
 }
 
@@ -44,7 +47,8 @@ def cell(values: list[float]) -> str:
 
 
 def run_joint(args, seed: int) -> dict:
-    out = Path(args.runs) / f"joint-s{seed}"
+    # per-bond starting ranks (e.g. 8/8/16/16: a wider task core) get their own folder
+    out = Path(args.runs) / (f"joint-{args.joint_ranks.replace('/', '_')}-s{seed}" if args.joint_ranks else f"joint-s{seed}")
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
     cfg = MultiTaskConfig(
@@ -54,6 +58,7 @@ def run_joint(args, seed: int) -> dict:
         targets=args.targets.split(","),
         lr=args.joint_lr,
         head_lr=args.joint_head_lr,
+        rank_schedule=args.joint_ranks,
         epochs=args.epochs,
         batch_size=args.batch_size,
         max_length=args.max_length,
@@ -65,7 +70,7 @@ def run_joint(args, seed: int) -> dict:
     return train_multitask(cfg, tasks)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", nargs="+", default=["movie=movie-sentiment", "snli=snli", "tweet=tweet-sentiment"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
@@ -74,6 +79,7 @@ def main() -> None:
     ap.add_argument("--targets", default="q,k,v,o")
     ap.add_argument("--joint-lr", type=float, default=1e-3)
     ap.add_argument("--joint-head-lr", type=float, default=5e-3)
+    ap.add_argument("--joint-ranks", help="the joint adapter's per-bond ranks in->layer->matrix->task->out, e.g. 8/8/16/16")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--max-train-samples", type=int, default=2000)
@@ -81,7 +87,8 @@ def main() -> None:
     ap.add_argument("--single", nargs="+", choices=list(SINGLE), default=list(SINGLE), help="single-task set-ups to run")
     ap.add_argument("--runs", default="runs/multitask-vs-single")
     ap.add_argument("--output", default="docs/multitask-comparison")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
 
     specs = [parse_task_spec(s) for s in args.tasks]
     joint = [run_joint(args, s) for s in args.seeds]
@@ -160,12 +167,10 @@ def main() -> None:
         f"all-MiniLM-L6-v2, targets {args.targets}, rank {args.rank}, {args.epochs} epochs, batch {args.batch_size}, "
         f"max length {args.max_length}; per task a fixed {args.max_train_samples}-example training subset and "
         f"{args.max_eval_samples}-example validation/test subsets (fewer where the split is smaller), the same rows for "
-        f"every method; seeds {args.seeds}. Joint learning rate {args.joint_lr:g} (heads {args.joint_head_lr:g}). Test "
+        f"every method; seeds {args.seeds}. Joint learning rate {args.joint_lr:g} (heads {args.joint_head_lr:g})"
+        f"{f', bond ranks {args.joint_ranks}' if args.joint_ranks else ''}. Test "
         f"accuracy is that of the best validation epoch (joint: best mean validation accuracy over tasks).\n\n"
-        f"Reproduce: `python tools/multitask_vs_single.py --tasks {' '.join(args.tasks)} --seeds "
-        f"{' '.join(map(str, args.seeds))} --epochs {args.epochs} --max-train-samples {args.max_train_samples} "
-        f"--max-eval-samples {args.max_eval_samples} --single {' '.join(args.single)} --runs {args.runs} "
-        f"--output {args.output}`\n\n"
+        f"Reproduce: `python tools/multitask_vs_single.py {shlex.join(args.argv)}`\n\n"
         "## Test accuracy (mean ± s.e. over seeds, then each seed)\n\n"
         + markdown_table(rows)
         + f"\n![test accuracy per task]({Path(args.output).name}.png)\n\n## Trainable parameters\n\n"
@@ -173,7 +178,8 @@ def main() -> None:
     )
     atomic_write_text(f"{args.output}.md", text)
     print(text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

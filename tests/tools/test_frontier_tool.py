@@ -29,7 +29,9 @@ def test_grid_runs_reports_and_resumes(tiny_base, tiny_task_dir, tmp_path, capsy
     rows = [line for line in md.splitlines() if line.startswith("| tiny |")]
     assert [r.split("|")[3].strip() for r in rows] == ["MetaTT-4D", "LoRA", "VeRA"]
     # parameter counts of a 2-layer, width-32 BERT, q,k,v,o at rank 2: LoRA 8 x 64 x 2, VeRA 8 x (32 + 2)
-    params = {r.split("|")[3].strip(): int(r.split("|")[5].strip()) for r in rows}
+    params = {r.split("|")[3].strip(): int(r.split("|")[6].strip()) for r in rows}
+    rates = {r.split("|")[3].strip(): r.split("|")[5].strip() for r in rows}  # read from each run, not today's defaults
+    assert rates == {"MetaTT-4D": "0.003 / 0.005", "LoRA": "0.001 / 0.001", "VeRA": "0.005 / 0.005"}
     assert params["LoRA"] == 8 * 64 * 2 and params["VeRA"] == 8 * (32 + 2) and params["MetaTT-4D"] == 64 * 2 + (2 + 4) * 4
     assert "Reproduce: `python tools/frontier.py --model" in md
 

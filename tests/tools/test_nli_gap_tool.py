@@ -18,9 +18,10 @@ def argv(tiny_base, tiny_task_dir, tmp_path: Path, *extra: str) -> list[str]:
 
 
 def test_settings_change_one_knob_and_compare_paired_with_lora(tiny_base, tiny_task_dir, tmp_path) -> None:
-    args = nli_gap.parse_args(argv(tiny_base, tiny_task_dir, tmp_path, "--settings", "lora", "default", "mid16", "epochs2x", "ffn"))
-    default = nli_gap.config(args, "default", 0)
-    assert (default.method, default.rank, default.lr, default.head_lr, default.targets) == (
+    args = nli_gap.parse_args(argv(tiny_base, tiny_task_dir, tmp_path, "--settings", "lora", "lr1e-3", "mid16", "epochs2x", "ffn"))
+    baseline = nli_gap.config(args, "lr1e-3", 0)
+    # the sweep's baseline is pinned (lr 1e-3), not read from the shipped defaults (3e-3 since the sweep)
+    assert (baseline.method, baseline.rank, baseline.lr, baseline.head_lr, baseline.targets) == (
         "metatt-4d",
         8,
         1e-3,
@@ -28,15 +29,16 @@ def test_settings_change_one_knob_and_compare_paired_with_lora(tiny_base, tiny_t
         ["q", "k", "v", "o"],
     )
     assert nli_gap.config(args, "mid16", 0).rank_schedule == "8/16/8"
+    assert nli_gap.config(args, "mid16", 0).lr == 1e-3
     assert nli_gap.config(args, "epochs2x", 0).epochs == 2
     assert nli_gap.config(args, "lora", 0).method == "lora"
-    assert nli_gap.main(argv(tiny_base, tiny_task_dir, tmp_path, "--settings", "lora", "default", "mid16")) == 0
+    assert nli_gap.main(argv(tiny_base, tiny_task_dir, tmp_path, "--settings", "lora", "lr1e-3", "mid16")) == 0
     md = (tmp_path / "runs" / "tiny-base0" / "tiny" / "knobs.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ") and "---" not in line}
-    assert set(rows) == {"setting", "lora", "default", "mid16"}
+    assert set(rows) == {"setting", "lora", "lr1e-3", "mid16"}
     # rank 8 on a width-32, 2-layer, 4-matrix BERT: 64*8 + (2+4)*64; the middle bond at 16 doubles G2/G3's share
-    assert "| 896 |" in rows["default"] and f"| {32 * 8 + 2 * 8 * 16 + 4 * 16 * 8 + 8 * 32} |" in rows["mid16"]
-    assert rows["default"].rstrip("| ").split("|")[-1].strip() != ""  # paired difference against LoRA
+    assert "| 896 |" in rows["lr1e-3"] and f"| {32 * 8 + 2 * 8 * 16 + 4 * 16 * 8 + 8 * 32} |" in rows["mid16"]
+    assert rows["lr1e-3"].rstrip("| ").split("|")[-1].strip() != ""  # paired difference against LoRA
 
 
 def test_init_ablation_runs_figure_5_orders(tiny_base, tiny_task_dir, tmp_path) -> None:

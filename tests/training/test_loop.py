@@ -109,8 +109,8 @@ def test_learning_rate_defaults_per_method():
         cfg = TrainConfig(output="x", **kw)
         return cfg.lr, cfg.head_lr
 
-    assert rates() == (1e-3, 5e-3)
-    assert rates(method="metatt-5d") == (1e-3, 5e-3)
+    assert rates() == (3e-3, 5e-3)  # docs/nli-gap.md: 3e-3 beat 1e-3 on snli and movie-sentiment
+    assert rates(method="metatt-5d") == (1e-3, 5e-3)  # not swept; more cores, a larger effective step
     assert rates(method="metatt-4d", lr=2e-3) == (2e-3, 5e-3)  # the head keeps its own default
     assert rates(method="lora") == (1e-3, None)  # LoRA's head trains at --lr, as in PEFT
     assert rates(method="lora", lr=3e-4, head_lr=1e-2) == (3e-4, 1e-2)
