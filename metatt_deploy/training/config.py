@@ -116,9 +116,10 @@ class MultiTaskConfig(TrainConfig):
     max_eval_samples: int | None = None
 
     def __post_init__(self) -> None:
-        """Joint training keeps the single-task defaults (cores 1e-3, heads 5e-3): the shared cores
-        take every task's gradient, and 5e-3 for them left all three tasks of the real run at
-        their majority class (docs/multitask.md). --add-task trains at ADD_TASK_LR.
+        """Joint training keeps the single-task defaults (cores 3e-3, heads 5e-3): the shared cores
+        take every task's gradient; 5e-3 for them left all three tasks of the real run at their
+        majority class (docs/multitask.md), 3e-3 learned every task at 2k and 10k examples per
+        task (docs/nli-gap.md). --add-task trains at ADD_TASK_LR.
         """
         if self.lr is None and self.add_task_from:
             object.__setattr__(self, "lr", ADD_TASK_LR)
