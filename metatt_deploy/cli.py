@@ -54,7 +54,7 @@ from metatt_deploy.training.config import (
 from metatt_deploy.training.data import load_task
 from metatt_deploy.training.lm_data import load_text_task
 from metatt_deploy.training.multitask import train_from_cli
-from metatt_deploy.training.sampling import DEFAULT_SAMPLING, DEFAULT_TEMPERATURE
+from metatt_deploy.training.sampling import DEFAULT_SAMPLING, DEFAULT_TEMPERATURE, parse_task_weights
 from metatt_deploy.training.single import train as run_training
 
 # Help is click's plain formatter, wrapped to the terminal (or HELP_WIDTH columns when stdout is
@@ -214,6 +214,12 @@ def train(
     temperature: Annotated[
         float, typer.Option(help="Multi-task: T of --task-sampling temperature (1 = proportional; larger flattens towards uniform).")
     ] = DEFAULT_TEMPERATURE,
+    task_weight: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Multi-task: NAME=W multiplies task NAME's loss by W (default 1; repeat or comma-separate), so a task can count more in the shared cores than its share of steps."
+        ),
+    ] = None,
     task_name: Annotated[
         str | None,
         typer.Option(
@@ -285,6 +291,7 @@ def train(
             rank_schedule=rank_schedule,
             task_sampling=task_sampling,
             temperature=temperature,
+            task_weights=parse_task_weights(task_weight or []),
             task_kind=task_kind,
             force=force,
         )
@@ -301,6 +308,8 @@ def train(
         typer.echo(f"adapter: {output / 'best'}; report: {output / 'metrics.md'}")
         return
 
+    if task_weight:
+        raise MetaTTError("--task-weight balances the tasks of a multi-task run; give two or more --task NAME=SOURCE, or drop it")
     limits = {k: v for k, v in (("train", max_train_samples), ("validation", max_eval_samples), ("test", max_eval_samples)) if v}
     if task_kind == "causal-lm" and model == DEFAULT_MODEL:
         model = DEFAULT_DECODER  # the embedded encoder cannot generate: use the embedded decoder

@@ -29,6 +29,7 @@ from metatt_deploy.common.files import atomic_write_text
 from metatt_deploy.common.report import markdown_table, save_figure
 from metatt_deploy.training.config import MultiTaskConfig
 from metatt_deploy.training.multitask import load_task_spec, parse_task_spec, train_multitask
+from metatt_deploy.training.sampling import parse_task_weights
 
 JOINT = "joint MetaTT-(4+1)D"
 # single-task set-ups: key (run folder prefix) -> (label, method, lr, head lr); None = the method's default
@@ -46,9 +47,18 @@ def cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f}{se} ({', '.join(f'{v:.3f}' for v in values)})"
 
 
+def joint_folder(args, seed: int) -> Path:
+    """joint-s<seed>, with per-bond ranks (e.g. 8/8/16/16: a wider task core) and loss weights
+    (e.g. snli=2) in the name, so every joint set-up keeps its own runs."""
+    parts = ["joint"]
+    if args.joint_ranks:
+        parts.append(args.joint_ranks.replace("/", "_"))
+    parts += [f"w{name}{weight:g}" for name, weight in args.joint_task_weights.items()]
+    return Path(args.runs) / "-".join([*parts, f"s{seed}"])
+
+
 def run_joint(args, seed: int) -> dict:
-    # per-bond starting ranks (e.g. 8/8/16/16: a wider task core) get their own folder
-    out = Path(args.runs) / (f"joint-{args.joint_ranks.replace('/', '_')}-s{seed}" if args.joint_ranks else f"joint-s{seed}")
+    out = joint_folder(args, seed)
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
     cfg = MultiTaskConfig(
@@ -59,6 +69,7 @@ def run_joint(args, seed: int) -> dict:
         lr=args.joint_lr,
         head_lr=args.joint_head_lr,
         rank_schedule=args.joint_ranks,
+        task_weights=args.joint_task_weights,
         epochs=args.epochs,
         batch_size=args.batch_size,
         max_length=args.max_length,
@@ -80,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--joint-lr", type=float, default=1e-3)
     ap.add_argument("--joint-head-lr", type=float, default=5e-3)
     ap.add_argument("--joint-ranks", help="the joint adapter's per-bond ranks in->layer->matrix->task->out, e.g. 8/8/16/16")
+    ap.add_argument("--joint-task-weights", nargs="*", default=[], metavar="NAME=W", help="the joint run's loss weights (--task-weight)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--max-train-samples", type=int, default=2000)
@@ -89,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", default="docs/multitask-comparison")
     args = ap.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
+    args.joint_task_weights = parse_task_weights(args.joint_task_weights)
 
     specs = [parse_task_spec(s) for s in args.tasks]
     joint = [run_joint(args, s) for s in args.seeds]
@@ -168,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         f"max length {args.max_length}; per task a fixed {args.max_train_samples}-example training subset and "
         f"{args.max_eval_samples}-example validation/test subsets (fewer where the split is smaller), the same rows for "
         f"every method; seeds {args.seeds}. Joint learning rate {args.joint_lr:g} (heads {args.joint_head_lr:g})"
-        f"{f', bond ranks {args.joint_ranks}' if args.joint_ranks else ''}. Test "
+        f"{f', bond ranks {args.joint_ranks}' if args.joint_ranks else ''}"
+        f"{', loss weights ' + ', '.join(f'{n} {w:g}' for n, w in args.joint_task_weights.items()) if args.joint_task_weights else ''}. Test "
         f"accuracy is that of the best validation epoch (joint: best mean validation accuracy over tasks).\n\n"
         f"Reproduce: `python tools/multitask_vs_single.py {shlex.join(args.argv)}`\n\n"
         "## Test accuracy (mean ± s.e. over seeds, then each seed)\n\n"

@@ -111,6 +111,7 @@ class MultiTaskConfig(TrainConfig):
     tasks: list[str] = field(default_factory=list)  # the --task values as given (NAME=SOURCE)
     task_sampling: str = DEFAULT_SAMPLING
     temperature: float = DEFAULT_TEMPERATURE
+    task_weights: dict[str, float] = field(default_factory=dict)  # --task-weight: loss multipliers by task name (default 1)
     add_task_from: str | None = None  # with --add-task: the frozen multi-task adapter to extend
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
@@ -134,12 +135,16 @@ class MultiTaskConfig(TrainConfig):
                 raise MetaTTError("--add-task trains exactly one new task; give --add-task NAME=SOURCE once")
             if self.rank_schedule:
                 raise MetaTTError("--add-task trains a slice against frozen cores, whose ranks cannot change; drop --rank-schedule")
+            if self.task_weights:
+                raise MetaTTError("--add-task trains one task, so there is nothing to weigh it against; drop --task-weight")
         elif len(self.tasks) < 2:
             raise MetaTTError(
                 "multi-task training needs at least two --task NAME=SOURCE; for one task use --dataset NAME or --train FILE "
                 "(with --task-name NAME)"
             )
         check_sampling(self.task_sampling, self.temperature)
+        if not all(w > 0 and math.isfinite(w) for w in self.task_weights.values()):
+            raise MetaTTError("every --task-weight must be a positive finite number (NAME=W)")
 
     def sample_limits(self) -> dict[str, int] | None:
         limits = {

@@ -56,7 +56,8 @@ class Recipe:
     ``rows[t]`` are task t's tokenized training rows; ``collate(t, rows)`` makes a batch whose
     forward returns ``.loss``; ``evaluate(model)`` returns the epoch's history entry fields and
     the score that picks the best epoch (higher is better) and a one-line summary;
-    ``save_best(model, directory)`` writes the adapter.
+    ``save_best(model, directory)`` writes the adapter; ``loss_weights[t]`` (default 1) scales
+    task t's loss, so a task can weigh more in the shared cores' updates than its share of steps.
     """
 
     model: nn.Module
@@ -72,6 +73,7 @@ class Recipe:
     gradient_fields: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # per-epoch gradient statistics -> entry fields
     description: str = "train"
     schedule: dict[int, list[int]] = field(default_factory=dict)  # epoch -> ranks to cut to
+    loss_weights: Sequence[float] | None = None
 
 
 def make_accelerator(find_unused_parameters: bool = False) -> Accelerator:
@@ -249,6 +251,8 @@ def run_loop(cfg: TrainConfig, run: Path, resuming: bool, recipe: Recipe, accele
             seed_step(cfg.seed, state["global_step"])
             share = idx[rank::world]
             weight = len(share) * world / len(idx)  # 1.0 in one process
+            if recipe.loss_weights is not None:
+                weight *= recipe.loss_weights[t]
             batch = recipe.collate(t, [rows[t][i] for i in (share or idx[:1])])
             batch = {k: (v.to(accelerator.device) if hasattr(v, "to") else v) for k, v in batch.items()}
             loss = model(**batch).loss

@@ -61,7 +61,7 @@ from metatt_deploy.training.loop import (
     start_ranks,
 )
 from metatt_deploy.training.metrics import PRIMARY_METRIC
-from metatt_deploy.training.sampling import task_probabilities
+from metatt_deploy.training.sampling import task_loss_weights, task_probabilities
 
 N_BONDS_4PLUS1 = {"metatt-4d": 4, "metatt-5d": 5}  # multi-task adapters: modes - 1 (the task mode added)
 DATA_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
@@ -232,6 +232,7 @@ def train_multitask(cfg: MultiTaskConfig, tasks: Sequence[TaskData | TextTask], 
     columns = [c for c in MODEL_INPUTS if c in splits[0]["train"].column_names]
     rows = [s["train"].select_columns(columns).to_list() for s in splits]
     probs = task_probabilities([len(r) for r in rows], cfg.task_sampling, cfg.temperature)
+    loss_weights = task_loss_weights([t.name for t in tasks], cfg.task_weights)
     val_loaders = {
         i: accelerator.prepare(make_loader(splits[k]["validation"], functools.partial(_with_task, collator, i), cfg.eval_batch_size))
         for k, i in enumerate(train_ids)
@@ -242,7 +243,9 @@ def train_multitask(cfg: MultiTaskConfig, tasks: Sequence[TaskData | TextTask], 
     accelerator.print(
         f"{config.method} ({'+'.join(config.mode_names)}): {counts['adapter_total']:,} adapter parameters "
         f"({counts['shared_cores']:,} shared), {counts['total']:,} with the heads; "
-        "task sampling " + ", ".join(f"{t.name} {p:.2f}" for t, p in zip(tasks, probs)),
+        "task sampling "
+        + ", ".join(f"{t.name} {p:.2f}" for t, p in zip(tasks, probs))
+        + ("; loss weights " + ", ".join(f"{t.name} {w:g}" for t, w in zip(tasks, loss_weights)) if loss_weights else ""),
         flush=True,
     )
     core_names = _core_names(config)
@@ -286,6 +289,7 @@ def train_multitask(cfg: MultiTaskConfig, tasks: Sequence[TaskData | TextTask], 
         gradient_fields=gradient_fields,
         description="train multi-task",
         schedule=schedule,
+        loss_weights=loss_weights,
     )
     state = run_loop(cfg, run, resuming, recipe, accelerator)
 
@@ -296,7 +300,14 @@ def train_multitask(cfg: MultiTaskConfig, tasks: Sequence[TaskData | TextTask], 
         "primary_metric": primary,
         "model": cfg.model,
         "tasks": [
-            {"name": t.name, "source": spec, "labels": t.label_names, "train_examples": len(r), "sampling_probability": float(p)}
+            {
+                "name": t.name,
+                "source": spec,
+                "labels": t.label_names,
+                "train_examples": len(r),
+                "sampling_probability": float(p),
+                "loss_weight": cfg.task_weights.get(t.name, 1.0),
+            }
             for t, spec, r, p in zip(tasks, cfg.tasks, rows, probs)
         ],
         "task_sampling": {"kind": cfg.task_sampling, "temperature": cfg.temperature},
@@ -357,6 +368,7 @@ def write_multitask_report(run: Path, result: dict) -> None:
                     "labels": len(t["labels"]),
                     "train examples": t["train_examples"],
                     "sampling p": t["sampling_probability"],
+                    "loss weight": t.get("loss_weight", 1.0),
                 }
                 for t in result["tasks"]
             ],

@@ -3,6 +3,7 @@
 One task: its rows in a seeded, length-grouped order (`epoch_order`), cut into batches. Several
 tasks: each step draws a task (proportional or temperature sampling) and takes that task's next
 batch (`epoch_plan`). The loop replays the plan of an epoch and skips the steps already done.
+How much a task's drawn steps count is the other half of the balance: `task_loss_weights`.
 """
 
 from __future__ import annotations
@@ -55,6 +56,37 @@ def task_probabilities(sizes: Sequence[int], sampling: str = DEFAULT_SAMPLING, t
         raise MetaTTError("every task needs training examples; check the train split of each --task")
     w = n if sampling == "proportional" else n ** (1.0 / temperature)
     return w / w.sum()
+
+
+def parse_task_weights(texts: Sequence[str]) -> dict[str, float]:
+    """``--task-weight NAME=W`` values (repeated or comma-separated) as {name: weight}."""
+    weights: dict[str, float] = {}
+    for text in (t.strip() for item in texts for t in item.split(",")):
+        name, sep, value = text.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = math.nan
+        if not sep or not name.strip() or not (weight > 0 and math.isfinite(weight)):
+            raise MetaTTError(f"bad --task-weight '{text}'; write NAME=W with W a positive number, e.g. --task-weight snli=2")
+        if name.strip() in weights:
+            raise MetaTTError(f"--task-weight names task '{name.strip()}' twice; give each task one weight")
+        weights[name.strip()] = weight
+    return weights
+
+
+def task_loss_weights(names: Sequence[str], weights: dict[str, float]) -> list[float] | None:
+    """Each task's loss multiplier (1 unless named in ``weights``); None when every weight is 1.
+
+    With proportional sampling a task's expected share of the shared cores' gradient is
+    p_t * w_t; the loss weight shifts that share without changing how often a task's rows are
+    seen (the sampling probability does that), so the two knobs can be tuned apart.
+    """
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise MetaTTError(f"--task-weight names unknown task(s) {', '.join(unknown)}; the run's tasks are {', '.join(names)}")
+    scale = [weights.get(n, 1.0) for n in names]
+    return None if all(w == 1.0 for w in scale) else scale
 
 
 def single_task_plan(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> Plan:

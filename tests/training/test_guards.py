@@ -130,3 +130,21 @@ def test_train_output_must_not_hold_its_inputs_and_force_replaces_only_runs(tiny
     a_file.write_text("x")
     result, err = run(["train", *data_args(tiny_base, tiny_task_dir), "-o", str(a_file / "run"), *QUICK])
     assert result.exit_code == 2 and "which is a file" in err[0]
+
+
+@pytest.mark.parametrize(
+    ("weights", "single", "message"),
+    [
+        (["a=2"], True, "--task-weight balances the tasks of a multi-task run"),
+        (["a=0"], False, "bad --task-weight 'a=0'"),
+        (["c=2"], False, "--task-weight names unknown task(s) c; the run's tasks are a, b"),
+    ],
+)
+def test_task_weight_misuse_is_one_line(tiny_base, tiny_task_dir, tmp_path, weights, single, message) -> None:
+    files = f"{tiny_task_dir / 'train.jsonl'},{tiny_task_dir / 'validation.jsonl'}"
+    tasks = data_args(tiny_base, tiny_task_dir) if single else ["--task", f"a={files}", "--task", f"b={files}", "--model", str(tiny_base)]
+    args = ["train", *tasks, "-o", str(tmp_path / "run"), *QUICK]
+    for w in weights:
+        args += ["--task-weight", w]
+    result, err = run(args)
+    assert result.exit_code == 2 and len(err) == 1 and message in err[0], result.output

@@ -19,7 +19,7 @@ from metatt_deploy.adapters.multitask import bundle_id, load_multitask
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.training.config import MultiTaskConfig
 from metatt_deploy.training.multitask import parse_task_spec, train_from_cli
-from metatt_deploy.training.sampling import epoch_plan, task_probabilities
+from metatt_deploy.training.sampling import epoch_plan, parse_task_weights, task_loss_weights, task_probabilities
 
 # ---------------------------------------------------------------- specs and sampling
 
@@ -58,6 +58,20 @@ def test_task_probabilities_and_epoch_plan() -> None:
     assert sorted(rows[:10]) == list(range(10))
 
 
+def test_task_weights_parse_and_check() -> None:
+    assert parse_task_weights(["snli=2", "movie=0.5, tweet=1"]) == {"snli": 2.0, "movie": 0.5, "tweet": 1.0}
+    assert parse_task_weights([]) == {}
+    for bad in ("snli", "snli=", "=2", "snli=0", "snli=-1", "snli=inf", "snli=x"):
+        with pytest.raises(MetaTTError, match="--task-weight"):
+            parse_task_weights([bad])
+    with pytest.raises(MetaTTError, match="twice"):
+        parse_task_weights(["a=2", "a=3"])
+    assert task_loss_weights(["a", "b"], {"b": 2.0}) == [1.0, 2.0]
+    assert task_loss_weights(["a", "b"], {"a": 1.0}) is None  # all ones: the loop multiplies nothing
+    with pytest.raises(MetaTTError, match="unknown task.*c.*a, b"):
+        task_loss_weights(["a", "b"], {"c": 2.0})
+
+
 def test_config_checks() -> None:
     with pytest.raises(MetaTTError, match="at least two"):
         MultiTaskConfig(output="x", tasks=["a=snli"]).check()
@@ -66,6 +80,10 @@ def test_config_checks() -> None:
     MultiTaskConfig(output="x", tasks=["a=snli", "b=snli"], rank_schedule="8,1:4").check()  # one loop: schedules work jointly
     with pytest.raises(MetaTTError, match="rank-schedule"):
         MultiTaskConfig(output="x", tasks=["c=snli"], add_task_from="run/best", rank_schedule="8,1:4").check()
+    with pytest.raises(MetaTTError, match="task-weight"):
+        MultiTaskConfig(output="x", tasks=["c=snli"], add_task_from="run/best", task_weights={"c": 2.0}).check()
+    with pytest.raises(MetaTTError, match="task-weight"):
+        MultiTaskConfig(output="x", tasks=["a=snli", "b=snli"], task_weights={"a": 0.0}).check()
 
 
 def test_learning_rate_defaults() -> None:
@@ -156,6 +174,35 @@ def test_rank_schedule_in_a_joint_run_ends_at_the_final_ranks(trained) -> None:
     assert result["best"]["epoch"] == 2
     _, config, _ = load_multitask(root / "scheduled" / "best")
     assert config.ranks == [2, 2, 2, 2]
+
+
+def test_task_weight_scales_that_tasks_gradient(trained) -> None:
+    """One step, the same batch and dropout: weighting the drawn task by 3 triples every core's
+    gradient; weighting only another task changes nothing."""
+    root, base, specs, _ = trained
+
+    def one_step(name: str, weights: dict[str, float]) -> tuple[str, np.ndarray]:
+        result = train_from_cli(
+            output=str(root / name),
+            specs=specs,
+            add_task=None,
+            from_adapter=None,
+            model=str(base),
+            **{**KNOBS, "max_steps": 1, "task_weights": weights},
+        )
+        entry = result["history"][0]
+        drawn = next(t for t, n in entry["batches_per_task"].items() if n)
+        return drawn, np.array(list(entry["grad_norm_rms"].values()))
+
+    drawn, plain = one_step("w-none", {})
+    other = next(n for n in ("sent", "nli", "four") if n != drawn)
+    _, weighted = one_step("w-drawn", {drawn: 3.0, other: 0.5})
+    np.testing.assert_allclose(weighted, 3.0 * plain, rtol=1e-5)
+    _, elsewhere = one_step("w-other", {other: 5.0})
+    np.testing.assert_allclose(elsewhere, plain, rtol=1e-6)
+    saved = json.loads((root / "w-drawn" / "metrics.json").read_text())
+    assert {t["name"]: t["loss_weight"] for t in saved["tasks"]}[drawn] == 3.0
+    assert "loss weight" in (root / "w-drawn" / "metrics.md").read_text()
 
 
 def test_interrupted_run_resumes_to_the_same_result(trained, monkeypatch) -> None:
