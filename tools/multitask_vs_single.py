@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--targets", default="q,k,v,o")
-    ap.add_argument("--joint-lr", type=float, default=1e-3)
+    ap.add_argument("--joint-lr", type=float, help="the joint adapter's core lr (default: the shipped multi-task default)")
     ap.add_argument("--joint-head-lr", type=float, default=5e-3)
     ap.add_argument("--joint-ranks", help="the joint adapter's per-bond ranks in->layer->matrix->task->out, e.g. 8/8/16/16")
     ap.add_argument("--joint-task-weights", nargs="*", default=[], metavar="NAME=W", help="the joint run's loss weights (--task-weight)")
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     specs = [parse_task_spec(s) for s in args.tasks]
     joint = [run_joint(args, s) for s in args.seeds]
+    joint_lr = json.loads((joint_folder(args, args.seeds[0]) / "train_config.json").read_text())["lr"]
     single = {
         (spec.name, key): [
             run_single(
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         f"all-MiniLM-L6-v2, targets {args.targets}, rank {args.rank}, {args.epochs} epochs, batch {args.batch_size}, "
         f"max length {args.max_length}; per task a fixed {args.max_train_samples}-example training subset and "
         f"{args.max_eval_samples}-example validation/test subsets (fewer where the split is smaller), the same rows for "
-        f"every method; seeds {args.seeds}. Joint learning rate {args.joint_lr:g} (heads {args.joint_head_lr:g})"
+        f"every method; seeds {args.seeds}. Joint learning rate {joint_lr:g} (heads {args.joint_head_lr:g})"
         f"{f', bond ranks {args.joint_ranks}' if args.joint_ranks else ''}"
         f"{', loss weights ' + ', '.join(f'{n} {w:g}' for n, w in args.joint_task_weights.items()) if args.joint_task_weights else ''}. Test "
         f"accuracy is that of the best validation epoch (joint: best mean validation accuracy over tasks).\n\n"

@@ -16,7 +16,7 @@ def test_joint_at_chosen_bond_ranks_against_single_task(tmp_path: Path) -> None:
     runs, output = tmp_path / "runs", tmp_path / "report"
     argv = ["--tasks", "movie=movie-sentiment", "tweet=tweet-sentiment", "--seeds", "0", "--epochs", "1", "--rank", "2"]
     argv += ["--max-train-samples", "16", "--max-eval-samples", "8", "--batch-size", "8", "--max-length", "32"]
-    argv += ["--single", "metatt-4d-lr3e-3", "--joint-lr", "3e-3", "--joint-ranks", "2/2/4/4", "--joint-task-weights", "tweet=2"]
+    argv += ["--single", "metatt-4d-lr3e-3", "--joint-ranks", "2/2/4/4", "--joint-task-weights", "tweet=2"]
     argv += ["--runs", str(runs), "--output", str(output)]
     assert tool.main(argv) == 0
 
