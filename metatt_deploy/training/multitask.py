@@ -186,6 +186,7 @@ def train_multitask(cfg: MultiTaskConfig, tasks: Sequence[TaskData | TextTask], 
     """
     causal = isinstance(tasks[0], TextTask)
     primary = "exact_match" if causal else PRIMARY_METRIC
+    loss_weights = task_loss_weights([t.name for t in tasks], cfg.task_weights)  # a misnamed task fails before any loading
     accelerator = make_accelerator(find_unused_parameters=True)
     run, resuming = prepare_run(cfg, force, accelerator)
     torch.manual_seed(cfg.seed)
@@ -232,7 +233,6 @@ def train_multitask(cfg: MultiTaskConfig, tasks: Sequence[TaskData | TextTask], 
     columns = [c for c in MODEL_INPUTS if c in splits[0]["train"].column_names]
     rows = [s["train"].select_columns(columns).to_list() for s in splits]
     probs = task_probabilities([len(r) for r in rows], cfg.task_sampling, cfg.temperature)
-    loss_weights = task_loss_weights([t.name for t in tasks], cfg.task_weights)
     val_loaders = {
         i: accelerator.prepare(make_loader(splits[k]["validation"], functools.partial(_with_task, collator, i), cfg.eval_batch_size))
         for k, i in enumerate(train_ids)
