@@ -45,6 +45,7 @@ from metatt_deploy.training.causal import train_causal
 from metatt_deploy.training.config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_EPOCHS,
+    DEFAULT_MAX_GRAD_NORM,
     DEFAULT_MAX_LENGTH,
     DEFAULT_RANK,
     DEFAULT_SAVE_STEPS,
@@ -184,6 +185,12 @@ def train(
         typer.Option(help="Learning rate of the classification head(s). Default: 5e-3 for MetaTT (single- and multi-task), --lr for LoRA."),
     ] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
+    max_grad_norm: Annotated[
+        float,
+        typer.Option(
+            help="Clip the gradients' global L2 norm to this before each step (0: no clipping, the default; transformers' Trainer uses 1.0). See docs/nli-gap.md."
+        ),
+    ] = DEFAULT_MAX_GRAD_NORM,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = DEFAULT_EPOCHS,
     batch_size: Annotated[
         int, typer.Option(help="Training batch size (global: split across processes under accelerate launch).")
@@ -280,6 +287,7 @@ def train(
             lr=lr,
             head_lr=head_lr,
             weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
             epochs=epochs,
             batch_size=batch_size,
             max_length=max_length,
@@ -325,6 +333,7 @@ def train(
         lr=lr,
         head_lr=head_lr,
         weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm,
         epochs=epochs,
         batch_size=batch_size,
         max_length=max_length,

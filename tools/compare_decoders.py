@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout, uninstalled
 
+from grid_runs import add_clipping_option, reuse  # noqa: E402
 from lm_zero_shot import zero_shot  # noqa: E402
 
 from metatt_deploy.adapters.base_model import DEFAULT_DECODER  # noqa: E402
@@ -47,27 +48,9 @@ def result_file(args: argparse.Namespace, method: str, seed: int) -> Path:
     return out / ("zero-shot.json" if method == "zero-shot" else "metrics.json")
 
 
-def finished(args: argparse.Namespace, method: str, seed: int) -> dict | None:
-    """That result if the run has finished."""
-    done = result_file(args, method, seed)
-    return json.loads(done.read_text()) if done.is_file() else None
-
-
-def run_one(args: argparse.Namespace, method: str, seed: int) -> dict:
-    """One seed of one method (or the zero-shot floor), reusing a finished run under --out."""
-    if (result := finished(args, method, seed)) is not None:
-        return result
-    done = result_file(args, method, seed)
-    out = done.parent
-    if method == "zero-shot":
-        z = zero_shot(args.model, args.dataset, "test", args.eval_samples, seed=seed, max_length=args.max_length)
-        result = {"test": {"exact_match": z["exact_match"], "perplexity": z["perplexity"]}, "trainable_parameters": {"adapter": 0}}
-        atomic_write_json(done, result)
-        return result
-    sizes = {"train": args.train_samples, "validation": args.val_samples, "test": args.eval_samples}
-    task = load_text_task(dataset=args.dataset, max_samples=sizes, seed=seed)
-    cfg = TrainConfig(
-        output=str(out),
+def train_config(args: argparse.Namespace, method: str, seed: int) -> TrainConfig:
+    return TrainConfig(
+        output=str(result_file(args, method, seed).parent),
         model=args.model,
         method=method,
         rank=args.rank,
@@ -78,8 +61,30 @@ def run_one(args: argparse.Namespace, method: str, seed: int) -> dict:
         eval_batch_size=32,
         max_length=args.max_length,
         seed=seed,
+        max_grad_norm=args.max_grad_norm,
     )
-    return train_causal(cfg, task, force=True)
+
+
+def finished(args: argparse.Namespace, method: str, seed: int) -> dict | None:
+    """That result if the run has finished (a finished run of other settings stops the tool)."""
+    if method != "zero-shot":
+        return reuse(train_config(args, method, seed))
+    done = result_file(args, method, seed)
+    return json.loads(done.read_text()) if done.is_file() else None
+
+
+def run_one(args: argparse.Namespace, method: str, seed: int) -> dict:
+    """One seed of one method (or the zero-shot floor), reusing a finished run under --out."""
+    if (result := finished(args, method, seed)) is not None:
+        return result
+    if method == "zero-shot":
+        z = zero_shot(args.model, args.dataset, "test", args.eval_samples, seed=seed, max_length=args.max_length)
+        result = {"test": {"exact_match": z["exact_match"], "perplexity": z["perplexity"]}, "trainable_parameters": {"adapter": 0}}
+        atomic_write_json(result_file(args, method, seed), result)
+        return result
+    sizes = {"train": args.train_samples, "validation": args.val_samples, "test": args.eval_samples}
+    task = load_text_task(dataset=args.dataset, max_samples=sizes, seed=seed)
+    return train_causal(train_config(args, method, seed), task, force=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--lora-lr", type=float, default=1e-3)
+    add_clipping_option(parser)
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--methods", default="zero-shot,metatt-4d,metatt-5d,lora")
     parser.add_argument("--out", default="runs/compare-llm")

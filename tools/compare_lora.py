@@ -16,10 +16,11 @@ import statistics
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+from grid_runs import add_clipping_option, reuse
 
 from metatt_deploy.common.files import atomic_write_text
 from metatt_deploy.common.report import markdown_table, save_figure
-from metatt_deploy.training.config import TrainConfig
+from metatt_deploy.training.config import DEFAULT_MAX_GRAD_NORM, TrainConfig
 from metatt_deploy.training.data import load_task
 from metatt_deploy.training.single import train
 
@@ -39,16 +40,13 @@ def run_single(
     max_length: int = 64,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
+    max_grad_norm: float = DEFAULT_MAX_GRAD_NORM,
 ) -> dict:
     """One single-task run into ``out``; a finished run is reused, an interrupted one resumes.
 
     The data subset is drawn with seed 0 whatever the training seed, so seeds vary only the
     training (initialisation, batch order, dropout), never the rows.
     """
-    if (out / "metrics.json").is_file():
-        return json.loads((out / "metrics.json").read_text())
-    limits = {"train": max_train_samples, "validation": max_eval_samples, "test": max_eval_samples}
-    task = load_task(dataset=dataset, max_samples={k: v for k, v in limits.items() if v}, seed=0)
     cfg = TrainConfig(
         output=str(out),
         method=method,
@@ -60,7 +58,12 @@ def run_single(
         batch_size=batch_size,
         max_length=max_length,
         seed=seed,
+        max_grad_norm=max_grad_norm,
     )
+    if (done := reuse(cfg)) is not None:
+        return done
+    limits = {"train": max_train_samples, "validation": max_eval_samples, "test": max_eval_samples}
+    task = load_task(dataset=dataset, max_samples={k: v for k, v in limits.items() if v}, seed=0)
     return train(cfg, task)
 
 
@@ -85,6 +88,7 @@ def run_one(args, method: str, seed: int) -> dict:
         max_length=args.max_length,
         max_train_samples=args.max_train_samples,
         max_eval_samples=args.max_eval_samples,
+        max_grad_norm=args.max_grad_norm,
     )
 
 
@@ -108,6 +112,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--max-train-samples", type=int, default=None)
     ap.add_argument("--max-eval-samples", type=int, default=None)
+    add_clipping_option(ap)
     ap.add_argument("--runs", default="runs/compare")
     ap.add_argument("--output", default="docs/results")
     args = ap.parse_args()
@@ -148,6 +153,7 @@ def main() -> None:
         + (f" --max-eval-samples {args.max_eval_samples}" if args.max_eval_samples else "")
         + (f" --lr {args.lr:g}" if args.lr is not None else "")
         + (f" --metatt-lr {args.metatt_lr:g}" if args.metatt_lr is not None else "")
+        + (f" --max-grad-norm {args.max_grad_norm:g}" if args.max_grad_norm != DEFAULT_MAX_GRAD_NORM else "")
         + "`\n\n"
         + markdown_table(rows, floatfmt=".1f")
         + f"\n![validation curves]({Path(args.output).name}.png)\n"

@@ -27,7 +27,18 @@ import shlex
 import sys
 from pathlib import Path
 
-from grid_runs import finished, fmt, guarded, load_subset, mean_se, measure_step, run_resumable, run_seconds, setup_threads
+from grid_runs import (
+    add_clipping_option,
+    finished,
+    fmt,
+    guarded,
+    load_subset,
+    mean_se,
+    measure_step,
+    run_resumable,
+    run_seconds,
+    setup_threads,
+)
 
 from metatt_deploy.common.files import atomic_write_text
 from metatt_deploy.common.report import markdown_table, plt, save_figure
@@ -56,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", nargs="*", default=[], metavar="METHOD=LR", help="adapter lr per method (default: the method's default)")
     p.add_argument("--data-seed", type=int, default=0)
+    add_clipping_option(p)
     p.add_argument("--save-steps", type=int, default=50, help="checkpoint every N steps (resume granularity)")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "frontier")
     p.add_argument("--output", default=str(ROOT / "docs" / "frontier"), help="writes OUTPUT.md and OUTPUT.png")
@@ -111,6 +123,7 @@ def config(args, task: str, targets: str, method: str, rank: int, seed: int) -> 
         max_length=args.max_length,
         seed=seed,
         save_steps=args.save_steps,
+        max_grad_norm=args.max_grad_norm,
     )
 
 
@@ -196,9 +209,10 @@ def report(args) -> str:
     out = Path(args.output)
     plot(args, rows, out.with_suffix(".png"))
     columns = [k for k in (rows[0] if rows else {}) if not k.startswith("_")]
+    lora_extra = f" (LoRA also {args.lora_extra_ranks})" if "lora" in args.methods and args.lora_extra_ranks else ""
     text = (
         f"# Accuracy against trainable parameters on {model_tag(args.model)}\n\n"
-        f"Methods {', '.join(LABEL[m] for m in args.methods)} at ranks {args.ranks} (LoRA also {args.lora_extra_ranks}), "
+        f"Methods {', '.join(LABEL[m] for m in args.methods)} at ranks {args.ranks}{lora_extra}, "
         f"targets {' and '.join(args.target_sets)}; {args.epochs} epochs, batch {args.batch_size}, max length {args.max_length}, "
         f"train subset {args.max_train_samples or 'all'}, validation/test subsets {args.max_eval_samples or 'all'} "
         f"(data seed {args.data_seed}), seeds {args.seeds}; each method at its default learning rates"

@@ -21,7 +21,7 @@ import time
 import traceback
 from pathlib import Path
 
-from metatt_deploy.training.config import TrainConfig
+from metatt_deploy.training.config import DEFAULT_MAX_GRAD_NORM, TrainConfig, changed_settings
 from metatt_deploy.training.data import TaskData
 from metatt_deploy.training.multitask import load_task_spec
 
@@ -74,8 +74,8 @@ def run_resumable(cfg: TrainConfig, task: TaskData) -> dict:
     from metatt_deploy.training.single import train
 
     out = Path(cfg.output)
-    if (out / "metrics.json").is_file():
-        return json.loads((out / "metrics.json").read_text())
+    if (done := reuse(cfg)) is not None:
+        return done
     fresh = not (out / "checkpoint" / "state.json").is_file()  # no checkpoint: (re)start cleanly
     print(f"== {out} ({'start' if fresh else 'resume'})", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -97,9 +97,42 @@ def guarded(fn, *a, **kw):
         return None
 
 
+def saved_config(run: Path) -> dict:
+    path = run / "train_config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def finished(cfg: TrainConfig) -> dict | None:
-    path = Path(cfg.output) / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The metrics of a finished run of exactly ``cfg`` (a run folder trained with other settings,
+    e.g. before gradient clipping, is not this point of the grid)."""
+    out = Path(cfg.output)
+    path = out / "metrics.json"
+    if not path.is_file() or changed_settings(saved_config(out), cfg):
+        return None
+    return json.loads(path.read_text())
+
+
+def reuse(cfg: TrainConfig) -> dict | None:
+    """The metrics of the finished run of ``cfg``; None when it has not finished. A finished run
+    of other settings in that folder stops the tool (never retrained over, never mixed in)."""
+    if (done := finished(cfg)) is not None:
+        return done
+    out = Path(cfg.output)
+    if (out / "metrics.json").is_file():
+        raise SystemExit(
+            f"error: {out} was trained with other settings: {changed_settings(saved_config(out), cfg)}; pass those, or another --runs"
+        )
+    return None
+
+
+def add_clipping_option(parser) -> None:
+    """``--max-grad-norm`` for a grid tool (default: the shipped default, no clipping, as every run made before the option)."""
+    parser.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=DEFAULT_MAX_GRAD_NORM,
+        help=f"clip every run's gradients to this global norm (default {DEFAULT_MAX_GRAD_NORM}: no clipping)",
+    )
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:

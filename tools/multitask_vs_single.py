@@ -24,6 +24,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 from compare_lora import run_single
+from grid_runs import add_clipping_option, reuse
 
 from metatt_deploy.common.files import atomic_write_text
 from metatt_deploy.common.report import markdown_table, save_figure
@@ -58,11 +59,8 @@ def joint_folder(args, seed: int) -> Path:
 
 
 def run_joint(args, seed: int) -> dict:
-    out = joint_folder(args, seed)
-    if (out / "metrics.json").is_file():
-        return json.loads((out / "metrics.json").read_text())
     cfg = MultiTaskConfig(
-        output=str(out),
+        output=str(joint_folder(args, seed)),
         tasks=list(args.tasks),
         rank=args.rank,
         targets=args.targets.split(","),
@@ -76,7 +74,10 @@ def run_joint(args, seed: int) -> dict:
         seed=seed,
         max_train_samples=args.max_train_samples,
         max_eval_samples=args.max_eval_samples,
+        max_grad_norm=args.max_grad_norm,
     )
+    if (done := reuse(cfg)) is not None:
+        return done
     tasks = [load_task_spec(parse_task_spec(s), max_samples=cfg.sample_limits(), seed=0) for s in args.tasks]
     return train_multitask(cfg, tasks)
 
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-train-samples", type=int, default=2000)
     ap.add_argument("--max-eval-samples", type=int, default=500)
     ap.add_argument("--single", nargs="+", choices=list(SINGLE), default=list(SINGLE), help="single-task set-ups to run")
+    add_clipping_option(ap)
     ap.add_argument("--runs", default="runs/multitask-vs-single")
     ap.add_argument("--output", default="docs/multitask-comparison")
     args = ap.parse_args(argv)
@@ -122,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_length=args.max_length,
                 max_train_samples=args.max_train_samples,
                 max_eval_samples=args.max_eval_samples,
+                max_grad_norm=args.max_grad_norm,
             )
             for s in args.seeds
         ]
@@ -183,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.max_eval_samples}-example validation/test subsets (fewer where the split is smaller), the same rows for "
         f"every method; seeds {args.seeds}. Joint learning rate {joint_lr:g} (heads {args.joint_head_lr:g})"
         f"{f', bond ranks {args.joint_ranks}' if args.joint_ranks else ''}"
-        f"{', loss weights ' + ', '.join(f'{n} {w:g}' for n, w in args.joint_task_weights.items()) if args.joint_task_weights else ''}. Test "
+        f"{', loss weights ' + ', '.join(f'{n} {w:g}' for n, w in args.joint_task_weights.items()) if args.joint_task_weights else ''}"
+        f"{f'; every run (joint and single) clips its gradients to global norm {args.max_grad_norm:g}' if args.max_grad_norm else ''}. Test "
         f"accuracy is that of the best validation epoch (joint: best mean validation accuracy over tasks).\n\n"
         f"Reproduce: `python tools/multitask_vs_single.py {shlex.join(args.argv)}`\n\n"
         "## Test accuracy (mean ± s.e. over seeds, then each seed)\n\n"

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from
 
 from bench_multitask_decoders import bundle_and_exports, task_parity  # noqa: E402
 from compare_decoders import TARGETS, mean_se, run_one  # noqa: E402
+from grid_runs import add_clipping_option, reuse  # noqa: E402
 
 from metatt_deploy.adapters.base_model import DEFAULT_DECODER, load_tokenizer  # noqa: E402
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text  # noqa: E402
@@ -69,11 +70,8 @@ def joint_dir(args: argparse.Namespace, specs: list[TaskSpec], seed: int) -> Pat
 
 def run_joint(args: argparse.Namespace, specs: list[TaskSpec], seed: int) -> dict:
     """One seed of the joint (4+1)D run (reused when finished, resumed when interrupted)."""
-    out = joint_dir(args, specs, seed)
-    if (out / "metrics.json").is_file():
-        return json.loads((out / "metrics.json").read_text())
     cfg = MultiTaskConfig(
-        output=str(out),
+        output=str(joint_dir(args, specs, seed)),
         model=args.model,
         tasks=[f"{s.name}={s.dataset}" for s in specs],
         method="metatt-4d",
@@ -85,7 +83,10 @@ def run_joint(args: argparse.Namespace, specs: list[TaskSpec], seed: int) -> dic
         eval_batch_size=32,
         max_length=args.max_length,
         seed=seed,
+        max_grad_norm=args.max_grad_norm,
     )
+    if (done := reuse(cfg)) is not None:
+        return done
     return train_multitask(cfg, joint_tasks(args, specs, seed))
 
 
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3, help="MetaTT lr (joint and single)")
     parser.add_argument("--lora-lr", type=float, default=1e-3)
+    add_clipping_option(parser)
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--parity-prompts", type=int, default=30, help="test prompts per task (0: no parity check)")
     parser.add_argument("--new-tokens", type=int, default=12, help="greedy tokens per parity prompt")

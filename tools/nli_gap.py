@@ -29,7 +29,18 @@ import shlex
 import sys
 from pathlib import Path
 
-from grid_runs import finished, fmt, guarded, load_subset, mean_se, measure_step, run_resumable, run_seconds, setup_threads
+from grid_runs import (
+    add_clipping_option,
+    finished,
+    fmt,
+    guarded,
+    load_subset,
+    mean_se,
+    measure_step,
+    run_resumable,
+    run_seconds,
+    setup_threads,
+)
 
 from metatt_deploy.common.files import atomic_write_text
 from metatt_deploy.common.report import markdown_table
@@ -75,6 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--data-seed", type=int, default=0)
+    add_clipping_option(p)
     p.add_argument("--save-steps", type=int, default=100)
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "nli-gap")
     p.add_argument("--output", type=Path, default=None, help="markdown table (default: RUNS/<model>/<task>/<ablation>.md)")
@@ -111,6 +123,7 @@ def config(args, setting: str, seed: int) -> TrainConfig:
         max_length=args.max_length,
         seed=seed,
         save_steps=args.save_steps,
+        max_grad_norm=args.max_grad_norm,
         **({"model": args.model} if args.model else {}),
         **(BASELINE if method == "metatt-4d" else {}),
     )

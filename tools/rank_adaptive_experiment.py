@@ -31,24 +31,20 @@ difference per seed) and a PNG of validation accuracy per epoch with the cut epo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import re
 import statistics
 import sys
-import time
-import traceback
 from pathlib import Path
 
-from grid_runs import Tee, log_path
+from grid_runs import add_clipping_option, finished, guarded, log_path, run_resumable
 
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text
 from metatt_deploy.common.report import markdown_table, plt, save_figure
 from metatt_deploy.training.config import TrainConfig
 from metatt_deploy.training.data import load_task
 from metatt_deploy.training.schedule import parse_rank_schedule
-from metatt_deploy.training.single import train
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -68,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=5e-4, help="AdamW lr of the adapter (paper's Figure 2: 5e-4)")
     p.add_argument("--head-lr", type=float, default=None, help="lr of the head (default: the method's default head lr, 5e-3)")
     p.add_argument("--weight-decay", type=float, default=0.0)
+    add_clipping_option(p)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--schedule", default="10,1:8,2:6,3:4", help="rank schedule of the sweep arms")
     p.add_argument("--fixed-rank", type=int, default=4)
@@ -140,21 +137,13 @@ def make_config(args, task: str, arm: str, seed: int):
         max_length=args.max_length,
         seed=seed,
         save_steps=10**6,  # checkpoints at epoch ends only (cheap resumes, little I/O)
+        max_grad_norm=args.max_grad_norm,
         **extra,
     )
 
 
 def run_one(args, task_data, task: str, arm: str, seed: int) -> None:
-    out = run_dir(args, task, arm, seed)
-    if (out / "metrics.json").is_file():
-        return
-    fresh = not (out / "checkpoint" / "state.json").is_file()  # no checkpoint: (re)start cleanly
-    print(f"== {task} / {arm} / seed {seed} -> {out} ({'start' if fresh else 'resume'})", flush=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    with open(log_path(out), "a") as log, contextlib.redirect_stdout(Tee(sys.stdout, log)):
-        train(make_config(args, task, arm, seed), task_data, force=fresh)
-    print(f"   done in {time.time() - t0:.0f} s", flush=True)
+    run_resumable(make_config(args, task, arm, seed), task_data)
 
 
 # ------------------------------------------------------------------ aggregation
@@ -195,8 +184,7 @@ def collect(args) -> dict:
             runs = {}
             for seed in seeds:
                 path = run_dir(args, task, arm, seed) / "metrics.json"
-                if path.is_file():
-                    m = json.loads(path.read_text())
+                if (m := finished(make_config(args, task, arm, seed))) is not None:
                     runs[seed] = {
                         "history": [{"epoch": h["epoch"], "accuracy": h["accuracy"], "trainable": h["trainable"]} for h in m["history"]],
                         "best_accuracy": m["best"]["accuracy"],
@@ -370,7 +358,7 @@ def main(argv=None) -> int:
             data = load_task(dataset=task, max_samples={"train": n_train, "validation": n_val, "test": n_val}, seed=args.data_seed)
             for seed in seeds:
                 for arm in ("fixed", "sweep-project"):
-                    _guarded(run_one, args, data, task, arm, seed)
+                    guarded(run_one, args, data, task, arm, seed)
                 report(args)
         for task in [t for t in args.tasks.split(",") if t]:  # the moments comparison last: optional
             if task != args.moments_task:
@@ -378,7 +366,7 @@ def main(argv=None) -> int:
             n_train, n_val = sizes[task]
             data = load_task(dataset=task, max_samples={"train": n_train, "validation": n_val, "test": n_val}, seed=args.data_seed)
             for seed in seeds:
-                _guarded(run_one, args, data, task, "sweep-reset", seed)
+                guarded(run_one, args, data, task, "sweep-reset", seed)
                 report(args)
     result = report(args)
 
@@ -387,15 +375,6 @@ def main(argv=None) -> int:
         print(markdown_table(result["paired"]))
     print(f"written: {lr_dir(args) / 'results.md'}, {lr_dir(args) / 'rank-adaptive.png'}")
     return 0
-
-
-def _guarded(fn, *a) -> None:
-    try:
-        fn(*a)
-    except KeyboardInterrupt:
-        raise
-    except Exception:  # one failed run must not lose the others; it is reported and retried next time
-        traceback.print_exc()
 
 
 if __name__ == "__main__":

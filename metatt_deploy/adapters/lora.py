@@ -18,6 +18,7 @@ from pathlib import Path
 from transformers import PreTrainedModel
 
 from metatt_deploy.adapters.base_model import load_causal_lm, load_classifier, load_tokenizer
+from metatt_deploy.adapters.model import base_fingerprint
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_json, read_json
 
@@ -33,14 +34,25 @@ def is_lora_adapter(directory: str | Path) -> bool:
 
 
 def lora_record(
-    *, method: str = "lora", task: str, label_names: list[str], base_model: str, rank: int, lora_alpha: float, targets: list[str]
+    *,
+    method: str = "lora",
+    task: str,
+    label_names: list[str],
+    base_model: str,
+    base_fingerprint: str,
+    rank: int,
+    lora_alpha: float,
+    targets: list[str],
 ) -> dict:
-    """The ``metatt_lora.json`` of a PEFT baseline folder (LoRA or VeRA): what PEFT's config does not say."""
+    """The ``metatt_lora.json`` of a PEFT baseline folder (LoRA or VeRA): what PEFT's config does
+    not say, including the fingerprint of the base weights (``base_fingerprint``, MetaTT's format-2
+    definition), so a load onto another base of the same shapes is refused instead of answering wrongly."""
     return {
         "method": method,
         "task": task,
         "label_names": list(label_names),
         "base_model": base_model,
+        "base_fingerprint": base_fingerprint,
         "rank": rank,
         "lora_alpha": lora_alpha,
         "targets": list(targets),
@@ -85,6 +97,12 @@ def load_lora(directory: str | Path, base_model: str | None = None, tokenizer: b
         model = load_causal_lm(base)
     else:
         model = load_classifier(base, list(record["label_names"]))
+    expected = record.get("base_fingerprint")  # absent in folders written before it was recorded
+    if expected and (actual := base_fingerprint(model)) != expected:
+        raise MetaTTError(
+            f"the LoRA adapter {directory} was trained on base model '{record['base_model']}' (fingerprint {expected[:12]}), "
+            f"but this base has fingerprint {actual[:12]}; pass the adapter's own base model"
+        )
     try:
         peft_model = PeftModel.from_pretrained(model, str(directory)).eval()
     except (RuntimeError, ValueError, KeyError) as e:  # shapes or module names of another base model

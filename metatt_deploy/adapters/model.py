@@ -10,6 +10,7 @@ causal LM (``AutoModelForCausalLM``) rather than a classifier.
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Any, cast
 
@@ -112,12 +113,18 @@ def _weight(module: nn.Module) -> torch.Tensor:
     return cast(torch.Tensor, (module.base_layer if isinstance(module, MetaTTLayer) else module).weight)
 
 
+# parameters PEFT adds inside a wrapped base (LoRA pairs, VeRA's scaling vectors): not base weights
+PEFT_PARAMETER = re.compile(r"\.(lora_|vera_)")
+
+
 def fingerprint(model: nn.Module, modules: list[TargetModule], head_modules: list[str] | None = None) -> str:
     """sha256 of the base weights the adapter's answers depend on: tells its own base from any other.
 
     With ``head_modules`` (adapter format 2): every parameter of the base outside those modules
-    (they ship with the adapter), names as in the unwrapped model, in name order. Without
-    (format 1): the weights of the adapted modules only, which missed every other weight.
+    (they ship with the adapter), names as in the unwrapped model, in name order; on a base that
+    carries PEFT layers, PEFT's own parameters are left out, so a LoRA folder's base and a MetaTT
+    adapter's base fingerprint alike. Without (format 1): the weights of the adapted modules only,
+    which missed every other weight.
     """
     h = hashlib.sha256()
     if head_modules is None:
@@ -129,11 +136,16 @@ def fingerprint(model: nn.Module, modules: list[TargetModule], head_modules: lis
     skip = tuple(f"{m}." for m in head_modules) + (f"{ADAPTER_ATTR}.",)
     params = {n.replace(".base_layer.", "."): p for n, p in model.named_parameters(remove_duplicate=True)}
     for name in sorted(params):
-        if name.startswith(skip):
+        if name.startswith(skip) or PEFT_PARAMETER.search(name):
             continue
         h.update(name.encode())
         h.update(params[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """The format-2 fingerprint of a base model (plain, or carrying PEFT layers), its head left out."""
+    return fingerprint(model, [], head_modules(model))
 
 
 def config_fingerprint(model: nn.Module, config: MetaTTConfig) -> str:

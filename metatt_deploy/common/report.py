@@ -114,6 +114,10 @@ def save_figure(fig, path: str | Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+# per-epoch fields of a run's history that describe the training, not the validation metrics
+NOT_VALIDATION = ("epoch", "step", "trainable", "ranks", "grad_norm_mean", "clipped_share")
+
+
 def write_training_report(run: Path, result: dict) -> None:
     """metrics.md (per-epoch table, best, test) and curves.png (validation metrics per epoch)."""
     history = result["history"]
@@ -128,7 +132,7 @@ def write_training_report(run: Path, result: dict) -> None:
     atomic_write_text(run / "metrics.md", "\n".join(text))
     if history:
         fig, ax = plt.subplots(figsize=(6, 4))
-        metrics = [k for k in history[0] if k not in ("epoch", "step", "trainable")]
+        metrics = [k for k in history[0] if k not in NOT_VALIDATION]
         for k in metrics:
             ax.plot([h["epoch"] for h in history], [h[k] for h in history], marker="o", label=k)
         ax.set_xlabel("epoch")

@@ -174,6 +174,7 @@ def to_peft(adapter_dir: str | Path, output: str | Path, task: str | None = None
         task=name,
         label_names=config.label_names[name],
         base_model=config.base_model,
+        base_fingerprint=config.base_fingerprint if config.format_version >= 2 else "",  # the same definition from format 2
         rank=kwargs["r"],
         lora_alpha=kwargs["lora_alpha"],
         targets=config.targets,

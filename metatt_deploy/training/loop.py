@@ -37,7 +37,7 @@ from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_json, check_folder_path, check_writable, read_json
 from metatt_deploy.common.report import progress_bar
 from metatt_deploy.training.checkpoint import load_checkpoint, restore_moments, save_checkpoint, trainable_parameters
-from metatt_deploy.training.config import TrainConfig
+from metatt_deploy.training.config import TrainConfig, changed_settings
 from metatt_deploy.training.guards import check_loss
 from metatt_deploy.training.metrics import compute_metrics
 from metatt_deploy.training.sampling import epoch_plan
@@ -145,9 +145,11 @@ def prepare_run(cfg: TrainConfig, force: bool, accelerator: Accelerator) -> tupl
     if run.exists() and not resuming and any(p.name != "train_config.json" for p in run.iterdir()) and not force:
         raise MetaTTError(f"output {run} already holds a finished or foreign run; pass --force to replace it or choose another --output")
     if resuming:
-        saved = read_json(run / "train_config.json", "run config")
-        if {**saved, "output": cfg.output} != {**asdict(cfg), "output": cfg.output}:
-            raise MetaTTError(f"{run} holds a checkpoint of a run with other settings; pass the same options, or --force to start over")
+        changed = changed_settings(read_json(run / "train_config.json", "run config"), cfg)
+        if changed:
+            raise MetaTTError(
+                f"{run} holds a checkpoint of a run with other settings: {changed}; pass the same options, or --force to start over"
+            )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if run.exists() and force and not resuming:
@@ -201,7 +203,7 @@ def initial_state(n_cores: int, n_tasks: int) -> dict[str, Any]:
 
 
 def fresh_grad_stats(n_cores: int, n_tasks: int) -> dict[str, Any]:
-    return {"sum": [0.0] * n_cores, "count": 0, "task_steps": [0] * n_tasks}
+    return {"sum": [0.0] * n_cores, "count": 0, "task_steps": [0] * n_tasks, "norm_sum": 0.0, "norm_steps": 0, "clipped": 0}
 
 
 def run_loop(cfg: TrainConfig, run: Path, resuming: bool, recipe: Recipe, accelerator: Accelerator) -> dict[str, Any]:
@@ -259,6 +261,9 @@ def run_loop(cfg: TrainConfig, run: Path, resuming: bool, recipe: Recipe, accele
             check_loss(loss, state["global_step"] + 1)
             accelerator.backward(loss * weight if weight != 1.0 else loss)
             _record_gradients(state["grad"], recipe.adapter, t)
+            if cfg.max_grad_norm > 0:
+                norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+                _record_clipping(state["grad"], norm, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -278,6 +283,8 @@ def run_loop(cfg: TrainConfig, run: Path, resuming: bool, recipe: Recipe, accele
                 break
         fields, score, line = recipe.evaluate(model)
         entry = {"epoch": epoch + 1, "step": state["global_step"], **fields}
+        if cfg.max_grad_norm > 0:
+            entry.update(clipping_fields(state["grad"]))
         if recipe.gradient_fields is not None:
             entry.update(recipe.gradient_fields(state["grad"]))
         if recipe.adapter is not None:
@@ -297,6 +304,8 @@ def run_loop(cfg: TrainConfig, run: Path, resuming: bool, recipe: Recipe, accele
         state["step_in_epoch"] = 0
         checkpoint()
     progress.close()
+    if accelerator.is_main_process and (note := collapse_note(state["best"], recipe.task_names, cfg.adapter_lr)):
+        accelerator.print(note, flush=True)
     accelerator.wait_for_everyone()
     return state
 
@@ -310,6 +319,38 @@ def _record_gradients(stats: dict[str, Any], adapter: MetaTT | None, task: int) 
                     stats["sum"][k] += float(core.grad.norm() / math.sqrt(core.numel()))
     stats["count"] += 1
     stats["task_steps"][task] += 1
+
+
+def collapse_note(best: dict[str, Any] | None, task_names: list[str], lr: float) -> str | None:
+    """A warning when the best epoch still predicts one class for every validation example of a
+    task (MCC exactly 0): a run that collapsed to the majority class, which happened at too high
+    a learning rate (docs/nli-gap.md) and would otherwise pass for a poor but working adapter."""
+    if best is None:
+        return None
+    per_task = best["tasks"] if "tasks" in best else {task_names[0]: best}
+    dead = [name for name, metrics in per_task.items() if metrics.get("mcc") == 0.0]
+    if not dead:
+        return None
+    return (
+        f"warning: the best adapter predicts a single class on {', '.join(dead)} (validation MCC 0): training collapsed; "
+        f"rerun with a lower --lr than {lr:g} (e.g. {lr / 3:.1g}) or another --seed"
+    )
+
+
+def _record_clipping(stats: dict[str, Any], norm: float, max_norm: float) -> None:
+    """Count the step's global gradient norm (before clipping) and whether clipping scaled it down."""
+    for key in ("norm_sum", "norm_steps", "clipped"):
+        stats.setdefault(key, 0)  # a checkpoint written before clipping was recorded
+    stats["norm_sum"] += norm
+    stats["norm_steps"] += 1
+    stats["clipped"] += int(norm > max_norm)
+
+
+def clipping_fields(stats: dict[str, Any]) -> dict[str, float]:
+    """The epoch's mean global gradient norm (before clipping) and the share of steps clipped:
+    a run that clips nearly every step is training at a smaller effective learning rate."""
+    steps = max(1, stats.get("norm_steps", 0))
+    return {"grad_norm_mean": stats.get("norm_sum", 0.0) / steps, "clipped_share": stats.get("clipped", 0) / steps}
 
 
 def cut_ranks(cfg: TrainConfig, model, accelerator: Accelerator, optimizer, recipe: Recipe, ranks: list[int], build_optimizer, log):

@@ -196,5 +196,7 @@ def test_decoder_adapters_become_exact_causal_lm_peft_adapters(tmp_path: Path, a
         torch.testing.assert_close(peft_model(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
     loaded, record, _ = load_lora(out)  # the project's loader rebuilds the causal LM (no head, no labels)
     assert record["task_type"] == "causal-lm" and record["label_names"] == []
+    saved = json.loads((adapter_dir / "metatt_config.json").read_text())
+    assert record["base_fingerprint"] == saved["base_fingerprint"]  # checked on that load
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)

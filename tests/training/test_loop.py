@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ from metatt_deploy.adapters.config import WEIGHTS_NAME
 from metatt_deploy.adapters.model import get_adapter, load_adapter
 from metatt_deploy.cli import app
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.training.config import TrainConfig
+from metatt_deploy.training.config import DEFAULT_MAX_GRAD_NORM, TrainConfig, changed_settings
+from metatt_deploy.training.loop import collapse_note
 from metatt_deploy.training.sampling import epoch_order
 from metatt_deploy.training.single import train
 from metatt_deploy.tt.cores import init_cores
@@ -71,8 +73,51 @@ def test_finished_run_is_not_overwritten_without_force(tiny_base, tiny_task, tmp
 
 def test_a_checkpoint_of_other_settings_is_not_resumed(tiny_base, tiny_task, tmp_path):
     train(_cfg(tiny_base, tmp_path / "run", epochs=1), tiny_task)
-    with pytest.raises(MetaTTError, match="other settings"):
+    with pytest.raises(MetaTTError, match=r"other settings: rank \(saved 4, now 2\)"):
         train(_cfg(tiny_base, tmp_path / "run", epochs=1, rank=2), tiny_task)
+
+
+def test_a_collapsed_run_is_named_with_the_fix():
+    """MCC exactly 0 on the best epoch (one class predicted for every example) is reported per task."""
+    assert collapse_note({"accuracy": 0.8, "mcc": 0.61}, ["movie"], 3e-3) is None
+    assert collapse_note(None, ["movie"], 3e-3) is None
+    note = collapse_note({"accuracy": 0.503, "f1": 0.0, "mcc": 0.0}, ["movie"], 3e-3)
+    assert note is not None and "single class on movie" in note and "lower --lr than 0.003 (e.g. 0.001)" in note
+    joint = {"tasks": {"snli": {"mcc": 0.0}, "movie": {"mcc": 0.55}, "tweet": {"mcc": 0.0}}, "mean_accuracy": 0.5}
+    assert "single class on snli, tweet (" in (collapse_note(joint, ["snli", "movie", "tweet"], 3e-3) or "")
+    assert collapse_note({"tasks": {"a": {"exact_match": 0.0}}}, ["a"], 3e-3) is None  # text tasks have no MCC
+
+
+def test_settings_added_later_compare_as_the_value_old_runs_trained_with(tmp_path):
+    """A train_config.json written before clipping (no max_grad_norm) is an unclipped run: the same
+    run as the default (no clipping), another run than --max-grad-norm 1."""
+    saved = {k: v for k, v in asdict(TrainConfig(output="a")).items() if k != "max_grad_norm"}
+    assert DEFAULT_MAX_GRAD_NORM == 0.0 and changed_settings(saved, TrainConfig(output="b")) == ""
+    assert changed_settings(saved, TrainConfig(output="b", max_grad_norm=1.0)) == "max_grad_norm (saved 0.0, now 1.0)"
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 0.05])
+def test_gradients_are_clipped_to_max_grad_norm_before_each_step(tiny_base, tiny_task, tmp_path, monkeypatch, max_norm):
+    """At every optimizer step the global norm of the trainable gradients is at most --max-grad-norm
+    (and the tiny task's raw gradients exceed 0.05, so the clipped run did clip); 0 leaves them
+    as they are. The epoch records the mean raw norm and the share of steps clipped."""
+    norms: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *a, **kw):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    result = train(_cfg(tiny_base, tmp_path / "run", epochs=1, max_grad_norm=max_norm), tiny_task)
+    entry = result["history"][0]
+    if max_norm:
+        assert max(norms) <= max_norm * (1 + 1e-4)
+        assert entry["clipped_share"] == 1.0 and entry["grad_norm_mean"] > max_norm
+    else:
+        assert max(norms) > 0.05
+        assert "clipped_share" not in entry
 
 
 def test_vera_reloads_and_merges_to_the_trained_function(tiny_base, tiny_task, tmp_path):
@@ -135,6 +180,8 @@ def test_cli_train_reports_bad_input_in_one_line(tiny_base, tmp_path):
     assert "missing.jsonl" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(app, ["train", "--dataset", "movie-sentiment", "--method", "adalora", "-o", str(tmp_path / "r")])
     assert result.exit_code == 2 and "unknown method" in result.output
+    result = CliRunner().invoke(app, ["train", "--dataset", "movie-sentiment", "--max-grad-norm", "-1", "-o", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "--max-grad-norm must be a finite number >= 0" in result.output
 
 
 def test_cli_train_end_to_end(tiny_base, tiny_task_dir, tmp_path):
