@@ -177,7 +177,7 @@ def train(
     lr: Annotated[
         float | None,
         typer.Option(
-            help="AdamW learning rate for the adapter. Default: 3e-3 (MetaTT-4D, joint multi-task), 1e-3 (MetaTT-5D, LoRA), 5e-3 (VeRA, --add-task)."
+            help="AdamW learning rate for the adapter. Default: 3e-3 (MetaTT-4D, joint multi-task), 1e-3 (MetaTT-5D, LoRA), 5e-3 (VeRA, --add-task); MetaTT-4D and -5D take a third and a half of theirs when the targets include up, down or gate at rank >= 8."
         ),
     ] = None,
     head_lr: Annotated[

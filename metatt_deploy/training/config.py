@@ -32,6 +32,17 @@ TRAIN_METHODS = (*METATT_METHODS, *PEFT_METHODS)
 # 5e-3 here, head 5e-3 (not yet measured on this project's tasks; tools/frontier.py --lr vera=LR overrides it).
 DEFAULT_LR = {"metatt-4d": 3e-3, "metatt-5d": 1e-3, "lora": 1e-3, "vera": 5e-3}
 DEFAULT_HEAD_LR: dict[str, float | None] = {"metatt-4d": 5e-3, "metatt-5d": 5e-3, "lora": None, "vera": None}
+# A wide MetaTT adapter (FFN matrices among the targets, starting rank >= WIDE_RANK) takes
+# WIDE_LR: on MPNet-base, q,k,v,o,up,down at rank 16 collapsed to the majority class at the
+# defaults above (MetaTT-4D at 3e-3: movie 52.5, SNLI 35.5, rank 8 SNLI 39.5; MetaTT-5D at 1e-3:
+# movie 52.5, SNLI 31.3 at ranks 8 and 16), and a third (4D) or half (5D) of that lr trained
+# every such run (4D: movie 85.5 / 86.0, SNLI 53.3 / 59.8 at ranks 8 / 16; 5D: SNLI 49.5 / 44.8,
+# movie 84.0 at rank 8 against 84.3 at 1e-3). Below rank 8, and on q,k,v,o at any rank (32 runs,
+# none collapsed), the higher lr stays ahead (4D rank 2: movie 86.8 vs 84.3, SNLI 50.8 vs 43.0).
+# docs/nli-gap.md, section 5.
+FFN_TARGETS = ("up", "down", "gate")
+WIDE_RANK = 8
+WIDE_LR = {"metatt-4d": 1e-3, "metatt-5d": 5e-4}
 # --add-task trains one slice and one head, nothing shared (measured: amazon 0.79 test accuracy
 # from 1,000 examples at 5e-3).
 ADD_TASK_LR = 5e-3
@@ -84,7 +95,18 @@ class TrainConfig:
             object.__setattr__(self, "head_lr", DEFAULT_HEAD_LR.get(self.method))
 
     def default_lr(self) -> float:
+        if self.method in WIDE_LR and self.is_wide():
+            return WIDE_LR[self.method]
         return DEFAULT_LR.get(self.method, DEFAULT_LR["metatt-4d"])
+
+    def is_wide(self) -> bool:
+        """FFN matrices among the targets at a starting rank (--rank, or --rank-schedule's first
+        entry, its largest bond) of at least WIDE_RANK: where the default MetaTT lrs collapsed."""
+        start = self.rank
+        if self.rank_schedule:
+            first = self.rank_schedule.split(",")[0].split("/")
+            start = max((int(r) for r in first if r.strip().isdigit()), default=self.rank)
+        return start >= WIDE_RANK and any(t.split("=", 1)[0].strip() in FFN_TARGETS for t in self.targets)
 
     @property
     def adapter_lr(self) -> float:
@@ -128,7 +150,7 @@ class MultiTaskConfig(TrainConfig):
     max_eval_samples: int | None = None
 
     def __post_init__(self) -> None:
-        """Joint training keeps the single-task defaults (cores 3e-3, heads 5e-3): the shared cores
+        """Joint training keeps the single-task defaults (cores 3e-3, or 1e-3 when wide; heads 5e-3): the shared cores
         take every task's gradient; 5e-3 for them left all three tasks of the real run at their
         majority class (docs/multitask.md), 3e-3 learned every task at 2k and 10k examples per
         task (docs/nli-gap.md). --add-task trains at ADD_TASK_LR.

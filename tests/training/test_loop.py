@@ -15,7 +15,7 @@ from metatt_deploy.adapters.config import WEIGHTS_NAME
 from metatt_deploy.adapters.model import get_adapter, load_adapter
 from metatt_deploy.cli import app
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.training.config import DEFAULT_MAX_GRAD_NORM, TrainConfig, changed_settings
+from metatt_deploy.training.config import DEFAULT_MAX_GRAD_NORM, MultiTaskConfig, TrainConfig, changed_settings
 from metatt_deploy.training.loop import collapse_note
 from metatt_deploy.training.sampling import epoch_order
 from metatt_deploy.training.single import train
@@ -159,6 +159,28 @@ def test_learning_rate_defaults_per_method():
     assert rates(method="metatt-4d", lr=2e-3) == (2e-3, 5e-3)  # the head keeps its own default
     assert rates(method="lora") == (1e-3, None)  # LoRA's head trains at --lr, as in PEFT
     assert rates(method="lora", lr=3e-4, head_lr=1e-2) == (3e-4, 1e-2)
+
+
+def test_wide_metatt_4d_adapters_default_to_a_lower_lr():
+    """FFN targets at rank >= 8 collapsed at 3e-3 on MPNet and trained at 1e-3 (docs/nli-gap.md)."""
+    ffn = ["q", "k", "v", "o", "up", "down"]
+
+    def lr(**kw):
+        return TrainConfig(output="x", **kw).lr
+
+    assert lr(targets=ffn, rank=8) == lr(targets=ffn, rank=16) == 1e-3
+    assert lr(targets=["q", "v", "gate"], rank=8) == 1e-3  # a LLaMA FFN matrix counts too
+    assert lr(targets=["q", "up=intermediate.dense"], rank=8) == 1e-3  # a named suffix pair, by its name
+    assert lr(targets=ffn, rank=4) == 3e-3  # below rank 8, 3e-3 stayed ahead
+    assert lr(rank=16) == 3e-3  # q,k,v,o never collapsed at 3e-3
+    assert lr(targets=ffn, rank=4, rank_schedule="10,1:4") == 1e-3  # the schedule's start decides
+    assert lr(targets=ffn, rank=8, rank_schedule="6/4/4,1:4") == 3e-3  # its largest bond
+    assert lr(targets=ffn, rank=16, lr=3e-3) == 3e-3  # an explicit --lr always wins
+    assert lr(targets=ffn, rank=8, method="metatt-5d") == 5e-4  # 5D: half its default
+    assert lr(targets=ffn, rank=4, method="metatt-5d") == lr(method="metatt-5d", rank=16) == 1e-3
+    assert lr(targets=ffn, rank=8, method="lora") == 1e-3  # the PEFT baselines keep theirs
+    joint = MultiTaskConfig(output="x", tasks=["a=snli", "b=snli"], targets=ffn, rank=8)
+    assert joint.lr == 1e-3  # the joint adapter follows MetaTT-4D
 
 
 def test_epoch_order_is_a_seeded_length_grouped_permutation():
