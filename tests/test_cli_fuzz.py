@@ -37,8 +37,9 @@ from metatt_deploy.adapters.base_model import load_tokenizer
 from metatt_deploy.adapters.config import CONFIG_NAME, WEIGHTS_NAME
 from metatt_deploy.adapters.multitask import build_multitask, save_multitask
 from metatt_deploy.cli import app
-from metatt_deploy.export.factored import BUNDLE_JSON, SHARED_FILE, TASKS_DIR, write_bundle
-from metatt_deploy.export.onnx import MANIFEST_NAME, export_onnx
+from metatt_deploy.export.factored import write_bundle
+from metatt_deploy.export.onnx import export_onnx
+from metatt_deploy.inference.formats import BUNDLE_JSON, MANIFEST_NAME, SHARED_FILE, TASKS_DIR
 
 SEED = int(os.environ.get("METATT_FUZZ_SEED", "0"))
 # cases per (command, corrupted input); 205 in all

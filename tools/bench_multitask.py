@@ -40,10 +40,12 @@ sys.path.insert(0, str(ROOT))
 
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text  # noqa: E402
 from metatt_deploy.common.report import markdown_table, save_figure  # noqa: E402
-from metatt_deploy.export.factored import ADAPTER_GRAPH, TASK_GRAPH, TASKS_DIR, read_bundle, task_records, write_bundle  # noqa: E402
+from metatt_deploy.export.factored import write_bundle  # noqa: E402
 from metatt_deploy.export.merge import merge_adapter  # noqa: E402
-from metatt_deploy.export.onnx import export_onnx, make_session  # noqa: E402
+from metatt_deploy.export.onnx import export_onnx  # noqa: E402
 from metatt_deploy.export.validate import summarize, time_round_robin  # noqa: E402
+from metatt_deploy.inference.formats import ADAPTER_GRAPH, TASK_GRAPH, TASKS_DIR, read_bundle, task_records  # noqa: E402
+from metatt_deploy.inference.sessions import make_session  # noqa: E402
 
 CPU = ["CPUExecutionProvider"]
 

@@ -40,11 +40,19 @@ from bench_multitask_decoders import SOURCES, make_adapter  # noqa: E402
 
 from metatt_deploy.adapters.base_model import DEFAULT_DECODER  # noqa: E402
 from metatt_deploy.common.report import markdown_table  # noqa: E402
-from metatt_deploy.export.factored import ADAPTER_GRAPH, load_bundle, read_bundle, task_file, task_records  # noqa: E402
-from metatt_deploy.export.genai import GENAI_CONFIG, GENAI_FILES, export_genai, import_genai  # noqa: E402
+from metatt_deploy.export.factored import load_bundle  # noqa: E402
+from metatt_deploy.export.genai import GENAI_FILES, export_genai  # noqa: E402
 from metatt_deploy.export.merge import merge_factored  # noqa: E402
 from metatt_deploy.export.onnx_lm import greedy  # noqa: E402
 from metatt_deploy.export.peft import to_peft  # noqa: E402
+from metatt_deploy.inference.formats import (  # noqa: E402
+    ADAPTER_GRAPH,
+    GENAI_CONFIG,  # noqa: E402
+    read_bundle,
+    task_file,
+    task_records,
+)
+from metatt_deploy.inference.genai import import_genai  # noqa: E402
 from metatt_deploy.serving.genai import GenAIGenerator  # noqa: E402
 from metatt_deploy.serving.generate import Generator  # noqa: E402
 from metatt_deploy.training.lm_data import load_text_task, prompt_ids  # noqa: E402

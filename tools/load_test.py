@@ -53,7 +53,7 @@ from metatt_deploy.adapters.multitask import extend_tasks, load_multitask, save_
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text  # noqa: E402
 from metatt_deploy.common.report import markdown_table, save_figure  # noqa: E402
 from metatt_deploy.export.factored import write_bundle  # noqa: E402
-from metatt_deploy.export.onnx import make_session, onnx_feeds  # noqa: E402
+from metatt_deploy.inference.sessions import make_session, onnx_feeds  # noqa: E402
 from metatt_deploy.serving.app import create_app  # noqa: E402
 from metatt_deploy.serving.http import ServeSettings  # noqa: E402
 from metatt_deploy.serving.runtime import Runtime, read_inputs  # noqa: E402

@@ -19,6 +19,8 @@ from torch import nn
 from metatt_deploy.adapters.targets import TargetModule, module_dims
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_json, read_json
+from metatt_deploy.inference.formats import CAUSAL_LM
+from metatt_deploy.inference.tasks import resolve_task
 from metatt_deploy.tt.cores import check_ranks, core_shapes, parse_init
 
 # 2: the base fingerprint covers every base weight outside the head modules (1: the adapted
@@ -29,28 +31,8 @@ READABLE_VERSIONS = (1, 2)
 CONFIG_NAME = "metatt_config.json"
 WEIGHTS_NAME = "metatt_adapter.safetensors"
 METATT_METHODS = ("metatt-4d", "metatt-5d")
-CAUSAL_LM = "causal-lm"  # extra.task_type of a decoder's adapter
 DEFAULT_ALPHA = 4.0
 MAX_PARTS = 3  # a module's output is one matrix type, or up to 3 fused ones (GPT-2 c_attn: q, k, v)
-
-
-def resolve_task(tasks: Sequence[str], task: str | int | None, what: str = "adapter") -> int:
-    """The index of ``task`` (a name or an index) in ``tasks``: the one place names become indices.
-
-    ``None`` means the only task; unknown names and ids are one-line errors listing the tasks.
-    """
-    if task is None:
-        if len(tasks) == 1:
-            return 0
-        raise MetaTTError(f"this {what} serves several tasks ({', '.join(tasks)}); pass --task NAME")
-    if isinstance(task, int) or (hasattr(task, "__index__") and not isinstance(task, str)):
-        index = int(task)
-        if isinstance(task, bool) or not 0 <= index < len(tasks):
-            raise MetaTTError(f"unknown task id {task}; this {what} has tasks " + ", ".join(f"{i}={t}" for i, t in enumerate(tasks)))
-        return index
-    if task not in tasks:
-        raise MetaTTError(f"unknown task '{task}'; this {what} has tasks: {', '.join(tasks)}")
-    return list(tasks).index(task)
 
 
 @dataclass(frozen=True)

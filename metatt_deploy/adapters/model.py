@@ -20,12 +20,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from metatt_deploy.adapters.base_model import load_causal_lm, load_classifier, load_tokenizer
-from metatt_deploy.adapters.config import CAUSAL_LM, DEFAULT_ALPHA, METATT_METHODS, WEIGHTS_NAME, MetaTTConfig, check_finite
+from metatt_deploy.adapters.config import DEFAULT_ALPHA, METATT_METHODS, WEIGHTS_NAME, MetaTTConfig, check_finite
 from metatt_deploy.adapters.heads import add_task_heads, select_task_head
 from metatt_deploy.adapters.layer import MetaTT, MetaTTLayer
 from metatt_deploy.adapters.targets import DEFAULT_TARGETS, NEW_MODULES_ATTR, TargetModule, find_targets, head_modules, is_causal_lm
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_dir
+from metatt_deploy.inference.formats import CAUSAL_LM
 
 ADAPTER_ATTR = "metatt"
 

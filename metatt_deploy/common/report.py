@@ -82,16 +82,6 @@ def progress_bar(total: int, initial: int, desc: str, enabled: bool = True, unit
     return Progress(total, initial, desc, enabled, unit)
 
 
-def close_progress_bars() -> None:
-    """Close every open progress bar, so a message printed next starts on its own line.
-
-    A run that stops with an error (a diverged loss) leaves its bar open mid-line otherwise,
-    and the one-line error would be glued to the end of the bar.
-    """
-    for bar in list(getattr(tqdm, "_instances", [])):
-        bar.close()
-
-
 def markdown_table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = ".4f") -> str:
     """A GitHub markdown table of ``rows`` (dicts), numbers formatted with ``floatfmt``."""
     columns = columns or list(dict.fromkeys(k for r in rows for k in r))

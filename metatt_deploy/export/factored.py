@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-import re
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -54,30 +53,36 @@ from metatt_deploy.adapters.config import MetaTTConfig, check_finite
 from metatt_deploy.adapters.heads import PAD_LOGIT, TaskHeads, add_task_heads, label_linear, routers, select_task_head
 from metatt_deploy.adapters.multitask import MultiTaskModel, bundle_id, load_multitask, routed, shared_core_indices
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.common.files import atomic_dir, atomic_write_json, check_separate, check_writable, read_json, sha256_file
-from metatt_deploy.export.factored_lm import TASK_IDS, TASK_SLICE, export_decoder_graphs
+from metatt_deploy.common.files import atomic_dir, atomic_write_json, check_separate, check_writable, sha256_file
+from metatt_deploy.export.factored_lm import export_decoder_graphs
 from metatt_deploy.export.web import factored_spec, write_web_app
+from metatt_deploy.inference.formats import (
+    ADAPTER_GRAPH,
+    ADAPTER_SUFFIX,
+    BASE_DIR,
+    BUNDLE_FORMAT,
+    BUNDLE_JSON,
+    CAUSAL_LM,
+    CLASSIFICATION,
+    LOGITS,
+    SHARED_FILE,
+    TASK_GRAPH,
+    TASK_IDS,
+    TASK_SLICE,
+    TASKS_DIR,
+    adapter_model_version,
+    is_bundle,
+    read_bundle,
+    task_file,
+    task_records,
+)
 
-BUNDLE_FORMAT = 1
-BUNDLE_JSON = "bundle.json"
-BASE_DIR = "base"
-SHARED_FILE = "shared.safetensors"
-TASKS_DIR = "tasks"
-TASK_GRAPH = "model_tasks.onnx"
-ADAPTER_GRAPH = "model_adapter.onnx"
-ADAPTER_SUFFIX = ".onnx_adapter"
-LOGITS = "logits"
 DEFAULT_OPSET = 17
 ADAPTER_FORMAT_VERSION = 1
 LOGITS_LAYOUT = (
     f"(batch, max_labels) float32; row b holds its task's n_t logits in columns 0..n_t-1 and {PAD_LOGIT:g} "
     "in the rest (model_tasks.onnx); (batch, n_t) for model_adapter.onnx"
 )
-
-
-def adapter_model_version(bid: str) -> int:
-    """The bundle id as the 31-bit model version stamped into every .onnx_adapter."""
-    return int(bid[:8], 16) & 0x7FFFFFFF
 
 
 # ---------------------------------------------------------------- ONNX export
@@ -328,75 +333,6 @@ def _write_task(directory: Path, mtm: MultiTaskModel, t: int, bid: str, onnx: bo
     return record
 
 
-def is_bundle(path: str | Path) -> bool:
-    return (Path(path) / BUNDLE_JSON).is_file()
-
-
-def read_bundle(path: str | Path) -> dict:
-    path = Path(path)
-    if not is_bundle(path):
-        raise MetaTTError(f"{path} is not a factored bundle (no {BUNDLE_JSON}); write one with metatt-deploy merge --factored")
-    info = read_json(path / BUNDLE_JSON, "bundle description")
-    if not isinstance(info, dict) or info.get("format_version") != BUNDLE_FORMAT:
-        version = info.get("format_version") if isinstance(info, dict) else None
-        raise MetaTTError(
-            f"bundle format {version} is not supported (this build reads {BUNDLE_FORMAT}); use the metatt-deploy version that wrote it"
-        )
-    _check_bundle_info(info, path)
-    return info
-
-
-def _plain_name(value: object) -> bool:
-    """A file or folder name inside the bundle: no separators, no '..' (a record cannot point outside)."""
-    return isinstance(value, str) and value not in ("", ".", "..") and "/" not in value and "\\" not in value
-
-
-def _check_bundle_info(info: dict, path: Path) -> None:
-    """Types of every bundle.json field that loading relies on; one line naming the first bad one."""
-    onnx = info.get("onnx")
-    graphs_ok = onnx is None or (
-        isinstance(onnx, dict)
-        and isinstance(onnx.get("task_graph"), dict)
-        and isinstance(onnx["task_graph"].get("tasks"), list)
-        and all(isinstance(t, str) for t in onnx["task_graph"]["tasks"])
-        and isinstance(onnx.get("adapter_graph"), dict)
-        and isinstance(onnx["adapter_graph"].get("adapter_inputs"), list)
-        and all(isinstance(t, str) for t in onnx["adapter_graph"]["adapter_inputs"])
-    )
-    checks = {
-        "bundle_id": isinstance(info.get("bundle_id"), str) and re.fullmatch(r"[0-9a-f]{32}", info["bundle_id"]) is not None,
-        "tasks": isinstance(info.get("tasks"), list) and all(isinstance(t, str) for t in info["tasks"]),
-        "base_dir": _plain_name(info.get("base_dir", BASE_DIR)),
-        "task_core": isinstance(info.get("task_core"), int) and not isinstance(info.get("task_core"), bool),
-        "adapter_config": isinstance(info.get("adapter_config"), dict),
-        "max_length": isinstance(info.get("max_length", 128), int) and 2 <= info.get("max_length", 128) <= 1_000_000,
-        "onnx": graphs_ok,
-    }
-    bad = [k for k, ok in checks.items() if not ok]
-    if bad:
-        raise MetaTTError(f"{path / BUNDLE_JSON} has a missing or malformed '{bad[0]}'; re-write the bundle with merge --factored")
-
-
-def task_file(bundle: str | Path, rec: dict, kind: str) -> Path:
-    """The path of a task's ``kind`` file (safetensors, onnx_adapter), checked against the sha256 its record holds.
-
-    A task file swapped in from another bundle (same shapes, other values) would otherwise give
-    other logits without any error.
-    """
-    entry = rec["files"].get(kind)
-    if entry is None:
-        raise MetaTTError(f"task '{rec['task']}' has no {kind} file; re-write it with merge --factored")
-    path = Path(bundle) / TASKS_DIR / entry["file"]
-    if not path.is_file():
-        raise MetaTTError(f"task file {path} is missing; re-write the task with merge --factored")
-    if sha256_file(path) != entry["sha256"]:
-        raise MetaTTError(
-            f"task file {path.name} is not the one its record {rec['task']}.json names (sha256 differs): it was changed or "
-            "copied from another bundle; re-write the task with merge --factored"
-        )
-    return path
-
-
 def write_bundle(
     adapter_dir: str | Path,
     output: str | Path,
@@ -458,7 +394,7 @@ def write_bundle(
         info = {
             "format_version": BUNDLE_FORMAT,
             "kind": "metatt-factored-bundle",
-            "task_type": "causal-lm" if config.causal_lm else "classification",
+            "task_type": CAUSAL_LM if config.causal_lm else CLASSIFICATION,
             "bundle_id": bid,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "source_adapter": str(Path(adapter_dir).resolve()),
@@ -536,59 +472,6 @@ def _add_tasks(output: Path, mtm: MultiTaskModel, tasks: list[str], bid: str, fo
 
 
 # ---------------------------------------------------------------- reading tasks back
-
-
-def task_records(bundle: str | Path, info: dict | None = None) -> list[dict]:
-    """Every task file's record, checked against the bundle id: graph-baked tasks first, then added ones by name."""
-    bundle = Path(bundle)
-    info = info or read_bundle(bundle)
-    records = {}
-    for path in sorted((bundle / TASKS_DIR).glob("*.json")):
-        rec = read_json(path, "task record")
-        check_task_record(rec, info, path)
-        records[rec["task"]] = rec
-    baked = [t for t in info["tasks"] if t in records]
-    return [records[t] for t in baked] + [records[t] for t in sorted(records) if t not in baked]
-
-
-def check_task_record(rec: dict, info: dict, path: Path) -> None:
-    """A task record must be well formed, name itself, and belong to this bundle (bundle id)."""
-    files = rec.get("files") if isinstance(rec, dict) else None
-    shapes = rec.get("shapes") if isinstance(rec, dict) else None
-    well_formed = (
-        isinstance(rec, dict)
-        and _plain_name(rec.get("task"))
-        and rec.get("task") == path.stem
-        and isinstance(rec.get("labels"), list)
-        and all(isinstance(x, str) for x in rec["labels"])
-        and isinstance(rec.get("num_labels"), int)
-        and isinstance(shapes, dict)
-        and all(isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in v) for v in shapes.values())
-        and isinstance(files, dict)
-        and "safetensors" in files
-        and all(isinstance(e, dict) and _plain_name(e.get("file")) and isinstance(e.get("sha256"), str) for e in files.values())
-    )
-    if not well_formed:
-        raise MetaTTError(f"task record {path.name} is malformed or names another task; re-write the task with merge --factored")
-    if rec.get("bundle_id") != info["bundle_id"]:
-        raise MetaTTError(
-            f"task file {path.name} belongs to bundle {str(rec.get('bundle_id'))[:12]}, not to this bundle "
-            f"({info['bundle_id'][:12]}); remove it, or add the task with merge --factored from this bundle's adapter"
-        )
-    shapes = rec.get("shapes", {})
-    n = rec.get("num_labels")
-    if info.get("task_type") == "causal-lm":  # a decoder task is its slice alone: no head, no labels
-        if n != 0 or rec.get("labels") or set(shapes) != {TASK_SLICE}:
-            raise MetaTTError(
-                f"task file {path.name} is not a decoder task (labels or head tensors); re-write the task with merge --factored"
-            )
-        return
-    label_shapes = [s for k, s in shapes.items() if k.startswith("head.")]
-    if n != len(rec.get("labels", [])) or not any(s and s[0] == n for s in label_shapes):
-        raise MetaTTError(
-            f"task file {path.name} lists {len(rec.get('labels', []))} labels but its head has "
-            f"{[s[0] for s in label_shapes]} outputs; re-write the task with merge --factored"
-        )
 
 
 def load_task_tensors(bundle: str | Path, rec: dict) -> dict[str, torch.Tensor]:

@@ -28,11 +28,9 @@ from torch import nn
 
 from metatt_deploy.adapters import model as mt
 from metatt_deploy.adapters.multitask import MultiTaskModel
+from metatt_deploy.inference.formats import DECODER_PIPELINE, TASK_IDS, TASK_SLICE
 
-TASK_SLICE = "task_slice"
-TASK_IDS = "task_ids"
 TASK_SLICES = "task_slices"
-ONNX_TASK = "text-generation-with-past"
 
 
 def _optimum_export(hf: nn.Module, path: Path, opset: int) -> None:
@@ -40,7 +38,7 @@ def _optimum_export(hf: nn.Module, path: Path, opset: int) -> None:
     from optimum.exporters.onnx.convert import export_pytorch
     from optimum.exporters.tasks import TasksManager
 
-    constructor = TasksManager.get_exporter_config_constructor("onnx", model=hf, task=ONNX_TASK, library_name="transformers")
+    constructor = TasksManager.get_exporter_config_constructor("onnx", model=hf, task=DECODER_PIPELINE, library_name="transformers")
     config = constructor(hf.config)
     config.use_past_in_inputs = True  # one graph for the prompt (empty cache) and every later step
     with warnings.catch_warnings():
@@ -98,7 +96,7 @@ def export_decoder_graphs(mtm: MultiTaskModel, adapter_path: Path, tasks_path: P
     graph.graph.input.append(helper.make_tensor_value_info(TASK_SLICE, TensorProto.FLOAT, [f"{TASK_SLICE}_dim0", f"{TASK_SLICE}_dim1"]))
     graph.graph.initializer.append(numpy_helper.from_array(np.zeros((0, shape[1]), dtype=np.float32), TASK_SLICE))
     onnx.save(graph, str(adapter_path))
-    common = {"inputs": inputs, "outputs": outputs, "opset": opset, "pipeline_task": ONNX_TASK, "kv_cache": True}
+    common = {"inputs": inputs, "outputs": outputs, "opset": opset, "pipeline_task": DECODER_PIPELINE, "kv_cache": True}
     return {
         "task_graph": {"file": tasks_path.name, **common, "inputs": [*inputs, TASK_IDS], "tasks": list(config.tasks), "max_labels": 0},
         "adapter_graph": {"file": adapter_path.name, **common, "adapter_inputs": [TASK_SLICE]},

@@ -33,8 +33,6 @@ and nothing is left behind; and greedy answers per task against the PyTorch adap
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +40,19 @@ import numpy as np
 
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_json, read_json
-from metatt_deploy.export.factored import ADAPTER_GRAPH, BASE_DIR, BUNDLE_JSON, load_bundle, read_bundle, task_file, task_records
-from metatt_deploy.training.lm_data import context_length
+from metatt_deploy.export.factored import load_bundle
+from metatt_deploy.inference.formats import (
+    ADAPTER_GRAPH,
+    BASE_DIR,
+    BUNDLE_JSON,
+    GENAI_CONFIG,
+    context_length,
+    read_bundle,
+    task_file,
+    task_records,
+)
+from metatt_deploy.inference.genai import genai_eos_ids, genai_tokens, import_genai
 
-GENAI_CONFIG = "genai_config.json"
 GENAI_TOKENIZER = "tokenizer.json"
 GENAI_TOKENIZER_CONFIG = "tokenizer_config.json"
 GENAI_FILES = (GENAI_CONFIG, GENAI_TOKENIZER, GENAI_TOKENIZER_CONFIG)
@@ -60,16 +67,6 @@ PROBES = (
     "emoji 😀🎉 ok",
 )
 CHECK_NEW_TOKENS = 8
-INSTALL_HINT = "pip install 'metatt-deploy[genai]' (onnxruntime-genai)"
-
-
-def import_genai() -> Any:
-    """onnxruntime_genai, or a one-line error saying how to install it (it is an optional extra)."""
-    try:
-        import onnxruntime_genai as og
-    except ImportError:
-        raise MetaTTError(f"ONNX Runtime GenAI is not installed; {INSTALL_HINT}") from None
-    return og
 
 
 def genai_config(hf_config: Any, generation_config: Any, graph_file: str = ADAPTER_GRAPH) -> dict:
@@ -78,7 +75,7 @@ def genai_config(hf_config: Any, generation_config: Any, graph_file: str = ADAPT
     kv_heads = int(getattr(hf_config, "num_key_value_heads", None) or heads)
     hidden = int(hf_config.hidden_size)
     head_size = int(getattr(hf_config, "head_dim", None) or hidden // heads)
-    context = context_length(hf_config)
+    context = context_length(hf_config.to_dict())
     if context is None:
         raise MetaTTError("the model config names no context length (max_position_embeddings); GenAI needs one")
 
@@ -192,31 +189,6 @@ def check_tokenizer(og_tokenizer: Any, hf_tokenizer: Any) -> int:
     return len(texts)
 
 
-def genai_tokens(
-    og: Any,
-    model: Any,
-    adapters: Any,
-    task: str,
-    ids: list[int],
-    max_new_tokens: int,
-    *,
-    temperature: float = 0.0,
-    seed: int = 0,
-) -> Iterator[int]:
-    """The new tokens of one prompt, from a fresh GenAI generator with ``task``'s adapter active (stops at EOS)."""
-    params = og.GeneratorParams(model)
-    options: dict[str, Any] = {"max_length": len(ids) + max_new_tokens, "do_sample": temperature > 0}
-    if temperature > 0:
-        options.update(temperature=temperature, random_seed=seed, top_k=50, top_p=1.0)  # transformers' sampling defaults
-    params.set_search_options(**options)
-    generator = og.Generator(model, params)
-    generator.set_active_adapter(adapters, task)
-    generator.append_tokens(np.array([ids], dtype=np.int32))
-    while not generator.is_done():
-        generator.generate_next_token()
-        yield int(generator.get_next_tokens()[0])
-
-
 def export_genai(bundle: str | Path, *, force: bool = False) -> dict:
     """Make a factored decoder bundle an ONNX Runtime GenAI model folder; returns the record stored in bundle.json.
 
@@ -282,7 +254,7 @@ def _parity(og: Any, model: Any, bundle: Path, info: dict, tokenizer: Any, mtm: 
         else tokenizer(p).input_ids
         for p in PROBES[:2]
     ]
-    eos = eos_ids(bundle)
+    eos = genai_eos_ids(bundle)
     out: dict[str, Any] = {"prompts": len(prompts), "new_tokens": CHECK_NEW_TOKENS, "tasks": {}}
     for rec in task_records(bundle, info):
         task = rec["task"]
@@ -299,12 +271,6 @@ def _parity(og: Any, model: Any, bundle: Path, info: dict, tokenizer: Any, mtm: 
     out["identical"] = sum(out["tasks"].values())
     out["total"] = len(prompts) * len(out["tasks"])
     return out
-
-
-def eos_ids(folder: Path) -> set[int]:
-    """The EOS ids GenAI stops at (its genai_config.json)."""
-    eos = json.loads((folder / GENAI_CONFIG).read_text())["model"]["eos_token_id"]
-    return set(eos if isinstance(eos, list) else [eos])
 
 
 def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:

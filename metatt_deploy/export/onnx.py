@@ -50,13 +50,12 @@ from metatt_deploy.common.files import TMP_TAG, atomic_dir, atomic_write_json, c
 from metatt_deploy.common.threads import resolve_threads, session_options_record
 from metatt_deploy.export.int4 import INT4_ACCURACY_LEVEL
 from metatt_deploy.export.merge import merge_adapter
-from metatt_deploy.export.onnx_files import ONNX_NAME, has_external_data, model_bytes, replace_model
+from metatt_deploy.export.onnx_files import has_external_data, model_bytes, replace_model
 from metatt_deploy.export.onnx_lm import export_decoder_into
 from metatt_deploy.export.ort_format import convert_to_ort
 from metatt_deploy.export.quantize import (
     CALIBRATION_ROWS,
     DECODER_ONLY,
-    QUANTIZE,
     TextCalibrationReader,
     cpu_summary,
     default_reduce_range,
@@ -65,14 +64,12 @@ from metatt_deploy.export.quantize import (
     quantize_static_int8,
 )
 from metatt_deploy.export.web import single_task_spec, write_web_app
+from metatt_deploy.inference.formats import CLASSIFIER_PIPELINE, DTYPES, MANIFEST_NAME, MANIFEST_VERSION, ONNX_NAME, QUANTIZE
+from metatt_deploy.inference.sessions import as_numpy, available_providers, make_session, onnx_feeds
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 1
 MERGE_RECORD = "metatt_merge.json"  # written by merge.py into merged folders
 ADAPTER_CONFIG = "metatt_config.json"
 DEFAULT_ROOT = Path("exported")
-ONNX_TASK = "text-classification"
-DTYPES = ("fp32", "fp16")
 LAYOUTS = ("optimum", "transformers.js")
 FORMATS = ("onnx", "ort")
 TJS_DIR = "onnx"  # Transformers.js reads <model>/onnx/model.onnx (fp32) and model_quantized.onnx (q8)
@@ -118,90 +115,12 @@ SAMPLE_SENTENCES = [
 # ---------------------------------------------------------------- ONNX Runtime helpers
 
 
-def available_providers(device: str = "auto") -> list[str]:
-    """Execution providers to use: CUDA first when ONNX Runtime offers it (``device="auto"``).
-
-    ``device`` is "auto", "cpu" or "cuda"; asking for CUDA where it is missing is a user error.
-    """
-    import onnxruntime as ort
-
-    offered = ort.get_available_providers()
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in offered:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if device == "cuda":
-        raise MetaTTError("CUDAExecutionProvider is not available in this onnxruntime; install onnxruntime-gpu or use --device cpu")
-    return ["CPUExecutionProvider"]
-
-
-def make_session(path: str | Path, providers: list[str] | None = None, threads: int | None = None):
-    """An InferenceSession on ``path`` with the options `session_options_record` describes (threads: default all CPUs)."""
-    import onnxruntime as ort
-
-    record = session_options_record(threads)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, record["graph_optimization_level"])
-    options.intra_op_num_threads = record["intra_op_num_threads"]
-    options.inter_op_num_threads = record["inter_op_num_threads"]
-    options.execution_mode = getattr(ort.ExecutionMode, record["execution_mode"])
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=providers or available_providers())
-
-
-def onnx_feeds(session, encoding: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The inputs ``session`` takes, from a tokenizer encoding (torch or numpy), as int64 arrays."""
-    feeds = {}
-    for inp in session.get_inputs():
-        if inp.name in encoding:
-            value = encoding[inp.name]
-        elif inp.name == "token_type_ids":
-            value = np.zeros_like(_numpy(encoding["input_ids"]))
-        else:
-            raise MetaTTError(f"the ONNX model needs input '{inp.name}', which the tokenizer does not produce; re-export the model")
-        feeds[inp.name] = _numpy(value).astype(np.int64)
-    return feeds
-
-
-def _numpy(value: Any) -> np.ndarray:
-    return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
-
-
 def library_versions() -> dict[str, str]:
     out = {"metatt_deploy": __version__}
     for dist in ("onnx", "onnxruntime", "onnxruntime-gpu", "optimum", "optimum-onnx", "transformers", "torch"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[dist.replace("-", "_")] = metadata.version(dist)
     return out
-
-
-def read_manifest(onnx_dir: str | Path) -> dict:
-    """The manifest of an export bundle (a clear error for folders that are not bundles)."""
-    onnx_dir = Path(onnx_dir)
-    if not (onnx_dir / ONNX_NAME).is_file():
-        raise MetaTTError(f"{onnx_dir} is not an ONNX export (no {ONNX_NAME}); pass a folder written by metatt-deploy export")
-    if not (onnx_dir / MANIFEST_NAME).is_file():
-        return {}
-    manifest = read_json(onnx_dir / MANIFEST_NAME, "export manifest")
-    check_manifest(manifest, onnx_dir / MANIFEST_NAME)
-    return manifest
-
-
-def check_manifest(manifest: Any, path: Path) -> None:
-    """Types of the manifest fields readers rely on; a hand-edited or damaged manifest is one line."""
-    variant = manifest.get("variant", {}) if isinstance(manifest, dict) else None
-    adapter = manifest.get("adapter") if isinstance(manifest, dict) else None
-    ok = (
-        isinstance(manifest, dict)
-        and isinstance(variant, dict)
-        and variant.get("dtype", "fp32") in DTYPES
-        and variant.get("quantize") in (None, *QUANTIZE)
-        and isinstance(variant.get("optimize", False), bool)
-        and all(isinstance(manifest.get(k), (str, type(None))) for k in ("task", "model_type", "base_model", "base_fingerprint"))
-        and (adapter is None or (isinstance(adapter, dict) and isinstance(adapter.get("weights_sha256"), (str, type(None)))))
-    )
-    if not ok:
-        raise MetaTTError(f"{path} is damaged or was edited (a field has the wrong type); export the model again")
 
 
 def sample_encoding(tokenizer, max_length: int = 128) -> list[dict[str, Any]]:
@@ -462,7 +381,7 @@ def _export_into(
         raise RuntimeError(f"optimum wrote no {ONNX_NAME} into the export folder")
     graph = onnx.load(str(model_path), load_external_data=False)
     fields: dict[str, Any] = {
-        "pipeline_task": ONNX_TASK,
+        "pipeline_task": CLASSIFIER_PIPELINE,
         "model_type": hf_config.model_type,
         "labels": {str(k): v for k, v in (hf_config.id2label or {}).items()},
         "opset": next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None),
@@ -608,7 +527,7 @@ def _run_main_export(source: Path, tmp: Path, opset: int | None) -> None:
     from optimum.exporters.onnx import main_export
 
     try:
-        main_export(str(source), output=str(tmp), task=ONNX_TASK, opset=opset, do_validation=False)
+        main_export(str(source), output=str(tmp), task=CLASSIFIER_PIPELINE, opset=opset, do_validation=False)
     except (ValueError, KeyError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise MetaTTError(f"optimum cannot export {source} ({first}); export a supported sequence-classification model") from None
@@ -639,7 +558,7 @@ def _ort_model_parity(folder: Path, providers: list[str], encodings, ref_logits)
         with torch.no_grad():
             feeds = {k: v for k, v in enc.items() if k in model.input_names}
             out = model(**feeds).logits
-        out = _numpy(out).astype(np.float32)
+        out = as_numpy(out).astype(np.float32)
         diffs.append(float(np.abs(out - ref).max()))
         agree += int((out.argmax(-1) == ref.argmax(-1)).sum())
         total += len(ref)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ONNX_NAME = "model.onnx"
+from metatt_deploy.inference.formats import ONNX_NAME
 
 
 def model_bytes(folder: Path) -> int:

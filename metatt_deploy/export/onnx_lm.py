@@ -31,11 +31,11 @@ import numpy as np
 from metatt_deploy.adapters.base_model import friendly_load
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.export.int4 import INT4_ACCURACY_LEVEL, quantize_int4
-from metatt_deploy.export.onnx_files import ONNX_NAME, has_external_data, model_bytes, replace_model
+from metatt_deploy.export.onnx_files import has_external_data, model_bytes, replace_model
 from metatt_deploy.export.quantize import DECODER_INT8_EXCLUDE, quantize_dynamic_int8
+from metatt_deploy.inference.formats import CAUSAL_LM, DECODER_PIPELINE, ONNX_NAME
 from metatt_deploy.training.lm_data import prompt_ids
 
-ONNX_TASK = "text-generation-with-past"
 FP32_ATOL = 1e-4
 LOGIT_SCALE = 10.0
 
@@ -127,8 +127,8 @@ def export_decoder_into(
     _run_main_export(source, tmp, opset)
     graph = onnx.load(str(tmp / ONNX_NAME), load_external_data=False)
     fields: dict[str, Any] = {
-        "pipeline_task": ONNX_TASK,
-        "task_type": "causal-lm",
+        "pipeline_task": DECODER_PIPELINE,
+        "task_type": CAUSAL_LM,
         "model_type": hf_config.model_type,
         "labels": {},
         "opset": next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None),
@@ -169,7 +169,7 @@ def _run_main_export(source: Path, tmp: Path, opset: int | None) -> None:
     from optimum.exporters.onnx import main_export
 
     try:
-        main_export(str(source), output=str(tmp), task=ONNX_TASK, opset=opset, do_validation=False)
+        main_export(str(source), output=str(tmp), task=DECODER_PIPELINE, opset=opset, do_validation=False)
     except (ValueError, KeyError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise MetaTTError(

@@ -49,7 +49,6 @@ import numpy as np
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.training.data import load_task
 
-QUANTIZE = ("int8", "int8-static", "int4")
 DECODER_ONLY = ("int4",)
 # substrings of ONNX node names (optimum keeps the module path) that decoder int8 leaves in float32
 DECODER_INT8_EXCLUDE = ("rotary_emb", "mlp/down_proj", "mlp/c_proj")

@@ -47,18 +47,11 @@ from metatt_deploy.adapters.multitask import TaskView, load_multitask
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text, check_separate, check_writable, sha256_file
 from metatt_deploy.common.report import progress_bar
-from metatt_deploy.export.onnx import (
-    FP16_RTOL,
-    FP32_ATOL,
-    ONNX_NAME,
-    SAMPLE_SENTENCES,
-    available_providers,
-    library_versions,
-    make_session,
-    onnx_feeds,
-    read_manifest,
-)
-from metatt_deploy.training.data import FILE_FORMATS, TEXT_COLUMN_CANDIDATES, check_records, load_task, quiet_datasets
+from metatt_deploy.export.onnx import FP16_RTOL, FP32_ATOL, SAMPLE_SENTENCES, library_versions
+from metatt_deploy.inference.formats import ONNX_NAME, read_manifest
+from metatt_deploy.inference.sessions import available_providers, make_session, onnx_feeds
+from metatt_deploy.inference.tasks import TEXT_COLUMN_CANDIDATES
+from metatt_deploy.training.data import FILE_FORMATS, check_records, load_task, quiet_datasets
 
 REPORT_JSON = "validation.json"
 REPORT_MD = "validation.md"

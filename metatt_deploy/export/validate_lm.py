@@ -39,10 +39,11 @@ from metatt_deploy.adapters.model import load_adapter, merge_and_unload
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text, check_writable
 from metatt_deploy.common.report import markdown_table, save_figure
-from metatt_deploy.export.onnx import library_versions, read_manifest
+from metatt_deploy.export.onnx import library_versions
 from metatt_deploy.export.onnx_lm import fp32_tolerance, greedy, load_ort_decoder, teacher_forced_logits
 from metatt_deploy.export.validate import summarize, time_round_robin
-from metatt_deploy.training.lm_data import context_length, load_text_task, tokenize_text_task
+from metatt_deploy.inference.formats import context_length, read_manifest
+from metatt_deploy.training.lm_data import load_text_task, tokenize_text_task
 from metatt_deploy.training.lm_eval import exact_match, max_new_tokens_for, nll_from_logits, strip_after_eos
 
 REPORT_JSON = "validation.json"
@@ -88,7 +89,7 @@ def validate_decoder(
         check_writable(out_dir / name, force)
 
     model, tokenizer, method, merge = load_decoder_reference(adapter_dir, base_model)
-    context = context_length(model.config)
+    context = context_length(model.config.to_dict())
     if context and max(prompt_lengths) + new_tokens > context:
         raise MetaTTError(f"prompt length {max(prompt_lengths)} + {new_tokens} new tokens exceed the model's context of {context}")
     rows = _held_out(data, split, max_examples, seed, tokenizer, min(max_length, context or max_length))

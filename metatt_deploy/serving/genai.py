@@ -20,13 +20,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import cast
 
-from metatt_deploy.adapters.config import resolve_task
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.export.factored import BASE_DIR, read_bundle, task_records
-from metatt_deploy.export.genai import GENAI_CONFIG, genai_tokens, import_genai
+from metatt_deploy.export.genai import genai_tokens, import_genai
+from metatt_deploy.inference.formats import BASE_DIR, GENAI_CONFIG, context_length, read_bundle, task_records
+from metatt_deploy.inference.sessions import checked_adapter_file
+from metatt_deploy.inference.tasks import resolve_task
 from metatt_deploy.serving.generate import checked_prompt, encode_prompt
-from metatt_deploy.serving.runtime import checked_adapter_file
-from metatt_deploy.training.lm_data import context_length
 
 
 class GenAIGenerator:

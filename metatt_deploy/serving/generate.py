@@ -24,13 +24,23 @@ from typing import cast
 
 import numpy as np
 
-from metatt_deploy.adapters.config import resolve_task
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.export.factored import ADAPTER_GRAPH, BASE_DIR, TASK_GRAPH, TASK_IDS, is_bundle, read_bundle, task_records
-from metatt_deploy.export.onnx import read_manifest
-from metatt_deploy.export.onnx_lm import ONNX_TASK, load_ort_decoder
-from metatt_deploy.serving.runtime import load_task_adapter
-from metatt_deploy.training.lm_data import context_length, prompt_ids
+from metatt_deploy.export.onnx_lm import load_ort_decoder
+from metatt_deploy.inference.formats import (
+    ADAPTER_GRAPH,
+    BASE_DIR,
+    DECODER_PIPELINE,
+    TASK_GRAPH,
+    TASK_IDS,
+    context_length,
+    is_bundle,
+    read_bundle,
+    read_manifest,
+    task_records,
+)
+from metatt_deploy.inference.sessions import load_task_adapter
+from metatt_deploy.inference.tasks import resolve_task
+from metatt_deploy.training.lm_data import prompt_ids
 
 DECODER_FORMS = ("adapter", "tasks")
 
@@ -131,7 +141,7 @@ class Generator:
         if is_bundle(bundle):
             self._open_bundle(bundle, threads, form)
             return
-        if read_manifest(bundle).get("pipeline_task") != ONNX_TASK:
+        if read_manifest(bundle).get("pipeline_task") != DECODER_PIPELINE:
             raise MetaTTError(f"{bundle} is not a decoder export (no KV-cache graph); generate needs an exported causal LM")
         self.model = load_ort_decoder(bundle, threads=threads)
         self.tokenizer = AutoTokenizer.from_pretrained(bundle)

@@ -26,38 +26,39 @@ labels are MetaTTErrors, never a silent wrong answer.
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
+import onnxruntime as ort
 
-from metatt_deploy.adapters.base_model import friendly_load
-from metatt_deploy.adapters.config import resolve_task
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import check_utf8, jsonl_objects, read_json
-from metatt_deploy.export.factored import (
+from metatt_deploy.inference.formats import (
     ADAPTER_GRAPH,
-    BASE_DIR,
+    CONFIG_JSON,
+    ONNX_NAME,
     TASK_GRAPH,
     TASK_IDS,
     TASKS_DIR,
-    adapter_model_version,
+    base_dir,
     check_task_record,
     is_bundle,
+    is_decoder_bundle,
     read_bundle,
+    read_manifest,
     task_file,
     task_records,
 )
-from metatt_deploy.export.onnx import ONNX_NAME, make_session, onnx_feeds, read_manifest
-from metatt_deploy.training.data import TEXT_COLUMN_CANDIDATES
+from metatt_deploy.inference.sessions import adapter_run_options, load_task_adapter, make_session, onnx_feeds
+from metatt_deploy.inference.tasks import TASK_NAME, TEXT_COLUMN_CANDIDATES, resolve_task
+from metatt_deploy.inference.text import TextTokenizer
 
 Text = str | Sequence[str]  # a sentence, or a (sentence, sentence) pair
 FORMS = ("auto", "tasks", "adapter")
 DEFAULT_MAX_LENGTH = 128  # tokens, as in training; a factored bundle records its own
-TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a task name is also a file name in tasks/
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -88,8 +89,6 @@ class Runtime:
         threads: int | None = None,
         max_length: int | None = None,
     ):
-        from transformers import AutoTokenizer
-
         if form not in FORMS:
             raise MetaTTError(f"unknown form '{form}'; use one of {', '.join(FORMS)}")
         self.bundle = Path(bundle)
@@ -98,7 +97,7 @@ class Runtime:
         self.threads = threads
         self._task_session = None
         self._adapter_session = None
-        self._adapters: dict[str, object] = {}
+        self._adapters: dict[str, ort.LoraAdapter] = {}
         if not is_bundle(self.bundle) and (self.bundle / ONNX_NAME).is_file():
             self._open_export(max_length)
             return
@@ -109,7 +108,7 @@ class Runtime:
             )
         self.kind = "factored"
         self.info = read_bundle(self.bundle)
-        if self.info.get("task_type") == "causal-lm":
+        if is_decoder_bundle(self.info):
             raise MetaTTError(f"{self.bundle} is a bundle of a causal LM; generate with it (metatt-deploy generate BUNDLE --task NAME)")
         if not self.info.get("onnx"):
             raise MetaTTError(f"bundle {self.bundle} has no ONNX graphs; write it with merge --factored (without --no-onnx)")
@@ -117,8 +116,7 @@ class Runtime:
         self.records = {r["task"]: r for r in task_records(self.bundle, self.info)}
         self.tasks = list(self.records)
         self.baked = list(self.info["onnx"]["task_graph"]["tasks"])
-        base = self.bundle / self.info.get("base_dir", BASE_DIR)
-        self.tokenizer = friendly_load(lambda: AutoTokenizer.from_pretrained(base), str(base), "tokenizer")
+        self.tokenizer = TextTokenizer.from_folder(base_dir(self.bundle, self.info))
         if form == "tasks":
             self._tasks_graph()
         if form == "adapter":
@@ -126,15 +124,13 @@ class Runtime:
 
     def _open_export(self, max_length: int | None) -> None:
         """A single-task export: model.onnx, its manifest (task, labels) and the tokenizer beside it."""
-        from transformers import AutoTokenizer
-
         if self.form != "auto":
             raise MetaTTError(f"form '{self.form}' applies to factored bundles; {self.bundle} is a single-task export, drop it")
         self.kind = "export"
         self.info = read_manifest(self.bundle)
         labels = self.info.get("labels")
-        if not labels and (self.bundle / "config.json").is_file():
-            labels = read_json(self.bundle / "config.json", "model config").get("id2label")
+        if not labels and (self.bundle / CONFIG_JSON).is_file():
+            labels = read_json(self.bundle / CONFIG_JSON, "model config").get("id2label")
         if not labels:
             raise MetaTTError(f"{self.bundle} records no labels (manifest.json or config.json); re-export the model")
         names = [str(labels[k]) for k in sorted(labels, key=int)]
@@ -143,7 +139,7 @@ class Runtime:
         self.tasks = [task]
         self.baked = []
         self.max_length = max_length or int(self.info.get("max_length", DEFAULT_MAX_LENGTH))
-        self.tokenizer = friendly_load(lambda: AutoTokenizer.from_pretrained(self.bundle), str(self.bundle), "tokenizer")
+        self.tokenizer = TextTokenizer.from_folder(self.bundle)
         self._task_session = make_session(self.bundle / ONNX_NAME, self.providers, self.threads)
 
     # ------------------------------------------------------------ sessions (lazy, kept)
@@ -164,15 +160,11 @@ class Runtime:
             self._adapter_session = self._session(ADAPTER_GRAPH)
         return self._adapter_session
 
-    def _run_options(self, task: str, rec: dict | None = None):
+    def _run_options(self, task: str, rec: dict | None = None) -> ort.RunOptions:
         """RunOptions with the task's .onnx_adapter active; the file is checked and loaded once."""
-        import onnxruntime as ort
-
         if task not in self._adapters:
             self._adapters[task] = load_task_adapter(self.bundle, self.info, rec or self.records[task])
-        options = ort.RunOptions()
-        options.add_active_adapter(self._adapters[task])
-        return options
+        return adapter_run_options(self._adapters[task])
 
     # ------------------------------------------------------------ tasks and inputs
 
@@ -185,26 +177,11 @@ class Runtime:
 
     def encode(self, texts: Sequence[Text]) -> dict[str, np.ndarray]:
         """Tokenize sentences and sentence pairs (mixed allowed) into one padded int64 batch."""
-        features = []
         for text in texts:
-            if isinstance(text, str):
-                features.append(self.tokenizer(text, truncation=True, max_length=self.max_length))
-            elif isinstance(text, (list, tuple)) and len(text) == 2 and all(isinstance(t, str) for t in text):
-                features.append(self.tokenizer(text[0], text[1], truncation=True, max_length=self.max_length))
-            else:
+            pair = isinstance(text, (list, tuple)) and len(text) == 2 and all(isinstance(t, str) for t in text)
+            if not (isinstance(text, str) or pair):
                 raise MetaTTError(f"each input must be a text or a pair of texts, got {type(text).__name__}: {str(text)[:60]}")
-        warned = self.tokenizer.deprecation_warnings.get("Asking-to-pad-a-fast-tokenizer", False)
-        self.tokenizer.deprecation_warnings["Asking-to-pad-a-fast-tokenizer"] = True  # mixed pairs/singles: pad here
-        try:
-            batch = self.tokenizer.pad(features, return_tensors="np")
-        finally:
-            self.tokenizer.deprecation_warnings["Asking-to-pad-a-fast-tokenizer"] = warned
-        return {k: np.asarray(v, dtype=np.int64) for k, v in batch.items()}
-
-    @staticmethod
-    def _feeds(session, encoding: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names = {i.name for i in session.get_inputs()}
-        return onnx_feeds(_Only(session, names - {TASK_IDS}), encoding)
+        return self.tokenizer.encode_batch([t if isinstance(t, str) else (t[0], t[1]) for t in texts], self.max_length)
 
     def _row_tasks(self, n: int, task, tasks) -> list[str]:
         if task is None and tasks is None and len(self.tasks) == 1:
@@ -238,7 +215,7 @@ class Runtime:
         if rows:
             session = self._tasks_graph()
             sub = {k: v[rows] for k, v in encoding.items()}
-            feeds = self._feeds(session, sub)
+            feeds = onnx_feeds(session, sub, leave_out=[TASK_IDS])
             feeds[TASK_IDS] = np.asarray([self.baked.index(names[i]) for i in rows], dtype=np.int64)
             logits = session.run(["logits"], feeds)[0]
             for j, i in enumerate(rows):
@@ -247,7 +224,7 @@ class Runtime:
             rows = [i for i, n in enumerate(names) if n == name and not use_graph[i]]
             session = self._adapter_graph()
             options = self._run_options(name)
-            logits = session.run(["logits"], self._feeds(session, {k: v[rows] for k, v in encoding.items()}), options)[0]
+            logits = session.run(["logits"], onnx_feeds(session, {k: v[rows] for k, v in encoding.items()}), options)[0]
             if logits.shape[-1] != self.records[name]["num_labels"]:
                 raise MetaTTError(
                     f"task '{name}' produced {logits.shape[-1]} logits for {self.records[name]['num_labels']} labels; re-write the task"
@@ -309,61 +286,6 @@ class Runtime:
         self.records = {t: r for t, r in self.records.items() if t != name}
         self.tasks = list(self.records)
         self._adapters.pop(name, None)
-
-
-def load_task_adapter(bundle: Path, info: dict, rec: dict):
-    """A task's .onnx_adapter as an onnxruntime.LoraAdapter, after checking it belongs here (`checked_adapter_file`).
-
-    The adapter must outlive every RunOptions it is added to (a freed one makes ONNX Runtime
-    fall back to the empty defaults), so callers keep it.
-    """
-    import onnxruntime as ort
-
-    path = checked_adapter_file(bundle, info, rec)
-    adapter = ort.LoraAdapter()
-    adapter.Load(str(path))
-    return adapter
-
-
-def checked_adapter_file(bundle: Path, info: dict, rec: dict) -> Path:
-    """The path of a task's .onnx_adapter, after checking it belongs to this bundle and its graph.
-
-    Refused (one line each): a file whose sha256 is not its record's, one written for another
-    bundle (model version), tensors the graph does not take, or shapes other than the record's.
-    """
-    import onnxruntime as ort
-
-    path = task_file(bundle, rec, "onnx_adapter")
-    try:
-        fmt = ort.AdapterFormat.read_adapter(str(path))
-    except Exception as e:  # onnxruntime raises its own (Fail/InvalidArgument) types for bad files
-        raise MetaTTError(f"adapter file {path.name} cannot be read ({_first_line(e)}); re-write the task") from None
-    if fmt.get_model_version() != adapter_model_version(info["bundle_id"]):
-        raise MetaTTError(
-            f"adapter file {path.name} was written for another bundle (version {fmt.get_model_version()}, "
-            f"this bundle {adapter_model_version(info['bundle_id'])}); re-write the task for this bundle"
-        )
-    params = fmt.get_parameters()
-    expected = set(info["onnx"]["adapter_graph"]["adapter_inputs"])
-    if set(params) != expected:
-        raise MetaTTError(
-            f"adapter file {path.name} holds {sorted(params)}, the graph takes {sorted(expected)}; re-write the task with merge --factored"
-        )
-    shapes = {k: list(np.asarray(v.numpy()).shape) for k, v in params.items()}
-    if shapes != rec["shapes"]:
-        raise MetaTTError(f"adapter file {path.name} does not match its task record ({shapes} vs {rec['shapes']}); re-write the task")
-    del params, fmt  # the parameters are views into the file's buffer
-    return path
-
-
-class _Only:
-    """A session view whose get_inputs() leaves out some inputs (so onnx_feeds does not ask for task_ids)."""
-
-    def __init__(self, session, names: set[str]):
-        self._inputs = [i for i in session.get_inputs() if i.name in names]
-
-    def get_inputs(self):
-        return self._inputs
 
 
 PAIR_SEPARATOR = " ||| "
@@ -446,8 +368,3 @@ def _encodable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__

@@ -21,8 +21,9 @@ from metatt_deploy.adapters.base_model import load_causal_lm, load_tokenizer
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_json
 from metatt_deploy.common.report import write_training_report
+from metatt_deploy.inference.formats import context_length
 from metatt_deploy.training.config import PEFT_METHODS, TrainConfig
-from metatt_deploy.training.lm_data import CausalCollator, TextTask, context_length, tokenize_text_task
+from metatt_deploy.training.lm_data import CausalCollator, TextTask, tokenize_text_task
 from metatt_deploy.training.lm_eval import evaluate_generation
 from metatt_deploy.training.loop import make_accelerator, prepare_run, rank_schedule, run_loop
 from metatt_deploy.training.single import load_trained, single_task_recipe, wrap_model
@@ -41,7 +42,7 @@ def train_causal(cfg: TrainConfig, task: TextTask, force: bool = False) -> dict:
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     base = load_causal_lm(cfg.model)
-    splits = tokenize_text_task(task, tokenizer, cfg.max_length, context_length(base.config))
+    splits = tokenize_text_task(task, tokenizer, cfg.max_length, context_length(base.config.to_dict()))
     if "train" not in splits or "validation" not in splits:
         raise MetaTTError("training needs a train and a validation split; pass --validation FILE")
     model, adapter = wrap_model(cfg, base, task.name, [])

@@ -22,6 +22,7 @@ from datasets.utils import logging as ds_logging
 
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import check_utf8, jsonl_objects, read_json
+from metatt_deploy.inference.tasks import TEXT_COLUMN_CANDIDATES
 from metatt_deploy.training.builtin_data import BUILTIN_TASKS, ensure_builtin
 
 SPLITS = ("train", "validation", "test")
@@ -33,14 +34,6 @@ FILE_FORMATS: dict[str, tuple[str, dict[str, str]]] = {
     ".json": ("json", {}),
 }
 # Pairs first: "question"/"sentence" (QNLI) must win over the single "sentence".
-TEXT_COLUMN_CANDIDATES: tuple[tuple[str, ...], ...] = (
-    ("sentence1", "sentence2"),
-    ("premise", "hypothesis"),
-    ("question1", "question2"),
-    ("question", "sentence"),
-    ("sentence",),
-    ("text",),
-)
 # Hub names written "<benchmark>/<config>" (e.g. glue/mrpc); any other "a/b" is a repository id.
 HUB_CONFIG_BENCHMARKS = ("glue", "super_glue")
 # Hidden column added to rows read from a line-based file (JSONL, CSV, TSV): the 1-based line of the

@@ -187,13 +187,6 @@ def prompt_ids(messages: Sequence[dict], tokenizer: Any) -> list[int]:
     return encode_chat([*messages, {"role": "assistant", "content": ""}], tokenizer)[0]
 
 
-def context_length(model_config: Any) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        if getattr(model_config, key, None):
-            return int(getattr(model_config, key))
-    return None
-
-
 def tokenize_text_task(task: TextTask, tokenizer: Any, max_length: int, context: int | None = None) -> dict[str, Dataset]:
     """input_ids, labels (-100 on the prompt), prompt_length and response per split, unpadded."""
     if context is not None and max_length > context:

@@ -43,11 +43,12 @@ from metatt_deploy.adapters.multitask import (
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text
 from metatt_deploy.common.report import markdown_table, save_figure
+from metatt_deploy.inference.formats import context_length
 from metatt_deploy.training.causal import TIE_BREAK
 from metatt_deploy.training.config import DEFAULT_BATCH_SIZE, MultiTaskConfig
 from metatt_deploy.training.data import TaskData, load_task, tokenize_task
 from metatt_deploy.training.guards import exclusive_run
-from metatt_deploy.training.lm_data import CausalCollator, TextTask, context_length, load_text_task, tokenize_text_task
+from metatt_deploy.training.lm_data import CausalCollator, TextTask, load_text_task, tokenize_text_task
 from metatt_deploy.training.lm_eval import evaluate_generation
 from metatt_deploy.training.loop import (
     MODEL_INPUTS,
@@ -223,7 +224,7 @@ def train_multitask(cfg: MultiTaskConfig, tasks: Sequence[TaskData | TextTask], 
     splits = []
     for task in tasks:
         if isinstance(task, TextTask):
-            s = tokenize_text_task(task, tokenizer, cfg.max_length, context_length(mtm.model.config))
+            s = tokenize_text_task(task, tokenizer, cfg.max_length, context_length(mtm.model.config.to_dict()))
         else:
             s = tokenize_task(task, tokenizer, cfg.max_length)
         if "train" not in s or "validation" not in s:

@@ -24,18 +24,9 @@ from metatt_deploy.adapters import model as mt
 from metatt_deploy.adapters.heads import PAD_LOGIT, routers
 from metatt_deploy.adapters.multitask import extend_tasks, save_multitask
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.export.factored import (
-    ADAPTER_GRAPH,
-    BUNDLE_JSON,
-    SHARED_FILE,
-    TASK_GRAPH,
-    TASKS_DIR,
-    load_bundle,
-    read_bundle,
-    task_records,
-    write_bundle,
-)
+from metatt_deploy.export.factored import load_bundle, write_bundle
 from metatt_deploy.export.merge import merge_adapter
+from metatt_deploy.inference.formats import ADAPTER_GRAPH, BUNDLE_JSON, SHARED_FILE, TASK_GRAPH, TASKS_DIR, read_bundle, task_records
 
 TOL = 1e-4
 SENTENCES = ["A wonderful film.", "Dull and slow, badly acted.", "ok", "The best thing I have seen this year, truly."]

@@ -16,16 +16,10 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.export.factored import load_bundle
-from metatt_deploy.export.genai import (
-    BYTE_LEVEL_DECODER,
-    GENAI_CONFIG,
-    check_tokenizer,
-    export_genai,
-    genai_config,
-    genai_tokenizer_files,
-)
+from metatt_deploy.export.genai import BYTE_LEVEL_DECODER, check_tokenizer, export_genai, genai_config, genai_tokenizer_files
 from metatt_deploy.export.merge import merge_factored
 from metatt_deploy.export.onnx_lm import greedy
+from metatt_deploy.inference.formats import GENAI_CONFIG
 from metatt_deploy.serving.generate import Generator
 
 TASKS = ["sent", "nli", "city"]

@@ -17,7 +17,8 @@ from metatt_deploy.adapters.base_model import resolve_model
 from metatt_deploy.cli import app
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.export import onnx as export_module
-from metatt_deploy.export.onnx import FP32_ATOL, MANIFEST_NAME, SAMPLE_SENTENCES, export_onnx, sha256_file
+from metatt_deploy.export.onnx import FP32_ATOL, SAMPLE_SENTENCES, export_onnx, sha256_file
+from metatt_deploy.inference.formats import MANIFEST_NAME
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,9 @@ from tiny_decoders import save_tiny_adapter
 from metatt_deploy.adapters.model import load_adapter
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.export.int4 import INT4_ACCURACY_LEVEL, INT4_BLOCK_SIZE
-from metatt_deploy.export.onnx import MANIFEST_NAME, export_onnx
+from metatt_deploy.export.onnx import export_onnx
 from metatt_deploy.export.onnx_lm import FP32_ATOL, fp32_tolerance, greedy, load_ort_decoder
+from metatt_deploy.inference.formats import MANIFEST_NAME
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])

@@ -23,8 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from metatt_deploy.adapters.heads import routers
 from metatt_deploy.adapters.multitask import extend_tasks, save_multitask
-from metatt_deploy.export.factored import TASKS_DIR, write_bundle
+from metatt_deploy.export.factored import write_bundle
 from metatt_deploy.export.onnx import export_onnx
+from metatt_deploy.inference.formats import TASKS_DIR
 from metatt_deploy.serving.app import create_app
 from metatt_deploy.serving.http import ServeSettings
 from metatt_deploy.serving.runtime import Runtime

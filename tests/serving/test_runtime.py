@@ -22,8 +22,9 @@ from metatt_deploy.adapters.multitask import extend_tasks, save_multitask
 from metatt_deploy.cli import app
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import sha256_file
-from metatt_deploy.export.factored import TASKS_DIR, write_bundle
+from metatt_deploy.export.factored import write_bundle
 from metatt_deploy.export.onnx import export_onnx
+from metatt_deploy.inference.formats import TASKS_DIR
 from metatt_deploy.serving.runtime import Runtime, read_inputs
 
 TOL = 1e-4

@@ -1,0 +1,100 @@
+"""The `metatt-deploy` command line: one verb, one function; user errors are one line and exit 2.
+
+The runtime verbs (predict, generate, serve; `cli/run.py`) need only the base install. The
+training verbs (train; merge, export, validate: `cli/train.py`, `cli/export.py`) need the
+``[train]`` extra, so they are loaded when they run (click's lazy-group pattern): a deployment
+starts without importing torch, and without the extra those verbs print one line naming it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Annotated, Any
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from metatt_deploy import __version__
+from metatt_deploy.cli import run
+from metatt_deploy.cli.base import CONTEXT_SETTINGS, TRAIN_EXTRA_HINT
+
+# verbs loaded when they run: name -> (module, one-line help shown in `metatt-deploy --help`)
+LAZY_VERBS = {
+    "train": ("metatt_deploy.cli.train", "Fine-tune a classifier or causal LM with a MetaTT adapter (or a PEFT baseline)."),
+    "merge": ("metatt_deploy.cli.export", "Fold the adapter into the base weights, or write PEFT LoRA or a factored bundle."),
+    "export": ("metatt_deploy.cli.export", "Export a merged model to ONNX and check its parity."),
+    "validate": ("metatt_deploy.cli.export", "Compare an ONNX export with its unmerged adapter: parity, accuracy, latency."),
+}
+TRAINING_STACK = ("torch", "transformers", "datasets", "optimum", "peft", "accelerate", "safetensors", "matplotlib", "onnx")
+
+
+def missing_extra(name: str, error: ImportError) -> click.Command:
+    """A stand-in for a training verb when the training stack is not installed: one line, exit 2."""
+
+    def refuse(**_: Any) -> None:
+        typer.secho(
+            f"error: '{name}' needs the training stack ({error.name or 'torch'} is not installed); {TRAIN_EXTRA_HINT}",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(2)
+
+    settings = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
+    return click.Command(name, callback=refuse, context_settings=settings, help=LAZY_VERBS[name][1] + f" Needs {TRAIN_EXTRA_HINT}.")
+
+
+class LazyVerbs(TyperGroup):
+    """The CLI's group: runtime verbs registered up front, training verbs imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*LAZY_VERBS, *super().list_commands(ctx)]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in LAZY_VERBS:
+            return super().get_command(ctx, cmd_name)
+        try:
+            module = importlib.import_module(LAZY_VERBS[cmd_name][0])
+        except ImportError as e:
+            if (e.name or "").split(".")[0] not in TRAINING_STACK:
+                raise
+            return missing_extra(cmd_name, e)
+        group = typer.main.get_group(module.app)
+        return group.get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The verb list without importing the training verbs (their one-line help is in LAZY_VERBS)."""
+        rows = [(name, help_line) for name, (_, help_line) in LAZY_VERBS.items()]
+        width = formatter.width - 6 - max(len(name) for name in [*LAZY_VERBS, *super().list_commands(ctx)])
+        for name in super().list_commands(ctx):
+            command = super().get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(width)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+app = typer.Typer(
+    name="metatt-deploy",
+    cls=LazyVerbs,
+    help="Fine-tune transformers with MetaTT tensor-train adapters, merge them, export them to ONNX, validate and serve them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings=CONTEXT_SETTINGS,
+)
+app.registered_commands.extend(run.app.registered_commands)
+
+
+def version(value: bool) -> None:
+    if value:
+        typer.echo(f"metatt-deploy {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    show_version: Annotated[bool, typer.Option("--version", callback=version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Fine-tune transformers with MetaTT tensor-train adapters, merge them, export them to ONNX, validate and serve them."""

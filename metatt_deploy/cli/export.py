@@ -1,0 +1,382 @@
+"""`metatt-deploy merge`, `export` and `validate`: from a trained adapter to a checked ONNX export.
+
+Needs the ``[train]`` extra (merging and exporting run the model in PyTorch; validation compares
+with it); `metatt_deploy.cli` loads this module only when one of these verbs runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from metatt_deploy.cli.base import CONTEXT_SETTINGS, Force, int_list, split_list, user_errors
+from metatt_deploy.cli.stack import quiet_libraries
+from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.common.files import read_json
+from metatt_deploy.export.genai import export_genai
+from metatt_deploy.export.int4 import INT4_ACCURACY_LEVEL
+from metatt_deploy.export.merge import merge_adapter, merge_factored
+from metatt_deploy.export.onnx import export_onnx
+from metatt_deploy.export.peft import to_peft
+from metatt_deploy.export.quantize import CALIBRATION_ROWS
+from metatt_deploy.export.validate import report_paths
+from metatt_deploy.export.validate import validate as run_validation
+from metatt_deploy.export.validate_lm import validate_decoder
+from metatt_deploy.export.web import vendor_web_runtime
+from metatt_deploy.inference.formats import GENAI_CONFIG, MANIFEST_NAME, is_decoder_export, read_manifest
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+@app.command(context_settings=CONTEXT_SETTINGS)
+@user_errors
+def merge(
+    adapter: Annotated[Path, typer.Argument(help="Adapter directory (a run's best/ folder).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder for the merged Hugging Face model.")],
+    task: Annotated[str | None, typer.Option(help="Task to merge (multi-task adapters).")] = None,
+    base_model: Annotated[
+        str | None, typer.Option(help="Base model folder or hub name, if it moved since training (checked by fingerprint).")
+    ] = None,
+    max_rank: Annotated[
+        int | None, typer.Option(help="Round the tensor train to this bond rank first and report the error it introduced.")
+    ] = None,
+    to: Annotated[
+        str, typer.Option("--to", help="hf: a merged Hugging Face model; peft: a lossless PEFT LoRA adapter (no base model needed).")
+    ] = "hf",
+    factored: Annotated[
+        bool,
+        typer.Option(
+            "--factored",
+            help="Multi-task adapters: write a factored bundle (base once, shared cores once, a small file per task, factored ONNX graphs) instead of a dense model. With --task A,B and an existing bundle as --output, add those tasks to it.",
+        ),
+    ] = False,
+    onnx: Annotated[
+        bool, typer.Option("--onnx/--no-onnx", help="With --factored: also export the factored ONNX graphs and .onnx_adapter files.")
+    ] = True,
+    force: Force = False,
+) -> None:
+    """Fold alpha * dW into the base weights and write a standard Hugging Face model folder.
+
+    With --to peft, write the exactly equivalent PEFT LoRA adapter instead (docs/adapter-format.md).
+    With --factored, write a factored multi-task bundle (docs/multitask.md).
+    """
+    quiet_libraries()
+    if factored:
+        if to != "hf" or max_rank is not None:
+            raise MetaTTError("--factored writes its own bundle format; drop --to and --max-rank")
+
+        summary = merge_factored(adapter, output, tasks=split_list([task]) if task else None, onnx=onnx, base_model=base_model, force=force)
+        verb = "added task(s)" if summary["added"] else "wrote factored bundle with task(s)"
+        typer.echo(f"{verb} {', '.join(summary['tasks'])} -> {output} (bundle id {summary['bundle_id'][:12]})")
+        return
+    if to == "peft":
+        if max_rank is not None:
+            raise MetaTTError("--max-rank applies to --to hf only; round the adapter first, or drop --max-rank")
+
+        to_peft(adapter, output, task=task, force=force)
+        typer.echo(f"wrote PEFT LoRA adapter {output} (load it with peft.PeftModel.from_pretrained(base, '{output}'))")
+        return
+    if to != "hf":
+        raise MetaTTError(f"unknown --to '{to}'; use hf or peft")
+
+    record = merge_adapter(adapter, output, task=task, base_model=base_model, max_rank=max_rank, force=force)
+    extra = f"; rounding error {record['rounding_relative_error']:.3e}" if "rounding_relative_error" in record else ""
+    typer.echo(f"merged task '{record['task']}' into {output}{extra}")
+
+
+@app.command(context_settings=CONTEXT_SETTINGS)
+@user_errors
+def export(
+    model_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="Merged model folder (metatt-deploy merge); also any Hugging Face sequence classifier folder, or an adapter folder (merged on the fly)."
+        ),
+    ],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Bundle folder (default: exported/<name>).")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Bundle name under exported/ (default: the model folder's name plus -opt, -int8 or -fp16).")
+    ] = None,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (default: optimum's choice for the architecture).")] = None,
+    optimize: Annotated[
+        bool, typer.Option("--optimize", help="Fuse attention, layer norms, GELU and embeddings with ONNX Runtime's transformer optimizer.")
+    ] = False,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="int8: dynamic quantization (int8 weights of MatMul/Attention nodes, activation scales per batch); int8-static: QDQ with activation scales calibrated on --calibration data (a row's logits do not depend on its batch); int4 (decoders): weight-only 4-bit MatMulNBits, blocks of 32, the tied LM head included. Logits parity is reported, not enforced."
+        ),
+    ] = None,
+    int4_accuracy_level: Annotated[
+        int,
+        typer.Option(
+            help="With --quantize int4: MatMulNBits compute type, 4 = int8 activations quantized per block at run time (fastest on CPUs), 0 = float32 activations (see docs/decoders.md)."
+        ),
+    ] = INT4_ACCURACY_LEVEL,
+    calibration: Annotated[
+        str | None,
+        typer.Option(
+            help="With --quantize int8-static: calibration data, a builtin task (its validation split), a hub data set or a CSV/JSONL file."
+        ),
+    ] = None,
+    calibration_rows: Annotated[int, typer.Option(help="Calibration rows (a fixed random subset, fed one at a time).")] = CALIBRATION_ROWS,
+    calibration_method: Annotated[str, typer.Option(help="Activation range estimate: minmax, percentile or entropy.")] = "minmax",
+    fp32_down_projections: Annotated[
+        bool,
+        typer.Option(
+            "--fp32-down-projections/--int8-down-projections",
+            help="With int8-static: keep the FFN down-projections fp32 (accuracy within 1 point on MiniLM) or quantize them too (faster, about -1.8 points; docs/int8.md).",
+        ),
+    ] = True,
+    per_channel: Annotated[
+        bool, typer.Option("--per-channel/--per-tensor", help="int8 weight scales per output channel or per tensor.")
+    ] = True,
+    reduce_range: Annotated[
+        bool | None,
+        typer.Option("--reduce-range/--full-range", help="7-bit int8 weights (default: only on CPUs without VNNI; see docs/int8.md)."),
+    ] = None,
+    layout: Annotated[
+        str, typer.Option(help="optimum, or transformers.js: also onnx/model.onnx and onnx/model_quantized.onnx for Transformers.js.")
+    ] = "optimum",
+    formats: Annotated[
+        list[str] | None, typer.Option("--format", help="onnx (always), ort: also .ort models + the reduced build's operator config.")
+    ] = None,
+    web_runtime: Annotated[
+        Path | None,
+        typer.Option(
+            help="A node_modules folder with onnxruntime-web and @huggingface/transformers: copy the page's runtime files into web/vendor/."
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="ONNX Runtime intra-op threads of the parity checks (default: every available CPU; fastest measured)."),
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option(help="fp32, or fp16 (for GPU execution providers; parity tolerance 1e-2 x max(1, max |logit|)).")
+    ] = "fp32",
+    adapter: Annotated[
+        Path | None, typer.Option(help="Adapter the model was merged from, for the manifest (default: the one metatt_merge.json records).")
+    ] = None,
+    task: Annotated[str | None, typer.Option(help="Task to merge when MODEL_DIR is a multi-task adapter.")] = None,
+    genai: Annotated[
+        bool,
+        typer.Option(
+            "--genai",
+            help="MODEL_DIR is a factored decoder bundle (merge --factored): make it an ONNX Runtime GenAI model folder (genai_config.json + tokenizer files; every tasks/NAME.onnx_adapter is a GenAI adapter), checked with onnxruntime-genai.",
+        ),
+    ] = False,
+    force: Force = False,
+) -> None:
+    """Export a merged model to an ONNX bundle (model.onnx, tokenizer, manifest.json) and check its parity.
+
+    Decoders export with a KV cache (text-generation-with-past; --quantize int8 or int4), see docs/decoders.md.
+    With --genai, a factored decoder bundle becomes an ONNX Runtime GenAI model, see docs/multitask-decoders.md.
+    """
+    quiet_libraries()
+    if genai:
+        others: dict[str, object] = {"--output": output, "--name": name, "--quantize": quantize, "--calibration": calibration}
+        others["--web-runtime"] = web_runtime
+        others.update({"--adapter": adapter, "--task": task, "--format": formats, "--optimize": optimize or None})
+        others.update({"--dtype": None if dtype == "fp32" else dtype, "--layout": None if layout == "optimum" else layout})
+        given = [k for k, v in others.items() if v]
+        if given:
+            raise MetaTTError(f"--genai writes into the bundle itself and takes no {given[0]}; drop it")
+        record = export_genai(model_dir, force=force)
+        parity = record["parity"]
+        sizes = ", ".join(f"{t} {b} B" for t, b in record["adapter_bytes"].items())
+        typer.echo(
+            f"wrote {GENAI_CONFIG} + tokenizer into {model_dir} (onnxruntime-genai {record['onnxruntime_genai']}; "
+            f"{record['tokenizer_probes_identical']} tokenizer probes identical to transformers); adapters: {sizes}"
+        )
+        typer.echo(
+            f"greedy parity GenAI vs PyTorch adapter: {parity['identical']}/{parity['total']} token-identical "
+            f"({parity['prompts']} prompts x {parity['new_tokens']} tokens per task)"
+        )
+        return
+    out = export_onnx(
+        model_dir,
+        output,
+        name=name,
+        opset=opset,
+        optimize=optimize,
+        quantize=quantize,
+        dtype=dtype,
+        force=force,
+        adapter_dir=adapter,
+        task=task,
+        calibration=calibration,
+        calibration_rows=calibration_rows,
+        calibration_method=calibration_method,
+        fp32_down_projections=fp32_down_projections,
+        per_channel=per_channel,
+        reduce_range=reduce_range,
+        layout=layout,
+        formats=["onnx", *(f for f in split_list(formats) or [] if f != "onnx")],
+        threads=threads,
+        int4_accuracy_level=int4_accuracy_level,
+    )
+    if web_runtime is not None:
+        vendor_web_runtime(out, web_runtime)
+    manifest = read_json(out / MANIFEST_NAME, "export manifest")
+    final = manifest["parity"]["final"]
+    tolerance = "reported only" if final["tolerance"] is None else f"tolerance {final['tolerance']:.0e}"
+    typer.echo(
+        f"exported {out} (opset {manifest['opset']}, {manifest['sizes']['final_bytes'] / 2**20:.1f} MiB); "
+        f"max |logit diff| vs PyTorch {final['max_abs_logit_diff']:.2e} ({tolerance})"
+    )
+    if "fused_nodes" in manifest:
+        fused = ", ".join(
+            f"{k} {v}" for k, v in manifest["fused_nodes"].items() if isinstance(v, int) and not isinstance(v, bool) and v and k != "layers"
+        )
+        typer.echo(f"fused nodes: {fused}")
+
+
+@app.command(context_settings=CONTEXT_SETTINGS)
+@user_errors
+def validate(
+    adapter: Annotated[
+        Path,
+        typer.Argument(help="Adapter directory (a run's best/ folder; MetaTT, multi-task MetaTT or LoRA): the unmerged PyTorch reference."),
+    ],
+    onnx_dir: Annotated[Path, typer.Argument(help="ONNX bundle written by metatt-deploy export (exported/NAME).")],
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Held-out data: a builtin task (movie-sentiment, snli, ...), a hub data set, or a CSV/TSV/JSONL/JSON file (labels optional). Default: built-in sample sentences."
+        ),
+    ] = None,
+    split: Annotated[str, typer.Option(help="Split of a builtin or hub data set (files are used whole).")] = "test",
+    max_examples: Annotated[
+        int | None,
+        typer.Option(
+            help="Use a fixed random subset of N held-out examples (default: all; 50 prompts for decoders; the output and report say when a subset is used)."
+        ),
+    ] = None,
+    batch_sizes: Annotated[str, typer.Option(help="Batch sizes to time, comma-separated.")] = "1,8",
+    seq_len: Annotated[int, typer.Option(help="Tokens per example: truncation for parity, the fixed padded length for timing.")] = 128,
+    repeats: Annotated[int, typer.Option(help="Timed calls per runtime and batch size (medians and p95 are reported).")] = 30,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up calls per runtime and batch size.")] = 3,
+    max_seconds: Annotated[
+        float, typer.Option(help="Cap on seconds per runtime and batch size (at least 3 calls are still timed).")
+    ] = 60.0,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="Intra-op threads for both PyTorch and ONNX Runtime (default: every available CPU; fastest measured)."),
+    ] = None,
+    reference_onnx: Annotated[
+        Path | None,
+        typer.Option(help="The fp32 export of the same model: report the accuracy change and speed-up of an int8/fp16 export against it."),
+    ] = None,
+    base_model: Annotated[
+        str | None, typer.Option(help="Base model folder or hub name, if it moved since training (checked by fingerprint).")
+    ] = None,
+    task: Annotated[
+        str | None, typer.Option(help="Task of a multi-task adapter (default: the one the export records, from merge/export --task).")
+    ] = None,
+    text_column: Annotated[
+        list[str] | None, typer.Option(help="Text column(s) of the data: one, or two for sentence pairs. Inferred when omitted.")
+    ] = None,
+    label_column: Annotated[str, typer.Option(help="Label column of the data (absent: accuracy is not reported).")] = "label",
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Folder for validation.json and validation.md (default: beside the bundle, exported/NAME.validation.json and .md).",
+        ),
+    ] = None,
+    compare: Annotated[
+        list[Path] | None, typer.Option(help="Decoders: more exports of the same model (e.g. int8, int4) measured in the same run.")
+    ] = None,
+    prompt_lengths: Annotated[
+        str, typer.Option(help="Decoders: prompt lengths (tokens) at which time to first token is measured.")
+    ] = "32,256",
+    new_tokens: Annotated[int, typer.Option(help="Decoders: tokens generated to measure decode tokens/s.")] = 32,
+    force: Force = False,
+) -> None:
+    """Compare an ONNX export with its unmerged adapter: logits parity, label agreement, accuracy, latency.
+
+    Works for single-task MetaTT, one task of a multi-task MetaTT adapter (--task) and the PEFT LoRA baseline.
+    For decoders (docs/decoders.md): teacher-forced logits, greedy tokens, exact match and perplexity on
+    --data, time to first token and decode tokens/s for PyTorch (unmerged, merged) and every bundle.
+    """
+    quiet_libraries()
+    if is_decoder_export(read_manifest(onnx_dir)):
+        lengths = int_list(prompt_lengths, "--prompt-lengths", "32,256")
+        report = validate_decoder(
+            adapter,
+            onnx_dir,
+            data=data,
+            split=split,
+            max_examples=max_examples or 50,
+            compare=compare or [],
+            prompt_lengths=lengths,
+            new_tokens=new_tokens,
+            repeats=min(repeats, 10),
+            threads=threads,
+            base_model=base_model,
+            output=output,
+            force=force,
+        )
+        echo_decoder_report(report, output or onnx_dir)
+        return
+    sizes = int_list(batch_sizes, "--batch-sizes", "1,8")
+    report = run_validation(
+        adapter,
+        onnx_dir,
+        data=data,
+        split=split,
+        max_examples=max_examples,
+        batch_sizes=sizes,
+        seq_len=seq_len,
+        repeats=repeats,
+        warmup=warmup,
+        max_seconds=max_seconds,
+        threads=threads,
+        reference_onnx=reference_onnx,
+        base_model=base_model,
+        task=task,
+        text_columns=split_list(text_column),
+        label_column=label_column,
+        output=output,
+        force=force,
+        log=typer.echo,
+    )
+    parity = report["parity"]
+    tolerance = f"tolerance {parity['tolerance']:.0e}" if parity["enforced"] else "reported only"
+    typer.echo(
+        f"max |logit diff| ONNX vs unmerged adapter {parity['max_abs_logit_diff']:.2e} ({tolerance}); "
+        f"label agreement {parity['label_agreement']:.4f}"
+    )
+    if report["accuracy"]:
+        acc = report["accuracy"]
+        line = f"accuracy: PyTorch {acc['pytorch']:.4f}, ONNX {acc['onnx']:.4f}"
+        if "reference_onnx" in acc:
+            line += f", reference {acc['reference_onnx']:.4f} ({acc['change_vs_reference_points']:+.2f} points)"
+        typer.echo(line)
+    for s in report["latency"]["speedups"]:
+        extra = f", {s['onnx_vs_reference']:.2f}x vs reference" if "onnx_vs_reference" in s else ""
+        typer.echo(f"batch {s['batch']}: ONNX ({s['provider']}) {s['onnx_vs_pytorch_cpu']:.2f}x vs PyTorch eager{extra}")
+    typer.echo(f"report: {report_paths(onnx_dir, output)[1]}")
+
+
+def echo_decoder_report(report: dict, folder: Path) -> None:
+    """The lines a person reads after validating a decoder: parity, exact match, tokens/s."""
+    p, q = report["parity"], report["quality"]
+    tol = f"tolerance {p['tolerance']:.2g}" if p["enforced"] else "reported only"
+    typer.echo(
+        f"max |logit diff| ONNX vs unmerged adapter {p['max_abs_logit_diff']:.2e} ({tol}) on {p['prompts']} prompts; "
+        f"greedy tokens identical on {p['greedy_identical']:.0%}"
+    )
+    line = f"exact match: PyTorch {q['pytorch']['exact_match']:.4f} (perplexity {q['pytorch']['perplexity']:.3f})"
+    for name, b in q["bundles"].items():
+        line += f", ONNX {name} {b['exact_match']:.4f} ({b['perplexity']:.3f})"
+    typer.echo(line)
+    for r in report["latency"]["rows"]:
+        ttft = ", ".join(f"{k[5:-3]} tokens {v:.0f} ms" for k, v in r.items() if k.startswith("ttft_"))
+        typer.echo(
+            f"{r['runtime']}: {r['decode_tokens_per_s']:.1f} tokens/s ({r['decode_vs_pytorch_merged']:.2f}x PyTorch merged); first token: {ttft}"
+        )
+    typer.echo(f"report: {folder / 'validation.md'}")

@@ -1,0 +1,22 @@
+"""The training stack as the training verbs use it: imported here, quieted once.
+
+Importing this module is what needs the ``[train]`` extra; `metatt_deploy.cli` imports the
+verb modules that import it only when one of their verbs runs, and names the extra when the
+import fails.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import datasets
+import transformers
+
+
+def quiet_libraries() -> None:
+    """transformers' warnings off, and off a terminal datasets' progress bars (their redraws glue into fragments; ours print whole lines)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    transformers.logging.set_verbosity_error()
+    if not sys.stderr.isatty():
+        datasets.disable_progress_bars()
