@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "metatt_deploy"
-STAGES = ("common", "tt", "adapters", "training", "export", "serving")
+STAGES = ("common", "inference", "tt", "adapters", "training", "export", "serving", "cli")
 SOURCES = sorted(PACKAGE.rglob("*.py"))
 
 

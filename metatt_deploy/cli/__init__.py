@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 from typing import Annotated, Any
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -29,10 +28,13 @@ LAZY_VERBS = {
 TRAINING_STACK = ("torch", "transformers", "datasets", "optimum", "peft", "accelerate", "safetensors", "matplotlib", "onnx")
 
 
-def missing_extra(name: str, error: ImportError) -> click.Command:
-    """A stand-in for a training verb when the training stack is not installed: one line, exit 2."""
+def missing_extra(name: str, error: ImportError) -> Any:
+    """A stand-in for a training verb when the training stack is not installed: one line, exit 2, whatever the arguments."""
+    stub = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+    settings = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
 
-    def refuse(**_: Any) -> None:
+    @stub.command(name=name, context_settings=settings, help=f"{LAZY_VERBS[name][1]} Needs {TRAIN_EXTRA_HINT}.")
+    def refuse(ctx: typer.Context) -> None:
         typer.secho(
             f"error: '{name}' needs the training stack ({error.name or 'torch'} is not installed); {TRAIN_EXTRA_HINT}",
             fg=typer.colors.RED,
@@ -40,17 +42,19 @@ def missing_extra(name: str, error: ImportError) -> click.Command:
         )
         raise typer.Exit(2)
 
-    settings = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
-    return click.Command(name, callback=refuse, context_settings=settings, help=LAZY_VERBS[name][1] + f" Needs {TRAIN_EXTRA_HINT}.")
+    return typer.main.get_command(stub)
 
 
 class LazyVerbs(TyperGroup):
-    """The CLI's group: runtime verbs registered up front, training verbs imported on first use."""
+    """The CLI's group: runtime verbs registered up front, training verbs imported on first use.
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
+    (Typer vendors its own click, so the overrides take its context and formatter untyped.)
+    """
+
+    def list_commands(self, ctx: Any) -> list[str]:
         return [*LAZY_VERBS, *super().list_commands(ctx)]
 
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
         if cmd_name not in LAZY_VERBS:
             return super().get_command(ctx, cmd_name)
         try:
@@ -59,10 +63,9 @@ class LazyVerbs(TyperGroup):
             if (e.name or "").split(".")[0] not in TRAINING_STACK:
                 raise
             return missing_extra(cmd_name, e)
-        group = typer.main.get_group(module.app)
-        return group.get_command(ctx, cmd_name)
+        return typer.main.get_group(module.app).get_command(ctx, cmd_name)
 
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
         """The verb list without importing the training verbs (their one-line help is in LAZY_VERBS)."""
         rows = [(name, help_line) for name, (_, help_line) in LAZY_VERBS.items()]
         width = formatter.width - 6 - max(len(name) for name in [*LAZY_VERBS, *super().list_commands(ctx)])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -159,6 +159,9 @@ def generate(
     raw: Annotated[bool, typer.Option("--raw", help="Feed prompts as they are, without the model's chat template.")] = False,
     system: Annotated[str | None, typer.Option(help="A system message for the chat template.")] = None,
     temperature: Annotated[float, typer.Option(help="0: greedy (the default); above 0: sampling at this temperature.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Sampling: keep the smallest set of tokens whose probability reaches this (1: all).")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Sampling: keep the k most likely tokens (0: all).")] = 0,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop before this text (repeatable); it is not printed.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads.")] = None,
     task: Annotated[
@@ -174,7 +177,7 @@ def generate(
     runtime: Annotated[
         str,
         typer.Option(
-            help="onnxruntime (optimum's generate loop), or genai: ONNX Runtime GenAI on a factored bundle made ready with export --genai."
+            help="onnxruntime (the numpy decode loop over ONNX Runtime), or genai: ONNX Runtime GenAI on a factored bundle made ready with export --genai."
         ),
     ] = "onnxruntime",
 ) -> None:
@@ -187,11 +190,21 @@ def generate(
         raise MetaTTError(f"unknown --runtime '{runtime}'; use {' or '.join(RUNTIMES)}")
     if runtime == "genai" and form != "adapter":
         raise MetaTTError("--runtime genai serves model_adapter.onnx (one task per call); drop --form")
-    generator = Generator(bundle, threads=threads, form=form) if runtime == "onnxruntime" else GenAIGenerator(bundle, threads=threads)
+    if runtime == "genai" and (top_p != 1.0 or top_k or stop):
+        raise MetaTTError("--runtime genai samples with its own settings; drop --top-p, --top-k and --stop")
+    generator: Generator | GenAIGenerator
+    options: dict[str, Any] = {}
+    if runtime == "onnxruntime":
+        generator = Generator(bundle, threads=threads, form=form)
+        options = {"top_p": top_p, "top_k": top_k, "stop": stop or ()}
+    else:
+        generator = GenAIGenerator(bundle, threads=threads)
     if task is not None:
-        generator.use(int(task) if task.isdigit() else task)
+        generator.use(task)
     for prompt in prompts:
-        for piece in generator.stream(prompt, max_new_tokens=max_new_tokens, raw=raw, system=system, temperature=temperature, seed=seed):
+        for piece in generator.stream(
+            prompt, max_new_tokens=max_new_tokens, raw=raw, system=system, temperature=temperature, seed=seed, **options
+        ):
             typer.echo(piece, nl=False)
             sys.stdout.flush()
         typer.echo("")

@@ -117,7 +117,8 @@ def read_model_config(folder: str | Path) -> dict:
 
 def context_length(config: dict) -> int | None:
     """The longest sequence the model's position table takes, from its config (None where it has no limit)."""
-    sources = [config, config.get("text_config") if isinstance(config.get("text_config"), dict) else {}]
+    text_config = config.get("text_config")
+    sources = [config, text_config if isinstance(text_config, dict) else {}]
     for source in sources:
         for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
             value = source.get(key)

@@ -7,24 +7,32 @@ loaded once into one ``og.Adapters``; a call makes a fresh generator (cheap: it 
 KV cache) and activates its task with ``set_active_adapter``, so switching tasks reloads nothing.
 A generator without an active adapter is never run: the graph's empty default slice would fail.
 
-Prompts are encoded exactly as on ONNX Runtime (transformers' tokenizer and chat template,
-serving/generate.py); the export checked that GenAI's own tokenizer gives the same ids, so a
-caller using ``og.Tokenizer`` directly gets the same answers. Pieces of text come from GenAI's
-tokenizer stream (special tokens skipped, no clean-up of spaces before punctuation).
+Prompts are encoded and answers decoded exactly as on ONNX Runtime (`TextTokenizer`, its chat
+template and `TextStream`): the export checked that GenAI's own tokenizer gives the same ids, and
+decoding both runtimes' tokens the same way gives the same text for the same tokens (GenAI's own
+token stream drops characters after an incomplete UTF-8 sequence).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
 
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.export.genai import genai_tokens, import_genai
-from metatt_deploy.inference.formats import BASE_DIR, GENAI_CONFIG, context_length, read_bundle, task_records
+from metatt_deploy.inference.formats import (
+    GENAI_CONFIG,
+    base_dir,
+    context_length,
+    is_decoder_bundle,
+    read_bundle,
+    read_model_config,
+    task_records,
+)
+from metatt_deploy.inference.genai import genai_tokens, import_genai
 from metatt_deploy.inference.sessions import checked_adapter_file
 from metatt_deploy.inference.tasks import resolve_task
+from metatt_deploy.inference.text import TextStream, TextTokenizer
 from metatt_deploy.serving.generate import checked_prompt, encode_prompt
 
 
@@ -32,12 +40,10 @@ class GenAIGenerator:
     """A factored decoder bundle on ONNX Runtime GenAI: one model, one adapter per task, switched per call."""
 
     def __init__(self, bundle: str | Path, threads: int | None = None):
-        from transformers import AutoConfig, AutoTokenizer
-
         og = import_genai()
         bundle = Path(bundle)
         info = read_bundle(bundle)
-        if info.get("task_type") != "causal-lm" or not info.get("onnx"):
+        if not is_decoder_bundle(info) or not info.get("onnx"):
             raise MetaTTError(f"{bundle} is not a factored bundle of a causal LM with ONNX graphs; --runtime genai needs one")
         if not info.get("genai") or not (bundle / GENAI_CONFIG).is_file():
             raise MetaTTError(f"{bundle} has no ONNX Runtime GenAI files; write them with metatt-deploy export {bundle} --genai")
@@ -51,16 +57,14 @@ class GenAIGenerator:
         self.tasks = list(self.records)
         self.loaded: set[str] = set()
         self.task: str | None = None
-        base = bundle / info.get("base_dir", BASE_DIR)
-        self.tokenizer = AutoTokenizer.from_pretrained(base)
-        self.og_tokenizer = og.Tokenizer(self.model)
-        self.context = context_length(AutoConfig.from_pretrained(base))
+        self.tokenizer = TextTokenizer.from_folder(base_dir(bundle, info))
+        self.context = context_length(read_model_config(base_dir(bundle, info)))
 
-    def use(self, task: str | int | Sequence[str | int]) -> None:
+    def use(self, task: str | int) -> None:
         """Choose the task of the next calls (its adapter file is checked and loaded on first use, then kept)."""
-        if isinstance(task, (list, tuple)):
-            raise MetaTTError("ONNX Runtime GenAI answers one task per generator; one task per row needs --form tasks on ONNX Runtime")
-        name = self.tasks[resolve_task(self.tasks, cast(str | int, task), "bundle")]
+        if isinstance(task, str) and task.isascii() and task.isdigit():
+            task = int(task)
+        name = self.tasks[resolve_task(self.tasks, task, "bundle")]
         if name not in self.loaded:
             self.adapters.load(str(checked_adapter_file(self.bundle, self.info, self.records[name])), name)
             self.loaded.add(name)
@@ -94,12 +98,14 @@ class GenAIGenerator:
         """Pieces of the answer to ``prompt`` as they are generated (as `Generator.stream`)."""
         if task is not None:
             self.use(task)
-        ids = self.encode(prompt, raw, system)
-        decoder = self.og_tokenizer.create_stream()
-        for token in self.tokens(ids, max_new_tokens, temperature=temperature, seed=seed):
-            piece = decoder.decode(token)
+        stream = TextStream(self.tokenizer)
+        for token in self.tokens(self.encode(prompt, raw, system), max_new_tokens, temperature=temperature, seed=seed):
+            piece = stream.push(token)
             if piece:
                 yield piece
+        rest = stream.finish()
+        if rest:
+            yield rest
 
     def generate(self, prompt: str, **options) -> str:
         return "".join(self.stream(prompt, **options)).strip()

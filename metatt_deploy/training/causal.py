@@ -42,7 +42,8 @@ def train_causal(cfg: TrainConfig, task: TextTask, force: bool = False) -> dict:
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     base = load_causal_lm(cfg.model)
-    splits = tokenize_text_task(task, tokenizer, cfg.max_length, context_length(base.config.to_dict()))
+    context = context_length(base.config.to_dict())  # type: ignore[union-attr,operator]
+    splits = tokenize_text_task(task, tokenizer, cfg.max_length, context)
     if "train" not in splits or "validation" not in splits:
         raise MetaTTError("training needs a train and a validation split; pass --validation FILE")
     model, adapter = wrap_model(cfg, base, task.name, [])

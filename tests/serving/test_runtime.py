@@ -14,7 +14,7 @@ import torch
 from multitask_fixtures import LABELS, build_tiny_multitask
 from onnx_fixtures import LABELS as EXPORT_LABELS
 from onnx_fixtures import build_tiny
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from typer.testing import CliRunner
 
 from metatt_deploy.adapters.heads import routers
@@ -219,8 +219,9 @@ def test_a_single_task_export_opens_with_the_same_api(tmp_path) -> None:
     assert rt.kind == "export" and rt.tasks == [task] and rt.labels() == rt.labels(task) == EXPORT_LABELS
     texts = ["A wonderful film.", "Dull and slow.", ("A man sleeps.", "A man is awake.")]
     merged = AutoModelForSequenceClassification.from_pretrained(tiny.merged).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny.merged)  # the reference: transformers' tokenizer and model
     for text, row in zip(texts, rt.logits(texts)):
-        enc = rt.tokenizer(*((text,) if isinstance(text, str) else text), return_tensors="pt")
+        enc = tokenizer(*((text,) if isinstance(text, str) else text), return_tensors="pt")
         with torch.no_grad():
             ref = merged(**enc).logits[0].numpy()
         assert np.abs(row - ref).max() <= TOL

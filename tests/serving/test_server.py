@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ import httpx
 import pytest
 import uvicorn
 from multitask_fixtures import build_tiny_multitask
+from servers import free_port, wait_ready
 from typer.testing import CliRunner
 
 from metatt_deploy.cli import app as cli
@@ -35,27 +35,6 @@ def bundle(tmp_path_factory) -> Path:
     _, adapter, _, _ = build_tiny_multitask(root)
     write_bundle(adapter, root / "bundle")
     return root / "bundle"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, seconds: float, process: subprocess.Popen | None = None) -> float:
-    """Seconds until GET /readyz answers 200 (fails after ``seconds``)."""
-    started = time.monotonic()
-    while time.monotonic() - started < seconds:
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"the server exited with {process.returncode}: {process.stderr.read() if process.stderr else ''}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return time.monotonic() - started
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"not ready after {seconds} s")
 
 
 def test_serve_cli_starts_in_seconds_answers_and_stops_on_sigterm(bundle: Path) -> None:
