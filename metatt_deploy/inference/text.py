@@ -63,12 +63,13 @@ BOS_EOS_TEMPLATE = {
 }
 # classes whose model inputs are input_ids and attention_mask only (every other class also returns token_type_ids)
 NO_TOKEN_TYPES = frozenset(
-    (
-        "Bart Barthez BigBird Blenderbot Bloom Camembert CLIP CodeLlama CodeGen Cohere DistilBert DPRContextEncoder "
-        "DPRQuestionEncoder DPRReader Gemma GPT2 GPTNeoX LayoutLMv3 LayoutXLM LED Llama Longformer MBart MBart50 MPNet Mvp "
-        "Nllb Nougat OpenAIGPT Pegasus Qwen2 Reformer Roberta SeamlessM4T T5 Udop Whisper XGLM XLMRoberta"
-    ).split()
-)
+    {
+        "Bart", "Barthez", "BigBird", "Blenderbot", "Bloom", "Camembert", "CLIP", "CodeLlama", "CodeGen", "Cohere", "DistilBert",
+        "DPRContextEncoder", "DPRQuestionEncoder", "DPRReader", "Gemma", "GPT2", "GPTNeoX", "LayoutLMv3", "LayoutXLM", "LED", "Llama",
+        "Longformer", "MBart", "MBart50", "MPNet", "Mvp", "Nllb", "Nougat", "OpenAIGPT", "Pegasus", "Qwen2", "Reformer", "Roberta",
+        "SeamlessM4T", "T5", "Udop", "Whisper", "XGLM", "XLMRoberta",
+    }
+)  # fmt: skip
 # the prefix-space default is None (leave the pre-tokenizer alone) for these, False for every other class
 PREFIX_SPACE_NONE = frozenset({"LlamaTokenizer", "CodeLlamaTokenizer"})
 
@@ -253,10 +254,10 @@ class TextTokenizer:
         ids = np.full((len(encodings), width), pad or 0, dtype=np.int64)
         mask = np.zeros((len(encodings), width), dtype=np.int64)
         types = np.zeros((len(encodings), width), dtype=np.int64)
-        for row, e in enumerate(encodings):
-            n = len(e.ids)
+        for i, encoding in enumerate(encodings):
+            n = len(encoding.ids)
             cols = slice(width - n, width) if self.settings.padding_side == "left" else slice(0, n)
-            ids[row, cols], mask[row, cols], types[row, cols] = e.ids, e.attention_mask, e.type_ids
+            ids[i, cols], mask[i, cols], types[i, cols] = encoding.ids, encoding.attention_mask, encoding.type_ids
         batch = {"input_ids": ids, "attention_mask": mask}
         if self.settings.token_type_ids:
             batch["token_type_ids"] = types
@@ -320,7 +321,7 @@ def _as_transformers_loads_it(tokenizer: Tokenizer, settings: TokenizerSettings,
             raise MetaTTError(
                 f"{TOKENIZER_CONFIG_FILE} sets add_bos_token/add_eos_token but names no bos/eos token; add it or turn the flag off"
             )
-        single = f"{(bos + ':0 ') if add_bos else ''}$A:0{(' ' + str(eos) + ':0') if add_eos else ''}"
+        single = f"{(str(bos) + ':0 ') if add_bos else ''}$A:0{(' ' + str(eos) + ':0') if add_eos else ''}"
         pair = f"{single}{(' ' + str(bos) + ':1') if add_bos else ''} $B:1{(' ' + str(eos) + ':1') if add_eos else ''}"
         specials = [(t, tokenizer.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on and t is not None]
         tokenizer.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
