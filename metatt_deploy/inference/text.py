@@ -83,11 +83,17 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+# transformers' clean_up_tokenization, in its order
+CLEAN_UPS = (
+    (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"),
+    (" 're", "'re"),
+)  # fmt: skip
+CLEAN_UP_CHARACTERS = frozenset("".join(before for before, _ in CLEAN_UPS))
+
+
 def clean_up_tokenization(text: str) -> str:
     """transformers' ``clean_up_tokenization``: drop the spaces a word-piece decode leaves before punctuation and contractions."""
-    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m")):
-        text = text.replace(before, after)
-    for before, after in ((" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+    for before, after in CLEAN_UPS:
         text = text.replace(before, after)
     return text
 
@@ -369,37 +375,34 @@ class TextStream:
 
     A byte-level token can end inside a UTF-8 character (an emoji spans several tokens): its
     decode ends in U+FFFD until the rest arrives, so such a tail is held back. With
-    ``clean_up_tokenization_spaces`` a later token can remove a space before it (" ." -> "."),
-    so the text from the last space on is held back too. `finish` hands out whatever is held.
+    ``clean_up_tokenization_spaces`` a later token can change text already decoded (" ." -> ".",
+    and the clean-ups chain: " n ' t" -> " n't" -> "n't"), but only across characters the
+    clean-up patterns are made of; so the text after the last other character is held back, and
+    the text before it is final. `finish` hands out whatever is held.
     """
 
     def __init__(self, tokenizer: TextTokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self.clean_up = tokenizer.settings.clean_up_tokenization_spaces
         self.ids: list[int] = []
         self.sent = 0
-
-    def _text(self) -> str:
-        return self.tokenizer.decode(self.ids, self.skip_special_tokens)
 
     def push(self, token_id: int) -> str:
         """The new text that ``token_id`` completes ("" while it is held back)."""
         self.ids.append(int(token_id))
-        text = self._text()
-        end = len(text)
-        if text.endswith("\ufffd"):
-            end = len(text.rstrip("\ufffd"))
-        if self.tokenizer.settings.clean_up_tokenization_spaces:
-            space = text.rfind(" ", 0, end)
-            if space >= 0:
-                end = space - 2 if text.endswith(" '", 0, space) else space  # " ' " loses both spaces
-        if end <= self.sent:
+        raw = self.tokenizer.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
+        end = len(raw.rstrip("\ufffd"))
+        if self.clean_up:
+            end = next((i + 1 for i in range(end - 1, -1, -1) if raw[i] not in CLEAN_UP_CHARACTERS), 0)
+        text = clean_up_tokenization(raw[:end]) if self.clean_up else raw[:end]
+        if len(text) <= self.sent:
             return ""
-        piece, self.sent = text[self.sent : end], end
+        piece, self.sent = text[self.sent :], len(text)
         return piece
 
     def finish(self) -> str:
         """The text still held back (the end of the answer)."""
-        text = self._text()
+        text = self.tokenizer.decode(self.ids, self.skip_special_tokens)
         piece, self.sent = text[self.sent :], len(text)
         return piece
