@@ -161,13 +161,14 @@ class TokenizerSettings:
 class TextTokenizer:
     """A model folder's tokenizer as transformers' ``AutoTokenizer`` would load it, on the ``tokenizers`` library alone."""
 
-    def __init__(self, tokenizer: Tokenizer, settings: TokenizerSettings, chat_template: str | None, config: dict):
+    def __init__(self, tokenizer: Tokenizer, settings: TokenizerSettings, chat_template: str | None):
         self.tokenizer = tokenizer
         self.settings = settings
         self.chat_template = chat_template
-        self._config = config
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
+        # a truncating copy per max length: truncation is state of a Tokenizer, and concurrent requests share this one
+        self._truncating: dict[int, Tokenizer] = {}
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> TextTokenizer:
@@ -190,7 +191,7 @@ class TextTokenizer:
             raise MetaTTError(f"{config_path} must hold a JSON object; re-save the tokenizer (save_pretrained)")
         settings = TokenizerSettings.read(folder, config)
         _as_transformers_loads_it(tokenizer, settings, config)
-        return cls(tokenizer, settings, _chat_template(folder, config), config)
+        return cls(tokenizer, settings, _chat_template(folder, config))
 
     # ---------------------------------------------------------------- special tokens
 
@@ -246,13 +247,15 @@ class TextTokenizer:
                 raise MetaTTError(f"each input must be a text or a pair of texts, got {type(row).__name__}: {str(row)[:60]}")
         if not inputs:
             raise MetaTTError("no texts to encode; pass at least one text")
-        self.tokenizer.enable_truncation(max_length, strategy="longest_first", direction=self.settings.truncation_side)
+        truncating = self._truncating.get(max_length)
+        if truncating is None:
+            truncating = Tokenizer.from_str(self.tokenizer.to_str())
+            truncating.enable_truncation(max_length, strategy="longest_first", direction=self.settings.truncation_side)
+            self._truncating[max_length] = truncating
         try:
-            encodings = self.tokenizer.encode_batch(inputs, add_special_tokens=True)
+            encodings = truncating.encode_batch(inputs, add_special_tokens=True)
         except Exception as e:  # tokenizers raises a bare Exception, e.g. when max_length cannot hold the special tokens
             raise MetaTTError(f"cannot encode the batch at max length {max_length} ({str(e)[:160]}); raise the max length") from None
-        finally:
-            self.tokenizer.no_truncation()
         width = max(len(e.ids) for e in encodings)
         pad = self.pad_token_id
         if pad is None and any(len(e.ids) < width for e in encodings):
@@ -333,6 +336,20 @@ def _as_transformers_loads_it(tokenizer: Tokenizer, settings: TokenizerSettings,
         tokenizer.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
 
 
+class GenerationTag(jinja2.ext.Extension):
+    """``{% generation %}...{% endgeneration %}`` (transformers' marker of assistant tokens for training masks): renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> Any:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller: Any) -> str:
+        return caller()
+
+
 def compile_chat_template(source: str) -> Any:
     """A jinja2 template compiled in the environment transformers 4.57 renders chat templates in."""
 
@@ -354,20 +371,6 @@ def compile_chat_template(source: str) -> Any:
         return env.from_string(source)
     except jinja2.exceptions.TemplateSyntaxError as e:
         raise MetaTTError(f"the chat template does not parse ({e.message}, line {e.lineno}); fix it or pass --raw") from None
-
-
-class GenerationTag(jinja2.ext.Extension):
-    """``{% generation %}...{% endgeneration %}`` (transformers' marker of assistant tokens for training masks): renders its body."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: Any) -> Any:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-    def _body(self, caller: Any) -> str:
-        return caller()
 
 
 class TextStream:
