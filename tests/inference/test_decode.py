@@ -5,6 +5,7 @@ ends on EOS / stop ids / stop strings / max tokens with the right reason, and sa
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnxruntime as ort
@@ -22,7 +23,6 @@ from metatt_deploy.inference.decode import (
     FINISH_STOP,
     DecoderGraph,
     SamplingParams,
-    Step,
     generate,
     generation_eos_ids,
     pick,
@@ -220,5 +220,26 @@ def test_factored_graphs_decode_each_task_as_pytorch(factored: Path) -> None:
     assert len(answers) > 1
 
 
-def test_step_events_are_plain_values() -> None:
-    assert Step(5, "a") == Step(5, "a", None) and Step(None, "", FINISH_STOP).finish_reason == "stop"
+def fake_session(shape: list, dtype: str = "tensor(float)") -> SimpleNamespace:
+    """Just the signature of a 2-layer decoder graph whose past inputs have ``shape``."""
+    names = [f"past_key_values.{i}.{kind}" for i in (1, 0) for kind in ("value", "key")]
+    inputs = [SimpleNamespace(name=n, shape=["batch", "seq"], type="tensor(int64)") for n in ("input_ids", "attention_mask")]
+    inputs += [SimpleNamespace(name=n, shape=shape, type=dtype) for n in names]
+    outputs = [SimpleNamespace(name=n) for n in ["logits", *(n.replace("past_key_values", "present") for n in names)]]
+    return SimpleNamespace(get_inputs=lambda: inputs, get_outputs=lambda: outputs)
+
+
+def test_cache_layout_comes_from_the_graph_else_from_config_json() -> None:
+    graph = DecoderGraph(fake_session(["batch", 3, "past", 64], "tensor(float16)"))  # type: ignore[arg-type]
+    assert graph.past_names == [f"past_key_values.{i}.{k}" for i in (0, 1) for k in ("key", "value")]
+    assert not graph.has_positions and graph.output_names[1] == "present.0.key"
+    past = graph.empty_past(2)
+    assert all(v.shape == (2, 3, 0, 64) and v.dtype == np.float16 for v in past.values())
+    symbolic = fake_session(["batch", "heads", "past", "size"])
+    sized = DecoderGraph(symbolic, {"num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576})  # type: ignore[arg-type]
+    assert (sized.kv_heads, sized.head_dim) == (3, 64)
+    assert DecoderGraph(symbolic, {"num_attention_heads": 4, "hidden_size": 64, "head_dim": 256}).head_dim == 256  # type: ignore[arg-type]
+    with pytest.raises(MetaTTError, match="keep config.json beside the graph"):
+        DecoderGraph(symbolic)  # type: ignore[arg-type]
+    with pytest.raises(MetaTTError, match="not supported"):
+        DecoderGraph(fake_session(["batch", 3, "past", 64], "tensor(int8)"))  # type: ignore[arg-type]
