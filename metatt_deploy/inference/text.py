@@ -63,12 +63,13 @@ BOS_EOS_TEMPLATE = {
 }
 # classes whose model inputs are input_ids and attention_mask only (every other class also returns token_type_ids)
 NO_TOKEN_TYPES = frozenset(
-    (
-        "Bart Barthez BigBird Blenderbot Bloom Camembert CLIP CodeLlama CodeGen Cohere DistilBert DPRContextEncoder "
-        "DPRQuestionEncoder DPRReader Gemma GPT2 GPTNeoX LayoutLMv3 LayoutXLM LED Llama Longformer MBart MBart50 MPNet Mvp "
-        "Nllb Nougat OpenAIGPT Pegasus Qwen2 Reformer Roberta SeamlessM4T T5 Udop Whisper XGLM XLMRoberta"
-    ).split()
-)
+    {
+        "Bart", "Barthez", "BigBird", "Blenderbot", "Bloom", "Camembert", "CLIP", "CodeLlama", "CodeGen", "Cohere", "DistilBert",
+        "DPRContextEncoder", "DPRQuestionEncoder", "DPRReader", "Gemma", "GPT2", "GPTNeoX", "LayoutLMv3", "LayoutXLM", "LED", "Llama",
+        "Longformer", "MBart", "MBart50", "MPNet", "Mvp", "Nllb", "Nougat", "OpenAIGPT", "Pegasus", "Qwen2", "Reformer", "Roberta",
+        "SeamlessM4T", "T5", "Udop", "Whisper", "XGLM", "XLMRoberta",
+    }
+)  # fmt: skip
 # the prefix-space default is None (leave the pre-tokenizer alone) for these, False for every other class
 PREFIX_SPACE_NONE = frozenset({"LlamaTokenizer", "CodeLlamaTokenizer"})
 
@@ -82,11 +83,17 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+# transformers' clean_up_tokenization, in its order
+CLEAN_UPS = (
+    (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"),
+    (" 're", "'re"),
+)  # fmt: skip
+CLEAN_UP_CHARACTERS = frozenset("".join(before for before, _ in CLEAN_UPS))
+
+
 def clean_up_tokenization(text: str) -> str:
     """transformers' ``clean_up_tokenization``: drop the spaces a word-piece decode leaves before punctuation and contractions."""
-    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m")):
-        text = text.replace(before, after)
-    for before, after in ((" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+    for before, after in CLEAN_UPS:
         text = text.replace(before, after)
     return text
 
@@ -154,13 +161,14 @@ class TokenizerSettings:
 class TextTokenizer:
     """A model folder's tokenizer as transformers' ``AutoTokenizer`` would load it, on the ``tokenizers`` library alone."""
 
-    def __init__(self, tokenizer: Tokenizer, settings: TokenizerSettings, chat_template: str | None, config: dict):
+    def __init__(self, tokenizer: Tokenizer, settings: TokenizerSettings, chat_template: str | None):
         self.tokenizer = tokenizer
         self.settings = settings
         self.chat_template = chat_template
-        self._config = config
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
+        # a truncating copy per max length: truncation is state of a Tokenizer, and concurrent requests share this one
+        self._truncating: dict[int, Tokenizer] = {}
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> TextTokenizer:
@@ -183,7 +191,7 @@ class TextTokenizer:
             raise MetaTTError(f"{config_path} must hold a JSON object; re-save the tokenizer (save_pretrained)")
         settings = TokenizerSettings.read(folder, config)
         _as_transformers_loads_it(tokenizer, settings, config)
-        return cls(tokenizer, settings, _chat_template(folder, config), config)
+        return cls(tokenizer, settings, _chat_template(folder, config))
 
     # ---------------------------------------------------------------- special tokens
 
@@ -239,13 +247,15 @@ class TextTokenizer:
                 raise MetaTTError(f"each input must be a text or a pair of texts, got {type(row).__name__}: {str(row)[:60]}")
         if not inputs:
             raise MetaTTError("no texts to encode; pass at least one text")
-        self.tokenizer.enable_truncation(max_length, strategy="longest_first", direction=self.settings.truncation_side)
+        truncating = self._truncating.get(max_length)
+        if truncating is None:
+            truncating = Tokenizer.from_str(self.tokenizer.to_str())
+            truncating.enable_truncation(max_length, strategy="longest_first", direction=self.settings.truncation_side)
+            self._truncating[max_length] = truncating
         try:
-            encodings = self.tokenizer.encode_batch(inputs, add_special_tokens=True)
+            encodings = truncating.encode_batch(inputs, add_special_tokens=True)
         except Exception as e:  # tokenizers raises a bare Exception, e.g. when max_length cannot hold the special tokens
             raise MetaTTError(f"cannot encode the batch at max length {max_length} ({str(e)[:160]}); raise the max length") from None
-        finally:
-            self.tokenizer.no_truncation()
         width = max(len(e.ids) for e in encodings)
         pad = self.pad_token_id
         if pad is None and any(len(e.ids) < width for e in encodings):
@@ -253,10 +263,10 @@ class TextTokenizer:
         ids = np.full((len(encodings), width), pad or 0, dtype=np.int64)
         mask = np.zeros((len(encodings), width), dtype=np.int64)
         types = np.zeros((len(encodings), width), dtype=np.int64)
-        for row, e in enumerate(encodings):
-            n = len(e.ids)
+        for i, encoding in enumerate(encodings):
+            n = len(encoding.ids)
             cols = slice(width - n, width) if self.settings.padding_side == "left" else slice(0, n)
-            ids[row, cols], mask[row, cols], types[row, cols] = e.ids, e.attention_mask, e.type_ids
+            ids[i, cols], mask[i, cols], types[i, cols] = encoding.ids, encoding.attention_mask, encoding.type_ids
         batch = {"input_ids": ids, "attention_mask": mask}
         if self.settings.token_type_ids:
             batch["token_type_ids"] = types
@@ -320,10 +330,24 @@ def _as_transformers_loads_it(tokenizer: Tokenizer, settings: TokenizerSettings,
             raise MetaTTError(
                 f"{TOKENIZER_CONFIG_FILE} sets add_bos_token/add_eos_token but names no bos/eos token; add it or turn the flag off"
             )
-        single = f"{(bos + ':0 ') if add_bos else ''}$A:0{(' ' + str(eos) + ':0') if add_eos else ''}"
+        single = f"{(str(bos) + ':0 ') if add_bos else ''}$A:0{(' ' + str(eos) + ':0') if add_eos else ''}"
         pair = f"{single}{(' ' + str(bos) + ':1') if add_bos else ''} $B:1{(' ' + str(eos) + ':1') if add_eos else ''}"
         specials = [(t, tokenizer.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on and t is not None]
         tokenizer.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+
+
+class GenerationTag(jinja2.ext.Extension):
+    """``{% generation %}...{% endgeneration %}`` (transformers' marker of assistant tokens for training masks): renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> Any:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller: Any) -> str:
+        return caller()
 
 
 def compile_chat_template(source: str) -> Any:
@@ -349,56 +373,39 @@ def compile_chat_template(source: str) -> Any:
         raise MetaTTError(f"the chat template does not parse ({e.message}, line {e.lineno}); fix it or pass --raw") from None
 
 
-class GenerationTag(jinja2.ext.Extension):
-    """``{% generation %}...{% endgeneration %}`` (transformers' marker of assistant tokens for training masks): renders its body."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: Any) -> Any:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-    def _body(self, caller: Any) -> str:
-        return caller()
-
-
 class TextStream:
     """Generated ids in, text pieces out, so that the pieces join to ``tokenizer.decode(all ids)``.
 
     A byte-level token can end inside a UTF-8 character (an emoji spans several tokens): its
     decode ends in U+FFFD until the rest arrives, so such a tail is held back. With
-    ``clean_up_tokenization_spaces`` a later token can remove a space before it (" ." -> "."),
-    so the text from the last space on is held back too. `finish` hands out whatever is held.
+    ``clean_up_tokenization_spaces`` a later token can change text already decoded (" ." -> ".",
+    and the clean-ups chain: " n ' t" -> " n't" -> "n't"), but only across characters the
+    clean-up patterns are made of; so the text after the last other character is held back, and
+    the text before it is final. `finish` hands out whatever is held.
     """
 
     def __init__(self, tokenizer: TextTokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self.clean_up = tokenizer.settings.clean_up_tokenization_spaces
         self.ids: list[int] = []
         self.sent = 0
-
-    def _text(self) -> str:
-        return self.tokenizer.decode(self.ids, self.skip_special_tokens)
 
     def push(self, token_id: int) -> str:
         """The new text that ``token_id`` completes ("" while it is held back)."""
         self.ids.append(int(token_id))
-        text = self._text()
-        end = len(text)
-        if text.endswith("\ufffd"):
-            end = len(text.rstrip("\ufffd"))
-        if self.tokenizer.settings.clean_up_tokenization_spaces:
-            space = text.rfind(" ", 0, end)
-            if space >= 0:
-                end = space - 2 if text.endswith(" '", 0, space) else space  # " ' " loses both spaces
-        if end <= self.sent:
+        raw = self.tokenizer.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
+        end = len(raw.rstrip("\ufffd"))
+        if self.clean_up:
+            end = next((i + 1 for i in range(end - 1, -1, -1) if raw[i] not in CLEAN_UP_CHARACTERS), 0)
+        text = clean_up_tokenization(raw[:end]) if self.clean_up else raw[:end]
+        if len(text) <= self.sent:
             return ""
-        piece, self.sent = text[self.sent : end], end
+        piece, self.sent = text[self.sent :], len(text)
         return piece
 
     def finish(self) -> str:
         """The text still held back (the end of the answer)."""
-        text = self._text()
+        text = self.tokenizer.decode(self.ids, self.skip_special_tokens)
         piece, self.sent = text[self.sent :], len(text)
         return piece
