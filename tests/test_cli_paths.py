@@ -212,7 +212,7 @@ def test_help_is_complete_in_a_pipe(command: str) -> None:
     out = CliRunner().invoke(app, [command, "--help"]).output  # stdout is not a terminal here
     assert "…" not in out
     group = typer.main.get_command(app)
-    params = group.commands[command].params  # type: ignore[attr-defined]
+    params = group.get_command(click.Context(group), command).params  # type: ignore[attr-defined]
     for param in params:
         if isinstance(param, click.Option):
             assert all(opt in out for opt in param.opts)

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from metatt_deploy.export.onnx_lm import load_ort_decoder  # noqa: E402
-from metatt_deploy.inference.decode import DecoderGraph, SamplingParams, generate, generation_eos_ids  # noqa: E402
+from metatt_deploy.inference.decode import DecoderGraph, SamplingParams, generate, generation_eos_ids, until_eos  # noqa: E402
 from metatt_deploy.inference.text import TextTokenizer  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three colours."]
@@ -68,7 +68,7 @@ def main() -> None:
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
     for ids in prompts:  # warm-up, and the same greedy tokens up to the first EOS (optimum's min_new_tokens hides it)
         ours, theirs = (fn(ids) for fn in runners.values())
-        ours = ours[: next((i for i, t in enumerate(ours) if t in eos), len(ours))]
+        ours = until_eos(ours, eos)
         assert ours == theirs[: len(ours)], f"the two runtimes' greedy tokens differ: {ours} vs {theirs}"
     for _ in range(args.repeats):
         for ids in prompts:

@@ -38,16 +38,17 @@ sys.path.insert(0, str(ROOT))
 
 from bench_multitask_decoders import SOURCES, make_adapter  # noqa: E402
 
-from metatt_deploy.adapters.base_model import DEFAULT_DECODER  # noqa: E402
+from metatt_deploy.adapters.base_model import DEFAULT_DECODER, load_tokenizer  # noqa: E402
 from metatt_deploy.common.report import markdown_table  # noqa: E402
 from metatt_deploy.export.factored import load_bundle  # noqa: E402
 from metatt_deploy.export.genai import GENAI_FILES, export_genai  # noqa: E402
 from metatt_deploy.export.merge import merge_factored  # noqa: E402
-from metatt_deploy.export.onnx_lm import greedy  # noqa: E402
 from metatt_deploy.export.peft import to_peft  # noqa: E402
+from metatt_deploy.inference.decode import until_eos  # noqa: E402
 from metatt_deploy.inference.formats import (  # noqa: E402
     ADAPTER_GRAPH,
     GENAI_CONFIG,  # noqa: E402
+    base_dir,
     read_bundle,
     task_file,
     task_records,
@@ -117,8 +118,8 @@ def main() -> None:
     ort_gen = Generator(bundle, threads=1)
     genai = GenAIGenerator(bundle, threads=1)
     pytorch = load_bundle(bundle)
-    tok = ort_gen.tokenizer
-    eos, pad = tok.eos_token_id, tok.pad_token_id
+    tok = load_tokenizer(str(base_dir(bundle, info)))  # prompts formatted as in training (transformers' chat template)
+    eos = tok.eos_token_id
     rows, all_prompts, times = [], [], {"genai": [], "onnxruntime": []}
     first_prompt = None
     answers: dict[str, list[int]] = {}  # every task's GenAI answer to the first task's first prompt
@@ -137,13 +138,13 @@ def main() -> None:
             got = list(genai.tokens(ids, args.new_tokens))
             times["genai"].append((time.perf_counter() - t0) / len(got))
             t0 = time.perf_counter()
-            ort = greedy(ort_gen.model, ids, args.new_tokens, eos, pad)
+            ort = ort_gen.greedy(ids, args.new_tokens)
             times["onnxruntime"].append((time.perf_counter() - t0) / len(ort))
             x = torch.tensor([ids])
             with torch.no_grad():
                 ref = pytorch.generate(x, attention_mask=torch.ones_like(x), task_ids=task, max_new_tokens=args.new_tokens, do_sample=False)
             same_pt += got == ref[0, len(ids) :].tolist()  # all three stop after EOS, which they include
-            same_ort += got == ort
+            same_ort += until_eos(got, eos) == ort  # GenAI includes the EOS, the numpy loop stops before it
         rows.append(
             {
                 "task": task,

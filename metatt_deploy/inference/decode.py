@@ -294,6 +294,12 @@ def _tail(stream: TextStream | None, stops: StopText) -> tuple[str, bool]:
     return (text, True) if stopped else (text + stops.finish(), False)
 
 
+def until_eos(tokens: Sequence[int], eos_ids: int | Sequence[int]) -> list[int]:
+    """``tokens`` before the first EOS: optimum's and GenAI's loops yield the EOS (and pads after it), this loop stops before it."""
+    ends = {int(eos_ids)} if isinstance(eos_ids, int) else {int(t) for t in eos_ids}
+    return next((list(tokens[:k]) for k, t in enumerate(tokens) if t in ends), list(tokens))
+
+
 def generation_eos_ids(folder: str | Path) -> list[int]:
     """The EOS ids generation stops at: generation_config.json's ``eos_token_id`` (an id or a list), else config.json's."""
     folder = Path(folder)

@@ -30,6 +30,8 @@ def resolve_task(tasks: Sequence[str], task: str | int | None, what: str = "adap
         if len(tasks) == 1:
             return 0
         raise MetaTTError(f"this {what} serves several tasks ({', '.join(tasks)}); pass --task NAME")
+    if not isinstance(task, (str, int)) and not hasattr(task, "__index__"):
+        raise MetaTTError(f"a task is a name or an index, got {type(task).__name__}; pass one task")
     if isinstance(task, int) or (hasattr(task, "__index__") and not isinstance(task, str)):
         index = int(task)
         if isinstance(task, bool) or not 0 <= index < len(tasks):

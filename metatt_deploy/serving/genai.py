@@ -62,6 +62,8 @@ class GenAIGenerator:
 
     def use(self, task: str | int) -> None:
         """Choose the task of the next calls (its adapter file is checked and loaded on first use, then kept)."""
+        if isinstance(task, (list, tuple)):
+            raise MetaTTError("ONNX Runtime GenAI answers one task per generator; one task per row needs --form tasks on ONNX Runtime")
         if isinstance(task, str) and task.isascii() and task.isdigit():
             task = int(task)
         name = self.tasks[resolve_task(self.tasks, task, "bundle")]

@@ -149,6 +149,17 @@ class Generator:
         feeds, options = self.task_inputs(self.task_name(task) if task is not None else self.task)
         return generate(self.graph, ids, params, self.eos_ids, self.tokenizer, extra_feeds=feeds, run_options=options)
 
+    def logits(self, ids: Sequence[int], task: str | None = None) -> np.ndarray:
+        """Next-token logits at every position of ``ids`` (one sequence, one call, an empty cache): teacher forcing."""
+        feeds, options = self.task_inputs(self.task_name(task) if task is not None else self.task)
+        x = np.asarray([ids], dtype=np.int64)
+        return self.graph.forward(x, np.ones_like(x), self.graph.empty_past(1), extra_feeds=feeds, run_options=options)[0][0]
+
+    def greedy(self, ids: Sequence[int], max_new_tokens: int, task: str | None = None) -> list[int]:
+        """The greedy continuation's token ids, EOS not included: what parity checks compare."""
+        steps = self.steps(ids, SamplingParams(max_tokens=max_new_tokens), task)
+        return [step.token_id for step in steps if step.token_id is not None]
+
     def stream(
         self,
         prompt: str,

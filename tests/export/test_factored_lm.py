@@ -20,7 +20,8 @@ from metatt_deploy.export.factored import load_bundle
 from metatt_deploy.export.merge import merge_adapter, merge_factored
 from metatt_deploy.export.onnx import export_onnx
 from metatt_deploy.export.onnx_lm import greedy, load_ort_decoder
-from metatt_deploy.inference.formats import ADAPTER_GRAPH, TASK_GRAPH
+from metatt_deploy.inference.decode import until_eos
+from metatt_deploy.inference.formats import ADAPTER_GRAPH, TASK_GRAPH, TASK_IDS
 from metatt_deploy.serving.generate import Generator
 from metatt_deploy.serving.runtime import Runtime
 
@@ -76,7 +77,7 @@ def test_generation_per_task_is_token_identical_to_that_tasks_merged_export(bund
         expected = [greedy(reference, ids, NEW, eos, pad) for ids in prompts]
         for form, gen in factored.items():
             gen.use(task)  # a switch: no reload
-            assert [greedy(gen.model, ids, NEW, eos, pad) for ids in prompts] == expected, (task, form)
+            assert [gen.greedy(ids, NEW) for ids in prompts] == [until_eos(e, eos) for e in expected], (task, form)
         x = torch.tensor([prompts[0]])
         assert (
             pytorch.generate(x, task_ids=task, max_new_tokens=NEW, do_sample=False)[0, x.shape[1] :].tolist()[: len(expected[0])]
@@ -87,25 +88,24 @@ def test_generation_per_task_is_token_identical_to_that_tasks_merged_export(bund
     answers = []
     for task in TASKS:
         gen.use(task)
-        answers.append(greedy(gen.model, prompts[0], NEW, eos, pad))
+        answers.append(gen.greedy(prompts[0], NEW))
     assert len({tuple(a) for a in answers}) > 1
 
 
 def test_tasks_graph_serves_a_batch_that_mixes_tasks(bundle) -> None:
     _, _, _, out = bundle
     gen = Generator(out, form="tasks")
-    ids = torch.tensor([[5, 6, 7, 8, 9]] * 3)
+    ids = np.array([[5, 6, 7, 8, 9]] * 3, dtype=np.int64)
+    mask = np.ones_like(ids)
     alone = []
-    for task in TASKS:
-        gen.use(task)
-        alone.append(gen.model(input_ids=ids[:1], attention_mask=torch.ones_like(ids[:1])).logits)
-    gen.use(TASKS)
-    mixed = gen.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    for t in range(len(TASKS)):
+        feeds = {TASK_IDS: np.array([t], dtype=np.int64)}
+        alone.append(gen.graph.forward(ids[:1], mask[:1], gen.graph.empty_past(1), extra_feeds=feeds)[0])
+    feeds = {TASK_IDS: np.arange(len(TASKS), dtype=np.int64)}  # one task per row, one call
+    mixed = gen.graph.forward(ids, mask, gen.graph.empty_past(3), extra_feeds=feeds)[0]
     for row in range(3):
-        torch.testing.assert_close(mixed[row : row + 1], alone[row], atol=1e-5, rtol=0)
-    with pytest.raises(MetaTTError, match="task ids for a batch"):
-        gen.use(TASKS[:2])
-        gen.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        np.testing.assert_allclose(mixed[row : row + 1], alone[row], atol=1e-5, rtol=0)
+    assert not np.allclose(alone[0], alone[1], atol=1e-3)  # the tasks differ, so the routing is checked
 
 
 def test_bad_tasks_and_files_are_one_line_errors(bundle) -> None:
