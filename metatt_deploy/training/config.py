@@ -21,15 +21,15 @@ from metatt_deploy.training.sampling import DEFAULT_SAMPLING, DEFAULT_TEMPERATUR
 PEFT_METHODS = ("lora", "vera")
 TRAIN_METHODS = (*METATT_METHODS, *PEFT_METHODS)
 # Default (adapter lr, head lr; None = the adapter's) per method. MetaTT at 5e-3 for cores and
-# head collapsed to the majority class on 2 of 6 short runs (snli, tweet; docs/multitask-comparison.md);
+# head collapsed to the majority class on 2 of 6 short runs (snli, tweet; docs/reports/multitask-comparison.md);
 # with a 5e-3 head, adapter lr 3e-3 beat 1e-3 on both snli (+3.4 test, +6.0 validation points)
 # and movie-sentiment (+0.8 test, +3.8 validation) in the issue-15 sweep (docs/nli-gap.md), so
 # MetaTT-4D (and the joint (4+1)D adapter built on it) ships 3e-3. MetaTT-5D (more cores in the
 # product, a larger effective step) was not swept and keeps 1e-3.
-# LoRA learned more at 1e-3 than at 5e-3 (docs/results.md) and trains its head at the same rate.
+# LoRA learned more at 1e-3 than at 5e-3 (docs/reports/results.md) and trains its head at the same rate.
 # VeRA trains only two scaling vectors per matrix over frozen random projections; its paper tuned
 # lr around 4e-3 .. 1e-2 for RoBERTa-base on GLUE (far above LoRA's), with the head at its own rate:
-# 5e-3 here, head 5e-3 (not yet measured on this project's tasks; tools/frontier.py --lr vera=LR overrides it).
+# 5e-3 here, head 5e-3 (not yet measured on this project's tasks; tools/experiments/frontier.py --lr vera=LR overrides it).
 DEFAULT_LR = {"metatt-4d": 3e-3, "metatt-5d": 1e-3, "lora": 1e-3, "vera": 5e-3}
 DEFAULT_HEAD_LR: dict[str, float | None] = {"metatt-4d": 5e-3, "metatt-5d": 5e-3, "lora": None, "vera": None}
 # A wide MetaTT adapter (FFN matrices among the targets, starting rank >= WIDE_RANK) takes
