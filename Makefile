@@ -58,4 +58,4 @@ cli-docs: $(STAMP)
 	{ echo "<!-- generated: $(CLI_DOCS_CMD) -->"; cat docs/cli.md.tmp; } > docs/cli.md && rm docs/cli.md.tmp
 
 clean:
-	rm -rf $(VENV) runs exported/*/ exported/*.validation.json exported/*.validation.md
+	rm -rf $(VENV) runs exported/*/ exported/*.validation.json exported/*.validation.md exported/*.latency.png
