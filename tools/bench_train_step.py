@@ -6,10 +6,10 @@ hits both alike. Reports medians and the per-pair ratio MetaTT / LoRA, and write
 table.
 
 - classifiers (default): all-MiniLM-L6-v2 on movie-review sentences, length-grouped as in
-  training; writes docs/train-step.md.
+  training; writes docs/reports/train-step.md.
 - decoders (``--task-type causal-lm``): SmolLM2-135M-Instruct on the movie-sentiment
   text-to-text rows (chat template, loss on the one-word answer: training/lm_data.py), batches
-  of 8 in training's length-grouped order (training/sampling.py); writes docs/train-step-decoders.md.
+  of 8 in training's length-grouped order (training/sampling.py); writes docs/reports/train-step-decoders.md.
 
     python tools/bench_train_step.py --reps 20 --batch-size 32 --max-length 64
     python tools/bench_train_step.py --task-type causal-lm --reps 8 --batch-size 8 \\
@@ -93,7 +93,9 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--targets", default="q,k,v,o")
     ap.add_argument("--methods", default="metatt-4d,metatt-5d,lora", help="comma-separated; lora is the reference")
-    ap.add_argument("--output", default=None, help="default: docs/train-step.md, or docs/train-step-decoders.md for decoders")
+    ap.add_argument(
+        "--output", default=None, help="default: docs/reports/train-step.md, or docs/reports/train-step-decoders.md for decoders"
+    )
     args = ap.parse_args()
     decoder = args.task_type == "causal-lm"
     batches, load_base, task_name, labels, model_name = (decoder_setup if decoder else classifier_setup)(args)
@@ -133,7 +135,7 @@ def main() -> None:
         f"torch threads {torch.get_num_threads()}; forward + backward + AdamW step, alternated per batch.\n\n"
         f"Reproduce: `{command}`\n\n"
     )
-    output = args.output or ("docs/train-step-decoders.md" if decoder else "docs/train-step.md")
+    output = args.output or ("docs/reports/train-step-decoders.md" if decoder else "docs/reports/train-step.md")
     atomic_write_text(output, header + table)
     print(header + table)
 

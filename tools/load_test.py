@@ -18,7 +18,7 @@ call of the same model on that row alone (logits within --tolerance; a wrong tas
 failure). Server-side batch metrics (/metrics) give rows per call and model milliseconds per row.
 Then: resident memory of a server with 1 and 10 tasks (factored bundles baked with 1 and 10
 tasks; 10 merged sessions), and, with --big, one long run at concurrency 32 on (a) during which a
-task is hot-added through /admin. Writes docs/serving-load.{md,json,png}.
+task is hot-added through /admin. Writes docs/reports/serving-load.{md,json,png}.
 """
 
 from __future__ import annotations
@@ -493,7 +493,7 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--tolerance", type=float, default=1e-4)
     parser.add_argument("--work", type=Path, default=Path("/tmp/load-test-work"))
-    parser.add_argument("--docs", type=Path, default=ROOT / "docs")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "reports")
     parser.add_argument("--serve-merged", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -61,7 +61,7 @@ import json, sys
 run, name = sys.argv[1], sys.argv[2]
 z = json.load(open(f"{run}/zero_shot.json"))
 m = json.load(open(f"{run}/train/metrics.json"))
-v = json.load(open(f"exported/{name}/validation.json"))
+v = json.load(open(f"exported/{name}.validation.json"))
 print("\n== summary")
 print(f"exact match on {m['test']['examples']} test reviews: zero-shot {z['exact_match']:.4f} -> MetaTT-4D {m['test']['exact_match']:.4f} "
       f"({m['trainable_parameters']['adapter']:,} adapter parameters, {m['steps']} steps)")
@@ -72,5 +72,6 @@ print(f"exact match PyTorch {q['pytorch']['exact_match']:.4f}; " + ", ".join(f"O
 for r in v["latency"]["rows"]:
     print(f"{r['runtime']:>17}: {r['decode_tokens_per_s']:6.1f} tokens/s ({r['decode_vs_pytorch_merged']:.2f}x PyTorch merged), "
           + ", ".join(f"first token at {k[5:-3]} tokens {val:.0f} ms" for k, val in r.items() if k.startswith("ttft_")))
-print(f"reports: {run}/train/metrics.md, exported/{name}/validation.md, exported/{name}/latency.png")
+print(f"files: exported/{name}/ and exported/{name}-*/ (the bundles); exported/{name}.validation.md, .json and .latency.png "
+      f"(the full report); {run}/train/metrics.md")
 PY

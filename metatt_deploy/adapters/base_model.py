@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from metatt_deploy.adapters.gguf import converted_folder
 from metatt_deploy.adapters.targets import CAUSAL_LM_SUFFIXES, NEW_MODULES_ATTR, architecture_heads
 from metatt_deploy.adapters.zipped import MPNET, ZippedModel, assembled_folder
-from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.common.errors import MetaTTError, first_line
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_DECODER = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -102,8 +102,7 @@ def friendly_load(fn, name: str, what: str):
     try:
         return fn()
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MetaTTError(f"cannot load {what} '{name}' ({first[:200]}); pass a local model folder, or a hub name while online") from None
+        raise MetaTTError(f"cannot load {what} '{name}' ({first_line(e)}); pass a local model folder, or a hub name while online") from None
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:

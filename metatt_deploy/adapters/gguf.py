@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.common.errors import MetaTTError, first_line
 from metatt_deploy.common.files import atomic_dir, atomic_write_json, sha256_file
 
 MODEL_DIR_ENV = "METATT_MODEL_DIR"
@@ -134,8 +134,9 @@ def _convert(path: Path, meta: dict[str, Any], out: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
     except (ValueError, OSError, KeyError, RuntimeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise MetaTTError(f"transformers cannot load {path.name} as a causal language model ({first}); pass another model") from None
+        raise MetaTTError(
+            f"transformers cannot load {path.name} as a causal language model ({first_line(e)}); pass another model"
+        ) from None
     fix_special_tokens(tokenizer, model, meta)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

@@ -82,7 +82,7 @@ class MetaTT(nn.Module):
         The factored ONNX graph computes these once per call (a few batched MatMuls on r x r
         matrices) so that each adapted layer adds only ``(x @ A) @ U[l, m]`` and a sum; computed
         per layer instead, the small products cost more than the adapter's arithmetic
-        (docs/multitask-bench.md).
+        (docs/reports/multitask-bench.md).
         """
         g_layer = self.cores[self._layer].permute(1, 0, 2).unsqueeze(1)  # (L, 1, r1, r2)
         g_matrix = self.cores[self._matrix].permute(1, 0, 2).unsqueeze(0)  # (1, M, r2, r3)

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 from metatt_deploy.adapters.base_model import load_causal_lm, load_classifier, load_tokenizer
 from metatt_deploy.adapters.model import base_fingerprint
-from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.common.errors import MetaTTError, first_line
 from metatt_deploy.common.files import atomic_write_json, read_json
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -106,9 +106,8 @@ def load_lora(directory: str | Path, base_model: str | None = None, tokenizer: b
     try:
         peft_model = PeftModel.from_pretrained(model, str(directory)).eval()
     except (RuntimeError, ValueError, KeyError) as e:  # shapes or module names of another base model
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise MetaTTError(
-            f"the LoRA adapter {directory} does not fit base model '{base}' ({first}); pass the base it was trained on"
+            f"the LoRA adapter {directory} does not fit base model '{base}' ({first_line(e)}); pass the base it was trained on"
         ) from None
     tok = None
     if tokenizer:

@@ -10,11 +10,15 @@ class MetaTTError(Exception):
     """A problem with the user's input: the message says what is wrong and what to do."""
 
 
-def first_line(error: BaseException, limit: int = 200) -> str:
-    """The first line of an exception's message (its type name when it has none), cut to ``limit`` characters.
+FIRST_LINE_LIMIT = 200
 
-    Library errors (ONNX Runtime, tokenizers, JSON) often carry a multi-line report; a user sees
-    its first line inside a MetaTTError that says what to do.
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message, at most ``FIRST_LINE_LIMIT`` characters, or its type's name if the message is empty.
+
+    Library errors (transformers, onnxruntime, safetensors, datasets) often carry a traceback-sized
+    message; a `MetaTTError` that wraps one quotes only this, so the user still sees one line that
+    says what broke and then what to do.
     """
     lines = str(error).strip().splitlines()
-    return lines[0][:limit] if lines else type(error).__name__
+    return lines[0][:FIRST_LINE_LIMIT] if lines else type(error).__name__

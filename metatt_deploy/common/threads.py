@@ -1,7 +1,7 @@
 """How many threads the computing verbs use, and the ONNX Runtime session options that follow.
 
 Default: every CPU this process may run on (``os.sched_getaffinity``). Measured on the shared
-2-core machine, 1 and 2 threads side by side in one run (docs/latency.md, docs/multitask-bench.md):
+2-core machine, 1 and 2 threads side by side in one run (docs/reports/latency.md, docs/reports/multitask-bench.md):
 on the idle machine 2 threads won at every batch size and length, for ONNX Runtime and PyTorch
 alike; under a load average of 3-10 (other jobs on both cores) 1 thread was 1.1-1.7x faster at
 batch 1 and 8, the second thread waiting for a core, and at batch 32 either won (2 threads

@@ -52,7 +52,7 @@ from metatt_deploy.adapters import model as mt
 from metatt_deploy.adapters.config import MetaTTConfig, check_finite
 from metatt_deploy.adapters.heads import PAD_LOGIT, TaskHeads, add_task_heads, label_linear, routers, select_task_head
 from metatt_deploy.adapters.multitask import MultiTaskModel, bundle_id, load_multitask, routed, shared_core_indices
-from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.common.errors import MetaTTError, first_line
 from metatt_deploy.common.files import atomic_dir, atomic_write_json, check_separate, check_writable, sha256_file
 from metatt_deploy.export.factored_lm import export_decoder_graphs
 from metatt_deploy.export.web import factored_spec, write_web_app
@@ -522,7 +522,5 @@ def load_bundle(bundle: str | Path) -> MultiTaskModel:
             try:
                 cast(TaskHeads, model.get_submodule(name)).heads[t].load_state_dict(sub)
             except RuntimeError as e:
-                raise MetaTTError(
-                    f"the head of task {config.tasks[t]} does not fit ({str(e).splitlines()[0]}); re-write the task"
-                ) from None
+                raise MetaTTError(f"the head of task {config.tasks[t]} does not fit ({first_line(e)}); re-write the task") from None
     return MultiTaskModel(model).eval()

@@ -18,7 +18,7 @@ from metatt_deploy.common.files import atomic_dir, atomic_write_json, check_sepa
 from metatt_deploy.export.factored import write_bundle
 from metatt_deploy.tt.rounding import round_tt
 
-MERGE_RECORD = "metatt_merge.json"
+MERGE_RECORD = "metatt_merge.json"  # beside the merged weights: the adapter they came from (export puts it in the manifest)
 
 
 def merge_adapter(

@@ -45,11 +45,11 @@ from metatt_deploy.adapters.base_model import friendly_load
 from metatt_deploy.adapters.config import WEIGHTS_NAME, MetaTTConfig, check_finite
 from metatt_deploy.adapters.lora import PEFT_WEIGHTS_NAME, is_lora_adapter, read_lora_record
 from metatt_deploy.adapters.targets import CAUSAL_LM_SUFFIXES
-from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.common.errors import MetaTTError, first_line
 from metatt_deploy.common.files import TMP_TAG, atomic_dir, atomic_write_json, check_separate, check_writable, read_json, sha256_file
 from metatt_deploy.common.threads import resolve_threads, session_options_record
 from metatt_deploy.export.int4 import INT4_ACCURACY_LEVEL
-from metatt_deploy.export.merge import merge_adapter
+from metatt_deploy.export.merge import MERGE_RECORD, merge_adapter
 from metatt_deploy.export.onnx_files import has_external_data, model_bytes, replace_model
 from metatt_deploy.export.onnx_lm import export_decoder_into
 from metatt_deploy.export.ort_format import convert_to_ort
@@ -67,7 +67,6 @@ from metatt_deploy.export.web import single_task_spec, write_web_app
 from metatt_deploy.inference.formats import CLASSIFIER_PIPELINE, DTYPES, MANIFEST_NAME, MANIFEST_VERSION, ONNX_NAME, QUANTIZE
 from metatt_deploy.inference.sessions import as_numpy, available_providers, make_session, onnx_feeds
 
-MERGE_RECORD = "metatt_merge.json"  # written by merge.py into merged folders
 ADAPTER_CONFIG = "metatt_config.json"
 DEFAULT_ROOT = Path("exported")
 LAYOUTS = ("optimum", "transformers.js")
@@ -529,8 +528,7 @@ def _run_main_export(source: Path, tmp: Path, opset: int | None) -> None:
     try:
         main_export(str(source), output=str(tmp), task=CLASSIFIER_PIPELINE, opset=opset, do_validation=False)
     except (ValueError, KeyError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise MetaTTError(f"optimum cannot export {source} ({first}); export a supported sequence-classification model") from None
+        raise MetaTTError(f"optimum cannot export {source} ({first_line(e)}); export a supported sequence-classification model") from None
 
 
 def _parity(session, encodings, ref_logits) -> dict:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from metatt_deploy.adapters.base_model import friendly_load
-from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.common.errors import MetaTTError, first_line
 from metatt_deploy.export.int4 import INT4_ACCURACY_LEVEL, quantize_int4
 from metatt_deploy.export.onnx_files import has_external_data, model_bytes, replace_model
 from metatt_deploy.export.quantize import DECODER_INT8_EXCLUDE, quantize_dynamic_int8
@@ -171,9 +171,8 @@ def _run_main_export(source: Path, tmp: Path, opset: int | None) -> None:
     try:
         main_export(str(source), output=str(tmp), task=DECODER_PIPELINE, opset=opset, do_validation=False)
     except (ValueError, KeyError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise MetaTTError(
-            f"optimum cannot export {source} with a KV cache ({first}); export a supported decoder (llama, qwen2, gpt2, ...)"
+            f"optimum cannot export {source} with a KV cache ({first_line(e)}); export a supported decoder (llama, qwen2, gpt2, ...)"
         ) from None
     if not (tmp / ONNX_NAME).is_file():
         raise RuntimeError(f"optimum wrote no {ONNX_NAME} into the export folder")
@@ -198,7 +197,8 @@ def _parity(folder: Path, prompts, ref_logits, ref_tokens, eos, pad) -> dict:
 
 
 def _enforce(parity: dict, what: str) -> None:
-    if parity["max_abs_logit_diff"] > parity["tolerance"] or parity["greedy_identical"] < 1.0:
+    """Fail above the tolerance, on a NaN difference (NaN compares false with everything), or on any greedy token apart."""
+    if not (parity["max_abs_logit_diff"] <= parity["tolerance"] and parity["greedy_identical"] == 1.0):
         raise MetaTTError(
             f"{what} differs from the PyTorch model (max |logit diff| {parity['max_abs_logit_diff']:.3g}, tolerance "
             f"{parity['tolerance']:.3g}; greedy tokens identical on {parity['greedy_identical']:.0%} of the prompts); try another --opset"

@@ -44,7 +44,7 @@ from metatt_deploy.adapters.layer import MetaTT
 from metatt_deploy.adapters.lora import PEFT_WEIGHTS_NAME, is_lora_adapter, load_lora
 from metatt_deploy.adapters.model import load_adapter
 from metatt_deploy.adapters.multitask import TaskView, load_multitask
-from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.common.errors import MetaTTError, first_line
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text, check_separate, check_writable, sha256_file
 from metatt_deploy.common.report import progress_bar
 from metatt_deploy.export.onnx import FP16_RTOL, FP32_ATOL, SAMPLE_SENTENCES, library_versions
@@ -230,8 +230,7 @@ def _unlabelled_file(path: Path, text_columns: Sequence[str] | None) -> HeldOut:
         with quiet_datasets():
             ds = load_dataset(builder, data_files=str(path), split="train", **options)
     except Exception as e:  # the datasets reader's errors are all about the file's content
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise MetaTTError(f"could not read {path} ({first}); fix the file") from None
+        raise MetaTTError(f"could not read {path} ({first_line(e)}); fix the file") from None
     columns = (
         list(text_columns)
         if text_columns
@@ -372,10 +371,15 @@ def report_paths(onnx_dir: str | Path, output: str | Path | None = None) -> tupl
     Beside, not inside: ``exported/NAME.validation.json`` and ``.md``, so the bundle holds
     exactly the files its manifest lists (and hashes).
     """
+    return report_path(onnx_dir, output, REPORT_JSON), report_path(onnx_dir, output, REPORT_MD)
+
+
+def report_path(onnx_dir: str | Path, output: str | Path | None, name: str) -> Path:
+    """One report file: ``output``/``name``, else ``NAME.name`` beside the bundle ``NAME`` (see `report_paths`)."""
     if output is not None:
-        return Path(output) / REPORT_JSON, Path(output) / REPORT_MD
+        return Path(output) / name
     bundle = Path(onnx_dir).resolve()
-    return bundle.parent / f"{bundle.name}.{REPORT_JSON}", bundle.parent / f"{bundle.name}.{REPORT_MD}"
+    return bundle.parent / f"{bundle.name}.{name}"
 
 
 class Reference:
@@ -422,17 +426,6 @@ def load_reference(adapter_dir: str | Path, task: str | None, base_model: str | 
 def _weights_file(adapter_dir: str | Path) -> Path | None:
     """The adapter's weights: MetaTT's safetensors, or a PEFT LoRA folder's."""
     return next((Path(adapter_dir) / n for n in (WEIGHTS_NAME, PEFT_WEIGHTS_NAME) if (Path(adapter_dir) / n).is_file()), None)
-
-
-def _matches(manifest: dict, adapter_dir: str | Path) -> bool | None:
-    """Whether the manifest names this adapter (by weights hash, else path); None when it names none."""
-    recorded = manifest.get("adapter") or {}
-    weights = _weights_file(adapter_dir)
-    if recorded.get("weights_sha256") and weights is not None:
-        return recorded["weights_sha256"] == sha256_file(weights)
-    if recorded.get("path"):
-        return Path(recorded["path"]).resolve() == Path(adapter_dir).resolve()
-    return None
 
 
 def check_provenance(manifest: dict, adapter_dir: str | Path, onnx_dir: Path, task: str | None) -> None:

@@ -18,9 +18,13 @@ prompt/response / messages JSONL file; at least ``MIN_PARITY_PROMPTS`` for the p
   1)), for PyTorch eager with the adapter unmerged and merged and for ONNX Runtime on every
   bundle, timed round-robin so load on a shared machine hits every runtime alike.
 
-``compare`` names more bundles of the same model (int8, int4) measured in the same run. Results:
-``validation.json``, ``validation.md`` and ``latency.png`` in the bundle folder (or ``output``);
-a parity failure is written to the report first, then raised.
+``compare`` names more bundles of the same model (int8, int4) measured in the same run. Every
+bundle must record this adapter's weights sha256 (as for classifiers: parity alone cannot tell an
+export from another adapter of a small effect). Results, as for classifiers beside the bundle so it
+keeps exactly its manifest's files: ``exported/NAME.validation.json``, ``.validation.md`` and
+``.latency.png`` (or ``validation.json``, ``validation.md`` and ``latency.png`` in ``output``); a
+parity failure is written to the report first, then raised. Options only a classifier export takes
+are refused with one line rather than ignored.
 """
 
 from __future__ import annotations
@@ -41,13 +45,11 @@ from metatt_deploy.common.files import atomic_write_json, atomic_write_text, che
 from metatt_deploy.common.report import markdown_table, save_figure
 from metatt_deploy.export.onnx import library_versions
 from metatt_deploy.export.onnx_lm import fp32_tolerance, greedy, load_ort_decoder, teacher_forced_logits
-from metatt_deploy.export.validate import summarize, time_round_robin
+from metatt_deploy.export.validate import REPORT_JSON, REPORT_MD, check_provenance, report_path, summarize, time_round_robin
 from metatt_deploy.inference.formats import context_length, read_manifest
 from metatt_deploy.training.lm_data import load_text_task, tokenize_text_task
 from metatt_deploy.training.lm_eval import exact_match, max_new_tokens_for, nll_from_logits, strip_after_eos
 
-REPORT_JSON = "validation.json"
-REPORT_MD = "validation.md"
 REPORT_PNG = "latency.png"
 MIN_PARITY_PROMPTS = 50
 DECODE_PROMPT = 32
@@ -70,8 +72,20 @@ def validate_decoder(
     output: str | Path | None = None,
     force: bool = False,
     seed: int = 0,
+    batch_sizes: Sequence[int] | None = None,
+    seq_len: int | None = None,
+    warmup: int | None = None,
+    max_seconds: float | None = None,
+    reference_onnx: str | Path | None = None,
+    task: str | None = None,
+    text_columns: Sequence[str] | None = None,
+    label_column: str | None = None,
 ) -> dict:
-    """Compare the decoder bundle ``onnx_dir`` (and ``compare`` bundles) with the unmerged adapter."""
+    """Compare the decoder bundle ``onnx_dir`` (and ``compare`` bundles) with the unmerged adapter.
+
+    The keywords after ``seed`` are classifier validation's (`validate`), accepted so that one call
+    can carry either kind's options: any of them given (not None) is refused, naming its CLI option.
+    """
     import torch
 
     onnx_dir = Path(onnx_dir)
@@ -80,13 +94,30 @@ def validate_decoder(
     for b, m in zip(bundles, manifests):
         if m.get("pipeline_task") != "text-generation-with-past":
             raise MetaTTError(f"{b} is not a decoder export (no KV-cache graph); export the decoder with metatt-deploy export")
+    classifier_only = {
+        "--batch-sizes": batch_sizes,
+        "--seq-len": seq_len,
+        "--warmup": warmup,
+        "--max-seconds": max_seconds,
+        "--reference-onnx": reference_onnx,
+        "--task": task,
+        "--text-column": text_columns,
+        "--label-column": label_column,
+    }
+    if given := [flag for flag, value in classifier_only.items() if value is not None]:
+        raise MetaTTError(
+            f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to a decoder export ({onnx_dir}); drop "
+            f"{'it' if len(given) == 1 else 'them'} (a decoder takes --compare for more bundles, --prompt-lengths and --new-tokens)"
+        )
     if data is None:
         raise MetaTTError("decoder validation needs held-out prompts with answers; pass --data (a builtin task or a prompt/response JSONL)")
     if max_examples < 1 or new_tokens < 2 or repeats < 1 or not prompt_lengths or min(prompt_lengths) < 1:
         raise MetaTTError("--max-examples and --repeats must be at least 1, --new-tokens at least 2, prompt lengths positive")
-    out_dir = Path(output) if output is not None else onnx_dir
-    for name in (REPORT_JSON, REPORT_MD, REPORT_PNG):
-        check_writable(out_dir / name, force)
+    json_path, md_path, png_path = (report_path(onnx_dir, output, name) for name in (REPORT_JSON, REPORT_MD, REPORT_PNG))
+    for path in (json_path, md_path, png_path):
+        check_writable(path, force)
+    for b, m in zip(bundles, manifests):
+        check_provenance(m, adapter_dir, b, None)
 
     model, tokenizer, method, merge = load_decoder_reference(adapter_dir, base_model)
     context = context_length(model.config.to_dict())
@@ -133,14 +164,14 @@ def validate_decoder(
         "threads": threads or torch.get_num_threads(),
         "versions": library_versions(),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / REPORT_JSON, report)
-    atomic_write_text(out_dir / REPORT_MD, render_markdown(report))
-    _plot(latency, out_dir / REPORT_PNG)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(json_path, report)
+    atomic_write_text(md_path, render_markdown(report))
+    _plot(latency, png_path)
     if not parity["passed"]:
         raise MetaTTError(
             f"the ONNX decoder differs from the unmerged adapter (max |logit diff| {parity['max_abs_logit_diff']:.3g}, greedy tokens "
-            f"identical on {parity['greedy_identical']:.0%}; report in {out_dir / REPORT_MD}); re-merge and re-export the adapter"
+            f"identical on {parity['greedy_identical']:.0%}; report in {md_path}); re-merge and re-export the adapter"
         )
     return report
 

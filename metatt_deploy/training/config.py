@@ -3,6 +3,14 @@
 `TrainConfig` is saved as ``train_config.json`` so a run can be resumed or repeated; a resume
 with other settings is refused. The CLI builds these objects from its options and uses the
 constants below as its defaults, so the API and the CLI cannot disagree.
+
+Why the defaults are what they are: each was the best measured across tasks, or the safe side of a
+measured failure. MetaTT-4D (and the joint (4+1)D adapter) trains at 3e-3 with a 5e-3 head because
+5e-3 collapsed runs to the majority class and 1e-3 was too slow for NLI; a wide adapter (FFN
+targets at rank >= ``WIDE_RANK``) collapsed at that lr, so it takes ``WIDE_LR``; gradient clipping
+is off because clipping at 1.0 caused a collapse instead of preventing them. The measurements,
+one default at a time, are in docs/nli-gap.md ("The shipped training defaults and the evidence for
+each"); a default changes only with a sweep that beats it on more than one task.
 """
 
 from __future__ import annotations
@@ -20,43 +28,21 @@ from metatt_deploy.training.sampling import DEFAULT_SAMPLING, DEFAULT_TEMPERATUR
 # PEFT baselines trained through the same loop (saved as PEFT folders with a metatt_lora.json record)
 PEFT_METHODS = ("lora", "vera")
 TRAIN_METHODS = (*METATT_METHODS, *PEFT_METHODS)
-# Default (adapter lr, head lr; None = the adapter's) per method. MetaTT at 5e-3 for cores and
-# head collapsed to the majority class on 2 of 6 short runs (snli, tweet; docs/multitask-comparison.md);
-# with a 5e-3 head, adapter lr 3e-3 beat 1e-3 on both snli (+3.4 test, +6.0 validation points)
-# and movie-sentiment (+0.8 test, +3.8 validation) in the issue-15 sweep (docs/nli-gap.md), so
-# MetaTT-4D (and the joint (4+1)D adapter built on it) ships 3e-3. MetaTT-5D (more cores in the
-# product, a larger effective step) was not swept and keeps 1e-3.
-# LoRA learned more at 1e-3 than at 5e-3 (docs/results.md) and trains its head at the same rate.
-# VeRA trains only two scaling vectors per matrix over frozen random projections; its paper tuned
-# lr around 4e-3 .. 1e-2 for RoBERTa-base on GLUE (far above LoRA's), with the head at its own rate:
-# 5e-3 here, head 5e-3 (not yet measured on this project's tasks; tools/frontier.py --lr vera=LR overrides it).
+# (adapter lr, head lr) per method; a head lr of None trains the head at the adapter's lr
 DEFAULT_LR = {"metatt-4d": 3e-3, "metatt-5d": 1e-3, "lora": 1e-3, "vera": 5e-3}
 DEFAULT_HEAD_LR: dict[str, float | None] = {"metatt-4d": 5e-3, "metatt-5d": 5e-3, "lora": None, "vera": None}
-# A wide MetaTT adapter (FFN matrices among the targets, starting rank >= WIDE_RANK) takes
-# WIDE_LR: on MPNet-base, q,k,v,o,up,down at rank 16 collapsed to the majority class at the
-# defaults above (MetaTT-4D at 3e-3: movie 52.5, SNLI 35.5, rank 8 SNLI 39.5; MetaTT-5D at 1e-3:
-# movie 52.5, SNLI 31.3 at ranks 8 and 16), and a third (4D) or half (5D) of that lr trained
-# every such run (4D: movie 85.5 / 86.0, SNLI 53.3 / 59.8 at ranks 8 / 16; 5D: SNLI 49.5 / 44.8,
-# movie 84.0 at rank 8 against 84.3 at 1e-3). Below rank 8, and on q,k,v,o at any rank (32 runs,
-# none collapsed), the higher lr stays ahead (4D rank 2: movie 86.8 vs 84.3, SNLI 50.8 vs 43.0).
-# docs/nli-gap.md, section 5.
+# a MetaTT adapter with FFN matrices among its targets at a starting rank >= WIDE_RANK trains at WIDE_LR
 FFN_TARGETS = ("up", "down", "gate")
 WIDE_RANK = 8
 WIDE_LR = {"metatt-4d": 1e-3, "metatt-5d": 5e-4}
-# --add-task trains one slice and one head, nothing shared (measured: amazon 0.79 test accuracy
-# from 1,000 examples at 5e-3).
+# --add-task trains one slice and one head, nothing shared
 ADD_TASK_LR = 5e-3
 DEFAULT_RANK = 8
 DEFAULT_EPOCHS = 3
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_MAX_LENGTH = 128
 DEFAULT_SAVE_STEPS = 200
-# --max-grad-norm N clips the global L2 norm of the gradients to N before each step, as
-# transformers' Trainer does by default (1.0). Off by default here: at 1.0 the shipped MetaTT-4D
-# set-up collapsed to the majority class on MiniLM movie sentiment (seed 0, 0.503 against 0.829
-# unclipped) and lost 2.3 points on SNLI, and on MPNet it did not prevent the collapses it was
-# tried against (docs/nli-gap.md, "Gradient clipping"). MetaTT's gradients (head included) run at
-# norm 2-8, so 1.0 clips nearly every step.
+# --max-grad-norm: the global L2 norm gradients are clipped to before a step; 0 clips nothing
 DEFAULT_MAX_GRAD_NORM = 0.0
 MOMENTS = ("project", "reset")
 

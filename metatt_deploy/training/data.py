@@ -20,7 +20,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 from datasets.exceptions import DatasetGenerationError
 from datasets.utils import logging as ds_logging
 
-from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.common.errors import MetaTTError, first_line
 from metatt_deploy.common.files import check_utf8, jsonl_objects, read_json
 from metatt_deploy.inference.tasks import TEXT_COLUMN_CANDIDATES
 from metatt_deploy.training.builtin_data import BUILTIN_TASKS, ensure_builtin
@@ -184,7 +184,7 @@ def read_data_file(path: Path) -> Dataset:
     except DatasetGenerationError as e:
         _raise_bad_json_line(path, builder)
         cause = e.__cause__ or e
-        raise MetaTTError(f"could not read {path} as {builder.upper()} ({_first_line(cause)}); fix the file") from None
+        raise MetaTTError(f"could not read {path} as {builder.upper()} ({first_line(cause)}); fix the file") from None
     lines = _row_lines(path, builder, options.get("delimiter", ","))
     return ds.add_column(LINE, lines) if lines is not None and len(lines) == len(ds) else ds
 
@@ -283,7 +283,7 @@ def _load_hub(dataset: str, label_column: str) -> tuple[dict[str, Dataset], dict
         loaded = _fetch_hub(*hub_arguments(dataset))
     except Exception as e:  # network, offline mode, unknown name: all fixed by the user, none by us
         raise MetaTTError(
-            f"could not load '{dataset}' from the Hugging Face hub ({type(e).__name__}: {_first_line(e)}); hub data "
+            f"could not load '{dataset}' from the Hugging Face hub ({type(e).__name__}: {first_line(e)}); hub data "
             f"needs network access, else pass local files (--train) or a builtin --dataset "
             f"({', '.join(BUILTIN_TASKS)})"
         ) from None
@@ -299,11 +299,6 @@ def _load_hub(dataset: str, label_column: str) -> tuple[dict[str, Dataset], dict
 
 def _unlabelled(ds: Dataset, label_column: str) -> bool:
     return label_column in ds.column_names and len(ds) > 0 and all(label == -1 for label in _values(ds, label_column))
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def _carve_validation(train: Dataset, origin: str) -> tuple[Dataset, Dataset]:

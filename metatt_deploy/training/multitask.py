@@ -8,8 +8,9 @@ adapters/multitask.py's.
 
 The same recipe trains classifiers (`TaskData`: one head per task, accuracy) and causal language
 models (`TextTask`, training/lm_data.py: no head, response-only loss, exact match of greedy
-answers with the perplexity of the references, as a single-task causal run scores them); what
-differs is `TaskKind`.
+answers with the perplexity of the references, as a single-task causal run scores them); which of
+the two a run is follows from the type of its tasks (`TextTask` or not), decided once at the top of
+`train_multitask`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """DMRG-inspired rank reduction of tensor trains (the MetaTT paper's rank-adaptive sweeps).
 
-Everything here is a pure function of a list of cores (tensorly's convention, see ``tt.py``):
+Everything here is a pure function of a list of cores (tensorly's convention, see metatt_deploy/tt/cores.py):
 no module, no optimizer, no training loop. The same code therefore serves rank-adaptive
 training (a sweep at scheduled epochs; training/schedule.py parses the schedule and rebuilds
 AdamW's moments) and post-hoc compression of a trained adapter (`round_tt`).

@@ -13,6 +13,7 @@ import pytest
 import torch
 from tiny_decoders import save_tiny_adapter
 
+import metatt_deploy.export.onnx_lm as onnx_lm_module
 from metatt_deploy.adapters.model import load_adapter
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.export.int4 import INT4_ACCURACY_LEVEL, INT4_BLOCK_SIZE
@@ -85,3 +86,12 @@ def test_decoder_only_options_and_decoder_refusals_are_one_line_errors(tmp_path:
 def test_fp32_tolerance_is_flat_for_small_logits_and_relative_for_large_ones() -> None:
     assert fp32_tolerance(3.0) == fp32_tolerance(10.0) == FP32_ATOL
     assert fp32_tolerance(38.0) == pytest.approx(3.8 * FP32_ATOL)
+
+
+@pytest.mark.parametrize(("diff", "identical"), [(float("nan"), 1.0), (2 * FP32_ATOL, 1.0), (0.0, 5 / 6)])
+def test_decoder_parity_enforcement_fails_on_nan_on_a_large_difference_and_on_a_greedy_token_apart(diff: float, identical: float) -> None:
+    """NaN compares false with everything: a ``>`` test let a NaN difference through as a pass."""
+    parity = {"max_abs_logit_diff": diff, "tolerance": FP32_ATOL, "greedy_identical": identical}
+    with pytest.raises(MetaTTError, match="the fp32 ONNX export differs from the PyTorch model"):
+        onnx_lm_module._enforce(parity, "the fp32 ONNX export")
+    onnx_lm_module._enforce({**parity, "max_abs_logit_diff": FP32_ATOL, "greedy_identical": 1.0}, "the fp32 ONNX export")

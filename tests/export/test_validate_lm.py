@@ -67,12 +67,31 @@ def test_cli_validates_a_decoder_and_refuses_bad_input(bundles, tmp_path: Path) 
         validate_decoder(adapter_dir, fp32, data=str(data), prompt_lengths=(600,), output=tmp_path / "long")
 
 
-def test_a_metatt_decoder_as_a_peft_lora_validates_against_the_same_export(bundles, tmp_path: Path) -> None:
+def test_a_metatt_decoder_as_a_peft_lora_validates_against_its_own_export_only(bundles, tmp_path: Path) -> None:
+    """The PEFT form is the same model, but not the adapter the MetaTT export records (weights sha256): refused, as for
+    classifiers. Its own export validates, and the reports land beside the bundle, which keeps only its manifest's files."""
     adapter_dir, fp32, _, data = bundles
     peft_dir = to_peft(adapter_dir, tmp_path / "peft")  # lossless: the PEFT LoRA is the same model
-    report = validate_decoder(peft_dir, fp32, data=str(data), prompt_lengths=(8,), new_tokens=3, repeats=1, output=tmp_path / "r")
+    with pytest.raises(MetaTTError, match="was made from another adapter"):
+        validate_decoder(peft_dir, fp32, data=str(data), prompt_lengths=(8,), new_tokens=3, repeats=1, output=tmp_path / "r")
+    bundle = export_onnx(peft_dir, tmp_path / "peft-onnx")
+    files = sorted(p.name for p in bundle.iterdir())
+    report = validate_decoder(peft_dir, bundle, data=str(data), prompt_lengths=(8,), new_tokens=3, repeats=1)
     assert report["method"] == "lora" and report["parity"]["passed"] and report["parity"]["max_abs_logit_diff"] <= 1e-4
     assert "unmerged PEFT LoRA adapter" in report["parity"]["reference"]
+    assert sorted(p.name for p in bundle.iterdir()) == files
+    beside = {f"peft-onnx.{name}" for name in (REPORT_JSON, REPORT_MD, REPORT_PNG)}
+    assert beside <= {p.name for p in tmp_path.iterdir()}
+    assert json.loads((tmp_path / f"peft-onnx.{REPORT_JSON}").read_text())["parity"] == report["parity"]
+
+
+def test_decoder_validation_refuses_the_classifier_options_in_one_line(bundles, tmp_path: Path) -> None:
+    adapter_dir, fp32, _, data = bundles
+    with pytest.raises(MetaTTError, match=r"^--batch-sizes, --task, --label-column do not apply to a decoder export .*drop them") as e:
+        validate_decoder(adapter_dir, fp32, data=str(data), output=tmp_path / "r", batch_sizes=[1, 8], task="movie", label_column="label")
+    assert "\n" not in str(e.value) and not (tmp_path / "r").exists()
+    with pytest.raises(MetaTTError, match=r"^--seq-len does not apply to a decoder export .*drop it"):
+        validate_decoder(adapter_dir, fp32, data=str(data), output=tmp_path / "r", seq_len=128)
 
 
 def test_a_lora_trained_decoder_goes_through_merge_export_and_validate(tmp_path: Path) -> None:

@@ -45,7 +45,7 @@ def test_serve_cli_starts_in_seconds_answers_and_stops_on_sigterm(bundle: Path) 
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         seconds = wait_ready(url, 120, process)
-        assert seconds < 90  # tiny model, bound loose for a shared CPU; the real model's startup: docs/serving-load.md
+        assert seconds < 90  # tiny model, bound loose for a shared CPU; the real model's startup: docs/reports/serving-load.md
         r = httpx.post(f"{url}/v1/classify", json={"task": "nli", "texts": [["A man sleeps.", "A man is awake."]]}, timeout=10)
         assert r.status_code == 200 and r.json()["predictions"][0]["label"] in ("entailment", "neutral", "contradiction")
         r = httpx.delete(f"{url}/admin/tasks/four", headers={"Authorization": "Bearer t0ken"}, timeout=10)

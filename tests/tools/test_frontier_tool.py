@@ -1,4 +1,4 @@
-"""tools/frontier.py end to end on a tiny BERT: grid, resumable runs, table, plot, --plan."""
+"""tools/experiments/frontier.py end to end on a tiny BERT: grid, resumable runs, table, plot, --plan."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools" / "experiments"))
 import frontier  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def test_grid_runs_reports_and_resumes(tiny_base, tiny_task_dir, tmp_path, capsy
     rates = {r.split("|")[3].strip(): r.split("|")[5].strip() for r in rows}  # read from each run, not today's defaults
     assert rates == {"MetaTT-4D": "0.003 / 0.005", "LoRA": "0.001 / 0.001", "VeRA": "0.005 / 0.005"}
     assert params["LoRA"] == 8 * 64 * 2 and params["VeRA"] == 8 * (32 + 2) and params["MetaTT-4D"] == 64 * 2 + (2 + 4) * 4
-    assert "Reproduce: `python tools/frontier.py --model" in md
+    assert "Reproduce: `python tools/experiments/frontier.py --model" in md
 
     runs = sorted((tmp_path / "runs").rglob("metrics.json"))
     assert len(runs) == 3

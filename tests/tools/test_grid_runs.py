@@ -1,4 +1,4 @@
-"""tools/grid_runs.py: a finished run is reused only for the settings it was trained with."""
+"""tools/experiments/grid_runs.py: a finished run is reused only for the settings it was trained with."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools" / "experiments"))
 from grid_runs import finished, reuse  # noqa: E402
 
 from metatt_deploy.training.config import TrainConfig  # noqa: E402

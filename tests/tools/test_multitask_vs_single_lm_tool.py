@@ -1,4 +1,4 @@
-"""tools/multitask_vs_single_lm.py end to end on a tiny Llama and three builtin tasks: the same rows
+"""tools/experiments/multitask_vs_single_lm.py end to end on a tiny Llama and three builtin tasks: the same rows
 and steps for the joint and the single-task runs, reuse of finished runs, the report, and the
 factored bundle's parity with each task's merged export."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tiny_decoders import save_tiny_decoder
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools" / "experiments"))
 import multitask_vs_single_lm as tool  # noqa: E402
 
 from metatt_deploy.training.lm_data import load_text_task  # noqa: E402
@@ -45,7 +45,7 @@ def test_joint_vs_single_report_and_parity(tmp_path: Path) -> None:
     assert list(result["exact_match"]["snli"]) == ["zero-shot", "joint", "metatt-4d", "lora"]
     assert all(len(v) == 2 and all(0 <= x <= 1 for x in v) for t in result["exact_match"].values() for v in t.values())
     md = report.with_suffix(".md").read_text()
-    assert "| mean over tasks |" in md and " +- " in md and "`python tools/multitask_vs_single_lm.py --model" in md
+    assert "| mean over tasks |" in md and " +- " in md and "`python tools/experiments/multitask_vs_single_lm.py --model" in md
     assert report.with_suffix(".png").stat().st_size > 1000
 
     # parity: both forms of the bundle answer every prompt of every task as that task's merged export does

@@ -1,4 +1,4 @@
-"""tools/multitask_vs_single.py on the embedded MiniLM and two builtin tasks, a few rows each: the
+"""tools/experiments/multitask_vs_single.py on the embedded MiniLM and two builtin tasks, a few rows each: the
 joint adapter at chosen bond ranks and loss weights (its own run folder), the single-task runs on the same rows,
 and a report whose reproduce line is the command that ran."""
 
@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools" / "experiments"))
 import multitask_vs_single as tool  # noqa: E402
 
 
@@ -31,6 +31,6 @@ def test_joint_at_chosen_bond_ranks_against_single_task(tmp_path: Path) -> None:
         assert json.loads((run / "metrics.json").read_text())["history"][-1]["ranks"] == [2, 2, 2]
     md = output.with_suffix(".md").read_text()
     assert "bond ranks 2/2/4/4, loss weights tweet 2" in md and "Joint learning rate 0.003" in md
-    assert "`python tools/multitask_vs_single.py --tasks movie=movie-sentiment" in md and "--joint-ranks 2/2/4/4" in md
+    assert "`python tools/experiments/multitask_vs_single.py --tasks movie=movie-sentiment" in md and "--joint-ranks 2/2/4/4" in md
     rows = [line for line in md.splitlines() if line.startswith(("| movie |", "| tweet |"))]
     assert len(rows) == 2 and all(line.count("(") == 2 for line in rows)  # joint and single, each with its seed's value

@@ -1,11 +1,11 @@
-"""tools/nli_gap.py on a tiny BERT: one-knob settings against LoRA (paired), the init ablation."""
+"""tools/experiments/nli_gap.py on a tiny BERT: one-knob settings against LoRA (paired), the init ablation."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools" / "experiments"))
 import nli_gap  # noqa: E402
 
 

@@ -1,11 +1,11 @@
-"""tools/rank_adaptive_experiment.py in the paper's own setting (issue 15 item 4): the configs it builds."""
+"""tools/experiments/rank_adaptive_experiment.py in the paper's own setting (issue 15 item 4): the configs it builds."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools" / "experiments"))
 import rank_adaptive_experiment as ra  # noqa: E402
 
 
