@@ -80,4 +80,4 @@ def test_the_checks_see_a_missing_path(tmp_path: Path) -> None:
     source = tmp_path / "m.py"
     source.write_text('"""See docs/reports/no-such-report.md."""\n\n\ndef f() -> None:\n    """And tools/experiments/gone.py."""\n')
     assert _missing(_docstrings(source)) == ["docs/reports/no-such-report.md", "tools/experiments/gone.py"]
-    assert _missing("see metatt_deploy/cli.py and docs/reports/latency.md") == []
+    assert _missing("see metatt_deploy/cli/run.py and docs/reports/latency.md") == []
