@@ -1,0 +1,71 @@
+"""`metatt-deploy serve`: an export behind HTTP (FastAPI + uvicorn, or Ray Serve replicas).
+
+Its own module so that predict and generate never import the HTTP stack; needs only the base install.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from metatt_deploy.cli.base import CONTEXT_SETTINGS, user_errors
+from metatt_deploy.serving.http import ServeSettings
+from metatt_deploy.serving.ray_app import run as run_ray
+from metatt_deploy.serving.server import ADMIN_TOKEN_ENV, ServeConfig
+from metatt_deploy.serving.server import serve as run_server
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+@app.command(context_settings=CONTEXT_SETTINGS)
+@user_errors
+def serve(
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help="Factored bundle (merge --factored; every task in it is served) or a single-task export (metatt-deploy export)."
+        ),
+    ],
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface, e.g. in a container).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Worker processes, each with its own copy of the model (scale further with replicas).")] = 1,
+    threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads per worker (default: ONNX Runtime's choice).")] = None,
+    max_batch: Annotated[int, typer.Option(help="Rows per model call (rows of different tasks share a call).")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="The longest a row waits for others to fill its batch.")] = 5.0,
+    max_queue: Annotated[int, typer.Option(help="Rows allowed to wait; beyond that requests get 429 with Retry-After.")] = 1024,
+    max_texts: Annotated[int, typer.Option(help="Texts per request (413 beyond).")] = 64,
+    max_chars: Annotated[int, typer.Option(help="Characters per text (413 beyond).")] = 4096,
+    batch_across_tasks: Annotated[
+        bool,
+        typer.Option("--batch-across-tasks/--batch-per-task", help="Batch rows of different tasks together, or one task per model call."),
+    ] = True,
+    admin_token: Annotated[
+        str | None,
+        typer.Option(envvar=ADMIN_TOKEN_ENV, help="Bearer token for /admin (add/remove tasks while running); without it /admin is off."),
+    ] = None,
+    graceful_seconds: Annotated[int, typer.Option(help="On SIGTERM, how long to wait for open requests before closing.")] = 30,
+    form: Annotated[str, typer.Option(help="auto, tasks or adapter (which factored graph serves the tasks; see predict).")] = "auto",
+    ray_replicas: Annotated[
+        int,
+        typer.Option(
+            help="Serve with Ray Serve instead of uvicorn: this many replicas, Ray's batching (needs the 'ray' extra; RAY_ADDRESS joins a cluster)."
+        ),
+    ] = 0,
+) -> None:
+    """Serve a model over HTTP: classify texts for any task, batching concurrent requests across tasks (docs/serving.md)."""
+    settings = ServeSettings(
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_queue=max_queue,
+        max_texts=max_texts,
+        max_chars=max_chars,
+        cross_task=batch_across_tasks,
+        admin_token=admin_token,
+    )
+    if ray_replicas:
+        run_ray(str(model), replicas=ray_replicas, host=host, port=port, settings=settings, threads=threads, form=form)
+        return
+    config = ServeConfig(model=str(model), settings=settings, threads=threads, form=form)
+    run_server(config, host=host, port=port, workers=workers, graceful_s=graceful_seconds)
