@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import time
@@ -28,3 +29,14 @@ def wait_ready(url: str, seconds: float, process: subprocess.Popen | None = None
             pass
         time.sleep(0.1)
     raise AssertionError(f"not ready after {seconds} s")
+
+
+def stop(process: subprocess.Popen) -> str:
+    """SIGTERM, wait (bounded) for a graceful exit, kill if it hangs; returns what the server wrote to stderr."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        _, log = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return log or ""

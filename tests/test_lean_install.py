@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 from multitask_fixtures import LABELS, build_tiny_multitask
 from onnx_fixtures import LABELLED, build_tiny
-from servers import free_port, wait_ready
+from servers import free_port, stop, wait_ready
 from tiny_decoders import save_tiny_adapter, save_tiny_multitask
 
 from metatt_deploy.export.factored import write_bundle
@@ -114,10 +113,5 @@ def test_serve_answers_like_the_full_install(exports: dict[str, Path], tmp_path:
             assert [p["label"] for p in got] == [LABELS[task][int(np.argmax(e))] for e in expected]
             np.testing.assert_allclose(np.array([p["logits"] for p in got]), np.array(expected), atol=1e-5)
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            _, log = process.communicate(timeout=30)
-        finally:
-            if process.poll() is None:
-                process.kill()
+        log = stop(process)
     assert "Traceback" not in log

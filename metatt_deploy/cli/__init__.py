@@ -16,7 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from metatt_deploy import __version__
-from metatt_deploy.cli.base import CONTEXT_SETTINGS, TRAIN_EXTRA_HINT
+from metatt_deploy.cli.base import CONTEXT_SETTINGS, TRAIN_EXTRA_HINT, verb_app
 
 # every verb, loaded when it runs: name -> (module, one-line help shown in `metatt-deploy --help`)
 VERBS = {
@@ -33,7 +33,7 @@ TRAINING_STACK = ("torch", "transformers", "datasets", "optimum", "peft", "accel
 
 def missing_extra(name: str, error: ImportError) -> Any:
     """A stand-in for a training verb when the training stack is not installed: one line, exit 2, whatever the arguments."""
-    stub = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+    stub = verb_app()
     settings = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
 
     @stub.command(name=name, context_settings=settings, help=f"{VERBS[name][1]} Needs {TRAIN_EXTRA_HINT}.")

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from metatt_deploy.cli.base import CONTEXT_SETTINGS, Force, user_errors
+from metatt_deploy.cli.base import CONTEXT_SETTINGS, Force, user_errors, verb_app
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_text, check_separate, check_writable
 from metatt_deploy.serving.genai import GenAIGenerator
@@ -22,7 +22,7 @@ from metatt_deploy.serving.runtime import Runtime, read_inputs
 
 RUNTIMES = ("onnxruntime", "genai")  # generate --runtime
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+app = verb_app()
 
 
 @app.command(context_settings=CONTEXT_SETTINGS)

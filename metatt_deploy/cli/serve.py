@@ -10,13 +10,13 @@ from typing import Annotated
 
 import typer
 
-from metatt_deploy.cli.base import CONTEXT_SETTINGS, user_errors
+from metatt_deploy.cli.base import CONTEXT_SETTINGS, user_errors, verb_app
 from metatt_deploy.serving.http import ServeSettings
 from metatt_deploy.serving.ray_app import run as run_ray
 from metatt_deploy.serving.server import ADMIN_TOKEN_ENV, ServeConfig
 from metatt_deploy.serving.server import serve as run_server
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+app = verb_app()
 
 
 @app.command(context_settings=CONTEXT_SETTINGS)

@@ -16,7 +16,7 @@ import typer
 from metatt_deploy.adapters.base_model import DEFAULT_MODEL
 from metatt_deploy.adapters.config import DEFAULT_ALPHA
 from metatt_deploy.adapters.targets import DEFAULT_TARGETS
-from metatt_deploy.cli.base import CONTEXT_SETTINGS, Force, split_list, user_errors
+from metatt_deploy.cli.base import CONTEXT_SETTINGS, Force, split_list, user_errors, verb_app
 from metatt_deploy.cli.stack import quiet_libraries
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import check_separate
@@ -39,7 +39,7 @@ from metatt_deploy.training.multitask import train_from_cli
 from metatt_deploy.training.sampling import DEFAULT_SAMPLING, DEFAULT_TEMPERATURE, parse_task_weights
 from metatt_deploy.training.single import train as run_training
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+app = verb_app()
 
 
 def main_process() -> bool:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import uvicorn
 from multitask_fixtures import build_tiny_multitask
-from servers import free_port, wait_ready
+from servers import free_port, stop, wait_ready
 from typer.testing import CliRunner
 
 from metatt_deploy.cli import app as cli
@@ -51,12 +51,7 @@ def test_serve_cli_starts_in_seconds_answers_and_stops_on_sigterm(bundle: Path) 
         r = httpx.delete(f"{url}/admin/tasks/four", headers={"Authorization": "Bearer t0ken"}, timeout=10)
         assert r.status_code == 200  # the token reached the server through its environment variable
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            _, log = process.communicate(timeout=30)
-        finally:
-            if process.poll() is None:
-                process.kill()
+        log = stop(process)
     # uvicorn shuts down gracefully, then re-raises the signal so the exit status says SIGTERM
     assert process.returncode == -signal.SIGTERM and "Application shutdown complete" in log and "Traceback" not in log
 
