@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from metatt_deploy.cli.base import CONTEXT_SETTINGS, Force, user_errors
+from metatt_deploy.cli.base import CONTEXT_SETTINGS, Force, check_number, user_errors
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_text, check_separate, check_writable
 from metatt_deploy.serving.genai import GenAIGenerator
@@ -21,7 +21,7 @@ from metatt_deploy.serving.generate import Generator
 from metatt_deploy.serving.http import ServeSettings
 from metatt_deploy.serving.ray_app import run as run_ray
 from metatt_deploy.serving.runtime import Runtime, read_inputs
-from metatt_deploy.serving.server import ADMIN_TOKEN_ENV, ServeConfig
+from metatt_deploy.serving.server import ADMIN_TOKEN_ENV, ServeConfig, read_admin_token
 from metatt_deploy.serving.server import serve as run_server
 
 RUNTIMES = ("onnxruntime", "genai")  # generate --runtime
@@ -65,10 +65,9 @@ def predict(
     force: Force = False,
 ) -> None:
     """Predict labels with any export: one JSON line per input (task, label, label_id, score, scores)."""
-    if batch_size < 1:
-        raise MetaTTError("--batch-size must be at least 1")
-    if max_length is not None and max_length < 2:
-        raise MetaTTError("--max-length must be at least 2")
+    check_number(batch_size, "--batch-size", low=1)
+    check_number(max_length, "--max-length", low=2)
+    check_number(threads, "--threads", low=1)
     if output is not None:
         check_separate(output, [bundle, input_file])
         check_writable(output, force, kind="file")
@@ -115,10 +114,17 @@ def serve(
         bool,
         typer.Option("--batch-across-tasks/--batch-per-task", help="Batch rows of different tasks together, or one task per model call."),
     ] = True,
-    admin_token: Annotated[
-        str | None,
-        typer.Option(envvar=ADMIN_TOKEN_ENV, help="Bearer token for /admin (add/remove tasks while running); without it /admin is off."),
+    admin_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help=f"File holding the bearer token for /admin (add/remove tasks while running); or set {ADMIN_TOKEN_ENV}. Never on the command line, where ps shows it. Without a token /admin is off."
+        ),
     ] = None,
+    body_timeout_seconds: Annotated[float, typer.Option(help="A request body must arrive within this (408 beyond).")] = 10.0,
+    keep_alive_seconds: Annotated[
+        float, typer.Option(help="Close a connection idle for this long, or one that starts no request within it.")
+    ] = 5.0,
+    docs: Annotated[bool, typer.Option("--docs/--no-docs", help="Serve /docs (Swagger UI; the browser loads it from a CDN).")] = False,
     graceful_seconds: Annotated[int, typer.Option(help="On SIGTERM, how long to wait for open requests before closing.")] = 30,
     form: Annotated[str, typer.Option(help="auto, tasks or adapter (which factored graph serves the tasks; see predict).")] = "auto",
     ray_replicas: Annotated[
@@ -135,8 +141,11 @@ def serve(
         max_queue=max_queue,
         max_texts=max_texts,
         max_chars=max_chars,
+        body_timeout_s=body_timeout_seconds,
+        keep_alive_s=keep_alive_seconds,
         cross_task=batch_across_tasks,
-        admin_token=admin_token,
+        admin_token=read_admin_token(admin_token_file),
+        docs=docs,
     )
     if ray_replicas:
         run_ray(str(model), replicas=ray_replicas, host=host, port=port, settings=settings, threads=threads, form=form)

@@ -225,9 +225,12 @@ def test_a_single_task_export_opens_with_the_same_api(tmp_path) -> None:
         with torch.no_grad():
             ref = merged(**enc).logits[0].numpy()
         assert np.abs(row - ref).max() <= TOL
-    results = rt.predict(texts, batch_size=2)
-    assert results == rt.predict(texts, task=task) == rt.predict(texts, tasks=[0, 0, 0])
-    assert [r["task"] for r in results] == [task] * 3 and all(r["label"] in EXPORT_LABELS for r in results)
+    single = texts[:2]  # a sentiment export answers single sentences; a pair is refused (see test_task_arity_*)
+    results = rt.predict(single, batch_size=1)
+    assert results == rt.predict(single, task=task) == rt.predict(single, tasks=[0, 0])
+    assert [r["task"] for r in results] == [task] * 2 and all(r["label"] in EXPORT_LABELS for r in results)
+    with pytest.raises(MetaTTError, match=f"input 3: task '{task}' takes one text, not a sentence pair"):
+        rt.predict(texts)
     with pytest.raises(MetaTTError, match="unknown task 'nope'"):
         rt.predict(texts, task="nope")
     with pytest.raises(MetaTTError, match="applies to factored bundles"):
