@@ -74,6 +74,19 @@ def app_from_env() -> FastAPI:
     return build_app(ServeConfig.from_json(text))
 
 
+def uvicorn_config(app: Any, settings: ServeSettings, graceful_s: int, log_level: str, **more: Any) -> uvicorn.Config:
+    """uvicorn's settings for a server on a socket bound by `bind`: the JSON-error protocol and the settings' keep-alive time."""
+    return uvicorn.Config(
+        app,
+        http=JsonHttpProtocol,
+        timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]  # a float works (loop.call_later)
+        timeout_graceful_shutdown=graceful_s,
+        log_level=log_level,
+        access_log=False,
+        **more,
+    )
+
+
 def serve(
     config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, graceful_s: int = 30, log_level: str = "info"
 ) -> None:
@@ -88,22 +101,9 @@ def serve(
     sock = bind(host, port)
     try:
         runtime = load_runtime(config)
-
-        def uvicorn_config(app: Any, **more: Any) -> uvicorn.Config:
-            return uvicorn.Config(
-                app,
-                host=host,
-                port=port,
-                http=JsonHttpProtocol,
-                timeout_keep_alive=config.settings.keep_alive_s,  # type: ignore[arg-type]  # a float works (loop.call_later)
-                timeout_graceful_shutdown=graceful_s,
-                log_level=log_level,
-                access_log=False,
-                **more,
-            )
-
+        settings = config.settings
         if workers == 1:
-            uvicorn.Server(uvicorn_config(create_app(runtime, config.settings))).run(sockets=[sock])
+            uvicorn.Server(uvicorn_config(create_app(runtime, settings), settings, graceful_s, log_level)).run(sockets=[sock])
             return
         del runtime  # each worker loads its own
         os.environ[CONFIG_ENV] = config.to_json()
@@ -111,7 +111,8 @@ def serve(
             os.environ[ADMIN_TOKEN_ENV] = config.settings.admin_token
         if not os.environ.get(MULTIPROC_ENV):
             os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="metatt-metrics-")
-        Multiprocess(uvicorn_config("metatt_deploy.serving.server:app_from_env", factory=True, workers=workers), [sock]).run()
+        factory = "metatt_deploy.serving.server:app_from_env"
+        Multiprocess(uvicorn_config(factory, settings, graceful_s, log_level, factory=True, workers=workers), [sock]).run()
     finally:
         sock.close()
 

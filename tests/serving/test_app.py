@@ -217,7 +217,11 @@ def test_full_queue_loading_and_internal_errors(runtime) -> None:
             held = [asyncio.ensure_future(c.post("/v1/classify", json={"task": "movie", "texts": ["a", "b"]}))]
             while state.batcher.pending("movie") != 2 or state.batcher.depth:  # the first call is running, blocked
                 await asyncio.sleep(0.005)
-            held.append(asyncio.ensure_future(c.post("/v1/classify", json={"task": "nli", "texts": [["c", "d"], ["e", "f"], ["g", "h"], ["i", "j"]]})))
+            held.append(
+                asyncio.ensure_future(
+                    c.post("/v1/classify", json={"task": "nli", "texts": [["c", "d"], ["e", "f"], ["g", "h"], ["i", "j"]]})
+                )
+            )
             while state.batcher.depth != 4:
                 await asyncio.sleep(0.005)
             r = await c.post("/v1/classify", json={"task": "movie", "texts": ["g"]})
@@ -252,7 +256,9 @@ def test_full_queue_loading_and_internal_errors(runtime) -> None:
             assert r.status_code == 503 and "neither a factored bundle" in r.json()["detail"]
 
         async with serving(Gated(runtime, fail=True)) as (c, _):
-            error = one_line_error(await c.post("/v1/classify", json={"task": "nli", "texts": [["a", "b"]]}), 500, "internal error (RuntimeError)")
+            error = one_line_error(
+                await c.post("/v1/classify", json={"task": "nli", "texts": [["a", "b"]]}), 500, "internal error (RuntimeError)"
+            )
             assert "a bug" not in error  # the message of an unexpected error stays in the server log
             metrics = (await c.get("/metrics")).text
             assert metric(metrics, "metatt_request_errors_total", task="nli", code="500") == 1
