@@ -10,9 +10,8 @@ import time
 from collections.abc import Iterator
 
 import httpx
-import uvicorn
 
-from metatt_deploy.serving.http import ServeSettings, bind
+from metatt_deploy.serving.http import DrainingServer, ServeSettings, bind
 from metatt_deploy.serving.server import uvicorn_config
 
 
@@ -38,11 +37,11 @@ def wait_ready(url: str, seconds: float, process: subprocess.Popen | None = None
 
 
 @contextlib.contextmanager
-def uvicorn_thread(app, settings: ServeSettings, graceful_s: int = 20) -> Iterator[tuple[str, uvicorn.Server]]:
+def uvicorn_thread(app, settings: ServeSettings, graceful_s: int = 20) -> Iterator[tuple[str, DrainingServer]]:
     """``app`` served as `metatt-deploy serve` serves it (socket from `bind`, the same uvicorn config), in a thread."""
     port = free_port()
     sock = bind("127.0.0.1", port)
-    server = uvicorn.Server(uvicorn_config(app, settings, graceful_s, "warning"))
+    server = DrainingServer(uvicorn_config(app, settings, graceful_s, "warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 import h11
 import numpy as np
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -317,8 +318,11 @@ def limit_requests(app: FastAPI, settings: ServeSettings) -> None:
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
 
 
+SHUTDOWN_GRACE_S = 0.5  # on shutdown, how long an idle connection stays open for a request already on its way
+
+
 class JsonHttpProtocol(H11Protocol):
-    """uvicorn's h11 protocol, with the JSON error shape for unparsable requests and a deadline for starting a request.
+    """uvicorn's h11 protocol, with the JSON error shape for unparsable requests, a deadline for starting a request, and a gentler shutdown.
 
     - A request h11 cannot parse (a malformed or repeated ``Content-Length``, a bad request line
       or header) is answered 400 ``{"error": ...}`` instead of uvicorn's plain text.
@@ -326,6 +330,10 @@ class JsonHttpProtocol(H11Protocol):
       it opens or after its last answer; uvicorn's own timer covers only an idle connection, and a
       client that trickles header bytes, or opens a connection and sends nothing, would otherwise
       hold it forever. The body has its own deadline (`BodyLimit`).
+    - On shutdown uvicorn closes idle keep-alive connections at once, which resets a request the
+      client sent a moment before (it is in the socket, not yet read). Here an idle connection
+      stays open ``SHUTDOWN_GRACE_S`` longer: a request that arrives is answered (with
+      ``Connection: close``), then the connection closes.
 
     h11 is uvicorn's reference parser; this server uses it (not httptools) so that one class
     carries these rules. Pass it as ``uvicorn.Config(http=JsonHttpProtocol)``.
@@ -338,6 +346,20 @@ class JsonHttpProtocol(H11Protocol):
     def on_response_complete(self) -> None:
         super().on_response_complete()
         self._start_deadline()
+
+    _draining = False  # shutdown has begun: every request from now on is the connection's last
+
+    def shutdown(self) -> None:
+        self._draining = True
+        if self.cycle is None or self.cycle.response_complete:
+            self.loop.call_later(SHUTDOWN_GRACE_S, self._no_request_started, self.cycle)
+        else:
+            self.cycle.keep_alive = False
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self._draining and self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False  # a request that arrived during the shutdown grace: answer it, then close
 
     def _start_deadline(self) -> None:
         self.loop.call_later(self.timeout_keep_alive, self._no_request_started, self.cycle)
@@ -355,6 +377,20 @@ class JsonHttpProtocol(H11Protocol):
         for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body), h11.EndOfMessage()):
             self.transport.write(self.conn.send(event) or b"")
         self.transport.close()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, which accepts the connections the kernel has already completed before it closes the listener.
+
+    Closing a listening socket resets every connection in its accept queue: clients that
+    connected and sent a request just before SIGTERM would see a reset. Waiting
+    ``SHUTDOWN_GRACE_S`` first lets the event loop accept them; their requests are answered
+    (`JsonHttpProtocol` closes each connection after its answer from then on).
+    """
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await asyncio.sleep(SHUTDOWN_GRACE_S)
+        await super().shutdown(sockets)
 
 
 def bind(host: str, port: int) -> socket.socket:

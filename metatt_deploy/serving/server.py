@@ -27,7 +27,7 @@ from uvicorn.supervisors import Multiprocess
 
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.serving.app import create_app
-from metatt_deploy.serving.http import JsonHttpProtocol, ServeSettings, bind, check_number, log
+from metatt_deploy.serving.http import DrainingServer, JsonHttpProtocol, ServeSettings, bind, check_number, log
 from metatt_deploy.serving.metrics import MULTIPROC_ENV
 from metatt_deploy.serving.runtime import Runtime
 
@@ -103,7 +103,7 @@ def serve(
         runtime = load_runtime(config)
         settings = config.settings
         if workers == 1:
-            uvicorn.Server(uvicorn_config(create_app(runtime, settings), settings, graceful_s, log_level)).run(sockets=[sock])
+            DrainingServer(uvicorn_config(create_app(runtime, settings), settings, graceful_s, log_level)).run(sockets=[sock])
             return
         del runtime  # each worker loads its own
         os.environ[CONFIG_ENV] = config.to_json()

@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 from metatt_deploy.cli import app as cli
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.export.factored import write_bundle
+from metatt_deploy.serving import http as http_module
 from metatt_deploy.serving.app import create_app
 from metatt_deploy.serving.http import ServeSettings
 from metatt_deploy.serving.runtime import Runtime
@@ -291,3 +292,25 @@ def test_trickling_bodies_and_silent_connections_are_cut_off(wire: int) -> None:
                 if closed:
                     break
             assert closed and time.monotonic() - started < 3, trickle  # 1 s keep-alive, 4 s if never closed
+
+
+def test_requests_sent_during_shutdown_are_answered(bundle: Path, monkeypatch) -> None:
+    """After SIGTERM, a connection the kernel already took and a request on an idle keep-alive connection are answered, not reset."""
+    monkeypatch.setattr(http_module, "SHUTDOWN_GRACE_S", 2.0)  # wide margins for a loaded machine
+    settings = ServeSettings(keep_alive_s=30)
+    request = b'POST /v1/classify HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 33\r\n\r\n{"task": "movie", "texts": ["a"]}'
+    with uvicorn_thread(create_app(Runtime(bundle, threads=1), settings), settings) as (url, server):
+        port = int(url.rsplit(":", 1)[1])
+        idle = socket.create_connection(("127.0.0.1", port))
+        idle.sendall(request)
+        assert http_answer(idle)[0] == 200  # the connection stays open, idle
+        server.should_exit = True  # what SIGTERM does
+        time.sleep(0.5)
+        with socket.create_connection(("127.0.0.1", port)) as late:  # the listener is still open (grace): accepted
+            late.sendall(request)
+            assert http_answer(late)[0] == 200
+        time.sleep(2.5)  # connections are being shut down now; the idle one gets its grace
+        idle.sendall(request)
+        status, _ = http_answer(idle)
+        idle.close()
+        assert status == 200
