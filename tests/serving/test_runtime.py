@@ -25,6 +25,7 @@ from metatt_deploy.common.files import sha256_file
 from metatt_deploy.export.factored import write_bundle
 from metatt_deploy.export.onnx import export_onnx
 from metatt_deploy.inference.formats import TASKS_DIR
+from metatt_deploy.inference.tasks import text_inputs
 from metatt_deploy.serving.runtime import Runtime, read_inputs
 
 TOL = 1e-4
@@ -273,3 +274,32 @@ def test_non_utf8_or_binary_inputs_are_one_line(served, tmp_path) -> None:
     result = runner.invoke(app, ["predict", str(bundle), "--input", str(latin), "-o", str(latin), "--force"])
     assert result.exit_code == 2 and "is the input" in result.stderr and latin.read_bytes().startswith(b'{"text": "caf\xe9')
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- a task's inputs (issue 27, class 7)
+
+
+def test_a_task_takes_the_inputs_its_record_or_labels_say() -> None:
+    assert text_inputs({"labels": ["negative", "positive"]}) == 1
+    assert text_inputs({"labels": ["entailment", "neutral", "contradiction"]}) == 2
+    assert text_inputs({"labels": ["not_duplicate", "duplicate"]}) == 2
+    assert text_inputs({"labels": ["Entailment", "not_entailment"]}) == 2
+    assert text_inputs({"labels": ["a", "b"], "text_columns": ["question", "answer"]}) == 2  # the record wins over the labels
+    assert text_inputs({"labels": ["entailment", "neutral"], "text_columns": ["text"]}) == 1
+    assert text_inputs({"labels": ["a", "b"], "text_columns": ["x", "y", "z"]}) == 1  # a malformed record: the labels decide
+
+
+def test_predict_refuses_pairs_for_sentence_tasks_and_sentences_for_pair_tasks(served, tmp_path) -> None:
+    _, _, _, _, bundle = served
+    runner = CliRunner()
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "fine", "task": "movie"}\n{"premise": "p", "hypothesis": "h", "task": "movie"}\n')
+    for args, match in (
+        (["--task", "movie", "--text", "A man sleeps. ||| A man is awake."], "input 1: task 'movie' takes one text, not a sentence pair"),
+        (["--task", "nli", "--text", "A man sleeps."], "input 1: task 'nli' takes a sentence pair [first, second] per row"),
+        (["--input", str(rows)], "input 2: task 'movie' takes one text, not a sentence pair"),
+        (["--task", "movie", "--text", "fine", "--threads", "0"], "--threads must be at least 1"),
+    ):
+        result = runner.invoke(app, ["predict", str(bundle), *args])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and match in lines[0], (args, result.output)
