@@ -339,6 +339,8 @@ class JsonHttpProtocol(H11Protocol):
     carries these rules. Pass it as ``uvicorn.Config(http=JsonHttpProtocol)``.
     """
 
+    _draining = False  # shutdown has begun: every request from now on is the connection's last
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._start_deadline()
@@ -347,9 +349,8 @@ class JsonHttpProtocol(H11Protocol):
         super().on_response_complete()
         self._start_deadline()
 
-    _draining = False  # shutdown has begun: every request from now on is the connection's last
-
     def shutdown(self) -> None:
+        """Called by uvicorn's shutdown: an idle connection gets ``SHUTDOWN_GRACE_S`` for a request on its way, a busy one closes after its answer."""
         self._draining = True
         if self.cycle is None or self.cycle.response_complete:
             self.loop.call_later(SHUTDOWN_GRACE_S, self._no_request_started, self.cycle)
