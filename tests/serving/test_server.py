@@ -240,7 +240,9 @@ def test_a_chunked_body_is_refused_at_the_limit(wire: int) -> None:
     status, body = http_answer(sock)
     sock.close()
     assert status == 413 and body == {"error": f"request body over {1 << 20} bytes; send fewer or shorter texts"}
-    assert sent < 24 << 20, sent  # the rest of the 100 MiB was never taken: the server read about 1 MiB, loopback socket buffers took the rest
+    assert sent < 24 << 20, (
+        sent
+    )  # the rest of the 100 MiB was never taken: the server read about 1 MiB, loopback socket buffers took the rest
     r = httpx.post(
         f"http://127.0.0.1:{wire}/v1/classify",
         content=iter([json.dumps({"task": "movie", "texts": ["x" * 4000] * 64}).encode()[:1000], b" " * (2 << 20)]),
