@@ -71,9 +71,10 @@ def test_the_lean_venv_has_no_training_stack_and_train_names_the_extra(tmp_path:
 @pytest.mark.parametrize("form", ["classifier", "bundle"])
 def test_predict_equals_the_full_install(exports: dict[str, Path], form: str, tmp_path: Path) -> None:
     runtime = Runtime(exports[form])
-    tasks = runtime.tasks
-    rows = [{"id": i, "text": t, "task": tasks[i % len(tasks)]} for i, t in enumerate(TEXTS)]
-    rows.append({"id": "pair", "text": "A man sleeps.", "text_pair": "A man is awake.", "task": tasks[-1]})
+    singles = [t for t in runtime.tasks if runtime.text_inputs(t) == 1]  # each row in the form its task takes
+    pairs = [t for t in runtime.tasks if runtime.text_inputs(t) == 2]
+    rows = [{"id": i, "text": t, "task": singles[i % len(singles)]} for i, t in enumerate(TEXTS)]
+    rows += [{"id": "pair", "text": "A man sleeps.", "text_pair": "A man is awake.", "task": task} for task in pairs]
     inputs = tmp_path / "in.jsonl"
     inputs.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     result = lean("predict", str(exports[form]), "--input", str(inputs), cwd=tmp_path)

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from metatt_deploy.cli.base import CONTEXT_SETTINGS, Force, user_errors, verb_app
+from metatt_deploy.cli.base import CONTEXT_SETTINGS, Force, check_number, user_errors, verb_app
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_text, check_separate, check_writable
 from metatt_deploy.serving.genai import GenAIGenerator
@@ -61,10 +61,9 @@ def predict(
     force: Force = False,
 ) -> None:
     """Predict labels with any export: one JSON line per input (task, label, label_id, score, scores)."""
-    if batch_size < 1:
-        raise MetaTTError("--batch-size must be at least 1")
-    if max_length is not None and max_length < 2:
-        raise MetaTTError("--max-length must be at least 2")
+    check_number(batch_size, "--batch-size", low=1)
+    check_number(max_length, "--max-length", low=2)
+    check_number(threads, "--threads", low=1)
     if output is not None:
         check_separate(output, [bundle, input_file])
         check_writable(output, force, kind="file")

@@ -13,7 +13,7 @@ import typer
 from metatt_deploy.cli.base import CONTEXT_SETTINGS, user_errors, verb_app
 from metatt_deploy.serving.http import ServeSettings
 from metatt_deploy.serving.ray_app import run as run_ray
-from metatt_deploy.serving.server import ADMIN_TOKEN_ENV, ServeConfig
+from metatt_deploy.serving.server import ADMIN_TOKEN_ENV, ServeConfig, read_admin_token
 from metatt_deploy.serving.server import serve as run_server
 
 app = verb_app()
@@ -41,10 +41,17 @@ def serve(
         bool,
         typer.Option("--batch-across-tasks/--batch-per-task", help="Batch rows of different tasks together, or one task per model call."),
     ] = True,
-    admin_token: Annotated[
-        str | None,
-        typer.Option(envvar=ADMIN_TOKEN_ENV, help="Bearer token for /admin (add/remove tasks while running); without it /admin is off."),
+    admin_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help=f"File holding the bearer token for /admin (add/remove tasks while running); or set {ADMIN_TOKEN_ENV}. Never on the command line, where ps shows it. Without a token /admin is off."
+        ),
     ] = None,
+    body_timeout_seconds: Annotated[float, typer.Option(help="A request body must arrive within this (408 beyond).")] = 10.0,
+    keep_alive_seconds: Annotated[
+        float, typer.Option(help="Close a connection idle for this long, or one that starts no request within it.")
+    ] = 5.0,
+    docs: Annotated[bool, typer.Option("--docs/--no-docs", help="Serve /docs (Swagger UI; the browser loads it from a CDN).")] = False,
     graceful_seconds: Annotated[int, typer.Option(help="On SIGTERM, how long to wait for open requests before closing.")] = 30,
     form: Annotated[str, typer.Option(help="auto, tasks or adapter (which factored graph serves the tasks; see predict).")] = "auto",
     ray_replicas: Annotated[
@@ -61,8 +68,11 @@ def serve(
         max_queue=max_queue,
         max_texts=max_texts,
         max_chars=max_chars,
+        body_timeout_s=body_timeout_seconds,
+        keep_alive_s=keep_alive_seconds,
         cross_task=batch_across_tasks,
-        admin_token=admin_token,
+        admin_token=read_admin_token(admin_token_file),
+        docs=docs,
     )
     if ray_replicas:
         run_ray(str(model), replicas=ray_replicas, host=host, port=port, settings=settings, threads=threads, form=form)
