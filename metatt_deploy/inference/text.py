@@ -25,6 +25,7 @@ server can stream them.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -46,6 +47,7 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+PLAIN_SEPARATOR = "\n\n"  # between the turns of a prompt for a model without a chat template
 # the attributes transformers hands a chat template as variables (PreTrainedTokenizerBase.SPECIAL_TOKENS_ATTRIBUTES)
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 ADDITIONAL_SPECIAL_TOKENS = "additional_special_tokens"
@@ -305,9 +307,58 @@ class TextTokenizer:
         except jinja2.exceptions.TemplateError as e:
             raise MetaTTError(f"the chat template refused these messages ({str(e)[:200]}); check the roles and their order") from None
 
+    @cached_property
+    def _literal(self) -> Tokenizer:
+        """A copy that reads special-token strings in text as text (the shared tokenizer is never toggled: threads use it)."""
+        literal = Tokenizer.from_str(self.tokenizer.to_str())
+        literal.encode_special_tokens = True
+        return literal
+
+    def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """``encode``, but user text is data: a special token's string in it (``<|im_end|>``) is encoded as plain text.
+
+        Special tokens the tokenizer itself adds (a BOS) are still added; for text without such
+        strings the ids equal `encode`'s.
+        """
+        return list(self._literal.encode(text, add_special_tokens=add_special_tokens).ids)
+
     def chat_ids(self, messages: Sequence[dict], add_generation_prompt: bool = True, **extra: Any) -> list[int]:
-        """``apply_chat_template(messages, tokenize=True)``: the rendered chat encoded without adding special tokens."""
-        return self.encode(self.render_chat(messages, add_generation_prompt, **extra), add_special_tokens=False)
+        """``apply_chat_template(messages, tokenize=True)``, the messages' contents encoded as data.
+
+        A content that holds a special token's string (``<|im_end|><|im_start|>system``) would
+        forge a turn: the chat is then rendered with a placeholder per content and cut at the
+        template's own special tokens only, which is where the tokenizer itself cuts its input;
+        each piece is encoded with the contents put back as text (`encode_text`). Contents without
+        such strings take the plain path, so their ids are exactly transformers'.
+        """
+        messages = list(messages)
+        specials = sorted((t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special), key=len, reverse=True)
+        contents = {f"\ue000{k}\ue001": m["content"] for k, m in enumerate(messages) if isinstance(m.get("content"), str)}
+        if not any(t in c for c in contents.values() for t in specials):
+            return self.encode(self.render_chat(messages, add_generation_prompt, **extra), add_special_tokens=False)
+        placeholders = [{**m, "content": f"\ue000{k}\ue001"} if isinstance(m.get("content"), str) else m for k, m in enumerate(messages)]
+        rendered = self.render_chat(placeholders, add_generation_prompt, **extra)
+        ids: list[int] = []
+        for k, piece in enumerate(re.split("(" + "|".join(map(re.escape, specials)) + ")", rendered)):
+            if k % 2:  # one of the template's special tokens
+                ids.append(self.tokenizer.token_to_id(piece))
+            elif piece:
+                text = re.sub("\ue000\\d+\ue001", lambda mark: contents[mark.group(0)], piece)
+                ids += self.encode_text(text, add_special_tokens=False)
+        return ids
+
+    def prompt_ids(self, messages: Sequence[dict]) -> list[int]:
+        """The ids a model generates after, as it was trained: its chat template with the generation prompt, or, for a
+        model without one, `plain_prompt` of the contents (user text as data either way)."""
+        if self.chat_template:
+            return self.chat_ids(messages, add_generation_prompt=True)
+        return self.encode_text(plain_prompt([str(m["content"]) for m in messages]))
+
+
+def plain_prompt(contents: Sequence[str]) -> str:
+    """How a model without a chat template sees a prompt, in training and in generation alike: the turns'
+    texts joined by blank lines, then a newline (the answer follows, then EOS)."""
+    return PLAIN_SEPARATOR.join(contents) + "\n"
 
 
 def _as_transformers_loads_it(tokenizer: Tokenizer, settings: TokenizerSettings, config: dict) -> None:

@@ -46,15 +46,17 @@ TaskInputs = tuple[dict[str, np.ndarray] | None, ort.RunOptions | None]
 
 
 def encode_prompt(tokenizer: TextTokenizer, prompt: str, raw: bool = False, system: str | None = None) -> list[int]:
-    """The ids of ``prompt`` as the model was trained to see it: in its chat template (with ``system``), or as is (``raw``)."""
+    """The ids of ``prompt`` as the model was trained to see it (its chat template with ``system``, or the plain
+    prompt format of a model without one), or as is (``raw``). The user's text is data: special-token strings in
+    it are encoded as text, never as control tokens."""
     if not prompt:
         raise MetaTTError("the prompt is empty; pass some text")
     if raw:
-        return tokenizer.encode(prompt)
-    if not tokenizer.chat_template:
-        raise MetaTTError("this model's tokenizer has no chat template; pass --raw to feed prompts as they are")
+        if system:
+            raise MetaTTError("--system goes into a chat; drop --raw, or put the system text into the prompt")
+        return tokenizer.encode_text(prompt)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return tokenizer.chat_ids(messages)
+    return tokenizer.prompt_ids(messages)
 
 
 def checked_prompt(ids: list[int], max_new_tokens: int, context: int | None) -> list[int]:

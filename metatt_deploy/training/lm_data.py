@@ -19,6 +19,8 @@ are -100 on the prompt, so the loss covers the response tokens only.
 
 from __future__ import annotations
 
+import tempfile
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ import torch
 from datasets import Dataset
 
 from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.inference.text import TextTokenizer
 from metatt_deploy.training.data import SPLITS, load_task, read_data_file
 
 IGNORE = -100
@@ -159,15 +162,33 @@ def _text_split(path: Path) -> Dataset:
 # ---------------------------------------------------------------- tokenization
 
 
+_TEXT_TOKENIZERS: weakref.WeakKeyDictionary[Any, TextTokenizer] = weakref.WeakKeyDictionary()
+
+
+def text_tokenizer(tokenizer: Any) -> TextTokenizer:
+    """The runtime floor's tokenizer for a transformers tokenizer (its files written once, then cached per tokenizer).
+
+    Training formats chats through the same `TextTokenizer` that `generate` and `serve` use, so a
+    model is trained on exactly the ids it is served with, user text encoded as data in both.
+    """
+    cached = _TEXT_TOKENIZERS.get(tokenizer)
+    if cached is None:
+        with tempfile.TemporaryDirectory(prefix="metatt-tok-") as folder:
+            tokenizer.save_pretrained(folder)
+            cached = _TEXT_TOKENIZERS[tokenizer] = TextTokenizer.from_folder(folder)
+    return cached
+
+
 def encode_chat(messages: Sequence[dict], tokenizer: Any) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids) of a chat whose last message is the answer."""
-    if tokenizer.chat_template:
-        prompt = list(tokenizer.apply_chat_template(list(messages[:-1]), add_generation_prompt=True, tokenize=True))
-        full = list(tokenizer.apply_chat_template(list(messages), tokenize=True))
+    """(prompt ids, response ids) of a chat whose last message is the answer; message contents are encoded as data."""
+    tok = text_tokenizer(tokenizer)
+    if tok.chat_template:
+        prompt = tok.chat_ids(list(messages[:-1]), add_generation_prompt=True)
+        full = tok.chat_ids(list(messages), add_generation_prompt=False)
         if full[: len(prompt)] != prompt:
             raise MetaTTError("this model's chat template does not write the answer after the generation prompt; pass prompt/response data")
         response = full[len(prompt) :]
-        eos = tokenizer.eos_token_id
+        eos = tok.eos_token_id
         if eos in response:  # drop what the template writes after the end of the turn (a newline)
             response = response[: response.index(eos) + 1]
         return prompt, response
@@ -176,8 +197,8 @@ def encode_chat(messages: Sequence[dict], tokenizer: Any) -> tuple[list[int], li
         raise MetaTTError(
             "this model's tokenizer has no chat template, so chats cannot be formatted; pass prompt/response data or a chat model"
         )
-    prompt = tokenizer("\n\n".join(m["content"] for m in messages[:-1]) + "\n").input_ids
-    return prompt, tokenizer(messages[-1]["content"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    prompt = tok.prompt_ids(list(messages[:-1]))
+    return prompt, tok.encode_text(messages[-1]["content"], add_special_tokens=False) + [tokenizer.eos_token_id]
 
 
 def prompt_ids(messages: Sequence[dict], tokenizer: Any) -> list[int]:

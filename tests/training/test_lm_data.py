@@ -9,6 +9,8 @@ import pytest
 from tiny_decoders import tiny_tokenizer
 
 from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.inference.text import TextTokenizer
+from metatt_deploy.serving.generate import encode_prompt
 from metatt_deploy.training.builtin_data import BUILTIN_TASKS
 from metatt_deploy.training.data import load_task
 from metatt_deploy.training.lm_data import (
@@ -116,3 +118,16 @@ def test_builtin_sentiment_becomes_one_word_answers() -> None:
     assert task.answers == ["negative", "positive"]
     row = task.splits["test"][0]
     assert row["response"] in task.answers and row["messages"][1]["content"].startswith("Is the sentiment of this movie review")
+
+
+def test_training_and_generation_format_prompts_alike_and_user_text_stays_data(tmp_path: Path) -> None:
+    """Chats encode the same ids in training as the runtime floor gives generate; special strings in contents are text."""
+    for template in (True, False):
+        tok = tiny_tokenizer(chat_template=template)
+        tok.save_pretrained(tmp_path / str(template))
+        floor = TextTokenizer.from_folder(tmp_path / str(template))
+        chat = [{"role": "user", "content": "Review: good <|im_end|> fine"}, {"role": "assistant", "content": "positive"}]
+        prompt, response = encode_chat(chat, tok)
+        assert prompt == floor.prompt_ids(chat[:1]) == encode_prompt(floor, chat[0]["content"])
+        assert prompt.count(tok.convert_tokens_to_ids("<|im_end|>")) == int(template)  # the template's own end of turn only
+        assert response[-1] == tok.eos_token_id
