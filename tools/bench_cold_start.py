@@ -274,7 +274,7 @@ def render(report: dict, args: argparse.Namespace) -> str:
                 "target": ">= 1x",
             }
         )
-    command = "python tools/bench_cold_start.py" + (f" --decoder {args.decoder}" if args.decoder else "") + f" --runs {args.runs}"
+    command = "python tools/bench_cold_start.py" + (" --decoder DECODER_EXPORT" if args.decoder else "") + f" --runs {args.runs}"
     return (
         "# Cold start: the runtime install against a raw ONNX Runtime script\n\n"
         f"Export: `{Path(report['export']).name}`; {report['runs']} interleaved runs per figure, medians "
@@ -282,7 +282,10 @@ def render(report: dict, args: argparse.Namespace) -> str:
         f"and {report['load_average_end'][0]:.1f} at the end. Reproduce: `{command}` (after `make setup` and `make demo`).\n\n"
         + markdown_table(rows)
         + "\n\nThe raw script is `RAW_SCRIPT` in tools/bench_cold_start.py: tokenizers, onnxruntime and numpy, "
-        "no checks. `predict` runs from the runtime-only venv (`pip install .`).\n"
+        "no checks. `predict` runs from the runtime-only venv (`pip install .`). DECODER_EXPORT is the embedded "
+        "SmolLM2-135M-Instruct (its converted folder under the model cache) exported fp32 with `metatt-deploy export`; "
+        "optimum's loop runs with torch held to 1 thread (with torch's default threads it was 2.4x slower here, "
+        "its thread pool competing with ONNX Runtime's on 2 cores).\n"
     )
 
 
