@@ -210,7 +210,7 @@ def main() -> None:
         raise SystemExit(f"{export} is not a classifier export; run make demo (or pass --export)")
     cwd = Path("/tmp")  # outside the checkout: the lean venv imports its installed package
     lean_bin, lean_py = args.lean.resolve() / "bin" / "metatt-deploy", args.lean.resolve() / "bin" / "python"
-    report: dict = {"export": str(export), "runs": args.runs, "cpus": os.cpu_count(), "load_average_start": os.getloadavg()}
+    report: dict = {"export": export.name, "runs": args.runs, "cpus": os.cpu_count(), "load_average_start": os.getloadavg()}
     lean_mib, full_mib = site_packages_mib(args.lean), site_packages_mib(args.full)
     report["install"] = {"lean_mib": lean_mib, "full_mib": full_mib, "ratio": lean_mib / full_mib}
     print(f"site-packages: lean {lean_mib:.0f} MiB, full {full_mib:.0f} MiB ({lean_mib / full_mib:.1%})", flush=True)
