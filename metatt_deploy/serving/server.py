@@ -1,5 +1,8 @@
 """`metatt-deploy serve`: the app on uvicorn, in one process or several worker processes.
 
+The model decides the app, once: a decoder export or factored decoder bundle gets the
+OpenAI-compatible generation API (openai_app.py), a classifier the classify API (app.py).
+
 uvicorn starts worker processes from an import string, so the options travel to each worker in
 one environment variable (JSON) and `app_from_env` builds the app there; every worker loads its
 own copy of the model (ONNX Runtime sessions cannot be shared between processes). With several
@@ -13,15 +16,18 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from fastapi import FastAPI
 
 from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.inference.formats import is_decoder_model
 from metatt_deploy.serving.app import create_app
+from metatt_deploy.serving.generate import Generator
 from metatt_deploy.serving.http import ServeSettings
 from metatt_deploy.serving.metrics import MULTIPROC_ENV
+from metatt_deploy.serving.openai_app import LLMSettings, create_openai_app
 from metatt_deploy.serving.runtime import Runtime
 
 CONFIG_ENV = "METATT_SERVE_CONFIG"
@@ -34,18 +40,23 @@ class ServeConfig:
     settings: ServeSettings = field(default_factory=ServeSettings)
     threads: int | None = None  # ONNX Runtime intra-op threads per worker
     form: str = "auto"
+    llm: LLMSettings = field(default_factory=LLMSettings)  # a decoder's scheduling and limits (its admin token: settings')
 
     def to_json(self) -> str:
-        return json.dumps({**asdict(self), "settings": {k: v for k, v in asdict(self.settings).items() if k != "admin_token"}})
+        secretless = {name: {k: v for k, v in asdict(getattr(self, name)).items() if k != "admin_token"} for name in ("settings", "llm")}
+        return json.dumps({**asdict(self), **secretless})
 
     @classmethod
     def from_json(cls, text: str) -> ServeConfig:
         raw = json.loads(text)
         settings = ServeSettings(**raw.pop("settings"), admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None)
-        return cls(settings=settings, **raw)
+        return cls(settings=settings, llm=LLMSettings(**raw.pop("llm")), **raw)
 
 
 def build_app(config: ServeConfig) -> FastAPI:
+    if is_decoder_model(config.model):
+        llm = replace(config.llm, admin_token=config.settings.admin_token)
+        return create_openai_app(lambda: Generator(config.model, form=config.form, threads=config.threads), llm)
     return create_app(lambda: Runtime(config.model, form=config.form, threads=config.threads), config.settings)
 
 
@@ -70,6 +81,7 @@ def serve(
     if config.threads is not None and config.threads < 1:
         raise MetaTTError("--threads must be at least 1")
     config.settings.check()
+    config.llm.check()
     os.environ[CONFIG_ENV] = config.to_json()
     if config.settings.admin_token:
         os.environ[ADMIN_TOKEN_ENV] = config.settings.admin_token
