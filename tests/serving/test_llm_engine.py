@@ -59,7 +59,7 @@ def test_sequences_joining_and_leaving_get_the_tokens_they_get_alone(bundle: Pat
     while engine.busy():
         if steps == 3:
             engine.waiting.extend(seqs[5:])  # join between steps
-        if steps == 6:
+        if len(cancelled_log) == 2:
             cancelled.cancelled = True  # leaves at the next step
         events, stats = engine.step()
         for seq, out in events:
@@ -72,5 +72,5 @@ def test_sequences_joining_and_leaving_get_the_tokens_they_get_alone(bundle: Pat
         assert steps < 500
     assert [tokens(log) for log in logs] == alone
     assert all(log[-1].finish_reason in ("stop", "length") for log in logs)
-    assert cancelled.decoding.finish_reason is None and 0 < len(cancelled_log) < 50
+    assert cancelled.decoding.finish_reason is None and len(cancelled_log) == 2
     assert widest > 3 and most_calls <= lanes + 1  # rows decoded together; at most one call per lane plus a prefill chunk
