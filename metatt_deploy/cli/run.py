@@ -16,6 +16,7 @@ import typer
 from metatt_deploy.cli.base import CONTEXT_SETTINGS, Force, user_errors
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_text, check_separate, check_writable
+from metatt_deploy.inference.formats import is_decoder_model
 from metatt_deploy.serving.genai import GenAIGenerator
 from metatt_deploy.serving.generate import Generator
 from metatt_deploy.serving.http import ServeSettings
@@ -118,7 +119,7 @@ def serve(
     max_running: Annotated[int, typer.Option(help="Decoder: sequences decoding together, one row each in every step's model call.")] = 16,
     max_tokens_per_step: Annotated[
         int, typer.Option(help="Decoder: prompt tokens prefilled per step; a longer prompt is prefilled over several steps.")
-    ] = 256,
+    ] = 128,
     max_texts: Annotated[int, typer.Option(help="Texts per request (413 beyond).")] = 64,
     max_chars: Annotated[int, typer.Option(help="Characters per text (413 beyond).")] = 4096,
     batch_across_tasks: Annotated[
@@ -151,6 +152,8 @@ def serve(
         cross_task=batch_across_tasks,
         admin_token=admin_token,
     )
+    if ray_replicas and model.exists() and is_decoder_model(model):
+        raise MetaTTError("--ray-replicas serves classifiers; serve a decoder with uvicorn (drop --ray-replicas, scale with --workers)")
     if ray_replicas:
         run_ray(str(model), replicas=ray_replicas, host=host, port=port, settings=settings, threads=threads, form=form)
         return

@@ -261,7 +261,9 @@ class Scheduler:
         deadline = time.monotonic() + grace_s
         while self.engine.busy() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        for seq in [*self.engine.waiting, *(r for lane in self.engine.lanes.values() for r in lane.rows)]:
+        engine = self.engine
+        prefilling = engine.prefilling.rows if engine.prefilling else []
+        for seq in [*engine.waiting, *prefilling, *(r for lane in engine.lanes.values() for r in lane.rows)]:
             seq.cancelled = True
             seq.deliver(Closed("the server shut down before this request finished"))
         if self._worker is not None:

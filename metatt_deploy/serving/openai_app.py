@@ -58,7 +58,7 @@ class LLMSettings:
     """Scheduling, limits and admin access of the generation server (the options of `metatt-deploy serve` on a decoder)."""
 
     max_running: int = 16  # sequences decoding together (slots); a step's rows
-    max_tokens_per_step: int = 256  # prompt tokens prefilled per step (longer prompts are spread over steps)
+    max_tokens_per_step: int = 128  # prompt tokens prefilled per step (longer prompts are spread over steps)
     max_queue: int = 256  # requests waiting for a slot; beyond that 429
     max_body_bytes: int = 1 << 20  # request body (413 beyond)
     admin_token: str | None = None
@@ -575,15 +575,16 @@ class Answer:
 
         work = asyncio.ensure_future(gather())
         gone = asyncio.ensure_future(disconnected(request))
+        done: set[asyncio.Future] = set()
         try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
             if not work.done():
                 self.cancel()
                 work.cancel()
-        if work.cancelled():
-            return 499, {}
+        if work not in done:
+            return 499, {}  # nobody is listening; the status is for the log and the metrics
         error = work.exception()
         if isinstance(error, Closed):
             raise ApiError(503, f"{error}; retry", {"Retry-After": "1"})

@@ -20,9 +20,10 @@ import openai
 import pytest
 import uvicorn
 from servers import free_port, wait_ready
-from tiny_decoders import save_tiny_multitask
+from tiny_decoders import save_tiny_adapter, save_tiny_multitask
 
 from metatt_deploy.export.merge import merge_factored
+from metatt_deploy.export.onnx import export_onnx
 from metatt_deploy.inference.decode import SamplingParams
 from metatt_deploy.serving.generate import Generator
 from metatt_deploy.serving.openai_app import LLMSettings, create_openai_app
@@ -84,7 +85,7 @@ def served(bundle: Path, request) -> Iterator[Served]:
     assert not thread.is_alive()
 
 
-def expected_text(gen: Generator, task: str, prompt: str, max_tokens: int, chat: bool, **sampling) -> tuple[str, int, str]:
+def expected_text(gen: Generator, task: str | None, prompt: str, max_tokens: int, chat: bool, **sampling) -> tuple[str, int, str]:
     """(text, completion tokens, finish reason) of the request decoded alone."""
     ids = gen.encode(prompt, raw=not chat)
     steps = list(gen.steps(ids, SamplingParams(max_tokens=max_tokens, **sampling), task))
@@ -251,26 +252,34 @@ def test_a_full_queue_answers_429_with_retry_after_and_a_disconnect_frees_its_sl
     deadline = time.monotonic() + 10
     while engine.running and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert engine.running == 0
+    assert engine.running == 0 and generated(served, "alpha") < 200  # it left long before its 400 tokens
 
     async def flood():
         async with httpx.AsyncClient(base_url=url, timeout=60) as c:
             long = asyncio.ensure_future(c.post("/v1/completions", json={**body, "stream": False}))
             while engine.running == 0:
                 await asyncio.sleep(0.01)
-            rest = await asyncio.gather(*(c.post("/v1/completions", json={**body, "stream": False, "max_tokens": 2}) for _ in range(6)))
-            long.cancel()
-            return rest
+            short = [asyncio.ensure_future(c.post("/v1/completions", json={**body, "stream": False, "max_tokens": 2})) for _ in range(6)]
+            while sum(t.done() for t in short) < 4:  # one slot, two places in the queue: four are refused at once
+                await asyncio.sleep(0.01)
+            long.cancel()  # the client goes away: its sequence leaves, and the queued two run
+            return await asyncio.gather(*short)
 
+    before = generated(served, "alpha")
     rest = asyncio.run(asyncio.wait_for(flood(), 60))
     refused = [r for r in rest if r.status_code == 429]
     assert refused and all(r.headers["retry-after"] == "1" for r in refused)
     assert openai_error(refused[0], 429, "queue full")["type"] == "rate_limit_error"
-    assert {r.status_code for r in rest} <= {200, 429}
+    assert sorted(r.status_code for r in rest) == [200, 200, 429, 429, 429, 429]
     deadline = time.monotonic() + 10  # the cancelled non-streaming request left too
     while engine.busy() and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not engine.busy()
+    assert not engine.busy() and generated(served, "alpha") - before < 200 + 2 * len(rest)
+
+
+def generated(served: Served, task: str) -> float:
+    """Tokens the server has generated for ``task`` (its Prometheus counter)."""
+    return served.server.metrics.generated_tokens.labels(task)._value.get()
 
 
 def test_hot_add_and_remove_of_tasks_with_the_admin_token(served: Served, bundle: Path, tmp_path: Path) -> None:
@@ -322,3 +331,26 @@ def test_sigterm_finishes_running_sequences_then_exits(bundle: Path, alone: Gene
         if process.poll() is None:
             process.kill()
     assert process.returncode == -signal.SIGTERM and "Application shutdown complete" in log and "Traceback" not in log
+
+
+def test_a_single_task_decoder_export_is_one_model(tmp_path: Path) -> None:
+    """A merged decoder export (metatt-deploy export) has one id, its folder's name; its task set is fixed."""
+    _, adapter = save_tiny_adapter(tmp_path, "llama")
+    export = export_onnx(adapter, tmp_path / "assistant")
+    app = create_openai_app(lambda: Generator(export, threads=1, form="auto"), LLMSettings(admin_token=TOKEN))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, 60)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == ["assistant"]
+        out = client.chat.completions.create(model="assistant", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0)
+        assert out.choices[0].message.content == expected_text(Generator(export, threads=1), None, "hi", 5, chat=True)[0]
+        openai_error(httpx.post(f"{url}/admin/tasks/other", headers=ADMIN), 409, "single-task export")
+        openai_error(httpx.delete(f"{url}/admin/tasks/assistant", headers=ADMIN), 409, "fixed set of tasks")
+    finally:
+        server.should_exit = True
+        thread.join(30)
