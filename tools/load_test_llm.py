@@ -129,9 +129,9 @@ def today(gen: Generator, jobs: list[tuple[str, str]], max_tokens: int) -> tuple
         t0 = time.perf_counter()
         ttft, tokens = None, 0
         for step in gen.steps(gen.encode(prompt), SamplingParams(max_tokens=max_tokens), task):
-            if step.token_id is not None:
-                tokens += 1
-                ttft = ttft or time.perf_counter() - t0
+            tokens += step.token_id is not None
+            if step.text and ttft is None:  # as the clients count it: the first piece of text
+                ttft = time.perf_counter() - t0
         results.append({"status": 200, "ttft": ttft or time.perf_counter() - t0, "tokens": tokens, "text": ""})
     return results, time.perf_counter() - started
 
