@@ -338,6 +338,7 @@ def write_report(args: argparse.Namespace, rows: list[dict], long: dict, metrics
             "",
         ]
     lines += ["## Rows per decode step (server metrics over the whole run)", "", "```", *step_rows, "```", ""]
+    lines += ["What the figures mean, and why a missed target was missed: [serving-llm.md](../serving-llm.md#measured).", ""]
     out = args.output
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines))

@@ -83,7 +83,7 @@ class _Request(BaseModel):
     max_tokens: StrictInt | None = Field(default=None, ge=1, description="New tokens at most.")
     temperature: float = Field(default=1.0, ge=0, le=2, description="0: greedy; above: sampling (OpenAI's default 1).")
     top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: StrictInt | None = Field(default=None, description="Seeds the request's own sampler: the same seed gives the same text.")
+    seed: StrictInt | None = Field(default=None, ge=0, description="Seeds the request's own sampler: the same seed gives the same text.")
     stop: StrictStr | list[StrictStr] | None = Field(default=None, description="Up to 4 strings; generation ends before the first.")
     stream: StrictBool = False
     stream_options: dict[str, Any] | None = None

@@ -215,6 +215,7 @@ def test_client_mistakes_are_4xx_in_openai_shape_and_never_fail_others(served: S
     openai_error(httpx.post(f"{url}/v1/chat/completions", json={**chat, "n": 2}), 400, "n=2")
     openai_error(httpx.post(f"{url}/v1/chat/completions", json={**chat, "logprobs": True}), 400, "'logprobs' is not supported")
     openai_error(httpx.post(f"{url}/v1/chat/completions", json={**chat, "temperature": -1}), 400, "temperature")
+    openai_error(httpx.post(f"{url}/v1/chat/completions", json={**chat, "seed": -1}), 400, "seed")
     openai_error(httpx.post(f"{url}/v1/chat/completions", json={**chat, "max_tokens": "3"}), 400, "max_tokens")
     openai_error(httpx.post(f"{url}/v1/chat/completions", json={**chat, "stop": ["a", "b", "c", "d", "e"]}), 400, "at most 4")
     openai_error(httpx.post(f"{url}/v1/chat/completions", json={**chat, "messages": []}), 400, "messages")
