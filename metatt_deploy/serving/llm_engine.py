@@ -58,7 +58,6 @@ class Seq:
     cancelled: bool = False
     generated: int = 0
     created: float = field(default_factory=time.monotonic)
-    first_token: float | None = None
     last_token: float | None = None
 
 
@@ -295,12 +294,10 @@ class Scheduler:
             now = time.monotonic()
             for seq, steps in events:
                 for step in steps:
-                    if step.token_id is not None:
-                        seq.generated += 1
-                        seq.first_token = seq.first_token or now
-                    if self.on_event is not None:
+                    if self.on_event is not None:  # before last_token moves: it measures the gap since the previous token
                         self.on_event(seq, step)
                     if step.token_id is not None:
+                        seq.generated += 1
                         seq.last_token = now
                     seq.deliver(step)
             if self.on_step is not None:
