@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 from multitask_fixtures import LABELS, build_tiny_multitask
 from onnx_fixtures import LABELLED, build_tiny
-from servers import free_port, wait_ready
+from servers import free_port, stop, wait_ready
 from tiny_decoders import save_tiny_adapter, save_tiny_multitask
 
 from metatt_deploy.export.factored import write_bundle
@@ -72,9 +71,10 @@ def test_the_lean_venv_has_no_training_stack_and_train_names_the_extra(tmp_path:
 @pytest.mark.parametrize("form", ["classifier", "bundle"])
 def test_predict_equals_the_full_install(exports: dict[str, Path], form: str, tmp_path: Path) -> None:
     runtime = Runtime(exports[form])
-    tasks = runtime.tasks
-    rows = [{"id": i, "text": t, "task": tasks[i % len(tasks)]} for i, t in enumerate(TEXTS)]
-    rows.append({"id": "pair", "text": "A man sleeps.", "text_pair": "A man is awake.", "task": tasks[-1]})
+    singles = [t for t in runtime.tasks if runtime.text_inputs(t) == 1]  # each row in the form its task takes
+    pairs = [t for t in runtime.tasks if runtime.text_inputs(t) == 2]
+    rows = [{"id": i, "text": t, "task": singles[i % len(singles)]} for i, t in enumerate(TEXTS)]
+    rows += [{"id": "pair", "text": "A man sleeps.", "text_pair": "A man is awake.", "task": task} for task in pairs]
     inputs = tmp_path / "in.jsonl"
     inputs.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     result = lean("predict", str(exports[form]), "--input", str(inputs), cwd=tmp_path)
@@ -114,10 +114,5 @@ def test_serve_answers_like_the_full_install(exports: dict[str, Path], tmp_path:
             assert [p["label"] for p in got] == [LABELS[task][int(np.argmax(e))] for e in expected]
             np.testing.assert_allclose(np.array([p["logits"] for p in got]), np.array(expected), atol=1e-5)
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            _, log = process.communicate(timeout=30)
-        finally:
-            if process.poll() is None:
-                process.kill()
+        log = stop(process)
     assert "Traceback" not in log

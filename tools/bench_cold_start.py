@@ -108,8 +108,17 @@ def tree_rss_mib(pid: int) -> float:
     return total / 1024
 
 
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a running process has used so far, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def serve_once(binary: Path, export: Path, cwd: Path, port: int) -> dict:
-    """Seconds from process start to /readyz 200, then RSS after 20 requests; the server is stopped with SIGTERM."""
+    """Seconds (wall, and the server's CPU) from process start to /readyz 200, then RSS after 20 requests; stopped with SIGTERM.
+
+    On a shared machine the wall time waits for cores other jobs hold; the CPU seconds do not.
+    """
     url = f"http://127.0.0.1:{port}"
     usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
@@ -131,6 +140,7 @@ def serve_once(binary: Path, export: Path, cwd: Path, port: int) -> dict:
                 raise SystemExit("serve was not ready after 120 s")
             time.sleep(0.02)
         ready = time.perf_counter() - started
+        ready_cpu = process_cpu_s(process.pid)
         task = httpx.get(f"{url}/v1/tasks", timeout=10).json()["tasks"][0]["name"]
         for i in range(20):
             httpx.post(f"{url}/v1/classify", json={"task": task, "texts": [f"a fine film, number {i}"]}, timeout=30).raise_for_status()
@@ -139,7 +149,8 @@ def serve_once(binary: Path, export: Path, cwd: Path, port: int) -> dict:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {"ready_s": ready, "warm_rss_mib": rss, "cpu_s": usage.ru_utime + usage.ru_stime - usage_before.ru_utime - usage_before.ru_stime}
+    total_cpu = usage.ru_utime + usage.ru_stime - usage_before.ru_utime - usage_before.ru_stime
+    return {"ready_s": ready, "ready_cpu_s": ready_cpu, "warm_rss_mib": rss, "cpu_s": total_cpu}
 
 
 def free_port() -> int:
@@ -156,6 +167,7 @@ def decode_rates(export: Path, runs: int, new_tokens: int = 48) -> dict:
     from metatt_deploy.inference.decode import SamplingParams
     from metatt_deploy.serving.generate import Generator
 
+    torch.set_num_threads(1)  # optimum's loop runs small torch ops between ONNX Runtime calls: more threads only contend with ORT's
     generator = Generator(export, threads=2)
     optimum = load_ort_decoder(export, threads=2)
     rates: dict[str, list[float]] = {"numpy": [], "optimum": []}
@@ -210,7 +222,10 @@ def main() -> None:
     print("predict vs raw script (median ratios): " + ", ".join(f"{k} {v['ratio']:.2f}x" for k, v in report["predict"].items()), flush=True)
     serves = [serve_once(lean_bin, export, cwd, free_port()) for _ in range(args.runs)]
     report["serve"] = {k: statistics.median(s[k] for s in serves) for k in serves[0]}
-    print(f"serve: ready in {report['serve']['ready_s']:.2f} s, warm RSS {report['serve']['warm_rss_mib']:.0f} MiB (medians)", flush=True)
+    print(
+        f"serve: ready in {report['serve']['ready_s']:.2f} s ({report['serve']['ready_cpu_s']:.2f} CPU s), warm RSS {report['serve']['warm_rss_mib']:.0f} MiB (medians)",
+        flush=True,
+    )
     if args.decoder is not None:
         report["decode"] = decode_rates(args.decoder.resolve(), max(1, args.runs // 3))
         print(f"decode: numpy loop {report['decode']['ratio']:.2f}x optimum's generate", flush=True)
@@ -243,7 +258,11 @@ def render(report: dict, args: argparse.Namespace) -> str:
             "measured": f"{p['peak_rss_mib']['a']:.0f} vs {p['peak_rss_mib']['b']:.0f} MiB ({p['peak_rss_mib']['ratio']:.2f}x)",
             "target": "<= 1.3x",
         },
-        {"figure": "serve: start to /readyz 200", "measured": f"{s['ready_s']:.2f} s", "target": "<= 3 s"},
+        {
+            "figure": "serve: start to /readyz 200",
+            "measured": f"{s['ready_s']:.2f} s wall, {s['ready_cpu_s']:.2f} s CPU",
+            "target": "<= 3 s",
+        },
         {"figure": "serve: warm RSS", "measured": f"{s['warm_rss_mib']:.0f} MiB", "target": "<= 250 MiB"},
     ]
     if "decode" in report:

@@ -7,7 +7,8 @@ generate exactly ``--new-tokens`` tokens each (EOS off in the loop, ``min_new_to
 optimum), so both do the same work: one prefill and N-1 cached steps. They take turns call by
 call (a background load hits both alike); per runtime the median over ``--repeats`` rounds of
 tokens/s (wall), and CPU seconds per call next to wall seconds (robust on a shared machine). The
-tokens both produce up to the first EOS are checked to be identical.
+tokens both produce up to the first EOS are checked to be identical. torch keeps its own thread
+count unless ``--torch-threads`` is given: its pool runs beside ONNX Runtime's in optimum's loop.
 
     python tools/bench_decode.py /tmp/smollm2-onnx --new-tokens 64 --repeats 5
 """
@@ -42,12 +43,19 @@ def main() -> None:
     parser.add_argument("export", type=Path, help="a decoder export folder (model.onnx with a KV cache)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (both runtimes)")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch threads around optimum (default: torch's own, as the generate verb leaves it)",
+    )
     args = parser.parse_args()
 
     import torch
 
-    torch.set_num_threads(args.threads)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     tok = TextTokenizer.from_folder(args.export)
     graph = DecoderGraph.open(args.export, threads=args.threads)
     optimum = load_ort_decoder(args.export, threads=args.threads)
@@ -76,7 +84,10 @@ def main() -> None:
                 tokens, wall, cpu = timed(lambda fn=fn, ids=ids: fn(ids))
                 assert len(tokens) == args.new_tokens
                 results[name].append((wall, cpu))
-    print(f"{args.export}: {len(prompts)} chat prompts x {args.repeats} rounds, {args.new_tokens} new tokens, {args.threads} threads")
+    print(
+        f"{args.export}: {len(prompts)} chat prompts x {args.repeats} rounds, {args.new_tokens} new tokens, "
+        f"{args.threads} ORT threads, {torch.get_num_threads()} torch threads"
+    )
     print(f"{'runtime':40s} {'tokens/s':>9s} {'wall s/call':>12s} {'CPU s/call':>11s}")
     for name, rows in results.items():
         wall = statistics.median(w for w, _ in rows)

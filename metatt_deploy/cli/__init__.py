@@ -1,9 +1,10 @@
 """The `metatt-deploy` command line: one verb, one function; user errors are one line and exit 2.
 
-The runtime verbs (predict, generate, serve; `cli/run.py`) need only the base install. The
-training verbs (train; merge, export, validate: `cli/train.py`, `cli/export.py`) need the
-``[train]`` extra, so they are loaded when they run (click's lazy-group pattern): a deployment
-starts without importing torch, and without the extra those verbs print one line naming it.
+Every verb's module is imported when that verb runs (click's lazy-group pattern), so a verb pays
+only for what it uses: predict and generate (`cli/run.py`) import ONNX Runtime and tokenizers,
+serve (`cli/serve.py`) adds the HTTP stack, and the training verbs (train: `cli/train.py`; merge,
+export, validate: `cli/export.py`) need the ``[train]`` extra: without it they print one line
+naming it and exit 2.
 """
 
 from __future__ import annotations
@@ -15,25 +16,27 @@ import typer
 from typer.core import TyperGroup
 
 from metatt_deploy import __version__
-from metatt_deploy.cli import run
-from metatt_deploy.cli.base import CONTEXT_SETTINGS, TRAIN_EXTRA_HINT
+from metatt_deploy.cli.base import CONTEXT_SETTINGS, TRAIN_EXTRA_HINT, verb_app
 
-# verbs loaded when they run: name -> (module, one-line help shown in `metatt-deploy --help`)
-LAZY_VERBS = {
+# every verb, loaded when it runs: name -> (module, one-line help shown in `metatt-deploy --help`)
+VERBS = {
     "train": ("metatt_deploy.cli.train", "Fine-tune a classifier or causal LM with a MetaTT adapter (or a PEFT baseline)."),
     "merge": ("metatt_deploy.cli.export", "Fold the adapter into the base weights, or write PEFT LoRA or a factored bundle."),
     "export": ("metatt_deploy.cli.export", "Export a merged model to ONNX and check its parity."),
     "validate": ("metatt_deploy.cli.export", "Compare an ONNX export with its unmerged adapter: parity, accuracy, latency."),
+    "predict": ("metatt_deploy.cli.run", "Predict labels with any classifier export: one JSON line per input."),
+    "generate": ("metatt_deploy.cli.run", "Generate answers from a decoder export or bundle, streaming tokens as they come."),
+    "serve": ("metatt_deploy.cli.serve", "Serve an export over HTTP, batching requests across tasks."),
 }
 TRAINING_STACK = ("torch", "transformers", "datasets", "optimum", "peft", "accelerate", "safetensors", "matplotlib", "onnx")
 
 
 def missing_extra(name: str, error: ImportError) -> Any:
     """A stand-in for a training verb when the training stack is not installed: one line, exit 2, whatever the arguments."""
-    stub = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+    stub = verb_app()
     settings = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
 
-    @stub.command(name=name, context_settings=settings, help=f"{LAZY_VERBS[name][1]} Needs {TRAIN_EXTRA_HINT}.")
+    @stub.command(name=name, context_settings=settings, help=f"{VERBS[name][1]} Needs {TRAIN_EXTRA_HINT}.")
     def refuse(ctx: typer.Context) -> None:
         typer.secho(
             f"error: '{name}' needs the training stack ({error.name or 'torch'} is not installed); {TRAIN_EXTRA_HINT}",
@@ -46,19 +49,19 @@ def missing_extra(name: str, error: ImportError) -> Any:
 
 
 class LazyVerbs(TyperGroup):
-    """The CLI's group: runtime verbs registered up front, training verbs imported on first use.
+    """The CLI's group: each verb's module is imported on first use.
 
     (Typer vendors its own click, so the overrides take its context and formatter untyped.)
     """
 
     def list_commands(self, ctx: Any) -> list[str]:
-        return [*LAZY_VERBS, *super().list_commands(ctx)]
+        return list(VERBS)
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
-        if cmd_name not in LAZY_VERBS:
-            return super().get_command(ctx, cmd_name)
+        if cmd_name not in VERBS:
+            return None
         try:
-            module = importlib.import_module(LAZY_VERBS[cmd_name][0])
+            module = importlib.import_module(VERBS[cmd_name][0])
         except ImportError as e:
             if (e.name or "").split(".")[0] not in TRAINING_STACK:
                 raise
@@ -66,15 +69,9 @@ class LazyVerbs(TyperGroup):
         return typer.main.get_group(module.app).get_command(ctx, cmd_name)
 
     def format_commands(self, ctx: Any, formatter: Any) -> None:
-        """The verb list without importing the training verbs (their one-line help is in LAZY_VERBS)."""
-        rows = [(name, help_line) for name, (_, help_line) in LAZY_VERBS.items()]
-        width = formatter.width - 6 - max(len(name) for name in [*LAZY_VERBS, *super().list_commands(ctx)])
-        for name in super().list_commands(ctx):
-            command = super().get_command(ctx, name)
-            if command is not None and not command.hidden:
-                rows.append((name, command.get_short_help_str(width)))
+        """The verb list without importing any verb (their one-line help is in VERBS)."""
         with formatter.section("Commands"):
-            formatter.write_dl(rows)
+            formatter.write_dl([(name, help_line) for name, (_, help_line) in VERBS.items()])
 
 
 app = typer.Typer(
@@ -87,7 +84,6 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings=CONTEXT_SETTINGS,
 )
-app.registered_commands.extend(run.app.registered_commands)
 
 
 def version(value: bool) -> None:

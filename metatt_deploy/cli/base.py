@@ -28,6 +28,11 @@ Force = Annotated[bool, typer.Option("--force", help="Replace an existing output
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def verb_app() -> typer.Typer:
+    """The Typer app a verb module registers its verbs on (`metatt_deploy.cli` picks them up by name)."""
+    return typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
 def close_progress_bars() -> None:
     """Close every open tqdm bar, so the error printed next starts on its own line.
 

@@ -7,11 +7,11 @@ with it); `metatt_deploy.cli` loads this module only when one of these verbs run
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from metatt_deploy.cli.base import CONTEXT_SETTINGS, Force, int_list, split_list, user_errors
+from metatt_deploy.cli.base import CONTEXT_SETTINGS, Force, int_list, split_list, user_errors, verb_app
 from metatt_deploy.cli.stack import quiet_libraries
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import read_json
@@ -27,7 +27,7 @@ from metatt_deploy.export.validate_lm import validate_decoder
 from metatt_deploy.export.web import vendor_web_runtime
 from metatt_deploy.inference.formats import GENAI_CONFIG, MANIFEST_NAME, is_decoder_export, read_manifest
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+app = verb_app()
 
 
 @app.command(context_settings=CONTEXT_SETTINGS)
@@ -254,13 +254,17 @@ def validate(
             help="Use a fixed random subset of N held-out examples (default: all; 50 prompts for decoders; the output and report say when a subset is used)."
         ),
     ] = None,
-    batch_sizes: Annotated[str, typer.Option(help="Batch sizes to time, comma-separated.")] = "1,8",
-    seq_len: Annotated[int, typer.Option(help="Tokens per example: truncation for parity, the fixed padded length for timing.")] = 128,
+    batch_sizes: Annotated[str | None, typer.Option(help="Classifiers: batch sizes to time, comma-separated (default 1,8).")] = None,
+    seq_len: Annotated[
+        int | None,
+        typer.Option(help="Classifiers: tokens per example, truncation for parity and the padded length for timing (default 128)."),
+    ] = None,
     repeats: Annotated[int, typer.Option(help="Timed calls per runtime and batch size (medians and p95 are reported).")] = 30,
-    warmup: Annotated[int, typer.Option(help="Untimed warm-up calls per runtime and batch size.")] = 3,
+    warmup: Annotated[int | None, typer.Option(help="Classifiers: untimed warm-up calls per runtime and batch size (default 3).")] = None,
     max_seconds: Annotated[
-        float, typer.Option(help="Cap on seconds per runtime and batch size (at least 3 calls are still timed).")
-    ] = 60.0,
+        float | None,
+        typer.Option(help="Classifiers: cap on seconds per runtime and batch size, at least 3 calls still timed (default 60)."),
+    ] = None,
     threads: Annotated[
         int | None,
         typer.Option(help="Intra-op threads for both PyTorch and ONNX Runtime (default: every available CPU; fastest measured)."),
@@ -278,13 +282,15 @@ def validate(
     text_column: Annotated[
         list[str] | None, typer.Option(help="Text column(s) of the data: one, or two for sentence pairs. Inferred when omitted.")
     ] = None,
-    label_column: Annotated[str, typer.Option(help="Label column of the data (absent: accuracy is not reported).")] = "label",
+    label_column: Annotated[
+        str | None, typer.Option(help="Classifiers: label column of the data, absent: accuracy is not reported (default label).")
+    ] = None,
     output: Annotated[
         Path | None,
         typer.Option(
             "--output",
             "-o",
-            help="Folder for validation.json and validation.md (default: beside the bundle, exported/NAME.validation.json and .md).",
+            help="Folder for validation.json and validation.md, decoders also latency.png (default: beside the bundle, exported/NAME.validation.json, .md, .latency.png).",
         ),
     ] = None,
     compare: Annotated[
@@ -319,30 +325,36 @@ def validate(
             base_model=base_model,
             output=output,
             force=force,
+            batch_sizes=int_list(batch_sizes, "--batch-sizes", "1,8") if batch_sizes is not None else None,
+            seq_len=seq_len,
+            warmup=warmup,
+            max_seconds=max_seconds,
+            reference_onnx=reference_onnx,
+            task=task,
+            text_columns=split_list(text_column),
+            label_column=label_column,
         )
-        echo_decoder_report(report, output or onnx_dir)
+        echo_decoder_report(report, report_paths(onnx_dir, output)[1])
         return
-    sizes = int_list(batch_sizes, "--batch-sizes", "1,8")
-    report = run_validation(
+    given: dict[str, Any] = {"seq_len": seq_len, "warmup": warmup, "max_seconds": max_seconds, "label_column": label_column}
+    if batch_sizes is not None:
+        given["batch_sizes"] = int_list(batch_sizes, "--batch-sizes", "1,8")
+    report = run_validation(  # the options left out take validate()'s defaults (decided there, once)
         adapter,
         onnx_dir,
         data=data,
         split=split,
         max_examples=max_examples,
-        batch_sizes=sizes,
-        seq_len=seq_len,
         repeats=repeats,
-        warmup=warmup,
-        max_seconds=max_seconds,
         threads=threads,
         reference_onnx=reference_onnx,
         base_model=base_model,
         task=task,
         text_columns=split_list(text_column),
-        label_column=label_column,
         output=output,
         force=force,
         log=typer.echo,
+        **{k: v for k, v in given.items() if v is not None},
     )
     parity = report["parity"]
     tolerance = f"tolerance {parity['tolerance']:.0e}" if parity["enforced"] else "reported only"
@@ -362,7 +374,7 @@ def validate(
     typer.echo(f"report: {report_paths(onnx_dir, output)[1]}")
 
 
-def echo_decoder_report(report: dict, folder: Path) -> None:
+def echo_decoder_report(report: dict, markdown: Path) -> None:
     """The lines a person reads after validating a decoder: parity, exact match, tokens/s."""
     p, q = report["parity"], report["quality"]
     tol = f"tolerance {p['tolerance']:.2g}" if p["enforced"] else "reported only"
@@ -379,4 +391,4 @@ def echo_decoder_report(report: dict, folder: Path) -> None:
         typer.echo(
             f"{r['runtime']}: {r['decode_tokens_per_s']:.1f} tokens/s ({r['decode_vs_pytorch_merged']:.2f}x PyTorch merged); first token: {ttft}"
         )
-    typer.echo(f"report: {folder / 'validation.md'}")
+    typer.echo(f"report: {markdown}")

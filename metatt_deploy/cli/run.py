@@ -1,7 +1,7 @@
-"""`metatt-deploy predict`, `generate` and `serve`: answer with any export, on the runtime floor alone.
+"""`metatt-deploy predict` and `generate`: answer with any export, on the runtime floor alone.
 
-These verbs need only the base install (onnxruntime, tokenizers, numpy, jinja2 and the server
-stack): nothing here, or below, imports torch or transformers.
+These verbs need only the base install (onnxruntime, tokenizers, numpy, jinja2): nothing here, or
+below, imports torch, transformers or the HTTP stack (`serve` lives in cli/serve.py).
 """
 
 from __future__ import annotations
@@ -13,22 +13,16 @@ from typing import Annotated, Any
 
 import typer
 
-from metatt_deploy.cli.base import CONTEXT_SETTINGS, Force, user_errors
+from metatt_deploy.cli.base import CONTEXT_SETTINGS, Force, check_number, user_errors, verb_app
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_text, check_separate, check_writable
-from metatt_deploy.inference.formats import is_decoder_model
 from metatt_deploy.serving.genai import GenAIGenerator
 from metatt_deploy.serving.generate import Generator
-from metatt_deploy.serving.http import ServeSettings
-from metatt_deploy.serving.openai_app import LLMSettings
-from metatt_deploy.serving.ray_app import run as run_ray
 from metatt_deploy.serving.runtime import Runtime, read_inputs
-from metatt_deploy.serving.server import ADMIN_TOKEN_ENV, ServeConfig
-from metatt_deploy.serving.server import serve as run_server
 
 RUNTIMES = ("onnxruntime", "genai")  # generate --runtime
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+app = verb_app()
 
 
 @app.command(context_settings=CONTEXT_SETTINGS)
@@ -67,10 +61,9 @@ def predict(
     force: Force = False,
 ) -> None:
     """Predict labels with any export: one JSON line per input (task, label, label_id, score, scores)."""
-    if batch_size < 1:
-        raise MetaTTError("--batch-size must be at least 1")
-    if max_length is not None and max_length < 2:
-        raise MetaTTError("--max-length must be at least 2")
+    check_number(batch_size, "--batch-size", low=1)
+    check_number(max_length, "--max-length", low=2)
+    check_number(threads, "--threads", low=1)
     if output is not None:
         check_separate(output, [bundle, input_file])
         check_writable(output, force, kind="file")
@@ -93,77 +86,6 @@ def predict(
     check_writable(output, force, kind="file")
     atomic_write_text(output, lines)
     typer.echo(f"wrote {len(results)} predictions to {output}", err=True)
-
-
-@app.command(context_settings=CONTEXT_SETTINGS)
-@user_errors
-def serve(
-    model: Annotated[
-        Path,
-        typer.Argument(
-            help="Factored bundle (merge --factored; every task in it is served) or a single-task export (metatt-deploy export). A decoder's is served with the OpenAI API (docs/serving-llm.md)."
-        ),
-    ],
-    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface, e.g. in a container).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    workers: Annotated[int, typer.Option(help="Worker processes, each with its own copy of the model (scale further with replicas).")] = 1,
-    threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads per worker (default: ONNX Runtime's choice).")] = None,
-    max_batch: Annotated[int, typer.Option(help="Rows per model call (rows of different tasks share a call).")] = 32,
-    max_wait_ms: Annotated[float, typer.Option(help="The longest a row waits for others to fill its batch.")] = 5.0,
-    max_queue: Annotated[
-        int | None,
-        typer.Option(
-            help="Rows (classifier; default 1024) or requests (decoder; default 256) allowed to wait; beyond that 429 with Retry-After."
-        ),
-    ] = None,
-    max_running: Annotated[int, typer.Option(help="Decoder: sequences decoding together, one row each in every step's model call.")] = 16,
-    max_tokens_per_step: Annotated[
-        int, typer.Option(help="Decoder: prompt tokens prefilled per step; a longer prompt is prefilled over several steps.")
-    ] = 128,
-    max_texts: Annotated[int, typer.Option(help="Texts per request (413 beyond).")] = 64,
-    max_chars: Annotated[int, typer.Option(help="Characters per text (413 beyond).")] = 4096,
-    batch_across_tasks: Annotated[
-        bool,
-        typer.Option("--batch-across-tasks/--batch-per-task", help="Batch rows of different tasks together, or one task per model call."),
-    ] = True,
-    admin_token: Annotated[
-        str | None,
-        typer.Option(envvar=ADMIN_TOKEN_ENV, help="Bearer token for /admin (add/remove tasks while running); without it /admin is off."),
-    ] = None,
-    graceful_seconds: Annotated[
-        int, typer.Option(help="On SIGTERM, how long to wait for open requests (a decoder's running sequences) before closing.")
-    ] = 30,
-    form: Annotated[str, typer.Option(help="auto, tasks or adapter (which factored graph serves the tasks; see predict).")] = "auto",
-    ray_replicas: Annotated[
-        int,
-        typer.Option(
-            help="Serve with Ray Serve instead of uvicorn: this many replicas, Ray's batching (needs the 'ray' extra; RAY_ADDRESS joins a cluster)."
-        ),
-    ] = 0,
-) -> None:
-    """Serve a model over HTTP: classify texts for any task (docs/serving.md), or generate with a decoder through the OpenAI API
-    (docs/serving-llm.md), batching concurrent requests across tasks."""
-    settings = ServeSettings(
-        max_batch=max_batch,
-        max_wait_ms=max_wait_ms,
-        max_queue=max_queue or ServeSettings.max_queue,
-        max_texts=max_texts,
-        max_chars=max_chars,
-        cross_task=batch_across_tasks,
-        admin_token=admin_token,
-    )
-    if ray_replicas and model.exists() and is_decoder_model(model):
-        raise MetaTTError("--ray-replicas serves classifiers; serve a decoder with uvicorn (drop --ray-replicas, scale with --workers)")
-    if ray_replicas:
-        run_ray(str(model), replicas=ray_replicas, host=host, port=port, settings=settings, threads=threads, form=form)
-        return
-    llm = LLMSettings(
-        max_running=max_running,
-        max_tokens_per_step=max_tokens_per_step,
-        max_queue=max_queue or LLMSettings.max_queue,
-    )
-    config = ServeConfig(model=str(model), settings=settings, threads=threads, form=form, llm=llm)
-    run_server(config, host=host, port=port, workers=workers, graceful_s=graceful_seconds)
 
 
 @app.command(context_settings=CONTEXT_SETTINGS)

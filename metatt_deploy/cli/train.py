@@ -7,17 +7,16 @@ loads this module only when ``train`` runs.
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import typer
 
-from metatt_deploy.adapters.base_model import DEFAULT_DECODER, DEFAULT_MODEL, TASK_TYPES, task_type
+from metatt_deploy.adapters.base_model import DEFAULT_MODEL
 from metatt_deploy.adapters.config import DEFAULT_ALPHA
 from metatt_deploy.adapters.targets import DEFAULT_TARGETS
-from metatt_deploy.cli.base import CONTEXT_SETTINGS, Force, split_list, user_errors
+from metatt_deploy.cli.base import CONTEXT_SETTINGS, Force, split_list, user_errors, verb_app
 from metatt_deploy.cli.stack import quiet_libraries
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import check_separate
@@ -34,12 +33,13 @@ from metatt_deploy.training.config import (
     TrainConfig,
 )
 from metatt_deploy.training.data import load_task
+from metatt_deploy.training.kinds import KIND_NAMES, kind_for_model
 from metatt_deploy.training.lm_data import load_text_task
 from metatt_deploy.training.multitask import train_from_cli
 from metatt_deploy.training.sampling import DEFAULT_SAMPLING, DEFAULT_TEMPERATURE, parse_task_weights
 from metatt_deploy.training.single import train as run_training
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+app = verb_app()
 
 
 def main_process() -> bool:
@@ -180,8 +180,26 @@ def train(
     torch.set_num_threads(resolve_threads(threads))
     spec_files = [f for spec in [*(task_specs or []), add_task or ""] for f in spec.partition("=")[2].split(",") if f.strip()]
     check_separate(output, [train_file, validation_file, test_file, from_adapter, model, *spec_files], what="--output")
-    if task_kind not in ("auto", *TASK_TYPES):
-        raise MetaTTError(f"unknown --task-type '{task_kind}'; use auto, {', '.join(TASK_TYPES)}")
+    if task_kind not in KIND_NAMES:  # before anything loads
+        raise MetaTTError(f"unknown --task-type '{task_kind}'; use {', '.join(KIND_NAMES)}")
+    shared: dict[str, Any] = dict(
+        method=method,
+        rank=rank,
+        alpha=alpha,
+        init=init,
+        targets=split_list([targets]) or list(DEFAULT_TARGETS),
+        lr=lr,
+        head_lr=head_lr,
+        weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm,
+        epochs=epochs,
+        batch_size=batch_size,
+        max_length=max_length,
+        seed=seed,
+        save_steps=save_steps,
+        max_steps=max_steps,
+        rank_schedule=rank_schedule,
+    )
     if task_specs or add_task or from_adapter:
         if dataset or train_file or validation_file or test_file or task_name:
             raise MetaTTError(
@@ -196,108 +214,54 @@ def train(
             label_column=label_column,
             label_names=split_list(labels),
             model=model,
-            method=method,
-            rank=rank,
-            alpha=alpha,
-            init=init,
-            targets=split_list([targets]),
-            lr=lr,
-            head_lr=head_lr,
-            weight_decay=weight_decay,
-            max_grad_norm=max_grad_norm,
-            epochs=epochs,
-            batch_size=batch_size,
-            max_length=max_length,
-            seed=seed,
-            save_steps=save_steps,
-            max_steps=max_steps,
             max_train_samples=max_train_samples,
             max_eval_samples=max_eval_samples,
-            rank_schedule=rank_schedule,
             task_sampling=task_sampling,
             temperature=temperature,
             task_weights=parse_task_weights(task_weight or []),
             task_kind=task_kind,
             force=force,
+            **shared,
         )
-        if not main_process():
-            return
-        best, primary = result["best"], result["primary_metric"]
-        label = primary.replace("_", " ")
-        typer.echo(
-            f"best mean validation {label} {best['mean_' + primary]:.4f} (epoch {best['epoch']}): "
-            + ", ".join(f"{n} {m[primary]:.4f}" for n, m in best["tasks"].items())
-        )
-        if result.get("test"):
-            typer.echo(f"test {label}: " + ", ".join(f"{n} {m[primary]:.4f}" for n, m in result["test"].items()))
-        typer.echo(f"adapter: {output / 'best'}; report: {output / 'metrics.md'}")
+        if main_process():
+            echo_multitask(result, output)
         return
-
     if task_weight:
         raise MetaTTError("--task-weight balances the tasks of a multi-task run; give two or more --task NAME=SOURCE, or drop it")
-    limits = {k: v for k, v in (("train", max_train_samples), ("validation", max_eval_samples), ("test", max_eval_samples)) if v}
-    if task_kind == "causal-lm" and model == DEFAULT_MODEL:
-        model = DEFAULT_DECODER  # the embedded encoder cannot generate: use the embedded decoder
+    kind = kind_for_model(model, task_kind)
+    model = kind.model_or_default(model)
     cfg = TrainConfig(
-        output=str(output),
-        model=model,
-        method=method,
-        rank=rank,
-        alpha=alpha,
-        lora_alpha=lora_alpha,
-        init=init,
-        targets=split_list([targets]) or list(DEFAULT_TARGETS),
-        lr=lr,
-        head_lr=head_lr,
-        weight_decay=weight_decay,
-        max_grad_norm=max_grad_norm,
-        epochs=epochs,
-        batch_size=batch_size,
-        max_length=max_length,
-        seed=seed,
-        save_steps=save_steps,
-        max_steps=max_steps,
-        rank_schedule=rank_schedule,
-        moments=moments,
+        output=str(output), model=model, lora_alpha=lora_alpha, moments=moments, eval_batch_size=kind.eval_batch_size(batch_size), **shared
     )
-    if (task_kind if task_kind != "auto" else task_type(model)) == "causal-lm":
-        text_task = load_text_task(
-            dataset=dataset,
-            train=str(train_file) if train_file else None,
-            validation=str(validation_file) if validation_file else None,
-            test=str(test_file) if test_file else None,
-            max_samples=limits or None,
-            seed=seed,
-        )
-        cfg = replace(cfg, eval_batch_size=min(batch_size * 2, 64))  # generation is slower than a forward
-        result = train_causal(cfg, text_task, force=force)
-        if not main_process():
-            return
+    files = {k: str(v) if v else None for k, v in (("train", train_file), ("validation", validation_file), ("test", test_file))}
+    limits = {k: v for k, v in (("train", max_train_samples), ("validation", max_eval_samples), ("test", max_eval_samples)) if v}
+    if kind.causal:
+        result = train_causal(cfg, load_text_task(dataset=dataset, max_samples=limits or None, seed=seed, **files), force=force)
         best, test = result["best"], result.get("test")
-        typer.echo(
-            f"best validation exact match {best['exact_match']:.4f} (epoch {best['epoch']})"
-            + (f"; test exact match {test['exact_match']:.4f}, perplexity {test['perplexity']:.3f}" if test else "")
+        summary = f"best validation exact match {best['exact_match']:.4f} (epoch {best['epoch']})" + (
+            f"; test exact match {test['exact_match']:.4f}, perplexity {test['perplexity']:.3f}" if test else ""
         )
+    else:
+        options = {"text_columns": split_list(text_column), "label_column": label_column, "label_names": split_list(labels)}
+        task = load_task(name=task_name, dataset=dataset, max_samples=limits or None, seed=seed, **files, **options)
+        result = run_training(cfg, task, force=force)
+        best, test = result["best"], result.get("test")
+        summary = f"task '{task.name}': best validation accuracy {best['accuracy']:.4f} (epoch {best['epoch']})" + (
+            f"; test accuracy {test['accuracy']:.4f}" if test else ""
+        )
+    if main_process():
+        typer.echo(summary)
         typer.echo(f"adapter: {output / 'best'}; report: {output / 'metrics.md'}")
-        return
-    task = load_task(
-        name=task_name,
-        dataset=dataset,
-        train=str(train_file) if train_file else None,
-        validation=str(validation_file) if validation_file else None,
-        test=str(test_file) if test_file else None,
-        text_columns=split_list(text_column),
-        label_column=label_column,
-        label_names=split_list(labels),
-        max_samples=limits or None,
-        seed=seed,
-    )
-    result = run_training(cfg, task, force=force)
-    if not main_process():
-        return
-    best, test = result["best"], result.get("test")
+
+
+def echo_multitask(result: dict, output: Path) -> None:
+    """The lines a person reads after a multi-task run: the best epoch per task, the test scores, where the files are."""
+    best, primary = result["best"], result["primary_metric"]
+    label = primary.replace("_", " ")
     typer.echo(
-        f"task '{task.name}': best validation accuracy {best['accuracy']:.4f} (epoch {best['epoch']})"
-        + (f"; test accuracy {test['accuracy']:.4f}" if test else "")
+        f"best mean validation {label} {best['mean_' + primary]:.4f} (epoch {best['epoch']}): "
+        + ", ".join(f"{n} {m[primary]:.4f}" for n, m in best["tasks"].items())
     )
+    if result.get("test"):
+        typer.echo(f"test {label}: " + ", ".join(f"{n} {m[primary]:.4f}" for n, m in result["test"].items()))
     typer.echo(f"adapter: {output / 'best'}; report: {output / 'metrics.md'}")

@@ -214,14 +214,25 @@ def task_file(bundle: str | Path, rec: dict, kind: str) -> Path:
     return path
 
 
-def task_records(bundle: str | Path, info: dict | None = None) -> list[dict]:
-    """Every task file's record, checked against the bundle id: graph-baked tasks first, then added ones by name."""
+def task_records(bundle: str | Path, info: dict | None = None, skipped: dict[str, str] | None = None) -> list[dict]:
+    """Every task file's record, checked against the bundle id: graph-baked tasks first, then added ones by name.
+
+    A bad record is an error, unless ``skipped`` is given: then it maps the record's file name to
+    the one-line reason and the other tasks are returned (a server keeps serving the good tasks
+    of a bundle that one broken task file was dropped into, and says which one it left out).
+    """
     bundle = Path(bundle)
     info = info or read_bundle(bundle)
     records = {}
     for path in sorted((bundle / TASKS_DIR).glob("*.json")):
-        rec = read_json(path, "task record")
-        check_task_record(rec, info, path)
+        try:
+            rec = read_json(path, "task record")
+            check_task_record(rec, info, path)
+        except MetaTTError as e:
+            if skipped is None:
+                raise
+            skipped[path.name] = str(e)
+            continue
         records[rec["task"]] = rec
     baked = [t for t in info["tasks"] if t in records]
     return [records[t] for t in baked] + [records[t] for t in sorted(records) if t not in baked]

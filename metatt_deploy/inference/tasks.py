@@ -18,6 +18,25 @@ TEXT_COLUMN_CANDIDATES: tuple[tuple[str, ...], ...] = (
     ("sentence",),
     ("text",),
 )
+# Labels that name a relation between two texts: a task with one of them takes sentence pairs.
+PAIR_LABELS = frozenset(
+    {"entailment", "not_entailment", "contradiction", "duplicate", "not_duplicate", "equivalent", "not_equivalent", "paraphrase"}
+)
+
+
+def text_inputs(record: dict) -> int:
+    """How many texts one row of a task holds: 1 (a sentence) or 2 (a sentence pair).
+
+    A task record (a bundle's tasks/NAME.json, or an export's manifest.json) that lists its
+    training ``text_columns`` (one or two names) says it; otherwise the labels decide: a task
+    whose labels name a relation between two texts (entailment, contradiction, duplicate,
+    equivalent, paraphrase, their not_ forms) takes pairs, any other task single sentences.
+    The one place that decides, so `predict` and `serve` refuse the same rows.
+    """
+    columns = record.get("text_columns")
+    if isinstance(columns, list) and len(columns) in (1, 2) and all(isinstance(c, str) for c in columns):
+        return len(columns)
+    return 2 if any(str(label).lower() in PAIR_LABELS for label in record.get("labels", [])) else 1
 
 
 def resolve_task(tasks: Sequence[str], task: str | int | None, what: str = "adapter") -> int:

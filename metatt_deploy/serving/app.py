@@ -2,7 +2,7 @@
 
     app = create_app(lambda: Runtime("bundle/"), ServeSettings(max_batch=32))   # uvicorn serves it
 
-Endpoints (OpenAPI at /docs and /openapi.json; docs/serving.md):
+Endpoints (OpenAPI at /openapi.json, and Swagger UI at /docs when settings.docs is on; docs/serving.md):
 
     POST   /v1/classify          {"task", "texts", "return_logits"} -> one prediction per text
     GET    /v1/tasks             every task with its labels
@@ -15,8 +15,9 @@ Endpoints (OpenAPI at /docs and /openapi.json; docs/serving.md):
 The model loads in the background, so /healthz answers at once and /readyz turns 200 once every
 task has run one warm-up row. Every error is ``{"error": "one line"}`` with a 4xx code (413 for
 size limits, 429 + Retry-After when the queue is full, 503 + Retry-After while loading or
-draining); an unexpected failure is a 500 with one line, its traceback goes to the server log
-only. On shutdown, uvicorn stops accepting connections and waits for open requests; the
+draining); a row the model cannot take is a 422 for its own request only (checked before it is
+queued, and a batch that fails anyway is re-run row by row); an unexpected failure is a 500 with
+one line, its traceback goes to the server log only. On shutdown, uvicorn stops accepting connections and waits for open requests; the
 lifespan then drains the batcher, so every accepted request is answered.
 """
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -33,19 +33,21 @@ import numpy as np
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
-from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.common.errors import MetaTTError, first_line
 from metatt_deploy.serving.batcher import Batcher, Closed, QueueFull
 from metatt_deploy.serving.http import (
     ERRORS,
     ApiError,
     Engine,
     ServeSettings,
+    bearer_matches,
     checked_task,
     classify_response,
     engine_id,
     install_error_handlers,
     limit_requests,
     log,
+    printable,
 )
 from metatt_deploy.serving.metrics import UNKNOWN_TASK, ServerMetrics
 from metatt_deploy.serving.schemas import AdminResponse, ClassifyRequest, ClassifyResponse, Status, TaskInfo, TasksResponse
@@ -133,10 +135,9 @@ class ServerState:
     def check_admin(self, request: Request) -> None:
         token = self.settings.admin_token
         if not token:
-            raise ApiError(403, "admin endpoints are off; start the server with --admin-token (or METATT_ADMIN_TOKEN) to use them")
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            raise ApiError(401, "admin endpoints need the header 'Authorization: Bearer <admin token>'")
+            raise ApiError(403, "admin endpoints are off; start the server with METATT_ADMIN_TOKEN or --admin-token-file to use them")
+        if not bearer_matches(request, token):
+            raise ApiError(401, "admin endpoints need the header 'Authorization: Bearer <admin token>' (a non-ASCII token in UTF-8)")
 
 
 def create_app(engine: Engine | Callable[[], Engine], settings: ServeSettings | None = None) -> FastAPI:
@@ -158,6 +159,8 @@ def create_app(engine: Engine | Callable[[], Engine], settings: ServeSettings | 
         summary="Text classification for many tasks on one model (a MetaTT factored bundle), with dynamic batching across tasks.",
         version="1",
         lifespan=lifespan,
+        docs_url="/docs" if settings.docs else None,  # Swagger UI and ReDoc load their scripts from a CDN: off unless asked for
+        redoc_url="/redoc" if settings.docs else None,
     )
 
     def state_of(request: Request) -> ServerState:
@@ -180,6 +183,8 @@ def create_app(engine: Engine | Callable[[], Engine], settings: ServeSettings | 
             labels = engine.labels(task)  # now: a removal may complete while the rows are in flight
             try:
                 rows = await state.batcher.submit(list(body.texts), task)
+            except MetaTTError as e:  # a row the model refused though it passed the checks: this request alone fails
+                raise ApiError(422, first_line(e)) from None
             except QueueFull as e:
                 raise ApiError(429, f"{e}; retry later", {"Retry-After": str(settings.retry_after_s)}) from None
             except Closed as e:
@@ -212,7 +217,8 @@ def create_app(engine: Engine | Callable[[], Engine], settings: ServeSettings | 
             engine = state_of(request).ready_engine()
         except ApiError as e:
             return JSONResponse(Status(status="unready", detail=e.reason).model_dump(), status_code=503, headers=e.headers)
-        return JSONResponse(Status(status="ready", detail=f"{len(engine.tasks)} task(s)").model_dump())
+        skipped = "".join(f"; skipped {name}: {reason}" for name, reason in getattr(engine, "skipped", {}).items())
+        return JSONResponse(Status(status="ready", detail=printable(f"{len(engine.tasks)} task(s){skipped}")).model_dump())
 
     @app.get("/metrics", response_class=Response)
     async def metrics(request: Request) -> Response:

@@ -8,6 +8,10 @@ call on a single inference thread, and resolves each row's future with its logit
 task can do; kept to measure the difference). The queue is bounded in rows: a request that does
 not fit is refused at once (`QueueFull`) instead of waiting without limit, and `close` drains
 every queued row before it returns.
+
+A failing call never fails the rows that did not cause it: when a batch of several rows raises,
+each of its rows runs again alone, and only the rows that fail alone get the exception (a text
+the tokenizer cannot take fails its own request, not the other clients' rows in its batch).
 """
 
 from __future__ import annotations
@@ -144,6 +148,19 @@ class Batcher:
         self._rows = kept
         return taken
 
+    async def _call(self, loop: asyncio.AbstractEventLoop, rows: list[_Row]) -> list[Any] | Exception:
+        """One model call on the inference thread: its logits per row, or the exception it raised (the worker keeps going)."""
+        try:
+            out = await loop.run_in_executor(self._executor, self.run, [r.text for r in rows], [r.task for r in rows])
+        except Exception as e:
+            return e
+        return list(out) if len(out) == len(rows) else RuntimeError(f"the model answered {len(out)} rows for {len(rows)}")
+
+    async def _alone(self, loop: asyncio.AbstractEventLoop, row: _Row) -> Any:
+        """One row's logits from a call of its own, or the exception that call raised."""
+        answer = await self._call(loop, [row])
+        return answer if isinstance(answer, Exception) else answer[0]
+
     async def _loop(self) -> None:
         assert self._wake is not None
         loop = asyncio.get_running_loop()
@@ -169,19 +186,16 @@ class Batcher:
             for row in batch:
                 self._running[row.task] = self._running.get(row.task, 0) + 1
             started = time.perf_counter()
-            error: Exception | None
-            try:
-                out = await loop.run_in_executor(self._executor, self.run, [r.text for r in batch], [r.task for r in batch])
-                error = None if len(out) == len(batch) else RuntimeError(f"the model answered {len(out)} rows for {len(batch)}")
-            except Exception as e:  # handed to every caller of the batch; the worker keeps going
-                out, error = [], e
-            for i, row in enumerate(batch):
+            answers = await self._call(loop, batch)
+            if isinstance(answers, Exception):  # each row alone: only the rows that fail alone get an exception
+                answers = [answers] if len(batch) == 1 else [await self._alone(loop, row) for row in batch]
+            for row, answer in zip(batch, answers):
                 self._running[row.task] -= 1
                 if row.future.done():  # the caller went away (cancelled)
                     continue
-                if error is None:
-                    row.future.set_result(out[i])
+                if isinstance(answer, Exception):
+                    row.future.set_exception(answer)
                 else:
-                    row.future.set_exception(error)
+                    row.future.set_result(answer)
             if self.on_batch is not None:
                 self.on_batch(len(batch), len({r.task for r in batch}), time.perf_counter() - started)

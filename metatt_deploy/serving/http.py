@@ -1,24 +1,48 @@
-"""What every HTTP front of the model shares (the FastAPI server and the Ray Serve deployment).
+"""What every HTTP front of a model shares (the classifier server, the Ray Serve deployment, and
+any other server on uvicorn, such as a decoder server).
 
-The engine protocol, the server settings, the request checks (served task, size limits), the
-response built from logits, and the error handlers that turn every failure into
-``{"error": "one line"}`` with its status code: malformed JSON 400, wrong fields or types 422
-(naming the field), unknown route 404, a body not sent as JSON 415, too large 413; anything
-unexpected a 500 whose traceback goes to the log and never into the answer.
+The engine protocol, the server settings, the request checks (served task, size limits, rows the
+engine refuses), the response built from logits, and the error handlers that turn every failure
+into ``{"error": "one line"}`` with its status code: malformed JSON or malformed HTTP 400, wrong
+fields or types 422 (naming the field), unknown route 404, a body not sent as JSON 415, too large
+413, a body not sent in time 408; anything unexpected a 500 whose traceback goes to the log and
+never into the answer.
+
+Pieces any server reuses, whatever its routes:
+
+- `BodyLimit`: ASGI middleware that reads the body before the app, counting bytes as they
+  arrive, so the limit holds for ``Transfer-Encoding: chunked`` as for ``Content-Length``, and a
+  body that trickles in is cut off after ``body_timeout_s``.
+- `JsonHttpProtocol`: uvicorn's HTTP/1.1 protocol (h11) whose answer to a request it cannot
+  parse (a malformed ``Content-Length``, a bad request line) is the JSON error shape, and which
+  closes a connection that starts no request within the keep-alive time.
+- `bind`: the listening socket, opened before the model loads, so a port in use, a port out of
+  range or a host that does not resolve is one `MetaTTError` line at start-up.
+- `check_admin_token` / `bearer_matches`: the admin token's rules and its comparison as UTF-8 bytes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import math
+import secrets
+import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import h11
 import numpy as np
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.serving.runtime import scored
@@ -36,30 +60,83 @@ class Engine(Protocol):
 
     def logits(self, texts: list[Any], task: str | None = None, tasks: list[str] | None = None) -> list[np.ndarray]: ...
 
+    def check(self, texts: Sequence[Any], task: str) -> None:
+        """Raise MetaTTError naming the first row ``task`` cannot take (answered 422 before the rows are queued)."""
+
+
+def check_number(option: str, value: float, low: float, high: float) -> None:
+    """A numeric setting must be finite and within [low, high]: NaN and infinities are refused first (NaN compares false)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise MetaTTError(f"{option} must be a finite number, got {value}")
+    if not low <= value <= high:
+        raise MetaTTError(f"{option} must be between {low:g} and {high:g}, got {value:g}")
+
+
+def check_admin_token(token: str | None) -> None:
+    """An admin token must be sendable in an HTTP header: not empty, no spaces or control characters.
+
+    Non-ASCII tokens are allowed: clients send them as UTF-8 and `bearer_matches` compares bytes.
+    """
+    if token is None:
+        return
+    if not token or any(c.isspace() or not c.isprintable() for c in token):
+        raise MetaTTError("the admin token must be non-empty without spaces or control characters; set another one")
+    try:
+        token.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MetaTTError("the admin token is not valid UTF-8 text; set another one") from None
+
+
+def bearer_matches(request: Request, token: str) -> bool:
+    """Whether the request's Authorization header is ``Bearer <token>``, compared as UTF-8 bytes in constant time.
+
+    The raw header bytes are compared: Starlette decodes header values as latin-1, so comparing
+    decoded text would never match a UTF-8 client's non-ASCII token.
+    """
+    given = next((v for k, v in request.headers.raw if k.lower() == b"authorization"), b"")
+    return secrets.compare_digest(given, b"Bearer " + token.encode("utf-8"))
+
+
+# setting -> (the serve option that sets it, lowest, highest): a NaN, an infinity or a value out of range is a start-up error
+SETTING_RANGES: dict[str, tuple[str, float, float]] = {
+    "max_batch": ("--max-batch", 1, 1 << 16),
+    "max_wait_ms": ("--max-wait-ms", 0, 60_000),
+    "max_queue": ("--max-queue", 1, 1 << 24),
+    "max_texts": ("--max-texts", 1, 1 << 16),
+    "max_chars": ("--max-chars", 1, 1 << 24),
+    "max_body_bytes": ("max_body_bytes", 1, 1 << 30),
+    "body_timeout_s": ("--body-timeout-seconds", 0.001, 3600),
+    "keep_alive_s": ("--keep-alive-seconds", 0.001, 3600),
+    "retry_after_s": ("retry_after_s", 0, 3600),
+    "drain_timeout_s": ("drain_timeout_s", 0, 3600),
+}
+
 
 @dataclass
 class ServeSettings:
-    """Batching, limits and admin access (the options of `metatt-deploy serve`)."""
+    """Batching, limits, timeouts and admin access (the options of `metatt-deploy serve`)."""
 
     max_batch: int = 32  # rows per model call
     max_wait_ms: float = 5.0  # the longest a row waits for others to fill its batch
     max_queue: int = 1024  # rows waiting; beyond that requests get 429
     max_texts: int = 64  # texts per request (413 beyond)
     max_chars: int = 4096  # characters per text (413 beyond); the tokenizer truncates long texts anyway
-    max_body_bytes: int = 1 << 20  # request body (413 beyond)
+    max_body_bytes: int = 1 << 20  # request body, however it is framed (413 beyond)
+    body_timeout_s: float = 10.0  # the whole body must arrive within this (408 beyond)
+    keep_alive_s: float = 5.0  # an idle connection, or one that starts no request, is closed after this
     cross_task: bool = True  # batch rows of different tasks together (False: one task per batch)
     admin_token: str | None = None  # bearer token for /admin; None turns /admin off
+    docs: bool = False  # serve /docs (Swagger UI, loaded from a CDN by the browser); /openapi.json is always there
     retry_after_s: int = 1
     drain_timeout_s: float = 30.0  # how long removing a task waits for its queued rows
 
     def check(self) -> ServeSettings:
-        for name in ("max_batch", "max_queue", "max_texts", "max_chars", "max_body_bytes"):
-            if getattr(self, name) < 1:
-                raise MetaTTError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.max_wait_ms < 0:
-            raise MetaTTError("--max-wait-ms must be 0 or more")
+        """Every number finite and in range, the queue large enough for one request, the admin token sendable."""
+        for name, (option, low, high) in SETTING_RANGES.items():
+            check_number(option, getattr(self, name), low, high)
         if self.max_queue < self.max_texts:
             raise MetaTTError(f"--max-queue ({self.max_queue}) must hold at least one full request (--max-texts {self.max_texts})")
+        check_admin_token(self.admin_token)
         return self
 
 
@@ -78,6 +155,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for code, text in (
         (400, "Malformed JSON."),
         (404, "Unknown task."),
+        (408, "The body did not arrive within the server's body timeout."),
         (413, "Too many texts, a text too long, or a body too large."),
         (415, "The body is not sent as application/json."),
         (422, "Wrong fields or types (the reason names the field)."),
@@ -94,15 +172,23 @@ def engine_id(engine: Any) -> str:
 
 
 def checked_task(engine: Engine, body: ClassifyRequest, settings: ServeSettings, hidden: set[str] | frozenset[str] = frozenset()) -> str:
-    """The request's task, once it is served (404) and the request is within the limits (413)."""
+    """The request's task, once it is served (404), the request is within the limits (413) and the engine takes every row (422).
+
+    Every row is checked here, at the edge, so a row the model cannot take is refused with its
+    own request and never joins a batch with other clients' rows.
+    """
     if body.task not in engine.tasks or body.task in hidden:
         served = ", ".join(t for t in engine.tasks if t not in hidden)
-        raise ApiError(404, f"unknown task '{body.task}'; this server has tasks: {served}")
+        raise ApiError(404, f"unknown task '{printable(body.task, 80)}'; this server has tasks: {served}")
     if len(body.texts) > settings.max_texts:
         raise ApiError(413, f"{len(body.texts)} texts in one request; at most {settings.max_texts} (--max-texts)")
     longest = max(len(t) if isinstance(t, str) else len(t[0]) + len(t[1]) for t in body.texts)
     if longest > settings.max_chars:
         raise ApiError(413, f"a text of {longest} characters; at most {settings.max_chars} per text (--max-chars)")
+    try:
+        engine.check(body.texts, body.task)
+    except MetaTTError as e:
+        raise ApiError(422, str(e)) from None
     return body.task
 
 
@@ -115,8 +201,18 @@ def classify_response(engine: Engine, task: str, labels: list[str], rows: Sequen
     return ClassifyResponse(task=task, model_id=engine_id(engine), predictions=predictions)
 
 
+def printable(text: str, limit: int | None = None) -> str:
+    """``text`` (at most ``limit`` characters) with anything UTF-8 cannot encode (lone surrogates) as backslash escapes.
+
+    Reasons echo user input (a task name, a field name); JSON bodies are UTF-8, so an echoed lone
+    surrogate would make the error answer itself fail.
+    """
+    return text[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error(code: int, reason: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": reason}, status_code=code, headers=headers)
+    """The one error shape: ``{"error": "one line"}`` with ``code``."""
+    return JSONResponse({"error": printable(reason)}, status_code=code, headers=headers)
 
 
 def one_line(exc: RequestValidationError) -> tuple[int, str]:
@@ -154,15 +250,168 @@ def install_error_handlers(app: FastAPI, on_invalid: Callable[[Request, int], No
         return error(500, f"internal error ({type(exc).__name__}); the server log has the details")
 
 
-def limit_requests(app: FastAPI, settings: ServeSettings) -> None:
-    """413 for a declared body over the limit, 415 for a POST to /v1 not sent as JSON (before any parsing)."""
+class BodyLimit:
+    """ASGI middleware: the whole request body, at most ``max_bytes``, read within ``timeout_s`` before the app sees it.
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            return error(413, f"request body over {settings.max_body_bytes} bytes; send fewer or shorter texts")
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if request.method == "POST" and request.url.path.startswith("/v1/") and kind != "application/json":
-            return error(415, f"content type '{kind or 'none'}'; send the body as JSON with 'Content-Type: application/json'")
-        return await call_next(request)
+    Bytes are counted as they arrive, so the limit holds however the body is framed
+    (``Content-Length`` or ``Transfer-Encoding: chunked``): the answer is 413 as soon as the count
+    passes the limit, and the rest is never read (the connection is closed). A body that has not
+    fully arrived after ``timeout_s`` (a client trickling bytes) is answered 408. A POST to /v1/
+    not sent as JSON is 415 before any of its body is read. The app then reads the buffered body.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float):
+        self.app = app
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.lower(): v for k, v in scope["headers"]}
+        kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower().decode("latin-1")
+        if scope["method"] == "POST" and scope["path"].startswith("/v1/") and kind != "application/json":
+            answer = error(415, f"content type '{kind or 'none'}'; send the body as JSON with 'Content-Type: application/json'")
+            return await self._close_with(answer, scope, receive, send)
+        length = headers.get(b"content-length")
+        if length is not None and not length.isdigit():  # h11 refuses these first; other servers (Ray's proxy) may not
+            return await self._close_with(error(400, "malformed Content-Length; send the body's size in bytes"), scope, receive, send)
+        if length is not None and int(length) > self.max_bytes:
+            return await self._close_with(self._too_large(), scope, receive, send)
+        chunks: list[bytes] = []
+        size = 0
+        deadline = time.monotonic() + self.timeout_s
+        more = True
+        while more:
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0))
+            except asyncio.TimeoutError:
+                answer = error(408, f"the request body did not arrive within {self.timeout_s:g} s; send it at once")
+                return await self._close_with(answer, scope, receive, send)
+            if message["type"] == "http.disconnect":
+                return  # the client went away: nobody to answer
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._close_with(self._too_large(), scope, receive, send)
+            more = message.get("more_body", False)
+        body: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay() -> Message:
+            return body.pop() if body else await receive()
+
+        await self.app(scope, replay, send)
+
+    def _too_large(self) -> JSONResponse:
+        return error(413, f"request body over {self.max_bytes} bytes; send fewer or shorter texts")
+
+    @staticmethod
+    async def _close_with(answer: JSONResponse, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer before the body is read, and close the connection: the unread rest of the body cannot start another request."""
+        answer.headers["connection"] = "close"
+        await answer(scope, receive, send)
+
+
+def limit_requests(app: FastAPI, settings: ServeSettings) -> None:
+    """Install `BodyLimit` with the settings' body size and time (before routing and any parsing)."""
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+
+
+SHUTDOWN_GRACE_S = 0.5  # on shutdown, how long an idle connection stays open for a request already on its way
+
+
+class JsonHttpProtocol(H11Protocol):
+    """uvicorn's h11 protocol, with the JSON error shape for unparsable requests, a deadline for starting a request, and a gentler shutdown.
+
+    - A request h11 cannot parse (a malformed or repeated ``Content-Length``, a bad request line
+      or header) is answered 400 ``{"error": ...}`` instead of uvicorn's plain text.
+    - A connection must start its next request (all its headers) within the keep-alive time after
+      it opens or after its last answer; uvicorn's own timer covers only an idle connection, and a
+      client that trickles header bytes, or opens a connection and sends nothing, would otherwise
+      hold it forever. The body has its own deadline (`BodyLimit`).
+    - On shutdown uvicorn closes idle keep-alive connections at once, which resets a request the
+      client sent a moment before (it is in the socket, not yet read). Here an idle connection
+      stays open ``SHUTDOWN_GRACE_S`` longer: a request that arrives is answered (with
+      ``Connection: close``), then the connection closes.
+
+    h11 is uvicorn's reference parser; this server uses it (not httptools) so that one class
+    carries these rules. Pass it as ``uvicorn.Config(http=JsonHttpProtocol)``.
+    """
+
+    _draining = False  # shutdown has begun: every request from now on is the connection's last
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._start_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._start_deadline()
+
+    def shutdown(self) -> None:
+        """Called by uvicorn's shutdown: an idle connection gets ``SHUTDOWN_GRACE_S`` for a request on its way, a busy one closes after its answer."""
+        self._draining = True
+        if self.cycle is None or self.cycle.response_complete:
+            self.loop.call_later(SHUTDOWN_GRACE_S, self._no_request_started, self.cycle)
+        else:
+            self.cycle.keep_alive = False
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self._draining and self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False  # a request that arrived during the shutdown grace: answer it, then close
+
+    def _start_deadline(self) -> None:
+        self.loop.call_later(self.timeout_keep_alive, self._no_request_started, self.cycle)
+
+    def _no_request_started(self, cycle: Any) -> None:
+        """Close the connection if it began no request since the deadline was set (the same cycle, and it is answered)."""
+        if self.cycle is cycle and (cycle is None or cycle.response_complete) and not self.transport.is_closing():
+            self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        body = json.dumps(
+            {"error": "malformed HTTP request (request line, headers or body framing such as Content-Length); send valid HTTP/1.1"}
+        ).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event) or b"")
+        self.transport.close()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, which accepts the connections the kernel has already completed before it closes the listener.
+
+    Closing a listening socket resets every connection in its accept queue: clients that
+    connected and sent a request just before SIGTERM would see a reset. Waiting
+    ``SHUTDOWN_GRACE_S`` first lets the event loop accept them; their requests are answered
+    (`JsonHttpProtocol` closes each connection after its answer from then on).
+    """
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await asyncio.sleep(SHUTDOWN_GRACE_S)
+        await super().shutdown(sockets)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening TCP socket for ``host``:``port``, or one MetaTTError line (port out of range, in use, host unknown).
+
+    Opened before the model loads, so a server that could never listen says so at once instead
+    of after loading (uvicorn's own bind failure is a log line and exit status 3).
+    """
+    check_number("--port", port, 1, 65535)
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise MetaTTError(f"--host '{printable(host, 80)}' does not resolve ({e}); pass an address such as 127.0.0.1 or 0.0.0.0") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise MetaTTError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port, or stop what uses it") from None
+    sock.set_inheritable(True)
+    return sock

@@ -21,7 +21,11 @@ never re-exported. ``form="tasks"`` or ``"adapter"`` forces one graph.
 
 Every task file is checked against the bundle before use: unknown task names or ids, a task
 file (or adapter file) of another bundle, and a head whose output count differs from the task's
-labels are MetaTTErrors, never a silent wrong answer.
+labels are MetaTTErrors, never a silent wrong answer. A broken task record does not take the
+other tasks down: it is left out and reported in ``skipped`` (asking for that task names the
+reason). ``check`` refuses rows a task cannot answer before any model call: text that is not
+valid Unicode, and a sentence pair for a single-sentence task or one sentence for a pair task
+(`inference.tasks.text_inputs` decides which a task takes).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from metatt_deploy.inference.formats import (
     ONNX_NAME,
     TASK_GRAPH,
     TASK_IDS,
+    TASKS_DIR,
     added_task_record,
     base_dir,
     is_bundle,
@@ -51,7 +56,7 @@ from metatt_deploy.inference.formats import (
     task_records,
 )
 from metatt_deploy.inference.sessions import adapter_run_options, load_task_adapter, make_session, onnx_feeds
-from metatt_deploy.inference.tasks import TEXT_COLUMN_CANDIDATES, resolve_task
+from metatt_deploy.inference.tasks import TEXT_COLUMN_CANDIDATES, resolve_task, text_inputs
 from metatt_deploy.inference.text import TextTokenizer
 
 Text = str | Sequence[str]  # a sentence, or a (sentence, sentence) pair
@@ -96,6 +101,7 @@ class Runtime:
         self._task_session = None
         self._adapter_session = None
         self._adapters: dict[str, ort.LoraAdapter] = {}
+        self.skipped: dict[str, str] = {}  # task record file -> why it is not served
         if not is_bundle(self.bundle) and (self.bundle / ONNX_NAME).is_file():
             self._open_export(max_length)
             return
@@ -111,7 +117,10 @@ class Runtime:
         if not self.info.get("onnx"):
             raise MetaTTError(f"bundle {self.bundle} has no ONNX graphs; write it with merge --factored (without --no-onnx)")
         self.max_length = max_length or int(self.info.get("max_length", DEFAULT_MAX_LENGTH))
-        self.records = {r["task"]: r for r in task_records(self.bundle, self.info)}
+        self.records = {r["task"]: r for r in task_records(self.bundle, self.info, self.skipped)}
+        if not self.records:
+            reasons = "; ".join(self.skipped.values()) or f"{TASKS_DIR}/ holds no task record"
+            raise MetaTTError(f"bundle {self.bundle} has no task that can be served: {reasons}")
         self.tasks = list(self.records)
         self.baked = list(self.info["onnx"]["task_graph"]["tasks"])
         self.tokenizer = TextTokenizer.from_folder(base_dir(self.bundle, self.info))
@@ -133,7 +142,7 @@ class Runtime:
             raise MetaTTError(f"{self.bundle} records no labels (manifest.json or config.json); re-export the model")
         names = [str(labels[k]) for k in sorted(labels, key=int)]
         task = self.info.get("task") or self.info.get("name") or self.bundle.resolve().name
-        self.records = {task: {"task": task, "labels": names, "num_labels": len(names)}}
+        self.records = {task: {"task": task, "labels": names, "num_labels": len(names), "text_columns": self.info.get("text_columns")}}
         self.tasks = [task]
         self.baked = []
         self.max_length = max_length or int(self.info.get("max_length", DEFAULT_MAX_LENGTH))
@@ -167,8 +176,40 @@ class Runtime:
     # ------------------------------------------------------------ tasks and inputs
 
     def task_name(self, task: str | int | None) -> str:
-        """A task name from a name or an index into ``tasks``; unknown ones are errors."""
+        """A task name from a name or an index into ``tasks``; unknown ones are errors (a skipped one says why)."""
+        reason = self.skipped.get(f"{task}.json") if isinstance(task, str) else None
+        if reason is not None:
+            raise MetaTTError(f"task '{task}' is not served: {reason}")
         return self.tasks[resolve_task(self.tasks, task, what="bundle")]
+
+    def text_inputs(self, task: str) -> int:
+        """1 if ``task`` takes one sentence per row, 2 if a sentence pair (see `inference.tasks.text_inputs`)."""
+        return text_inputs(self.records[self.task_name(task)])
+
+    def refusal(self, text: Text, task: str) -> str | None:
+        """Why ``task`` cannot answer the row ``text`` (None if it can): text that is not valid Unicode, or the wrong number of texts.
+
+        Checked before a row joins a batch, so a bad row never reaches a model call shared with
+        other rows. Lone UTF-16 surrogates (a JSON string such as "\\ud800", or command-line bytes
+        that are not UTF-8) have no UTF-8 form, and the tokenizer cannot take them.
+        """
+        parts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else []
+        if len(parts) not in (1, 2) or not all(isinstance(p, str) for p in parts):
+            return f"each input must be a text or a pair of texts, got {type(text).__name__}: {str(text)[:60]}"
+        if not all(_encodable(p) for p in parts):
+            return "not valid Unicode text (an unpaired surrogate?); send UTF-8 text"
+        want = self.text_inputs(task)
+        if len(parts) != want:
+            expects = "a sentence pair [first, second]" if want == 2 else "one text, not a sentence pair"
+            return f"task '{task}' takes {expects} per row"
+        return None
+
+    def check(self, texts: Sequence[Text], task: str) -> None:
+        """A MetaTTError naming the first row (``texts.N``) that ``task`` cannot answer (see `refusal`)."""
+        for i, text in enumerate(texts):
+            reason = self.refusal(text, task)
+            if reason is not None:
+                raise MetaTTError(f"texts.{i}: {reason}")
 
     def labels(self, task: str | int | None = None) -> list[str]:
         return list(self.records[self.task_name(task)]["labels"])
@@ -237,6 +278,10 @@ class Runtime:
         """Per row: task, label, label_id, score (its probability) and the scores of every label."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         names = self._row_tasks(len(texts), task, tasks)
+        for i, (text, name) in enumerate(zip(texts, names)):
+            reason = self.refusal(text, name)
+            if reason is not None:
+                raise MetaTTError(f"input {i + 1}: {reason}")
         results: list[dict] = []
         for start in range(0, len(texts), batch_size):
             chunk = names[start : start + batch_size]

@@ -40,6 +40,7 @@ ADD_TASK_LR = 5e-3
 DEFAULT_RANK = 8
 DEFAULT_EPOCHS = 3
 DEFAULT_BATCH_SIZE = 32
+DEFAULT_EVAL_BATCH_SIZE = 128  # a classifier's evaluation is a forward pass: batches as large as memory allows
 DEFAULT_MAX_LENGTH = 128
 DEFAULT_SAVE_STEPS = 200
 # --max-grad-norm: the global L2 norm gradients are clipped to before a step; 0 clips nothing
@@ -66,7 +67,7 @@ class TrainConfig:
     max_grad_norm: float = DEFAULT_MAX_GRAD_NORM
     epochs: int = DEFAULT_EPOCHS
     batch_size: int = DEFAULT_BATCH_SIZE
-    eval_batch_size: int = 128
+    eval_batch_size: int = DEFAULT_EVAL_BATCH_SIZE  # the task kind sets a causal LM's (training/kinds.py)
     max_length: int = DEFAULT_MAX_LENGTH
     seed: int = 0
     save_steps: int = DEFAULT_SAVE_STEPS

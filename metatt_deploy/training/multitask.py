@@ -8,9 +8,8 @@ adapters/multitask.py's.
 
 The same recipe trains classifiers (`TaskData`: one head per task, accuracy) and causal language
 models (`TextTask`, training/lm_data.py: no head, response-only loss, exact match of greedy
-answers with the perplexity of the references, as a single-task causal run scores them); which of
-the two a run is follows from the type of its tasks (`TextTask` or not), decided once at the top of
-`train_multitask`.
+answers with the perplexity of the references, as a single-task causal run scores them); what
+differs is the run's `TaskKind` (training/kinds.py), picked once from the type of its tasks.
 """
 
 from __future__ import annotations
@@ -22,13 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
 import torch
 from matplotlib.ticker import MaxNLocator
 from torch import nn
-from transformers import DataCollatorWithPadding
 
-from metatt_deploy.adapters.base_model import DEFAULT_DECODER, DEFAULT_MODEL, load_causal_lm, load_classifier, load_tokenizer, task_type
+from metatt_deploy.adapters.base_model import DEFAULT_MODEL, load_tokenizer
 from metatt_deploy.adapters.config import MetaTTConfig
 from metatt_deploy.adapters.heads import routers
 from metatt_deploy.adapters.model import get_adapter
@@ -44,12 +41,11 @@ from metatt_deploy.adapters.multitask import (
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text
 from metatt_deploy.common.report import markdown_table, save_figure
-from metatt_deploy.inference.formats import context_length
-from metatt_deploy.training.causal import TIE_BREAK
 from metatt_deploy.training.config import DEFAULT_BATCH_SIZE, MultiTaskConfig
-from metatt_deploy.training.data import TaskData, load_task, tokenize_task
+from metatt_deploy.training.data import TaskData, load_task
 from metatt_deploy.training.guards import exclusive_run
-from metatt_deploy.training.lm_data import CausalCollator, TextTask, load_text_task, tokenize_text_task
+from metatt_deploy.training.kinds import AUTO, CAUSAL_LM_KIND, CLASSIFIER_KIND, kind_for_model, kind_of_task
+from metatt_deploy.training.lm_data import TextTask, load_text_task
 from metatt_deploy.training.lm_eval import evaluate_generation
 from metatt_deploy.training.loop import (
     MODEL_INPUTS,
@@ -186,8 +182,8 @@ def train_multitask(cfg: MultiTaskConfig, tasks: Sequence[TaskData | TextTask], 
     or text-to-text tasks (`TextTask`: a causal LM, mean exact match picks it, ties broken by the
     lower mean perplexity).
     """
-    causal = isinstance(tasks[0], TextTask)
-    primary = "exact_match" if causal else PRIMARY_METRIC
+    kind = kind_of_task(tasks[0])
+    primary = kind.primary_metric
     loss_weights = task_loss_weights([t.name for t in tasks], cfg.task_weights)  # a misnamed task fails before any loading
     accelerator = make_accelerator(find_unused_parameters=True)
     run, resuming = prepare_run(cfg, force, accelerator)
@@ -195,15 +191,15 @@ def train_multitask(cfg: MultiTaskConfig, tasks: Sequence[TaskData | TextTask], 
     restore = None
     if cfg.add_task_from:
         mtm, _, tokenizer = load_multitask(cfg.add_task_from, base_model=cfg.model)
-        if mtm.adapter_config.causal_lm != causal:
-            kind = "a causal LM" if mtm.adapter_config.causal_lm else "a classifier"
-            raise MetaTTError(f"{cfg.add_task_from} is {kind}; add a task of the same kind (text-to-text tasks for a causal LM)")
+        if mtm.adapter_config.causal_lm != kind.causal:
+            what = "a causal LM" if mtm.adapter_config.causal_lm else "a classifier"
+            raise MetaTTError(f"{cfg.add_task_from} is {what}; add a task of the same kind (text-to-text tasks for a causal LM)")
         new = extend_tasks(mtm, tasks[0].name, tasks[0].label_names, seed=cfg.seed)
         restore = _freeze_for_new_task(mtm, new)
         train_ids = [new]
     else:
         tokenizer = load_tokenizer(cfg.model)
-        model = load_causal_lm(cfg.model) if causal else load_classifier(cfg.model, tasks[0].label_names)
+        model = kind.load_base(cfg.model, tasks[0].label_names)
         mtm = build_multitask(
             model,
             [t.name for t in tasks],
@@ -224,21 +220,18 @@ def train_multitask(cfg: MultiTaskConfig, tasks: Sequence[TaskData | TextTask], 
 
     splits = []
     for task in tasks:
-        if isinstance(task, TextTask):
-            s = tokenize_text_task(task, tokenizer, cfg.max_length, context_length(mtm.model.config.to_dict()))
-        else:
-            s = tokenize_task(task, tokenizer, cfg.max_length)
+        s = kind.tokenize(task, tokenizer, cfg.max_length, mtm.model)
         if "train" not in s or "validation" not in s:
             raise MetaTTError(f"task '{task.name}' needs a train and a validation split; give train.jsonl,validation.jsonl")
         splits.append(s)
-    collator = CausalCollator(tokenizer.pad_token_id) if causal else DataCollatorWithPadding(tokenizer)
+    collator = kind.collator(tokenizer)
     columns = [c for c in MODEL_INPUTS if c in splits[0]["train"].column_names]
     rows = [s["train"].select_columns(columns).to_list() for s in splits]
     probs = task_probabilities([len(r) for r in rows], cfg.task_sampling, cfg.temperature)
     val_loaders = {
         i: accelerator.prepare(make_loader(splits[k]["validation"], functools.partial(_with_task, collator, i), cfg.eval_batch_size))
         for k, i in enumerate(train_ids)
-        if not causal
+        if not kind.causal
     }
     counts = parameter_counts(mtm)
     config = mtm.adapter_config
@@ -259,7 +252,7 @@ def train_multitask(cfg: MultiTaskConfig, tasks: Sequence[TaskData | TextTask], 
         }
 
     def evaluate_epoch(model: nn.Module) -> tuple[dict[str, Any], float, str]:
-        if causal:
+        if kind.causal:
             m = cast(MultiTaskModel, accelerator.unwrap_model(model))
             metrics = {
                 tasks[k].name: _evaluate_lm(m, i, splits[k]["validation"], tokenizer, cfg.eval_batch_size) for k, i in enumerate(train_ids)
@@ -268,12 +261,8 @@ def train_multitask(cfg: MultiTaskConfig, tasks: Sequence[TaskData | TextTask], 
             metrics = {
                 tasks[k].name: evaluate(model, val_loaders[i], accelerator, len(tasks[k].label_names)) for k, i in enumerate(train_ids)
             }
-        mean = float(np.mean([m[primary] for m in metrics.values()]))
-        fields: dict[str, Any] = {"tasks": metrics, f"mean_{primary}": mean}
-        score = mean
-        if causal:
-            fields["mean_perplexity"] = float(np.mean([m["perplexity"] for m in metrics.values()]))
-            score = mean - TIE_BREAK * fields["mean_perplexity"]
+        fields, score = kind.score(metrics)
+        mean = fields[f"mean_{primary}"]
         line = ", ".join(f"{n} {METRIC_SHORT[primary]} {m[primary]:.4f}" for n, m in metrics.items()) + f"; mean {mean:.4f}"
         return fields, score, line
 
@@ -298,7 +287,7 @@ def train_multitask(cfg: MultiTaskConfig, tasks: Sequence[TaskData | TextTask], 
     result = {
         "method": config.method,
         "mode": "add-task" if cfg.add_task_from else "joint",
-        "task_type": "causal-lm" if causal else "classification",
+        "task_type": kind.name,
         "primary_metric": primary,
         "model": cfg.model,
         "tasks": [
@@ -325,7 +314,7 @@ def train_multitask(cfg: MultiTaskConfig, tasks: Sequence[TaskData | TextTask], 
         for k, task in enumerate(tasks):
             if "test" in splits[k]:
                 i = best.tasks.index(task.name)
-                if causal:
+                if kind.causal:
                     result["test"][task.name] = _evaluate_lm(
                         best.to(accelerator.device), i, splits[k]["test"], tokenizer, cfg.eval_batch_size
                     )
@@ -444,7 +433,7 @@ def train_from_cli(
     label_column: str = "label",
     label_names=None,
     model: str | None = None,
-    task_kind: str = "auto",
+    task_kind: str = AUTO,
     force: bool = False,
     **knobs,
 ) -> dict:
@@ -464,26 +453,23 @@ def train_from_cli(
             raise MetaTTError(f"{from_adapter} is a single-task adapter; --add-task extends one trained with several --task")
         if model in (None, DEFAULT_MODEL):
             model = base.base_model
-        if task_kind == "auto":
-            task_kind = "causal-lm" if base.causal_lm else "classification"
+        if task_kind == AUTO:
+            task_kind = CAUSAL_LM_KIND.name if base.causal_lm else CLASSIFIER_KIND.name
         specs = [add_task]
     elif from_adapter:
         raise MetaTTError("--from is used with --add-task only; add --add-task NAME=SOURCE")
-    if task_kind == "causal-lm" and model in (None, DEFAULT_MODEL):
-        model = DEFAULT_DECODER  # the embedded encoder cannot generate: use the embedded decoder
-    model = model or DEFAULT_MODEL
-    causal = (task_kind if task_kind != "auto" else task_type(model)) == "causal-lm"
+    kind = kind_for_model(model, task_kind)
+    model = kind.model_or_default(model)
     parsed = [parse_task_spec(s) for s in specs]
     names = [p.name for p in parsed]
     if len(set(names)) != len(names):
         raise MetaTTError(f"task names repeat ({', '.join(names)}); give each --task a distinct NAME")
-    if label_names and (len(parsed) > 1 or causal):
+    if label_names and (len(parsed) > 1 or kind.causal):
         raise MetaTTError("--labels names one classification task's labels; with several --task, or text-to-text tasks, drop it")
-    if causal:  # generation is slower than a forward (as for a single-task causal run)
-        knobs["eval_batch_size"] = min(knobs.get("batch_size", DEFAULT_BATCH_SIZE) * 2, 64)
+    knobs["eval_batch_size"] = kind.eval_batch_size(knobs.get("batch_size", DEFAULT_BATCH_SIZE))
     cfg = MultiTaskConfig(output=output, model=model, tasks=list(specs), add_task_from=from_adapter, **knobs)
     cfg.check()
-    if causal:
+    if kind.causal:
         text_tasks = [load_text_spec(p, max_samples=cfg.sample_limits(), seed=cfg.seed) for p in parsed]
         return train_multitask(cfg, text_tasks, force=force)
     options = {"label_column": label_column}

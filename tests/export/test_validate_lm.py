@@ -61,6 +61,7 @@ def test_cli_validates_a_decoder_and_refuses_bad_input(bundles, tmp_path: Path) 
     result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "cli")])
     assert result.exit_code == 0, result.output
     assert "greedy tokens identical on 100%" in result.output and "tokens/s" in result.output
+    assert f"report: {tmp_path / 'cli' / 'validation.md'}" in result.output
     result = CliRunner().invoke(app, [*args[:3], "-o", str(tmp_path / "none")])
     assert result.exit_code == 2 and "needs held-out prompts with answers" in result.output
     with pytest.raises(MetaTTError, match="exceed the model's context"):
@@ -92,6 +93,8 @@ def test_decoder_validation_refuses_the_classifier_options_in_one_line(bundles, 
     assert "\n" not in str(e.value) and not (tmp_path / "r").exists()
     with pytest.raises(MetaTTError, match=r"^--seq-len does not apply to a decoder export .*drop it"):
         validate_decoder(adapter_dir, fp32, data=str(data), output=tmp_path / "r", seq_len=128)
+    result = CliRunner().invoke(app, ["validate", str(adapter_dir), str(fp32), "--data", str(data), "--batch-sizes", "1,8"])
+    assert result.exit_code == 2 and "--batch-sizes does not apply to a decoder export" in result.output
 
 
 def test_a_lora_trained_decoder_goes_through_merge_export_and_validate(tmp_path: Path) -> None:

@@ -133,6 +133,8 @@ def test_tiny_wordpiece_tokenizer_equals_transformers(tiny_base: Path) -> None:
         {"padding_side": "left", "truncation_side": "left"},
         {"tokenizer_class": "LlamaTokenizerFast"},  # left padding, BOS added from add_bos_token's default
         {"tokenizer_class": "LlamaTokenizerFast", "add_bos_token": False, "add_eos_token": True},
+        {"tokenizer_class": "GemmaTokenizerFast"},
+        {"tokenizer_class": "Qwen2TokenizerFast"},  # no token_type_ids
         {"tokenizer_class": "GPT2TokenizerFast", "add_prefix_space": True},  # the config overrides the pre-tokenizer
         {"clean_up_tokenization_spaces": True},
         {"model_input_names": ["input_ids", "attention_mask"]},

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from metatt_deploy.adapters.heads import routers
 from metatt_deploy.adapters.multitask import extend_tasks, save_multitask
+from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.export.factored import write_bundle
 from metatt_deploy.export.onnx import export_onnx
 from metatt_deploy.inference.formats import TASKS_DIR
@@ -121,7 +122,7 @@ def test_endpoints_tasks_health_openapi_metrics(runtime) -> None:
             assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ClassifyRequest")
             assert {"200", "400", "404", "413", "422", "429", "503"} <= set(post["responses"])
             assert set(spec["components"]["schemas"]["ClassifyRequest"]["properties"]) == {"task", "texts", "return_logits"}
-            assert (await c.get("/docs")).status_code == 200
+            assert (await c.get("/docs")).status_code == 404  # Swagger UI loads from a CDN: off unless --docs
             await c.post("/v1/classify", json={"task": "nope", "texts": ["x"]})
             metrics = (await c.get("/metrics")).text
             assert metric(metrics, "metatt_requests_total", task="movie") == 1
@@ -184,7 +185,7 @@ def test_every_error_is_a_4xx_with_one_line(runtime) -> None:
         async with app.router.lifespan_context(app):
             await asyncio.wait_for(app.state.server.loaded.wait(), 30)
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
-                one_line_error(await c.post("/admin/tasks/late", headers=ADMIN), 403, "--admin-token")
+                one_line_error(await c.post("/admin/tasks/late", headers=ADMIN), 403, "METATT_ADMIN_TOKEN or --admin-token-file")
 
     run(main())
 
@@ -216,7 +217,11 @@ def test_full_queue_loading_and_internal_errors(runtime) -> None:
             held = [asyncio.ensure_future(c.post("/v1/classify", json={"task": "movie", "texts": ["a", "b"]}))]
             while state.batcher.pending("movie") != 2 or state.batcher.depth:  # the first call is running, blocked
                 await asyncio.sleep(0.005)
-            held.append(asyncio.ensure_future(c.post("/v1/classify", json={"task": "nli", "texts": ["c", "d", "e", "f"]})))
+            held.append(
+                asyncio.ensure_future(
+                    c.post("/v1/classify", json={"task": "nli", "texts": [["c", "d"], ["e", "f"], ["g", "h"], ["i", "j"]]})
+                )
+            )
             while state.batcher.depth != 4:
                 await asyncio.sleep(0.005)
             r = await c.post("/v1/classify", json={"task": "movie", "texts": ["g"]})
@@ -251,7 +256,9 @@ def test_full_queue_loading_and_internal_errors(runtime) -> None:
             assert r.status_code == 503 and "neither a factored bundle" in r.json()["detail"]
 
         async with serving(Gated(runtime, fail=True)) as (c, _):
-            error = one_line_error(await c.post("/v1/classify", json={"task": "nli", "texts": ["a"]}), 500, "internal error (RuntimeError)")
+            error = one_line_error(
+                await c.post("/v1/classify", json={"task": "nli", "texts": [["a", "b"]]}), 500, "internal error (RuntimeError)"
+            )
             assert "a bug" not in error  # the message of an unexpected error stays in the server log
             metrics = (await c.get("/metrics")).text
             assert metric(metrics, "metatt_request_errors_total", task="nli", code="500") == 1
@@ -380,3 +387,119 @@ def test_a_single_task_export_is_served_with_a_fixed_task(tmp_path) -> None:
             one_line_error(await c.delete(f"/admin/tasks/{task}", headers=ADMIN), 409, "fixed set of tasks")
 
     run(main())
+
+
+# ---------------------------------------------------------------- one bad row never fails other clients (issue 27, class 1)
+
+
+class Poisoned(Gated):
+    """A runtime whose model call fails for any batch holding the text 'poison' (a row the edge checks let through)."""
+
+    def logits(self, texts, task=None, tasks=None):
+        if "poison" in texts:
+            raise MetaTTError("this row cannot be encoded")
+        if "bug" in texts:
+            raise RuntimeError("a bug")
+        return super().logits(texts, task=task, tasks=tasks)
+
+
+def test_a_bad_row_fails_only_its_own_request(runtime) -> None:
+    """Refused at the edge (invalid Unicode) or failing in a shared model call: only that request fails, with a 4xx."""
+    valid = [(task, text) for _ in range(10) for task, texts in TEXTS.items() for text in texts]  # 50 requests, 3 tasks
+    bad = [("movie", "poison")] * 5 + [("four", "bug")] * 2
+
+    async def main():
+        engine = Poisoned(runtime)
+        async with serving(engine, max_batch=16, max_wait_ms=100) as (c, state):
+            surrogate = b'{"task": "movie", "texts": ["fine", "\\ud800 lone"]}'
+            requests = [c.post("/v1/classify", json={"task": t, "texts": [x], "return_logits": True}) for t, x in valid + bad]
+            requests += [c.post("/v1/classify", content=surrogate, headers={"content-type": "application/json"}) for _ in range(5)]
+            responses = await asyncio.gather(*requests)
+            return responses, engine.calls
+
+    responses, calls = run(main())
+    for (task, text), r in zip(valid, responses):
+        assert r.status_code == 200, r.text
+        got = np.array(r.json()["predictions"][0]["logits"])
+        assert np.abs(got - runtime.logits([as_input(text)], task=task)[0]).max() <= 1e-5
+    assert max(len(call) for call in calls) > 1  # valid rows did share calls with each other
+    rest = responses[len(valid) :]
+    for r in rest[:5]:
+        one_line_error(r, 422, "this row cannot be encoded")
+    for r in rest[5:7]:
+        one_line_error(r, 500, "internal error (RuntimeError)")  # a bug stays a 500, for its own request only
+    for r in rest[7:]:
+        one_line_error(r, 422, "texts.1: not valid Unicode text")
+
+
+def test_errors_that_echo_input_are_encodable(runtime) -> None:
+    async def main():
+        async with serving(runtime) as (c, _):
+            json_body = {"content-type": "application/json"}
+            r = await c.post("/v1/classify", content=b'{"task": "\\udc80x", "texts": ["a"]}', headers=json_body)
+            assert "\\udc80x" in one_line_error(r, 404, "unknown task")
+            r = await c.post("/v1/classify", content=b'{"task": "movie", "texts": ["a"], "\\ud800": 1}', headers=json_body)
+            one_line_error(r, 422, "body")  # a field name with a lone surrogate: still one encodable line
+
+    run(main())
+
+
+# ---------------------------------------------------------------- a task's inputs (issue 27, class 7)
+
+
+def test_pairs_for_single_sentence_tasks_and_sentences_for_pair_tasks_are_422(runtime) -> None:
+    async def main():
+        async with serving(runtime) as (c, _):
+            r = await c.post("/v1/classify", json={"task": "movie", "texts": ["fine", ["a", "b"]]})
+            one_line_error(r, 422, "texts.1: task 'movie' takes one text, not a sentence pair per row")
+            r = await c.post("/v1/classify", json={"task": "nli", "texts": ["A man sleeps."]})
+            one_line_error(r, 422, "texts.0: task 'nli' takes a sentence pair [first, second] per row")
+            assert (await c.post("/v1/classify", json={"task": "nli", "texts": [["A man sleeps.", "He is awake."]]})).status_code == 200
+
+    run(main())
+
+
+# ---------------------------------------------------------------- operations (issue 27, class 8)
+
+
+def test_a_non_ascii_admin_token_matches_a_utf8_client_and_docs_are_opt_in(runtime) -> None:
+    async def main():
+        app = create_app(runtime, ServeSettings(admin_token="clé-ß€", docs=True))
+        async with app.router.lifespan_context(app):
+            await asyncio.wait_for(app.state.server.loaded.wait(), 30)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+                r = await c.delete("/admin/tasks/nope", headers={"Authorization": "Bearer clé-ß€".encode()})
+                one_line_error(r, 404, "unknown task 'nope'")  # past the token check
+                r = await c.delete("/admin/tasks/nope", headers={"Authorization": "Bearer clé-ß".encode("latin-1")})
+                one_line_error(r, 401, "UTF-8")
+                assert (await c.get("/docs")).status_code == 200
+
+    run(main())
+    for token in ("", "two words", "line\nbreak", "\ud800"):
+        with pytest.raises(MetaTTError, match="admin token"):
+            ServeSettings(admin_token=token).check()
+
+
+# ---------------------------------------------------------------- a broken task record (issue 27, class 3)
+
+
+def test_a_corrupt_task_record_is_skipped_and_reported(bundles, tmp_path) -> None:
+    deployed = tmp_path / "deployed"
+    shutil.copytree(bundles[0], deployed)
+    (deployed / TASKS_DIR / "four.json").write_text('{"task": "four", "labels": [')  # truncated
+    runtime = Runtime(deployed, threads=1)
+    assert runtime.tasks == ["movie", "nli"] and set(runtime.skipped) == {"four.json"}
+    with pytest.raises(MetaTTError, match="task 'four' is not served: .*four.json"):
+        runtime.predict(["x"], task="four")
+
+    async def main():
+        async with serving(runtime) as (c, _):
+            detail = (await c.get("/readyz")).json()["detail"]
+            assert detail.startswith("2 task(s); skipped four.json: ") and "four.json" in detail
+            assert (await c.post("/v1/classify", json={"task": "movie", "texts": ["fine"]})).status_code == 200
+
+    run(main())
+    for name in ("movie", "nli"):
+        (deployed / TASKS_DIR / f"{name}.json").write_text("[]")
+    with pytest.raises(MetaTTError, match="has no task that can be served"):
+        Runtime(deployed)

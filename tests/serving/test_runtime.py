@@ -25,6 +25,7 @@ from metatt_deploy.common.files import sha256_file
 from metatt_deploy.export.factored import write_bundle
 from metatt_deploy.export.onnx import export_onnx
 from metatt_deploy.inference.formats import TASKS_DIR
+from metatt_deploy.inference.tasks import text_inputs
 from metatt_deploy.serving.runtime import Runtime, read_inputs
 
 TOL = 1e-4
@@ -225,9 +226,12 @@ def test_a_single_task_export_opens_with_the_same_api(tmp_path) -> None:
         with torch.no_grad():
             ref = merged(**enc).logits[0].numpy()
         assert np.abs(row - ref).max() <= TOL
-    results = rt.predict(texts, batch_size=2)
-    assert results == rt.predict(texts, task=task) == rt.predict(texts, tasks=[0, 0, 0])
-    assert [r["task"] for r in results] == [task] * 3 and all(r["label"] in EXPORT_LABELS for r in results)
+    single = texts[:2]  # a sentiment export answers single sentences; a pair is refused (see test_task_arity_*)
+    results = rt.predict(single, batch_size=1)
+    assert results == rt.predict(single, task=task) == rt.predict(single, tasks=[0, 0])
+    assert [r["task"] for r in results] == [task] * 2 and all(r["label"] in EXPORT_LABELS for r in results)
+    with pytest.raises(MetaTTError, match=f"input 3: task '{task}' takes one text, not a sentence pair"):
+        rt.predict(texts)
     with pytest.raises(MetaTTError, match="unknown task 'nope'"):
         rt.predict(texts, task="nope")
     with pytest.raises(MetaTTError, match="applies to factored bundles"):
@@ -270,3 +274,32 @@ def test_non_utf8_or_binary_inputs_are_one_line(served, tmp_path) -> None:
     result = runner.invoke(app, ["predict", str(bundle), "--input", str(latin), "-o", str(latin), "--force"])
     assert result.exit_code == 2 and "is the input" in result.stderr and latin.read_bytes().startswith(b'{"text": "caf\xe9')
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- a task's inputs (issue 27, class 7)
+
+
+def test_a_task_takes_the_inputs_its_record_or_labels_say() -> None:
+    assert text_inputs({"labels": ["negative", "positive"]}) == 1
+    assert text_inputs({"labels": ["entailment", "neutral", "contradiction"]}) == 2
+    assert text_inputs({"labels": ["not_duplicate", "duplicate"]}) == 2
+    assert text_inputs({"labels": ["Entailment", "not_entailment"]}) == 2
+    assert text_inputs({"labels": ["a", "b"], "text_columns": ["question", "answer"]}) == 2  # the record wins over the labels
+    assert text_inputs({"labels": ["entailment", "neutral"], "text_columns": ["text"]}) == 1
+    assert text_inputs({"labels": ["a", "b"], "text_columns": ["x", "y", "z"]}) == 1  # a malformed record: the labels decide
+
+
+def test_predict_refuses_pairs_for_sentence_tasks_and_sentences_for_pair_tasks(served, tmp_path) -> None:
+    _, _, _, _, bundle = served
+    runner = CliRunner()
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "fine", "task": "movie"}\n{"premise": "p", "hypothesis": "h", "task": "movie"}\n')
+    for args, match in (
+        (["--task", "movie", "--text", "A man sleeps. ||| A man is awake."], "input 1: task 'movie' takes one text, not a sentence pair"),
+        (["--task", "nli", "--text", "A man sleeps."], "input 1: task 'nli' takes a sentence pair [first, second] per row"),
+        (["--input", str(rows)], "input 2: task 'movie' takes one text, not a sentence pair"),
+        (["--task", "movie", "--text", "fine", "--threads", "0"], "--threads must be at least 1"),
+    ):
+        result = runner.invoke(app, ["predict", str(bundle), *args])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and match in lines[0], (args, result.output)
