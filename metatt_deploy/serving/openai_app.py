@@ -62,6 +62,7 @@ class LLMSettings:
     max_queue: int = 256  # requests waiting for a slot; beyond that 429
     max_body_bytes: int = 1 << 20  # request body (413 beyond)
     admin_token: str | None = None
+    docs: bool = False  # /docs and /redoc load their scripts from a CDN: off unless asked for (serve --docs)
     retry_after_s: int = 1
     drain_timeout_s: float = 30.0  # how long removing a task waits for its sequences
 
@@ -314,7 +315,7 @@ class LLMServer:
     def check_admin(self, request: Request) -> None:
         token = self.settings.admin_token
         if not token:
-            raise ApiError(403, "admin endpoints are off; start the server with --admin-token (or METATT_ADMIN_TOKEN) to use them")
+            raise ApiError(403, "admin endpoints are off; start the server with METATT_ADMIN_TOKEN or --admin-token-file to use them")
         given = request.headers.get("authorization", "")
         if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
             raise ApiError(401, "admin endpoints need the header 'Authorization: Bearer <admin token>'")
@@ -382,6 +383,8 @@ def create_openai_app(factory: Callable[[], Generator], settings: LLMSettings | 
         summary="Generation for many tasks on one small LLM (a MetaTT factored bundle), each task a model, batched continuously.",
         version="1",
         lifespan=lifespan,
+        docs_url="/docs" if settings.docs else None,
+        redoc_url="/redoc" if settings.docs else None,
     )
 
     def server_of(request: Request) -> LLMServer:

@@ -78,9 +78,9 @@ def build_app(config: ServeConfig) -> FastAPI:
 
 
 def decoder_app(generator: Generator | Callable[[], Generator], config: ServeConfig) -> FastAPI:
-    """The OpenAI-compatible app (the scheduler warms every task before /readyz turns 200), with the server's admin token."""
+    """The OpenAI-compatible app (the scheduler warms every task before /readyz turns 200), with the server's admin token and /docs setting."""
     factory = generator if callable(generator) else lambda: generator
-    return create_openai_app(factory, replace(config.llm, admin_token=config.settings.admin_token))
+    return create_openai_app(factory, replace(config.llm, admin_token=config.settings.admin_token, docs=config.settings.docs))
 
 
 def app_from_env() -> FastAPI:

@@ -115,6 +115,7 @@ async def ask(client: openai.AsyncOpenAI, r: dict, **sampling) -> tuple[str, int
 
 
 def test_models_lists_every_task_and_answers_name_the_task(served: Served) -> None:
+    assert httpx.get(f"{served.url}/docs").status_code == 404  # off unless serve --docs (its scripts come from a CDN)
     assert [m.id for m in served.client.models.list().data] == TASKS
     out = served.client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "hello"}], max_tokens=3)
     assert out.model == "beta" and out.object == "chat.completion" and out.choices[0].finish_reason in ("stop", "length")
