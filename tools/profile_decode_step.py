@@ -1,12 +1,15 @@
 """Where a decoder bundle's decode step spends its time: ONNX Runtime's profiler, summed per operator type.
 
-One decode step at batch 1 (one new token after a KV cache of ``--past`` positions, random
-cache contents: the work does not depend on them), run ``--steps`` times on the CPU with
+One decode step at batch ``--rows`` (one new token per row after a KV cache of ``--past`` positions,
+random cache contents: the work does not depend on them; a factored bundle's ``--graph
+model_tasks.onnx`` gets task ids 0, 1, 2, ... per row, as a mixed-task server step does), run
+``--steps`` times on the CPU with
 ``--threads`` intra-op threads. Prints the median wall time of a step and the kernel time per
 step of the heaviest operator types, for each bundle in turn. This is what shows how much of a
 step the weight MatMuls are (what int4 can speed up) and how much the rest of the graph is.
 
     python tools/profile_decode_step.py exported/smollm2-movie-sentiment exported/smollm2-movie-sentiment-int4
+    python tools/profile_decode_step.py runs/llm-load/bundle --graph model_tasks.onnx --rows 8 --tasks 3
 """
 
 from __future__ import annotations
@@ -24,28 +27,31 @@ import numpy as np
 import onnxruntime as ort
 
 
-def decode_feeds(session: ort.InferenceSession, past: int) -> dict[str, np.ndarray]:
+def decode_feeds(session: ort.InferenceSession, past: int, rows: int = 1, tasks: int = 1) -> dict[str, np.ndarray]:
+    names = {i.name for i in session.get_inputs()}
     feeds = {
-        "input_ids": np.array([[123]], dtype=np.int64),
-        "attention_mask": np.ones((1, past + 1), dtype=np.int64),
-        "position_ids": np.array([[past]], dtype=np.int64),
+        "input_ids": np.full((rows, 1), 123, dtype=np.int64),
+        "attention_mask": np.ones((rows, past + 1), dtype=np.int64),
+        "position_ids": np.full((rows, 1), past, dtype=np.int64),
     }
+    if "task_ids" in names:
+        feeds["task_ids"] = np.arange(rows, dtype=np.int64) % tasks
     rng = np.random.default_rng(0)
     for i in session.get_inputs():
         if i.name.startswith("past_key_values"):
             heads, head_dim = i.shape[1], i.shape[3]
-            feeds[i.name] = rng.normal(size=(1, heads, past, head_dim)).astype(np.float32)
-    return feeds
+            feeds[i.name] = rng.normal(size=(rows, heads, past, head_dim)).astype(np.float32)
+    return {k: v for k, v in feeds.items() if k in names}
 
 
-def profile(bundle: Path, steps: int, past: int, threads: int, top: int) -> None:
+def profile(bundle: Path, steps: int, past: int, threads: int, top: int, graph: str = "model.onnx", rows: int = 1, tasks: int = 1) -> None:
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = threads, 1, 3
     options.enable_profiling = True
     with tempfile.TemporaryDirectory(prefix="metatt-profile-") as tmp:
         options.profile_file_prefix = os.path.join(tmp, "decode")
-        session = ort.InferenceSession(str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"])
-        feeds = decode_feeds(session, past)
+        session = ort.InferenceSession(str(bundle / graph), options, providers=["CPUExecutionProvider"])
+        feeds = decode_feeds(session, past, rows, tasks)
         times = []
         for _ in range(steps):
             t0 = time.perf_counter()
@@ -57,7 +63,9 @@ def profile(bundle: Path, steps: int, past: int, threads: int, top: int) -> None
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
             per_op[e["args"]["op_name"]] += e["dur"]
     total = sum(per_op.values())
-    print(f"{bundle}: step {statistics.median(times) * 1000:.1f} ms (median of {steps}), kernels {total / 1000 / steps:.1f} ms/step")
+    print(
+        f"{bundle / graph}, {rows} row(s): step {statistics.median(times) * 1000:.1f} ms (median of {steps}), kernels {total / 1000 / steps:.1f} ms/step"
+    )
     for op, us in per_op.most_common(top):
         print(f"  {op}: {us / 1000 / steps:.2f} ms/step ({us / total:.0%})")
 
@@ -69,9 +77,12 @@ def main() -> None:
     ap.add_argument("--past", type=int, default=32, help="positions already in the KV cache")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--top", type=int, default=6)
+    ap.add_argument("--graph", default="model.onnx", help="the graph file in each folder (a factored bundle: model_tasks.onnx)")
+    ap.add_argument("--rows", type=int, default=1, help="rows of the batch (a server step's running sequences)")
+    ap.add_argument("--tasks", type=int, default=1, help="model_tasks.onnx: row i runs task i mod this")
     args = ap.parse_args()
     for bundle in args.bundles:
-        profile(bundle, args.steps, args.past, args.threads, args.top)
+        profile(bundle, args.steps, args.past, args.threads, args.top, args.graph, args.rows, args.tasks)
 
 
 if __name__ == "__main__":

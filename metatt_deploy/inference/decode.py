@@ -147,6 +147,72 @@ def _cache_sizes(shape: Sequence[Any], config: dict) -> tuple[int, int]:
     return int(heads), int(size)
 
 
+class KVBatch:
+    """Rows of a left-padded batch and their KV cache, which rows can join and leave between steps.
+
+    A continuous-batching server keeps one per graph: every step feeds each row's next token(s)
+    in one call, the graph returns the cache one column longer, and nothing is copied on the
+    steps where the rows stay the same. Rows join by padding the shorter cache on the left
+    (mask 0: a row decodes as it would alone, see `positions`) and leave by taking the other
+    rows, after which columns that are padding in every row are cut off.
+    """
+
+    def __init__(self, graph: DecoderGraph, rows: int = 0):
+        self.graph = graph
+        self.past = graph.empty_past(rows)
+        self.mask = np.zeros((rows, 0), dtype=np.int64)
+
+    @property
+    def rows(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+    def forward(
+        self,
+        input_ids: np.ndarray,
+        new_mask: np.ndarray | None = None,
+        extra_feeds: dict[str, np.ndarray] | None = None,
+        run_options: ort.RunOptions | None = None,
+    ) -> np.ndarray:
+        """Run ``input_ids`` (rows, new) after the cache (``new_mask``: 0 on left pads of a prompt); returns logits, keeps the cache."""
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        if new_mask is None:
+            new_mask = np.ones_like(input_ids)
+        mask = np.concatenate([self.mask, np.asarray(new_mask, dtype=np.int64)], axis=1)
+        logits, self.past = self.graph.forward(input_ids, mask, self.past, extra_feeds=extra_feeds, run_options=run_options)
+        self.mask = mask
+        return logits
+
+    def take(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` (in that order), and drop the columns that are then padding in every row."""
+        index = np.asarray(rows, dtype=np.int64)
+        mask = self.mask[index]
+        used = np.flatnonzero(mask.any(axis=0))
+        start = int(used[0]) if used.size else mask.shape[1]
+        self.mask = mask[:, start:]
+        self.past = {name: value[index, :, start:] for name, value in self.past.items()}
+
+    def extend(self, other: KVBatch) -> None:
+        """Append ``other``'s rows after these, the shorter cache padded on the left."""
+        length = max(self.length, other.length)
+        self.past = {name: np.concatenate([_pad_left(self.past[name], length), _pad_left(other.past[name], length)]) for name in self.past}
+        self.mask = np.concatenate([_pad_left(self.mask, length), _pad_left(other.mask, length)])
+
+
+def _pad_left(value: np.ndarray, length: int) -> np.ndarray:
+    """``value`` with zeros before its sequence axis (the last of a mask, the third of a cache) up to ``length``."""
+    axis = 1 if value.ndim == 2 else 2
+    missing = length - value.shape[axis]
+    if missing <= 0:
+        return value
+    widths = [(0, 0)] * value.ndim
+    widths[axis] = (missing, 0)
+    return np.pad(value, widths)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens: greedy at temperature 0, else temperature, top-k (0 = off), top-p; ends at ``max_tokens``,
@@ -240,6 +306,46 @@ class StopText:
         return out
 
 
+class Decoding:
+    """One sequence's choices after its logits: the sampler (its own seeded generator), EOS and stop ids, stop strings, the text stream.
+
+    `generate` runs one; a continuous-batching server runs one per request over rows of a shared
+    batch, so a request's tokens depend only on its own logits and seed, never on its neighbours.
+    """
+
+    def __init__(self, params: SamplingParams, eos_ids: Sequence[int] = (), tokenizer: TextTokenizer | None = None):
+        if params.stop and tokenizer is None:
+            raise MetaTTError("stop strings need the tokenizer (to match them on the text); pass one")
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+        self.ends = {int(t) for t in eos_ids} | set(params.stop_token_ids)
+        self.stream = TextStream(tokenizer) if tokenizer is not None else None
+        self.stops = StopText(params.stop)
+        self.count = 0
+        self.last: int | None = None  # the token the next step feeds
+        self.finish_reason: str | None = None
+
+    def advance(self, logits: np.ndarray) -> list[Step]:
+        """The events one row of next-token logits makes: a token, and (once it ends) the final event with its reason."""
+        token = pick(logits, self.params, self.rng)
+        if token in self.ends:
+            return self._end(_tail(self.stream, self.stops)[0], FINISH_STOP)
+        self.count += 1
+        self.last = token
+        text = self.stream.push(token) if self.stream is not None else ""
+        text, stopped = self.stops.push(text)
+        if stopped:
+            return [Step(token, text), *self._end("", FINISH_STOP)]
+        if self.count == self.params.max_tokens:
+            tail, stopped = _tail(self.stream, self.stops)
+            return [Step(token, text), *self._end(tail, FINISH_STOP if stopped else FINISH_LENGTH)]
+        return [Step(token, text)]
+
+    def _end(self, text: str, reason: str) -> list[Step]:
+        self.finish_reason = reason
+        return [Step(None, text, reason)]
+
+
 def generate(
     graph: DecoderGraph,
     prompt_ids: Sequence[int],
@@ -257,33 +363,17 @@ def generate(
     """
     if not len(prompt_ids):
         raise MetaTTError("the prompt has no tokens; pass some text")
-    if params.stop and tokenizer is None:
-        raise MetaTTError("stop strings need the tokenizer (to match them on the text); pass one")
-    rng = np.random.default_rng(params.seed)
-    ends = {int(t) for t in eos_ids} | set(params.stop_token_ids)
-    stream = TextStream(tokenizer) if tokenizer is not None else None
-    stops = StopText(params.stop)
+    decoding = Decoding(params, eos_ids, tokenizer)
     ids = np.asarray([prompt_ids], dtype=np.int64)
     mask = np.ones_like(ids)
     logits, past = graph.forward(ids, mask, graph.empty_past(1), extra_feeds=extra_feeds, run_options=run_options)
-    for count in range(params.max_tokens):
-        token = pick(logits[0, -1], params, rng)
-        if token in ends:
-            yield Step(None, _tail(stream, stops)[0], FINISH_STOP)
+    while True:
+        yield from decoding.advance(logits[0, -1])
+        if decoding.finish_reason is not None:
             return
-        text = stream.push(token) if stream is not None else ""
-        text, stopped = stops.push(text)
-        if stopped:
-            yield Step(token, text)
-            yield Step(None, "", FINISH_STOP)
-            return
-        yield Step(token, text)
-        if count + 1 == params.max_tokens:
-            break
         mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
-        logits, past = graph.forward(np.array([[token]], dtype=np.int64), mask, past, extra_feeds=extra_feeds, run_options=run_options)
-    text, stopped = _tail(stream, stops)
-    yield Step(None, text, FINISH_STOP if stopped else FINISH_LENGTH)
+        token = np.array([[decoding.last]], dtype=np.int64)
+        logits, past = graph.forward(token, mask, past, extra_feeds=extra_feeds, run_options=run_options)
 
 
 def _tail(stream: TextStream | None, stops: StopText) -> tuple[str, bool]:

@@ -20,11 +20,13 @@ sha256, so a task copied in from another bundle is refused instead of answering 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import read_json, sha256_file
+from metatt_deploy.inference.tasks import TASK_NAME
 
 # ---------------------------------------------------------------- a single-task export
 ONNX_NAME = "model.onnx"
@@ -180,6 +182,13 @@ def is_decoder_bundle(info: dict) -> bool:
     return info.get("task_type") == CAUSAL_LM
 
 
+def is_decoder_model(path: str | Path) -> bool:
+    """Whether ``path`` is a decoder export or a factored decoder bundle (served with the OpenAI API), else a classifier's."""
+    if is_bundle(path):
+        return is_decoder_bundle(read_bundle(path))
+    return (Path(path) / MANIFEST_NAME).is_file() and is_decoder_export(read_manifest(path))
+
+
 def base_dir(bundle: str | Path, info: dict) -> Path:
     """The bundle's base model folder (config + tokenizer)."""
     return Path(bundle) / info.get("base_dir", BASE_DIR)
@@ -227,6 +236,26 @@ def task_records(bundle: str | Path, info: dict | None = None, skipped: dict[str
         records[rec["task"]] = rec
     baked = [t for t in info["tasks"] if t in records]
     return [records[t] for t in baked] + [records[t] for t in sorted(records) if t not in baked]
+
+
+def added_task_record(bundle: str | Path, info: dict, name: str, served: Sequence[str]) -> dict:
+    """The checked record of ``tasks/NAME.json``, written into ``bundle`` after a server opened it (hot add of a task).
+
+    The record must carry this bundle's id and its files their recorded sha256, so a foreign or
+    broken task file fails here, in the admin call, and never in a request.
+    """
+    if not TASK_NAME.fullmatch(str(name)):
+        raise MetaTTError(f"'{name}' is not a task name (letters, digits, '_', '.', '-'; at most 64)")
+    if name in served:
+        raise MetaTTError(f"task '{name}' is already served; remove it first to replace it")
+    path = Path(bundle) / TASKS_DIR / f"{name}.json"
+    if not path.is_file():
+        raise MetaTTError(f"bundle {bundle} has no task file {TASKS_DIR}/{name}.json; add it with merge --factored --task {name}")
+    rec = read_json(path, "task record")
+    check_task_record(rec, info, path)
+    for kind in rec["files"]:
+        task_file(bundle, rec, kind)
+    return rec
 
 
 def check_task_record(rec: dict, info: dict, path: Path) -> None:

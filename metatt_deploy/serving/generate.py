@@ -8,13 +8,17 @@ the numpy decode loop (`inference.decode`): the prompt wrapped in the chat templ
 
 A factored bundle chooses its task per call without reloading anything: with ``form="adapter"``
 (default) the task's ``.onnx_adapter`` is checked and loaded once, then made active through
-RunOptions on every step; with ``form="tasks"`` the task's id is fed to ``model_tasks.onnx``.
-`Generator.task_inputs` is that binding, the one place a task becomes graph inputs.
+RunOptions on every step; with ``form="tasks"`` the task's id is fed to ``model_tasks.onnx``;
+``form="auto"`` (the server's) takes ``model_tasks.onnx`` for the tasks baked into it and the
+adapter graph for tasks added later. `Generator.binding` is the one place a task becomes a graph
+and its inputs: task ids are per row, so rows of every baked task share one call, while RunOptions
+are per call, so an added task's rows share a call only with rows of the same task (its "lane").
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +31,7 @@ from metatt_deploy.inference.formats import (
     ONNX_NAME,
     TASK_GRAPH,
     TASK_IDS,
+    added_task_record,
     base_dir,
     context_length,
     is_bundle,
@@ -41,8 +46,18 @@ from metatt_deploy.inference.sessions import adapter_run_options, load_task_adap
 from metatt_deploy.inference.tasks import resolve_task
 from metatt_deploy.inference.text import TextTokenizer
 
-DECODER_FORMS = ("adapter", "tasks")
+DECODER_FORMS = ("adapter", "tasks", "auto")
 TaskInputs = tuple[dict[str, np.ndarray] | None, ort.RunOptions | None]
+
+
+@dataclass(frozen=True)
+class Binding:
+    """What makes rows run a task: the graph, its per-row inputs, its per-call RunOptions, and the lane of rows that may share a call."""
+
+    lane: str
+    graph: DecoderGraph
+    feeds: dict[str, np.ndarray] | None
+    run_options: ort.RunOptions | None
 
 
 def encode_prompt(tokenizer: TextTokenizer, prompt: str, raw: bool = False, system: str | None = None) -> list[int]:
@@ -96,6 +111,8 @@ class Generator:
             self.baked = list(self.info["onnx"]["task_graph"]["tasks"])
             folder, graph_file = base_dir(self.bundle, self.info), ADAPTER_GRAPH if form == "adapter" else TASK_GRAPH
         elif is_decoder_export(read_manifest(self.bundle)):
+            if form == "tasks":
+                raise MetaTTError(f"form 'tasks' applies to factored bundles; {self.bundle} is a single-task export, drop it")
             folder, graph_file = self.bundle, ONNX_NAME
         else:
             raise MetaTTError(f"{self.bundle} is not a decoder export (no KV-cache graph); generate needs an exported causal LM")
@@ -105,7 +122,9 @@ class Generator:
         self.context = context_length(config)
         self.eos_ids = generation_eos_ids(folder)
         graph_folder = self.bundle if self.records else folder
+        self.config, self.providers, self.threads = config, providers, threads
         self.graph = DecoderGraph(make_session(graph_folder / graph_file, providers, threads), config)
+        self._adapter_graph: DecoderGraph | None = self.graph if form == "adapter" else None
 
     # ------------------------------------------------------------ tasks
 
@@ -124,21 +143,50 @@ class Generator:
         self.task = name
 
     def task_inputs(self, task: str | None) -> TaskInputs:
-        """The graph inputs that make a step run ``task``: task ids (form "tasks") or RunOptions with its adapter."""
+        """The graph inputs that make a step run ``task``: task ids (model_tasks.onnx) or RunOptions with its adapter."""
+        binding = self.binding(task)
+        return binding.feeds, binding.run_options
+
+    def binding(self, task: str | None) -> Binding:
+        """The graph that runs ``task``, its inputs, and its lane: rows of one lane may share a call."""
         if not self.records:
-            return None, None
+            return Binding("model", self.graph, None, None)
         if task is None:
             raise MetaTTError(f"this bundle serves several tasks; choose one with --task ({', '.join(self.tasks)})")
+        if self.form != "adapter" and task in self.baked:
+            return Binding(TASK_GRAPH, self.graph, {TASK_IDS: np.array([self.baked.index(task)], dtype=np.int64)}, None)
         if self.form == "tasks":
-            if task not in self.baked:
-                raise MetaTTError(
-                    f"task '{task}' was added after model_tasks.onnx was written; use form 'adapter' for it "
-                    f"(baked tasks: {', '.join(self.baked)})"
-                )
-            return {TASK_IDS: np.array([self.baked.index(task)], dtype=np.int64)}, None
+            raise MetaTTError(
+                f"task '{task}' was added after model_tasks.onnx was written; use form 'adapter' for it (baked tasks: {', '.join(self.baked)})"
+            )
         if task not in self.adapters:
             self.adapters[task] = load_task_adapter(self.bundle, self.info, self.records[task])
-        return None, adapter_run_options(self.adapters[task])
+        if self._adapter_graph is None:
+            self._adapter_graph = DecoderGraph(make_session(self.bundle / ADAPTER_GRAPH, self.providers, self.threads), self.config)
+        return Binding(f"{ADAPTER_GRAPH}:{task}", self._adapter_graph, None, adapter_run_options(self.adapters[task]))
+
+    def add_task(self, name: str) -> dict:
+        """Serve the bundle's ``tasks/NAME.json`` from now on (written after this Generator opened); its adapter is checked and loaded now."""
+        if not self.records:
+            raise MetaTTError(f"{self.bundle} is a single-task export: its task is fixed; serve a factored bundle to add tasks")
+        rec = added_task_record(self.bundle, self.info, name, self.tasks)
+        self.records = {**self.records, name: rec}
+        try:
+            self.binding(name)
+        except MetaTTError:
+            self.records = {t: r for t, r in self.records.items() if t != name}
+            raise
+        self.tasks = list(self.records)
+        return rec
+
+    def remove_task(self, name: str) -> None:
+        """Stop serving a task (its files stay in the bundle); callers finish its running sequences first."""
+        if not self.records:
+            raise MetaTTError(f"{self.bundle} is a single-task export: its task is fixed; serve a factored bundle to remove tasks")
+        name = self.task_name(name)
+        self.records = {t: r for t, r in self.records.items() if t != name}
+        self.tasks = list(self.records)
+        self.adapters.pop(name, None)
 
     # ------------------------------------------------------------ generation
 
@@ -148,14 +196,14 @@ class Generator:
     def steps(self, ids: Sequence[int], params: SamplingParams, task: str | None = None) -> Iterator[Step]:
         """The decode loop's events for prompt ids ``ids`` (with ``task``, else the chosen one, of a bundle)."""
         checked_prompt(list(ids), params.max_tokens, self.context)
-        feeds, options = self.task_inputs(self.task_name(task) if task is not None else self.task)
-        return generate(self.graph, ids, params, self.eos_ids, self.tokenizer, extra_feeds=feeds, run_options=options)
+        b = self.binding(self.task_name(task) if task is not None else self.task)
+        return generate(b.graph, ids, params, self.eos_ids, self.tokenizer, extra_feeds=b.feeds, run_options=b.run_options)
 
     def logits(self, ids: Sequence[int], task: str | None = None) -> np.ndarray:
         """Next-token logits at every position of ``ids`` (one sequence, one call, an empty cache): teacher forcing."""
-        feeds, options = self.task_inputs(self.task_name(task) if task is not None else self.task)
+        b = self.binding(self.task_name(task) if task is not None else self.task)
         x = np.asarray([ids], dtype=np.int64)
-        return self.graph.forward(x, np.ones_like(x), self.graph.empty_past(1), extra_feeds=feeds, run_options=options)[0][0]
+        return b.graph.forward(x, np.ones_like(x), b.graph.empty_past(1), extra_feeds=b.feeds, run_options=b.run_options)[0][0]
 
     def greedy(self, ids: Sequence[int], max_new_tokens: int, task: str | None = None) -> list[int]:
         """The greedy continuation's token ids, EOS not included: what parity checks compare."""

@@ -56,8 +56,54 @@ class ServerMetrics:
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format of every metric (of every worker process in multiprocess mode)."""
-        if os.environ.get(MULTIPROC_ENV):
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
-            return generate_latest(registry), CONTENT_TYPE_LATEST
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return exposition(self.registry)
+
+
+def exposition(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """The text format of ``registry`` (of every worker process's metrics in multiprocess mode)."""
+    if os.environ.get(MULTIPROC_ENV):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+TOKEN_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+class LLMMetrics:
+    """The generation server's metrics: per task requests and tokens, time to first token, inter-token latency, the scheduler."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "metatt_llm_requests", "Completion requests answered, by task (model) and status code.", ["task", "code"], registry=r
+        )
+        self.prompt_tokens = Counter("metatt_llm_prompt_tokens", "Prompt tokens of admitted requests, by task.", ["task"], registry=r)
+        self.generated_tokens = Counter("metatt_llm_generated_tokens", "Tokens generated, by task.", ["task"], registry=r)
+        self.ttft = Histogram(
+            "metatt_llm_time_to_first_token_seconds",
+            "From admission to the first token, by task.",
+            ["task"],
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            "metatt_llm_inter_token_seconds",
+            "Between consecutive tokens of a sequence, by task.",
+            ["task"],
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.running = Gauge("metatt_llm_running_sequences", "Sequences decoding or prefilling.", registry=r, multiprocess_mode="livesum")
+        self.waiting = Gauge("metatt_llm_waiting_sequences", "Sequences queued for a slot.", registry=r, multiprocess_mode="livesum")
+        self.step_rows = Histogram(
+            "metatt_llm_step_rows", "Rows decoded per step (one ONNX Runtime call per lane).", buckets=ROW_BUCKETS, registry=r
+        )
+        self.step_seconds = Histogram(
+            "metatt_llm_step_seconds", "Seconds per scheduler step (decode + prefill chunk).", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.tasks = Gauge("metatt_tasks_served", "Tasks (models) the server answers.", registry=r, multiprocess_mode="liveall")
+
+    def exposition(self) -> tuple[bytes, str]:
+        return exposition(self.registry)

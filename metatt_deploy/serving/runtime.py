@@ -47,17 +47,16 @@ from metatt_deploy.inference.formats import (
     TASK_GRAPH,
     TASK_IDS,
     TASKS_DIR,
+    added_task_record,
     base_dir,
-    check_task_record,
     is_bundle,
     is_decoder_bundle,
     read_bundle,
     read_manifest,
-    task_file,
     task_records,
 )
 from metatt_deploy.inference.sessions import adapter_run_options, load_task_adapter, make_session, onnx_feeds
-from metatt_deploy.inference.tasks import TASK_NAME, TEXT_COLUMN_CANDIDATES, resolve_task, text_inputs
+from metatt_deploy.inference.tasks import TEXT_COLUMN_CANDIDATES, resolve_task, text_inputs
 from metatt_deploy.inference.text import TextTokenizer
 
 Text = str | Sequence[str]  # a sentence, or a (sentence, sentence) pair
@@ -302,17 +301,7 @@ class Runtime:
         """
         if self.kind != "factored":
             raise MetaTTError(f"{self.bundle} is a single-task export: its task is fixed; serve a factored bundle to add tasks")
-        if not TASK_NAME.fullmatch(str(name)):
-            raise MetaTTError(f"'{name}' is not a task name (letters, digits, '_', '.', '-'; at most 64)")
-        if name in self.records:
-            raise MetaTTError(f"task '{name}' is already served; remove it first to replace it")
-        path = self.bundle / TASKS_DIR / f"{name}.json"
-        if not path.is_file():
-            raise MetaTTError(f"bundle {self.bundle} has no task file {TASKS_DIR}/{name}.json; add it with merge --factored --task {name}")
-        rec = read_json(path, "task record")
-        check_task_record(rec, self.info, path)
-        for kind in rec["files"]:
-            task_file(self.bundle, rec, kind)
+        rec = added_task_record(self.bundle, self.info, name, self.tasks)
         if self.form == "tasks" and name not in self.baked:
             raise MetaTTError(f"task '{name}' was added after model_tasks.onnx was exported; serve with form 'auto' or 'adapter'")
         if self.form == "adapter" or name not in self.baked:

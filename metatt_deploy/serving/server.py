@@ -1,5 +1,8 @@
 """`metatt-deploy serve`: the app on uvicorn, in one process or several worker processes.
 
+The model decides the app, once: a decoder export or factored decoder bundle gets the
+OpenAI-compatible generation API (openai_app.py), a classifier the classify API (app.py).
+
 Start-up fails fast: every option is checked, the port is bound and the model is loaded and
 warmed once before uvicorn starts, so a server that cannot serve (a file or folder that is no
 export, an unknown form, a port in use, a host that does not resolve) exits with status 2 and
@@ -17,7 +20,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +30,12 @@ from fastapi import FastAPI
 from uvicorn.supervisors import Multiprocess
 
 from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.inference.formats import is_decoder_model
 from metatt_deploy.serving.app import create_app
+from metatt_deploy.serving.generate import Generator
 from metatt_deploy.serving.http import DrainingServer, JsonHttpProtocol, ServeSettings, bind, check_number, log
 from metatt_deploy.serving.metrics import MULTIPROC_ENV
+from metatt_deploy.serving.openai_app import LLMSettings, create_openai_app
 from metatt_deploy.serving.runtime import Runtime
 
 CONFIG_ENV = "METATT_SERVE_CONFIG"
@@ -41,15 +48,17 @@ class ServeConfig:
     settings: ServeSettings = field(default_factory=ServeSettings)
     threads: int | None = None  # ONNX Runtime intra-op threads per worker
     form: str = "auto"
+    llm: LLMSettings = field(default_factory=LLMSettings)  # a decoder's scheduling and limits (its admin token: settings')
 
     def to_json(self) -> str:
-        return json.dumps({**asdict(self), "settings": {k: v for k, v in asdict(self.settings).items() if k != "admin_token"}})
+        secretless = {name: {k: v for k, v in asdict(getattr(self, name)).items() if k != "admin_token"} for name in ("settings", "llm")}
+        return json.dumps({**asdict(self), **secretless})
 
     @classmethod
     def from_json(cls, text: str) -> ServeConfig:
         raw = json.loads(text)
         settings = ServeSettings(**raw.pop("settings"), admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None)
-        return cls(settings=settings, **raw)
+        return cls(settings=settings, llm=LLMSettings(**raw.pop("llm")), **raw)
 
 
 def load_runtime(config: ServeConfig) -> Runtime:
@@ -63,7 +72,15 @@ def load_runtime(config: ServeConfig) -> Runtime:
 
 
 def build_app(config: ServeConfig) -> FastAPI:
+    if is_decoder_model(config.model):
+        return decoder_app(lambda: Generator(config.model, form=config.form, threads=config.threads), config)
     return create_app(lambda: load_runtime(config), config.settings)
+
+
+def decoder_app(generator: Generator | Callable[[], Generator], config: ServeConfig) -> FastAPI:
+    """The OpenAI-compatible app (the scheduler warms every task before /readyz turns 200), with the server's admin token and /docs setting."""
+    factory = generator if callable(generator) else lambda: generator
+    return create_openai_app(factory, replace(config.llm, admin_token=config.settings.admin_token, docs=config.settings.docs))
 
 
 def app_from_env() -> FastAPI:
@@ -96,16 +113,19 @@ def serve(
     if config.threads is not None:
         check_number("--threads", config.threads, 1, 1024)
     config.settings.check()
+    config.llm.check()
     if not Path(config.model).exists():
         raise MetaTTError(f"model {config.model} not found; pass a factored bundle (merge --factored) or an export (metatt-deploy export)")
+    decoder = is_decoder_model(config.model)
     sock = bind(host, port)
     try:
-        runtime = load_runtime(config)
+        model: Runtime | Generator = Generator(config.model, form=config.form, threads=config.threads) if decoder else load_runtime(config)
         settings = config.settings
         if workers == 1:
-            DrainingServer(uvicorn_config(create_app(runtime, settings), settings, graceful_s, log_level)).run(sockets=[sock])
+            app = decoder_app(model, config) if isinstance(model, Generator) else create_app(model, settings)
+            DrainingServer(uvicorn_config(app, settings, graceful_s, log_level)).run(sockets=[sock])
             return
-        del runtime  # each worker loads its own
+        del model  # each worker loads its own
         os.environ[CONFIG_ENV] = config.to_json()
         if config.settings.admin_token:
             os.environ[ADMIN_TOKEN_ENV] = config.settings.admin_token

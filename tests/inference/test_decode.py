@@ -22,6 +22,7 @@ from metatt_deploy.inference.decode import (
     FINISH_LENGTH,
     FINISH_STOP,
     DecoderGraph,
+    KVBatch,
     SamplingParams,
     generate,
     generation_eos_ids,
@@ -243,3 +244,21 @@ def test_cache_layout_comes_from_the_graph_else_from_config_json() -> None:
         DecoderGraph(symbolic)  # type: ignore[arg-type]
     with pytest.raises(MetaTTError, match="not supported"):
         DecoderGraph(fake_session(["batch", 3, "past", 64], "tensor(int8)"))  # type: ignore[arg-type]
+
+
+def test_kv_batch_rows_join_padded_left_and_leave_with_their_padding_cut() -> None:
+    """Joining pads the shorter cache on the left (mask 0); leaving keeps the other rows' values and drops all-pad columns."""
+    graph = DecoderGraph(fake_session(["batch", 1, "past", 2]))  # type: ignore[arg-type]
+    first, second = KVBatch(graph, 1), KVBatch(graph, 2)
+    first.mask, second.mask = np.ones((1, 4), np.int64), np.array([[0, 1], [1, 1]])
+    first.past = {n: np.full((1, 1, 4, 2), 1.0, np.float32) for n in graph.past_names}
+    second.past = {n: np.full((2, 1, 2, 2), 2.0, np.float32) for n in graph.past_names}
+    first.extend(second)
+    assert first.rows == 3 and first.length == 4
+    np.testing.assert_array_equal(first.mask, [[1, 1, 1, 1], [0, 0, 0, 1], [0, 0, 1, 1]])
+    key = first.past[graph.past_names[0]]
+    assert key.shape == (3, 1, 4, 2) and (key[1:, :, :2] == 0).all() and (key[1:, :, 3] == 2).all()
+    np.testing.assert_array_equal(positions(first.mask)[:, -1], [3, 0, 1])  # each row counts its own tokens
+    first.take([2, 1])  # the long row leaves: two columns are padding in every remaining row
+    np.testing.assert_array_equal(first.mask, [[1, 1], [0, 1]])
+    assert first.past[graph.past_names[0]].shape == (2, 1, 2, 2) and (first.past[graph.past_names[0]] == 2).all()
