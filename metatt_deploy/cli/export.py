@@ -24,7 +24,7 @@ from metatt_deploy.export.quantize import CALIBRATION_ROWS
 from metatt_deploy.export.validate import report_paths
 from metatt_deploy.export.validate import validate as run_validation
 from metatt_deploy.export.validate_lm import validate_decoder
-from metatt_deploy.export.web import vendor_web_runtime
+from metatt_deploy.export.web import check_web_runtime, vendor_web_runtime
 from metatt_deploy.inference.formats import GENAI_CONFIG, MANIFEST_NAME, is_decoder_export, read_manifest
 
 app = verb_app()
@@ -195,6 +195,8 @@ def export(
             f"({parity['prompts']} prompts x {parity['new_tokens']} tokens per task)"
         )
         return
+    if web_runtime is not None:
+        check_web_runtime(web_runtime)  # before anything is written: a bad folder must not cost the previous export
     out = export_onnx(
         model_dir,
         output,
