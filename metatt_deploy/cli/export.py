@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from metatt_deploy.cli.base import CONTEXT_SETTINGS, Force, int_list, split_list, user_errors, verb_app
+from metatt_deploy.cli.base import CONTEXT_SETTINGS, Force, check_number, int_list, split_list, user_errors, verb_app
 from metatt_deploy.cli.stack import quiet_libraries
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import read_json
@@ -310,6 +310,7 @@ def validate(
     For decoders (docs/decoders.md): teacher-forced logits, greedy tokens, exact match and perplexity on
     --data, time to first token and decode tokens/s for PyTorch (unmerged, merged) and every bundle.
     """
+    check_number(max_seconds, "--max-seconds", low=0)
     quiet_libraries()
     if is_decoder_export(read_manifest(onnx_dir)):
         lengths = int_list(prompt_lengths, "--prompt-lengths", "32,256")

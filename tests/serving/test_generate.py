@@ -58,6 +58,8 @@ def test_bad_prompts_are_one_line_errors(exported) -> None:
         ([], b"caf\xe9\n", "standard input is not UTF-8 text (byte 3)"),
         (["", "--raw"], None, "the prompt is empty"),
         (["hello", "--task", "\u0663"], None, "--task applies to factored bundles"),
+        (["hello", "--temperature", "nan"], None, "temperature must be a finite number"),
+        (["hello", "--top-p", "0"], None, "top_p must be in (0, 1]"),
     ):
         result = CliRunner().invoke(app, ["generate", str(bundle), *args], input=stdin)
         lines = result.output.strip().splitlines()
