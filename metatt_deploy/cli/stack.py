@@ -18,5 +18,6 @@ def quiet_libraries() -> None:
     """transformers' warnings off, and off a terminal datasets' progress bars (their redraws glue into fragments; ours print whole lines)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     transformers.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a file Arrow cannot read is our one-line error, not a log too
     if not sys.stderr.isatty():
         datasets.disable_progress_bars()
