@@ -60,6 +60,15 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def stdin_text() -> str:
+    """Standard input as text, refused in one line when it is not UTF-8 (a bare read would end in a traceback)."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MetaTTError(f"standard input is not UTF-8 text (byte {e.start}); send UTF-8") from None
+
+
 def split_list(values: list[str] | None) -> list[str] | None:
     """Accept both repeated options and comma-separated lists."""
     if not values:

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from metatt_deploy.cli.base import CONTEXT_SETTINGS, Force, int_list, split_list, user_errors, verb_app
+from metatt_deploy.cli.base import CONTEXT_SETTINGS, Force, check_number, int_list, split_list, user_errors, verb_app
 from metatt_deploy.cli.stack import quiet_libraries
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import read_json
@@ -24,7 +24,7 @@ from metatt_deploy.export.quantize import CALIBRATION_ROWS
 from metatt_deploy.export.validate import report_paths
 from metatt_deploy.export.validate import validate as run_validation
 from metatt_deploy.export.validate_lm import validate_decoder
-from metatt_deploy.export.web import vendor_web_runtime
+from metatt_deploy.export.web import check_web_runtime, vendor_web_runtime
 from metatt_deploy.inference.formats import GENAI_CONFIG, MANIFEST_NAME, is_decoder_export, read_manifest
 
 app = verb_app()
@@ -195,6 +195,8 @@ def export(
             f"({parity['prompts']} prompts x {parity['new_tokens']} tokens per task)"
         )
         return
+    if web_runtime is not None:
+        check_web_runtime(web_runtime)  # before anything is written: a bad folder must not cost the previous export
     out = export_onnx(
         model_dir,
         output,
@@ -308,6 +310,7 @@ def validate(
     For decoders (docs/decoders.md): teacher-forced logits, greedy tokens, exact match and perplexity on
     --data, time to first token and decode tokens/s for PyTorch (unmerged, merged) and every bundle.
     """
+    check_number(max_seconds, "--max-seconds", low=0)
     quiet_libraries()
     if is_decoder_export(read_manifest(onnx_dir)):
         lengths = int_list(prompt_lengths, "--prompt-lengths", "32,256")

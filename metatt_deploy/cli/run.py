@@ -6,6 +6,7 @@ below, imports torch, transformers or the HTTP stack (`serve` lives in cli/serve
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from metatt_deploy.cli.base import CONTEXT_SETTINGS, Force, check_number, user_errors, verb_app
+from metatt_deploy.cli.base import CONTEXT_SETTINGS, Force, check_number, stdin_text, user_errors, verb_app
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_text, check_separate, check_writable
 from metatt_deploy.serving.genai import GenAIGenerator
@@ -73,7 +74,9 @@ def predict(
             raise MetaTTError(
                 "give inputs with --text, --input FILE, or on standard input (e.g. cat texts.txt | metatt-deploy predict ...)"
             )
-        stdin = sys.stdin
+        stdin = io.StringIO(stdin_text())
+    elif input_file is not None and str(input_file) == "-":  # --input -: standard input, checked as UTF-8 here too
+        input_file, stdin = None, io.StringIO(stdin_text())
     runtime = Runtime(bundle, form=form, threads=threads, max_length=max_length)
     default_task = task or (runtime.tasks[0] if len(runtime.tasks) == 1 else None)
     texts, tasks, ids = read_inputs(text, input_file, default_task, stdin=stdin)
@@ -126,7 +129,7 @@ def generate(
 ) -> None:
     """Generate answers from an exported decoder on ONNX Runtime (or ONNX Runtime GenAI), streaming tokens as they come."""
     if not prompts or prompts == ["-"]:
-        prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        prompts = [line for line in stdin_text().splitlines() if line.strip()]
         if not prompts:
             raise MetaTTError("no prompts: pass them as arguments or one per line on standard input")
     if runtime not in RUNTIMES:

@@ -46,7 +46,16 @@ from metatt_deploy.adapters.config import WEIGHTS_NAME, MetaTTConfig, check_fini
 from metatt_deploy.adapters.lora import PEFT_WEIGHTS_NAME, is_lora_adapter, read_lora_record
 from metatt_deploy.adapters.targets import CAUSAL_LM_SUFFIXES
 from metatt_deploy.common.errors import MetaTTError, first_line
-from metatt_deploy.common.files import TMP_TAG, atomic_dir, atomic_write_json, check_separate, check_writable, read_json, sha256_file
+from metatt_deploy.common.files import (
+    TMP_TAG,
+    atomic_dir,
+    atomic_write_json,
+    check_separate,
+    check_writable,
+    output_lock,
+    read_json,
+    sha256_file,
+)
 from metatt_deploy.common.threads import resolve_threads, session_options_record
 from metatt_deploy.export.int4 import INT4_ACCURACY_LEVEL
 from metatt_deploy.export.merge import MERGE_RECORD, merge_adapter
@@ -64,7 +73,7 @@ from metatt_deploy.export.quantize import (
     quantize_static_int8,
 )
 from metatt_deploy.export.web import single_task_spec, write_web_app
-from metatt_deploy.inference.formats import CLASSIFIER_PIPELINE, DTYPES, MANIFEST_NAME, MANIFEST_VERSION, ONNX_NAME, QUANTIZE
+from metatt_deploy.inference.formats import CLASSIFIER_PIPELINE, DTYPES, MANIFEST_NAME, MANIFEST_VERSION, ONNX_NAME, QUANTIZE, plain_name
 from metatt_deploy.inference.sessions import as_numpy, available_providers, make_session, onnx_feeds
 
 ADAPTER_CONFIG = "metatt_config.json"
@@ -203,6 +212,8 @@ def export_onnx(
         )
 
     variant = variant_suffix(optimize, quantize, dtype)
+    if name is not None and not plain_name(name):
+        raise MetaTTError(f"--name '{name}' must be a folder name under {DEFAULT_ROOT}/ (no '/' or '..'); use --output for another place")
     if output is None:
         output = DEFAULT_ROOT / f"{name or model_dir.resolve().name}{variant}"
     output = check_writable(output, force, marker=MANIFEST_NAME)
@@ -226,8 +237,12 @@ def export_onnx(
 
     started = time.time()
     output.parent.mkdir(parents=True, exist_ok=True)
-    # beside the output and named like atomic_dir's temporaries, so a killed run's leftover is cleaned
-    with tempfile.TemporaryDirectory(prefix=f".{output.name}{TMP_TAG}{os.getpid()}-merge-", dir=output.parent) as merge_tmp:
+    # one export per output at a time (as one training run per run folder); the temporaries sit beside the
+    # output, named like atomic_dir's, so a killed run's leftover is cleaned
+    with (
+        output_lock(output, what="export folder"),
+        tempfile.TemporaryDirectory(prefix=f".{output.name}{TMP_TAG}{os.getpid()}-merge-", dir=output.parent) as merge_tmp,
+    ):
         source_kind = "merged" if (model_dir / MERGE_RECORD).is_file() else "model"
         source = model_dir
         if is_adapter:

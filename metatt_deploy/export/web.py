@@ -94,14 +94,19 @@ def write_web_app(folder: Path, spec: dict, tokenizer_dir: Path) -> dict:
     }
 
 
-def vendor_web_runtime(folder: Path, node_modules: Path) -> list[str]:
-    """Copy the browser runtime files from an npm install into ``folder/web/vendor/``; returns their names."""
-    node_modules = Path(node_modules)
-    missing = [src for src in VENDOR_FILES.values() if not (node_modules / src).is_file()]
+def check_web_runtime(node_modules: Path) -> None:
+    """``node_modules`` holds every browser runtime file (checked before an export writes anything)."""
+    missing = [src for src in VENDOR_FILES.values() if not (Path(node_modules) / src).is_file()]
     if missing:
         raise MetaTTError(
             f"{node_modules} lacks {', '.join(missing)}; run `npm install {' '.join(NPM_PACKAGES)}` there and pass its node_modules"
         )
+
+
+def vendor_web_runtime(folder: Path, node_modules: Path) -> list[str]:
+    """Copy the browser runtime files from an npm install into ``folder/web/vendor/``; returns their names."""
+    node_modules = Path(node_modules)
+    check_web_runtime(node_modules)
     vendor = Path(folder) / WEB_DIR / VENDOR_DIR
     vendor.mkdir(parents=True, exist_ok=True)
     for name, src in VENDOR_FILES.items():

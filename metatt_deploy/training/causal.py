@@ -23,6 +23,7 @@ from metatt_deploy.common.files import atomic_write_json
 from metatt_deploy.common.report import write_training_report
 from metatt_deploy.inference.formats import context_length
 from metatt_deploy.training.config import PEFT_METHODS, TrainConfig
+from metatt_deploy.training.guards import exclusive_run
 from metatt_deploy.training.lm_data import CausalCollator, TextTask, tokenize_text_task
 from metatt_deploy.training.lm_eval import evaluate_generation
 from metatt_deploy.training.loop import make_accelerator, prepare_run, rank_schedule, run_loop
@@ -33,12 +34,14 @@ from metatt_deploy.tt.cores import tt_ranks
 TIE_BREAK = 1e-6
 
 
+@exclusive_run
 def train_causal(cfg: TrainConfig, task: TextTask, force: bool = False) -> dict:
-    """Run (or resume) a causal-LM training run into ``cfg.output``; returns the final metrics."""
+    """Run (or resume) a causal-LM training run into ``cfg.output``; returns the final metrics.
+
+    The data are tokenized and checked before the run folder is made, so bad data leave nothing behind.
+    """
     if cfg.method == "vera":  # not measured on decoders; the LoRA baseline is
         raise MetaTTError("--method vera is a baseline for classifiers; for a decoder use lora, metatt-4d or metatt-5d")
-    accelerator = make_accelerator()
-    run, resuming = prepare_run(cfg, force, accelerator)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     base = load_causal_lm(cfg.model)
@@ -46,6 +49,8 @@ def train_causal(cfg: TrainConfig, task: TextTask, force: bool = False) -> dict:
     splits = tokenize_text_task(task, tokenizer, cfg.max_length, context)
     if "train" not in splits or "validation" not in splits:
         raise MetaTTError("training needs a train and a validation split; pass --validation FILE")
+    accelerator = make_accelerator()
+    run, resuming = prepare_run(cfg, force, accelerator)
     model, adapter = wrap_model(cfg, base, task.name, [])
     schedule = rank_schedule(cfg, adapter)
     collator = CausalCollator(tokenizer.pad_token_id)

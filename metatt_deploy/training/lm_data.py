@@ -138,6 +138,10 @@ def _text_split(path: Path) -> Dataset:
                 or any(not isinstance(m, dict) or "role" not in m or "content" not in m for m in chat)
             ):
                 raise MetaTTError(f"row {i} of {path.name}: 'messages' must be a list of {{role, content}} objects; fix the file")
+            if any(not isinstance(m["content"], str) for m in chat):
+                raise MetaTTError(f"row {i} of {path.name}: every message's 'content' must be a string; fix the file")
+            if len(chat) < 2 or not any(m["role"] == "user" for m in chat[:-1]):
+                raise MetaTTError(f"row {i} of {path.name}: a chat needs a user turn before the assistant's answer; fix the file")
             if chat[-1]["role"] != "assistant":
                 raise MetaTTError(
                     f"row {i} of {path.name}: the last message must be the assistant's answer (role 'assistant'); fix the file"

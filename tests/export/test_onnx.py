@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -242,3 +244,22 @@ def test_mpnet_adapter_merges_and_exports_within_fp32_parity(tmp_path):
     out = export_onnx(tmp_path / "merged", tmp_path / "onnx")
     parity = manifest(out)["parity"]["final"]
     assert parity["max_abs_logit_diff"] <= FP32_ATOL and parity["label_agreement"] == 1.0 and parity["max_abs_logit"] > 0.1
+
+
+def test_a_failing_or_concurrent_export_loses_nothing(tiny, tmp_path):
+    """--name stays under exported/; an output another export holds is refused; a bad --web-runtime keeps the old export."""
+    with pytest.raises(MetaTTError, match=r"--name '../../x' must be a folder name under exported/"):
+        export_onnx(tiny.merged, name="../../x")
+    busy = tmp_path / "busy"
+    lock = tmp_path / ".busy.lock"
+    lock.write_text(f"{os.getpid()} {socket.gethostname()}\n")  # a live owner: this process
+    with pytest.raises(MetaTTError, match="is in use by process"):
+        export_onnx(tiny.merged, busy)
+    assert not busy.exists() and lock.read_text().startswith(str(os.getpid()))
+    previous = tmp_path / "previous"
+    previous.mkdir()
+    (previous / MANIFEST_NAME).write_text("{}")
+    (previous / "model.onnx").write_bytes(b"the old export")
+    args = ["export", str(tiny.merged), "-o", str(previous), "--force", "--web-runtime", str(tmp_path / "no-node-modules")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "lacks" in result.output and (previous / "model.onnx").read_bytes() == b"the old export"

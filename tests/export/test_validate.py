@@ -211,3 +211,12 @@ def test_an_export_of_another_adapter_is_refused_before_any_work(tiny, exports, 
     assert not (tmp_path / "r").exists()
     with pytest.raises(MetaTTError, match="the input"):
         validate(tiny.adapter, exports["fp32"], output=tiny.adapter, **FAST)
+
+
+def test_a_seq_len_past_the_position_table_is_capped_not_a_traceback(tiny, exports, labelled, tmp_path):
+    """The tiny BERT has 128 positions: --seq-len 600 times (and truncates) at 128, and says so."""
+    said: list[str] = []
+    options = {**FAST, "seq_len": 600, "batch_sizes": (1,)}
+    report = validate(tiny.adapter, exports["fp32"], data=str(labelled), output=tmp_path / "r", log=said.append, **options)
+    assert report["parity"]["passed"] and report["latency"]["settings"]["seq_len"] == 128
+    assert any("--seq-len 600 exceeds the model's 128 tokens; using 128" in line for line in said)

@@ -49,3 +49,18 @@ def test_generate_verb_reads_arguments_and_stdin_and_refuses_bad_input(exported,
     assert result.exit_code == 2 and "exceeds the model's context of 512" in result.output
     with pytest.raises(MetaTTError, match="not a decoder export|not an ONNX export"):
         Generator(tiny_base)
+
+
+def test_bad_prompts_are_one_line_errors(exported) -> None:
+    """Standard input that is not UTF-8, an empty --raw prompt, a numeric-looking task name that is not ASCII."""
+    _, bundle = exported
+    for args, stdin, message in (
+        ([], b"caf\xe9\n", "standard input is not UTF-8 text (byte 3)"),
+        (["", "--raw"], None, "the prompt is empty"),
+        (["hello", "--task", "\u0663"], None, "--task applies to factored bundles"),
+        (["hello", "--temperature", "nan"], None, "temperature must be a finite number"),
+        (["hello", "--top-p", "0"], None, "top_p must be in (0, 1]"),
+    ):
+        result = CliRunner().invoke(app, ["generate", str(bundle), *args], input=stdin)
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output

@@ -268,6 +268,10 @@ def test_non_utf8_or_binary_inputs_are_one_line(served, tmp_path) -> None:
         result = runner.invoke(app, ["predict", str(bundle), "--input", str(path)])
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.exit_code == 2 and len(lines) == 1 and "is not UTF-8 text" in lines[0], result.output
+    for args in ([], ["--input", "-"]):  # standard input: piped, or named with --input -
+        result = runner.invoke(app, ["predict", str(bundle), "--task", "movie", *args], input=b'{"text": "caf\xe9"}\n')
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1 and "standard input is not UTF-8 text (byte 13)" in lines[0], result.output
     with pytest.raises(MetaTTError, match="is not valid UTF-8 text"):
         read_inputs(["caf\udce9"], None, "movie")  # how Python passes the undecodable argv byte 0xe9
     out = tmp_path / "preds.jsonl"

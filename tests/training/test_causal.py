@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ from typer.testing import CliRunner
 
 from metatt_deploy.adapters.config import MetaTTConfig
 from metatt_deploy.cli import app
+from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.training.causal import train_causal
 from metatt_deploy.training.config import TrainConfig
 from metatt_deploy.training.lm_data import load_text_task
@@ -79,3 +83,20 @@ def test_cli_trains_a_decoder_from_its_architecture_and_refuses_mismatched_data(
     assert result.exit_code == 2 and "text-to-text data" in result.output
     result = CliRunner().invoke(app, [*common, "--task-type", "causal", "--train", str(paths["train"]), "-o", str(tmp_path / "bad3")])
     assert result.exit_code == 2 and "unknown --task-type" in result.output
+
+
+def test_a_decoder_run_holds_its_output_and_bad_data_leave_nothing(tmp_path: Path) -> None:
+    """Two runs into one -o: the second is refused; data found unusable while tokenizing leave no run folder."""
+    base = save_tiny_decoder(tmp_path, "llama")
+    paths = write_task(tmp_path)
+    cfg = TrainConfig(output=str(tmp_path / "busy"), model=str(base), rank=2, targets=["q", "v"], epochs=1, max_length=64)
+    (tmp_path / ".busy.lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")  # held by a live process: this one
+    with pytest.raises(MetaTTError, match="is in use by process"):
+        train_causal(cfg, load_text_task(train=str(paths["train"]), validation=str(paths["validation"])))
+    assert not (tmp_path / "busy").exists()
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "word " * 200, "response": "b"}) + "\n")
+    task = load_text_task(train=str(paths["train"]), validation=str(long))
+    with pytest.raises(MetaTTError, match="more than --max-length 64"):
+        train_causal(replace(cfg, output=str(tmp_path / "bad")), task)
+    assert not (tmp_path / "bad").exists()

@@ -131,3 +131,18 @@ def test_training_and_generation_format_prompts_alike_and_user_text_stays_data(t
         assert prompt == floor.prompt_ids(chat[:1]) == encode_prompt(floor, chat[0]["content"])
         assert prompt.count(tok.convert_tokens_to_ids("<|im_end|>")) == int(template)  # the template's own end of turn only
         assert response[-1] == tok.eos_token_id
+
+
+@pytest.mark.parametrize(
+    ("chat", "message"),
+    [
+        ([{"role": "user", "content": 5}, {"role": "assistant", "content": 6}], "every message's 'content' must be a string"),
+        ([{"role": "assistant", "content": "x"}], "a chat needs a user turn before the assistant's answer"),
+        ([{"role": "system", "content": "s"}, {"role": "assistant", "content": "x"}], "a chat needs a user turn"),
+    ],
+)
+def test_malformed_chats_are_one_line_errors(chat: list, message: str, tmp_path: Path) -> None:
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": chat}) + "\n" for _ in range(4)))
+    with pytest.raises(MetaTTError, match=message):
+        load_text_task(train=str(path))
