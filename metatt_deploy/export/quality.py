@@ -197,7 +197,7 @@ def classifier_rows(gate: QualityGate, samples: Sequence[str]) -> tuple[list[tup
 
     data = gate.data or (gate.task if gate.task in BUILTIN_TASKS else None)
     if data is None:  # the export's sample sentences and the decoders' prompts: one changed label is 4%, not 12%
-        rows: list[tuple[str, ...]] = [(s,) for s in [*samples, *GATE_PROMPTS]][: gate.rows or CLASSIFIER_ROWS]
+        rows: list[tuple[str, ...]] = [(s,) for s in [*samples, *GATE_PROMPTS][: gate.rows or CLASSIFIER_ROWS]]
         return rows, f"{len(rows)} built-in sentences"
     return load_calibration_rows(data, max_rows=gate.rows or CLASSIFIER_ROWS)
 
