@@ -63,7 +63,7 @@ def test_quantized_decoder_exports(tmp_path: Path, quantize: str) -> None:
         vocab_tables = [t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and math.prod(t.dims) >= table]
         assert vocab_tables == []  # no float32 embedding / LM head weight left
         assert all(n.input[1] not in {t.name for t in graph.initializer} for n in graph.node if n.op_type == "MatMul")
-        assert manifest["sizes"]["final_bytes"] < 0.6 * manifest["sizes"]["fp32_bytes"]
+        assert manifest["sizes"]["final_bytes"] < 0.65 * manifest["sizes"]["fp32_bytes"]  # the 8-bit table is a third of this tiny model
         for node in (n for n in graph.node if n.op_type == "MatMulNBits"):
             attrs = {a.name: a.i for a in node.attribute}
             assert attrs["block_size"] == INT4_BLOCK_SIZE and attrs["accuracy_level"] == INT4_ACCURACY_LEVEL
