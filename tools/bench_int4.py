@@ -222,31 +222,19 @@ def render(report: dict[str, Any]) -> str:
         for r in model["rows"]:
             gate = r.get("gate")
             table.append(
-                [
-                    r["setting"] + (" (b)" if r.get("timing_run") == 2 else ""),
-                    f"{r['exact_match']:.2f} ({r['em_change_points']:+.0f})",
-                    f"{r['perplexity']:.3f} ({r['ppl_change']:+.3f})",
-                    f"{r['greedy_identical']:.0%}",
-                    f"{r['decode_tokens_per_s']:.1f} ({r['decode_ratio']:.2f}x)",
-                    f"{r['generate_wall_s']:.2f} / {r['generate_cpu_s']:.2f}",
-                    f"{r['bytes'] / 2**20:.1f} MiB ({r['size_ratio']:.0%})",
-                    f"{gate['greedy_agreement']:.0%}, {gate['perplexity_increase']:+.1%}" if gate else "-",
-                ]
+                {
+                    "setting": r["setting"] + (" (b)" if r.get("timing_run") == 2 else ""),
+                    "exact match (points vs fp32)": f"{r['exact_match']:.2f} ({r['em_change_points']:+.0f})",
+                    "perplexity (change)": f"{r['perplexity']:.3f} ({r['ppl_change']:+.3f})",
+                    "greedy identical to fp32": f"{r['greedy_identical']:.0%}",
+                    "decode tokens/s (vs fp32)": f"{r['decode_tokens_per_s']:.1f} ({r['decode_ratio']:.2f}x)",
+                    "generate s, wall / CPU": f"{r['generate_wall_s']:.2f} / {r['generate_cpu_s']:.2f}",
+                    "size (vs fp32)": f"{r['bytes'] / 2**20:.1f} MiB ({r['size_ratio']:.1%})",
+                    "gate: agreement, ppl": f"{gate['greedy_agreement']:.1%}, {gate['perplexity_increase']:+.1%}" if gate else "-",
+                }
             )
         lines += [
-            markdown_table(
-                [
-                    "setting",
-                    "exact match (points vs fp32)",
-                    "perplexity (change)",
-                    "greedy identical to fp32",
-                    "decode tokens/s (vs fp32)",
-                    "generate s, wall / CPU",
-                    "size (vs fp32)",
-                    "gate: agreement, ppl",
-                ],
-                table,
-            ),
+            markdown_table(table),
             "",
         ]
     return "\n".join(lines)
