@@ -477,11 +477,14 @@ def export(
     int4_head_bits: Annotated[
         int,
         typer.Option(
-            help="With --quantize int4: bits of the LM head and the (tied) embedding: 4, 8 (the default: a 4-bit head broke Gemma-3) or 32 (float32; see docs/reports/int4.md)."
+            help="With --quantize int4: bits of the LM head and the (tied) embedding: 4, 8 or 32 (float32); see docs/reports/int4.md."
         ),
     ] = INT4_HEAD_BITS,
     int4_edge_layers: Annotated[
-        int, typer.Option(help="With --quantize int4: keep the projections of the first and last N decoder layers at 8 bits.")
+        int,
+        typer.Option(
+            help="With --quantize int4: keep the projections of the first and last N decoder layers at 8 bits (4-bit edge layers broke Gemma-3 270M)."
+        ),
     ] = INT4_EDGE_LAYERS,
     calibration: Annotated[
         str | None,

@@ -57,12 +57,13 @@ SETTINGS: dict[str, Int4Options] = {
     "int4, float32 head": Int4Options(head_bits=32),
     "int4, 8-bit head + 8-bit edge layers (2+2)": Int4Options(head_bits=8, edge_layers=2),
     "int4, 8-bit head, float32 activations (accuracy level 0)": Int4Options(head_bits=8, accuracy_level=0),
+    "int4, 4-bit head + 8-bit edge layers (2+2)": Int4Options(head_bits=4, edge_layers=2),
 }
 TARGETS = {"em_points": -2.0, "ppl_change": 0.1, "decode_ratio": 1.6, "size_ratio": 0.35}
 DECODE_PROMPT = 32
 
 
-def prepare(name: str, adapter: Path, work: Path) -> dict[str, Path]:
+def prepare(name: str, adapter: Path, work: Path, settings: dict[str, Int4Options]) -> dict[str, Path]:
     """The fp32 bundle and one bundle per setting (reused when present)."""
     merged = work / name / "merged"
     if not (merged / "config.json").is_file():
@@ -71,7 +72,7 @@ def prepare(name: str, adapter: Path, work: Path) -> dict[str, Path]:
     if not (fp32 / "manifest.json").is_file():
         export_onnx(merged, fp32, force=True)
     bundles = {"fp32": fp32}
-    for label, options in SETTINGS.items():
+    for label, options in settings.items():
         folder = work / name / options.label()
         if not (folder / ONNX_NAME).is_file():
             stage = folder.with_name(folder.name + ".partial")
@@ -153,7 +154,7 @@ def bench_model(name: str, adapter: Path, args: argparse.Namespace, done: dict[s
     from transformers import AutoTokenizer
 
     measured = {r["setting"] for r in done["rows"]} - {"fp32"} if done else set()
-    bundles = {k: v for k, v in prepare(name, adapter, args.work).items() if k not in measured}
+    bundles = {k: v for k, v in prepare(name, adapter, args.work, args.settings).items() if k not in measured}
     tokenizer = AutoTokenizer.from_pretrained(bundles["fp32"])
     rows = held_out(args.data, args.prompts, tokenizer)
     task = json.loads((bundles["fp32"] / "manifest.json").read_text()).get("task")
@@ -250,7 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("runs/bench-int4"))
     parser.add_argument("--out", type=Path, default=Path("docs/reports/int4"))
+    parser.add_argument(
+        "--settings",
+        help=f"comma-separated settings to measure, by their short names (default all: {', '.join(o.label() for o in SETTINGS.values())})",
+    )
     args = parser.parse_args(argv)
+    wanted = args.settings.split(",") if args.settings else [o.label() for o in SETTINGS.values()]
+    args.settings = {k: o for k, o in SETTINGS.items() if o.label() in wanted}
     report: dict[str, Any] = {
         "data": args.data,
         "threads": args.threads,
@@ -264,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             name, _, adapter = spec.partition("=")
             path = args.work / name / "result.json"
             done = json.loads(path.read_text()) if path.is_file() else None
-            if done is None or {r["setting"] for r in done["rows"]} != {"fp32", *SETTINGS}:
+            if done is None or not {"fp32", *args.settings} <= {r["setting"] for r in done["rows"]}:
                 atomic_write_json(path, bench_model(name, Path(adapter), args, done))
             report["models"][name] = json.loads(path.read_text())
     except MetaTTError as e:

@@ -15,7 +15,7 @@ from tiny_decoders import save_tiny_adapter
 
 from metatt_deploy.adapters.model import load_adapter
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.export.int4 import INT4_ACCURACY_LEVEL, INT4_BLOCK_SIZE, INT4_HEAD_BITS
+from metatt_deploy.export.int4 import INT4_ACCURACY_LEVEL, INT4_BLOCK_SIZE, INT4_HEAD_BITS, Int4Options
 from metatt_deploy.export.onnx import MANIFEST_NAME, export_onnx
 from metatt_deploy.export.onnx_lm import FP32_ATOL, fp32_tolerance, greedy, load_ort_decoder
 from metatt_deploy.export.quality import QualityGate
@@ -43,7 +43,9 @@ def test_fp32_decoder_export_has_a_kv_cache_and_generates_like_the_unmerged_adap
 def test_quantized_decoder_exports(tmp_path: Path, quantize: str) -> None:
     _, adapter_dir = save_tiny_adapter(tmp_path, "llama")
     # a random tiny decoder's logits are nearly flat, so quantization flips its top tokens: kept on purpose
-    out = export_onnx(adapter_dir, tmp_path / quantize, quantize=quantize, gate=QualityGate(allow_loss=True))
+    # edge layers 0: this 2-layer model would otherwise be all 8-bit, and the 4-bit path is what is tested here
+    int4 = Int4Options(edge_layers=0)
+    out = export_onnx(adapter_dir, tmp_path / quantize, quantize=quantize, int4=int4, gate=QualityGate(allow_loss=True))
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["variant"]["quantize"] == quantize and manifest["parity"]["final"]["tolerance"] is None
     gate = manifest["quality_gate"]
