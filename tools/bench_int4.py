@@ -197,7 +197,14 @@ def bench_model(name: str, adapter: Path, args: argparse.Namespace, done: dict[s
                 "timing_run": 2 if done else 1,
             }
         )
-    return {"adapter": str(adapter.resolve()), "gate_calibration": source, "prompts": len(rows["ids"]), "rows": rows_out}
+    measured = [*(done["measured"] if done else []), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())]
+    return {
+        "adapter": str(adapter.resolve()),
+        "gate_calibration": source,
+        "prompts": len(rows["ids"]),
+        "rows": rows_out,
+        "measured": measured,
+    }
 
 
 def args_prompts(report: dict[str, Any]) -> int:
@@ -210,7 +217,7 @@ def render(report: dict[str, Any]) -> str:
         "",
         f"{args_prompts(report)} test prompts of {report['data']} per model; decode: batch 1, {report['threads']} ONNX Runtime threads, "
         f"{report['new_tokens']} forced tokens after a {DECODE_PROMPT}-token prompt, median of {report['repeats']} round-robin "
-        f"repeats. Measured {report['measured']}; `{report['command']}`.",
+        f"repeats. Report written {report['written']}; `{report['command']}`.",
         "",
         "Targets: exact match within 2 points of fp32, perplexity <= +0.1, decode >= 1.6x fp32, size <= 35% of fp32 "
         "(fp32 counts one copy of the tied embedding). (b): a setting added later, timed in a second round-robin run "
@@ -218,7 +225,8 @@ def render(report: dict[str, Any]) -> str:
         "",
     ]
     for name, model in report["models"].items():
-        lines += [f"## {name}", "", f"Adapter `{model['adapter']}`; gate calibration: {model['gate_calibration']}.", ""]
+        when = ", ".join(model.get("measured", [])) or "before measurement dates were recorded"
+        lines += [f"## {name}", "", f"Adapter `{model['adapter']}`; gate calibration: {model['gate_calibration']}; measured {when}.", ""]
         table = []
         for r in model["rows"]:
             gate = r.get("gate")
@@ -277,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     except MetaTTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    report["written"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out.with_suffix(".json"), report)
     atomic_write_text(args.out.with_suffix(".md"), render(report))
