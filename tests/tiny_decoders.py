@@ -128,3 +128,31 @@ def save_tiny_multitask(root: Path, tasks: list[str], seed: int, rank: int = 4, 
     g = torch.Generator().manual_seed(seed)
     mtm.metatt.set_cores([torch.randn(s, generator=g) * std for s in mtm.adapter_config.core_shapes()])
     return base, save_multitask(mtm, Path(root) / f"adapter-{seed}", load_tokenizer(str(base)))
+
+
+def save_peaked_decoder(root: Path, outlier: float = 0.0, name: str = "peaked") -> Path:
+    """A tiny Llama that predicts its input token again with a clear margin, and a tunable trap for 4-bit weights.
+
+    The blocks add (almost) nothing (o_proj and down_proj scaled to 1e-4), so the logits are the
+    tied table applied to the normalised embedding: each token's own row wins by several logits,
+    and quantization noise does not flip it. ``outlier`` sets hidden unit 0 of every table row to
+    that value and the final norm's weight for that unit to 0: float32 ignores the unit, but one
+    value per 32-wide block that large sets the block's scale, so at 4 bits (step outlier/7) most
+    weights of the row round to 0 and the lookup and the head lose the token's identity; at 8 bits
+    (step outlier/127) they survive.
+    """
+    folder = Path(root) / name
+    tokenizer = tiny_tokenizer()
+    model = tiny_decoder("llama", len(tokenizer), eos=tokenizer.eos_token_id)
+    with torch.no_grad():
+        table = model.get_input_embeddings().weight
+        table.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(7))
+        if outlier:
+            table[:, 0] = outlier
+            model.model.norm.weight[0] = 0.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(1e-4)
+            layer.mlp.down_proj.weight.mul_(1e-4)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -163,7 +163,7 @@ def decode_rates(export: Path, runs: int, new_tokens: int = 48) -> dict:
     """Greedy decode tokens/s of the numpy loop and of optimum's generate on one decoder export (medians over prompts x runs)."""
     import torch
 
-    from metatt_deploy.export.onnx_lm import load_ort_decoder
+    from metatt_deploy.export.decoder_runs import load_ort_decoder
     from metatt_deploy.inference.decode import SamplingParams
     from metatt_deploy.serving.generate import Generator
 

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from metatt_deploy.export.onnx_lm import load_ort_decoder  # noqa: E402
+from metatt_deploy.export.decoder_runs import load_ort_decoder  # noqa: E402
 from metatt_deploy.inference.decode import DecoderGraph, SamplingParams, generate, generation_eos_ids, until_eos  # noqa: E402
 from metatt_deploy.inference.text import TextTokenizer  # noqa: E402
 

@@ -42,9 +42,10 @@ sys.path.insert(0, str(ROOT))
 from metatt_deploy.adapters.base_model import DEFAULT_DECODER, load_causal_lm, load_tokenizer  # noqa: E402
 from metatt_deploy.adapters.multitask import build_multitask, save_multitask  # noqa: E402
 from metatt_deploy.common.report import markdown_table, save_figure  # noqa: E402
+from metatt_deploy.export.decoder_runs import greedy, load_ort_decoder, teacher_forced_logits  # noqa: E402
 from metatt_deploy.export.merge import merge_adapter, merge_factored  # noqa: E402
 from metatt_deploy.export.onnx import export_onnx  # noqa: E402
-from metatt_deploy.export.onnx_lm import fp32_tolerance, greedy, load_ort_decoder, teacher_forced_logits  # noqa: E402
+from metatt_deploy.export.onnx_lm import fp32_tolerance  # noqa: E402
 from metatt_deploy.inference.decode import SamplingParams, generate, until_eos  # noqa: E402
 from metatt_deploy.inference.formats import ADAPTER_GRAPH, base_dir, read_bundle, task_records  # noqa: E402
 from metatt_deploy.serving.generate import Generator  # noqa: E402

@@ -84,7 +84,9 @@ ARCHITECTURES: dict[str, dict] = {
         "head": ["score"],
     },
 }
-ARCHITECTURES["mistral"] = ARCHITECTURES["qwen2"] = ARCHITECTURES["llama"]
+# decoder families with LLaMA's module names (self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj)
+for _name in ("mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"):
+    ARCHITECTURES[_name] = ARCHITECTURES["llama"]
 DEFAULT_TARGETS = ["q", "k", "v", "o"]
 # Set by base_model.load_classifier: head-adjacent modules (a pooler) the checkpoint lacked, so
 # they were newly initialised; they train and ship with the head (see head_modules).

@@ -16,10 +16,11 @@ from metatt_deploy.cli.stack import quiet_libraries
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import read_json
 from metatt_deploy.export.genai import export_genai
-from metatt_deploy.export.int4 import INT4_ACCURACY_LEVEL
+from metatt_deploy.export.int4 import INT4_ACCURACY_LEVEL, INT4_BLOCK_SIZE, INT4_EDGE_LAYERS, INT4_HEAD_BITS, Int4Options
 from metatt_deploy.export.merge import merge_adapter, merge_factored
 from metatt_deploy.export.onnx import export_onnx
 from metatt_deploy.export.peft import to_peft
+from metatt_deploy.export.quality import MAX_PPL_INCREASE, QualityGate, quality_summary
 from metatt_deploy.export.quantize import CALIBRATION_ROWS
 from metatt_deploy.export.validate import report_paths
 from metatt_deploy.export.validate import validate as run_validation
@@ -106,7 +107,7 @@ def export(
     quantize: Annotated[
         str | None,
         typer.Option(
-            help="int8: dynamic quantization (int8 weights of MatMul/Attention nodes, activation scales per batch); int8-static: QDQ with activation scales calibrated on --calibration data (a row's logits do not depend on its batch); int4 (decoders): weight-only 4-bit MatMulNBits, blocks of 32, the tied LM head included. Logits parity is reported, not enforced."
+            help="int8: dynamic quantization (int8 weights of MatMul/Attention nodes, activation scales per batch); int8-static: QDQ with activation scales calibrated on --calibration data (a row's logits do not depend on its batch); int4 (decoders): weight-only 4-bit MatMulNBits, the LM head at --int4-head-bits. Logits parity is reported; a quality gate against the fp32 graph decides (see --allow-quality-loss)."
         ),
     ] = None,
     int4_accuracy_level: Annotated[
@@ -115,13 +116,48 @@ def export(
             help="With --quantize int4: MatMulNBits compute type, 4 = int8 activations quantized per block at run time (fastest on CPUs), 0 = float32 activations (see docs/decoders.md)."
         ),
     ] = INT4_ACCURACY_LEVEL,
+    int4_block_size: Annotated[
+        int, typer.Option(help="With --quantize int4: weights per float scale along the input (16, 32, 64, 128 or 256).")
+    ] = INT4_BLOCK_SIZE,
+    int4_head_bits: Annotated[
+        int,
+        typer.Option(
+            help="With --quantize int4: bits of the LM head and the (tied) embedding: 4, 8 or 32 (float32); see docs/reports/int4.md."
+        ),
+    ] = INT4_HEAD_BITS,
+    int4_edge_layers: Annotated[
+        int,
+        typer.Option(
+            help="With --quantize int4: keep the projections of the first and last N decoder layers at 8 bits (4-bit edge layers broke Gemma-3 270M)."
+        ),
+    ] = INT4_EDGE_LAYERS,
     calibration: Annotated[
         str | None,
         typer.Option(
-            help="With --quantize int8-static: calibration data, a builtin task (its validation split), a hub data set or a CSV/JSONL file."
+            help="With --quantize: calibration data, a builtin task (its validation split), a hub data set or a CSV/JSONL file: int8-static's activation ranges, and the quality gate's rows (default: the adapter's task if builtin, else built-in prompts or sample sentences)."
         ),
     ] = None,
-    calibration_rows: Annotated[int, typer.Option(help="Calibration rows (a fixed random subset, fed one at a time).")] = CALIBRATION_ROWS,
+    calibration_rows: Annotated[
+        int | None,
+        typer.Option(
+            help=f"Calibration rows (a fixed random subset, fed one at a time; default {CALIBRATION_ROWS} for int8-static and classifiers' gate, 32 for decoders' gate)."
+        ),
+    ] = None,
+    gate_min_agreement: Annotated[
+        float | None,
+        typer.Option(
+            help="Quality gate: minimum agreement with the fp32 graph, greedy next tokens for decoders (default 0.9), labels for classifiers (default 0.9)."
+        ),
+    ] = None,
+    gate_max_ppl_increase: Annotated[
+        float, typer.Option(help="Quality gate, decoders: maximum relative perplexity increase over the fp32 graph (0.1 = +10%).")
+    ] = MAX_PPL_INCREASE,
+    allow_quality_loss: Annotated[
+        bool,
+        typer.Option(
+            "--allow-quality-loss", help="Keep a quantized export that fails the quality gate (the numbers stay in manifest.json)."
+        ),
+    ] = False,
     calibration_method: Annotated[str, typer.Option(help="Activation range estimate: minmax, percentile or entropy.")] = "minmax",
     fp32_down_projections: Annotated[
         bool,
@@ -209,7 +245,7 @@ def export(
         adapter_dir=adapter,
         task=task,
         calibration=calibration,
-        calibration_rows=calibration_rows,
+        calibration_rows=calibration_rows or CALIBRATION_ROWS,
         calibration_method=calibration_method,
         fp32_down_projections=fp32_down_projections,
         per_channel=per_channel,
@@ -217,7 +253,12 @@ def export(
         layout=layout,
         formats=["onnx", *(f for f in split_list(formats) or [] if f != "onnx")],
         threads=threads,
-        int4_accuracy_level=int4_accuracy_level,
+        int4=Int4Options(
+            block_size=int4_block_size, accuracy_level=int4_accuracy_level, head_bits=int4_head_bits, edge_layers=int4_edge_layers
+        ),
+        gate=QualityGate(
+            rows=calibration_rows, min_agreement=gate_min_agreement, max_ppl_increase=gate_max_ppl_increase, allow_loss=allow_quality_loss
+        ),
     )
     if web_runtime is not None:
         vendor_web_runtime(out, web_runtime)
@@ -228,6 +269,8 @@ def export(
         f"exported {out} (opset {manifest['opset']}, {manifest['sizes']['final_bytes'] / 2**20:.1f} MiB); "
         f"max |logit diff| vs PyTorch {final['max_abs_logit_diff']:.2e} ({tolerance})"
     )
+    if "quality_gate" in manifest:
+        typer.echo(quality_summary(manifest["quality_gate"]))
     if "fused_nodes" in manifest:
         fused = ", ".join(
             f"{k} {v}" for k, v in manifest["fused_nodes"].items() if isinstance(v, int) and not isinstance(v, bool) and v and k != "layers"

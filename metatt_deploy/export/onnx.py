@@ -28,6 +28,7 @@ Causal language models take another pipeline (a KV-cache graph, int8 or int4): o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -57,11 +58,12 @@ from metatt_deploy.common.files import (
     sha256_file,
 )
 from metatt_deploy.common.threads import resolve_threads, session_options_record
-from metatt_deploy.export.int4 import INT4_ACCURACY_LEVEL
+from metatt_deploy.export.int4 import Int4Options
 from metatt_deploy.export.merge import MERGE_RECORD, merge_adapter
 from metatt_deploy.export.onnx_files import has_external_data, model_bytes, replace_model
 from metatt_deploy.export.onnx_lm import export_decoder_into
 from metatt_deploy.export.ort_format import convert_to_ort
+from metatt_deploy.export.quality import QualityGate, classifier_rows, judge_classifier, labels_of
 from metatt_deploy.export.quantize import (
     CALIBRATION_ROWS,
     DECODER_ONLY,
@@ -162,7 +164,8 @@ def export_onnx(
     layout: str = "optimum",
     formats: Sequence[str] = ("onnx",),
     threads: int | None = None,
-    int4_accuracy_level: int = INT4_ACCURACY_LEVEL,
+    int4: Int4Options | None = None,
+    gate: QualityGate | None = None,
 ) -> Path:
     """Export ``model_dir`` to an ONNX bundle; returns the bundle folder.
 
@@ -179,8 +182,10 @@ def export_onnx(
     ``layout="transformers.js"`` adds ``onnx/model.onnx`` (fp32) and ``onnx/model_quantized.onnx``
     for Transformers.js; ``"ort"`` in ``formats`` adds ``.ort`` copies and the operator config
     of a reduced build. Every export writes ``web/`` (a static page; export/web.py). ``threads``:
-    intra-op threads of the parity sessions, recorded in the manifest. ``int4_accuracy_level``:
-    MatMulNBits' compute type for ``quantize="int4"`` (4: int8 activations; export/int4.py).
+    intra-op threads of the parity sessions, recorded in the manifest. ``int4``: block size,
+    accuracy level, LM head bits and 8-bit edge layers of ``quantize="int4"`` (export/int4.py).
+    ``gate``: the quality gate of quantized exports (calibration data, thresholds, allow loss;
+    export/quality.py); a failed gate raises before anything is written at ``output``.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -191,8 +196,13 @@ def export_onnx(
         raise MetaTTError(f"unknown quantization '{quantize}'; use {', '.join(QUANTIZE)}")
     if quantize and dtype != "fp32":
         raise MetaTTError("--quantize int8 and --dtype fp16 exclude each other; choose one")
-    if (quantize == "int8-static") != (calibration is not None):
-        raise MetaTTError("--quantize int8-static needs --calibration DATA (a task or file), and --calibration only applies to it")
+    if quantize == "int8-static" and calibration is None:
+        raise MetaTTError("--quantize int8-static needs --calibration DATA (a task or file)")
+    if calibration is not None and not quantize:
+        raise MetaTTError("--calibration applies to --quantize (int8-static ranges and the quality gate); drop it or add --quantize")
+    int4, gate = int4 or Int4Options(), dataclasses.replace(gate or QualityGate(), data=calibration)
+    int4.check()
+    gate.check()
     if layout not in LAYOUTS:
         raise MetaTTError(f"unknown layout '{layout}'; use one of {', '.join(LAYOUTS)}")
     unknown = sorted(set(formats) - set(FORMATS))
@@ -219,7 +229,8 @@ def export_onnx(
     output = check_writable(output, force, marker=MANIFEST_NAME)
     check_separate(output, [model_dir, adapter_dir])
     resolve_threads(threads)
-    rows, calibration_source = load_calibration_rows(calibration, max_rows=calibration_rows) if calibration else ([], None)
+    static = calibration if quantize == "int8-static" else None
+    rows, calibration_source = load_calibration_rows(static, max_rows=calibration_rows) if static else ([], None)
     reduce_range = default_reduce_range() if reduce_range is None else reduce_range
     options = {
         "opset": opset,
@@ -232,7 +243,8 @@ def export_onnx(
         "layout": layout,
         "formats": tuple(formats),
         "threads": threads,
-        "int4_accuracy_level": int4_accuracy_level,
+        "int4": int4,
+        "gate": gate,
     }
 
     started = time.time()
@@ -251,6 +263,7 @@ def export_onnx(
             merge_adapter(model_dir, source, task=task)
             source_kind = "adapter (merged on the fly)"
         provenance = _provenance(source, adapter_dir)
+        options["gate"] = dataclasses.replace(gate, task=provenance["task"])  # the run's task: its validation split calibrates
         with atomic_dir(output, force=force, marker=MANIFEST_NAME) as tmp:
             manifest = _export_into(tmp, source, **options)
             manifest = {
@@ -357,7 +370,8 @@ def _export_into(
     layout,
     formats,
     threads,
-    int4_accuracy_level,
+    int4,
+    gate,
 ) -> dict:
     """Run the pipeline into ``tmp``; returns the manifest's export-specific fields."""
     import onnx
@@ -370,7 +384,7 @@ def _export_into(
         if layout != "optimum" or set(formats) - {"onnx"} or calibration[0]:
             raise MetaTTError("decoders export as optimum bundles only; drop --layout, --formats and --calibration")
         return export_decoder_into(
-            tmp, source, hf_config, opset=opset, optimize=optimize, quantize=quantize, dtype=dtype, int4_accuracy_level=int4_accuracy_level
+            tmp, source, hf_config, opset=opset, optimize=optimize, quantize=quantize, dtype=dtype, int4=int4, gate=gate
         )
     if quantize in DECODER_ONLY:
         raise MetaTTError(f"--quantize {quantize} is for decoders (weight-only MatMulNBits); use --quantize int8 for classifiers")
@@ -406,7 +420,12 @@ def _export_into(
         "cpu": cpu_summary(),
     }
     cpu = ["CPUExecutionProvider"]
-    fp32_parity = _parity(make_session(model_path, cpu, threads), encodings, ref_logits)
+    fp32_session = make_session(model_path, cpu, threads)
+    fp32_parity = _parity(fp32_session, encodings, ref_logits)
+    if quantize:
+        gate_rows, gate_source = classifier_rows(gate, SAMPLE_SENTENCES)
+        fp32_labels = labels_of(_row_logits(fp32_session, tokenizer), gate_rows)
+    del fp32_session
     fp32_parity.update(provider="CPUExecutionProvider", tolerance=FP32_ATOL)
     _enforce(fp32_parity, "the fp32 ONNX export")
     sizes = {"fp32_bytes": model_bytes(tmp)}
@@ -425,6 +444,8 @@ def _export_into(
         )
         if calibration_source:
             fields["quantization"]["calibration"]["data"] = calibration_source
+        labels = labels_of(_row_logits(make_session(model_path, cpu, threads), tokenizer), gate_rows)
+        fields["quality_gate"] = judge_classifier(fp32_labels, labels, gate, quantize, gate_source)
     sizes["final_bytes"] = model_bytes(tmp)
     fields["sizes"] = sizes
 
@@ -435,7 +456,7 @@ def _export_into(
             if not np.isfinite(final["max_abs_logit_diff"]):
                 raise MetaTTError("the int8 ONNX export gives NaN or Inf logits; export without --quantize")
             final["tolerance"] = None
-            final["note"] = "int8 logits are reported, not enforced; judge int8 by accuracy (validate --reference-onnx)"
+            final["note"] = "int8 logits are reported; the quality gate judges int8 by label agreement with the fp32 graph"
         elif dtype == "fp16":
             final["tolerance"] = FP16_RTOL * max(1.0, final["max_abs_logit"])
             _enforce(final, "the fp16 ONNX export")
@@ -555,6 +576,16 @@ def _parity(session, encodings, ref_logits) -> dict:
         total += len(ref)
         max_logit = max(max_logit, float(np.abs(ref).max()))
     return {"max_abs_logit_diff": max(diffs), "label_agreement": agree / total, "examples": total, "max_abs_logit": max_logit}
+
+
+def _row_logits(session, tokenizer):
+    """A function of one calibration row (one text, or a sentence pair) to its logits, fed alone and unpadded."""
+
+    def run(row: tuple[str, ...]) -> np.ndarray:
+        enc = tokenizer(*row, truncation=True, max_length=min(tokenizer.model_max_length, 512), return_tensors="np")
+        return session.run(["logits"], onnx_feeds(session, enc))[0]
+
+    return run
 
 
 def _ort_model_parity(folder: Path, providers: list[str], encodings, ref_logits) -> dict:

@@ -17,12 +17,16 @@ bundle as served (ORTModelForCausalLM on the CPU execution provider):
   2.5-2.8e-6 of the largest logit, so a flat 1e-4 fails on rounding alone. Logits up to
   LOGIT_SCALE (10, the range of classifier logits) keep the flat 1e-4;
 - greedy continuations of ``PARITY_NEW_TOKENS`` tokens, which must be token-identical for fp32;
-- int8 / int4 exports report both (agreement instead of identity), judged by exact match and
-  perplexity in ``metatt-deploy validate`` rather than enforced here.
+- int8 / int4 exports report both (agreement instead of identity); what gates them is the quality
+  gate (export/quality.py): greedy agreement and perplexity against the fp32 graph on calibration data.
+
+A tied embedding that optimum writes twice (Gemma-3: the LM head as its own transposed constant)
+is stored once (int4.tie_duplicate_head), so the fp32 size counts one copy.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +34,12 @@ import numpy as np
 
 from metatt_deploy.adapters.base_model import friendly_load
 from metatt_deploy.common.errors import MetaTTError, first_line
-from metatt_deploy.export.int4 import INT4_ACCURACY_LEVEL, quantize_int4
+from metatt_deploy.export.decoder_runs import chat_prompts, greedy, load_ort_decoder, teacher_forced_logits
+from metatt_deploy.export.int4 import Int4Options, quantize_int4, store_tied_table_once
 from metatt_deploy.export.onnx_files import has_external_data, model_bytes, replace_model
+from metatt_deploy.export.quality import QualityGate, decoder_examples, decoder_quality, judge_decoder, score_decoder
 from metatt_deploy.export.quantize import DECODER_INT8_EXCLUDE, quantize_dynamic_int8
-from metatt_deploy.inference.formats import CAUSAL_LM, DECODER_PIPELINE, ONNX_NAME
-from metatt_deploy.training.lm_data import prompt_ids
+from metatt_deploy.inference.formats import CAUSAL_LM, DECODER_PIPELINE, ONNX_NAME, context_length
 
 FP32_ATOL = 1e-4
 LOGIT_SCALE = 10.0
@@ -56,46 +61,6 @@ SAMPLE_PROMPTS = [
 ]
 
 
-def load_ort_decoder(folder: str | Path, providers: list[str] | None = None, threads: int | None = None, file_name: str | None = None):
-    """ORTModelForCausalLM on ``folder`` (its ``file_name`` graph, model.onnx by default; CPU unless told), with ``threads`` intra-op threads."""
-    import onnxruntime as ort
-    from optimum.onnxruntime import ORTModelForCausalLM
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    return ORTModelForCausalLM.from_pretrained(
-        folder, providers=providers or ["CPUExecutionProvider"], session_options=options, file_name=file_name, use_io_binding=False
-    )
-
-
-def chat_prompts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    return [prompt_ids([{"role": "user", "content": t}], tokenizer) for t in texts]
-
-
-def greedy(model: Any, ids: list[int], max_new_tokens: int, eos: int | list[int] | None, pad: int) -> list[int]:
-    """Greedy continuation of one prompt (no padding), through ``generate`` of either runtime."""
-    import torch
-
-    x = torch.tensor([ids])
-    out = model.generate(
-        input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad
-    )
-    return out[0, len(ids) :].tolist()
-
-
-def teacher_forced_logits(model: Any, ids: list[int]) -> np.ndarray:
-    """Next-token logits at every position of ``ids`` (one sequence, no cache reuse)."""
-    import torch
-
-    x = torch.tensor([ids])
-    with torch.no_grad():
-        out = model(input_ids=x, attention_mask=torch.ones_like(x)).logits
-    return (out.detach().numpy() if hasattr(out, "detach") else np.asarray(out))[0].astype(np.float32)
-
-
 def export_decoder_into(
     tmp: Path,
     source: Path,
@@ -105,7 +70,8 @@ def export_decoder_into(
     optimize: bool,
     quantize: str | None,
     dtype: str,
-    int4_accuracy_level: int = INT4_ACCURACY_LEVEL,
+    int4: Int4Options | None = None,
+    gate: QualityGate | None = None,
 ) -> dict:
     """Export ``source`` (a causal-LM folder) into ``tmp`` and check it; returns the manifest's export fields."""
     import onnx
@@ -125,6 +91,7 @@ def export_decoder_into(
     del reference
 
     _run_main_export(source, tmp, opset)
+    tied = store_tied_table_once(tmp)
     graph = onnx.load(str(tmp / ONNX_NAME), load_external_data=False)
     fields: dict[str, Any] = {
         "pipeline_task": DECODER_PIPELINE,
@@ -137,23 +104,32 @@ def export_decoder_into(
         "kv_cache": True,
         "variant": {"dtype": "fp32", "optimize": False, "quantize": quantize},
     }
+    if tied:
+        fields["tied_embedding"] = {"stored_once": tied, "note": "the LM head reads the embedding table through a Transpose"}
     sizes = {"fp32_bytes": model_bytes(tmp)}
-    fp32 = _parity(tmp, prompts, ref_logits, ref_tokens, eos, pad)
+    fp32_model = load_ort_decoder(tmp)
+    fp32 = _parity(fp32_model, prompts, ref_logits, ref_tokens, eos, pad)
     fp32["tolerance"] = fp32_tolerance(fp32["max_abs_logit"])
     _enforce(fp32, "the fp32 ONNX export")
     final = fp32
+    gate = gate or QualityGate()
+    if quantize:
+        examples, calibration = decoder_examples(gate, tokenizer, context_length(hf_config.to_dict()) or 2048)
+        fp32_scores = score_decoder(fp32_model, examples, eos, pad)
+    del fp32_model
     external = has_external_data(tmp)
     if quantize == "int8":
         fields["quantization"] = replace_model(
             tmp, lambda path: quantize_dynamic_int8(tmp / ONNX_NAME, path, external=external, exclude=DECODER_INT8_EXCLUDE)
         )
     elif quantize == "int4":
-        fields["quantization"] = replace_model(
-            tmp, lambda path: quantize_int4(tmp / ONNX_NAME, path, accuracy_level=int4_accuracy_level, external=external)
-        )
+        fields["quantization"] = replace_model(tmp, lambda path: quantize_int4(tmp / ONNX_NAME, path, int4, external=external))
     if quantize:
-        final = _parity(tmp, prompts, ref_logits, ref_tokens, eos, pad)
-        final.update(tolerance=None, note=f"{quantize} logits and tokens are reported, not enforced; judge them by exact match (validate)")
+        quantized = load_ort_decoder(tmp)
+        final = _parity(quantized, prompts, ref_logits, ref_tokens, eos, pad)
+        final.update(tolerance=None, note=f"{quantize} logits and tokens are reported; the quality gate judges them")
+        scores = score_decoder(quantized, examples, eos, pad, reference=fp32_scores)
+        fields["quality_gate"] = judge_decoder(decoder_quality(fp32_scores, scores), gate, quantize, calibration)
     sizes["final_bytes"] = model_bytes(tmp)
     fields["sizes"] = sizes
     fields["parity"] = {
@@ -168,19 +144,23 @@ def export_decoder_into(
 def _run_main_export(source: Path, tmp: Path, opset: int | None) -> None:
     from optimum.exporters.onnx import main_export
 
+    optimum_log = logging.getLogger("optimum")
+    level = optimum_log.level
+    optimum_log.setLevel(logging.ERROR)  # its "different candidate initializers for the tied weights": store_tied_table_once handles them
     try:
         main_export(str(source), output=str(tmp), task=DECODER_PIPELINE, opset=opset, do_validation=False)
     except (ValueError, KeyError) as e:
         raise MetaTTError(
             f"optimum cannot export {source} with a KV cache ({first_line(e)}); export a supported decoder (llama, qwen2, gpt2, ...)"
         ) from None
+    finally:
+        optimum_log.setLevel(level)
     if not (tmp / ONNX_NAME).is_file():
         raise RuntimeError(f"optimum wrote no {ONNX_NAME} into the export folder")
 
 
-def _parity(folder: Path, prompts, ref_logits, ref_tokens, eos, pad) -> dict:
-    """Logits and greedy tokens of the bundle, loaded as served, against the PyTorch reference."""
-    model = load_ort_decoder(folder)
+def _parity(model: Any, prompts, ref_logits, ref_tokens, eos, pad) -> dict:
+    """Logits and greedy tokens of the bundle, loaded as served (load_ort_decoder), against the PyTorch reference."""
     diffs, identical, max_logit = [], 0, 0.0
     for ids, ref, tokens in zip(prompts, ref_logits, ref_tokens):
         diffs.append(float(np.abs(teacher_forced_logits(model, ids) - ref).max()))

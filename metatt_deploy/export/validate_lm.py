@@ -43,8 +43,9 @@ from metatt_deploy.adapters.model import load_adapter, merge_and_unload
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text, check_writable
 from metatt_deploy.common.report import markdown_table, save_figure
+from metatt_deploy.export.decoder_runs import greedy, load_ort_decoder, teacher_forced_logits
 from metatt_deploy.export.onnx import library_versions
-from metatt_deploy.export.onnx_lm import fp32_tolerance, greedy, load_ort_decoder, teacher_forced_logits
+from metatt_deploy.export.onnx_lm import fp32_tolerance
 from metatt_deploy.export.validate import REPORT_JSON, REPORT_MD, check_provenance, report_path, summarize, time_round_robin
 from metatt_deploy.inference.formats import context_length, read_manifest
 from metatt_deploy.training.lm_data import load_text_task, tokenize_text_task

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from tiny_models import ARCHS, FFN, HIDDEN, LAYERS, expected_qkvo, tiny_model
 from torch import nn
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen3Config, Qwen3ForCausalLM
 
-from metatt_deploy.adapters.targets import TargetModule, find_targets, head_modules, module_dims, parse_targets
+from metatt_deploy.adapters.targets import DEFAULT_TARGETS, TargetModule, find_targets, head_modules, module_dims, parse_targets
 from metatt_deploy.common.errors import MetaTTError
 
 ALL = list(ARCHS)
@@ -138,3 +139,18 @@ def test_no_default_targets_suggests_this_models_suffixes(models) -> None:
         model.config.model_type = "bert"
     with pytest.raises(MetaTTError, match="not a valid regular expression"):
         find_targets(model, ["q=(unclosed"])
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "qwen3"])
+def test_llama_style_decoder_families_have_default_targets(family: str) -> None:
+    """Gemma-3 and Qwen3 blocks name their projections as LLaMA does: no --targets needed (issue 27)."""
+    config_cls, model_cls = (Gemma3TextConfig, Gemma3ForCausalLM) if family == "gemma3_text" else (Qwen3Config, Qwen3ForCausalLM)
+    config = config_cls(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8
+    )
+    model = model_cls(config)
+    assert model.config.model_type == family
+    names, layers, modules = find_targets(model, DEFAULT_TARGETS)
+    assert names == ["q", "k", "v", "o"] and layers == [0, 1] and len(modules) == 8
+    names, _, modules = find_targets(model, "q,k,v,o,gate,up,down")
+    assert {m.name.rsplit(".", 1)[-1] for m in modules} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

@@ -16,10 +16,10 @@ from tiny_decoders import save_tiny_multitask
 
 from metatt_deploy.adapters.base_model import load_tokenizer
 from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.export.decoder_runs import greedy, load_ort_decoder
 from metatt_deploy.export.factored import load_bundle
 from metatt_deploy.export.merge import merge_adapter, merge_factored
 from metatt_deploy.export.onnx import export_onnx
-from metatt_deploy.export.onnx_lm import greedy, load_ort_decoder
 from metatt_deploy.inference.decode import until_eos
 from metatt_deploy.inference.formats import ADAPTER_GRAPH, TASK_GRAPH, TASK_IDS
 from metatt_deploy.serving.generate import Generator

@@ -97,8 +97,8 @@ def test_calibration_errors(tmp_path) -> None:
     tiny = build_tiny(tmp_path / "tiny")
     with pytest.raises(MetaTTError, match="needs --calibration"):
         export_onnx(tiny.merged, tmp_path / "out", quantize="int8-static")
-    with pytest.raises(MetaTTError, match="needs --calibration"):
-        export_onnx(tiny.merged, tmp_path / "out", quantize="int8", calibration="movie-sentiment")
+    with pytest.raises(MetaTTError, match="--calibration applies to --quantize"):
+        export_onnx(tiny.merged, tmp_path / "out", calibration="movie-sentiment")
     with pytest.raises(MetaTTError, match="unknown layout"):
         export_onnx(tiny.merged, tmp_path / "out", layout="tfjs")
     with pytest.raises(MetaTTError, match="unknown format"):

@@ -17,6 +17,7 @@ from metatt_deploy.cli import app
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.export.onnx import export_onnx
 from metatt_deploy.export.peft import to_peft
+from metatt_deploy.export.quality import QualityGate
 from metatt_deploy.export.validate_lm import REPORT_JSON, REPORT_MD, REPORT_PNG, validate_decoder
 
 WORDS = ["good", "bad", "great", "awful", "fine", "poor"]
@@ -27,7 +28,7 @@ def bundles(tmp_path_factory):
     root = tmp_path_factory.mktemp("vlm")
     _, adapter_dir = save_tiny_adapter(root, "llama")
     fp32 = export_onnx(adapter_dir, root / "fp32")
-    int4 = export_onnx(adapter_dir, root / "int4", quantize="int4")
+    int4 = export_onnx(adapter_dir, root / "int4", quantize="int4", gate=QualityGate(allow_loss=True))  # a random tiny model: lossy
     rows = [
         {"prompt": f"Review: this was {w} today", "response": "positive" if i % 2 else "negative"}
         for i, w in enumerate(["good", "bad"] * 3)

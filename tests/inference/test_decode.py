@@ -15,7 +15,7 @@ from tiny_decoders import save_tiny_adapter, save_tiny_multitask
 from transformers import AutoModelForCausalLM
 
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.export.factored import ADAPTER_GRAPH, TASK_GRAPH, load_bundle
+from metatt_deploy.export.factored import load_bundle
 from metatt_deploy.export.merge import merge_adapter, merge_factored
 from metatt_deploy.export.onnx import export_onnx
 from metatt_deploy.inference.decode import (
@@ -29,6 +29,7 @@ from metatt_deploy.inference.decode import (
     pick,
     positions,
 )
+from metatt_deploy.inference.formats import ADAPTER_GRAPH, TASK_GRAPH
 from metatt_deploy.inference.text import TextTokenizer
 
 PROMPTS = ["Review: this was good today", "What is the capital of France?", "sad boring", "Premise: a man plays.", "fine"]

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from metatt_deploy.adapters.model import load_adapter
 from metatt_deploy.cli import app
 from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.export.decoder_runs import greedy
 from metatt_deploy.export.onnx import export_onnx
-from metatt_deploy.export.onnx_lm import greedy
 from metatt_deploy.serving.generate import Generator
 from metatt_deploy.training.lm_data import prompt_ids
 
