@@ -48,6 +48,7 @@ from metatt_deploy.serving.http import (
     limit_requests,
     log,
     printable,
+    service_app,
 )
 from metatt_deploy.serving.metrics import UNKNOWN_TASK, ServerMetrics
 from metatt_deploy.serving.schemas import AdminResponse, ClassifyRequest, ClassifyResponse, Status, TaskInfo, TasksResponse
@@ -143,24 +144,11 @@ class ServerState:
 def create_app(engine: Engine | Callable[[], Engine], settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI app over ``engine`` (or a function that loads it, called in the background)."""
     settings = (settings or ServeSettings()).check()
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        state = ServerState(engine, settings)
-        app.state.server = state
-        await state.start()
-        try:
-            yield
-        finally:
-            await state.stop()
-
-    app = FastAPI(
+    app = service_app(
+        lambda: ServerState(engine, settings),
         title="metatt-deploy",
         summary="Text classification for many tasks on one model (a MetaTT factored bundle), with dynamic batching across tasks.",
-        version="1",
-        lifespan=lifespan,
-        docs_url="/docs" if settings.docs else None,  # Swagger UI and ReDoc load their scripts from a CDN: off unless asked for
-        redoc_url="/redoc" if settings.docs else None,
+        docs=settings.docs,
     )
 
     def state_of(request: Request) -> ServerState:

@@ -24,6 +24,7 @@ Pieces any server reuses, whatever its routes:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -415,3 +416,30 @@ def bind(host: str, port: int) -> socket.socket:
         raise MetaTTError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port, or stop what uses it") from None
     sock.set_inheritable(True)
     return sock
+
+
+def service_app(make_state: Callable[[], Any], *, title: str, summary: str, docs: bool) -> FastAPI:
+    """A FastAPI app whose lifespan starts the state ``make_state()`` builds (``app.state.server``) and stops it on shutdown.
+
+    Both servers (classifiers: app.py, decoders: openai_app.py) are built on it. /docs and /redoc
+    exist only when asked for: Swagger UI and ReDoc load their scripts from a CDN.
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state = make_state()
+        app.state.server = state
+        await state.start()
+        try:
+            yield
+        finally:
+            await state.stop()
+
+    return FastAPI(
+        title=title,
+        summary=summary,
+        version="1",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+    )

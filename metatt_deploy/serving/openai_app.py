@@ -44,7 +44,7 @@ from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.inference.decode import Decoding, SamplingParams, Step
 from metatt_deploy.serving.batcher import Closed, QueueFull
 from metatt_deploy.serving.generate import Generator
-from metatt_deploy.serving.http import ApiError, log, one_line
+from metatt_deploy.serving.http import ApiError, log, one_line, service_app
 from metatt_deploy.serving.llm_engine import Event, LLMEngine, Scheduler, Seq, StepStats
 from metatt_deploy.serving.metrics import UNKNOWN_TASK, LLMMetrics
 from metatt_deploy.serving.schemas import AdminResponse, Status
@@ -367,24 +367,11 @@ class Choice:
 def create_openai_app(factory: Callable[[], Generator], settings: LLMSettings | None = None) -> FastAPI:
     """The FastAPI app over a decoder (``factory`` loads the `Generator`, called in the background)."""
     settings = (settings or LLMSettings()).check()
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        server = LLMServer(factory, settings)
-        app.state.server = server
-        await server.start()
-        try:
-            yield
-        finally:
-            await server.stop()
-
-    app = FastAPI(
+    app = service_app(
+        lambda: LLMServer(factory, settings),
         title="metatt-deploy (OpenAI-compatible)",
         summary="Generation for many tasks on one small LLM (a MetaTT factored bundle), each task a model, batched continuously.",
-        version="1",
-        lifespan=lifespan,
-        docs_url="/docs" if settings.docs else None,
-        redoc_url="/redoc" if settings.docs else None,
+        docs=settings.docs,
     )
 
     def server_of(request: Request) -> LLMServer:

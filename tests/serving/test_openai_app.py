@@ -250,6 +250,9 @@ def test_a_full_queue_answers_429_with_retry_after_and_a_disconnect_frees_its_sl
     # a client that reads one chunk and hangs up: its sequence leaves the batch at the next step
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
         next(r.iter_lines())
+        deadline = time.monotonic() + 10  # the first chunk can leave before the sequence has joined the batch
+        while engine.running == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert engine.running == 1
     deadline = time.monotonic() + 10
     while engine.running and time.monotonic() < deadline:
