@@ -30,7 +30,7 @@ import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -152,6 +152,11 @@ class TaskView(nn.Module):
         self.mtm = mtm
         self.task = mtm.adapter_config.task_index(task)
         self.num_labels = mtm.num_labels[self.task]
+
+    @property
+    def config(self) -> Any:
+        """The base model's config (position table, tokens), as a Hugging Face classifier exposes it."""
+        return self.mtm.model.config
 
     def forward(self, **inputs) -> SequenceClassifierOutput:
         logits = self.mtm(**inputs, task_ids=self.task).logits

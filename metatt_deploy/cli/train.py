@@ -16,7 +16,7 @@ import typer
 from metatt_deploy.adapters.base_model import DEFAULT_MODEL
 from metatt_deploy.adapters.config import DEFAULT_ALPHA
 from metatt_deploy.adapters.targets import DEFAULT_TARGETS
-from metatt_deploy.cli.base import CONTEXT_SETTINGS, Force, check_number, split_list, user_errors, verb_app
+from metatt_deploy.cli.base import CONTEXT_SETTINGS, Force, split_list, user_errors, verb_app
 from metatt_deploy.cli.stack import quiet_libraries
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import check_separate
@@ -180,11 +180,6 @@ def train(
     torch.set_num_threads(resolve_threads(threads))
     spec_files = [f for spec in [*(task_specs or []), add_task or ""] for f in spec.partition("=")[2].split(",") if f.strip()]
     check_separate(output, [train_file, validation_file, test_file, from_adapter, model, *spec_files], what="--output")
-    for value, option in ((lr, "--lr"), (head_lr, "--head-lr"), (alpha, "--alpha"), (lora_alpha, "--lora-alpha")):
-        check_number(value, option)  # NaN and infinities compare false with every bound the configs check
-    check_number(weight_decay, "--weight-decay", low=0)
-    check_number(max_grad_norm, "--max-grad-norm", low=0)
-    check_number(temperature, "--temperature")
     if task_kind not in KIND_NAMES:  # before anything loads
         raise MetaTTError(f"unknown --task-type '{task_kind}'; use {', '.join(KIND_NAMES)}")
     shared: dict[str, Any] = dict(

@@ -140,12 +140,12 @@ def _text_split(path: Path) -> Dataset:
                 raise MetaTTError(f"row {i} of {path.name}: 'messages' must be a list of {{role, content}} objects; fix the file")
             if any(not isinstance(m["content"], str) for m in chat):
                 raise MetaTTError(f"row {i} of {path.name}: every message's 'content' must be a string; fix the file")
-            if len(chat) < 2 or not any(m["role"] == "user" for m in chat[:-1]):
-                raise MetaTTError(f"row {i} of {path.name}: a chat needs a user turn before the assistant's answer; fix the file")
             if chat[-1]["role"] != "assistant":
                 raise MetaTTError(
                     f"row {i} of {path.name}: the last message must be the assistant's answer (role 'assistant'); fix the file"
                 )
+            if not any(m["role"] == "user" for m in chat[:-1]):
+                raise MetaTTError(f"row {i} of {path.name}: a chat needs a user turn before the assistant's answer; fix the file")
         return Dataset.from_dict({"messages": rows, "response": [chat[-1]["content"] for chat in rows]})
     if "prompt" in columns and "response" in columns:
         values = ds.select_columns(["prompt", "response"])[:]
