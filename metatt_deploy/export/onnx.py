@@ -75,7 +75,16 @@ from metatt_deploy.export.quantize import (
     quantize_static_int8,
 )
 from metatt_deploy.export.web import single_task_spec, write_web_app
-from metatt_deploy.inference.formats import CLASSIFIER_PIPELINE, DTYPES, MANIFEST_NAME, MANIFEST_VERSION, ONNX_NAME, QUANTIZE, plain_name
+from metatt_deploy.inference.formats import (
+    CLASSIFIER_PIPELINE,
+    DTYPES,
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    ONNX_NAME,
+    QUANTIZE,
+    context_length,
+    plain_name,
+)
 from metatt_deploy.inference.sessions import as_numpy, available_providers, make_session, onnx_feeds
 
 ADAPTER_CONFIG = "metatt_config.json"
@@ -110,6 +119,8 @@ OPTIMIZER_MODEL_TYPES = {
     "gpt2": "gpt2",
 }
 
+# calibration rows are truncated to this (as training truncates), or to the model's own length where that is shorter
+CALIBRATION_MAX_TOKENS = 128
 SAMPLE_SENTENCES = [
     "A wonderful, heartfelt film with a superb cast.",
     "The plot was dull and the acting even worse.",
@@ -131,6 +142,15 @@ def library_versions() -> dict[str, str]:
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[dist.replace("-", "_")] = metadata.version(dist)
     return out
+
+
+def model_max_tokens(config: dict, tokenizer: Any) -> int | None:
+    """The most tokens one input may have: the tokenizer's model_max_length, capped by the position table.
+
+    (RoBERTa's table has 514 rows for 512 tokens: the tokenizer's figure is the one that holds.)
+    """
+    limits = [n for n in (context_length(config), getattr(tokenizer, "model_max_length", None)) if isinstance(n, int) and 0 < n < 1_000_000]
+    return min(limits) if limits else None
 
 
 def sample_encoding(tokenizer, max_length: int = 128) -> list[dict[str, Any]]:
@@ -422,9 +442,10 @@ def _export_into(
     cpu = ["CPUExecutionProvider"]
     fp32_session = make_session(model_path, cpu, threads)
     fp32_parity = _parity(fp32_session, encodings, ref_logits)
+    longest = model_max_tokens(hf_config.to_dict(), tokenizer) or CALIBRATION_MAX_TOKENS  # rows longer would index past the positions
     if quantize:
         gate_rows, gate_source = classifier_rows(gate, SAMPLE_SENTENCES)
-        fp32_labels = labels_of(_row_logits(fp32_session, tokenizer), gate_rows)
+        fp32_labels = labels_of(_row_logits(fp32_session, tokenizer, longest), gate_rows)
     del fp32_session
     fp32_parity.update(provider="CPUExecutionProvider", tolerance=FP32_ATOL)
     _enforce(fp32_parity, "the fp32 ONNX export")
@@ -439,12 +460,13 @@ def _export_into(
         _to_fp16(tmp)
     rows, calibration_source, calibration_method, fp32_down = calibration
     if quantize:
+        calibration_tokens = min(CALIBRATION_MAX_TOKENS, longest)
         fields["quantization"] = _quantize(
-            tmp, quantize, tokenizer, fields["inputs"], (rows, calibration_method, fp32_down), per_channel, reduce_range
+            tmp, quantize, tokenizer, fields["inputs"], (rows, calibration_method, fp32_down, calibration_tokens), per_channel, reduce_range
         )
         if calibration_source:
             fields["quantization"]["calibration"]["data"] = calibration_source
-        labels = labels_of(_row_logits(make_session(model_path, cpu, threads), tokenizer), gate_rows)
+        labels = labels_of(_row_logits(make_session(model_path, cpu, threads), tokenizer, longest), gate_rows)
         fields["quality_gate"] = judge_classifier(fp32_labels, labels, gate, quantize, gate_source)
     sizes["final_bytes"] = model_bytes(tmp)
     fields["sizes"] = sizes
@@ -490,9 +512,9 @@ def _export_into(
 def _quantize(tmp: Path, quantize: str, tokenizer, inputs: list[str], static: tuple, per_channel: bool, reduce_range: bool) -> dict:
     """Replace the bundle's graph by its int8 form; returns the manifest's ``quantization``.
 
-    ``static``: (calibration rows, calibration method, fp32 down-projections), for int8-static.
+    ``static``: (calibration rows, calibration method, fp32 down-projections, tokens per row), for int8-static.
     """
-    rows, method, fp32_down = static
+    rows, method, fp32_down, max_tokens = static
     external = has_external_data(tmp)
     if quantize == "int8":
         return replace_model(
@@ -503,7 +525,7 @@ def _quantize(tmp: Path, quantize: str, tokenizer, inputs: list[str], static: tu
         )
 
     def feeds(batch):
-        enc = tokenizer(*[list(c) for c in zip(*batch)], truncation=True, max_length=128, return_tensors="np")
+        enc = tokenizer(*[list(c) for c in zip(*batch)], truncation=True, max_length=max_tokens, return_tensors="np")
         return {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in inputs}
 
     reader = TextCalibrationReader(rows, feeds)
@@ -578,11 +600,11 @@ def _parity(session, encodings, ref_logits) -> dict:
     return {"max_abs_logit_diff": max(diffs), "label_agreement": agree / total, "examples": total, "max_abs_logit": max_logit}
 
 
-def _row_logits(session, tokenizer):
+def _row_logits(session, tokenizer, max_tokens: int):
     """A function of one calibration row (one text, or a sentence pair) to its logits, fed alone and unpadded."""
 
     def run(row: tuple[str, ...]) -> np.ndarray:
-        enc = tokenizer(*row, truncation=True, max_length=min(tokenizer.model_max_length, 512), return_tensors="np")
+        enc = tokenizer(*row, truncation=True, max_length=max_tokens, return_tensors="np")
         return session.run(["logits"], onnx_feeds(session, enc))[0]
 
     return run

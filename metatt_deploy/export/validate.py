@@ -47,8 +47,8 @@ from metatt_deploy.adapters.multitask import TaskView, load_multitask
 from metatt_deploy.common.errors import MetaTTError, first_line
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text, check_separate, check_writable, sha256_file
 from metatt_deploy.common.report import progress_bar
-from metatt_deploy.export.onnx import FP16_RTOL, FP32_ATOL, SAMPLE_SENTENCES, library_versions
-from metatt_deploy.inference.formats import ONNX_NAME, context_length, read_manifest
+from metatt_deploy.export.onnx import FP16_RTOL, FP32_ATOL, SAMPLE_SENTENCES, library_versions, model_max_tokens
+from metatt_deploy.inference.formats import ONNX_NAME, read_manifest
 from metatt_deploy.inference.sessions import available_providers, make_session, onnx_feeds
 from metatt_deploy.inference.tasks import TEXT_COLUMN_CANDIDATES
 from metatt_deploy.training.data import FILE_FORMATS, check_records, load_task, quiet_datasets
@@ -368,15 +368,6 @@ def validate(
             f"ONNX logits differ from the unmerged adapter: {parity['failure']} (report in {md_path}); re-merge and re-export the adapter"
         )
     return report
-
-
-def model_max_tokens(config: dict, tokenizer: Any) -> int | None:
-    """The most tokens one input may have: the tokenizer's model_max_length, capped by the position table.
-
-    (RoBERTa's table has 514 rows for 512 tokens: the tokenizer's figure is the one that holds.)
-    """
-    limits = [n for n in (context_length(config), getattr(tokenizer, "model_max_length", None)) if isinstance(n, int) and 0 < n < 1_000_000]
-    return min(limits) if limits else None
 
 
 def report_paths(onnx_dir: str | Path, output: str | Path | None = None) -> tuple[Path, Path]:

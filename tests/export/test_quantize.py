@@ -8,6 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from onnx_fixtures import build_tiny
+from tiny_models import save_tiny_bert
 from transformers import AutoTokenizer
 
 from metatt_deploy.common.errors import MetaTTError
@@ -104,3 +105,13 @@ def test_calibration_errors(tmp_path) -> None:
     with pytest.raises(MetaTTError, match="unknown format"):
         export_onnx(tiny.merged, tmp_path / "out", formats=("onnx", "tflite"))
     assert not (tmp_path / "out").exists()
+
+
+def test_static_calibration_rows_are_truncated_to_the_models_own_length(tmp_path) -> None:
+    """A model with 48 positions and calibration rows of ~150 tokens: rows are cut at 48, not at the fixed 128."""
+    base = tmp_path / "short"
+    save_tiny_bert(base, 0, intermediate_size=64, max_position_embeddings=48, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"text": "a long review " * 50, "label": str(i % 2)}) + "\n" for i in range(8)))
+    out = export_onnx(base, tmp_path / "static", quantize="int8-static", calibration=str(data), calibration_rows=8)
+    assert json.loads((out / "manifest.json").read_text())["variant"]["quantize"] == "int8-static"
