@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -99,9 +100,13 @@ def task_type(name: str) -> str:
 
 
 def friendly_load(fn, name: str, what: str):
+    """``fn()``; a file it cannot read is one MetaTTError line. A corrupt model.safetensors raises SafetensorError, and a
+    corrupt tokenizer.json a bare ``Exception`` from the tokenizers library (no subclass to catch: only that exact type is)."""
     try:
         return fn()
-    except (OSError, ValueError) as e:
+    except Exception as e:
+        if not isinstance(e, (OSError, ValueError, SafetensorError)) and type(e) is not Exception:
+            raise
         raise MetaTTError(f"cannot load {what} '{name}' ({first_line(e)}); pass a local model folder, or a hub name while online") from None
 
 
