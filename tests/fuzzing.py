@@ -235,6 +235,27 @@ class CliCases:
 # ---------------------------------------------------------------- HTTP cases
 
 
+def spoil_body(rng: random.Random, body: dict, oversized: dict) -> tuple[dict[str, str], bytes]:
+    """(headers, raw body) of a JSON request: ``body`` as a JSON client sends it, or spoiled (truncated, not JSON, lone
+    surrogates as raw invalid UTF-8, a wrong content type, deep nesting, or ``oversized``, a body over the limit)."""
+    raw = json.dumps(body).encode()  # ensure_ascii: lone surrogates travel as \\ud800 escapes; NaN / Infinity as Python writes them
+    headers = {"content-type": "application/json"}
+    roll = rng.random()
+    if roll < 0.08:
+        raw = raw[: rng.randrange(len(raw))]  # truncated JSON
+    elif roll < 0.12:
+        raw = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64)))  # not JSON, maybe not UTF-8
+    elif roll < 0.15:
+        raw = json.dumps(body, ensure_ascii=False).encode("utf-8", "surrogatepass")  # surrogates as raw (invalid) UTF-8
+    elif roll < 0.18:
+        headers = {"content-type": rng.choice(["text/plain", "application/x-www-form-urlencoded", "", "application/json; charset=latin-1"])}
+    elif roll < 0.2:
+        raw = b"[" * 5000 + b"]" * 5000  # deep nesting
+    elif roll < 0.23:
+        raw = json.dumps(oversized).encode()  # over the body limit
+    return headers, raw
+
+
 def wire_case(rng: random.Random, path: str, body: bytes) -> bytes:
     """A raw HTTP/1.1 exchange around a valid ``body`` for ``path``: framing, headers and request lines a client can get wrong."""
     head = b"POST %s HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\n" % path.encode()
@@ -328,3 +349,37 @@ class ValidClients:
             while not self.stop.is_set():
                 self.wrong += self.ask(client, rng)
                 self.answered += 1
+
+
+def raw_http_cases(url: str, ask: Callable[[httpx.Client, random.Random], list[str]], path: str, body: bytes, n: int, check) -> Counter:
+    """``n`` raw-wire cases (`wire_case` around ``body`` for ``path``) while valid clients (``ask``) run; every answer passes
+    ``check(status, body, case)`` and every valid client gets its right answer. Returns the count of each status."""
+    port = int(url.rsplit(":", 1)[1])
+    rng = random.Random(SEED + 1)
+    codes: Counter = Counter()
+    with ValidClients(url, ask) as valid:
+        for _ in range(n):
+            request = wire_case(rng, path, body)
+            for status, answer in send_raw(port, request):
+                check(status, answer, request[:200])
+                codes[status] += 1
+    assert not valid.wrong and valid.answered >= 10, (valid.wrong[:5], valid.answered)
+    return codes
+
+
+def json_cases(url: str, ask: Callable[[httpx.Client, random.Random], list[str]], n: int, make_case, check, check_ok) -> Counter:
+    """``n`` requests ``make_case(rng)`` -> (method, path, headers, body) while valid clients (``ask``) run; every answer passes
+    ``check(status, body, case)``, a 200 also ``check_ok(method, path, raw, response)``; every valid client gets its right
+    answer. Returns the count of each status."""
+    rng = random.Random(SEED)
+    codes: Counter = Counter()
+    with ValidClients(url, ask) as valid, httpx.Client(base_url=url, timeout=60) as client:
+        for _ in range(n):
+            method, path, headers, raw = make_case(rng)
+            r = client.request(method, path, content=raw, headers=headers)
+            check(r.status_code, r.content, (method, path, raw[:200]))
+            if r.status_code == 200:
+                check_ok(method, path, raw, r)
+            codes[r.status_code] += 1
+    assert not valid.wrong and valid.answered >= 20, (valid.wrong[:5], valid.answered)
+    return codes

@@ -24,13 +24,12 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections import Counter
 from collections.abc import Callable
 
 import httpx
 import numpy as np
 import pytest
-from fuzzing import SEED, ValidClients, send_raw, wire_case
+from fuzzing import SEED, json_cases, raw_http_cases, spoil_body
 from multitask_fixtures import build_tiny_multitask
 from servers import uvicorn_thread
 
@@ -114,21 +113,7 @@ def json_case(rng: random.Random) -> tuple[str, str, dict[str, str], bytes]:
         body[rng.choice(["text", "extra", "\ud800", ""])] = 1
     if rng.random() < 0.1:
         del body[rng.choice(["task", "texts"])]
-    raw = json.dumps(body).encode()  # ensure_ascii: lone surrogates travel as \\ud800 escapes, as a JSON client sends them
-    headers = {"content-type": "application/json"}
-    roll = rng.random()
-    if roll < 0.08:
-        raw = raw[: rng.randrange(len(raw))]  # truncated JSON
-    elif roll < 0.12:
-        raw = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64)))  # not JSON, maybe not UTF-8
-    elif roll < 0.15:
-        raw = json.dumps(body, ensure_ascii=False).encode("utf-8", "surrogatepass")  # surrogates as raw (invalid) UTF-8
-    elif roll < 0.18:
-        headers = {"content-type": rng.choice(["text/plain", "application/x-www-form-urlencoded", "", "application/json; charset=latin-1"])}
-    elif roll < 0.2:
-        raw = b"[" * 5000 + b"]" * 5000  # deep nesting
-    elif roll < 0.23:
-        raw = json.dumps({"task": "movie", "texts": ["x" * 250] * 40}).encode()  # over the body limit
+    headers, raw = spoil_body(rng, body, {"task": "movie", "texts": ["x" * 250] * 40})
     method, path = "POST", "/v1/classify"
     if rng.random() < 0.08:
         method, path = rng.choice(
@@ -139,18 +124,12 @@ def json_case(rng: random.Random) -> tuple[str, str, dict[str, str], bytes]:
 
 def test_json_bodies_get_2xx_or_a_one_line_4xx_while_valid_clients_are_answered(served) -> None:
     url, reference = served
-    rng = random.Random(SEED)
-    codes: Counter = Counter()
-    with ValidClients(url, ask_valid(reference)) as valid, httpx.Client(base_url=url, timeout=30) as client:
-        for _ in range(PLAN["json"]):
-            method, path, headers, raw = json_case(rng)
-            r = client.request(method, path, content=raw, headers=headers)
-            assert_answer(r.status_code, r.content, (method, path, raw[:200]))
-            if r.status_code == 200 and path == "/v1/classify":
-                body = json.loads(raw)
-                assert len(r.json()["predictions"]) == len(body["texts"])
-            codes[r.status_code] += 1
-    assert not valid.wrong and valid.answered >= 20, (valid.wrong[:5], valid.answered)
+
+    def check_ok(method: str, path: str, raw: bytes, r: httpx.Response) -> None:
+        if path == "/v1/classify":
+            assert len(r.json()["predictions"]) == len(json.loads(raw)["texts"])
+
+    codes = json_cases(url, ask_valid(reference), PLAN["json"], json_case, assert_answer, check_ok)
     assert {200, 400, 404, 413, 415, 422} <= set(codes), codes  # the generator reaches every kind of answer
 
 
@@ -159,17 +138,8 @@ def test_json_bodies_get_2xx_or_a_one_line_4xx_while_valid_clients_are_answered(
 
 def test_raw_http_gets_2xx_or_a_one_line_4xx_while_valid_clients_are_answered(served) -> None:
     url, reference = served
-    port = int(url.rsplit(":", 1)[1])
-    rng = random.Random(SEED + 1)
-    codes: Counter = Counter()
     valid_body = json.dumps({"task": "movie", "texts": ["fine"]}).encode()
-    with ValidClients(url, ask_valid(reference)) as valid:
-        for _ in range(PLAN["wire"]):
-            request = wire_case(rng, "/v1/classify", valid_body)
-            for status, body in send_raw(port, request):
-                assert_answer(status, body, request[:200])
-                codes[status] += 1
-    assert not valid.wrong and valid.answered >= 10, (valid.wrong[:5], valid.answered)
+    codes = raw_http_cases(url, ask_valid(reference), "/v1/classify", valid_body, PLAN["wire"], assert_answer)
     assert {200, 400, 408, 413} <= set(codes), codes
 
 
