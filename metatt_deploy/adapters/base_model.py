@@ -18,7 +18,6 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -100,14 +99,23 @@ def task_type(name: str) -> str:
 
 
 def friendly_load(fn, name: str, what: str):
-    """``fn()``; a file it cannot read is one MetaTTError line. A corrupt model.safetensors raises SafetensorError, and a
-    corrupt tokenizer.json a bare ``Exception`` from the tokenizers library (no subclass to catch: only that exact type is)."""
+    """``fn()`` (a library loading a model's files); whatever it raises is one MetaTTError line.
+
+    A library reading a damaged file raises whatever its parser hits: OSError or ValueError for
+    missing or unparsable files, SafetensorError for a corrupt model.safetensors, a bare
+    ``Exception`` from the tokenizers library for a corrupt tokenizer.json, TypeError,
+    AttributeError or KeyError for a config value of the wrong type (an int where a dict is read).
+    The fuzz tests (tests/test_cli_fuzz_decoders.py) found each of these.
+    """
     try:
         return fn()
+    except MetaTTError:
+        raise
     except Exception as e:
-        if not isinstance(e, (OSError, ValueError, SafetensorError)) and type(e) is not Exception:
-            raise
-        raise MetaTTError(f"cannot load {what} '{name}' ({first_line(e)}); pass a local model folder, or a hub name while online") from None
+        kind = "" if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: "
+        raise MetaTTError(
+            f"cannot load {what} '{name}' ({kind}{first_line(e)}); pass a local model folder, or a hub name while online"
+        ) from None
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:

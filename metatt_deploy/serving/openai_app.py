@@ -44,7 +44,7 @@ from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.inference.decode import Decoding, SamplingParams, Step
 from metatt_deploy.serving.batcher import Closed, QueueFull
 from metatt_deploy.serving.generate import Generator
-from metatt_deploy.serving.http import ApiError, BodyLimit, JsonHttpProtocol, log, one_line, service_app
+from metatt_deploy.serving.http import ApiError, BodyLimit, JsonHttpProtocol, log, one_line, printable, service_app
 from metatt_deploy.serving.llm_engine import Event, LLMEngine, Scheduler, Seq, StepStats
 from metatt_deploy.serving.metrics import UNKNOWN_TASK, LLMMetrics
 from metatt_deploy.serving.schemas import AdminResponse, Status
@@ -165,7 +165,7 @@ def unsupported(body: _Request) -> None:
 
 def openai_error(code: int, message: str, headers: dict[str, str] | None = None, err_code: str | None = None) -> JSONResponse:
     kind = ERROR_TYPES.get(code, "invalid_request_error")
-    body = {"error": {"message": message, "type": kind, "param": None, "code": err_code}}
+    body = {"error": {"message": printable(message), "type": kind, "param": None, "code": err_code}}  # echoed input may hold surrogates
     return JSONResponse(body, status_code=code, headers=headers)
 
 
