@@ -36,6 +36,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
 
 from metatt_deploy.adapters.base_model import friendly_load
@@ -172,9 +173,13 @@ def check_tokenizer(og_tokenizer: Any, hf_tokenizer: Any) -> int:
     """Probe texts (and their chat-template prompts) encode to transformers' ids and decode back; returns the count."""
     texts = list(PROBES)
     if getattr(hf_tokenizer, "chat_template", None):
-        texts += [
-            hf_tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in PROBES
-        ]
+        try:
+            texts += [
+                hf_tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+                for p in PROBES
+            ]
+        except jinja2.TemplateError as e:  # a damaged chat_template.jinja
+            raise MetaTTError(f"the tokenizer's chat template does not render ({first_line(e)}); re-save the tokenizer") from None
     for text in texts:
         expected = list(hf_tokenizer(text).input_ids)
         got = [int(i) for i in og_tokenizer.encode(text)]
