@@ -333,6 +333,7 @@ def _write_task(directory: Path, mtm: MultiTaskModel, t: int, bid: str, onnx: bo
         "bundle_id": bid,
         "labels": list(config.label_names[name]),
         "num_labels": len(config.label_names[name]),
+        "text_columns": config.text_columns(name),
         "shapes": {k: list(v.shape) for k, v in tensors.items()},
         "onnx_adapter_model_version": adapter_model_version(bid) if onnx else None,
         "files": {kind: {"file": f, "sha256": sha256_file(directory / f)} for kind, f in files.items()},

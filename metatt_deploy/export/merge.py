@@ -55,6 +55,9 @@ def merge_adapter(
         "ranks": list(config.ranks),
         "alpha": config.alpha,
     }
+    columns = config.text_columns(config.tasks[task_index])
+    if columns:  # the export's manifest carries it to predict/serve (inference/tasks.text_inputs)
+        record["text_columns"] = columns
     if max_rank is not None:
         adapter = get_adapter(model)
         cores, rel_error = round_tt([c.detach() for c in adapter.cores], max_rank)
