@@ -171,7 +171,9 @@ def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
     run, resuming = prepare_run(cfg, force, accelerator)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
-    model, adapter = wrap_model(cfg, load_classifier(cfg.model, task.label_names), task.name, task.label_names, recorded_text_columns([task]))
+    model, adapter = wrap_model(
+        cfg, load_classifier(cfg.model, task.label_names), task.name, task.label_names, recorded_text_columns([task])
+    )
     schedule = rank_schedule(cfg, adapter)
 
     splits = tokenize_task(task, tokenizer, cfg.max_length)

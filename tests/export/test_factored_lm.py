@@ -91,7 +91,9 @@ def test_bundle_stores_the_base_once_and_reports_its_real_size(tmp_path) -> None
     ids = tok.apply_chat_template([{"role": "user", "content": PROMPTS[2]}], add_generation_prompt=True)
     gen = Generator(out, form="tasks")
     gen.use("sent")
-    assert gen.greedy(ids, NEW) == until_eos(greedy(load_ort_decoder(merged), ids, NEW, tok.eos_token_id, tok.pad_token_id), tok.eos_token_id)
+    assert gen.greedy(ids, NEW) == until_eos(
+        greedy(load_ort_decoder(merged), ids, NEW, tok.eos_token_id, tok.pad_token_id), tok.eos_token_id
+    )
 
 
 def test_generation_per_task_is_token_identical_to_that_tasks_merged_export(bundle) -> None:
