@@ -86,6 +86,8 @@ def merge_lora_adapter(
         "alpha": lora["lora_alpha"],
         "merged_with": "peft merge_and_unload",
     }
+    if lora.get("text_columns"):
+        record["text_columns"] = lora["text_columns"]
     return write_merged(merge_lora(peft_model), tokenizer, record, output, force)
 
 

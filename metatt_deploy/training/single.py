@@ -120,6 +120,7 @@ def save_trained(cfg: TrainConfig, model: nn.Module, tokenizer, directory: Path,
             rank=cfg.rank,
             lora_alpha=cfg.lora_alpha or cfg.rank,
             targets=cfg.targets,
+            text_columns=recorded_text_columns([task]).get(task.name),
         )
         with atomic_dir(directory, force=True) as tmp:
             cast(PeftModel, model).save_pretrained(str(tmp), safe_serialization=True)

@@ -228,6 +228,7 @@ def lora_run(tiny_base, tiny_task, tmp_path_factory) -> Path:
 def test_lora_run_merges_like_a_metatt_adapter(lora_run, tiny_task, tmp_path) -> None:
     record = merge_adapter(lora_run, tmp_path / "merged")
     assert (record["method"], record["task"], record["ranks"]) == ("lora", tiny_task.name, [4])
+    assert record["text_columns"] == list(tiny_task.text_columns) == ["text"]  # recorded by training, carried by merge
     assert json.loads((tmp_path / "merged" / MERGE_RECORD).read_text()) == record
     peft_model, lora, tokenizer = load_lora(lora_run)
     assert lora["label_names"] == tiny_task.label_names
