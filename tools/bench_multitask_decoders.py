@@ -17,7 +17,7 @@ ORTModelForCausalLM.generate (fp32, greedy):
    export plus its first call;
 3. decode tokens/s at batch 1 (32-token prompt, --decode-tokens forced tokens, less the time of
    the prompt), factored vs merged, round robin, median of --repeats;
-4. disk and resident memory for 1, 3 and 10 tasks: measured for the graph + task files and for
+4. disk and resident memory for 1, 3 and 10 tasks: measured for the whole bundle and for
    one merged export (RSS of a fresh process holding the session(s) after one call); 10 tasks
    of merged exports are extrapolated from one (each is a full copy), stated as such.
 
@@ -43,6 +43,7 @@ from metatt_deploy.adapters.base_model import DEFAULT_DECODER, load_causal_lm, l
 from metatt_deploy.adapters.multitask import build_multitask, save_multitask  # noqa: E402
 from metatt_deploy.common.report import markdown_table, save_figure  # noqa: E402
 from metatt_deploy.export.decoder_runs import greedy, load_ort_decoder, teacher_forced_logits  # noqa: E402
+from metatt_deploy.export.factored import folder_bytes  # noqa: E402
 from metatt_deploy.export.merge import merge_adapter, merge_factored  # noqa: E402
 from metatt_deploy.export.onnx import export_onnx  # noqa: E402
 from metatt_deploy.export.onnx_lm import fp32_tolerance  # noqa: E402
@@ -253,8 +254,10 @@ def main() -> None:
 
     # 4. disk and memory
     graph = bundle / ADAPTER_GRAPH
-    task_files = {t: [bundle / "tasks" / f"{t}{s}" for s in (".onnx_adapter", ".json")] for t in tasks}
+    task_files = {t: [bundle / "tasks" / f"{t}{s}" for s in (".onnx_adapter", ".safetensors", ".json")] for t in tasks}
     per_task = statistics.mean(sum(p.stat().st_size for p in fs) for fs in task_files.values())
+    # the whole bundle (base weights once, both graphs, tokenizer, shared cores), less its own tasks' files
+    shared_bytes = folder_bytes(bundle) - sum(p.stat().st_size for fs in task_files.values() for p in fs)
     merged_size = statistics.mean(sum(p.stat().st_size for p in d.iterdir() if p.is_file()) for d in merged.values())
     adapters = [bundle / "tasks" / f"{t}.onnx_adapter" for t in tasks]
     rss_f = {1: resident([graph], adapters[:1]), len(tasks): resident([graph], adapters)}
@@ -265,7 +268,7 @@ def main() -> None:
         memory.append(
             {
                 "tasks": n,
-                "factored disk MiB": (graph.stat().st_size + n * per_task) / MIB,
+                "factored disk MiB": (shared_bytes + n * per_task) / MIB,
                 "merged disk MiB": n * merged_size / MIB,
                 "factored resident MiB": f_rss,
                 "merged resident MiB": n * rss_m1,

@@ -25,7 +25,7 @@ from matplotlib.ticker import MaxNLocator
 from torch import nn
 
 from metatt_deploy.adapters.base_model import load_tokenizer
-from metatt_deploy.adapters.config import MetaTTConfig
+from metatt_deploy.adapters.config import TEXT_COLUMNS, MetaTTConfig
 from metatt_deploy.adapters.heads import routers
 from metatt_deploy.adapters.model import get_adapter
 from metatt_deploy.adapters.multitask import (
@@ -40,7 +40,7 @@ from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text
 from metatt_deploy.common.report import markdown_table, save_figure
 from metatt_deploy.training.config import MultiTaskConfig
-from metatt_deploy.training.data import SPLITS, TaskData
+from metatt_deploy.training.data import SPLITS, TaskData, recorded_text_columns
 from metatt_deploy.training.guards import exclusive_run
 from metatt_deploy.training.kinds import CLASSIFIER_KIND, Scoring, TaskKind, TaskSpec, kind_of_task, with_task
 from metatt_deploy.training.lm_data import TextTask
@@ -147,7 +147,7 @@ def _start_model(cfg: MultiTaskConfig, kind: TaskKind, tasks: Sequence[TaskData 
             targets=cfg.targets,
             base_model=cfg.model,
             seed=cfg.seed,
-            extra={"max_length": cfg.max_length},
+            extra={"max_length": cfg.max_length, TEXT_COLUMNS: recorded_text_columns(tasks)},
         )
         return mtm, tokenizer, list(range(len(tasks))), None
     mtm, _, tokenizer = load_multitask(cfg.add_task_from, base_model=cfg.model)
@@ -156,7 +156,8 @@ def _start_model(cfg: MultiTaskConfig, kind: TaskKind, tasks: Sequence[TaskData 
             f"{cfg.add_task_from} is a {mtm.adapter_config.kind.name} adapter; add a task of the same kind "
             f"(text-to-text tasks for a causal LM, labelled ones for a classifier), not a {kind.name} task"
         )
-    new = extend_tasks(mtm, tasks[0].name, tasks[0].label_names, seed=cfg.seed)
+    columns = recorded_text_columns(tasks).get(tasks[0].name, [])
+    new = extend_tasks(mtm, tasks[0].name, tasks[0].label_names, seed=cfg.seed, text_columns=columns)
     return mtm, tokenizer, [new], _freeze_for_new_task(mtm, new)
 
 
