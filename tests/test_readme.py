@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,9 @@ from conftest import sentiment_rows
 from typer.testing import CliRunner
 
 from metatt_deploy.cli import app
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from demo_summary import summary  # noqa: E402
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 FEWER_STEPS = ["--max-steps", "2", "--batch-size", "8", "--max-length", "32"]
@@ -66,3 +70,10 @@ def test_readme_using_it_commands_run(tmp_path, monkeypatch, tiny_base_128, fake
     assert json.loads((tmp_path / "exported/lora.validation.json").read_text())["method"] == "lora"
     rows = [json.loads(line) for line in outputs["predict exported/mt"].splitlines() if line.startswith("{")]
     assert [r["task"] for r in rows] == ["movie-sentiment"] * 2
+    # `make demo`'s closing summary (tools/demo_summary.py) reads the same two reports these commands wrote
+    report = json.loads((tmp_path / "exported/mt.validation.json").read_text())
+    lines = summary(Path("runs/mt"), Path("exported/mt"))
+    assert lines[0].startswith(f"accuracy: {json.loads((tmp_path / 'runs/mt/metrics.json').read_text())['test']['accuracy']:.4f} ")
+    assert f"max |logit diff| {report['parity']['max_abs_logit_diff']:.2e}" in "\n".join(lines)
+    assert sum(line.startswith("latency:  batch ") for line in lines) == len(report["latency"]["speedups"]) >= 1
+    assert len(lines) <= 8 and lines[-1].startswith("files:    exported/mt/ ")
