@@ -52,6 +52,22 @@ def test_the_block_covers_every_verb_and_kind_of_run() -> None:
     assert any(c.startswith("predict exported/") for c in flat) and any(c.startswith("predict runs/bundle") for c in flat)
 
 
+def test_where_things_are_leads_from_each_capability_to_its_guide_code_and_tests() -> None:
+    """Two steps from the README to any capability's code, test and doc: the table names all three
+    per row (tests/test_doc_paths.py checks they exist), and no guide in docs/ is left out of it."""
+    section = README.read_text().split("## Where things are", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| ") and not line.startswith("| capability")]
+    rows = [r for r in rows if not set(r[0]) <= set("|- ")]
+    assert len(rows) >= 10
+    for capability, guide, code, tests in rows:
+        assert re.search(r"\]\((docs|tools)/", guide), f"{capability}: no guide"
+        assert re.search(r"`(metatt_deploy|tools)/", code), f"{capability}: no code"
+        assert re.search(r"`tests/", tests), f"{capability}: no tests"
+    guides = {p.name for p in (README.parent / "docs").glob("*.md")}
+    linked = set(re.findall(r"\]\(docs/([\w-]+\.md)", section))
+    assert guides <= linked, f"guides missing from README's 'Where things are': {sorted(guides - linked)}"
+
+
 @pytest.mark.slow
 def test_readme_using_it_commands_run(tmp_path, monkeypatch, tiny_base_128, fake_builtins) -> None:
     monkeypatch.chdir(tmp_path)
