@@ -92,7 +92,16 @@ if not TYPE_CHECKING:  # hidden from mypy, which would otherwise type every miss
         """Import a public name's module on first use and cache the name here (PEP 562)."""
         if name not in _WHERE:
             raise AttributeError(f"module 'metatt_deploy' has no attribute '{name}'")
-        value = getattr(importlib.import_module(_WHERE[name]), name)
+        try:
+            module = importlib.import_module(_WHERE[name])
+        except ModuleNotFoundError as e:  # the runtime-only install has no torch: say which extra brings it
+            if name not in _TRAINING or (e.name or "").split(".")[0] == "metatt_deploy":
+                raise
+            raise ModuleNotFoundError(
+                f"metatt_deploy.{name} needs the training stack ({e.name} is not installed): pip install 'metatt-deploy[train]'",
+                name=e.name,
+            ) from e
+        value = getattr(module, name)
         globals()[name] = value
         return value
 

@@ -95,6 +95,32 @@ def test_the_runtime_names_import_no_training_stack() -> None:
     assert seen["torch_after_train"]
 
 
+def test_without_the_training_stack_runtime_names_work_and_training_names_say_which_extra() -> None:
+    """The runtime-only install, simulated: torch and friends cannot be imported at all."""
+    probe = (
+        "import importlib.abc, json, sys\n"
+        "class NoTrainingStack(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {TRAINING_STACK!r}: raise ModuleNotFoundError(f'No module named {{name!r}}', name=name)\n"
+        "sys.meta_path.insert(0, NoTrainingStack())\n"
+        "import metatt_deploy\n"
+        f"found = [n for n in {sorted(_documented()['runtime'])!r} if getattr(metatt_deploy, n) is not None]\n"
+        "try:\n"
+        "    from metatt_deploy import train\n"
+        "    error = None\n"
+        "except ModuleNotFoundError as e:\n"
+        "    error = str(e)\n"
+        "print(json.dumps({'found': found, 'error': error}))\n"
+    )
+    seen = _run(probe)
+    assert seen["found"] == sorted(_documented()["runtime"])
+    assert re.fullmatch(
+        r"metatt_deploy\.train needs the training stack \((\w+) is not installed\): pip install 'metatt-deploy\[train\]'",
+        seen["error"] or "",
+    )
+    assert re.match(r".*\((\w+) is", seen["error"]).group(1) in TRAINING_STACK
+
+
 def _package_imports(tree: ast.Module) -> list[tuple[str, list[str]]]:
     """(module, names) of every import from metatt_deploy anywhere in the file, functions included;
     ``from metatt_deploy.tt import cores`` counts as an import of the module metatt_deploy.tt.cores."""
