@@ -33,6 +33,9 @@ WEIGHTS_NAME = "metatt_adapter.safetensors"
 METATT_METHODS = ("metatt-4d", "metatt-5d")
 DEFAULT_ALPHA = 4.0
 MAX_PARTS = 3  # a module's output is one matrix type, or up to 3 fused ones (GPT-2 c_attn: q, k, v)
+# extra[TEXT_COLUMNS]: task -> the text columns it was trained on, carried to merge records, export
+# manifests and bundle task records, where inference/tasks.text_inputs reads pair vs single from them
+TEXT_COLUMNS = "text_columns"
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,15 @@ class MetaTTConfig:
 
     def mode_size(self, name: str) -> int:
         return self.mode_sizes[self.mode_names.index(name)]
+
+    def text_columns(self, task: str) -> list[str] | None:
+        """The text columns ``task`` was trained on; None for adapters trained before they were recorded."""
+        columns = (self.extra.get(TEXT_COLUMNS) or {}).get(task)
+        return list(columns) if columns else None
+
+    def with_text_columns(self, task: str, columns: Sequence[str]) -> MetaTTConfig:
+        """A copy that records ``columns`` as the text columns of ``task``."""
+        return replace(self, extra={**self.extra, TEXT_COLUMNS: {**(self.extra.get(TEXT_COLUMNS) or {}), task: list(columns)}})
 
     def task_index(self, task: str | int | None) -> int:
         """Index of a task in the task mode (and in ``tasks``); a clear error for unknown names."""

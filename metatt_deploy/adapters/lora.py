@@ -43,11 +43,15 @@ def lora_record(
     rank: int,
     lora_alpha: float,
     targets: list[str],
+    text_columns: list[str] | None = None,
 ) -> dict:
     """The ``metatt_lora.json`` of a PEFT baseline folder (LoRA or VeRA): what PEFT's config does
     not say, including the fingerprint of the base weights (``base_fingerprint``, MetaTT's format-2
-    definition), so a load onto another base of the same shapes is refused instead of answering wrongly."""
+    definition), so a load onto another base of the same shapes is refused instead of answering wrongly,
+    and a classifier task's training ``text_columns`` (merge carries them to the export's manifest)."""
+    extra = {"text_columns": list(text_columns)} if text_columns else {}
     return {
+        **extra,
         "method": method,
         "task": task,
         "label_names": list(label_names),

@@ -266,10 +266,11 @@ def parameter_counts(mtm: MultiTaskModel) -> dict:
     return {"shared_cores": shared, "per_task": per_task, "total": total, "adapter_total": shared + slice_size * len(cfg.tasks)}
 
 
-def extend_tasks(mtm: MultiTaskModel, name: str, label_names: list[str], seed: int = 0) -> int:
+def extend_tasks(mtm: MultiTaskModel, name: str, label_names: list[str], seed: int = 0, text_columns: Sequence[str] = ()) -> int:
     """Append task ``name``: a new task-core slice (the mean of the existing ones) and a new head.
 
     Returns the new task's index. Every existing slice, head and shared core is left bit-identical.
+    ``text_columns`` (a classifier task's training columns) are recorded in the config.
     """
     cfg = mtm.adapter_config
     if name in cfg.tasks:
@@ -282,6 +283,8 @@ def extend_tasks(mtm: MultiTaskModel, name: str, label_names: list[str], seed: i
     cores = [c.detach() for c in adapter.cores]
     cores[t_core] = new_core
     cfg = cfg.with_tasks([*cfg.tasks, name], {**cfg.label_names, name: list(label_names)})
+    if text_columns:
+        cfg = cfg.with_text_columns(name, text_columns)
     adapter.set_cores(cores, cfg)
     index = len(cfg.tasks) - 1
     last = cfg.head_modules[-1] if cfg.head_modules else None  # a causal LM has no head

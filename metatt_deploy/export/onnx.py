@@ -373,6 +373,7 @@ def _provenance(source: Path, adapter_dir: str | Path | None) -> dict:
         "base_model": record.get("base_model"),
         "base_fingerprint": record.get("base_fingerprint"),
         "task": record.get("task"),
+        "text_columns": record.get("text_columns"),
     }
 
 

@@ -26,7 +26,7 @@ from matplotlib.ticker import MaxNLocator
 from torch import nn
 
 from metatt_deploy.adapters.base_model import DEFAULT_MODEL, load_tokenizer
-from metatt_deploy.adapters.config import MetaTTConfig
+from metatt_deploy.adapters.config import TEXT_COLUMNS, MetaTTConfig
 from metatt_deploy.adapters.heads import routers
 from metatt_deploy.adapters.model import get_adapter
 from metatt_deploy.adapters.multitask import (
@@ -42,7 +42,7 @@ from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text
 from metatt_deploy.common.report import markdown_table, save_figure
 from metatt_deploy.training.config import DEFAULT_BATCH_SIZE, MultiTaskConfig
-from metatt_deploy.training.data import TaskData, load_task
+from metatt_deploy.training.data import TaskData, load_task, recorded_text_columns
 from metatt_deploy.training.guards import exclusive_run
 from metatt_deploy.training.kinds import AUTO, CAUSAL_LM_KIND, CLASSIFIER_KIND, kind_for_model, kind_of_task
 from metatt_deploy.training.lm_data import TextTask, load_text_task
@@ -194,7 +194,8 @@ def train_multitask(cfg: MultiTaskConfig, tasks: Sequence[TaskData | TextTask], 
         if mtm.adapter_config.causal_lm != kind.causal:
             what = "a causal LM" if mtm.adapter_config.causal_lm else "a classifier"
             raise MetaTTError(f"{cfg.add_task_from} is {what}; add a task of the same kind (text-to-text tasks for a causal LM)")
-        new = extend_tasks(mtm, tasks[0].name, tasks[0].label_names, seed=cfg.seed)
+        columns = recorded_text_columns(tasks).get(tasks[0].name, [])
+        new = extend_tasks(mtm, tasks[0].name, tasks[0].label_names, seed=cfg.seed, text_columns=columns)
         restore = _freeze_for_new_task(mtm, new)
         train_ids = [new]
     else:
@@ -211,7 +212,7 @@ def train_multitask(cfg: MultiTaskConfig, tasks: Sequence[TaskData | TextTask], 
             targets=cfg.targets,
             base_model=cfg.model,
             seed=cfg.seed,
-            extra={"max_length": cfg.max_length},
+            extra={"max_length": cfg.max_length, TEXT_COLUMNS: recorded_text_columns(tasks)},
         )
         train_ids = list(range(len(tasks)))
     mtm.train()

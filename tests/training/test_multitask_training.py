@@ -13,10 +13,14 @@ import pytest
 import torch
 from multitask_fixtures import assert_only_new_slice_moved, build_tiny_multitask
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from metatt_deploy.adapters.heads import routers
 from metatt_deploy.adapters.multitask import bundle_id, load_multitask
+from metatt_deploy.cli import app
 from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.export.factored import write_bundle
+from metatt_deploy.inference.formats import task_records
 from metatt_deploy.training.config import MultiTaskConfig
 from metatt_deploy.training.multitask import parse_task_spec, train_from_cli
 from metatt_deploy.training.sampling import epoch_plan, parse_task_weights, task_loss_weights, task_probabilities
@@ -120,6 +124,13 @@ def _nli(rng):
         "hypothesis": rng.choice(["a man rests", "a cat", "a man runs"]),
         "label": rng.choice(["entailment", "neutral", "contradiction"]),
     }
+
+
+def _pair(rng):
+    """A pair task whose labels name no relation: only its recorded text columns say it takes pairs."""
+    i = rng.randrange(20)
+    j = i if i % 2 else i + 1
+    return {"sentence1": f"item {i}", "sentence2": f"item {j}", "label": "same" if i == j else "other"}
 
 
 def _four(rng):
@@ -244,7 +255,7 @@ def test_interrupted_run_resumes_to_the_same_result(trained, monkeypatch) -> Non
 
 def test_add_task_trains_only_the_new_slice_and_head(trained) -> None:
     root, _, _, _ = trained
-    spec = _task_files(root, "extra", _sentiment, 16)
+    spec = _task_files(root, "extra", _pair, 16)
     result = train_from_cli(
         output=str(root / "added"),
         specs=[],
@@ -268,6 +279,21 @@ def test_add_task_trains_only_the_new_slice_and_head(trained) -> None:
     assert bundle_id(old_cfg, list(old.metatt.cores)) == bundle_id(new_cfg, list(new.metatt.cores))
     assert result["trainable_parameters"]["trained_in_this_run"] == 16 + 2 * 32 + 2
     assert set(result["history"][0]["tasks"]) == {"extra"}
+    # every task's training columns are recorded, the added one's too, and reach a deployed bundle's task records
+    assert {t: new_cfg.text_columns(t) for t in new_cfg.tasks} == {
+        "sent": ["text"],
+        "nli": ["premise", "hypothesis"],
+        "four": ["text"],
+        "extra": ["sentence1", "sentence2"],
+    }
+    bundle = root / "bundle"
+    write_bundle(root / "run" / "best", bundle)
+    write_bundle(root / "added" / "best", bundle, tasks=["extra"])
+    assert {r["task"]: r["text_columns"] for r in task_records(bundle)}["extra"] == ["sentence1", "sentence2"]
+    res = CliRunner().invoke(app, ["predict", str(bundle), "--task", "extra", "--text", "item 1"])
+    assert res.exit_code == 2 and "task 'extra' takes a sentence pair" in res.output, res.output
+    res = CliRunner().invoke(app, ["predict", str(bundle), "--task", "extra", "--text", "item 1 ||| item 1"])
+    assert res.exit_code == 0, res.output
     with pytest.raises(MetaTTError, match="already in this adapter"):
         train_from_cli(
             output=str(root / "again"),
