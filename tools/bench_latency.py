@@ -32,6 +32,19 @@ The adapter: --adapter DIR, else the newest trained single-task adapter under ru
 `best/` folder), else a random non-zero one (no-no-no-no cores, rank 8) on the embedded model.
 With a trained adapter and --accuracy-data, the accuracy of the fp32 and int8 exports is measured
 too. A quick run: --repeats 10 --max-seconds 10 (a few minutes on 2 cores).
+
+Internals (what this measures lies below the public API, docs/api.md):
+
+- metatt_deploy.adapters.base_model: the base classifier and its tokenizer, loaded without an adapter: the `pytorch-*` runtimes and the random adapter start from them.
+- metatt_deploy.adapters.config: reads an adapter's config (its tasks, labels, base model) to decide what to build and time.
+- metatt_deploy.adapters.model: attaches an unmerged adapter to a PyTorch model: the training graph is one of the runtimes timed, which no deployment runs.
+- metatt_deploy.adapters.multitask: builds a random 2-task (4+1)D adapter for the factored graph when the adapter at hand is single-task (latency does not depend on its values).
+- metatt_deploy.tt.cores: the random cores of that adapter.
+- metatt_deploy.export.onnx: the fixed sample sentences every export is timed on, and the library versions recorded with the figures.
+- metatt_deploy.export.quantize: the CPU's instruction-set flags, recorded with the int8 figures they explain.
+- metatt_deploy.export.validate: validate's own held-out reader and round-robin timer, so these figures are measured as validate measures them.
+- metatt_deploy.inference.sessions: a bare ONNX Runtime session per graph: each export form is timed alone, without a `Runtime`'s tokenizing.
+- metatt_deploy.common.errors: first_line, the one-line form of an error that a skipped or failed row reports.
 """
 
 from __future__ import annotations
@@ -53,14 +66,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from metatt_deploy import export_onnx, merge_adapter, write_bundle  # noqa: E402
 from metatt_deploy.adapters import multitask
 from metatt_deploy.adapters.base_model import load_classifier, load_tokenizer, resolve_model
 from metatt_deploy.adapters.config import MetaTTConfig
 from metatt_deploy.adapters.model import attach, build_config, get_adapter, load_adapter, load_head, read_weights, save_adapter, split_state
 from metatt_deploy.common.errors import first_line
-from metatt_deploy.export import factored
-from metatt_deploy.export.merge import merge_adapter
-from metatt_deploy.export.onnx import SAMPLE_SENTENCES, export_onnx, library_versions  # noqa: E402
+from metatt_deploy.export.onnx import SAMPLE_SENTENCES, library_versions  # noqa: E402
 from metatt_deploy.export.quantize import cpu_summary
 from metatt_deploy.export.validate import load_held_out, summarize, time_round_robin  # noqa: E402
 from metatt_deploy.inference.sessions import make_session, onnx_feeds  # noqa: E402
@@ -199,7 +211,7 @@ def factored_graph(adapter: Path, work: Path, rank: int, reuse: bool) -> tuple[P
                 "factored graph of a random 2-task (4+1)D adapter with the same ranks and targets "
                 "(the adapter at hand is single-task; latency does not depend on the values)"
             )
-        factored.write_bundle(source, bundle, force=True)
+        write_bundle(source, bundle, force=True)
         return graph, note
     except Exception as e:  # the factored path belongs to another module: report, do not fail the bench
         return None, f"skipped: factored export failed ({type(e).__name__}: {first_line(e)})"

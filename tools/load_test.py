@@ -19,6 +19,12 @@ failure). Server-side batch metrics (/metrics) give rows per call and model mill
 Then: resident memory of a server with 1 and 10 tasks (factored bundles baked with 1 and 10
 tasks; 10 merged sessions), and, with --big, one long run at concurrency 32 on (a) during which a
 task is hot-added through /admin. Writes docs/reports/serving-load.{md,json,png}.
+
+Internals (what this measures lies below the public API, docs/api.md):
+
+- metatt_deploy.adapters.multitask: copies one trained (4+1)D adapter into 10 tasks for the memory measurement; the API trains adapters, it does not reshape them.
+- metatt_deploy.inference.sessions: bare ONNX Runtime sessions: the merged baseline server and the direct per-row calls every answer is checked against.
+- metatt_deploy.serving.runtime: `predict`'s own input reader, so the load uses the test rows exactly as `predict` would read them.
 """
 
 from __future__ import annotations
@@ -49,15 +55,12 @@ from transformers import AutoTokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from metatt_deploy import Runtime, ServeSettings, create_app, prepare_builtins, write_bundle  # noqa: E402
 from metatt_deploy.adapters.multitask import extend_tasks, load_multitask, save_multitask  # noqa: E402
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text  # noqa: E402
 from metatt_deploy.common.report import markdown_table, save_figure  # noqa: E402
-from metatt_deploy.export.factored import write_bundle  # noqa: E402
 from metatt_deploy.inference.sessions import make_session, onnx_feeds  # noqa: E402
-from metatt_deploy.serving.app import create_app  # noqa: E402
-from metatt_deploy.serving.http import ServeSettings  # noqa: E402
-from metatt_deploy.serving.runtime import Runtime, read_inputs  # noqa: E402
-from metatt_deploy.training.builtin_data import ensure_builtin  # noqa: E402
+from metatt_deploy.serving.runtime import read_inputs  # noqa: E402
 
 DATA = {"movie": "movie-sentiment", "snli": "snli", "tweet": "tweet-sentiment"}
 CONCURRENCY = (1, 8, 32)
@@ -200,7 +203,7 @@ def pool(tasks: list[str], per_task: int) -> list[tuple[str, object]]:
     """A round-robin mix of (task, text or pair) from the built-in test splits."""
     rows: dict[str, list] = {}
     for task in tasks:
-        texts, _, _ = read_inputs(None, ensure_builtin(DATA[task]) / "test.jsonl", task)
+        texts, _, _ = read_inputs(None, prepare_builtins([DATA[task]])[DATA[task]] / "test.jsonl", task)
         rows[task] = texts[:per_task]
     return [(task, rows[task][i]) for i in range(per_task) for task in tasks]
 

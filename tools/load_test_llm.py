@@ -42,9 +42,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from servers import free_port, wait_ready  # noqa: E402
 
+from metatt_deploy import Generator, SamplingParams  # noqa: E402
 from metatt_deploy.common.report import markdown_table, save_figure  # noqa: E402
-from metatt_deploy.inference.decode import SamplingParams  # noqa: E402
-from metatt_deploy.serving.generate import Generator  # noqa: E402
 
 PROMPTS = [
     "Write a short review of a film you liked.",
@@ -65,8 +64,7 @@ def make_bundle(path: Path) -> Path:
     sys.path.insert(0, str(ROOT / "tools"))
     from bench_multitask_decoders import make_adapter
 
-    from metatt_deploy.adapters.base_model import DEFAULT_DECODER
-    from metatt_deploy.export.merge import merge_factored
+    from metatt_deploy import DEFAULT_DECODER, merge_factored
 
     adapter = make_adapter(path.parent, DEFAULT_DECODER, 3, 0.02)
     merge_factored(adapter, path)

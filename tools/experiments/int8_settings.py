@@ -37,10 +37,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 
+from metatt_deploy import export_onnx, merge_adapter
 from metatt_deploy.adapters.base_model import load_tokenizer
 from metatt_deploy.adapters.config import MetaTTConfig
-from metatt_deploy.export.merge import merge_adapter
-from metatt_deploy.export.onnx import export_onnx, library_versions
+from metatt_deploy.export.onnx import library_versions
 from metatt_deploy.export.quantize import (
     TextCalibrationReader,
     cpu_summary,
