@@ -44,6 +44,7 @@ Internals (what this measures lies below the public API, docs/api.md):
 - metatt_deploy.export.quantize: the CPU's instruction-set flags, recorded with the int8 figures they explain.
 - metatt_deploy.export.validate: validate's own held-out reader and round-robin timer, so these figures are measured as validate measures them.
 - metatt_deploy.inference.sessions: a bare ONNX Runtime session per graph: each export form is timed alone, without a `Runtime`'s tokenizing.
+- metatt_deploy.common.errors: first_line, the one-line form of an error that a skipped or failed row reports.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ from metatt_deploy.adapters import multitask
 from metatt_deploy.adapters.base_model import load_classifier, load_tokenizer, resolve_model
 from metatt_deploy.adapters.config import MetaTTConfig
 from metatt_deploy.adapters.model import attach, build_config, get_adapter, load_adapter, load_head, read_weights, save_adapter, split_state
+from metatt_deploy.common.errors import first_line
 from metatt_deploy.export.onnx import SAMPLE_SENTENCES, library_versions  # noqa: E402
 from metatt_deploy.export.quantize import cpu_summary
 from metatt_deploy.export.validate import load_held_out, summarize, time_round_robin  # noqa: E402
@@ -212,7 +214,7 @@ def factored_graph(adapter: Path, work: Path, rank: int, reuse: bool) -> tuple[P
         write_bundle(source, bundle, force=True)
         return graph, note
     except Exception as e:  # the factored path belongs to another module: report, do not fail the bench
-        return None, f"skipped: factored export failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        return None, f"skipped: factored export failed ({type(e).__name__}: {first_line(e)})"
 
 
 def build_exports(adapter: Path, work: Path, reuse: bool, calibration: str) -> dict[str, Path]:
@@ -402,7 +404,7 @@ def main() -> None:
         try:
             acc = accuracy(Path(adapter), exports, tokenizer, args.accuracy_data, args.max_examples, args.threads)
         except Exception as e:  # accuracy is a bonus here; validate is the command that enforces it
-            acc = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            acc = {"error": f"{type(e).__name__}: {first_line(e)}"}
 
     manifests = {k: json.loads((v / "manifest.json").read_text()) for k, v in exports.items()}
     result = {

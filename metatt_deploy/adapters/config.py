@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from metatt_deploy.adapters.model_kinds import ModelKind, adapter_kind
 from metatt_deploy.adapters.targets import TargetModule, module_dims
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_json, read_json
-from metatt_deploy.inference.formats import CAUSAL_LM
 from metatt_deploy.inference.tasks import resolve_task
 from metatt_deploy.tt.cores import check_ranks, core_shapes, parse_init
 
@@ -61,9 +61,14 @@ class MetaTTConfig:
     extra: dict = field(default_factory=dict)
 
     @property
+    def kind(self) -> ModelKind:
+        """The kind of base model the adapter sits on, as its extra records it (adapters/model_kinds.py)."""
+        return adapter_kind(self.extra)
+
+    @property
     def causal_lm(self) -> bool:
-        """A decoder's adapter (extra.task_type == "causal-lm"), as opposed to a classifier's."""
-        return self.extra.get("task_type") == CAUSAL_LM
+        """A decoder's adapter, as opposed to a classifier's (the name export/ asks by)."""
+        return self.kind.generates
 
     @property
     def multitask(self) -> bool:
@@ -129,9 +134,9 @@ class MetaTTConfig:
             raise _bad(f"{len(self.tasks)} tasks but the task mode has size {self.mode_size('task')}")
         if set(self.label_names) != set(self.tasks):
             raise _bad(f"label_names name tasks {sorted(self.label_names)}, not the tasks {self.tasks}")
-        if self.causal_lm:  # a decoder generates with its own frozen LM head: no labels, no head shipped
+        if not self.kind.has_head:  # a decoder generates with its own frozen LM head: no labels, no head shipped
             if self.head_modules or any(self.label_names.values()):
-                raise _bad("a causal-lm adapter ships no head and no labels; head_modules and label_names must be empty")
+                raise _bad(f"a {self.kind.name} adapter ships no head and no labels; head_modules and label_names must be empty")
         else:
             for t, names in self.label_names.items():
                 if len(names) < 2 or len(set(names)) != len(names):

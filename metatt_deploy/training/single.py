@@ -23,7 +23,8 @@ from metatt_deploy.adapters.base_model import load_classifier, load_tokenizer
 from metatt_deploy.adapters.config import TEXT_COLUMNS
 from metatt_deploy.adapters.layer import MetaTT
 from metatt_deploy.adapters.lora import load_lora, lora_record, write_lora_record
-from metatt_deploy.adapters.targets import find_targets, head_modules, is_causal_lm
+from metatt_deploy.adapters.model_kinds import head_modules, model_kind
+from metatt_deploy.adapters.targets import find_targets
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_dir, atomic_write_json
 from metatt_deploy.common.report import write_training_report
@@ -55,7 +56,7 @@ def wrap_model(
 ) -> tuple[nn.Module, MetaTT | None]:
     """Attach the adapter (MetaTT, PEFT LoRA or VeRA); returns (model to train, MetaTT adapter or None).
 
-    Causal LMs have no head (``label_names`` empty); their PEFT model is PEFT's causal-LM kind.
+    Causal LMs have no head (``label_names`` empty); their PEFT model is PEFT's kind for the base (adapters/model_kinds.py).
     ``text_columns`` (`recorded_text_columns`) go into a MetaTT adapter's config.
     """
     if cfg.method in PEFT_METHODS:
@@ -85,7 +86,7 @@ def peft_config(cfg: TrainConfig, model: nn.Module) -> PeftConfig:
     """
     _, _, modules = find_targets(model, cfg.targets)
     common: dict[str, Any] = dict(
-        task_type="CAUSAL_LM" if is_causal_lm(model) else None,
+        task_type=model_kind(model).peft_task_type,
         r=cfg.rank,
         target_modules=[m.name for m in modules],
         modules_to_save=head_modules(model),
