@@ -10,7 +10,8 @@ manifest fields are documented in docs/export.md.
 Pipeline, all inside a temporary folder renamed into place at the end (nothing half-written):
 
 1. optimum ``main_export(task="text-classification")`` writes the fp32 graph;
-2. parity of that fp32 graph vs PyTorch on sample inputs, enforced at ``FP32_ATOL``;
+2. parity of that fp32 graph vs PyTorch on sample inputs, enforced at ``FP32_ATOL`` against float32
+   or float64 PyTorch (export/parity.py: float32 PyTorch rounds too);
 3. ``optimize``: ONNX Runtime's transformer optimizer fuses attention, layer norms, GELU and the
    embeddings (opt_level 0: pure graph fusions, no provider-specific rewrites, so the file runs
    on every execution provider);
@@ -18,8 +19,8 @@ Pipeline, all inside a temporary folder renamed into place at the end (nothing h
 5. ``quantize="int8"``: dynamic quantization, int8 weights (per output channel) of MatMul (and
    fused Attention) nodes;
 6. parity of the final graph, loaded through ORTModelForSequenceClassification; enforced at
-   ``FP32_ATOL`` for fp32 graphs (plain or optimised), at ``FP16_ATOL`` (relative to the largest
-   logit) for fp16, reported only for int8 (quantization error is judged by accuracy: see
+   ``FP32_ATOL`` for fp32 graphs (plain or optimised), at ``FP16_RTOL`` (relative to the largest
+   logit) for fp16, reported only for int8 (NaN fails) (quantization error is judged by accuracy: see
    ``metatt-deploy validate --reference-onnx``).
 
 Causal language models take another pipeline (a KV-cache graph, int8 or int4): onnx_lm.py.
@@ -63,6 +64,7 @@ from metatt_deploy.export.merge import MERGE_RECORD, merge_adapter
 from metatt_deploy.export.onnx_files import has_external_data, model_bytes, replace_model
 from metatt_deploy.export.onnx_lm import export_decoder_into
 from metatt_deploy.export.ort_format import convert_to_ort
+from metatt_deploy.export.parity import GRAPH_HINT, References, enforce, label_agreement, logit_parity, max_abs, reference_logits
 from metatt_deploy.export.quality import QualityGate, classifier_rows, judge_classifier, labels_of
 from metatt_deploy.export.quantize import (
     CALIBRATION_ROWS,
@@ -419,8 +421,7 @@ def _export_into(
     ).eval()
     check_finite(dict(reference.named_parameters()), "model")
     encodings = sample_encoding(tokenizer)
-    with torch.no_grad():
-        ref_logits = [reference(**enc).logits.numpy() for enc in encodings]
+    refs = reference_logits(reference, lambda model, enc: model(**enc).logits, encodings)
     del reference
 
     _run_main_export(source, tmp, opset)
@@ -441,14 +442,14 @@ def _export_into(
     }
     cpu = ["CPUExecutionProvider"]
     fp32_session = make_session(model_path, cpu, threads)
-    fp32_parity = _parity(fp32_session, encodings, ref_logits)
+    fp32_parity = _parity(fp32_session, encodings, refs, FP32_ATOL)
     longest = model_max_tokens(hf_config.to_dict(), tokenizer) or CALIBRATION_MAX_TOKENS  # rows longer would index past the positions
     if quantize:
         gate_rows, gate_source = classifier_rows(gate, SAMPLE_SENTENCES)
         fp32_labels = labels_of(_row_logits(fp32_session, tokenizer, longest), gate_rows)
     del fp32_session
-    fp32_parity.update(provider="CPUExecutionProvider", tolerance=FP32_ATOL)
-    _enforce(fp32_parity, "the fp32 ONNX export")
+    fp32_parity["provider"] = "CPUExecutionProvider"
+    enforce(fp32_parity, "the fp32 ONNX export", GRAPH_HINT)
     sizes = {"fp32_bytes": model_bytes(tmp)}
     if layout == "transformers.js":  # the plain fp32 graph, kept aside (optimum's loader would see a 2nd model.onnx)
         stash = Path(tempfile.mkdtemp(prefix="metatt-fp32-"))
@@ -471,26 +472,17 @@ def _export_into(
     sizes["final_bytes"] = model_bytes(tmp)
     fields["sizes"] = sizes
 
-    if optimize or quantize or dtype != "fp32":
-        providers = available_providers() if dtype == "fp16" else cpu
-        final = _ort_model_parity(tmp, providers, encodings, ref_logits)
-        if quantize:
-            if not np.isfinite(final["max_abs_logit_diff"]):
-                raise MetaTTError("the int8 ONNX export gives NaN or Inf logits; export without --quantize")
-            final["tolerance"] = None
-            final["note"] = "int8 logits are reported; the quality gate judges int8 by label agreement with the fp32 graph"
-        elif dtype == "fp16":
-            final["tolerance"] = FP16_RTOL * max(1.0, final["max_abs_logit"])
-            _enforce(final, "the fp16 ONNX export")
-        else:
-            final["tolerance"] = FP32_ATOL
-            _enforce(final, "the optimised ONNX export")
-    else:
-        final = _ort_model_parity(tmp, cpu, encodings, ref_logits)
-        final["tolerance"] = FP32_ATOL
-        _enforce(final, "the ONNX export")
+    providers = available_providers() if dtype == "fp16" else cpu
+    final = _ort_model_parity(tmp, providers, encodings, refs, _final_tolerance(quantize, dtype, refs))
+    if quantize:
+        final["note"] = "int8 logits are reported; the quality gate judges int8 by label agreement with the fp32 graph"
+    enforce(
+        final,
+        "the int8 ONNX export" if quantize else "the fp16 ONNX export" if dtype == "fp16" else "the ONNX export",
+        _hint(optimize, quantize, dtype),
+    )
     fields["parity"] = {
-        "reference": "PyTorch float32 merged model (AutoModelForSequenceClassification) on CPU",
+        "reference": "PyTorch merged model (AutoModelForSequenceClassification) on CPU, float32 and float64",
         "inputs": f"{len(SAMPLE_SENTENCES)} sample sentences as one padded batch, plus the first one alone",
         "fp32_export": fp32_parity,
         "final": final,
@@ -501,7 +493,7 @@ def _export_into(
             shutil.move(stash / ONNX_NAME, tmp / TJS_DIR / ONNX_NAME)
         finally:
             shutil.rmtree(stash, ignore_errors=True)
-        fields["transformers_js"] = _transformers_js_layout(tmp, quantize, per_channel, reduce_range, encodings, ref_logits, threads)
+        fields["transformers_js"] = _transformers_js_layout(tmp, quantize, per_channel, reduce_range, encodings, refs, threads)
     if "ort" in formats:
         fields["ort_format"] = _ort_format(tmp, encodings, threads)
     spec = single_task_spec(fields["labels"], fields["inputs"], TJS_DIR if layout == "transformers.js" else None)
@@ -544,7 +536,7 @@ def _quantize(tmp: Path, quantize: str, tokenizer, inputs: list[str], static: tu
     )
 
 
-def _transformers_js_layout(tmp: Path, quantize, per_channel, reduce_range, encodings, ref_logits, threads) -> dict:
+def _transformers_js_layout(tmp: Path, quantize, per_channel, reduce_range, encodings, refs: References, threads) -> dict:
     """``onnx/model.onnx`` (fp32, checked) and ``onnx/model_quantized.onnx`` (the bundle's int8, else dynamic int8)."""
     folder = tmp / TJS_DIR
     quantized = folder / TJS_QUANTIZED
@@ -552,14 +544,14 @@ def _transformers_js_layout(tmp: Path, quantize, per_channel, reduce_range, enco
         shutil.copyfile(tmp / ONNX_NAME, quantized)
     else:
         quantize_dynamic_int8(folder / ONNX_NAME, quantized, per_channel=per_channel, reduce_range=reduce_range)
-    fp32 = _parity(make_session(folder / ONNX_NAME, ["CPUExecutionProvider"], threads), encodings, ref_logits)
-    fp32["tolerance"] = FP32_ATOL
-    _enforce(fp32, "onnx/model.onnx")
-    q8 = _parity(make_session(quantized, ["CPUExecutionProvider"], threads), encodings, ref_logits)
+    fp32 = _parity(make_session(folder / ONNX_NAME, ["CPUExecutionProvider"], threads), encodings, refs, FP32_ATOL)
+    enforce(fp32, "onnx/model.onnx", GRAPH_HINT)
+    q8 = _parity(make_session(quantized, ["CPUExecutionProvider"], threads), encodings, refs, None)
+    enforce(q8, "onnx/model_quantized.onnx", "export without --layout transformers.js")
     return {
         "files": [f"{TJS_DIR}/{ONNX_NAME}", f"{TJS_DIR}/{TJS_QUANTIZED}"],
         "quantized_form": quantize or "int8",
-        "parity": {"model.onnx": fp32, "model_quantized.onnx": {**q8, "tolerance": None}},
+        "parity": {"model.onnx": fp32, "model_quantized.onnx": q8},
         "load_with": "pipeline('text-classification', NAME) with env.localModelPath = the bundle's parent, env.allowRemoteModels = false",
     }
 
@@ -573,9 +565,10 @@ def _ort_format(tmp: Path, encodings, threads) -> dict:
         cpu = ["CPUExecutionProvider"]
         session = make_session(onnx_file, cpu, threads)
         reference = [session.run(["logits"], onnx_feeds(session, e))[0] for e in encodings]
-        parity = _parity(make_session(tmp / ort_file, cpu, threads), encodings, reference)
-        parity["tolerance"] = FP32_ATOL
-        _enforce(parity, f"the ORT format model {ort_file} (vs its .onnx)")
+        parity = _parity(make_session(tmp / ort_file, cpu, threads), encodings, References(reference), FP32_ATOL)
+        enforce(
+            parity, f"the ORT format model {ort_file} (vs its .onnx)", "the .ort conversion changed the graph; export without --format ort"
+        )
         checked[ort_file] = parity
     return {**written, "parity_vs_onnx": checked}
 
@@ -589,15 +582,15 @@ def _run_main_export(source: Path, tmp: Path, opset: int | None) -> None:
         raise MetaTTError(f"optimum cannot export {source} ({first_line(e)}); export a supported sequence-classification model") from None
 
 
-def _parity(session, encodings, ref_logits) -> dict:
-    diffs, agree, total, max_logit = [], 0, 0, 0.0
-    for enc, ref in zip(encodings, ref_logits):
-        out = session.run(["logits"], onnx_feeds(session, enc))[0].astype(np.float32)
-        diffs.append(float(np.abs(out - ref).max()))
-        agree += int((out.argmax(-1) == ref.argmax(-1)).sum())
-        total += len(ref)
-        max_logit = max(max_logit, float(np.abs(ref).max()))
-    return {"max_abs_logit_diff": max(diffs), "label_agreement": agree / total, "examples": total, "max_abs_logit": max_logit}
+def _parity(session, encodings, refs: References, tolerance: float | None) -> dict:
+    outputs = [session.run(["logits"], onnx_feeds(session, enc))[0] for enc in encodings]
+    return _classifier_parity(outputs, refs, tolerance)
+
+
+def _classifier_parity(outputs: list[np.ndarray], refs: References, tolerance: float | None) -> dict:
+    fields = logit_parity(outputs, refs.float32, refs.float64, tolerance)
+    fields["label_agreement"], fields["examples"] = label_agreement(outputs, refs.float32)
+    return fields
 
 
 def _row_logits(session, tokenizer, max_tokens: int):
@@ -610,7 +603,7 @@ def _row_logits(session, tokenizer, max_tokens: int):
     return run
 
 
-def _ort_model_parity(folder: Path, providers: list[str], encodings, ref_logits) -> dict:
+def _ort_model_parity(folder: Path, providers: list[str], encodings, refs: References, tolerance: float | None) -> dict:
     """Parity of the bundle as served: loaded by ORTModelForSequenceClassification."""
     import torch
     from optimum.onnxruntime import ORTModelForSequenceClassification
@@ -619,33 +612,31 @@ def _ort_model_parity(folder: Path, providers: list[str], encodings, ref_logits)
         model = ORTModelForSequenceClassification.from_pretrained(folder, providers=providers)
     except Exception as e:  # a bundle optimum cannot load is a bug in this exporter, not a user error
         raise RuntimeError(f"ORTModelForSequenceClassification cannot load the export: {e}") from e
-    diffs, agree, total, max_logit = [], 0, 0, 0.0
-    for enc, ref in zip(encodings, ref_logits):
+    outputs = []
+    for enc in encodings:
         with torch.no_grad():
             feeds = {k: v for k, v in enc.items() if k in model.input_names}
-            out = model(**feeds).logits
-        out = as_numpy(out).astype(np.float32)
-        diffs.append(float(np.abs(out - ref).max()))
-        agree += int((out.argmax(-1) == ref.argmax(-1)).sum())
-        total += len(ref)
-        max_logit = max(max_logit, float(np.abs(ref).max()))
+            outputs.append(as_numpy(model(**feeds).logits))
     return {
-        "max_abs_logit_diff": max(diffs),
-        "label_agreement": agree / total,
-        "examples": total,
-        "max_abs_logit": max_logit,
+        **_classifier_parity(outputs, refs, tolerance),
         "provider": providers[0],
         "loaded_with": "optimum.onnxruntime.ORTModelForSequenceClassification",
     }
 
 
-def _enforce(parity: dict, what: str) -> None:
-    """Fail above the tolerance, and on a NaN figure (NaN compares false with everything)."""
-    if not parity["max_abs_logit_diff"] <= parity["tolerance"]:
-        raise MetaTTError(
-            f"{what} differs from the PyTorch model by {parity['max_abs_logit_diff']:.3g} in the logits "
-            f"(tolerance {parity['tolerance']:.3g}); try another --opset or export without --optimize"
-        )
+def _final_tolerance(quantize: str | None, dtype: str, refs: References) -> float | None:
+    """None for int8 (the quality gate judges it), relative to the largest logit for fp16, else FP32_ATOL."""
+    if quantize:
+        return None
+    return FP16_RTOL * max(1.0, max_abs(refs.float32)) if dtype == "fp16" else FP32_ATOL
+
+
+def _hint(optimize: bool, quantize: str | None, dtype: str) -> str:
+    if quantize:
+        return "export without --quantize"
+    if dtype == "fp16":
+        return "float16 loses too much on this model; export fp32"
+    return "export without --optimize" if optimize else GRAPH_HINT
 
 
 def optimizer_settings(hf_config) -> dict:

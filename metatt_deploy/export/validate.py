@@ -48,6 +48,7 @@ from metatt_deploy.common.errors import MetaTTError, first_line
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text, check_separate, check_writable, sha256_file
 from metatt_deploy.common.report import progress_bar
 from metatt_deploy.export.onnx import FP16_RTOL, FP32_ATOL, SAMPLE_SENTENCES, library_versions, model_max_tokens
+from metatt_deploy.export.parity import describe, logit_parity, max_abs_diff, within
 from metatt_deploy.inference.formats import ONNX_NAME, read_manifest
 from metatt_deploy.inference.sessions import available_providers, make_session, onnx_feeds
 from metatt_deploy.inference.tasks import TEXT_COLUMN_CANDIDATES
@@ -481,9 +482,9 @@ def parity_figures(pt: np.ndarray, ox: np.ndarray, base: np.ndarray, tolerance: 
     the export is closer to the base than to the adapter: an export that lost the update
     (judged only where the update moves the logits by more than a hundredth of the tolerance).
     """
-    max_diff = float(np.abs(pt - ox).max())
-    effect = float(np.abs(pt - base).max())
-    to_base = float(np.abs(ox - base).max())
+    figures = logit_parity([ox], [pt], tolerance=tolerance)
+    max_diff = figures["max_abs_logit_diff"]
+    effect, to_base = max_abs_diff([pt], [base]), max_abs_diff([ox], [base])
     finite = bool(np.isfinite(pt).all() and np.isfinite(ox).all())
     # below a hundredth of the tolerance the update is within float noise: nothing can tell
     # export-with from export-without, and provenance (check_provenance) is the only check
@@ -492,14 +493,14 @@ def parity_figures(pt: np.ndarray, ox: np.ndarray, base: np.ndarray, tolerance: 
     failure = None
     if not finite:
         failure = "NaN or Inf logits"
-    elif tolerance is not None and not max_diff <= tolerance:
-        failure = f"max |logit diff| {max_diff:.3g} above the tolerance {tolerance:.3g}"
+    elif not within(figures):
+        failure = describe(figures)
     elif closer_to_base:
         failure = f"the export is closer to the base model (max |diff| {to_base:.3g}) than to the adapter ({max_diff:.3g})"
     return {
         "max_abs_logit_diff": max_diff,
         "mean_abs_logit_diff": float(np.abs(pt - ox).mean()),
-        "max_abs_logit": float(np.abs(pt).max()),
+        "max_abs_logit": figures["max_abs_logit"],
         "tolerance": tolerance,
         "enforced": tolerance is not None,
         "adapter_effect_max_abs": effect,

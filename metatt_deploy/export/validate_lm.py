@@ -46,6 +46,7 @@ from metatt_deploy.common.report import markdown_table, save_figure
 from metatt_deploy.export.decoder_runs import greedy, load_ort_decoder, teacher_forced_logits
 from metatt_deploy.export.onnx import library_versions
 from metatt_deploy.export.onnx_lm import fp32_tolerance
+from metatt_deploy.export.parity import max_abs, max_abs_diff, within
 from metatt_deploy.export.validate import REPORT_JSON, REPORT_MD, check_provenance, report_path, summarize, time_round_robin
 from metatt_deploy.inference.formats import context_length, read_manifest
 from metatt_deploy.training.lm_data import load_text_task, tokenize_text_task
@@ -149,7 +150,7 @@ def validate_decoder(
         "max_abs_logit": quality["max_abs_logit"],
         "tolerance": tolerance,
         "enforced": fp32,
-        "passed": (not fp32) or (main["max_abs_logit_diff"] <= tolerance and main["greedy_identical"] == 1.0),
+        "passed": within({**main, "tolerance": tolerance}) and (not fp32 or main["greedy_identical"] == 1.0),
         "reference": f"PyTorch eager, base model + unmerged {'PEFT LoRA' if method == 'lora' else 'MetaTT'} adapter, float32, CPU",
     }
     report = {
@@ -240,7 +241,7 @@ def _quality(model, tokenizer, sessions: dict, rows: dict) -> dict:
     out: dict[str, Any] = {
         "examples": len(rows["ids"]),
         "max_new_tokens": n_new,
-        "max_abs_logit": max(float(np.abs(lg).max()) for lg in pt_logits),
+        "max_abs_logit": max_abs(pt_logits),
         "pytorch": pytorch,
         "bundles": {},
     }
@@ -249,7 +250,7 @@ def _quality(model, tokenizer, sessions: dict, rows: dict) -> dict:
         s = scores(logits, tokens)
         out["bundles"][name] = {
             **s,
-            "max_abs_logit_diff": max(float(np.abs(a - b).max()) for a, b in zip(logits, pt_logits)),
+            "max_abs_logit_diff": max_abs_diff(logits, pt_logits),
             "greedy_identical": sum(a == b for a, b in zip(tokens, pt_tokens)) / len(tokens),
             "exact_match_change_points": round(100 * (s["exact_match"] - pytorch["exact_match"]), 3),
             "perplexity_change": s["perplexity"] - pytorch["perplexity"],
