@@ -265,9 +265,10 @@ def export(
     manifest = read_json(out / MANIFEST_NAME, "export manifest")
     final = manifest["parity"]["final"]
     tolerance = "reported only" if final["tolerance"] is None else f"tolerance {final['tolerance']:.0e}"
+    to64 = "" if final.get("max_abs_diff_float64") is None else f", float64 {final['max_abs_diff_float64']:.2e}"
     typer.echo(
         f"exported {out} (opset {manifest['opset']}, {manifest['sizes']['final_bytes'] / 2**20:.1f} MiB); "
-        f"max |logit diff| vs PyTorch {final['max_abs_logit_diff']:.2e} ({tolerance})"
+        f"max |logit diff| vs PyTorch float32 {final['max_abs_logit_diff']:.2e}{to64} ({tolerance})"
     )
     if "quality_gate" in manifest:
         typer.echo(quality_summary(manifest["quality_gate"]))

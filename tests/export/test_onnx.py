@@ -156,7 +156,7 @@ def test_cli_export(tiny, fp32, tmp_path):
         assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
     result = runner.invoke(app, ["export", str(tiny.merged), "-o", str(tmp_path / "cli"), "--optimize"])
     assert result.exit_code == 0, result.output
-    assert "max |logit diff|" in result.output and "Attention 2" in result.output
+    assert "max |logit diff| vs PyTorch float32 " in result.output and ", float64 " in result.output and "Attention 2" in result.output
     assert (tmp_path / "cli" / "model.onnx").is_file()
 
 
