@@ -60,6 +60,7 @@ from metatt_deploy.adapters.model import attach, build_config, get_adapter, load
 from metatt_deploy.export import factored
 from metatt_deploy.export.merge import merge_adapter
 from metatt_deploy.export.onnx import SAMPLE_SENTENCES, export_onnx, library_versions  # noqa: E402
+from metatt_deploy.export.options import Calibration
 from metatt_deploy.export.quantize import cpu_summary
 from metatt_deploy.export.validate import load_held_out, summarize, time_round_robin  # noqa: E402
 from metatt_deploy.inference.sessions import make_session, onnx_feeds  # noqa: E402
@@ -218,7 +219,7 @@ def build_exports(adapter: Path, work: Path, reuse: bool, calibration: str) -> d
         "ort-merged-opt": (merged, {"optimize": True}),
         "ort-merged-int8": (merged, {"quantize": "int8"}),
         "ort-merged-opt-int8": (merged, {"optimize": True, "quantize": "int8"}),
-        "ort-merged-int8-static": (merged, {"quantize": "int8-static", "calibration": calibration}),
+        "ort-merged-int8-static": (merged, {"quantize": "int8-static", "calibration": Calibration(calibration)}),
     }
     out = {}
     for key, (source, options) in specs.items():

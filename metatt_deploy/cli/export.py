@@ -19,6 +19,7 @@ from metatt_deploy.export.genai import export_genai
 from metatt_deploy.export.int4 import INT4_ACCURACY_LEVEL, INT4_BLOCK_SIZE, INT4_EDGE_LAYERS, INT4_HEAD_BITS, Int4Options
 from metatt_deploy.export.merge import merge_adapter, merge_factored
 from metatt_deploy.export.onnx import export_onnx
+from metatt_deploy.export.options import Calibration, ExportOptions
 from metatt_deploy.export.peft import to_peft
 from metatt_deploy.export.quality import MAX_PPL_INCREASE, QualityGate, quality_summary
 from metatt_deploy.export.quantize import CALIBRATION_ROWS
@@ -233,25 +234,16 @@ def export(
         return
     if web_runtime is not None:
         check_web_runtime(web_runtime)  # before anything is written: a bad folder must not cost the previous export
-    out = export_onnx(
-        model_dir,
-        output,
-        name=name,
+    options = ExportOptions(
         opset=opset,
         optimize=optimize,
         quantize=quantize,
         dtype=dtype,
-        force=force,
-        adapter_dir=adapter,
-        task=task,
-        calibration=calibration,
-        calibration_rows=calibration_rows or CALIBRATION_ROWS,
-        calibration_method=calibration_method,
-        fp32_down_projections=fp32_down_projections,
+        calibration=Calibration(calibration, calibration_rows or CALIBRATION_ROWS, calibration_method, fp32_down_projections),
         per_channel=per_channel,
         reduce_range=reduce_range,
         layout=layout,
-        formats=["onnx", *(f for f in split_list(formats) or [] if f != "onnx")],
+        formats=("onnx", *(f for f in split_list(formats) or [] if f != "onnx")),
         threads=threads,
         int4=Int4Options(
             block_size=int4_block_size, accuracy_level=int4_accuracy_level, head_bits=int4_head_bits, edge_layers=int4_edge_layers
@@ -260,6 +252,7 @@ def export(
             rows=calibration_rows, min_agreement=gate_min_agreement, max_ppl_increase=gate_max_ppl_increase, allow_loss=allow_quality_loss
         ),
     )
+    out = export_onnx(model_dir, output, options, name=name, force=force, adapter_dir=adapter, task=task)
     if web_runtime is not None:
         vendor_web_runtime(out, web_runtime)
     manifest = read_json(out / MANIFEST_NAME, "export manifest")

@@ -33,10 +33,11 @@ from typing import Any
 from metatt_deploy.adapters.base_model import friendly_load
 from metatt_deploy.common.errors import MetaTTError, first_line
 from metatt_deploy.export.decoder_runs import chat_prompts, greedy, load_ort_decoder, teacher_forced_logits, teacher_forced_logits_tensor
-from metatt_deploy.export.int4 import Int4Options, quantize_int4, store_tied_table_once
-from metatt_deploy.export.onnx_files import has_external_data, model_bytes, replace_model
+from metatt_deploy.export.int4 import quantize_int4, store_tied_table_once
+from metatt_deploy.export.onnx_files import graph_fields, has_external_data, model_bytes, replace_model
+from metatt_deploy.export.options import ExportOptions
 from metatt_deploy.export.parity import GRAPH_HINT, References, describe, enforce, logit_parity, reference_logits
-from metatt_deploy.export.quality import QualityGate, decoder_examples, decoder_quality, judge_decoder, score_decoder
+from metatt_deploy.export.quality import decoder_examples, decoder_quality, judge_decoder, score_decoder
 from metatt_deploy.export.quantize import DECODER_INT8_EXCLUDE, quantize_dynamic_int8
 from metatt_deploy.inference.formats import CAUSAL_LM, DECODER_PIPELINE, ONNX_NAME, context_length
 
@@ -64,20 +65,14 @@ def export_decoder_into(
     tmp: Path,
     source: Path,
     hf_config: Any,
-    *,
-    opset: int | None,
-    optimize: bool,
-    quantize: str | None,
-    dtype: str,
-    int4: Int4Options | None = None,
-    gate: QualityGate | None = None,
+    options: ExportOptions,
 ) -> dict:
     """Export ``source`` (a causal-LM folder) into ``tmp`` and check it; returns the manifest's export fields."""
-    import onnx
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if optimize or dtype != "fp32" or quantize not in (None, "int8", "int4"):
+    quantize, gate = options.quantize, options.gate
+    if options.optimize or options.dtype != "fp32" or quantize not in (None, "int8", "int4"):
         raise MetaTTError(
             "decoders export as fp32, --quantize int8 or --quantize int4; drop --optimize, --dtype and other --quantize forms"
         )
@@ -89,17 +84,14 @@ def export_decoder_into(
     refs = reference_logits(reference, teacher_forced_logits_tensor, prompts)
     del reference
 
-    _run_main_export(source, tmp, opset)
+    _run_main_export(source, tmp, options.opset)
     tied = store_tied_table_once(tmp)
-    graph = onnx.load(str(tmp / ONNX_NAME), load_external_data=False)
     fields: dict[str, Any] = {
         "pipeline_task": DECODER_PIPELINE,
         "task_type": CAUSAL_LM,
         "model_type": hf_config.model_type,
         "labels": {},
-        "opset": next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None),
-        "inputs": [i.name for i in graph.graph.input],
-        "outputs": [o.name for o in graph.graph.output],
+        **graph_fields(tmp / ONNX_NAME),
         "kv_cache": True,
         "variant": {"dtype": "fp32", "optimize": False, "quantize": quantize},
     }
@@ -110,7 +102,6 @@ def export_decoder_into(
     fp32 = _parity(fp32_model, prompts, refs, ref_tokens, eos, pad, quantize=None)
     _enforce(fp32, "the fp32 ONNX export")
     final = fp32
-    gate = gate or QualityGate()
     if quantize:
         examples, calibration = decoder_examples(gate, tokenizer, context_length(hf_config.to_dict()) or 2048)
         fp32_scores = score_decoder(fp32_model, examples, eos, pad)
@@ -121,7 +112,7 @@ def export_decoder_into(
             tmp, lambda path: quantize_dynamic_int8(tmp / ONNX_NAME, path, external=external, exclude=DECODER_INT8_EXCLUDE)
         )
     elif quantize == "int4":
-        fields["quantization"] = replace_model(tmp, lambda path: quantize_int4(tmp / ONNX_NAME, path, int4, external=external))
+        fields["quantization"] = replace_model(tmp, lambda path: quantize_int4(tmp / ONNX_NAME, path, options.int4, external=external))
     if quantize:
         quantized = load_ort_decoder(tmp)
         final = _parity(quantized, prompts, refs, ref_tokens, eos, pad, quantize=quantize)
