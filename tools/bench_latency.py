@@ -25,7 +25,7 @@ Runtimes, each on the same fixed-shape inputs (batch x seq tokens, padded):
                      if the factored exporter is missing or fails
 
 Timing: PyTorch and ONNX Runtime both get --threads intra-op threads (default 2); per shape the
-runtimes take turns in blocks (validate.time_round_robin), so background load hits all alike;
+runtimes take turns in blocks (common/timing.time_round_robin), so background load hits all alike;
 medians (p50) and p95 of single calls; ratios are p50 / p50 of ort-base at the same shape.
 
 The adapter: --adapter DIR, else the newest trained single-task adapter under runs/ (a
@@ -57,12 +57,13 @@ from metatt_deploy.adapters import multitask
 from metatt_deploy.adapters.base_model import load_classifier, load_tokenizer, resolve_model
 from metatt_deploy.adapters.config import MetaTTConfig
 from metatt_deploy.adapters.model import attach, build_config, get_adapter, load_adapter, load_head, read_weights, save_adapter, split_state
+from metatt_deploy.common.timing import summarize, time_round_robin
 from metatt_deploy.export import factored
 from metatt_deploy.export.merge import merge_adapter
 from metatt_deploy.export.onnx import SAMPLE_SENTENCES, export_onnx, library_versions  # noqa: E402
 from metatt_deploy.export.options import Calibration
 from metatt_deploy.export.quantize import cpu_summary
-from metatt_deploy.export.validate import load_held_out, summarize, time_round_robin  # noqa: E402
+from metatt_deploy.export.validate import load_held_out  # noqa: E402
 from metatt_deploy.inference.sessions import make_session, onnx_feeds  # noqa: E402
 from metatt_deploy.tt import cores as tt  # noqa: E402
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from metatt_deploy.cli import app
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.export.onnx import FP32_ATOL, export_onnx
-from metatt_deploy.export.validate import REPORT_JSON, REPORT_MD, parity_figures, report_paths, summarize, time_round_robin, validate
+from metatt_deploy.export.validate import REPORT_JSON, REPORT_MD, parity_figures, report_paths, validate
 
 FAST = dict(batch_sizes=(1, 2), seq_len=16, repeats=3, warmup=1)
 
@@ -164,22 +164,6 @@ def test_reports_go_beside_the_bundle_not_into_it(tiny, exports, tmp_path):
     assert report_paths(bundle) == (tmp_path / "exported" / "mt.validation.json", tmp_path / "exported" / "mt.validation.md")
     assert all(p.is_file() for p in report_paths(bundle)) and sorted(p.name for p in bundle.iterdir()) == before
     assert report_paths(bundle, tmp_path / "r") == (tmp_path / "r" / REPORT_JSON, tmp_path / "r" / REPORT_MD)
-
-
-def test_round_robin_timing_and_summary():
-    calls = {"a": 0, "b": 0}
-
-    def make(key):
-        def fn():
-            calls[key] += 1
-
-        return fn
-
-    times = time_round_robin({"a": make("a"), "b": make("b")}, warmup=2, repeats=7, rounds=3)
-    assert [len(times["a"]), len(times["b"])] == [7, 7]
-    assert calls == {"a": 7 + 2 + 1 + 1, "b": 7 + 2 + 1 + 1}  # warm-up 2 on the first round, 1 after
-    s = summarize([0.001, 0.002, 0.003])
-    assert s["p50_ms"] == 2.0 and s["repeats"] == 3 and s["p95_ms"] <= 3.0
 
 
 # ------------------------------------------------------------------ issue 10: provenance, relative parity, NaN
