@@ -59,11 +59,11 @@ from metatt_deploy.adapters.config import MetaTTConfig
 from metatt_deploy.adapters.model import attach, build_config, get_adapter, load_adapter, load_head, read_weights, save_adapter, split_state
 from metatt_deploy.common.timing import summarize, time_round_robin
 from metatt_deploy.export import factored
+from metatt_deploy.export.held_out import load_held_out  # noqa: E402
 from metatt_deploy.export.merge import merge_adapter
 from metatt_deploy.export.onnx import SAMPLE_SENTENCES, export_onnx, library_versions  # noqa: E402
 from metatt_deploy.export.options import Calibration
 from metatt_deploy.export.quantize import cpu_summary
-from metatt_deploy.export.validate import load_held_out  # noqa: E402
 from metatt_deploy.inference.sessions import make_session, onnx_feeds  # noqa: E402
 from metatt_deploy.tt import cores as tt  # noqa: E402
 

@@ -123,3 +123,43 @@ def enforce(parity: dict[str, Any], what: str, hint: str) -> None:
     """Raise a one-line error unless ``within(parity)``; ``hint`` says what to do about it."""
     if not within(parity):
         raise MetaTTError(f"{what} differs from the PyTorch model ({describe(parity)}); {hint}")
+
+
+def parity_figures(pt: np.ndarray, ox: np.ndarray, base: np.ndarray, tolerance: float | None) -> dict:
+    """Parity of the export ``ox`` with the adapter ``pt``, absolute and relative to the adapter's
+    own effect ``|pt - base|`` (base: the same model with the adapter's update off).
+
+    Fails on any NaN/Inf, above ``tolerance`` (when enforced), and, for enforced variants, when
+    the export is closer to the base than to the adapter: an export that lost the update
+    (judged only where the update moves the logits by more than a hundredth of the tolerance).
+    """
+    figures = logit_parity([ox], [pt], tolerance=tolerance)
+    max_diff = figures["max_abs_logit_diff"]
+    effect, to_base = max_abs_diff([pt], [base]), max_abs_diff([ox], [base])
+    finite = bool(np.isfinite(pt).all() and np.isfinite(ox).all())
+    # below a hundredth of the tolerance the update is within float noise: nothing can tell
+    # export-with from export-without, and provenance (check_provenance) is the only check
+    measurable = tolerance is not None and effect > tolerance / 100
+    closer_to_base = measurable and to_base < max_diff
+    failure = None
+    if not finite:
+        failure = "NaN or Inf logits"
+    elif not within(figures):
+        failure = describe(figures)
+    elif closer_to_base:
+        failure = f"the export is closer to the base model (max |diff| {to_base:.3g}) than to the adapter ({max_diff:.3g})"
+    return {
+        "max_abs_logit_diff": max_diff,
+        "mean_abs_logit_diff": float(np.abs(pt - ox).mean()),
+        "max_abs_logit": figures["max_abs_logit"],
+        "tolerance": tolerance,
+        "enforced": tolerance is not None,
+        "adapter_effect_max_abs": effect,
+        "relative_to_adapter_effect": max_diff / effect if effect > 0 else None,
+        "export_vs_base_max_abs": to_base,
+        "closer_to_base": closer_to_base,
+        "passed": failure is None,
+        "failure": failure,
+        "label_agreement": float((pt.argmax(-1) == ox.argmax(-1)).mean()),
+        "reference": "PyTorch eager, base model + unmerged adapter, float32, CPU",
+    }

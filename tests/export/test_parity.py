@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.export.parity import enforce, logit_parity, max_abs_diff, reference_logits, within
+from metatt_deploy.export.onnx import FP32_ATOL
+from metatt_deploy.export.parity import enforce, logit_parity, max_abs_diff, parity_figures, reference_logits, within
 
 TOL = 1.1e-4
 
@@ -68,3 +69,25 @@ def test_reference_logits_runs_float64_on_the_same_inputs() -> None:
     for x, r64 in zip(inputs, refs.float64):
         np.testing.assert_allclose(r64, x.double().numpy() @ weight.T + bias, rtol=0, atol=1e-12)  # numpy float64, independent
     assert 0 < max_abs_diff(refs.float32, refs.float64) < 1e-5
+
+
+# ------------------------------------------------------------------ validate: parity relative to the adapter's own effect (issue 10)
+
+
+def test_parity_figures_relative_to_the_adapters_effect():
+    base = np.zeros((4, 2), dtype=np.float32)
+    pt = base + np.float32(5e-5)  # an adapter that moves the logits by less than the 1e-4 tolerance
+    honest = validation_figures(pt, pt + np.float32(1e-7), base)
+    assert honest["passed"] and honest["relative_to_adapter_effect"] == pytest.approx(2e-3, rel=0.1)
+    lost = validation_figures(pt, base.copy(), base)  # an export without the update: within 1e-4, yet wrong
+    assert lost["max_abs_logit_diff"] < FP32_ATOL and lost["closer_to_base"] and not lost["passed"]
+    assert "closer to the base model" in lost["failure"]
+    nan = validation_figures(pt, np.full_like(pt, np.nan), base)
+    assert not nan["passed"] and nan["failure"] == "NaN or Inf logits"
+    assert not parity_figures(pt, np.full_like(pt, np.nan), base, None)["passed"]  # int8: reported only, but NaN fails
+    zero = validation_figures(base, base.copy(), base)  # a fresh (zero) adapter: nothing to tell apart, passes
+    assert zero["passed"] and zero["relative_to_adapter_effect"] is None
+
+
+def validation_figures(pt, ox, base):
+    return parity_figures(pt, ox, base, FP32_ATOL)
