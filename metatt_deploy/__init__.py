@@ -48,6 +48,8 @@ _TRAINING = {
     "to_peft": "metatt_deploy.export.peft",
     "write_bundle": "metatt_deploy.export.factored",
     "export_onnx": "metatt_deploy.export.onnx",
+    "ExportOptions": "metatt_deploy.export.options",
+    "Calibration": "metatt_deploy.export.options",
     "validate": "metatt_deploy.export.validate",
     "validate_decoder": "metatt_deploy.export.validate_lm",
 }
@@ -63,6 +65,8 @@ if TYPE_CHECKING:  # what mypy and editors see (`X as X`: re-exported); at run t
     from metatt_deploy.export.merge import merge_adapter as merge_adapter
     from metatt_deploy.export.merge import merge_factored as merge_factored
     from metatt_deploy.export.onnx import export_onnx as export_onnx
+    from metatt_deploy.export.options import Calibration as Calibration
+    from metatt_deploy.export.options import ExportOptions as ExportOptions
     from metatt_deploy.export.peft import to_peft as to_peft
     from metatt_deploy.export.validate import validate as validate
     from metatt_deploy.export.validate_lm import validate_decoder as validate_decoder

@@ -25,7 +25,7 @@ Runtimes, each on the same fixed-shape inputs (batch x seq tokens, padded):
                      if the factored exporter is missing or fails
 
 Timing: PyTorch and ONNX Runtime both get --threads intra-op threads (default 2); per shape the
-runtimes take turns in blocks (validate.time_round_robin), so background load hits all alike;
+runtimes take turns in blocks (common/timing.time_round_robin), so background load hits all alike;
 medians (p50) and p95 of single calls; ratios are p50 / p50 of ort-base at the same shape.
 
 The adapter: --adapter DIR, else the newest trained single-task adapter under runs/ (a
@@ -42,7 +42,9 @@ Internals (what this measures lies below the public API, docs/api.md):
 - metatt_deploy.tt.cores: the random cores of that adapter.
 - metatt_deploy.export.onnx: the fixed sample sentences every export is timed on, and the library versions recorded with the figures.
 - metatt_deploy.export.quantize: the CPU's instruction-set flags, recorded with the int8 figures they explain.
-- metatt_deploy.export.validate: validate's own held-out reader and round-robin timer, so these figures are measured as validate measures them.
+- metatt_deploy.export.held_out: validate's own held-out reader, so accuracy is read as validate reads it.
+- metatt_deploy.common.timing: validate's round-robin timer and summary, so these figures are measured as validate measures them.
+- metatt_deploy.export.options: the int8-static export's `Calibration` (export_onnx's frozen options).
 - metatt_deploy.inference.sessions: a bare ONNX Runtime session per graph: each export form is timed alone, without a `Runtime`'s tokenizing.
 - metatt_deploy.common.errors: first_line, the one-line form of an error that a skipped or failed row reports.
 """
@@ -72,9 +74,11 @@ from metatt_deploy.adapters.base_model import load_classifier, load_tokenizer, r
 from metatt_deploy.adapters.config import MetaTTConfig
 from metatt_deploy.adapters.model import attach, build_config, get_adapter, load_adapter, load_head, read_weights, save_adapter, split_state
 from metatt_deploy.common.errors import first_line
+from metatt_deploy.common.timing import summarize, time_round_robin
+from metatt_deploy.export.held_out import load_held_out  # noqa: E402
 from metatt_deploy.export.onnx import SAMPLE_SENTENCES, library_versions  # noqa: E402
+from metatt_deploy.export.options import Calibration
 from metatt_deploy.export.quantize import cpu_summary
-from metatt_deploy.export.validate import load_held_out, summarize, time_round_robin  # noqa: E402
 from metatt_deploy.inference.sessions import make_session, onnx_feeds  # noqa: E402
 from metatt_deploy.tt import cores as tt  # noqa: E402
 
@@ -231,7 +235,7 @@ def build_exports(adapter: Path, work: Path, reuse: bool, calibration: str) -> d
         "ort-merged-opt": (merged, {"optimize": True}),
         "ort-merged-int8": (merged, {"quantize": "int8"}),
         "ort-merged-opt-int8": (merged, {"optimize": True, "quantize": "int8"}),
-        "ort-merged-int8-static": (merged, {"quantize": "int8-static", "calibration": calibration}),
+        "ort-merged-int8-static": (merged, {"quantize": "int8-static", "calibration": Calibration(calibration)}),
     }
     out = {}
     for key, (source, options) in specs.items():
