@@ -30,6 +30,24 @@ RunBatch = Callable[[list[Any], list[str]], Sequence[np.ndarray]]  # (texts, tas
 OnBatch = Callable[[int, int, float], None]  # (rows, distinct tasks, seconds) after each call
 
 
+def answer_rows(run: RunBatch, texts: list[Any], tasks: list[str]) -> list[np.ndarray | Exception]:
+    """Each row's logits from one call of ``run``, or, when that call raises, from a call of its own.
+
+    Only the rows that fail alone get an exception (as their answer, not raised), so one row the
+    model cannot take never fails the other clients' rows it shared a call with. Both batchers use
+    it: this module's and Ray Serve's ``@serve.batch`` (ray_app.py).
+    """
+    try:
+        out: list[np.ndarray | Exception] = list(run(texts, tasks))
+        if len(out) != len(texts):
+            raise RuntimeError(f"the model answered {len(out)} rows for {len(texts)}")
+        return out
+    except Exception as e:
+        if len(texts) == 1:
+            return [e]
+        return [answer_rows(run, [text], [task])[0] for text, task in zip(texts, tasks)]
+
+
 class QueueFull(Exception):
     """The queue has no room for the request's rows: the client should retry later."""
 
@@ -148,19 +166,6 @@ class Batcher:
         self._rows = kept
         return taken
 
-    async def _call(self, loop: asyncio.AbstractEventLoop, rows: list[_Row]) -> list[Any] | Exception:
-        """One model call on the inference thread: its logits per row, or the exception it raised (the worker keeps going)."""
-        try:
-            out = await loop.run_in_executor(self._executor, self.run, [r.text for r in rows], [r.task for r in rows])
-        except Exception as e:
-            return e
-        return list(out) if len(out) == len(rows) else RuntimeError(f"the model answered {len(out)} rows for {len(rows)}")
-
-    async def _alone(self, loop: asyncio.AbstractEventLoop, row: _Row) -> Any:
-        """One row's logits from a call of its own, or the exception that call raised."""
-        answer = await self._call(loop, [row])
-        return answer if isinstance(answer, Exception) else answer[0]
-
     async def _loop(self) -> None:
         assert self._wake is not None
         loop = asyncio.get_running_loop()
@@ -186,9 +191,7 @@ class Batcher:
             for row in batch:
                 self._running[row.task] = self._running.get(row.task, 0) + 1
             started = time.perf_counter()
-            answers = await self._call(loop, batch)
-            if isinstance(answers, Exception):  # each row alone: only the rows that fail alone get an exception
-                answers = [answers] if len(batch) == 1 else [await self._alone(loop, row) for row in batch]
+            answers = await loop.run_in_executor(self._executor, answer_rows, self.run, [r.text for r in batch], [r.task for r in batch])
             for row, answer in zip(batch, answers):
                 self._running[row.task] -= 1
                 if row.future.done():  # the caller went away (cancelled)

@@ -219,8 +219,9 @@ def install_openai_errors(app: FastAPI, settings: LLMSettings, on_refused: Calla
 class LLMServer:
     """The generator (once loaded), its scheduler and metrics, and readiness."""
 
-    def __init__(self, factory: Callable[[], Generator], settings: LLMSettings):
+    def __init__(self, factory: Callable[[], Generator], settings: LLMSettings, background_load: bool = True):
         self.factory = factory
+        self.background_load = background_load
         self.settings = settings
         self.metrics = LLMMetrics()
         self.generator: Generator | None = None
@@ -233,7 +234,13 @@ class LLMServer:
         self._draining = False
 
     async def start(self) -> None:
-        self._loader = asyncio.get_running_loop().create_task(self._load())
+        """Load in the background (/healthz answers meanwhile), or, where the host routes only to started apps (Ray), before returning."""
+        if self.background_load:
+            self._loader = asyncio.get_running_loop().create_task(self._load())
+            return
+        await self._load()
+        if self.load_error is not None:
+            raise MetaTTError(f"the model did not load: {self.load_error}")
 
     async def _load(self) -> None:
         started = time.perf_counter()
@@ -364,11 +371,11 @@ class Choice:
     finish_reason: str | None = None
 
 
-def create_openai_app(factory: Callable[[], Generator], settings: LLMSettings | None = None) -> FastAPI:
-    """The FastAPI app over a decoder (``factory`` loads the `Generator`, called in the background)."""
+def create_openai_app(factory: Callable[[], Generator], settings: LLMSettings | None = None, *, background_load: bool = True) -> FastAPI:
+    """The FastAPI app over a decoder (``factory`` loads the `Generator`: in the background, or at start-up without ``background_load``)."""
     settings = (settings or LLMSettings()).check()
     app = service_app(
-        lambda: LLMServer(factory, settings),
+        lambda: LLMServer(factory, settings, background_load),
         title="metatt-deploy (OpenAI-compatible)",
         summary="Generation for many tasks on one small LLM (a MetaTT factored bundle), each task a model, batched continuously.",
         docs=settings.docs,
