@@ -20,11 +20,12 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from metatt_deploy.serving.worker import Worker
 
 RunBatch = Callable[[list[Any], list[str]], Sequence[np.ndarray]]  # (texts, task per row) -> logits per row
 OnBatch = Callable[[int, int, float], None]  # (rows, distinct tasks, seconds) after each call
@@ -87,34 +88,21 @@ class Batcher:
         self.on_batch = on_batch
         self._rows: deque[_Row] = deque()
         self._running: dict[str, int] = {}  # task -> rows taken and not yet answered
-        self._wake: asyncio.Event | None = None
-        self._worker: asyncio.Task | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._closing = False
+        self.worker = Worker("metatt-infer")
 
     # ------------------------------------------------------------ life cycle
 
     def start(self) -> None:
         """Start the worker on the running event loop."""
-        if self._worker is None:
-            self._wake = asyncio.Event()
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metatt-infer")
-            self._worker = asyncio.get_running_loop().create_task(self._loop())
+        self.worker.start(self._loop)
 
     async def close(self) -> None:
         """Refuse new rows, answer every queued one, then stop the worker and its thread."""
-        self._closing = True
-        if self._worker is not None:
-            self._notify()
-            await self._worker
-            self._worker = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        await self.worker.stop()
 
     @property
     def accepting(self) -> bool:
-        return self._worker is not None and not self._closing
+        return self.worker.accepting
 
     @property
     def depth(self) -> int:
@@ -136,12 +124,8 @@ class Batcher:
         loop = asyncio.get_running_loop()
         rows = [_Row(text, task, loop.create_future()) for text in texts]
         self._rows.extend(rows)
-        self._notify()
+        self.worker.notify()
         return list(await asyncio.gather(*(r.future for r in rows)))
-
-    def _notify(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
 
     # ------------------------------------------------------------ the worker
 
@@ -167,31 +151,24 @@ class Batcher:
         return taken
 
     async def _loop(self) -> None:
-        assert self._wake is not None
-        loop = asyncio.get_running_loop()
         while True:
             while not self._rows:
-                if self._closing:
+                if self.worker.closing:
                     return
-                self._wake.clear()
-                await self._wake.wait()
+                await self.worker.wait()
             # wait for a full batch, but never longer than max_wait after the oldest row arrived
-            while self._ready() < self.max_batch and not self._closing:
+            while self._ready() < self.max_batch and not self.worker.closing:
                 remaining = self._rows[0].enqueued + self.max_wait - time.monotonic()
                 if remaining <= 0:
                     break
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), remaining)
-                except asyncio.TimeoutError:
-                    break
+                await self.worker.wait(remaining)
             batch = self._take()
             if not batch:
                 continue
             for row in batch:
                 self._running[row.task] = self._running.get(row.task, 0) + 1
             started = time.perf_counter()
-            answers = await loop.run_in_executor(self._executor, answer_rows, self.run, [r.text for r in batch], [r.task for r in batch])
+            answers = await self.worker.call(answer_rows, self.run, [r.text for r in batch], [r.task for r in batch])
             for row, answer in zip(batch, answers):
                 self._running[row.task] -= 1
                 if row.future.done():  # the caller went away (cancelled)
