@@ -43,7 +43,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 
 from metatt_deploy.common.errors import MetaTTError, first_line
-from metatt_deploy.inference.formats import is_decoder_model
+from metatt_deploy.inference.formats import CAUSAL_LM, CLASSIFICATION, model_task_type
 from metatt_deploy.serving.batcher import answer_rows
 from metatt_deploy.serving.generate import Generator
 from metatt_deploy.serving.http import (
@@ -206,11 +206,12 @@ def run(
     import ray
 
     serve = _ray_serve()
-    if is_decoder_model(model):
-        llm = replace(llm or LLMSettings(), admin_token=settings.admin_token, docs=settings.docs)
-        app = build_decoder_app(model, replicas=replicas, settings=llm, threads=threads, form=form)
-    else:
-        app = build_app(model, replicas=replicas, settings=settings, threads=threads, form=form)
+    decoder = replace(llm or LLMSettings(), admin_token=settings.admin_token, docs=settings.docs)
+    builders: dict[str, Callable[[], Any]] = {  # by the export's task type, as server.BACKENDS
+        CLASSIFICATION: lambda: build_app(model, replicas=replicas, settings=settings, threads=threads, form=form),
+        CAUSAL_LM: lambda: build_decoder_app(model, replicas=replicas, settings=decoder, threads=threads, form=form),
+    }
+    app = builders[model_task_type(model)]()
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": host, "port": port})
