@@ -3,7 +3,9 @@
 A factored bundle routes each row to its own task inside one ONNX Runtime call, so the batcher
 need not group by task: it takes rows first-in first-out from one queue, whatever their task,
 until ``max_batch`` rows are waiting or the oldest has waited ``max_wait_ms``, runs them in one
-call on a single inference thread, and resolves each row's future with its logits.
+call on a single inference thread, and resolves each row's future with its logits. Mixing tasks
+mixes lengths; the engine runs a batch's rows in calls of similar length (`Runtime.logits`,
+which alone knows the token counts), so a short row is not padded to a long one.
 ``cross_task=False`` batches only rows of the oldest row's task (what a server of one model per
 task can do; kept to measure the difference). The queue is bounded in rows: a request that does
 not fit is refused at once (`QueueFull`) instead of waiting without limit, and `close` drains

@@ -62,7 +62,9 @@ from metatt_deploy.inference.text import TextTokenizer
 Text = str | Sequence[str]  # a sentence, or a (sentence, sentence) pair
 FORMS = ("auto", "tasks", "adapter")
 DEFAULT_MAX_LENGTH = 128  # tokens, as in training; a factored bundle records its own
-CALL_OVERHEAD_TOKENS = 16  # a model call's fixed cost, in padded tokens: 10 to 16 measured (MiniLM, 1 thread; docs/serving.md)
+CALL_OVERHEAD_TOKENS = (
+    16  # a model call's fixed cost in padded tokens: 10 to 16 measured (MiniLM, 1 thread; docs/reports/serving-bucketing.md)
+)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

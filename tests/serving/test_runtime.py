@@ -110,7 +110,7 @@ def test_rows_of_different_lengths_run_in_calls_of_their_own_length_and_equal_ea
     run = rt._run
     monkeypatch.setattr(rt, "_run", lambda enc, names: widths.append(enc["input_ids"].shape[1]) or run(enc, names))
     mixed = rt.logits(texts, tasks=tasks)
-    assert len(widths) == 2 and min(widths) < 16 < max(widths)  # the short rows were not padded to the long ones
+    assert len(widths) >= 2 and min(widths) < 16 < max(widths)  # the short rows were not padded to the long ones
     for text, task, row in zip(texts, tasks, mixed):
         assert np.abs(row - reference(mtm, tokenizer, text, task)).max() <= TOL
         assert np.abs(row - rt.logits([text], task=task)[0]).max() <= 1e-5
