@@ -70,7 +70,7 @@ def serve(
     ray_replicas: Annotated[
         int,
         typer.Option(
-            help="Serve with Ray Serve instead of uvicorn: this many replicas, Ray's batching (needs the 'ray' extra; RAY_ADDRESS joins a cluster)."
+            help="Serve with Ray Serve instead of uvicorn: this many replicas (a classifier batched by Ray, a decoder by each replica's scheduler; needs the 'ray' extra; RAY_ADDRESS joins a cluster)."
         ),
     ] = 0,
 ) -> None:

@@ -77,6 +77,7 @@ def test_a_server_that_cannot_serve_exits_2_with_one_line(bundle: Path, tmp_path
     runner = CliRunner()
     for args, match in (
         ([str(tmp_path / "missing")], "not found"),
+        ([str(tmp_path / "missing"), "--ray-replicas", "1"], "not found"),  # before Ray starts
         ([str(data)], "is not a factored bundle"),
         ([str(tmp_path / "folder")], "neither a factored bundle"),
         ([str(bundle), "--form", "fast"], "unknown form 'fast'"),
