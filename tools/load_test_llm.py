@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -134,6 +135,11 @@ def today(gen: Generator, jobs: list[tuple[str, str]], max_tokens: int) -> tuple
     return results, time.perf_counter() - started
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of the server process so far: the cost per token that a shared CPU does not blur."""
+    return sum(psutil.Process(pid).cpu_times()[:2])
+
+
 def summary(results: list[dict], seconds: float) -> dict:
     ok = [r for r in results if r["status"] == 200]
     tokens = sum(r["tokens"] for r in ok)
@@ -204,8 +210,11 @@ def main() -> None:
             mixed_jobs = [(tasks[i % len(tasks)], PROMPTS[i % len(PROMPTS)]) for i in range(n)]
             single_jobs = [(tasks[0], PROMPTS[i % len(PROMPTS)]) for i in range(n)]
             for load, jobs in (("mixed", mixed_jobs), ("single", single_jobs)):
+                cpu = cpu_seconds(server.pid)
                 results, seconds = asyncio.run(closed_loop(url, jobs, c, args.max_tokens))
-                rows.append({"concurrency": c, "load": load, **summary(results, seconds)})
+                row = {"concurrency": c, "load": load, **summary(results, seconds)}
+                row["server_cpu_ms_per_token"] = 1000 * (cpu_seconds(server.pid) - cpu) / max(row["tokens"], 1)
+                rows.append(row)
                 print(json.dumps(rows[-1]), flush=True)
             results, seconds = today(gen, mixed_jobs[: max(2, min(n, 4))], args.max_tokens)
             rows.append({"concurrency": c, "load": "today", **summary(results, seconds)})
@@ -253,6 +262,8 @@ def write_report(args: argparse.Namespace, rows: list[dict], long: dict, metrics
             f"{at(c, 'single')['tokens_per_s']:.1f}",
             f"{at(c, 'today')['tokens_per_s']:.1f}",
             f"{at(c, 'mixed')['tokens_per_s'] / at(c, 'single')['tokens_per_s']:.2f}",
+            f"{at(c, 'mixed')['tokens'] / at(c, 'mixed')['requests']:.1f} / {at(c, 'single')['tokens'] / at(c, 'single')['requests']:.1f}",
+            f"{at(c, 'mixed')['server_cpu_ms_per_token']:.0f} / {at(c, 'single')['server_cpu_ms_per_token']:.0f}",
             f"{at(c, 'mixed')['tokens_per_s'] / at(c, 'today')['tokens_per_s']:.2f}",
             f"{at(c, 'mixed')['ttft_p50_s']:.2f} / {at(c, 'mixed')['ttft_p95_s']:.2f}",
             f"{at(c, 'single')['ttft_p50_s']:.2f}",
@@ -266,6 +277,8 @@ def write_report(args: argparse.Namespace, rows: list[dict], long: dict, metrics
         "single tok/s",
         "today tok/s",
         "mixed/single",
+        "tokens per answer mixed/single",
+        "server CPU ms per token mixed/single",
         "mixed/today",
         "TTFT p50/p95 mixed (s)",
         "TTFT p50 single (s)",
