@@ -10,8 +10,12 @@ from tiny_models import save_tiny_bert
 
 from metatt_deploy.adapters import model as mt
 from metatt_deploy.adapters.base_model import load_tokenizer
+from metatt_deploy.adapters.config import MetaTTConfig
 from metatt_deploy.adapters.heads import routers
 from metatt_deploy.adapters.multitask import build_multitask, save_multitask
+from metatt_deploy.training.config import DEFAULT_BATCH_SIZE, MultiTaskConfig
+from metatt_deploy.training.kinds import kind_for_adapter, kind_for_model
+from metatt_deploy.training.multitask import load_task_spec, train_multitask
 from metatt_deploy.tt import cores as tt
 
 LABELS = {"movie": ["negative", "positive"], "nli": ["entailment", "neutral", "contradiction"], "four": ["a", "b", "c", "d"]}
@@ -51,3 +55,19 @@ def assert_only_new_slice_moved(old, new, task_core: int, n_old: int = 3) -> Non
             assert torch.equal(a, b[:, :n_old]) and not torch.equal(b[:, n_old], b[:, :n_old].mean(dim=1))
         else:
             assert torch.equal(a, b)
+
+
+def train_specs(output: Path | str, specs: list[str], model: str | None = None, add_task_from: str | None = None, **knobs) -> dict:
+    """A multi-task run (or --add-task) through the training API, as the train verb starts one: the kind
+    from the model (or the extended adapter), the config, the tasks read as that kind reads them."""
+    if add_task_from:
+        adapter = MetaTTConfig.load(add_task_from)
+        kind, model = kind_for_adapter(adapter), model or adapter.base_model
+    else:
+        kind = kind_for_model(model)
+    eval_batch_size = kind.eval_batch_size(knobs.get("batch_size", DEFAULT_BATCH_SIZE))
+    cfg = MultiTaskConfig(
+        output=str(output), model=str(model), tasks=specs, add_task_from=add_task_from, eval_batch_size=eval_batch_size, **knobs
+    )
+    cfg.check()
+    return train_multitask(cfg, [load_task_spec(s, kind, max_samples=cfg.sample_limits(), seed=cfg.seed) for s in specs])

@@ -21,7 +21,7 @@ from metatt_deploy.adapters.config import MetaTTConfig
 from metatt_deploy.adapters.lora import LORA_RECORD
 from metatt_deploy.cli import app
 from metatt_deploy.export.merge import MERGE_RECORD
-from metatt_deploy.export.validate import load_reference
+from metatt_deploy.export.reference import load_reference
 
 FAST_TRAIN = ["--rank", "4", "--epochs", "1", "--batch-size", "8", "--max-length", "32", "--max-steps", "4"]
 FAST_VALIDATE = ["--seq-len", "32", "--batch-sizes", "1", "--repeats", "2", "--warmup", "0", "--threads", "1"]

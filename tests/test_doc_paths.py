@@ -11,6 +11,7 @@ keeps them honest after the next move.
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 from pathlib import Path
 
@@ -25,6 +26,8 @@ SOURCES = sorted([*(ROOT / "metatt_deploy").rglob("*.py"), *(ROOT / "tools").rgl
 # text files read whole: their comments are their documentation
 SCRIPTS = [ROOT / "Makefile", *sorted((ROOT / "tools").rglob("*.sh"))]
 REPO_PATH = re.compile(r"(?<![\w/.-])((?:metatt_deploy|tests|tools|docs)/[A-Za-z0-9_/.-]+\.(?:py|md|json|sh|png))\b")
+# a dotted name in prose or code spans: `metatt_deploy.to_peft`, `metatt_deploy.inference.decode`
+DOTTED = re.compile(r"(?<![\w/.])metatt_deploy(?:\.\w+)+")
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 
@@ -68,6 +71,29 @@ def test_paths_named_in_the_makefile_and_shell_tools_exist(script: Path) -> None
     assert not missing, f"{_rel(script)} names paths that do not exist: {missing}"
 
 
+def _resolves(dotted: str) -> bool:
+    """Whether ``a.b.c`` is a module, or an attribute of the longest module prefix that imports."""
+    parts = dotted.split(".")
+    for k in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:k]))
+        except ImportError:
+            continue
+        for attr in parts[k:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_rel)
+def test_dotted_names_in_the_docs_resolve(page: Path) -> None:
+    """`metatt_deploy.x.y` in a page is a module or a name a reader can import (the API moved once already)."""
+    stale = sorted({name for name in DOTTED.findall(page.read_text()) if not _resolves(name)})
+    assert not stale, f"{_rel(page)} names modules or attributes that do not exist: {stale}"
+
+
 def test_every_report_is_linked_from_a_guide() -> None:
     """A report nobody links to is a measurement nobody finds: each backs a guide, which says so."""
     linked = {(page.parent / link).resolve() for page in [ROOT / "README.md", *GUIDES] for link in LINK.findall(page.read_text())}
@@ -81,3 +107,9 @@ def test_the_checks_see_a_missing_path(tmp_path: Path) -> None:
     source.write_text('"""See docs/reports/no-such-report.md."""\n\n\ndef f() -> None:\n    """And tools/experiments/gone.py."""\n')
     assert _missing(_docstrings(source)) == ["docs/reports/no-such-report.md", "tools/experiments/gone.py"]
     assert _missing("see metatt_deploy/cli/run.py and docs/reports/latency.md") == []
+    assert DOTTED.findall("`metatt_deploy.to_peft(x)` and metatt_deploy.peft_export.to_peft.") == [
+        "metatt_deploy.to_peft",
+        "metatt_deploy.peft_export.to_peft",
+    ]
+    assert _resolves("metatt_deploy.to_peft") and _resolves("metatt_deploy.inference.decode")
+    assert not _resolves("metatt_deploy.peft_export.to_peft") and not _resolves("metatt_deploy.data.load_task")

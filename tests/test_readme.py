@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,9 @@ from conftest import sentiment_rows
 from typer.testing import CliRunner
 
 from metatt_deploy.cli import app
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from demo_summary import summary  # noqa: E402
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 FEWER_STEPS = ["--max-steps", "2", "--batch-size", "8", "--max-length", "32"]
@@ -48,6 +52,22 @@ def test_the_block_covers_every_verb_and_kind_of_run() -> None:
     assert any(c.startswith("predict exported/") for c in flat) and any(c.startswith("predict runs/bundle") for c in flat)
 
 
+def test_where_things_are_leads_from_each_capability_to_its_guide_code_and_tests() -> None:
+    """Two steps from the README to any capability's code, test and doc: the table names all three
+    per row (tests/test_doc_paths.py checks they exist), and no guide in docs/ is left out of it."""
+    section = README.read_text().split("## Where things are", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| ") and not line.startswith("| capability")]
+    rows = [r for r in rows if not set(r[0]) <= set("|- ")]
+    assert len(rows) >= 10
+    for capability, guide, code, tests in rows:
+        assert re.search(r"\]\((docs|tools)/", guide), f"{capability}: no guide"
+        assert re.search(r"`(metatt_deploy|tools)/", code), f"{capability}: no code"
+        assert re.search(r"`tests/", tests), f"{capability}: no tests"
+    guides = {p.name for p in (README.parent / "docs").glob("*.md")}
+    linked = set(re.findall(r"\]\(docs/([\w-]+\.md)", section))
+    assert guides <= linked, f"guides missing from README's 'Where things are': {sorted(guides - linked)}"
+
+
 @pytest.mark.slow
 def test_readme_using_it_commands_run(tmp_path, monkeypatch, tiny_base_128, fake_builtins) -> None:
     monkeypatch.chdir(tmp_path)
@@ -66,3 +86,10 @@ def test_readme_using_it_commands_run(tmp_path, monkeypatch, tiny_base_128, fake
     assert json.loads((tmp_path / "exported/lora.validation.json").read_text())["method"] == "lora"
     rows = [json.loads(line) for line in outputs["predict exported/mt"].splitlines() if line.startswith("{")]
     assert [r["task"] for r in rows] == ["movie-sentiment"] * 2
+    # `make demo`'s closing summary (tools/demo_summary.py) reads the same two reports these commands wrote
+    report = json.loads((tmp_path / "exported/mt.validation.json").read_text())
+    lines = summary(Path("runs/mt"), Path("exported/mt"))
+    assert lines[0].startswith(f"accuracy: {json.loads((tmp_path / 'runs/mt/metrics.json').read_text())['test']['accuracy']:.4f} ")
+    assert f"max |logit diff| {report['parity']['max_abs_logit_diff']:.2e}" in "\n".join(lines)
+    assert sum(line.startswith("latency:  batch ") for line in lines) == len(report["latency"]["speedups"]) >= 1
+    assert len(lines) <= 8 and lines[-1].startswith("files:    exported/mt/ ")

@@ -56,14 +56,14 @@ def tiny_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
     return fast
 
 
-def tiny_decoder(arch: str, vocab_size: int, seed: int = 0, eos: int = 2) -> torch.nn.Module:
+def tiny_decoder(arch: str, vocab_size: int, seed: int = 0, eos: int = 2, hidden: int = HIDDEN, ffn: int = FFN) -> torch.nn.Module:
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=eos, pad_token_id=eos)
     if arch in ("llama", "qwen2"):  # the same LLaMA-style block; Qwen2 adds q/k/v biases
         config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
         config = config_cls(
-            hidden_size=HIDDEN,
-            intermediate_size=FFN,
+            hidden_size=hidden,
+            intermediate_size=ffn,
             num_hidden_layers=LAYERS,
             num_attention_heads=HEADS,
             num_key_value_heads=KV_HEADS,
@@ -73,18 +73,22 @@ def tiny_decoder(arch: str, vocab_size: int, seed: int = 0, eos: int = 2) -> tor
         )
         model = model_cls(config)
     elif arch == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=FFN, n_positions=512, **common))
+        model = GPT2LMHeadModel(GPT2Config(n_embd=hidden, n_layer=LAYERS, n_head=HEADS, n_inner=ffn, n_positions=512, **common))
     else:
         raise KeyError(arch)
     model.generation_config.pad_token_id = eos
     return model.eval()
 
 
-def save_tiny_decoder(root: Path, arch: str = "llama", chat_template: bool = True, seed: int = 0) -> Path:
-    """A tiny decoder folder (model + tokenizer + generation config) under ``root/arch``."""
+def save_tiny_decoder(root: Path, arch: str = "llama", chat_template: bool = True, seed: int = 0, hidden: int = HIDDEN) -> Path:
+    """A tiny decoder folder (model + tokenizer + generation config) under ``root/arch``.
+
+    A wider ``hidden`` (FFN 1.5x) makes the weights outweigh the graph's nodes, as in a real model.
+    """
     folder = Path(root) / arch
     tokenizer = tiny_tokenizer(chat_template)
-    tiny_decoder(arch, len(tokenizer), seed=seed, eos=tokenizer.eos_token_id).save_pretrained(folder)
+    ffn = FFN if hidden == HIDDEN else hidden * 3 // 2
+    tiny_decoder(arch, len(tokenizer), seed=seed, eos=tokenizer.eos_token_id, hidden=hidden, ffn=ffn).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -112,7 +116,9 @@ def save_tiny_adapter(
     return base, adapter_dir
 
 
-def save_tiny_multitask(root: Path, tasks: list[str], seed: int, rank: int = 4, std: float = 0.25) -> tuple[Path, Path]:
+def save_tiny_multitask(
+    root: Path, tasks: list[str], seed: int, rank: int = 4, std: float = 0.25, hidden: int = HIDDEN
+) -> tuple[Path, Path]:
     """A tiny Llama (under ``root/llama``, made once) and a multi-task (4+1)D adapter on it with random cores.
 
     Returns (base folder, adapter folder ``root/adapter-<seed>``).
@@ -122,7 +128,7 @@ def save_tiny_multitask(root: Path, tasks: list[str], seed: int, rank: int = 4, 
 
     base = Path(root) / "llama"
     if not base.exists():
-        save_tiny_decoder(root, "llama")
+        save_tiny_decoder(root, "llama", hidden=hidden)
     model = load_causal_lm(str(base))
     mtm = build_multitask(model, tasks, {t: [] for t in tasks}, rank=rank, targets=ALL_DECODER_TARGETS["llama"], base_model=str(base))
     g = torch.Generator().manual_seed(seed)

@@ -18,6 +18,10 @@ maximum resident set (``wait4``'s rusage), so it is per run, not per session.
   ``ORTModelForCausalLM.generate`` on the same export, greedy, same prompts and lengths (full venv).
 
 Writes OUTPUT.md and OUTPUT.json.
+
+Internals (what this measures lies below the public API, docs/api.md):
+
+- metatt_deploy.export.decoder_runs: optimum's ORTModelForCausalLM on the export, the baseline the numpy loop is timed against; a comparison harness, not something a deployment calls.
 """
 
 from __future__ import annotations
@@ -163,9 +167,8 @@ def decode_rates(export: Path, runs: int, new_tokens: int = 48) -> dict:
     """Greedy decode tokens/s of the numpy loop and of optimum's generate on one decoder export (medians over prompts x runs)."""
     import torch
 
+    from metatt_deploy import Generator, SamplingParams
     from metatt_deploy.export.decoder_runs import load_ort_decoder
-    from metatt_deploy.inference.decode import SamplingParams
-    from metatt_deploy.serving.generate import Generator
 
     torch.set_num_threads(1)  # optimum's loop runs small torch ops between ONNX Runtime calls: more threads only contend with ORT's
     generator = Generator(export, threads=2)

@@ -11,6 +11,11 @@ tokens both produce up to the first EOS are checked to be identical. torch keeps
 count unless ``--torch-threads`` is given: its pool runs beside ONNX Runtime's in optimum's loop.
 
     python tools/bench_decode.py /tmp/smollm2-onnx --new-tokens 64 --repeats 5
+
+Internals (what this measures lies below the public API, docs/api.md):
+
+- metatt_deploy.export.decoder_runs: optimum's ORTModelForCausalLM on the export, the baseline; a comparison harness, not something a deployment calls.
+- metatt_deploy.inference.decode: the decode loop under `Generator` (DecoderGraph, generate, EOS handling), timed bare so the figure has no task selection or detokenizing in it.
 """
 
 from __future__ import annotations
@@ -24,9 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from metatt_deploy import SamplingParams, TextTokenizer  # noqa: E402
 from metatt_deploy.export.decoder_runs import load_ort_decoder  # noqa: E402
-from metatt_deploy.inference.decode import DecoderGraph, SamplingParams, generate, generation_eos_ids, until_eos  # noqa: E402
-from metatt_deploy.inference.text import TextTokenizer  # noqa: E402
+from metatt_deploy.inference.decode import DecoderGraph, generate, generation_eos_ids, until_eos  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three colours."]
 

@@ -25,13 +25,28 @@ Runtimes, each on the same fixed-shape inputs (batch x seq tokens, padded):
                      if the factored exporter is missing or fails
 
 Timing: PyTorch and ONNX Runtime both get --threads intra-op threads (default 2); per shape the
-runtimes take turns in blocks (validate.time_round_robin), so background load hits all alike;
+runtimes take turns in blocks (common/timing.time_round_robin), so background load hits all alike;
 medians (p50) and p95 of single calls; ratios are p50 / p50 of ort-base at the same shape.
 
 The adapter: --adapter DIR, else the newest trained single-task adapter under runs/ (a
 `best/` folder), else a random non-zero one (no-no-no-no cores, rank 8) on the embedded model.
 With a trained adapter and --accuracy-data, the accuracy of the fp32 and int8 exports is measured
 too. A quick run: --repeats 10 --max-seconds 10 (a few minutes on 2 cores).
+
+Internals (what this measures lies below the public API, docs/api.md):
+
+- metatt_deploy.adapters.base_model: the base classifier and its tokenizer, loaded without an adapter: the `pytorch-*` runtimes and the random adapter start from them.
+- metatt_deploy.adapters.config: reads an adapter's config (its tasks, labels, base model) to decide what to build and time.
+- metatt_deploy.adapters.model: attaches an unmerged adapter to a PyTorch model: the training graph is one of the runtimes timed, which no deployment runs.
+- metatt_deploy.adapters.multitask: builds a random 2-task (4+1)D adapter for the factored graph when the adapter at hand is single-task (latency does not depend on its values).
+- metatt_deploy.tt.cores: the random cores of that adapter.
+- metatt_deploy.export.onnx: the fixed sample sentences every export is timed on, and the library versions recorded with the figures.
+- metatt_deploy.export.quantize: the CPU's instruction-set flags, recorded with the int8 figures they explain.
+- metatt_deploy.export.held_out: validate's own held-out reader, so accuracy is read as validate reads it.
+- metatt_deploy.common.timing: validate's round-robin timer and summary, so these figures are measured as validate measures them.
+- metatt_deploy.export.options: the int8-static export's `Calibration` (export_onnx's frozen options).
+- metatt_deploy.inference.sessions: a bare ONNX Runtime session per graph: each export form is timed alone, without a `Runtime`'s tokenizing.
+- metatt_deploy.common.errors: first_line, the one-line form of an error that a skipped or failed row reports.
 """
 
 from __future__ import annotations
@@ -53,15 +68,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from metatt_deploy import export_onnx, merge_adapter, write_bundle  # noqa: E402
 from metatt_deploy.adapters import multitask
 from metatt_deploy.adapters.base_model import load_classifier, load_tokenizer, resolve_model
 from metatt_deploy.adapters.config import MetaTTConfig
 from metatt_deploy.adapters.model import attach, build_config, get_adapter, load_adapter, load_head, read_weights, save_adapter, split_state
-from metatt_deploy.export import factored
-from metatt_deploy.export.merge import merge_adapter
-from metatt_deploy.export.onnx import SAMPLE_SENTENCES, export_onnx, library_versions  # noqa: E402
+from metatt_deploy.common.errors import first_line
+from metatt_deploy.common.timing import summarize, time_round_robin
+from metatt_deploy.export.held_out import load_held_out  # noqa: E402
+from metatt_deploy.export.onnx import SAMPLE_SENTENCES, library_versions  # noqa: E402
+from metatt_deploy.export.options import Calibration
 from metatt_deploy.export.quantize import cpu_summary
-from metatt_deploy.export.validate import load_held_out, summarize, time_round_robin  # noqa: E402
 from metatt_deploy.inference.sessions import make_session, onnx_feeds  # noqa: E402
 from metatt_deploy.tt import cores as tt  # noqa: E402
 
@@ -198,10 +215,10 @@ def factored_graph(adapter: Path, work: Path, rank: int, reuse: bool) -> tuple[P
                 "factored graph of a random 2-task (4+1)D adapter with the same ranks and targets "
                 "(the adapter at hand is single-task; latency does not depend on the values)"
             )
-        factored.write_bundle(source, bundle, force=True)
+        write_bundle(source, bundle, force=True)
         return graph, note
     except Exception as e:  # the factored path belongs to another module: report, do not fail the bench
-        return None, f"skipped: factored export failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        return None, f"skipped: factored export failed ({type(e).__name__}: {first_line(e)})"
 
 
 def build_exports(adapter: Path, work: Path, reuse: bool, calibration: str) -> dict[str, Path]:
@@ -218,7 +235,7 @@ def build_exports(adapter: Path, work: Path, reuse: bool, calibration: str) -> d
         "ort-merged-opt": (merged, {"optimize": True}),
         "ort-merged-int8": (merged, {"quantize": "int8"}),
         "ort-merged-opt-int8": (merged, {"optimize": True, "quantize": "int8"}),
-        "ort-merged-int8-static": (merged, {"quantize": "int8-static", "calibration": calibration}),
+        "ort-merged-int8-static": (merged, {"quantize": "int8-static", "calibration": Calibration(calibration)}),
     }
     out = {}
     for key, (source, options) in specs.items():
@@ -391,7 +408,7 @@ def main() -> None:
         try:
             acc = accuracy(Path(adapter), exports, tokenizer, args.accuracy_data, args.max_examples, args.threads)
         except Exception as e:  # accuracy is a bonus here; validate is the command that enforces it
-            acc = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            acc = {"error": f"{type(e).__name__}: {first_line(e)}"}
 
     manifests = {k: json.loads((v / "manifest.json").read_text()) for k, v in exports.items()}
     result = {

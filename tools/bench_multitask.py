@@ -14,13 +14,20 @@ Measures, on ONNX Runtime's CPU execution provider (fixed-shape random token ids
 4. latency at batch 1 (each of --seqs) and 32 (seq --seq): factored (model_tasks.onnx) against
    merged (optimum's plain fp32 export, no transformer fusions on either side), and the mixed
    batch of 2., at every thread count of --threads, all timed in one round robin
-   (validate.time_round_robin), so the ratios at 1 and 2 threads are measured side by side;
+   (common/timing.time_round_robin), so the ratios at 1 and 2 threads are measured side by side;
 5. where the time goes: ONNX Runtime's profiler (SessionOptions.enable_profiling) on both graphs
    at batch 1, per operator type, per call (--profile-calls calls, 1 thread).
 
 Sections 1 and 3 use the first thread count of --threads.
 
 Writes docs/reports/multitask-bench.md, docs/reports/multitask-bench.json and docs/reports/multitask-bench.png.
+
+Internals (what this measures lies below the public API, docs/api.md):
+
+- metatt_deploy.common.threads: the session options `serve` uses, applied to the profiled sessions.
+- metatt_deploy.common.timing: validate's round-robin timer and summary, so these figures are measured as validate measures them.
+- metatt_deploy.inference.formats: the bundle's file names and task records: the benchmark opens each graph of the bundle by itself.
+- metatt_deploy.inference.sessions: a bare ONNX Runtime session per graph, timed without a `Runtime`'s tokenizing.
 """
 
 from __future__ import annotations
@@ -38,12 +45,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from metatt_deploy import export_onnx, merge_adapter, write_bundle  # noqa: E402
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text  # noqa: E402
 from metatt_deploy.common.report import markdown_table, save_figure  # noqa: E402
-from metatt_deploy.export.factored import write_bundle  # noqa: E402
-from metatt_deploy.export.merge import merge_adapter  # noqa: E402
-from metatt_deploy.export.onnx import export_onnx  # noqa: E402
-from metatt_deploy.export.validate import summarize, time_round_robin  # noqa: E402
+from metatt_deploy.common.timing import summarize, time_round_robin  # noqa: E402
 from metatt_deploy.inference.formats import ADAPTER_GRAPH, TASK_GRAPH, TASKS_DIR, read_bundle, task_records  # noqa: E402
 from metatt_deploy.inference.sessions import make_session  # noqa: E402
 

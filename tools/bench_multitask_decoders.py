@@ -17,11 +17,22 @@ ORTModelForCausalLM.generate (fp32, greedy):
    export plus its first call;
 3. decode tokens/s at batch 1 (32-token prompt, --decode-tokens forced tokens, less the time of
    the prompt), factored vs merged, round robin, median of --repeats;
-4. disk and resident memory for 1, 3 and 10 tasks: measured for the graph + task files and for
+4. disk and resident memory for 1, 3 and 10 tasks: measured for the whole bundle and for
    one merged export (RSS of a fresh process holding the session(s) after one call); 10 tasks
    of merged exports are extrapolated from one (each is a full copy), stated as such.
 
 Writes OUTPUT.md, OUTPUT.json and OUTPUT.png.
+
+Internals (what this measures lies below the public API, docs/api.md):
+
+- metatt_deploy.adapters.base_model: the base decoder and its tokenizer, to build the random adapter and the prompts.
+- metatt_deploy.adapters.multitask: builds a 3-task (4+1)D adapter with random cores (parity and speed do not depend on training); the API trains adapters, it does not assemble them.
+- metatt_deploy.export.decoder_runs: optimum's ORTModelForCausalLM on each graph, the side the factored graph is compared with.
+- metatt_deploy.export.factored: the bundle's bytes on disk counted as the bundle's own summary counts them (each file once).
+- metatt_deploy.export.onnx_lm: the fp32 tolerance the export's own parity check uses, so parity here is judged the same way.
+- metatt_deploy.inference.decode: the decode loop under `Generator`, driven on the bare graph for the numpy side.
+- metatt_deploy.inference.formats: the bundle's file names and task records: the benchmark opens each graph of the bundle by itself.
+- metatt_deploy.training.lm_data: the prompts as training formats them (chat template), so the test prompts are the tasks' own.
 """
 
 from __future__ import annotations
@@ -39,17 +50,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from metatt_deploy.adapters.base_model import DEFAULT_DECODER, load_causal_lm, load_tokenizer  # noqa: E402
+from metatt_deploy import DEFAULT_DECODER, Generator, SamplingParams, export_onnx, load_text_task, merge_adapter, merge_factored  # noqa: E402
+from metatt_deploy.adapters.base_model import load_causal_lm, load_tokenizer  # noqa: E402
 from metatt_deploy.adapters.multitask import build_multitask, save_multitask  # noqa: E402
 from metatt_deploy.common.report import markdown_table, save_figure  # noqa: E402
 from metatt_deploy.export.decoder_runs import greedy, load_ort_decoder, teacher_forced_logits  # noqa: E402
-from metatt_deploy.export.merge import merge_adapter, merge_factored  # noqa: E402
-from metatt_deploy.export.onnx import export_onnx  # noqa: E402
+from metatt_deploy.export.factored import folder_bytes  # noqa: E402
 from metatt_deploy.export.onnx_lm import fp32_tolerance  # noqa: E402
-from metatt_deploy.inference.decode import SamplingParams, generate, until_eos  # noqa: E402
+from metatt_deploy.inference.decode import generate, until_eos  # noqa: E402
 from metatt_deploy.inference.formats import ADAPTER_GRAPH, base_dir, read_bundle, task_records  # noqa: E402
-from metatt_deploy.serving.generate import Generator  # noqa: E402
-from metatt_deploy.training.lm_data import load_text_task, prompt_ids  # noqa: E402
+from metatt_deploy.training.lm_data import prompt_ids  # noqa: E402
 
 SOURCES = ["movie-sentiment", "snli", "amazon-sentiment"]
 MIB = 2**20
@@ -253,8 +263,10 @@ def main() -> None:
 
     # 4. disk and memory
     graph = bundle / ADAPTER_GRAPH
-    task_files = {t: [bundle / "tasks" / f"{t}{s}" for s in (".onnx_adapter", ".json")] for t in tasks}
+    task_files = {t: [bundle / "tasks" / f"{t}{s}" for s in (".onnx_adapter", ".safetensors", ".json")] for t in tasks}
     per_task = statistics.mean(sum(p.stat().st_size for p in fs) for fs in task_files.values())
+    # the whole bundle (base weights once, both graphs, tokenizer, shared cores), less its own tasks' files
+    shared_bytes = folder_bytes(bundle) - sum(p.stat().st_size for fs in task_files.values() for p in fs)
     merged_size = statistics.mean(sum(p.stat().st_size for p in d.iterdir() if p.is_file()) for d in merged.values())
     adapters = [bundle / "tasks" / f"{t}.onnx_adapter" for t in tasks]
     rss_f = {1: resident([graph], adapters[:1]), len(tasks): resident([graph], adapters)}
@@ -265,7 +277,7 @@ def main() -> None:
         memory.append(
             {
                 "tasks": n,
-                "factored disk MiB": (graph.stat().st_size + n * per_task) / MIB,
+                "factored disk MiB": (shared_bytes + n * per_task) / MIB,
                 "merged disk MiB": n * merged_size / MIB,
                 "factored resident MiB": f_rss,
                 "merged resident MiB": n * rss_m1,

@@ -14,6 +14,14 @@ table.
     python tools/bench_train_step.py --reps 20 --batch-size 32 --max-length 64
     python tools/bench_train_step.py --task-type causal-lm --reps 8 --batch-size 8 \\
         --max-length 192 --targets q,k,v,o,gate,up,down --methods metatt-4d,lora
+
+Internals (what this measures lies below the public API, docs/api.md):
+
+- metatt_deploy.adapters.base_model: the base model and tokenizer, which both adapters sit on.
+- metatt_deploy.adapters.model: counts each adapter's trainable parameters for the table.
+- metatt_deploy.training.lm_data: training's own tokenizing and collation of decoder rows, so the batches are the ones training sees.
+- metatt_deploy.training.sampling: training's length-grouped batch order.
+- metatt_deploy.training.single: training's model wrapping and optimizer groups: one step is timed in isolation, which `train` does not expose.
 """
 
 from __future__ import annotations
@@ -26,13 +34,12 @@ from collections.abc import Callable
 import torch
 import torch.optim
 
-from metatt_deploy.adapters.base_model import DEFAULT_DECODER, DEFAULT_MODEL, load_causal_lm, load_classifier, load_tokenizer
+from metatt_deploy import DEFAULT_DECODER, DEFAULT_MODEL, TrainConfig, load_task, load_text_task
+from metatt_deploy.adapters.base_model import load_causal_lm, load_classifier, load_tokenizer
 from metatt_deploy.adapters.model import count_trainable
 from metatt_deploy.common.files import atomic_write_text
 from metatt_deploy.common.report import markdown_table
-from metatt_deploy.training.config import TrainConfig
-from metatt_deploy.training.data import load_task
-from metatt_deploy.training.lm_data import CausalCollator, load_text_task, tokenize_text_task
+from metatt_deploy.training.lm_data import CausalCollator, tokenize_text_task
 from metatt_deploy.training.sampling import epoch_order
 from metatt_deploy.training.single import param_groups, wrap_model
 

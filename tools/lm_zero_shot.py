@@ -2,6 +2,12 @@
 a fine-tuned adapter must beat (docs/decoders.md).
 
 python tools/lm_zero_shot.py [--model NAME] [--dataset movie-sentiment] [--split test] [--max-examples 200] [--output FILE.json]
+
+Internals (what this measures lies below the public API, docs/api.md):
+
+- metatt_deploy.adapters.base_model: the untouched decoder and its tokenizer: the floor is measured with no adapter at all, which no public entry point trains or loads.
+- metatt_deploy.training.lm_data: training's own tokenizing of the rows, so the floor sees the prompts a trained adapter sees.
+- metatt_deploy.training.lm_eval: the exact-match and perplexity evaluation `train` reports, so the floor and the trained figure are the same metric.
 """
 
 from __future__ import annotations
@@ -13,10 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout, uninstalled
 
-from metatt_deploy.adapters.base_model import DEFAULT_DECODER, load_causal_lm, load_tokenizer  # noqa: E402
-from metatt_deploy.common.errors import MetaTTError  # noqa: E402
+from metatt_deploy import DEFAULT_DECODER, MetaTTError, load_text_task  # noqa: E402
+from metatt_deploy.adapters.base_model import load_causal_lm, load_tokenizer  # noqa: E402
 from metatt_deploy.common.files import atomic_write_json  # noqa: E402
-from metatt_deploy.training.lm_data import load_text_task, tokenize_text_task  # noqa: E402
+from metatt_deploy.training.lm_data import tokenize_text_task  # noqa: E402
 from metatt_deploy.training.lm_eval import evaluate_generation  # noqa: E402
 
 

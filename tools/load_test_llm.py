@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -42,9 +43,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from servers import free_port, wait_ready  # noqa: E402
 
+from metatt_deploy import Generator, SamplingParams  # noqa: E402
 from metatt_deploy.common.report import markdown_table, save_figure  # noqa: E402
-from metatt_deploy.inference.decode import SamplingParams  # noqa: E402
-from metatt_deploy.serving.generate import Generator  # noqa: E402
 
 PROMPTS = [
     "Write a short review of a film you liked.",
@@ -65,8 +65,7 @@ def make_bundle(path: Path) -> Path:
     sys.path.insert(0, str(ROOT / "tools"))
     from bench_multitask_decoders import make_adapter
 
-    from metatt_deploy.adapters.base_model import DEFAULT_DECODER
-    from metatt_deploy.export.merge import merge_factored
+    from metatt_deploy import DEFAULT_DECODER, merge_factored
 
     adapter = make_adapter(path.parent, DEFAULT_DECODER, 3, 0.02)
     merge_factored(adapter, path)
@@ -134,6 +133,11 @@ def today(gen: Generator, jobs: list[tuple[str, str]], max_tokens: int) -> tuple
                 ttft = time.perf_counter() - t0
         results.append({"status": 200, "ttft": ttft or time.perf_counter() - t0, "tokens": tokens, "text": ""})
     return results, time.perf_counter() - started
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of the server process so far: the cost per token that a shared CPU does not blur."""
+    return sum(psutil.Process(pid).cpu_times()[:2])
 
 
 def summary(results: list[dict], seconds: float) -> dict:
@@ -206,8 +210,11 @@ def main() -> None:
             mixed_jobs = [(tasks[i % len(tasks)], PROMPTS[i % len(PROMPTS)]) for i in range(n)]
             single_jobs = [(tasks[0], PROMPTS[i % len(PROMPTS)]) for i in range(n)]
             for load, jobs in (("mixed", mixed_jobs), ("single", single_jobs)):
+                cpu = cpu_seconds(server.pid)
                 results, seconds = asyncio.run(closed_loop(url, jobs, c, args.max_tokens))
-                rows.append({"concurrency": c, "load": load, **summary(results, seconds)})
+                row = {"concurrency": c, "load": load, **summary(results, seconds)}
+                row["server_cpu_ms_per_token"] = 1000 * (cpu_seconds(server.pid) - cpu) / max(row["tokens"], 1)
+                rows.append(row)
                 print(json.dumps(rows[-1]), flush=True)
             results, seconds = today(gen, mixed_jobs[: max(2, min(n, 4))], args.max_tokens)
             rows.append({"concurrency": c, "load": "today", **summary(results, seconds)})
@@ -255,6 +262,8 @@ def write_report(args: argparse.Namespace, rows: list[dict], long: dict, metrics
             f"{at(c, 'single')['tokens_per_s']:.1f}",
             f"{at(c, 'today')['tokens_per_s']:.1f}",
             f"{at(c, 'mixed')['tokens_per_s'] / at(c, 'single')['tokens_per_s']:.2f}",
+            f"{at(c, 'mixed')['tokens'] / at(c, 'mixed')['requests']:.1f} / {at(c, 'single')['tokens'] / at(c, 'single')['requests']:.1f}",
+            f"{at(c, 'mixed')['server_cpu_ms_per_token']:.0f} / {at(c, 'single')['server_cpu_ms_per_token']:.0f}",
             f"{at(c, 'mixed')['tokens_per_s'] / at(c, 'today')['tokens_per_s']:.2f}",
             f"{at(c, 'mixed')['ttft_p50_s']:.2f} / {at(c, 'mixed')['ttft_p95_s']:.2f}",
             f"{at(c, 'single')['ttft_p50_s']:.2f}",
@@ -268,6 +277,8 @@ def write_report(args: argparse.Namespace, rows: list[dict], long: dict, metrics
         "single tok/s",
         "today tok/s",
         "mixed/single",
+        "tokens per answer mixed/single",
+        "server CPU ms per token mixed/single",
         "mixed/today",
         "TTFT p50/p95 mixed (s)",
         "TTFT p50 single (s)",

@@ -35,24 +35,4 @@ echo "== 5/5 validate: unmerged PyTorch adapter vs ONNX Runtime on the real test
 metatt-deploy validate "$RUN/train/best" "exported/$NAME" --data movie-sentiment --split test --force
 
 # a short summary for a person; every figure, with the settings it was measured at, is in the report files
-python - "$RUN" "$NAME" <<'PY'
-import json, sys
-run, name = sys.argv[1], sys.argv[2]
-m = json.load(open(f"{run}/train/metrics.json"))
-v = json.load(open(f"exported/{name}.validation.json"))
-p, trained = v["parity"], m["trainable_parameters"]
-print("\n== summary")
-print(f"accuracy: {m['test']['accuracy']:.4f} on the test split (PyTorch adapter, best epoch; "
-      f"{trained['adapter']:,} adapter + {trained['head']:,} head parameters trained)")
-if v["accuracy"]:
-    print(f"          PyTorch {v['accuracy']['pytorch']:.4f}, ONNX {v['accuracy']['onnx']:.4f} on the {v['data']['examples']:,} validated examples")
-tolerance = f"tolerance {p['tolerance']:.0e}" if p["enforced"] else "reported only"
-print(f"parity:   ONNX vs unmerged adapter max |logit diff| {p['max_abs_logit_diff']:.2e} ({tolerance}, "
-      f"{'passed' if p['passed'] else 'FAILED'}); labels agree on {p['label_agreement']:.1%}")
-p50 = {(r["runtime"], r["provider"], r["batch"]): r["p50_ms"] for r in v["latency"]["results"]}
-for s in v["latency"]["speedups"]:
-    onnx = p50[("onnxruntime (this export)", s["provider"], s["batch"])]
-    eager = p50[("pytorch eager (adapter unmerged)", "cpu", s["batch"])]
-    print(f"latency:  batch {s['batch']}: ONNX Runtime {onnx:.1f} ms, PyTorch eager {eager:.1f} ms (p50; {s['onnx_vs_pytorch_cpu']:.2f}x)")
-print(f"files:    exported/{name}/ (the bundle); exported/{name}.validation.md and .json (the full report); {run}/train/metrics.md")
-PY
+python tools/demo_summary.py "$RUN/train" "exported/$NAME"

@@ -11,8 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout, uninstalled
 
-from metatt_deploy.common.errors import MetaTTError  # noqa: E402
-from metatt_deploy.training.builtin_data import BUILTIN_TASKS, prepare_builtins  # noqa: E402
+from metatt_deploy import BUILTIN_TASKS, MetaTTError, prepare_builtins  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

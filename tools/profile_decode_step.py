@@ -10,6 +10,7 @@ step the weight MatMuls are (what int4 can speed up) and how much the rest of th
 
     python tools/profile_decode_step.py exported/smollm2-movie-sentiment exported/smollm2-movie-sentiment-int4
     python tools/profile_decode_step.py runs/llm-load/bundle --graph model_tasks.onnx --rows 8 --tasks 3
+    python tools/profile_decode_step.py runs/llm-load/bundle --graph model_tasks.onnx --rows 4 --compare-tasks 1,3 --threads 1
 """
 
 from __future__ import annotations
@@ -70,6 +71,37 @@ def profile(bundle: Path, steps: int, past: int, threads: int, top: int, graph: 
         print(f"  {op}: {us / 1000 / steps:.2f} ms/step ({us / total:.0%})")
 
 
+def compare_tasks(bundle: Path, graph: str, rows: int, past: int, threads: int, steps: int, counts: list[int]) -> None:
+    """One session, one step per task count in turn (``steps`` rounds): the same batch with 1 task or several, side by side.
+
+    Interleaving makes the machine's drifting load hit every count alike; CPU seconds of this
+    process (``time.process_time``, all its threads) are printed beside wall time because a shared
+    CPU blurs wall time (with 1 thread, CPU time is the step's own work).
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = threads, 1, 3
+    session = ort.InferenceSession(str(bundle / graph), options, providers=["CPUExecutionProvider"])
+    feeds = {n: decode_feeds(session, past, rows, n) for n in counts}
+    wall: dict[int, list[float]] = {n: [] for n in counts}
+    cpu: dict[int, list[float]] = {n: [] for n in counts}
+    for n in counts:  # warm-up
+        session.run(None, feeds[n])
+    for _ in range(steps):
+        for n in counts:
+            w, c = time.perf_counter(), time.process_time()
+            session.run(None, feeds[n])
+            wall[n].append(time.perf_counter() - w)
+            cpu[n].append(time.process_time() - c)
+    first = counts[0]
+    for n in counts:
+        ratio_w = statistics.median(wall[n]) / statistics.median(wall[first])
+        ratio_c = statistics.median(cpu[n]) / statistics.median(cpu[first])
+        print(
+            f"{bundle / graph}, {rows} row(s), {n} task(s): step {statistics.median(wall[n]) * 1000:.1f} ms wall, "
+            f"{statistics.median(cpu[n]) * 1000:.1f} ms CPU (median of {steps}); {ratio_w:.3f}x / {ratio_c:.3f}x {first} task(s)"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundles", nargs="+", type=Path, help="decoder bundles written by metatt-deploy export")
@@ -80,9 +112,17 @@ def main() -> None:
     ap.add_argument("--graph", default="model.onnx", help="the graph file in each folder (a factored bundle: model_tasks.onnx)")
     ap.add_argument("--rows", type=int, default=1, help="rows of the batch (a server step's running sequences)")
     ap.add_argument("--tasks", type=int, default=1, help="model_tasks.onnx: row i runs task i mod this")
+    ap.add_argument(
+        "--compare-tasks", default="", help="e.g. 1,3: no profile; steps with each task count interleaved in one session, wall and CPU"
+    )
     args = ap.parse_args()
     for bundle in args.bundles:
-        profile(bundle, args.steps, args.past, args.threads, args.top, args.graph, args.rows, args.tasks)
+        if args.compare_tasks:
+            compare_tasks(
+                bundle, args.graph, args.rows, args.past, args.threads, args.steps, [int(n) for n in args.compare_tasks.split(",")]
+            )
+        else:
+            profile(bundle, args.steps, args.past, args.threads, args.top, args.graph, args.rows, args.tasks)
 
 
 if __name__ == "__main__":

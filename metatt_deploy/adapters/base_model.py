@@ -8,7 +8,7 @@ the same way. The base-size encoder all-mpnet-base-v2 ships as a zip split over 
 assembled once into a cached folder (zipped.py).
 
 Two kinds of model: sequence classifiers (a fresh head per task) and causal language models
-(text in, text out; no head). ``task_type`` tells them apart from the model's own config.
+(text in, text out; no head). adapters/model_kinds.py tells them apart and picks the loader.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from metatt_deploy.adapters.gguf import converted_folder
-from metatt_deploy.adapters.targets import CAUSAL_LM_SUFFIXES, NEW_MODULES_ATTR, architecture_heads
+from metatt_deploy.adapters.targets import NEW_MODULES_ATTR, architecture_heads
 from metatt_deploy.adapters.zipped import MPNET, ZippedModel, assembled_folder
 from metatt_deploy.common.errors import MetaTTError, first_line
 
@@ -43,7 +43,6 @@ ZIPPED: dict[str, ZippedModel] = {
     "all-mpnet-base-v2": MPNET,
     "mpnet-base": MPNET,
 }
-TASK_TYPES = ("classification", "causal-lm")
 
 
 def looks_local(name: str) -> bool:
@@ -88,14 +87,6 @@ def resolve_model(name: str | None) -> str:
         if folder is not None:
             return str(folder)
     return name
-
-
-def task_type(name: str) -> str:
-    """'causal-lm' for decoders saved as language models (their architectures end in ForCausalLM
-    or LMHeadModel), 'classification' for everything else (encoders, and saved classifiers)."""
-    path = resolve_model(name)
-    config = friendly_load(lambda: AutoConfig.from_pretrained(path), name, "model config")
-    return "causal-lm" if any(a.endswith(CAUSAL_LM_SUFFIXES) for a in config.architectures or []) else "classification"
 
 
 def friendly_load(fn, name: str, what: str):

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from metatt_deploy.adapters.model_kinds import ModelKind, adapter_kind
 from metatt_deploy.adapters.targets import TargetModule, module_dims
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_json, read_json
-from metatt_deploy.inference.formats import CAUSAL_LM
 from metatt_deploy.inference.tasks import resolve_task
 from metatt_deploy.tt.cores import check_ranks, core_shapes, parse_init
 
@@ -33,6 +33,9 @@ WEIGHTS_NAME = "metatt_adapter.safetensors"
 METATT_METHODS = ("metatt-4d", "metatt-5d")
 DEFAULT_ALPHA = 4.0
 MAX_PARTS = 3  # a module's output is one matrix type, or up to 3 fused ones (GPT-2 c_attn: q, k, v)
+# extra[TEXT_COLUMNS]: task -> the text columns it was trained on, carried to merge records, export
+# manifests and bundle task records, where inference/tasks.text_inputs reads pair vs single from them
+TEXT_COLUMNS = "text_columns"
 
 
 @dataclass(frozen=True)
@@ -58,9 +61,14 @@ class MetaTTConfig:
     extra: dict = field(default_factory=dict)
 
     @property
+    def kind(self) -> ModelKind:
+        """The kind of base model the adapter sits on, as its extra records it (adapters/model_kinds.py)."""
+        return adapter_kind(self.extra)
+
+    @property
     def causal_lm(self) -> bool:
-        """A decoder's adapter (extra.task_type == "causal-lm"), as opposed to a classifier's."""
-        return self.extra.get("task_type") == CAUSAL_LM
+        """A decoder's adapter, as opposed to a classifier's (the name export/ asks by)."""
+        return self.kind.generates
 
     @property
     def multitask(self) -> bool:
@@ -71,6 +79,15 @@ class MetaTTConfig:
 
     def mode_size(self, name: str) -> int:
         return self.mode_sizes[self.mode_names.index(name)]
+
+    def text_columns(self, task: str) -> list[str] | None:
+        """The text columns ``task`` was trained on; None for adapters trained before they were recorded."""
+        columns = (self.extra.get(TEXT_COLUMNS) or {}).get(task)
+        return list(columns) if columns else None
+
+    def with_text_columns(self, task: str, columns: Sequence[str]) -> MetaTTConfig:
+        """A copy that records ``columns`` as the text columns of ``task``."""
+        return replace(self, extra={**self.extra, TEXT_COLUMNS: {**(self.extra.get(TEXT_COLUMNS) or {}), task: list(columns)}})
 
     def task_index(self, task: str | int | None) -> int:
         """Index of a task in the task mode (and in ``tasks``); a clear error for unknown names."""
@@ -117,9 +134,9 @@ class MetaTTConfig:
             raise _bad(f"{len(self.tasks)} tasks but the task mode has size {self.mode_size('task')}")
         if set(self.label_names) != set(self.tasks):
             raise _bad(f"label_names name tasks {sorted(self.label_names)}, not the tasks {self.tasks}")
-        if self.causal_lm:  # a decoder generates with its own frozen LM head: no labels, no head shipped
+        if not self.kind.has_head:  # a decoder generates with its own frozen LM head: no labels, no head shipped
             if self.head_modules or any(self.label_names.values()):
-                raise _bad("a causal-lm adapter ships no head and no labels; head_modules and label_names must be empty")
+                raise _bad(f"a {self.kind.name} adapter ships no head and no labels; head_modules and label_names must be empty")
         else:
             for t, names in self.label_names.items():
                 if len(names) < 2 or len(set(names)) != len(names):

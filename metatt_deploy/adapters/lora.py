@@ -8,7 +8,7 @@ beside it (task, labels, base model, rank, alpha), which lets the LoRA baseline 
 export and validate exactly like a MetaTT adapter.
 
 A decoder's LoRA (PEFT ``task_type: CAUSAL_LM``) has no head and no labels: it loads onto the base
-causal LM as it is (`lora_task_type` reads the kind from PEFT's own config).
+causal LM as it is (`lora_task_type` reads the kind from PEFT's own config, adapters/model_kinds.py).
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from metatt_deploy.adapters.base_model import load_causal_lm, load_classifier, load_tokenizer
+from metatt_deploy.adapters.base_model import load_tokenizer
 from metatt_deploy.adapters.model import base_fingerprint
+from metatt_deploy.adapters.model_kinds import model_kind_named, peft_kind
 from metatt_deploy.common.errors import MetaTTError, first_line
 from metatt_deploy.common.files import atomic_write_json, read_json
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 LORA_RECORD = "metatt_lora.json"
-PEFT_CAUSAL_LM = "CAUSAL_LM"
 
 
 def is_lora_adapter(directory: str | Path) -> bool:
@@ -43,11 +43,15 @@ def lora_record(
     rank: int,
     lora_alpha: float,
     targets: list[str],
+    text_columns: list[str] | None = None,
 ) -> dict:
     """The ``metatt_lora.json`` of a PEFT baseline folder (LoRA or VeRA): what PEFT's config does
     not say, including the fingerprint of the base weights (``base_fingerprint``, MetaTT's format-2
-    definition), so a load onto another base of the same shapes is refused instead of answering wrongly."""
+    definition), so a load onto another base of the same shapes is refused instead of answering wrongly,
+    and a classifier task's training ``text_columns`` (merge carries them to the export's manifest)."""
+    extra = {"text_columns": list(text_columns)} if text_columns else {}
     return {
+        **extra,
         "method": method,
         "task": task,
         "label_names": list(label_names),
@@ -64,9 +68,9 @@ def write_lora_record(directory: str | Path, record: dict) -> None:
 
 
 def lora_task_type(directory: str | Path) -> str:
-    """'causal-lm' for a decoder's LoRA (PEFT task_type CAUSAL_LM), else 'classification'."""
+    """The kind's name of a LoRA folder: 'causal-lm' for a decoder's (PEFT task_type CAUSAL_LM), else 'classification'."""
     config = read_json(Path(directory) / PEFT_CONFIG_NAME, "PEFT adapter config")
-    return "causal-lm" if isinstance(config, dict) and config.get("task_type") == PEFT_CAUSAL_LM else "classification"
+    return peft_kind(config.get("task_type") if isinstance(config, dict) else None).name
 
 
 def read_lora_record(directory: str | Path) -> dict:
@@ -79,7 +83,7 @@ def read_lora_record(directory: str | Path) -> dict:
         )
     record = read_json(path, "LoRA record")
     task_type = lora_task_type(directory)
-    if not isinstance(record, dict) or not record.get("task") or (task_type == "classification" and not record.get("label_names")):
+    if not isinstance(record, dict) or not record.get("task") or (model_kind_named(task_type).has_head and not record.get("label_names")):
         raise MetaTTError(f"{path} lacks 'task' or 'label_names'; re-create the adapter")
     return {**record, "task_type": task_type}
 
@@ -93,10 +97,7 @@ def load_lora(directory: str | Path, base_model: str | None = None, tokenizer: b
 
     record = read_lora_record(directory)
     base = base_model or record["base_model"]
-    if record["task_type"] == "causal-lm":
-        model = load_causal_lm(base)
-    else:
-        model = load_classifier(base, list(record["label_names"]))
+    model = model_kind_named(record["task_type"]).load_base(base, list(record.get("label_names") or []))
     expected = record.get("base_fingerprint")  # absent in folders written before it was recorded
     if expected and (actual := base_fingerprint(model)) != expected:
         raise MetaTTError(

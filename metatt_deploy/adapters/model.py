@@ -4,7 +4,8 @@ The model keeps its own classes: adapted modules are wrapped in place (MetaTTLay
 shared adapter is registered once as ``model.metatt``, the base is frozen and the
 classification head stays trainable and ships with the adapter. Causal language models have no
 head to train: their adapter records ``extra["task_type"] = "causal-lm"`` so loading rebuilds a
-causal LM (``AutoModelForCausalLM``) rather than a classifier.
+causal LM (``AutoModelForCausalLM``) rather than a classifier; what differs is the base's
+`ModelKind` (adapters/model_kinds.py), read from the model when building and from the adapter when loading.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from metatt_deploy.adapters.base_model import load_causal_lm, load_classifier, load_tokenizer
+# load_causal_lm / load_classifier: export/factored.py still loads bases as mt.load_* (its kind dispatch is export's to do)
+from metatt_deploy.adapters.base_model import load_causal_lm, load_classifier, load_tokenizer  # noqa: F401
 from metatt_deploy.adapters.config import DEFAULT_ALPHA, METATT_METHODS, WEIGHTS_NAME, MetaTTConfig, check_finite
 from metatt_deploy.adapters.heads import add_task_heads, select_task_head
 from metatt_deploy.adapters.layer import MetaTT, MetaTTLayer
-from metatt_deploy.adapters.targets import DEFAULT_TARGETS, NEW_MODULES_ATTR, TargetModule, find_targets, head_modules, is_causal_lm
+from metatt_deploy.adapters.model_kinds import head_modules, model_kind
+from metatt_deploy.adapters.targets import DEFAULT_TARGETS, NEW_MODULES_ATTR, TargetModule, find_targets
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_dir
-from metatt_deploy.inference.formats import CAUSAL_LM
 
 ADAPTER_ATTR = "metatt"
 
@@ -70,9 +72,7 @@ def build_config(
     n_bonds = len(mode_sizes) - 1
     heads = head_modules(model)
     ranks = [rank] * n_bonds if isinstance(rank, int) else list(rank)
-    causal = is_causal_lm(model)
-    if causal:
-        label_names = label_names or {t: [] for t in tasks}
+    kind = model_kind(model)
     config = MetaTTConfig(
         method=method,
         mode_names=mode_names,
@@ -84,19 +84,20 @@ def build_config(
         layers=layers,
         modules=modules,
         tasks=tasks,
-        label_names=label_names or {tasks[0]: [str(v) for v in hf_config.id2label.values()]},
+        label_names=label_names or kind.default_labels(hf_config, tasks),
         head_modules=heads,
         base_model=base_model,
         base_fingerprint=fingerprint(model, modules, heads),
         model_type=hf_config.model_type,
-        extra={**(extra or {}), "task_type": CAUSAL_LM} if causal else dict(extra or {}),
+        extra={**(extra or {}), **kind.recorded},
     )
     config.validate()
     return config
 
 
 def is_causal_adapter(config: MetaTTConfig) -> bool:
-    return config.causal_lm
+    """Whether the adapter sits on a causal LM (export/peft.py asks by this name)."""
+    return config.kind.generates
 
 
 def _head_dim(model: nn.Module) -> int:
@@ -267,10 +268,7 @@ def load_adapter(directory: str | Path, base_model: str | None = None, tokenizer
     config = MetaTTConfig.load(directory)
     cores, heads = split_state(read_weights(directory), config)
     base = base_model or config.base_model
-    if is_causal_adapter(config):
-        model = load_causal_lm(base)
-    else:
-        model = load_classifier(base, config.label_names[config.tasks[0]])
+    model = config.kind.load_base(base, config.label_names[config.tasks[0]])
     attach(model, config, cores)
     if config.multitask:  # one head per task, routed per row (multitask.py)
         add_task_heads(model, config)

@@ -34,7 +34,6 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
@@ -102,19 +101,14 @@ class MultiTaskModel(nn.Module):
         ids = self.task_ids_for(task_ids, batch)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids, **kwargs}
         inputs = {k: v for k, v in inputs.items() if v is not None}
-        if self.adapter_config.causal_lm:
-            with routed(self.model, ids):
-                return self.model(**inputs, labels=labels)
         with routed(self.model, ids):
-            logits = self.model(**inputs).logits
-        loss = F.cross_entropy(logits.float(), labels.long()) if labels is not None else None
-        return SequenceClassifierOutput(loss=cast(torch.FloatTensor, loss), logits=logits)
+            return self.adapter_config.kind.output(self.model, inputs, labels)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, task_ids=None, **kwargs) -> torch.Tensor:
         """A causal LM's ``generate`` with task ``task_ids`` (one, or one per row) for every step."""
-        if not self.adapter_config.causal_lm:
-            raise MetaTTError("generate is for causal language models; this multi-task model is a classifier")
+        if not self.adapter_config.kind.generates:
+            raise MetaTTError(f"generate is for causal language models; this multi-task model is a {self.adapter_config.kind.name} model")
         if task_ids is None:
             raise MetaTTError(f"pass task_ids (one of {', '.join(self.tasks)}, or one per row) to generate")
         with routed(self.model, self.task_ids_for(task_ids, input_ids.shape[0])):
@@ -266,10 +260,11 @@ def parameter_counts(mtm: MultiTaskModel) -> dict:
     return {"shared_cores": shared, "per_task": per_task, "total": total, "adapter_total": shared + slice_size * len(cfg.tasks)}
 
 
-def extend_tasks(mtm: MultiTaskModel, name: str, label_names: list[str], seed: int = 0) -> int:
+def extend_tasks(mtm: MultiTaskModel, name: str, label_names: list[str], seed: int = 0, text_columns: Sequence[str] = ()) -> int:
     """Append task ``name``: a new task-core slice (the mean of the existing ones) and a new head.
 
     Returns the new task's index. Every existing slice, head and shared core is left bit-identical.
+    ``text_columns`` (a classifier task's training columns) are recorded in the config.
     """
     cfg = mtm.adapter_config
     if name in cfg.tasks:
@@ -282,9 +277,11 @@ def extend_tasks(mtm: MultiTaskModel, name: str, label_names: list[str], seed: i
     cores = [c.detach() for c in adapter.cores]
     cores[t_core] = new_core
     cfg = cfg.with_tasks([*cfg.tasks, name], {**cfg.label_names, name: list(label_names)})
+    if text_columns:
+        cfg = cfg.with_text_columns(name, text_columns)
     adapter.set_cores(cores, cfg)
     index = len(cfg.tasks) - 1
-    last = cfg.head_modules[-1] if cfg.head_modules else None  # a causal LM has no head
+    last = cfg.head_modules[-1] if cfg.head_modules else None  # a kind without a head has none to grow
     for head_name in cfg.head_modules:
         router = cast(TaskHeads, mtm.model.get_submodule(head_name))
         template = router.heads[0]

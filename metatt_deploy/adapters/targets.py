@@ -247,24 +247,8 @@ def _check_unambiguous(names: list[str], hits: dict[str, dict]) -> None:
             )
 
 
+# architecture class names of decoders saved as language models (adapters/model_kinds.py dispatches on them)
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
-
-
-def is_causal_lm(model: nn.Module) -> bool:
-    """A language model generating text with its own (frozen) LM head, rather than a classifier."""
-    return type(model).__name__.endswith(CAUSAL_LM_SUFFIXES)
-
-
-def head_modules(model: nn.Module) -> list[str]:
-    """Names of the modules that train and ship with the adapter: the classification head's top
-    modules, preceded by head-adjacent modules the base checkpoint lacked (NEW_MODULES_ATTR).
-
-    None for causal language models: their LM head is pretrained, stays frozen and is not shipped.
-    """
-    if is_causal_lm(model):
-        return []
-    heads = architecture_heads(model)
-    return [*(m for m in getattr(model, NEW_MODULES_ATTR, []) if m not in heads), *heads]
 
 
 def architecture_heads(model: nn.Module) -> list[str]:

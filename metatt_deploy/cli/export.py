@@ -19,6 +19,7 @@ from metatt_deploy.export.genai import export_genai
 from metatt_deploy.export.int4 import INT4_ACCURACY_LEVEL, INT4_BLOCK_SIZE, INT4_EDGE_LAYERS, INT4_HEAD_BITS, Int4Options
 from metatt_deploy.export.merge import merge_adapter, merge_factored
 from metatt_deploy.export.onnx import export_onnx
+from metatt_deploy.export.options import Calibration, ExportOptions
 from metatt_deploy.export.peft import to_peft
 from metatt_deploy.export.quality import MAX_PPL_INCREASE, QualityGate, quality_summary
 from metatt_deploy.export.quantize import CALIBRATION_ROWS
@@ -87,122 +88,147 @@ def merge(
     typer.echo(f"merged task '{record['task']}' into {output}{extra}")
 
 
+_ExportModelDir = Annotated[
+    Path,
+    typer.Argument(
+        help="Merged model folder (metatt-deploy merge); also any Hugging Face sequence classifier folder, or an adapter folder (merged on the fly)."
+    ),
+]
+_ExportOutput = Annotated[Path | None, typer.Option("--output", "-o", help="Bundle folder (default: exported/<name>).")]
+_ExportName = Annotated[
+    str | None, typer.Option(help="Bundle name under exported/ (default: the model folder's name plus -opt, -int8 or -fp16).")
+]
+_ExportOpset = Annotated[int | None, typer.Option(help="ONNX opset (default: optimum's choice for the architecture).")]
+_ExportOptimize = Annotated[
+    bool, typer.Option("--optimize", help="Fuse attention, layer norms, GELU and embeddings with ONNX Runtime's transformer optimizer.")
+]
+_ExportQuantize = Annotated[
+    str | None,
+    typer.Option(
+        help="int8: dynamic quantization (int8 weights of MatMul/Attention nodes, activation scales per batch); int8-static: QDQ with activation scales calibrated on --calibration data (a row's logits do not depend on its batch); int4 (decoders): weight-only 4-bit MatMulNBits, the LM head at --int4-head-bits. Logits parity is reported; a quality gate against the fp32 graph decides (see --allow-quality-loss)."
+    ),
+]
+_ExportInt4AccuracyLevel = Annotated[
+    int,
+    typer.Option(
+        help="With --quantize int4: MatMulNBits compute type, 4 = int8 activations quantized per block at run time (fastest on CPUs), 0 = float32 activations (see docs/decoders.md)."
+    ),
+]
+_ExportInt4BlockSize = Annotated[
+    int, typer.Option(help="With --quantize int4: weights per float scale along the input (16, 32, 64, 128 or 256).")
+]
+_ExportInt4HeadBits = Annotated[
+    int,
+    typer.Option(
+        help="With --quantize int4: bits of the LM head and the (tied) embedding: 4, 8 or 32 (float32); see docs/reports/int4.md."
+    ),
+]
+_ExportInt4EdgeLayers = Annotated[
+    int,
+    typer.Option(
+        help="With --quantize int4: keep the projections of the first and last N decoder layers at 8 bits (4-bit edge layers broke Gemma-3 270M)."
+    ),
+]
+_ExportCalibration = Annotated[
+    str | None,
+    typer.Option(
+        help="With --quantize: calibration data, a builtin task (its validation split), a hub data set or a CSV/JSONL file: int8-static's activation ranges, and the quality gate's rows (default: the adapter's task if builtin, else built-in prompts or sample sentences)."
+    ),
+]
+_ExportCalibrationRows = Annotated[
+    int | None,
+    typer.Option(
+        help=f"Calibration rows (a fixed random subset, fed one at a time; default {CALIBRATION_ROWS} for int8-static and classifiers' gate, 32 for decoders' gate)."
+    ),
+]
+_ExportGateMinAgreement = Annotated[
+    float | None,
+    typer.Option(
+        help="Quality gate: minimum agreement with the fp32 graph, greedy next tokens for decoders (default 0.9), labels for classifiers (default 0.9)."
+    ),
+]
+_ExportGateMaxPplIncrease = Annotated[
+    float, typer.Option(help="Quality gate, decoders: maximum relative perplexity increase over the fp32 graph (0.1 = +10%).")
+]
+_ExportAllowQualityLoss = Annotated[
+    bool,
+    typer.Option("--allow-quality-loss", help="Keep a quantized export that fails the quality gate (the numbers stay in manifest.json)."),
+]
+_ExportCalibrationMethod = Annotated[str, typer.Option(help="Activation range estimate: minmax, percentile or entropy.")]
+_ExportFp32DownProjections = Annotated[
+    bool,
+    typer.Option(
+        "--fp32-down-projections/--int8-down-projections",
+        help="With int8-static: keep the FFN down-projections fp32 (accuracy within 1 point on MiniLM) or quantize them too (faster, about -1.8 points; docs/int8.md).",
+    ),
+]
+_ExportPerChannel = Annotated[bool, typer.Option("--per-channel/--per-tensor", help="int8 weight scales per output channel or per tensor.")]
+_ExportReduceRange = Annotated[
+    bool | None,
+    typer.Option("--reduce-range/--full-range", help="7-bit int8 weights (default: only on CPUs without VNNI; see docs/int8.md)."),
+]
+_ExportLayout = Annotated[
+    str, typer.Option(help="optimum, or transformers.js: also onnx/model.onnx and onnx/model_quantized.onnx for Transformers.js.")
+]
+_ExportFormats = Annotated[
+    list[str] | None, typer.Option("--format", help="onnx (always), ort: also .ort models + the reduced build's operator config.")
+]
+_ExportWebRuntime = Annotated[
+    Path | None,
+    typer.Option(
+        help="A node_modules folder with onnxruntime-web and @huggingface/transformers: copy the page's runtime files into web/vendor/."
+    ),
+]
+_ExportThreads = Annotated[
+    int | None,
+    typer.Option(help="ONNX Runtime intra-op threads of the parity checks (default: every available CPU; fastest measured)."),
+]
+_ExportDtype = Annotated[
+    str, typer.Option(help="fp32, or fp16 (for GPU execution providers; parity tolerance 1e-2 x max(1, max |logit|)).")
+]
+_ExportAdapter = Annotated[
+    Path | None, typer.Option(help="Adapter the model was merged from, for the manifest (default: the one metatt_merge.json records).")
+]
+_ExportTask = Annotated[str | None, typer.Option(help="Task to merge when MODEL_DIR is a multi-task adapter.")]
+_ExportGenai = Annotated[
+    bool,
+    typer.Option(
+        "--genai",
+        help="MODEL_DIR is a factored decoder bundle (merge --factored): make it an ONNX Runtime GenAI model folder (genai_config.json + tokenizer files; every tasks/NAME.onnx_adapter is a GenAI adapter), checked with onnxruntime-genai.",
+    ),
+]
+
+
 @app.command(context_settings=CONTEXT_SETTINGS)
 @user_errors
 def export(
-    model_dir: Annotated[
-        Path,
-        typer.Argument(
-            help="Merged model folder (metatt-deploy merge); also any Hugging Face sequence classifier folder, or an adapter folder (merged on the fly)."
-        ),
-    ],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Bundle folder (default: exported/<name>).")] = None,
-    name: Annotated[
-        str | None, typer.Option(help="Bundle name under exported/ (default: the model folder's name plus -opt, -int8 or -fp16).")
-    ] = None,
-    opset: Annotated[int | None, typer.Option(help="ONNX opset (default: optimum's choice for the architecture).")] = None,
-    optimize: Annotated[
-        bool, typer.Option("--optimize", help="Fuse attention, layer norms, GELU and embeddings with ONNX Runtime's transformer optimizer.")
-    ] = False,
-    quantize: Annotated[
-        str | None,
-        typer.Option(
-            help="int8: dynamic quantization (int8 weights of MatMul/Attention nodes, activation scales per batch); int8-static: QDQ with activation scales calibrated on --calibration data (a row's logits do not depend on its batch); int4 (decoders): weight-only 4-bit MatMulNBits, the LM head at --int4-head-bits. Logits parity is reported; a quality gate against the fp32 graph decides (see --allow-quality-loss)."
-        ),
-    ] = None,
-    int4_accuracy_level: Annotated[
-        int,
-        typer.Option(
-            help="With --quantize int4: MatMulNBits compute type, 4 = int8 activations quantized per block at run time (fastest on CPUs), 0 = float32 activations (see docs/decoders.md)."
-        ),
-    ] = INT4_ACCURACY_LEVEL,
-    int4_block_size: Annotated[
-        int, typer.Option(help="With --quantize int4: weights per float scale along the input (16, 32, 64, 128 or 256).")
-    ] = INT4_BLOCK_SIZE,
-    int4_head_bits: Annotated[
-        int,
-        typer.Option(
-            help="With --quantize int4: bits of the LM head and the (tied) embedding: 4, 8 or 32 (float32); see docs/reports/int4.md."
-        ),
-    ] = INT4_HEAD_BITS,
-    int4_edge_layers: Annotated[
-        int,
-        typer.Option(
-            help="With --quantize int4: keep the projections of the first and last N decoder layers at 8 bits (4-bit edge layers broke Gemma-3 270M)."
-        ),
-    ] = INT4_EDGE_LAYERS,
-    calibration: Annotated[
-        str | None,
-        typer.Option(
-            help="With --quantize: calibration data, a builtin task (its validation split), a hub data set or a CSV/JSONL file: int8-static's activation ranges, and the quality gate's rows (default: the adapter's task if builtin, else built-in prompts or sample sentences)."
-        ),
-    ] = None,
-    calibration_rows: Annotated[
-        int | None,
-        typer.Option(
-            help=f"Calibration rows (a fixed random subset, fed one at a time; default {CALIBRATION_ROWS} for int8-static and classifiers' gate, 32 for decoders' gate)."
-        ),
-    ] = None,
-    gate_min_agreement: Annotated[
-        float | None,
-        typer.Option(
-            help="Quality gate: minimum agreement with the fp32 graph, greedy next tokens for decoders (default 0.9), labels for classifiers (default 0.9)."
-        ),
-    ] = None,
-    gate_max_ppl_increase: Annotated[
-        float, typer.Option(help="Quality gate, decoders: maximum relative perplexity increase over the fp32 graph (0.1 = +10%).")
-    ] = MAX_PPL_INCREASE,
-    allow_quality_loss: Annotated[
-        bool,
-        typer.Option(
-            "--allow-quality-loss", help="Keep a quantized export that fails the quality gate (the numbers stay in manifest.json)."
-        ),
-    ] = False,
-    calibration_method: Annotated[str, typer.Option(help="Activation range estimate: minmax, percentile or entropy.")] = "minmax",
-    fp32_down_projections: Annotated[
-        bool,
-        typer.Option(
-            "--fp32-down-projections/--int8-down-projections",
-            help="With int8-static: keep the FFN down-projections fp32 (accuracy within 1 point on MiniLM) or quantize them too (faster, about -1.8 points; docs/int8.md).",
-        ),
-    ] = True,
-    per_channel: Annotated[
-        bool, typer.Option("--per-channel/--per-tensor", help="int8 weight scales per output channel or per tensor.")
-    ] = True,
-    reduce_range: Annotated[
-        bool | None,
-        typer.Option("--reduce-range/--full-range", help="7-bit int8 weights (default: only on CPUs without VNNI; see docs/int8.md)."),
-    ] = None,
-    layout: Annotated[
-        str, typer.Option(help="optimum, or transformers.js: also onnx/model.onnx and onnx/model_quantized.onnx for Transformers.js.")
-    ] = "optimum",
-    formats: Annotated[
-        list[str] | None, typer.Option("--format", help="onnx (always), ort: also .ort models + the reduced build's operator config.")
-    ] = None,
-    web_runtime: Annotated[
-        Path | None,
-        typer.Option(
-            help="A node_modules folder with onnxruntime-web and @huggingface/transformers: copy the page's runtime files into web/vendor/."
-        ),
-    ] = None,
-    threads: Annotated[
-        int | None,
-        typer.Option(help="ONNX Runtime intra-op threads of the parity checks (default: every available CPU; fastest measured)."),
-    ] = None,
-    dtype: Annotated[
-        str, typer.Option(help="fp32, or fp16 (for GPU execution providers; parity tolerance 1e-2 x max(1, max |logit|)).")
-    ] = "fp32",
-    adapter: Annotated[
-        Path | None, typer.Option(help="Adapter the model was merged from, for the manifest (default: the one metatt_merge.json records).")
-    ] = None,
-    task: Annotated[str | None, typer.Option(help="Task to merge when MODEL_DIR is a multi-task adapter.")] = None,
-    genai: Annotated[
-        bool,
-        typer.Option(
-            "--genai",
-            help="MODEL_DIR is a factored decoder bundle (merge --factored): make it an ONNX Runtime GenAI model folder (genai_config.json + tokenizer files; every tasks/NAME.onnx_adapter is a GenAI adapter), checked with onnxruntime-genai.",
-        ),
-    ] = False,
+    model_dir: _ExportModelDir,
+    output: _ExportOutput = None,
+    name: _ExportName = None,
+    opset: _ExportOpset = None,
+    optimize: _ExportOptimize = False,
+    quantize: _ExportQuantize = None,
+    int4_accuracy_level: _ExportInt4AccuracyLevel = INT4_ACCURACY_LEVEL,
+    int4_block_size: _ExportInt4BlockSize = INT4_BLOCK_SIZE,
+    int4_head_bits: _ExportInt4HeadBits = INT4_HEAD_BITS,
+    int4_edge_layers: _ExportInt4EdgeLayers = INT4_EDGE_LAYERS,
+    calibration: _ExportCalibration = None,
+    calibration_rows: _ExportCalibrationRows = None,
+    gate_min_agreement: _ExportGateMinAgreement = None,
+    gate_max_ppl_increase: _ExportGateMaxPplIncrease = MAX_PPL_INCREASE,
+    allow_quality_loss: _ExportAllowQualityLoss = False,
+    calibration_method: _ExportCalibrationMethod = "minmax",
+    fp32_down_projections: _ExportFp32DownProjections = True,
+    per_channel: _ExportPerChannel = True,
+    reduce_range: _ExportReduceRange = None,
+    layout: _ExportLayout = "optimum",
+    formats: _ExportFormats = None,
+    web_runtime: _ExportWebRuntime = None,
+    threads: _ExportThreads = None,
+    dtype: _ExportDtype = "fp32",
+    adapter: _ExportAdapter = None,
+    task: _ExportTask = None,
+    genai: _ExportGenai = False,
     force: Force = False,
 ) -> None:
     """Export a merged model to an ONNX bundle (model.onnx, tokenizer, manifest.json) and check its parity.
@@ -216,42 +242,20 @@ def export(
         others["--web-runtime"] = web_runtime
         others.update({"--adapter": adapter, "--task": task, "--format": formats, "--optimize": optimize or None})
         others.update({"--dtype": None if dtype == "fp32" else dtype, "--layout": None if layout == "optimum" else layout})
-        given = [k for k, v in others.items() if v]
-        if given:
-            raise MetaTTError(f"--genai writes into the bundle itself and takes no {given[0]}; drop it")
-        record = export_genai(model_dir, force=force)
-        parity = record["parity"]
-        sizes = ", ".join(f"{t} {b} B" for t, b in record["adapter_bytes"].items())
-        typer.echo(
-            f"wrote {GENAI_CONFIG} + tokenizer into {model_dir} (onnxruntime-genai {record['onnxruntime_genai']}; "
-            f"{record['tokenizer_probes_identical']} tokenizer probes identical to transformers); adapters: {sizes}"
-        )
-        typer.echo(
-            f"greedy parity GenAI vs PyTorch adapter: {parity['identical']}/{parity['total']} token-identical "
-            f"({parity['prompts']} prompts x {parity['new_tokens']} tokens per task)"
-        )
+        _export_genai(model_dir, force, others)
         return
     if web_runtime is not None:
         check_web_runtime(web_runtime)  # before anything is written: a bad folder must not cost the previous export
-    out = export_onnx(
-        model_dir,
-        output,
-        name=name,
+    options = ExportOptions(
         opset=opset,
         optimize=optimize,
         quantize=quantize,
         dtype=dtype,
-        force=force,
-        adapter_dir=adapter,
-        task=task,
-        calibration=calibration,
-        calibration_rows=calibration_rows or CALIBRATION_ROWS,
-        calibration_method=calibration_method,
-        fp32_down_projections=fp32_down_projections,
+        calibration=Calibration(calibration, calibration_rows or CALIBRATION_ROWS, calibration_method, fp32_down_projections),
         per_channel=per_channel,
         reduce_range=reduce_range,
         layout=layout,
-        formats=["onnx", *(f for f in split_list(formats) or [] if f != "onnx")],
+        formats=("onnx", *(f for f in split_list(formats) or [] if f != "onnx")),
         threads=threads,
         int4=Int4Options(
             block_size=int4_block_size, accuracy_level=int4_accuracy_level, head_bits=int4_head_bits, edge_layers=int4_edge_layers
@@ -260,14 +264,39 @@ def export(
             rows=calibration_rows, min_agreement=gate_min_agreement, max_ppl_increase=gate_max_ppl_increase, allow_loss=allow_quality_loss
         ),
     )
+    out = export_onnx(model_dir, output, options, name=name, force=force, adapter_dir=adapter, task=task)
     if web_runtime is not None:
         vendor_web_runtime(out, web_runtime)
+    echo_export_summary(out)
+
+
+def _export_genai(model_dir: Path, force: bool, others: dict[str, object]) -> None:
+    """--genai: the factored decoder bundle becomes a GenAI model folder; ``others`` (the export options it does not take) are refused."""
+    given = [k for k, v in others.items() if v]
+    if given:
+        raise MetaTTError(f"--genai writes into the bundle itself and takes no {given[0]}; drop it")
+    record = export_genai(model_dir, force=force)
+    parity = record["parity"]
+    sizes = ", ".join(f"{t} {b} B" for t, b in record["adapter_bytes"].items())
+    typer.echo(
+        f"wrote {GENAI_CONFIG} + tokenizer into {model_dir} (onnxruntime-genai {record['onnxruntime_genai']}; "
+        f"{record['tokenizer_probes_identical']} tokenizer probes identical to transformers); adapters: {sizes}"
+    )
+    typer.echo(
+        f"greedy parity GenAI vs PyTorch adapter: {parity['identical']}/{parity['total']} token-identical "
+        f"({parity['prompts']} prompts x {parity['new_tokens']} tokens per task)"
+    )
+
+
+def echo_export_summary(out: Path) -> None:
+    """The lines a person reads after an export: size, parity (float32 and float64), the quality gate, fused nodes."""
     manifest = read_json(out / MANIFEST_NAME, "export manifest")
     final = manifest["parity"]["final"]
     tolerance = "reported only" if final["tolerance"] is None else f"tolerance {final['tolerance']:.0e}"
+    to64 = "" if final.get("max_abs_diff_float64") is None else f", float64 {final['max_abs_diff_float64']:.2e}"
     typer.echo(
         f"exported {out} (opset {manifest['opset']}, {manifest['sizes']['final_bytes'] / 2**20:.1f} MiB); "
-        f"max |logit diff| vs PyTorch {final['max_abs_logit_diff']:.2e} ({tolerance})"
+        f"max |logit diff| vs PyTorch float32 {final['max_abs_logit_diff']:.2e}{to64} ({tolerance})"
     )
     if "quality_gate" in manifest:
         typer.echo(quality_summary(manifest["quality_gate"]))
@@ -278,73 +307,93 @@ def export(
         typer.echo(f"fused nodes: {fused}")
 
 
+_ValidateAdapter = Annotated[
+    Path,
+    typer.Argument(help="Adapter directory (a run's best/ folder; MetaTT, multi-task MetaTT or LoRA): the unmerged PyTorch reference."),
+]
+_ValidateOnnxDir = Annotated[Path, typer.Argument(help="ONNX bundle written by metatt-deploy export (exported/NAME).")]
+_ValidateData = Annotated[
+    str | None,
+    typer.Option(
+        help="Held-out data: a builtin task (movie-sentiment, snli, ...), a hub data set, or a CSV/TSV/JSONL/JSON file (labels optional). Default: built-in sample sentences."
+    ),
+]
+_ValidateSplit = Annotated[str, typer.Option(help="Split of a builtin or hub data set (files are used whole).")]
+_ValidateMaxExamples = Annotated[
+    int | None,
+    typer.Option(
+        help="Use a fixed random subset of N held-out examples (default: all; 50 prompts for decoders; the output and report say when a subset is used)."
+    ),
+]
+_ValidateBatchSizes = Annotated[str | None, typer.Option(help="Classifiers: batch sizes to time, comma-separated (default 1,8).")]
+_ValidateSeqLen = Annotated[
+    int | None,
+    typer.Option(help="Classifiers: tokens per example, truncation for parity and the padded length for timing (default 128)."),
+]
+_ValidateRepeats = Annotated[int, typer.Option(help="Timed calls per runtime and batch size (medians and p95 are reported).")]
+_ValidateWarmup = Annotated[int | None, typer.Option(help="Classifiers: untimed warm-up calls per runtime and batch size (default 3).")]
+_ValidateMaxSeconds = Annotated[
+    float | None,
+    typer.Option(help="Classifiers: cap on seconds per runtime and batch size, at least 3 calls still timed (default 60)."),
+]
+_ValidateThreads = Annotated[
+    int | None,
+    typer.Option(help="Intra-op threads for both PyTorch and ONNX Runtime (default: every available CPU; fastest measured)."),
+]
+_ValidateReferenceOnnx = Annotated[
+    Path | None,
+    typer.Option(help="The fp32 export of the same model: report the accuracy change and speed-up of an int8/fp16 export against it."),
+]
+_ValidateBaseModel = Annotated[
+    str | None, typer.Option(help="Base model folder or hub name, if it moved since training (checked by fingerprint).")
+]
+_ValidateTask = Annotated[
+    str | None, typer.Option(help="Task of a multi-task adapter (default: the one the export records, from merge/export --task).")
+]
+_ValidateTextColumn = Annotated[
+    list[str] | None, typer.Option(help="Text column(s) of the data: one, or two for sentence pairs. Inferred when omitted.")
+]
+_ValidateLabelColumn = Annotated[
+    str | None, typer.Option(help="Classifiers: label column of the data, absent: accuracy is not reported (default label).")
+]
+_ValidateOutput = Annotated[
+    Path | None,
+    typer.Option(
+        "--output",
+        "-o",
+        help="Folder for validation.json and validation.md, decoders also latency.png (default: beside the bundle, exported/NAME.validation.json, .md, .latency.png).",
+    ),
+]
+_ValidateCompare = Annotated[
+    list[Path] | None, typer.Option(help="Decoders: more exports of the same model (e.g. int8, int4) measured in the same run.")
+]
+_ValidatePromptLengths = Annotated[str, typer.Option(help="Decoders: prompt lengths (tokens) at which time to first token is measured.")]
+_ValidateNewTokens = Annotated[int, typer.Option(help="Decoders: tokens generated to measure decode tokens/s.")]
+
+
 @app.command(context_settings=CONTEXT_SETTINGS)
 @user_errors
 def validate(
-    adapter: Annotated[
-        Path,
-        typer.Argument(help="Adapter directory (a run's best/ folder; MetaTT, multi-task MetaTT or LoRA): the unmerged PyTorch reference."),
-    ],
-    onnx_dir: Annotated[Path, typer.Argument(help="ONNX bundle written by metatt-deploy export (exported/NAME).")],
-    data: Annotated[
-        str | None,
-        typer.Option(
-            help="Held-out data: a builtin task (movie-sentiment, snli, ...), a hub data set, or a CSV/TSV/JSONL/JSON file (labels optional). Default: built-in sample sentences."
-        ),
-    ] = None,
-    split: Annotated[str, typer.Option(help="Split of a builtin or hub data set (files are used whole).")] = "test",
-    max_examples: Annotated[
-        int | None,
-        typer.Option(
-            help="Use a fixed random subset of N held-out examples (default: all; 50 prompts for decoders; the output and report say when a subset is used)."
-        ),
-    ] = None,
-    batch_sizes: Annotated[str | None, typer.Option(help="Classifiers: batch sizes to time, comma-separated (default 1,8).")] = None,
-    seq_len: Annotated[
-        int | None,
-        typer.Option(help="Classifiers: tokens per example, truncation for parity and the padded length for timing (default 128)."),
-    ] = None,
-    repeats: Annotated[int, typer.Option(help="Timed calls per runtime and batch size (medians and p95 are reported).")] = 30,
-    warmup: Annotated[int | None, typer.Option(help="Classifiers: untimed warm-up calls per runtime and batch size (default 3).")] = None,
-    max_seconds: Annotated[
-        float | None,
-        typer.Option(help="Classifiers: cap on seconds per runtime and batch size, at least 3 calls still timed (default 60)."),
-    ] = None,
-    threads: Annotated[
-        int | None,
-        typer.Option(help="Intra-op threads for both PyTorch and ONNX Runtime (default: every available CPU; fastest measured)."),
-    ] = None,
-    reference_onnx: Annotated[
-        Path | None,
-        typer.Option(help="The fp32 export of the same model: report the accuracy change and speed-up of an int8/fp16 export against it."),
-    ] = None,
-    base_model: Annotated[
-        str | None, typer.Option(help="Base model folder or hub name, if it moved since training (checked by fingerprint).")
-    ] = None,
-    task: Annotated[
-        str | None, typer.Option(help="Task of a multi-task adapter (default: the one the export records, from merge/export --task).")
-    ] = None,
-    text_column: Annotated[
-        list[str] | None, typer.Option(help="Text column(s) of the data: one, or two for sentence pairs. Inferred when omitted.")
-    ] = None,
-    label_column: Annotated[
-        str | None, typer.Option(help="Classifiers: label column of the data, absent: accuracy is not reported (default label).")
-    ] = None,
-    output: Annotated[
-        Path | None,
-        typer.Option(
-            "--output",
-            "-o",
-            help="Folder for validation.json and validation.md, decoders also latency.png (default: beside the bundle, exported/NAME.validation.json, .md, .latency.png).",
-        ),
-    ] = None,
-    compare: Annotated[
-        list[Path] | None, typer.Option(help="Decoders: more exports of the same model (e.g. int8, int4) measured in the same run.")
-    ] = None,
-    prompt_lengths: Annotated[
-        str, typer.Option(help="Decoders: prompt lengths (tokens) at which time to first token is measured.")
-    ] = "32,256",
-    new_tokens: Annotated[int, typer.Option(help="Decoders: tokens generated to measure decode tokens/s.")] = 32,
+    adapter: _ValidateAdapter,
+    onnx_dir: _ValidateOnnxDir,
+    data: _ValidateData = None,
+    split: _ValidateSplit = "test",
+    max_examples: _ValidateMaxExamples = None,
+    batch_sizes: _ValidateBatchSizes = None,
+    seq_len: _ValidateSeqLen = None,
+    repeats: _ValidateRepeats = 30,
+    warmup: _ValidateWarmup = None,
+    max_seconds: _ValidateMaxSeconds = None,
+    threads: _ValidateThreads = None,
+    reference_onnx: _ValidateReferenceOnnx = None,
+    base_model: _ValidateBaseModel = None,
+    task: _ValidateTask = None,
+    text_column: _ValidateTextColumn = None,
+    label_column: _ValidateLabelColumn = None,
+    output: _ValidateOutput = None,
+    compare: _ValidateCompare = None,
+    prompt_lengths: _ValidatePromptLengths = "32,256",
+    new_tokens: _ValidateNewTokens = 32,
     force: Force = False,
 ) -> None:
     """Compare an ONNX export with its unmerged adapter: logits parity, label agreement, accuracy, latency.
@@ -402,6 +451,11 @@ def validate(
         log=typer.echo,
         **{k: v for k, v in given.items() if v is not None},
     )
+    echo_classifier_report(report, report_paths(onnx_dir, output)[1])
+
+
+def echo_classifier_report(report: dict, markdown: Path) -> None:
+    """The lines a person reads after validating a classifier: parity, accuracy, speed-ups."""
     parity = report["parity"]
     tolerance = f"tolerance {parity['tolerance']:.0e}" if parity["enforced"] else "reported only"
     typer.echo(
@@ -417,7 +471,7 @@ def validate(
     for s in report["latency"]["speedups"]:
         extra = f", {s['onnx_vs_reference']:.2f}x vs reference" if "onnx_vs_reference" in s else ""
         typer.echo(f"batch {s['batch']}: ONNX ({s['provider']}) {s['onnx_vs_pytorch_cpu']:.2f}x vs PyTorch eager{extra}")
-    typer.echo(f"report: {report_paths(onnx_dir, output)[1]}")
+    typer.echo(f"report: {markdown}")
 
 
 def echo_decoder_report(report: dict, markdown: Path) -> None:

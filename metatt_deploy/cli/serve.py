@@ -12,7 +12,6 @@ import typer
 
 from metatt_deploy.cli.base import CONTEXT_SETTINGS, user_errors, verb_app
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.inference.formats import is_decoder_model
 from metatt_deploy.serving.http import ServeSettings
 from metatt_deploy.serving.openai_app import LLMSettings
 from metatt_deploy.serving.ray_app import run as run_ray
@@ -71,7 +70,7 @@ def serve(
     ray_replicas: Annotated[
         int,
         typer.Option(
-            help="Serve with Ray Serve instead of uvicorn: this many replicas, Ray's batching (needs the 'ray' extra; RAY_ADDRESS joins a cluster)."
+            help="Serve with Ray Serve instead of uvicorn: this many replicas (a classifier batched by Ray, a decoder by each replica's scheduler; needs the 'ray' extra; RAY_ADDRESS joins a cluster)."
         ),
     ] = 0,
 ) -> None:
@@ -89,11 +88,11 @@ def serve(
         admin_token=read_admin_token(admin_token_file),
         docs=docs,
     )
-    if ray_replicas and model.exists() and is_decoder_model(model):
-        raise MetaTTError("--ray-replicas serves classifiers; serve a decoder with uvicorn (drop --ray-replicas, scale with --workers)")
-    if ray_replicas:
-        run_ray(str(model), replicas=ray_replicas, host=host, port=port, settings=settings, threads=threads, form=form)
-        return
     llm = LLMSettings(max_running=max_running, max_tokens_per_step=max_tokens_per_step, max_queue=max_queue or LLMSettings.max_queue)
+    if ray_replicas:
+        if not model.exists():
+            raise MetaTTError(f"model {model} not found; pass a factored bundle (merge --factored) or an export (metatt-deploy export)")
+        run_ray(str(model), replicas=ray_replicas, host=host, port=port, settings=settings, threads=threads, form=form, llm=llm)
+        return
     config = ServeConfig(model=str(model), settings=settings, threads=threads, form=form, llm=llm)
     run_server(config, host=host, port=port, workers=workers, graceful_s=graceful_seconds)

@@ -46,10 +46,15 @@ def greedy(model: Any, ids: list[int], max_new_tokens: int, eos: int | list[int]
 
 
 def teacher_forced_logits(model: Any, ids: list[int]) -> np.ndarray:
-    """Next-token logits at every position of ``ids`` (one sequence, no cache reuse)."""
+    """Next-token logits at every position of ``ids`` (one sequence, no cache reuse), as float32."""
+    out = teacher_forced_logits_tensor(model, ids)
+    return (out.detach().numpy() if hasattr(out, "detach") else np.asarray(out)).astype(np.float32)
+
+
+def teacher_forced_logits_tensor(model: Any, ids: list[int]) -> Any:
+    """The same logits in the model's own type and precision (a float64 reference keeps its float64)."""
     import torch
 
     x = torch.tensor([ids])
     with torch.no_grad():
-        out = model(input_ids=x, attention_mask=torch.ones_like(x)).logits
-    return (out.detach().numpy() if hasattr(out, "detach") else np.asarray(out))[0].astype(np.float32)
+        return model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0]

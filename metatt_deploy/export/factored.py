@@ -14,9 +14,14 @@ each shared core; a task is its ``r x r`` task-core slice plus its head (kilobyt
     model_adapter.onnx          form (b): task slice + head are inputs fed from an .onnx_adapter
     web/                        metatt.js + index.html: model_tasks.onnx from Node or a browser (export/web.py)
 
-Both graphs hold the base weights and every shared core exactly once (one initializer each,
-used by every layer: the per-layer updates are never materialised); the export runs with
-constant folding off so the exporter cannot fold per-layer products into new initializers.
+Each graph holds every shared core exactly once (one initializer each, used by every layer: the
+per-layer updates are never materialised); the export runs with constant folding off so the
+exporter cannot fold per-layer products into new initializers. The base weights are stored once
+for the whole bundle: a graph's base initializers are ONNX external data pointing into
+``base/model.safetensors`` (shared_weights.py), for both decoder graphs and for a classifier's
+model_adapter.onnx; a classifier's model_tasks.onnx keeps its own copy, because the web app
+fetches it as one file. bundle.json records what each graph reads from there and the bundle's
+size on disk.
 
 Form (a) routes each row to its own task slice and head; logits are ``(batch, max_labels)``
 padded with `multitask.PAD_LOGIT`. Negative task ids are mapped past the last task inside the
@@ -38,6 +43,8 @@ import copy
 import inspect
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -55,6 +62,7 @@ from metatt_deploy.adapters.multitask import MultiTaskModel, bundle_id, load_mul
 from metatt_deploy.common.errors import MetaTTError, first_line
 from metatt_deploy.common.files import atomic_dir, atomic_write_json, check_separate, check_writable, sha256_file
 from metatt_deploy.export.factored_lm import export_decoder_graphs
+from metatt_deploy.export.shared_weights import point_into_safetensors
 from metatt_deploy.export.web import factored_spec, write_web_app
 from metatt_deploy.inference.formats import (
     ADAPTER_GRAPH,
@@ -325,12 +333,99 @@ def _write_task(directory: Path, mtm: MultiTaskModel, t: int, bid: str, onnx: bo
         "bundle_id": bid,
         "labels": list(config.label_names[name]),
         "num_labels": len(config.label_names[name]),
+        "text_columns": config.text_columns(name),
         "shapes": {k: list(v.shape) for k, v in tensors.items()},
         "onnx_adapter_model_version": adapter_model_version(bid) if onnx else None,
         "files": {kind: {"file": f, "sha256": sha256_file(directory / f)} for kind, f in files.items()},
     }
     atomic_write_json(directory / f"{name}.json", record)
     return record
+
+
+@dataclass(frozen=True)
+class _BundleKind:
+    """What differs between a classifier bundle and a decoder bundle, chosen once per bundle (`_bundle_kind`).
+
+    ``load_base`` gives the PyTorch base, ``save_beside_graphs`` writes what the graphs' loaders read
+    next to them, ``write_graphs`` writes both ONNX graphs and returns their bundle.json records,
+    ``shared_graphs`` are the graphs that read their base weights from ``base/model.safetensors``
+    (shared_weights.py) and ``write_web`` writes the browser app (or there is none).
+    """
+
+    task_type: str
+    load_base: Callable[[str, MetaTTConfig], PreTrainedModel]
+    save_beside_graphs: Callable[[PreTrainedModel, Path], None]
+    write_graphs: Callable[[MultiTaskModel, Path, Any, int], dict]
+    shared_graphs: tuple[str, ...]
+    write_web: Callable[[MultiTaskModel, Path, Any], dict] | None
+
+
+def _load_classifier(name: str, config: MetaTTConfig) -> PreTrainedModel:
+    """A classifier with the first task's labels (every task's head is replaced by the bundle's own)."""
+    return cast(PreTrainedModel, mt.load_classifier(name, config.label_names[config.tasks[0]]))
+
+
+def _load_decoder(name: str, config: MetaTTConfig) -> PreTrainedModel:
+    return cast(PreTrainedModel, mt.load_causal_lm(name))
+
+
+def _save_decoder_configs(base: PreTrainedModel, folder: Path) -> None:
+    """ORTModelForCausalLM (and GenAI) read the model and generation configs next to the graph they load."""
+    base.config.save_pretrained(folder)
+    if base.generation_config is not None:
+        base.generation_config.save_pretrained(folder)
+
+
+def _nothing_beside(base: PreTrainedModel, folder: Path) -> None:
+    """A classifier's graphs are loaded by ONNX Runtime alone, which needs nothing next to them."""
+
+
+def _classifier_graphs(mtm: MultiTaskModel, folder: Path, tokenizer: Any, opset: int) -> dict:
+    names = text_inputs(mtm.model, tokenizer)
+    return {
+        "task_graph": export_task_graph(mtm, folder / TASK_GRAPH, names, opset),
+        "adapter_graph": export_adapter_graph(mtm, folder / ADAPTER_GRAPH, names, opset),
+    }
+
+
+def _decoder_graphs(mtm: MultiTaskModel, folder: Path, tokenizer: Any, opset: int) -> dict:
+    return export_decoder_graphs(mtm, folder / ADAPTER_GRAPH, folder / TASK_GRAPH, opset)
+
+
+def _classifier_web(mtm: MultiTaskModel, folder: Path, tokenizer: Any) -> dict:
+    config = mtm.adapter_config
+    names = [*text_inputs(mtm.model, tokenizer), TASK_IDS]
+    spec = factored_spec(TASK_GRAPH, list(config.tasks), config.label_names, names, int(config.extra.get("max_length", 128)))
+    return write_web_app(folder, spec, folder / BASE_DIR)
+
+
+_BUNDLE_KINDS = {
+    # the web app fetches model_tasks.onnx as one file, so that graph keeps its own copy of the base
+    CLASSIFICATION: _BundleKind(CLASSIFICATION, _load_classifier, _nothing_beside, _classifier_graphs, (ADAPTER_GRAPH,), _classifier_web),
+    CAUSAL_LM: _BundleKind(CAUSAL_LM, _load_decoder, _save_decoder_configs, _decoder_graphs, (ADAPTER_GRAPH, TASK_GRAPH), None),
+}
+
+
+def _bundle_kind(config: MetaTTConfig) -> _BundleKind:
+    """The one place a bundle's kind is decided."""
+    return _BUNDLE_KINDS[CAUSAL_LM if config.causal_lm else CLASSIFICATION]
+
+
+def _load_base(name: str, config: MetaTTConfig) -> PreTrainedModel:
+    return _bundle_kind(config).load_base(name, config)
+
+
+def _share_base(folder: Path, graphs: dict, files: tuple[str, ...]) -> None:
+    """Point the listed graphs' base initializers into base/model.safetensors; note it in their records."""
+    for record in graphs.values():
+        if record["file"] in files:
+            weights = sorted((folder / BASE_DIR).glob("*.safetensors"))  # one file, or the shards of a large base
+            record["external_data"] = point_into_safetensors(folder / record["file"], weights)
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of every file under ``folder``: what the bundle really takes on disk (each file once)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def write_bundle(
@@ -349,6 +444,7 @@ def write_bundle(
     ``output`` already is a bundle with the same bundle id and ``tasks`` are given, only those
     task files are added (graphs and other tasks untouched): this is how a task trained with
     ``train --add-task`` reaches a deployed bundle. A task already present needs ``force``.
+    The summary's ``bytes`` is the bundle's size on disk, every file counted once.
     """
     output = Path(output)
     mtm, config, tokenizer = load_multitask(adapter_dir, base_model=base_model)
@@ -363,38 +459,25 @@ def write_bundle(
         keep = [config.tasks.index(t) for t in chosen]
         mtm = _subset(mtm, keep)
         config = mtm.adapter_config
+    kind = _bundle_kind(config)
     with atomic_dir(output, force=force, marker=BUNDLE_JSON) as tmp:
-        base = _load_base(base_model or config.base_model, config)
+        base = kind.load_base(base_model or config.base_model, config)
         base.save_pretrained(tmp / BASE_DIR, safe_serialization=True)
-        if config.causal_lm:  # ORTModelForCausalLM reads the model config next to the graph it loads
-            base.config.save_pretrained(tmp)
-            if base.generation_config is not None:
-                base.generation_config.save_pretrained(tmp)
+        kind.save_beside_graphs(base, tmp)
         del base
         tokenizer.save_pretrained(tmp / BASE_DIR)
         shared = {f"core.{k}": mtm.metatt.cores[k].detach().cpu().contiguous() for k in shared_core_indices(config)}
         save_file(shared, str(tmp / SHARED_FILE), metadata={"bundle_id": bid})
         (tmp / TASKS_DIR).mkdir()
         records = [_write_task(tmp / TASKS_DIR, mtm, t, bid, onnx) for t in range(len(config.tasks))]
-        graphs = None
-        if onnx and config.causal_lm:
-            graphs = export_decoder_graphs(mtm, tmp / ADAPTER_GRAPH, tmp / TASK_GRAPH, opset)
-        elif onnx:
-            names = text_inputs(mtm.model, tokenizer)
-            graphs = {
-                "task_graph": export_task_graph(mtm, tmp / TASK_GRAPH, names, opset),
-                "adapter_graph": export_adapter_graph(mtm, tmp / ADAPTER_GRAPH, names, opset),
-            }
-        web = None
-        if onnx and not config.causal_lm:
-            max_length = int(config.extra.get("max_length", 128))
-            spec = factored_spec(TASK_GRAPH, list(config.tasks), config.label_names, [*names, TASK_IDS], max_length)
-            web = write_web_app(tmp, spec, tmp / BASE_DIR)
-        layout = config.to_json()
+        graphs = kind.write_graphs(mtm, tmp, tokenizer, opset) if onnx else None
+        if graphs is not None:
+            _share_base(tmp, graphs, kind.shared_graphs)
+        web = kind.write_web(mtm, tmp, tokenizer) if onnx and kind.write_web is not None else None
         info = {
             "format_version": BUNDLE_FORMAT,
             "kind": "metatt-factored-bundle",
-            "task_type": CAUSAL_LM if config.causal_lm else CLASSIFICATION,
+            "task_type": kind.task_type,
             "bundle_id": bid,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "source_adapter": str(Path(adapter_dir).resolve()),
@@ -408,20 +491,15 @@ def write_bundle(
             "max_length": int(config.extra.get("max_length", 128)),
             "pad_logit": PAD_LOGIT,
             "logits_layout": LOGITS_LAYOUT,
-            "adapter_config": layout,
+            "adapter_config": config.to_json(),
             "onnx": graphs,
             "web": web,
+            "bytes_without_bundle_json": folder_bytes(tmp),
             "seconds": round(time.time() - started, 1),
         }
         atomic_write_json(tmp / BUNDLE_JSON, info)
-    return {"bundle": str(output), "bundle_id": bid, "tasks": [r["task"] for r in records], "added": False}
-
-
-def _load_base(name: str, config: MetaTTConfig) -> PreTrainedModel:
-    """The bundle's base: a causal LM for a decoder adapter, else a classifier with the first task's labels."""
-    if config.causal_lm:
-        return cast(PreTrainedModel, mt.load_causal_lm(name))
-    return cast(PreTrainedModel, mt.load_classifier(name, config.label_names[config.tasks[0]]))
+        size = folder_bytes(tmp)
+    return {"bundle": str(output), "bundle_id": bid, "tasks": [r["task"] for r in records], "added": False, "bytes": size}
 
 
 def _subset(mtm: MultiTaskModel, keep: list[int]) -> MultiTaskModel:
@@ -468,7 +546,7 @@ def _add_tasks(output: Path, mtm: MultiTaskModel, tasks: list[str], bid: str, fo
             f.replace(directory / f.name)
         stage.rmdir()
         written.append(t)
-    return {"bundle": str(output), "bundle_id": bid, "tasks": written, "added": True}
+    return {"bundle": str(output), "bundle_id": bid, "tasks": written, "added": True, "bytes": folder_bytes(output)}
 
 
 # ---------------------------------------------------------------- reading tasks back

@@ -55,6 +55,9 @@ def merge_adapter(
         "ranks": list(config.ranks),
         "alpha": config.alpha,
     }
+    columns = config.text_columns(config.tasks[task_index])
+    if columns:  # the export's manifest carries it to predict/serve (inference/tasks.text_inputs)
+        record["text_columns"] = columns
     if max_rank is not None:
         adapter = get_adapter(model)
         cores, rel_error = round_tt([c.detach() for c in adapter.cores], max_rank)
@@ -83,6 +86,8 @@ def merge_lora_adapter(
         "alpha": lora["lora_alpha"],
         "merged_with": "peft merge_and_unload",
     }
+    if lora.get("text_columns"):
+        record["text_columns"] = lora["text_columns"]
     return write_merged(merge_lora(peft_model), tokenizer, record, output, force)
 
 

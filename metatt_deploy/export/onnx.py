@@ -10,7 +10,8 @@ manifest fields are documented in docs/export.md.
 Pipeline, all inside a temporary folder renamed into place at the end (nothing half-written):
 
 1. optimum ``main_export(task="text-classification")`` writes the fp32 graph;
-2. parity of that fp32 graph vs PyTorch on sample inputs, enforced at ``FP32_ATOL``;
+2. parity of that fp32 graph vs PyTorch on sample inputs, enforced at ``FP32_ATOL`` against float32
+   or float64 PyTorch (export/parity.py: float32 PyTorch rounds too);
 3. ``optimize``: ONNX Runtime's transformer optimizer fuses attention, layer norms, GELU and the
    embeddings (opt_level 0: pure graph fusions, no provider-specific rewrites, so the file runs
    on every execution provider);
@@ -18,8 +19,8 @@ Pipeline, all inside a temporary folder renamed into place at the end (nothing h
 5. ``quantize="int8"``: dynamic quantization, int8 weights (per output channel) of MatMul (and
    fused Attention) nodes;
 6. parity of the final graph, loaded through ORTModelForSequenceClassification; enforced at
-   ``FP32_ATOL`` for fp32 graphs (plain or optimised), at ``FP16_ATOL`` (relative to the largest
-   logit) for fp16, reported only for int8 (quantization error is judged by accuracy: see
+   ``FP32_ATOL`` for fp32 graphs (plain or optimised), at ``FP16_RTOL`` (relative to the largest
+   logit) for fp16, reported only for int8 (NaN fails) (quantization error is judged by accuracy: see
    ``metatt-deploy validate --reference-onnx``).
 
 Causal language models take another pipeline (a KV-cache graph, int8 or int4): onnx_lm.py.
@@ -34,7 +35,6 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -58,30 +58,27 @@ from metatt_deploy.common.files import (
     sha256_file,
 )
 from metatt_deploy.common.threads import resolve_threads, session_options_record
-from metatt_deploy.export.int4 import Int4Options
 from metatt_deploy.export.merge import MERGE_RECORD, merge_adapter
-from metatt_deploy.export.onnx_files import has_external_data, model_bytes, replace_model
+from metatt_deploy.export.onnx_files import graph_fields, has_external_data, model_bytes, replace_model
 from metatt_deploy.export.onnx_lm import export_decoder_into
+from metatt_deploy.export.options import ExportOptions
 from metatt_deploy.export.ort_format import convert_to_ort
-from metatt_deploy.export.quality import QualityGate, classifier_rows, judge_classifier, labels_of
+from metatt_deploy.export.parity import GRAPH_HINT, References, enforce, label_agreement, logit_parity, max_abs, reference_logits
+from metatt_deploy.export.quality import classifier_rows, judge_classifier, labels_of
 from metatt_deploy.export.quantize import (
-    CALIBRATION_ROWS,
     DECODER_ONLY,
     TextCalibrationReader,
     cpu_summary,
     default_reduce_range,
-    load_calibration_rows,
     quantize_dynamic_int8,
     quantize_static_int8,
 )
 from metatt_deploy.export.web import single_task_spec, write_web_app
 from metatt_deploy.inference.formats import (
     CLASSIFIER_PIPELINE,
-    DTYPES,
     MANIFEST_NAME,
     MANIFEST_VERSION,
     ONNX_NAME,
-    QUANTIZE,
     context_length,
     plain_name,
 )
@@ -89,8 +86,7 @@ from metatt_deploy.inference.sessions import as_numpy, available_providers, make
 
 ADAPTER_CONFIG = "metatt_config.json"
 DEFAULT_ROOT = Path("exported")
-LAYOUTS = ("optimum", "transformers.js")
-FORMATS = ("onnx", "ort")
+CPU = ["CPUExecutionProvider"]
 TJS_DIR = "onnx"  # Transformers.js reads <model>/onnx/model.onnx (fp32) and model_quantized.onnx (q8)
 TJS_QUANTIZED = "model_quantized.onnx"
 
@@ -166,106 +162,45 @@ def sample_encoding(tokenizer, max_length: int = 128) -> list[dict[str, Any]]:
 def export_onnx(
     model_dir: str | Path,
     output: str | Path | None = None,
+    options: ExportOptions | None = None,
     *,
     name: str | None = None,
-    opset: int | None = None,
-    optimize: bool = False,
-    quantize: str | None = None,
-    dtype: str = "fp32",
     force: bool = False,
     adapter_dir: str | Path | None = None,
     task: str | None = None,
-    calibration: str | None = None,
-    calibration_rows: int = CALIBRATION_ROWS,
-    calibration_method: str = "minmax",
-    fp32_down_projections: bool = True,
-    per_channel: bool = True,
-    reduce_range: bool | None = None,
-    layout: str = "optimum",
-    formats: Sequence[str] = ("onnx",),
-    threads: int | None = None,
-    int4: Int4Options | None = None,
-    gate: QualityGate | None = None,
+    **changes: Any,
 ) -> Path:
     """Export ``model_dir`` to an ONNX bundle; returns the bundle folder.
 
     ``model_dir`` is a merged model folder (``metatt-deploy merge``), any Hugging Face sequence
-    classifier folder, or an adapter folder (MetaTT, or a LoRA run's best/), which is then merged
-    on the fly (``task`` picks the task of a multi-task adapter). ``output`` defaults to ``exported/<name>`` with
-    ``name`` the folder's name plus the variant (``-opt``, ``-int8``, ``-fp16``).
+    classifier or causal LM folder, or an adapter folder (MetaTT, or a LoRA run's best/), which is
+    then merged on the fly (``task`` picks the task of a multi-task adapter). ``output`` defaults to
+    ``exported/<name>`` with ``name`` the folder's name plus the variant (``-opt``, ``-int8``, ``-fp16``).
     ``adapter_dir`` names the adapter for the manifest when the merged folder does not record it.
 
-    ``quantize="int8-static"`` calibrates activation ranges on ``calibration`` (a builtin task,
-    Hub data set or file; its validation split, ``calibration_rows`` rows, ``calibration_method``),
-    keeping the FFN down-projections fp32 unless ``fp32_down_projections`` is False (docs/int8.md);
-    ``reduce_range`` None picks 7-bit weights only on CPUs without VNNI (export/quantize.py).
-    ``layout="transformers.js"`` adds ``onnx/model.onnx`` (fp32) and ``onnx/model_quantized.onnx``
-    for Transformers.js; ``"ort"`` in ``formats`` adds ``.ort`` copies and the operator config
-    of a reduced build. Every export writes ``web/`` (a static page; export/web.py). ``threads``:
-    intra-op threads of the parity sessions, recorded in the manifest. ``int4``: block size,
-    accuracy level, LM head bits and 8-bit edge layers of ``quantize="int4"`` (export/int4.py).
-    ``gate``: the quality gate of quantized exports (calibration data, thresholds, allow loss;
-    export/quality.py); a failed gate raises before anything is written at ``output``.
+    ``options`` (export/options.py) holds every other choice: variant, int8 calibration
+    (``Calibration``: int8-static's data, rows, method, fp32 down-projections; docs/int8.md),
+    ``layout="transformers.js"`` (``onnx/model.onnx`` and ``onnx/model_quantized.onnx``),
+    ``formats`` with ``"ort"`` (``.ort`` copies and a reduced build's operator config), the parity
+    sessions' ``threads``, ``int4`` settings (export/int4.py) and the quality ``gate`` of quantized
+    exports (export/quality.py; a failed gate raises before anything is written at ``output``).
+    ``changes`` are ExportOptions fields set on top of ``options``, for callers that set a few
+    (``export_onnx(folder, quantize="int8")``). Every export writes ``web/`` (export/web.py).
     """
+    options = dataclasses.replace(options or ExportOptions(), **changes)
+    options.check()
     model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise MetaTTError(f"model directory not found: {model_dir}; pass a merged model folder (metatt-deploy merge) or an adapter folder")
-    if dtype not in DTYPES:
-        raise MetaTTError(f"unknown dtype '{dtype}'; use one of {', '.join(DTYPES)}")
-    if quantize is not None and quantize not in QUANTIZE:
-        raise MetaTTError(f"unknown quantization '{quantize}'; use {', '.join(QUANTIZE)}")
-    if quantize and dtype != "fp32":
-        raise MetaTTError("--quantize int8 and --dtype fp16 exclude each other; choose one")
-    if quantize == "int8-static" and calibration is None:
-        raise MetaTTError("--quantize int8-static needs --calibration DATA (a task or file)")
-    if calibration is not None and not quantize:
-        raise MetaTTError("--calibration applies to --quantize (int8-static ranges and the quality gate); drop it or add --quantize")
-    int4, gate = int4 or Int4Options(), dataclasses.replace(gate or QualityGate(), data=calibration)
-    int4.check()
-    gate.check()
-    if layout not in LAYOUTS:
-        raise MetaTTError(f"unknown layout '{layout}'; use one of {', '.join(LAYOUTS)}")
-    unknown = sorted(set(formats) - set(FORMATS))
-    if unknown or "onnx" not in formats:
-        raise MetaTTError(f"unknown format(s) {', '.join(unknown) or '(none given)'}; use onnx, optionally with ort")
-    if opset is not None and not 11 <= opset <= 25:
-        raise MetaTTError(f"opset {opset} is out of range; use an opset between 11 and 25, or omit it for optimum's default")
-    is_adapter = is_adapter_dir(model_dir)
-    if not is_adapter and not (model_dir / "config.json").is_file():
-        raise MetaTTError(
-            f"{model_dir} holds neither a model (config.json) nor an adapter ({ADAPTER_CONFIG} or a PEFT "
-            "adapter_config.json); pass a merged model folder"
-        )
-    if adapter_dir is not None and not is_adapter_dir(adapter_dir):
-        raise MetaTTError(
-            f"{adapter_dir} is not an adapter (no {ADAPTER_CONFIG}, no PEFT adapter_config.json); pass the adapter directory or omit --adapter"
-        )
-
-    variant = variant_suffix(optimize, quantize, dtype)
+    _check_sources(model_dir, adapter_dir)
     if name is not None and not plain_name(name):
         raise MetaTTError(f"--name '{name}' must be a folder name under {DEFAULT_ROOT}/ (no '/' or '..'); use --output for another place")
     if output is None:
-        output = DEFAULT_ROOT / f"{name or model_dir.resolve().name}{variant}"
+        output = DEFAULT_ROOT / f"{name or model_dir.resolve().name}{options.variant}"
     output = check_writable(output, force, marker=MANIFEST_NAME)
     check_separate(output, [model_dir, adapter_dir])
-    resolve_threads(threads)
-    static = calibration if quantize == "int8-static" else None
-    rows, calibration_source = load_calibration_rows(static, max_rows=calibration_rows) if static else ([], None)
-    reduce_range = default_reduce_range() if reduce_range is None else reduce_range
-    options = {
-        "opset": opset,
-        "optimize": optimize,
-        "quantize": quantize,
-        "dtype": dtype,
-        "calibration": (rows, calibration_source, calibration_method, fp32_down_projections),
-        "per_channel": per_channel,
-        "reduce_range": reduce_range,
-        "layout": layout,
-        "formats": tuple(formats),
-        "threads": threads,
-        "int4": int4,
-        "gate": gate,
-    }
+    resolve_threads(options.threads)
+    calibration = options.calibration.loaded() if options.quantize == "int8-static" else options.calibration
+    reduce_range = default_reduce_range() if options.reduce_range is None else options.reduce_range
+    options = dataclasses.replace(options, calibration=calibration, reduce_range=reduce_range)
 
     started = time.time()
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -277,15 +212,16 @@ def export_onnx(
     ):
         source_kind = "merged" if (model_dir / MERGE_RECORD).is_file() else "model"
         source = model_dir
-        if is_adapter:
+        if is_adapter_dir(model_dir):
             adapter_dir = adapter_dir or model_dir
             source = Path(merge_tmp) / "merged"
             merge_adapter(model_dir, source, task=task)
             source_kind = "adapter (merged on the fly)"
         provenance = _provenance(source, adapter_dir)
-        options["gate"] = dataclasses.replace(gate, task=provenance["task"])  # the run's task: its validation split calibrates
+        # the gate calibrates on --calibration, else on the run's task's validation split
+        gate = dataclasses.replace(options.gate, data=calibration.data, task=provenance["task"])
         with atomic_dir(output, force=force, marker=MANIFEST_NAME) as tmp:
-            manifest = _export_into(tmp, source, **options)
+            fields = _export_into(tmp, source, dataclasses.replace(options, gate=gate))
             manifest = {
                 "format_version": MANIFEST_VERSION,
                 "name": output.name,
@@ -293,7 +229,7 @@ def export_onnx(
                 "export_seconds": round(time.time() - started, 1),
                 "source": {"model_dir": str(model_dir.resolve()), "kind": source_kind},
                 **provenance,
-                **manifest,
+                **fields,
                 "versions": library_versions(),
                 "files": {
                     p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
@@ -305,14 +241,24 @@ def export_onnx(
     return output
 
 
+def _check_sources(model_dir: Path, adapter_dir: str | Path | None) -> None:
+    """One-line errors for a model folder that holds no model and an ``adapter_dir`` that is no adapter."""
+    if not model_dir.is_dir():
+        raise MetaTTError(f"model directory not found: {model_dir}; pass a merged model folder (metatt-deploy merge) or an adapter folder")
+    if not is_adapter_dir(model_dir) and not (model_dir / "config.json").is_file():
+        raise MetaTTError(
+            f"{model_dir} holds neither a model (config.json) nor an adapter ({ADAPTER_CONFIG} or a PEFT "
+            "adapter_config.json); pass a merged model folder"
+        )
+    if adapter_dir is not None and not is_adapter_dir(adapter_dir):
+        raise MetaTTError(
+            f"{adapter_dir} is not an adapter (no {ADAPTER_CONFIG}, no PEFT adapter_config.json); pass the adapter directory or omit --adapter"
+        )
+
+
 def is_adapter_dir(directory: str | Path) -> bool:
     """A MetaTT adapter folder or a PEFT LoRA folder (both merge on the fly)."""
     return (Path(directory) / ADAPTER_CONFIG).is_file() or is_lora_adapter(directory)
-
-
-def variant_suffix(optimize: bool, quantize: str | None, dtype: str) -> str:
-    """``-opt``, ``-int8``, ``-int8-static``, ``-fp16`` and their combinations."""
-    return ("-opt" if optimize else "") + (f"-{quantize}" if quantize else "") + ("-fp16" if dtype == "fp16" else "")
 
 
 def _provenance(source: Path, adapter_dir: str | Path | None) -> dict:
@@ -373,150 +319,129 @@ def _provenance(source: Path, adapter_dir: str | Path | None) -> dict:
         "base_model": record.get("base_model"),
         "base_fingerprint": record.get("base_fingerprint"),
         "task": record.get("task"),
+        "text_columns": record.get("text_columns"),
     }
 
 
-def _export_into(
-    tmp: Path,
-    source: Path,
-    *,
-    opset,
-    optimize,
-    quantize,
-    dtype,
-    calibration,
-    per_channel,
-    reduce_range,
-    layout,
-    formats,
-    threads,
-    int4,
-    gate,
-) -> dict:
+def _export_into(tmp: Path, source: Path, options: ExportOptions) -> dict:
     """Run the pipeline into ``tmp``; returns the manifest's export-specific fields."""
-    import onnx
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig
 
     hf_config = friendly_load(lambda: AutoConfig.from_pretrained(source), str(source), "model config")
     architectures = hf_config.architectures or []
     if any(a.endswith(CAUSAL_LM_SUFFIXES) for a in architectures):  # decoders: KV-cache graph (onnx_lm.py)
-        if layout != "optimum" or set(formats) - {"onnx"} or calibration[0]:
+        if options.layout != "optimum" or set(options.formats) - {"onnx"} or options.calibration.texts:
             raise MetaTTError("decoders export as optimum bundles only; drop --layout, --formats and --calibration")
-        return export_decoder_into(
-            tmp, source, hf_config, opset=opset, optimize=optimize, quantize=quantize, dtype=dtype, int4=int4, gate=gate
-        )
-    if quantize in DECODER_ONLY:
-        raise MetaTTError(f"--quantize {quantize} is for decoders (weight-only MatMulNBits); use --quantize int8 for classifiers")
+        return export_decoder_into(tmp, source, hf_config, options)
+    if options.quantize in DECODER_ONLY:
+        raise MetaTTError(f"--quantize {options.quantize} is for decoders (weight-only MatMulNBits); use --quantize int8 for classifiers")
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
         raise MetaTTError(
             f"{source} is not a sequence classifier (architectures: {', '.join(architectures) or 'none'}), so its head "
             "would be random; export a merged adapter (metatt-deploy merge) or a classifier folder"
         )
+    return _export_classifier_into(tmp, source, hf_config, options)
+
+
+def _export_classifier_into(tmp: Path, source: Path, hf_config: Any, options: ExportOptions) -> dict:
+    """The classifier pipeline (the module docstring's steps 1-6), then the extra layouts, formats and web/."""
+    tokenizer, encodings, refs = _classifier_reference(source)
+    _run_main_export(source, tmp, options.opset)
+    fields: dict[str, Any] = {
+        "pipeline_task": CLASSIFIER_PIPELINE,
+        "model_type": hf_config.model_type,
+        "labels": {str(k): v for k, v in (hf_config.id2label or {}).items()},
+        **graph_fields(tmp / ONNX_NAME),
+        "variant": {"dtype": options.dtype, "optimize": bool(options.optimize), "quantize": options.quantize},
+        "session": session_options_record(options.threads),
+        "cpu": cpu_summary(),
+    }
+    fp32_session = make_session(tmp / ONNX_NAME, CPU, options.threads)
+    fp32_parity = {**_parity(fp32_session, encodings, refs, FP32_ATOL), "provider": CPU[0]}
+    longest = model_max_tokens(hf_config.to_dict(), tokenizer) or CALIBRATION_MAX_TOKENS  # rows longer would index past the positions
+    if options.quantize:
+        gate_rows, gate_source = classifier_rows(options.gate, SAMPLE_SENTENCES)
+        fp32_labels = labels_of(_row_logits(fp32_session, tokenizer, longest), gate_rows)
+    del fp32_session
+    enforce(fp32_parity, "the fp32 ONNX export", GRAPH_HINT)
+    sizes = {"fp32_bytes": model_bytes(tmp)}
+    stash = None
+    if options.layout == "transformers.js":  # the plain fp32 graph, kept aside (optimum's loader would see a 2nd model.onnx)
+        stash = Path(tempfile.mkdtemp(prefix="metatt-fp32-"))
+        shutil.copyfile(tmp / ONNX_NAME, stash / ONNX_NAME)
+    fields.update(_transform(tmp, hf_config, tokenizer, fields["inputs"], min(CALIBRATION_MAX_TOKENS, longest), options))
+    if options.quantize:
+        labels = labels_of(_row_logits(make_session(tmp / ONNX_NAME, CPU, options.threads), tokenizer, longest), gate_rows)
+        fields["quality_gate"] = judge_classifier(fp32_labels, labels, options.gate, options.quantize, gate_source)
+    fields["sizes"] = {**sizes, "final_bytes": model_bytes(tmp)}
+    fields["parity"] = {
+        "reference": "PyTorch merged model (AutoModelForSequenceClassification) on CPU, float32 and float64",
+        "inputs": f"{len(SAMPLE_SENTENCES)} sample sentences as one padded batch, plus the first one alone",
+        "fp32_export": fp32_parity,
+        "final": _final_parity(tmp, encodings, refs, options),
+    }
+    if stash is not None:
+        try:
+            (tmp / TJS_DIR).mkdir()
+            shutil.move(stash / ONNX_NAME, tmp / TJS_DIR / ONNX_NAME)
+        finally:
+            shutil.rmtree(stash, ignore_errors=True)
+        fields["transformers_js"] = _transformers_js_layout(tmp, encodings, refs, options)
+    if "ort" in options.formats:
+        fields["ort_format"] = _ort_format(tmp, encodings, options.threads)
+    spec = single_task_spec(fields["labels"], fields["inputs"], TJS_DIR if stash is not None else None)
+    fields["web"] = write_web_app(tmp, spec, tmp)
+    return fields
+
+
+def _classifier_reference(source: Path) -> tuple[Any, list[dict[str, Any]], References]:
+    """The tokenizer, the parity inputs and the PyTorch logits on them (float32, then float64) of a classifier folder."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     tokenizer = friendly_load(lambda: AutoTokenizer.from_pretrained(source), str(source), "tokenizer")
     reference = friendly_load(
         lambda: AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32), str(source), "model"
     ).eval()
     check_finite(dict(reference.named_parameters()), "model")
     encodings = sample_encoding(tokenizer)
-    with torch.no_grad():
-        ref_logits = [reference(**enc).logits.numpy() for enc in encodings]
-    del reference
+    return tokenizer, encodings, reference_logits(reference, lambda model, enc: model(**enc).logits, encodings)
 
-    _run_main_export(source, tmp, opset)
-    model_path = tmp / ONNX_NAME
-    if not model_path.is_file():
-        raise RuntimeError(f"optimum wrote no {ONNX_NAME} into the export folder")
-    graph = onnx.load(str(model_path), load_external_data=False)
-    fields: dict[str, Any] = {
-        "pipeline_task": CLASSIFIER_PIPELINE,
-        "model_type": hf_config.model_type,
-        "labels": {str(k): v for k, v in (hf_config.id2label or {}).items()},
-        "opset": next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None),
-        "inputs": [i.name for i in graph.graph.input],
-        "outputs": [o.name for o in graph.graph.output],
-        "variant": {"dtype": dtype, "optimize": bool(optimize), "quantize": quantize},
-        "session": session_options_record(threads),
-        "cpu": cpu_summary(),
-    }
-    cpu = ["CPUExecutionProvider"]
-    fp32_session = make_session(model_path, cpu, threads)
-    fp32_parity = _parity(fp32_session, encodings, ref_logits)
-    longest = model_max_tokens(hf_config.to_dict(), tokenizer) or CALIBRATION_MAX_TOKENS  # rows longer would index past the positions
-    if quantize:
-        gate_rows, gate_source = classifier_rows(gate, SAMPLE_SENTENCES)
-        fp32_labels = labels_of(_row_logits(fp32_session, tokenizer, longest), gate_rows)
-    del fp32_session
-    fp32_parity.update(provider="CPUExecutionProvider", tolerance=FP32_ATOL)
-    _enforce(fp32_parity, "the fp32 ONNX export")
-    sizes = {"fp32_bytes": model_bytes(tmp)}
-    if layout == "transformers.js":  # the plain fp32 graph, kept aside (optimum's loader would see a 2nd model.onnx)
-        stash = Path(tempfile.mkdtemp(prefix="metatt-fp32-"))
-        shutil.copyfile(model_path, stash / ONNX_NAME)
 
-    if optimize:
-        fields["optimizer"], fields["fused_nodes"] = _optimize(tmp, hf_config, use_gpu=dtype == "fp16")
-    if dtype == "fp16":
+def _transform(tmp: Path, hf_config: Any, tokenizer: Any, inputs: list[str], max_tokens: int, options: ExportOptions) -> dict:
+    """The optional steps, in order: fusions (--optimize), float16 (--dtype fp16), int8 (--quantize); their manifest fields."""
+    fields: dict[str, Any] = {}
+    if options.optimize:
+        fields["optimizer"], fields["fused_nodes"] = _optimize(tmp, hf_config, use_gpu=options.dtype == "fp16")
+    if options.dtype == "fp16":
         _to_fp16(tmp)
-    rows, calibration_source, calibration_method, fp32_down = calibration
-    if quantize:
-        calibration_tokens = min(CALIBRATION_MAX_TOKENS, longest)
-        fields["quantization"] = _quantize(
-            tmp, quantize, tokenizer, fields["inputs"], (rows, calibration_method, fp32_down, calibration_tokens), per_channel, reduce_range
-        )
-        if calibration_source:
-            fields["quantization"]["calibration"]["data"] = calibration_source
-        labels = labels_of(_row_logits(make_session(model_path, cpu, threads), tokenizer, longest), gate_rows)
-        fields["quality_gate"] = judge_classifier(fp32_labels, labels, gate, quantize, gate_source)
-    sizes["final_bytes"] = model_bytes(tmp)
-    fields["sizes"] = sizes
-
-    if optimize or quantize or dtype != "fp32":
-        providers = available_providers() if dtype == "fp16" else cpu
-        final = _ort_model_parity(tmp, providers, encodings, ref_logits)
-        if quantize:
-            if not np.isfinite(final["max_abs_logit_diff"]):
-                raise MetaTTError("the int8 ONNX export gives NaN or Inf logits; export without --quantize")
-            final["tolerance"] = None
-            final["note"] = "int8 logits are reported; the quality gate judges int8 by label agreement with the fp32 graph"
-        elif dtype == "fp16":
-            final["tolerance"] = FP16_RTOL * max(1.0, final["max_abs_logit"])
-            _enforce(final, "the fp16 ONNX export")
-        else:
-            final["tolerance"] = FP32_ATOL
-            _enforce(final, "the optimised ONNX export")
-    else:
-        final = _ort_model_parity(tmp, cpu, encodings, ref_logits)
-        final["tolerance"] = FP32_ATOL
-        _enforce(final, "the ONNX export")
-    fields["parity"] = {
-        "reference": "PyTorch float32 merged model (AutoModelForSequenceClassification) on CPU",
-        "inputs": f"{len(SAMPLE_SENTENCES)} sample sentences as one padded batch, plus the first one alone",
-        "fp32_export": fp32_parity,
-        "final": final,
-    }
-    if layout == "transformers.js":
-        try:
-            (tmp / TJS_DIR).mkdir()
-            shutil.move(stash / ONNX_NAME, tmp / TJS_DIR / ONNX_NAME)
-        finally:
-            shutil.rmtree(stash, ignore_errors=True)
-        fields["transformers_js"] = _transformers_js_layout(tmp, quantize, per_channel, reduce_range, encodings, ref_logits, threads)
-    if "ort" in formats:
-        fields["ort_format"] = _ort_format(tmp, encodings, threads)
-    spec = single_task_spec(fields["labels"], fields["inputs"], TJS_DIR if layout == "transformers.js" else None)
-    fields["web"] = write_web_app(tmp, spec, tmp)
+    if options.quantize:
+        fields["quantization"] = _quantize(tmp, tokenizer, inputs, max_tokens, options)
+        if options.calibration.source:
+            fields["quantization"]["calibration"]["data"] = options.calibration.source
     return fields
 
 
-def _quantize(tmp: Path, quantize: str, tokenizer, inputs: list[str], static: tuple, per_channel: bool, reduce_range: bool) -> dict:
+def _final_parity(tmp: Path, encodings: list[dict[str, Any]], refs: References, options: ExportOptions) -> dict:
+    """Parity of the bundle as served (step 6): enforced for fp32 and fp16, reported for int8 (NaN fails)."""
+    quantize, dtype = options.quantize, options.dtype
+    providers = available_providers() if dtype == "fp16" else CPU
+    final = _ort_model_parity(tmp, providers, encodings, refs, _final_tolerance(quantize, dtype, refs))
+    if quantize:
+        final["note"] = "int8 logits are reported; the quality gate judges int8 by label agreement with the fp32 graph"
+    what = "the int8 ONNX export" if quantize else "the fp16 ONNX export" if dtype == "fp16" else "the ONNX export"
+    enforce(final, what, _hint(options.optimize, quantize, dtype))
+    return final
+
+
+def _quantize(tmp: Path, tokenizer: Any, inputs: list[str], max_tokens: int, options: ExportOptions) -> dict:
     """Replace the bundle's graph by its int8 form; returns the manifest's ``quantization``.
 
-    ``static``: (calibration rows, calibration method, fp32 down-projections, tokens per row), for int8-static.
+    int8-static feeds the calibration rows truncated to ``max_tokens``, with the graph's ``inputs`` only.
     """
-    rows, method, fp32_down, max_tokens = static
     external = has_external_data(tmp)
-    if quantize == "int8":
+    per_channel, reduce_range = options.per_channel, bool(options.reduce_range)
+    if options.quantize == "int8":
         return replace_model(
             tmp,
             lambda path: quantize_dynamic_int8(
@@ -528,7 +453,8 @@ def _quantize(tmp: Path, quantize: str, tokenizer, inputs: list[str], static: tu
         enc = tokenizer(*[list(c) for c in zip(*batch)], truncation=True, max_length=max_tokens, return_tensors="np")
         return {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in inputs}
 
-    reader = TextCalibrationReader(rows, feeds)
+    calibration = options.calibration
+    reader = TextCalibrationReader(list(calibration.texts), feeds)
     return replace_model(
         tmp,
         lambda path: quantize_static_int8(
@@ -537,29 +463,30 @@ def _quantize(tmp: Path, quantize: str, tokenizer, inputs: list[str], static: tu
             reader,
             per_channel=per_channel,
             reduce_range=reduce_range,
-            method=method,
-            fp32_down_projections=fp32_down,
+            method=calibration.method,
+            fp32_down_projections=calibration.fp32_down_projections,
             external=external,
         ),
     )
 
 
-def _transformers_js_layout(tmp: Path, quantize, per_channel, reduce_range, encodings, ref_logits, threads) -> dict:
+def _transformers_js_layout(tmp: Path, encodings, refs: References, options: ExportOptions) -> dict:
     """``onnx/model.onnx`` (fp32, checked) and ``onnx/model_quantized.onnx`` (the bundle's int8, else dynamic int8)."""
+    quantize, threads = options.quantize, options.threads
     folder = tmp / TJS_DIR
     quantized = folder / TJS_QUANTIZED
     if quantize:
         shutil.copyfile(tmp / ONNX_NAME, quantized)
     else:
-        quantize_dynamic_int8(folder / ONNX_NAME, quantized, per_channel=per_channel, reduce_range=reduce_range)
-    fp32 = _parity(make_session(folder / ONNX_NAME, ["CPUExecutionProvider"], threads), encodings, ref_logits)
-    fp32["tolerance"] = FP32_ATOL
-    _enforce(fp32, "onnx/model.onnx")
-    q8 = _parity(make_session(quantized, ["CPUExecutionProvider"], threads), encodings, ref_logits)
+        quantize_dynamic_int8(folder / ONNX_NAME, quantized, per_channel=options.per_channel, reduce_range=bool(options.reduce_range))
+    fp32 = _parity(make_session(folder / ONNX_NAME, ["CPUExecutionProvider"], threads), encodings, refs, FP32_ATOL)
+    enforce(fp32, "onnx/model.onnx", GRAPH_HINT)
+    q8 = _parity(make_session(quantized, ["CPUExecutionProvider"], threads), encodings, refs, None)
+    enforce(q8, "onnx/model_quantized.onnx", "export without --layout transformers.js")
     return {
         "files": [f"{TJS_DIR}/{ONNX_NAME}", f"{TJS_DIR}/{TJS_QUANTIZED}"],
         "quantized_form": quantize or "int8",
-        "parity": {"model.onnx": fp32, "model_quantized.onnx": {**q8, "tolerance": None}},
+        "parity": {"model.onnx": fp32, "model_quantized.onnx": q8},
         "load_with": "pipeline('text-classification', NAME) with env.localModelPath = the bundle's parent, env.allowRemoteModels = false",
     }
 
@@ -573,9 +500,10 @@ def _ort_format(tmp: Path, encodings, threads) -> dict:
         cpu = ["CPUExecutionProvider"]
         session = make_session(onnx_file, cpu, threads)
         reference = [session.run(["logits"], onnx_feeds(session, e))[0] for e in encodings]
-        parity = _parity(make_session(tmp / ort_file, cpu, threads), encodings, reference)
-        parity["tolerance"] = FP32_ATOL
-        _enforce(parity, f"the ORT format model {ort_file} (vs its .onnx)")
+        parity = _parity(make_session(tmp / ort_file, cpu, threads), encodings, References(reference), FP32_ATOL)
+        enforce(
+            parity, f"the ORT format model {ort_file} (vs its .onnx)", "the .ort conversion changed the graph; export without --format ort"
+        )
         checked[ort_file] = parity
     return {**written, "parity_vs_onnx": checked}
 
@@ -589,15 +517,15 @@ def _run_main_export(source: Path, tmp: Path, opset: int | None) -> None:
         raise MetaTTError(f"optimum cannot export {source} ({first_line(e)}); export a supported sequence-classification model") from None
 
 
-def _parity(session, encodings, ref_logits) -> dict:
-    diffs, agree, total, max_logit = [], 0, 0, 0.0
-    for enc, ref in zip(encodings, ref_logits):
-        out = session.run(["logits"], onnx_feeds(session, enc))[0].astype(np.float32)
-        diffs.append(float(np.abs(out - ref).max()))
-        agree += int((out.argmax(-1) == ref.argmax(-1)).sum())
-        total += len(ref)
-        max_logit = max(max_logit, float(np.abs(ref).max()))
-    return {"max_abs_logit_diff": max(diffs), "label_agreement": agree / total, "examples": total, "max_abs_logit": max_logit}
+def _parity(session, encodings, refs: References, tolerance: float | None) -> dict:
+    outputs = [session.run(["logits"], onnx_feeds(session, enc))[0] for enc in encodings]
+    return _classifier_parity(outputs, refs, tolerance)
+
+
+def _classifier_parity(outputs: list[np.ndarray], refs: References, tolerance: float | None) -> dict:
+    fields = logit_parity(outputs, refs.float32, refs.float64, tolerance)
+    fields["label_agreement"], fields["examples"] = label_agreement(outputs, refs.float32)
+    return fields
 
 
 def _row_logits(session, tokenizer, max_tokens: int):
@@ -610,7 +538,7 @@ def _row_logits(session, tokenizer, max_tokens: int):
     return run
 
 
-def _ort_model_parity(folder: Path, providers: list[str], encodings, ref_logits) -> dict:
+def _ort_model_parity(folder: Path, providers: list[str], encodings, refs: References, tolerance: float | None) -> dict:
     """Parity of the bundle as served: loaded by ORTModelForSequenceClassification."""
     import torch
     from optimum.onnxruntime import ORTModelForSequenceClassification
@@ -619,33 +547,31 @@ def _ort_model_parity(folder: Path, providers: list[str], encodings, ref_logits)
         model = ORTModelForSequenceClassification.from_pretrained(folder, providers=providers)
     except Exception as e:  # a bundle optimum cannot load is a bug in this exporter, not a user error
         raise RuntimeError(f"ORTModelForSequenceClassification cannot load the export: {e}") from e
-    diffs, agree, total, max_logit = [], 0, 0, 0.0
-    for enc, ref in zip(encodings, ref_logits):
+    outputs = []
+    for enc in encodings:
         with torch.no_grad():
             feeds = {k: v for k, v in enc.items() if k in model.input_names}
-            out = model(**feeds).logits
-        out = as_numpy(out).astype(np.float32)
-        diffs.append(float(np.abs(out - ref).max()))
-        agree += int((out.argmax(-1) == ref.argmax(-1)).sum())
-        total += len(ref)
-        max_logit = max(max_logit, float(np.abs(ref).max()))
+            outputs.append(as_numpy(model(**feeds).logits))
     return {
-        "max_abs_logit_diff": max(diffs),
-        "label_agreement": agree / total,
-        "examples": total,
-        "max_abs_logit": max_logit,
+        **_classifier_parity(outputs, refs, tolerance),
         "provider": providers[0],
         "loaded_with": "optimum.onnxruntime.ORTModelForSequenceClassification",
     }
 
 
-def _enforce(parity: dict, what: str) -> None:
-    """Fail above the tolerance, and on a NaN figure (NaN compares false with everything)."""
-    if not parity["max_abs_logit_diff"] <= parity["tolerance"]:
-        raise MetaTTError(
-            f"{what} differs from the PyTorch model by {parity['max_abs_logit_diff']:.3g} in the logits "
-            f"(tolerance {parity['tolerance']:.3g}); try another --opset or export without --optimize"
-        )
+def _final_tolerance(quantize: str | None, dtype: str, refs: References) -> float | None:
+    """None for int8 (the quality gate judges it), relative to the largest logit for fp16, else FP32_ATOL."""
+    if quantize:
+        return None
+    return FP16_RTOL * max(1.0, max_abs(refs.float32)) if dtype == "fp16" else FP32_ATOL
+
+
+def _hint(optimize: bool, quantize: str | None, dtype: str) -> str:
+    if quantize:
+        return "export without --quantize"
+    if dtype == "fp16":
+        return "float16 loses too much on this model; export fp32"
+    return "export without --optimize" if optimize else GRAPH_HINT
 
 
 def optimizer_settings(hf_config) -> dict:

@@ -1,4 +1,4 @@
-"""The ONNX graph file of an export bundle: its size, whether its weights live beside it, and
+"""The ONNX graph file of an export bundle: its size, its opset and input/output names, whether its weights live beside it, and
 swapping in a rewritten graph (optimised, quantised) without ever leaving a half-written one.
 """
 
@@ -35,3 +35,15 @@ def replace_model(folder: Path, write: Callable[[Path], Any]) -> Any:
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return result
+
+
+def graph_fields(model_path: Path) -> dict[str, Any]:
+    """The manifest's opset, input and output names, read from the graph (not its weights)."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False)
+    return {
+        "opset": next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None),
+        "inputs": [i.name for i in graph.graph.input],
+        "outputs": [o.name for o in graph.graph.output],
+    }

@@ -30,14 +30,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from metatt_deploy.adapters.base_model import friendly_load
 from metatt_deploy.common.errors import MetaTTError, first_line
-from metatt_deploy.export.decoder_runs import chat_prompts, greedy, load_ort_decoder, teacher_forced_logits
-from metatt_deploy.export.int4 import Int4Options, quantize_int4, store_tied_table_once
-from metatt_deploy.export.onnx_files import has_external_data, model_bytes, replace_model
-from metatt_deploy.export.quality import QualityGate, decoder_examples, decoder_quality, judge_decoder, score_decoder
+from metatt_deploy.export.decoder_runs import chat_prompts, greedy, load_ort_decoder, teacher_forced_logits, teacher_forced_logits_tensor
+from metatt_deploy.export.int4 import quantize_int4, store_tied_table_once
+from metatt_deploy.export.onnx_files import graph_fields, has_external_data, model_bytes, replace_model
+from metatt_deploy.export.options import ExportOptions
+from metatt_deploy.export.parity import GRAPH_HINT, References, describe, enforce, logit_parity, reference_logits
+from metatt_deploy.export.quality import decoder_examples, decoder_quality, judge_decoder, score_decoder
 from metatt_deploy.export.quantize import DECODER_INT8_EXCLUDE, quantize_dynamic_int8
 from metatt_deploy.inference.formats import CAUSAL_LM, DECODER_PIPELINE, ONNX_NAME, context_length
 
@@ -65,20 +65,14 @@ def export_decoder_into(
     tmp: Path,
     source: Path,
     hf_config: Any,
-    *,
-    opset: int | None,
-    optimize: bool,
-    quantize: str | None,
-    dtype: str,
-    int4: Int4Options | None = None,
-    gate: QualityGate | None = None,
+    options: ExportOptions,
 ) -> dict:
     """Export ``source`` (a causal-LM folder) into ``tmp`` and check it; returns the manifest's export fields."""
-    import onnx
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if optimize or dtype != "fp32" or quantize not in (None, "int8", "int4"):
+    quantize, gate = options.quantize, options.gate
+    if options.optimize or options.dtype != "fp32" or quantize not in (None, "int8", "int4"):
         raise MetaTTError(
             "decoders export as fp32, --quantize int8 or --quantize int4; drop --optimize, --dtype and other --quantize forms"
         )
@@ -86,21 +80,18 @@ def export_decoder_into(
     reference = friendly_load(lambda: AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32), str(source), "model").eval()
     prompts = chat_prompts(tokenizer, SAMPLE_PROMPTS)
     eos, pad = reference.generation_config.eos_token_id, tokenizer.pad_token_id
-    ref_logits = [teacher_forced_logits(reference, p) for p in prompts]
     ref_tokens = [greedy(reference, p, PARITY_NEW_TOKENS, eos, pad) for p in prompts]
+    refs = reference_logits(reference, teacher_forced_logits_tensor, prompts)
     del reference
 
-    _run_main_export(source, tmp, opset)
+    _run_main_export(source, tmp, options.opset)
     tied = store_tied_table_once(tmp)
-    graph = onnx.load(str(tmp / ONNX_NAME), load_external_data=False)
     fields: dict[str, Any] = {
         "pipeline_task": DECODER_PIPELINE,
         "task_type": CAUSAL_LM,
         "model_type": hf_config.model_type,
         "labels": {},
-        "opset": next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None),
-        "inputs": [i.name for i in graph.graph.input],
-        "outputs": [o.name for o in graph.graph.output],
+        **graph_fields(tmp / ONNX_NAME),
         "kv_cache": True,
         "variant": {"dtype": "fp32", "optimize": False, "quantize": quantize},
     }
@@ -108,11 +99,9 @@ def export_decoder_into(
         fields["tied_embedding"] = {"stored_once": tied, "note": "the LM head reads the embedding table through a Transpose"}
     sizes = {"fp32_bytes": model_bytes(tmp)}
     fp32_model = load_ort_decoder(tmp)
-    fp32 = _parity(fp32_model, prompts, ref_logits, ref_tokens, eos, pad)
-    fp32["tolerance"] = fp32_tolerance(fp32["max_abs_logit"])
+    fp32 = _parity(fp32_model, prompts, refs, ref_tokens, eos, pad, quantize=None)
     _enforce(fp32, "the fp32 ONNX export")
     final = fp32
-    gate = gate or QualityGate()
     if quantize:
         examples, calibration = decoder_examples(gate, tokenizer, context_length(hf_config.to_dict()) or 2048)
         fp32_scores = score_decoder(fp32_model, examples, eos, pad)
@@ -123,17 +112,18 @@ def export_decoder_into(
             tmp, lambda path: quantize_dynamic_int8(tmp / ONNX_NAME, path, external=external, exclude=DECODER_INT8_EXCLUDE)
         )
     elif quantize == "int4":
-        fields["quantization"] = replace_model(tmp, lambda path: quantize_int4(tmp / ONNX_NAME, path, int4, external=external))
+        fields["quantization"] = replace_model(tmp, lambda path: quantize_int4(tmp / ONNX_NAME, path, options.int4, external=external))
     if quantize:
         quantized = load_ort_decoder(tmp)
-        final = _parity(quantized, prompts, ref_logits, ref_tokens, eos, pad)
-        final.update(tolerance=None, note=f"{quantize} logits and tokens are reported; the quality gate judges them")
+        final = _parity(quantized, prompts, refs, ref_tokens, eos, pad, quantize=quantize)
+        final["note"] = f"{quantize} logits and tokens are reported; the quality gate judges them"
+        _enforce(final, f"the {quantize} ONNX export")
         scores = score_decoder(quantized, examples, eos, pad, reference=fp32_scores)
         fields["quality_gate"] = judge_decoder(decoder_quality(fp32_scores, scores), gate, quantize, calibration)
     sizes["final_bytes"] = model_bytes(tmp)
     fields["sizes"] = sizes
     fields["parity"] = {
-        "reference": "PyTorch float32 causal LM (AutoModelForCausalLM) on CPU",
+        "reference": "PyTorch causal LM (AutoModelForCausalLM) on CPU: logits in float32 and float64, greedy tokens in float32",
         "inputs": f"{len(SAMPLE_PROMPTS)} sample prompts in the chat template; logits teacher-forced, {PARITY_NEW_TOKENS} greedy tokens",
         "fp32_export": fp32,
         "final": final,
@@ -159,16 +149,17 @@ def _run_main_export(source: Path, tmp: Path, opset: int | None) -> None:
         raise RuntimeError(f"optimum wrote no {ONNX_NAME} into the export folder")
 
 
-def _parity(model: Any, prompts, ref_logits, ref_tokens, eos, pad) -> dict:
-    """Logits and greedy tokens of the bundle, loaded as served (load_ort_decoder), against the PyTorch reference."""
-    diffs, identical, max_logit = [], 0, 0.0
-    for ids, ref, tokens in zip(prompts, ref_logits, ref_tokens):
-        diffs.append(float(np.abs(teacher_forced_logits(model, ids) - ref).max()))
-        max_logit = max(max_logit, float(np.abs(ref).max()))
-        identical += greedy(model, ids, PARITY_NEW_TOKENS, eos, pad) == tokens
+def _parity(model: Any, prompts, refs: References, ref_tokens, eos, pad, quantize: str | None) -> dict:
+    """Logits and greedy tokens of the bundle, loaded as served (load_ort_decoder), against the PyTorch reference.
+
+    fp32 graphs are held to ``fp32_tolerance``; quantized ones (``quantize``) are reported, and fail only on NaN.
+    """
+    outputs = [teacher_forced_logits(model, ids) for ids in prompts]
+    fields = logit_parity(outputs, refs.float32, refs.float64)
+    fields["tolerance"] = None if quantize else fp32_tolerance(fields["max_abs_logit"])
+    identical = sum(greedy(model, ids, PARITY_NEW_TOKENS, eos, pad) == tokens for ids, tokens in zip(prompts, ref_tokens))
     return {
-        "max_abs_logit_diff": max(diffs),
-        "max_abs_logit": max_logit,
+        **fields,
         "greedy_identical": identical / len(prompts),
         "prompts": len(prompts),
         "provider": "CPUExecutionProvider",
@@ -177,9 +168,11 @@ def _parity(model: Any, prompts, ref_logits, ref_tokens, eos, pad) -> dict:
 
 
 def _enforce(parity: dict, what: str) -> None:
-    """Fail above the tolerance, on a NaN difference (NaN compares false with everything), or on any greedy token apart."""
-    if not (parity["max_abs_logit_diff"] <= parity["tolerance"] and parity["greedy_identical"] == 1.0):
+    """The logits within tolerance (export/parity.py: NaN fails) and, for fp32, every greedy token identical."""
+    hint = "export without --quantize" if parity["tolerance"] is None else GRAPH_HINT
+    enforce(parity, what, hint)
+    if parity["tolerance"] is not None and parity["greedy_identical"] != 1.0:
         raise MetaTTError(
-            f"{what} differs from the PyTorch model (max |logit diff| {parity['max_abs_logit_diff']:.3g}, tolerance "
-            f"{parity['tolerance']:.3g}; greedy tokens identical on {parity['greedy_identical']:.0%} of the prompts); try another --opset"
+            f"{what} differs from the PyTorch model: greedy tokens identical on {parity['greedy_identical']:.0%} of the prompts "
+            f"({describe(parity)}); {hint}"
         )

@@ -23,237 +23,38 @@ console and the report then state) it reports:
 Results go NEXT TO the export bundle, ``exported/NAME.validation.json`` and ``.md`` (or to
 ``validation.json`` and ``validation.md`` in ``output``): the bundle itself keeps exactly the
 files its manifest lists. A parity failure is written to the report first, then raised.
+The reference and the provenance check are in reference.py, the held-out data reader in
+held_out.py, the parity figures in parity.py, the timing in common/timing.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import json
+import dataclasses
 import math
 import os
-import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from metatt_deploy.adapters.config import WEIGHTS_NAME, MetaTTConfig
-from metatt_deploy.adapters.layer import MetaTT
-from metatt_deploy.adapters.lora import PEFT_WEIGHTS_NAME, is_lora_adapter, load_lora
-from metatt_deploy.adapters.model import load_adapter
-from metatt_deploy.adapters.multitask import TaskView, load_multitask
-from metatt_deploy.common.errors import MetaTTError, first_line
-from metatt_deploy.common.files import atomic_write_json, atomic_write_text, check_separate, check_writable, sha256_file
+from metatt_deploy.adapters.config import MetaTTConfig
+from metatt_deploy.adapters.lora import is_lora_adapter
+from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.common.files import atomic_write_json, atomic_write_text, check_separate, check_writable
 from metatt_deploy.common.report import progress_bar
-from metatt_deploy.export.onnx import FP16_RTOL, FP32_ATOL, SAMPLE_SENTENCES, library_versions, model_max_tokens
+from metatt_deploy.common.timing import summarize, time_round_robin
+from metatt_deploy.export.held_out import HeldOut, load_held_out
+from metatt_deploy.export.onnx import FP16_RTOL, FP32_ATOL, library_versions, model_max_tokens
+from metatt_deploy.export.parity import max_abs_diff, parity_figures
+from metatt_deploy.export.reference import Reference, adapter_disabled, check_provenance, load_reference, torch_threads
 from metatt_deploy.inference.formats import ONNX_NAME, read_manifest
 from metatt_deploy.inference.sessions import available_providers, make_session, onnx_feeds
-from metatt_deploy.inference.tasks import TEXT_COLUMN_CANDIDATES
-from metatt_deploy.training.data import FILE_FORMATS, check_records, load_task, quiet_datasets
 
 REPORT_JSON = "validation.json"
 REPORT_MD = "validation.md"
 EVAL_BATCH = 16
-
-
-# ---------------------------------------------------------------- timing
-
-
-def summarize(times_s: Sequence[float]) -> dict[str, float]:
-    """p50 / p95 / mean in milliseconds of a list of durations in seconds."""
-    ms = np.asarray(times_s, dtype=np.float64) * 1000.0
-    return {
-        "p50_ms": round(float(np.median(ms)), 3),
-        "p95_ms": round(float(np.percentile(ms, 95)), 3),
-        "mean_ms": round(float(ms.mean()), 3),
-        "repeats": int(ms.size),
-    }
-
-
-ROUNDS = 3
-SETTLE_S = 0.05
-
-
-def time_round_robin(
-    fns: dict[Any, Callable[[], Any]],
-    *,
-    warmup: int = 3,
-    repeats: int = 30,
-    rounds: int = ROUNDS,
-    max_seconds: float | None = None,
-) -> dict[Any, list[float]]:
-    """Time every function ``repeats`` times, in ``rounds`` interleaved blocks.
-
-    Each function runs a block of consecutive calls per round, the functions taking turns, so
-    background load on a shared machine falls on all of them alike and their ratios hold up.
-    Blocks rather than single alternating calls: thread pools (ONNX Runtime's, OpenMP's)
-    spin-wait for a while after a call, and a different runtime started right then would
-    compete with those spinning threads; a short pause before each block lets them settle.
-    Every block starts with ``warmup`` untimed calls on its first round (one afterwards).
-    ``max_seconds`` caps each function's time per shape: every round gets an equal share, and a
-    block (warm-up or timed calls) stops once its share is spent, after at least one call; so
-    every function gets at least one timed call per round.
-    """
-    rounds = max(1, min(rounds, repeats))
-    per_round = [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(rounds)]
-    budget = None if max_seconds is None else max_seconds / rounds
-    times: dict[Any, list[float]] = {k: [] for k in fns}
-    for r, count in enumerate(per_round):
-        for key, fn in fns.items():
-            time.sleep(SETTLE_S)
-            start = time.perf_counter()
-            for _ in range(warmup if r == 0 else min(1, warmup)):
-                fn()
-                if budget is not None and time.perf_counter() - start > budget:
-                    break
-            start = time.perf_counter()
-            for _ in range(count):
-                t0 = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - t0)
-                if budget is not None and time.perf_counter() - start > budget:
-                    break
-    return times
-
-
-# ---------------------------------------------------------------- data
-
-
-class HeldOut:
-    """Texts (one or two columns) and optional labels, in the model's label ids.
-
-    ``total`` is how many examples the source has; fewer ``texts`` means a random subset was taken.
-    """
-
-    def __init__(self, texts: list[tuple[str, ...]], labels: list[int] | None, source: str, split: str | None):
-        self.texts, self.labels, self.source, self.split = texts, labels, source, split
-        self.total = len(texts)
-
-    @property
-    def subset(self) -> bool:
-        return len(self.texts) < self.total
-
-    def limit(self, max_examples: int | None, seed: int = 0) -> HeldOut:
-        """A fixed random subset of ``max_examples`` (in source order), or everything when None or larger."""
-        if max_examples is None or max_examples >= self.total:
-            return self
-        keep = sorted(np.random.default_rng(seed).choice(self.total, size=max_examples, replace=False).tolist())
-        self.texts = [self.texts[i] for i in keep]
-        self.labels = [self.labels[i] for i in keep] if self.labels is not None else None
-        return self
-
-    def describe(self) -> str:
-        """One line for the console: the source and how much of it is used."""
-        where = self.source + (f" ({self.split} split)" if self.split else "")
-        if self.subset:
-            return f"{where}: a random {len(self.texts):,} of {self.total:,} examples (--max-examples; omit it to use all)"
-        return f"{where}: all {self.total:,} examples"
-
-    def columns(self, rows: slice | list[int]) -> list[list[str]]:
-        picked = self.texts[rows] if isinstance(rows, slice) else [self.texts[i] for i in rows]
-        return [list(col) for col in zip(*picked)]
-
-
-def load_held_out(
-    data: str | None,
-    *,
-    split: str = "test",
-    max_examples: int | None = None,
-    model_labels: Sequence[str] = (),
-    text_columns: Sequence[str] | None = None,
-    label_column: str = "label",
-    seed: int = 0,
-) -> HeldOut:
-    """Held-out examples: a builtin task or Hub name (``split``), a CSV/TSV/JSONL/JSON file, or samples.
-
-    Every example is used unless ``max_examples`` is smaller: then a fixed random subset.
-    """
-    if max_examples is not None and max_examples < 1:
-        raise MetaTTError(f"--max-examples is {max_examples}; give at least 1")
-    return _load_all(data, split, model_labels, text_columns, label_column, seed).limit(max_examples, seed)
-
-
-def _load_all(data, split, model_labels, text_columns, label_column, seed) -> HeldOut:
-    if data is None:
-        return HeldOut([(s,) for s in SAMPLE_SENTENCES], None, "builtin sample sentences", None)
-
-    path = Path(data)
-    if path.suffix.lower() in (".csv", ".tsv", ".jsonl", ".json") or path.exists():
-        if not path.is_file():
-            raise MetaTTError(f"data file not found: {path}; check the path, or pass a builtin task name")
-        if label_column not in _file_columns(path):
-            return _unlabelled_file(path, text_columns)
-        task = load_task(test=str(path), text_columns=text_columns, label_column=label_column, seed=seed)
-        source, split, name = str(path), None, "test"
-    else:
-        task = load_task(dataset=data, text_columns=text_columns, label_column=label_column, seed=seed)
-        if split not in task.splits:
-            raise MetaTTError(f"'{data}' has no '{split}' split (it has {', '.join(task.splits)}); pass --split")
-        source, name = data, split
-    ds = task.splits[name]
-    columns = ds.select_columns(list(task.text_columns))[:]
-    texts = list(zip(*(columns[c] for c in task.text_columns)))
-    mapping = _label_mapping(task.label_names, list(model_labels))
-    labels = [mapping[i] for i in ds.select_columns(["label"])[:]["label"]]
-    return HeldOut(texts, labels, source, split)
-
-
-def _file_columns(path: Path) -> list[str]:
-    """Column names of a data file, from its header or first record (cheap; no full read)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            if path.suffix.lower() in (".csv", ".tsv"):
-                return next(csv.reader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","), [])
-            if path.suffix.lower() == ".json":
-                head = f.read(1)
-                if head == "[":  # a JSON array of records: read it all (JSON files are small)
-                    records = json.loads(head + f.read())
-                    return list(records[0]) if records and isinstance(records[0], dict) else []
-                f.seek(0)
-            for line in f:
-                if line.strip():
-                    record = json.loads(line)
-                    return list(record) if isinstance(record, dict) else []
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MetaTTError(f"could not read {path} ({e}); fix the file") from None
-    return []
-
-
-def _unlabelled_file(path: Path, text_columns: Sequence[str] | None) -> HeldOut:
-    from datasets import load_dataset
-
-    builder, options = FILE_FORMATS[path.suffix.lower()]
-    check_records(path)
-    try:
-        with quiet_datasets():
-            ds = load_dataset(builder, data_files=str(path), split="train", **options)
-    except Exception as e:  # the datasets reader's errors are all about the file's content
-        raise MetaTTError(f"could not read {path} ({first_line(e)}); fix the file") from None
-    columns = (
-        list(text_columns)
-        if text_columns
-        else next((list(c) for c in TEXT_COLUMN_CANDIDATES if all(x in ds.column_names for x in c)), None)
-    )
-    if not columns or any(c not in ds.column_names for c in columns):
-        raise MetaTTError(f"no text column found in {path} (columns: {', '.join(ds.column_names)}); pass --text-column")
-    values = ds.select_columns(columns)[:]
-    return HeldOut(list(zip(*(values[c] for c in columns))), None, str(path), None)
-
-
-def _label_mapping(data_labels: list[str], model_labels: list[str]) -> list[int]:
-    """data class id -> model class id, by name; integer labels map to themselves."""
-    if not model_labels or data_labels == model_labels:
-        return list(range(len(data_labels)))
-    if set(data_labels) <= set(model_labels):
-        return [model_labels.index(name) for name in data_labels]
-    if all(name.isdigit() and int(name) < len(model_labels) for name in data_labels):
-        return [int(name) for name in data_labels]
-    raise MetaTTError(
-        f"the data's labels ({', '.join(data_labels)}) are not the adapter's ({', '.join(model_labels)}); "
-        "pass held-out data of the adapter's task"
-    )
 
 
 # ---------------------------------------------------------------- validation
@@ -291,7 +92,6 @@ def validate(
     ``max_seconds`` caps the timed seconds per runtime and batch size (at least 3 calls are
     always timed). ``log`` receives one-line notes for the console (the data used).
     """
-    import torch
 
     onnx_dir = Path(onnx_dir)
     if not Path(adapter_dir).is_dir():
@@ -300,10 +100,7 @@ def validate(
         raise MetaTTError(f"ONNX directory not found: {onnx_dir}; pass a folder written by metatt-deploy export")
     manifest = read_manifest(onnx_dir)
     reference_manifest = read_manifest(reference_onnx) if reference_onnx is not None else None
-    if not batch_sizes or any(b < 1 for b in batch_sizes):
-        raise MetaTTError(f"batch sizes {list(batch_sizes)} must be positive integers; pass e.g. --batch-sizes 1,8")
-    if seq_len < 2 or repeats < 1 or warmup < 0:
-        raise MetaTTError("--seq-len must be at least 2, --repeats at least 1 and --warmup at least 0; fix the option")
+    _check_timing(batch_sizes, seq_len, repeats, warmup)
     json_path, md_path = report_paths(onnx_dir, output)
     if output is not None:
         check_separate(output, [adapter_dir])
@@ -321,32 +118,12 @@ def validate(
     )
     if log is not None:
         log(f"data: {held.describe()}")
-    longest = model_max_tokens(reference.model.config.to_dict(), reference.tokenizer)
-    if longest is not None and seq_len > longest:  # a longer input would index past the position table
-        if log is not None:
-            log(f"note: --seq-len {seq_len} exceeds the model's {longest} tokens; using {longest}")
-        seq_len = longest
+    seq_len = _capped_seq_len(reference, seq_len, log)
 
-    old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         report = _run(
-            reference,
-            held,
-            onnx_dir,
-            manifest,
-            reference_onnx,
-            reference_manifest,
-            batch_sizes=batch_sizes,
-            seq_len=seq_len,
-            repeats=repeats,
-            warmup=warmup,
-            max_seconds=max_seconds,
-            threads=threads,
+            reference, held, onnx_dir, manifest, reference_onnx, Timing(tuple(batch_sizes), seq_len, repeats, warmup, max_seconds, threads)
         )
-    finally:
-        torch.set_num_threads(old_threads)
     report = {
         "adapter": str(Path(adapter_dir).resolve()),
         "onnx_dir": str(onnx_dir.resolve()),
@@ -370,6 +147,23 @@ def validate(
     return report
 
 
+def _check_timing(batch_sizes: Sequence[int], seq_len: int, repeats: int, warmup: int) -> None:
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise MetaTTError(f"batch sizes {list(batch_sizes)} must be positive integers; pass e.g. --batch-sizes 1,8")
+    if seq_len < 2 or repeats < 1 or warmup < 0:
+        raise MetaTTError("--seq-len must be at least 2, --repeats at least 1 and --warmup at least 0; fix the option")
+
+
+def _capped_seq_len(reference: Reference, seq_len: int, log: Callable[[str], None] | None) -> int:
+    """``seq_len``, or the model's own length where that is shorter: a longer input would index past the position table."""
+    longest = model_max_tokens(reference.model.config.to_dict(), reference.tokenizer)
+    if longest is None or seq_len <= longest:
+        return seq_len
+    if log is not None:
+        log(f"note: --seq-len {seq_len} exceeds the model's {longest} tokens; using {longest}")
+    return longest
+
+
 def report_paths(onnx_dir: str | Path, output: str | Path | None = None) -> tuple[Path, Path]:
     """(json, markdown) report paths: ``output``/validation.json|md, else beside the bundle.
 
@@ -385,132 +179,6 @@ def report_path(onnx_dir: str | Path, output: str | Path | None, name: str) -> P
         return Path(output) / name
     bundle = Path(onnx_dir).resolve()
     return bundle.parent / f"{bundle.name}.{name}"
-
-
-class Reference:
-    """The unmerged PyTorch model an export is checked against, with its task and labels."""
-
-    def __init__(self, model, tokenizer, task: str, labels: list[str], method: str, description: str, model_type: str | None):
-        self.model, self.tokenizer, self.task, self.labels = model, tokenizer, task, labels
-        self.method, self.description, self.model_type = method, description, model_type
-
-
-def load_reference(adapter_dir: str | Path, task: str | None, base_model: str | None = None) -> Reference:
-    """The adapter as trained: single-task MetaTT, one task of a multi-task MetaTT, or PEFT LoRA."""
-    if is_lora_adapter(adapter_dir):
-        model, record, tokenizer = load_lora(adapter_dir, base_model=base_model)
-        if task and task != record["task"]:
-            raise MetaTTError(f"unknown task '{task}'; this LoRA adapter has task: {record['task']}")
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        return Reference(
-            model, tokenizer, record["task"], list(record["label_names"]), "lora", "base model + unmerged PEFT LoRA adapter", model_type
-        )
-    config = MetaTTConfig.load(adapter_dir)
-    if config.multitask:
-        name = config.tasks[config.task_index(task)]  # no task: "serves several tasks; pass --task NAME"
-        mtm, config, tokenizer = load_multitask(adapter_dir, base_model=base_model)
-        view = TaskView(mtm, name).eval()
-        return Reference(
-            view,
-            tokenizer,
-            name,
-            list(config.label_names[name]),
-            config.method,
-            f"base model + unmerged MetaTT adapter, task '{name}'",
-            config.model_type,
-        )
-    if task and task not in config.tasks:
-        raise MetaTTError(f"unknown task '{task}'; this adapter has tasks: {', '.join(config.tasks)}")
-    model, config, tokenizer = load_adapter(adapter_dir, base_model=base_model)
-    name = config.tasks[0]
-    return Reference(
-        model, tokenizer, name, list(config.label_names[name]), config.method, "base model + unmerged MetaTT adapter", config.model_type
-    )
-
-
-def _weights_file(adapter_dir: str | Path) -> Path | None:
-    """The adapter's weights: MetaTT's safetensors, or a PEFT LoRA folder's."""
-    return next((Path(adapter_dir) / n for n in (WEIGHTS_NAME, PEFT_WEIGHTS_NAME) if (Path(adapter_dir) / n).is_file()), None)
-
-
-def check_provenance(manifest: dict, adapter_dir: str | Path, onnx_dir: Path, task: str | None) -> None:
-    """The export must say it was made from this adapter (weights sha256), of its architecture and task.
-
-    Parity alone cannot tell: an export without the adapter's update differs from the adapter by
-    the update's effect only, which can be below any absolute tolerance.
-    """
-    recorded = manifest.get("adapter") if isinstance(manifest, dict) else None
-    sha = recorded.get("weights_sha256") if isinstance(recorded, dict) else None
-    if not isinstance(sha, str):
-        raise MetaTTError(
-            f"export {onnx_dir} does not record which adapter it was made from (manifest.json: adapter.weights_sha256); "
-            "export it with metatt-deploy export from the adapter or its merge"
-        )
-    weights = _weights_file(adapter_dir)
-    actual = sha256_file(weights) if weights is not None else None
-    if sha != actual:
-        raise MetaTTError(
-            f"export {onnx_dir} was made from another adapter (weights sha256 {sha[:12]}, {adapter_dir} has {str(actual)[:12]}); "
-            "validate it against its own adapter, or re-export this one"
-        )
-    if task and manifest.get("task") and task != manifest.get("task"):
-        raise MetaTTError(f"export {onnx_dir} holds task '{manifest.get('task')}', not '{task}'; validate the export of that task")
-
-
-@contextlib.contextmanager
-def adapter_disabled(model):
-    """The base model + head: the adapter's update off for the duration (MetaTT: scaled to zero)."""
-    if hasattr(model, "disable_adapter"):  # PEFT LoRA
-        with model.disable_adapter():
-            yield
-        return
-    adapter = next(m for m in model.modules() if isinstance(m, MetaTT))
-    alpha = adapter.alpha
-    adapter.alpha = 0.0
-    try:
-        yield
-    finally:
-        adapter.alpha = alpha
-
-
-def parity_figures(pt: np.ndarray, ox: np.ndarray, base: np.ndarray, tolerance: float | None) -> dict:
-    """Parity of the export ``ox`` with the adapter ``pt``, absolute and relative to the adapter's
-    own effect ``|pt - base|`` (base: the same model with the adapter's update off).
-
-    Fails on any NaN/Inf, above ``tolerance`` (when enforced), and, for enforced variants, when
-    the export is closer to the base than to the adapter: an export that lost the update
-    (judged only where the update moves the logits by more than a hundredth of the tolerance).
-    """
-    max_diff = float(np.abs(pt - ox).max())
-    effect = float(np.abs(pt - base).max())
-    to_base = float(np.abs(ox - base).max())
-    finite = bool(np.isfinite(pt).all() and np.isfinite(ox).all())
-    # below a hundredth of the tolerance the update is within float noise: nothing can tell
-    # export-with from export-without, and provenance (check_provenance) is the only check
-    measurable = tolerance is not None and effect > tolerance / 100
-    closer_to_base = measurable and to_base < max_diff
-    failure = None
-    if not finite:
-        failure = "NaN or Inf logits"
-    elif tolerance is not None and not max_diff <= tolerance:
-        failure = f"max |logit diff| {max_diff:.3g} above the tolerance {tolerance:.3g}"
-    elif closer_to_base:
-        failure = f"the export is closer to the base model (max |diff| {to_base:.3g}) than to the adapter ({max_diff:.3g})"
-    return {
-        "max_abs_logit_diff": max_diff,
-        "mean_abs_logit_diff": float(np.abs(pt - ox).mean()),
-        "max_abs_logit": float(np.abs(pt).max()),
-        "tolerance": tolerance,
-        "enforced": tolerance is not None,
-        "adapter_effect_max_abs": effect,
-        "relative_to_adapter_effect": max_diff / effect if effect > 0 else None,
-        "export_vs_base_max_abs": to_base,
-        "closer_to_base": closer_to_base,
-        "passed": failure is None,
-        "failure": failure,
-        "label_agreement": float((pt.argmax(-1) == ox.argmax(-1)).mean()),
-        "reference": "PyTorch eager, base model + unmerged adapter, float32, CPU",
-    }
 
 
 def _tolerance(variant: dict, max_logit: float) -> float | None:
@@ -533,135 +201,39 @@ def _encode(tokenizer, held: HeldOut, rows, seq_len: int, fixed: bool) -> dict:
     )
 
 
+@dataclass(frozen=True)
+class Timing:
+    """How the latency is measured (checked by validate before any work)."""
+
+    batch_sizes: tuple[int, ...]
+    seq_len: int
+    repeats: int
+    warmup: int
+    max_seconds: float | None
+    threads: int | None
+
+
 def _run(
     reference: Reference,
     held: HeldOut,
     onnx_dir: Path,
     manifest: dict,
     reference_onnx,
-    reference_manifest,
-    *,
-    batch_sizes,
-    seq_len,
-    repeats,
-    warmup,
-    max_seconds,
-    threads,
+    timing: Timing,
 ) -> dict:
+    """Logits on every held-out example (parity, accuracy), then latency on fixed-shape batches."""
     import torch
 
-    model, tokenizer = reference.model, reference.tokenizer
+    batch_sizes, seq_len, repeats, warmup, max_seconds, threads = dataclasses.astuple(timing)
+
     cpu = ["CPUExecutionProvider"]
     session = make_session(onnx_dir / ONNX_NAME, cpu, threads)
     ref_session = make_session(Path(reference_onnx) / ONNX_NAME, cpu, threads) if reference_onnx is not None else None
-
-    # --- logits on every held-out example, in batches padded to their longest member
-    pt_logits, onnx_logits, ref_logits, base_logits = [], [], [], []
+    pt, ox, base, ref = _held_out_logits(reference, held, session, ref_session, seq_len)
+    parity, accuracy, versus_reference = _compare(pt, ox, base, ref, held, manifest.get("variant", {}), reference.description)
+    runtimes = _runtimes(reference.model, session, ref_session, onnx_dir, reference_onnx)
+    results, speedups = _latency(runtimes, reference.tokenizer, held, batch_sizes, seq_len, repeats, warmup, max_seconds)
     n = len(held.texts)
-    progress = progress_bar(math.ceil(n / EVAL_BATCH), 0, "validate: logits", unit="batches")
-    for start in range(0, n, EVAL_BATCH):
-        enc = _encode(tokenizer, held, slice(start, start + EVAL_BATCH), seq_len, fixed=False)
-        with torch.no_grad():
-            pt_logits.append(model(**enc).logits.float().numpy())
-            with adapter_disabled(model):
-                base_logits.append(model(**enc).logits.float().numpy())
-        onnx_logits.append(session.run(["logits"], onnx_feeds(session, enc))[0].astype(np.float32))
-        if ref_session is not None:
-            ref_logits.append(ref_session.run(["logits"], onnx_feeds(ref_session, enc))[0].astype(np.float32))
-        progress.update(1)
-    progress.close()
-    pt, ox, base = np.concatenate(pt_logits), np.concatenate(onnx_logits), np.concatenate(base_logits)
-    if pt.shape != ox.shape:
-        raise MetaTTError(
-            f"the export gives logits of shape {ox.shape[1:]}, the adapter {pt.shape[1:]}; validate the export of this adapter"
-        )
-    ref = np.concatenate(ref_logits) if ref_logits else None
-    variant = manifest.get("variant", {})
-    parity = parity_figures(pt, ox, base, _tolerance(variant, float(np.abs(pt).max())))
-    parity["reference"] = f"PyTorch eager, {reference.description}, float32, CPU"
-    accuracy = None
-    if held.labels is not None:
-        labels = np.asarray(held.labels)
-        accuracy = {"pytorch": float((pt.argmax(-1) == labels).mean()), "onnx": float((ox.argmax(-1) == labels).mean())}
-        if ref is not None:
-            accuracy["reference_onnx"] = float((ref.argmax(-1) == labels).mean())
-            accuracy["change_vs_reference_points"] = round(100 * (accuracy["onnx"] - accuracy["reference_onnx"]), 3)
-    versus_reference = None
-    if ref is not None:
-        versus_reference = {
-            "label_agreement": float((ref.argmax(-1) == ox.argmax(-1)).mean()),
-            "max_abs_logit_diff": float(np.abs(ref - ox).max()),
-        }
-
-    # --- latency on fixed-shape batches (seq_len tokens, padded), the same inputs for every runtime
-    runtimes: list[tuple[str, str, Callable[[dict], Callable[[], Any]]]] = []
-
-    def torch_runner(m):
-        def bind(enc):
-            def call():
-                with torch.no_grad():
-                    m(**enc)
-
-            return call
-
-        return bind
-
-    def ort_runner(s):
-        return lambda enc: (lambda feeds: lambda: s.run(["logits"], feeds))(onnx_feeds(s, enc))
-
-    runtimes.append(("pytorch eager (adapter unmerged)", "cpu", torch_runner(model)))
-    runtimes.append(("onnxruntime (this export)", "CPUExecutionProvider", ort_runner(session)))
-    if ref_session is not None:
-        runtimes.append(("onnxruntime (reference export)", "CPUExecutionProvider", ort_runner(ref_session)))
-    cuda_model = None
-    if "CUDAExecutionProvider" in available_providers():
-        gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        runtimes.append(("onnxruntime (this export)", "CUDAExecutionProvider", ort_runner(make_session(onnx_dir / ONNX_NAME, gpu))))
-        if reference_onnx is not None:
-            runtimes.append(
-                ("onnxruntime (reference export)", "CUDAExecutionProvider", ort_runner(make_session(Path(reference_onnx) / ONNX_NAME, gpu)))
-            )
-    if torch.cuda.is_available():
-        import copy
-
-        cuda_model = copy.deepcopy(model).cuda()
-
-        def cuda_bind(enc):
-            enc = {k: v.cuda() for k, v in enc.items()}
-
-            def call():
-                with torch.no_grad():
-                    cuda_model(**enc)
-                torch.cuda.synchronize()
-
-            return call
-
-        runtimes.append(("pytorch eager (adapter unmerged)", "cuda", cuda_bind))
-
-    results, speedups = [], []
-    progress = progress_bar(len(batch_sizes), 0, "validate: latency", unit="batch sizes")
-    for batch in batch_sizes:
-        rows = [i % n for i in range(batch)]
-        enc = _encode(tokenizer, held, rows, seq_len, fixed=True)
-        fns = {(name, provider): bind(enc) for name, provider, bind in runtimes}
-        times = time_round_robin(fns, warmup=warmup, repeats=repeats, max_seconds=max_seconds)
-        p50 = {}
-        for (name, provider), t in times.items():
-            stats = summarize(t)
-            p50[(name, provider)] = stats["p50_ms"]
-            results.append({"runtime": name, "provider": provider, "batch": batch, "seq_len": seq_len, **stats})
-        torch_p50 = p50[("pytorch eager (adapter unmerged)", "cpu")]
-        for provider in ("CPUExecutionProvider", "CUDAExecutionProvider"):
-            this = p50.get(("onnxruntime (this export)", provider))
-            if this is None:
-                continue
-            entry = {"batch": batch, "seq_len": seq_len, "provider": provider, "onnx_vs_pytorch_cpu": round(torch_p50 / this, 3)}
-            reference_p50 = p50.get(("onnxruntime (reference export)", provider))
-            if reference_p50 is not None:
-                entry["onnx_vs_reference"] = round(reference_p50 / this, 3)
-            speedups.append(entry)
-        progress.update(1)
-    progress.close()
     return {
         "data": {
             "source": held.source,
@@ -691,6 +263,132 @@ def _run(
             "speedups": speedups,
         },
     }
+
+
+def _held_out_logits(reference: Reference, held: HeldOut, session, ref_session, seq_len: int):
+    """(adapter, export, base model, reference export or None) logits, in batches padded to their longest member."""
+    import torch
+
+    model, tokenizer = reference.model, reference.tokenizer
+    pt_logits, onnx_logits, ref_logits, base_logits = [], [], [], []
+    n = len(held.texts)
+    progress = progress_bar(math.ceil(n / EVAL_BATCH), 0, "validate: logits", unit="batches")
+    for start in range(0, n, EVAL_BATCH):
+        enc = _encode(tokenizer, held, slice(start, start + EVAL_BATCH), seq_len, fixed=False)
+        with torch.no_grad():
+            pt_logits.append(model(**enc).logits.float().numpy())
+            with adapter_disabled(model):
+                base_logits.append(model(**enc).logits.float().numpy())
+        onnx_logits.append(session.run(["logits"], onnx_feeds(session, enc))[0].astype(np.float32))
+        if ref_session is not None:
+            ref_logits.append(ref_session.run(["logits"], onnx_feeds(ref_session, enc))[0].astype(np.float32))
+        progress.update(1)
+    progress.close()
+    pt, ox, base = np.concatenate(pt_logits), np.concatenate(onnx_logits), np.concatenate(base_logits)
+    if pt.shape != ox.shape:
+        raise MetaTTError(
+            f"the export gives logits of shape {ox.shape[1:]}, the adapter {pt.shape[1:]}; validate the export of this adapter"
+        )
+    return pt, ox, base, np.concatenate(ref_logits) if ref_logits else None
+
+
+def _compare(pt: np.ndarray, ox: np.ndarray, base: np.ndarray, ref: np.ndarray | None, held: HeldOut, variant: dict, description: str):
+    """Parity with the adapter, accuracy where there are labels, and agreement with the reference export."""
+    parity = parity_figures(pt, ox, base, _tolerance(variant, float(np.abs(pt).max())))
+    parity["reference"] = f"PyTorch eager, {description}, float32, CPU"
+    accuracy = None
+    if held.labels is not None:
+        labels = np.asarray(held.labels)
+        accuracy = {"pytorch": float((pt.argmax(-1) == labels).mean()), "onnx": float((ox.argmax(-1) == labels).mean())}
+        if ref is not None:
+            accuracy["reference_onnx"] = float((ref.argmax(-1) == labels).mean())
+            accuracy["change_vs_reference_points"] = round(100 * (accuracy["onnx"] - accuracy["reference_onnx"]), 3)
+    versus_reference = None
+    if ref is not None:
+        versus_reference = {
+            "label_agreement": float((ref.argmax(-1) == ox.argmax(-1)).mean()),
+            "max_abs_logit_diff": max_abs_diff([ox], [ref]),
+        }
+    return parity, accuracy, versus_reference
+
+
+def _runtimes(model, session, ref_session, onnx_dir: Path, reference_onnx) -> list[tuple[str, str, Callable[[dict], Callable[[], Any]]]]:
+    """(runtime, provider, inputs -> a timed call) of everything latency compares: PyTorch and ONNX Runtime, CPU and CUDA."""
+    import torch
+
+    runtimes: list[tuple[str, str, Callable[[dict], Callable[[], Any]]]] = []
+
+    def torch_runner(m):
+        def bind(enc):
+            def call():
+                with torch.no_grad():
+                    m(**enc)
+
+            return call
+
+        return bind
+
+    def ort_runner(s):
+        return lambda enc: (lambda feeds: lambda: s.run(["logits"], feeds))(onnx_feeds(s, enc))
+
+    runtimes.append(("pytorch eager (adapter unmerged)", "cpu", torch_runner(model)))
+    runtimes.append(("onnxruntime (this export)", "CPUExecutionProvider", ort_runner(session)))
+    if ref_session is not None:
+        runtimes.append(("onnxruntime (reference export)", "CPUExecutionProvider", ort_runner(ref_session)))
+    if "CUDAExecutionProvider" in available_providers():
+        gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        runtimes.append(("onnxruntime (this export)", "CUDAExecutionProvider", ort_runner(make_session(onnx_dir / ONNX_NAME, gpu))))
+        if reference_onnx is not None:
+            runtimes.append(
+                ("onnxruntime (reference export)", "CUDAExecutionProvider", ort_runner(make_session(Path(reference_onnx) / ONNX_NAME, gpu)))
+            )
+    if torch.cuda.is_available():
+        import copy
+
+        cuda_model = copy.deepcopy(model).cuda()
+
+        def cuda_bind(enc):
+            enc = {k: v.cuda() for k, v in enc.items()}
+
+            def call():
+                with torch.no_grad():
+                    cuda_model(**enc)
+                torch.cuda.synchronize()
+
+            return call
+
+        runtimes.append(("pytorch eager (adapter unmerged)", "cuda", cuda_bind))
+    return runtimes
+
+
+def _latency(runtimes, tokenizer, held: HeldOut, batch_sizes, seq_len: int, repeats: int, warmup: int, max_seconds) -> tuple[list, list]:
+    """Latency on fixed-shape batches (seq_len tokens, padded), the same inputs for every runtime; and the speed-ups."""
+    n = len(held.texts)
+    results, speedups = [], []
+    progress = progress_bar(len(batch_sizes), 0, "validate: latency", unit="batch sizes")
+    for batch in batch_sizes:
+        rows = [i % n for i in range(batch)]
+        enc = _encode(tokenizer, held, rows, seq_len, fixed=True)
+        fns = {(name, provider): bind(enc) for name, provider, bind in runtimes}
+        times = time_round_robin(fns, warmup=warmup, repeats=repeats, max_seconds=max_seconds)
+        p50 = {}
+        for (name, provider), t in times.items():
+            stats = summarize(t)
+            p50[(name, provider)] = stats["p50_ms"]
+            results.append({"runtime": name, "provider": provider, "batch": batch, "seq_len": seq_len, **stats})
+        torch_p50 = p50[("pytorch eager (adapter unmerged)", "cpu")]
+        for provider in ("CPUExecutionProvider", "CUDAExecutionProvider"):
+            this = p50.get(("onnxruntime (this export)", provider))
+            if this is None:
+                continue
+            entry = {"batch": batch, "seq_len": seq_len, "provider": provider, "onnx_vs_pytorch_cpu": round(torch_p50 / this, 3)}
+            reference_p50 = p50.get(("onnxruntime (reference export)", provider))
+            if reference_p50 is not None:
+                entry["onnx_vs_reference"] = round(reference_p50 / this, 3)
+            speedups.append(entry)
+        progress.update(1)
+    progress.close()
+    return results, speedups
 
 
 # ---------------------------------------------------------------- report

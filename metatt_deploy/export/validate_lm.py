@@ -32,21 +32,22 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from metatt_deploy.adapters.lora import is_lora_adapter, load_lora, merge_lora
-from metatt_deploy.adapters.model import load_adapter, merge_and_unload
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text, check_writable
 from metatt_deploy.common.report import markdown_table, save_figure
+from metatt_deploy.common.timing import summarize, time_round_robin
 from metatt_deploy.export.decoder_runs import greedy, load_ort_decoder, teacher_forced_logits
 from metatt_deploy.export.onnx import library_versions
 from metatt_deploy.export.onnx_lm import fp32_tolerance
-from metatt_deploy.export.validate import REPORT_JSON, REPORT_MD, check_provenance, report_path, summarize, time_round_robin
+from metatt_deploy.export.parity import max_abs, max_abs_diff, within
+from metatt_deploy.export.reference import check_provenance, load_decoder_reference, torch_threads
+from metatt_deploy.export.validate import REPORT_JSON, REPORT_MD, report_path
 from metatt_deploy.inference.formats import context_length, read_manifest
 from metatt_deploy.training.lm_data import load_text_task, tokenize_text_task
 from metatt_deploy.training.lm_eval import exact_match, max_new_tokens_for, nll_from_logits, strip_after_eos
@@ -95,21 +96,11 @@ def validate_decoder(
     for b, m in zip(bundles, manifests):
         if m.get("pipeline_task") != "text-generation-with-past":
             raise MetaTTError(f"{b} is not a decoder export (no KV-cache graph); export the decoder with metatt-deploy export")
-    classifier_only = {
-        "--batch-sizes": batch_sizes,
-        "--seq-len": seq_len,
-        "--warmup": warmup,
-        "--max-seconds": max_seconds,
-        "--reference-onnx": reference_onnx,
-        "--task": task,
-        "--text-column": text_columns,
-        "--label-column": label_column,
-    }
-    if given := [flag for flag, value in classifier_only.items() if value is not None]:
-        raise MetaTTError(
-            f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to a decoder export ({onnx_dir}); drop "
-            f"{'it' if len(given) == 1 else 'them'} (a decoder takes --compare for more bundles, --prompt-lengths and --new-tokens)"
-        )
+    classifier_only: dict[str, Any] = {"--batch-sizes": batch_sizes, "--seq-len": seq_len, "--warmup": warmup, "--max-seconds": max_seconds}
+    classifier_only.update(
+        {"--reference-onnx": reference_onnx, "--task": task, "--text-column": text_columns, "--label-column": label_column}
+    )
+    _refuse(classifier_only, onnx_dir)
     if data is None:
         raise MetaTTError("decoder validation needs held-out prompts with answers; pass --data (a builtin task or a prompt/response JSONL)")
     if max_examples < 1 or new_tokens < 2 or repeats < 1 or not prompt_lengths or min(prompt_lengths) < 1:
@@ -126,32 +117,16 @@ def validate_decoder(
         raise MetaTTError(f"prompt length {max(prompt_lengths)} + {new_tokens} new tokens exceed the model's context of {context}")
     rows = _held_out(data, split, max_examples, seed, tokenizer, min(max_length, context or max_length))
 
-    old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         names = [_bundle_name(m, b) for b, m in zip(bundles, manifests)]
         sessions = {name: load_ort_decoder(b, threads=threads) for name, b in zip(names, bundles)}
         quality = _quality(model, tokenizer, sessions, rows)
         merged = merge(copy.deepcopy(model)).eval()
         runtimes = {"pytorch-unmerged": model, "pytorch-merged": merged, **{f"onnx-{n}": s for n, s in sessions.items()}}
         latency = _latency(runtimes, tokenizer, prompt_lengths, new_tokens, repeats)
-    finally:
-        torch.set_num_threads(old_threads)
 
-    main = quality["bundles"][names[0]]
     fp32 = manifests[0].get("variant", {}).get("quantize") is None
-    tolerance = fp32_tolerance(quality["max_abs_logit"]) if fp32 else None
-    parity = {
-        "max_abs_logit_diff": main["max_abs_logit_diff"],
-        "greedy_identical": main["greedy_identical"],
-        "prompts": len(rows["prompts"]),
-        "max_abs_logit": quality["max_abs_logit"],
-        "tolerance": tolerance,
-        "enforced": fp32,
-        "passed": (not fp32) or (main["max_abs_logit_diff"] <= tolerance and main["greedy_identical"] == 1.0),
-        "reference": f"PyTorch eager, base model + unmerged {'PEFT LoRA' if method == 'lora' else 'MetaTT'} adapter, float32, CPU",
-    }
+    parity = _parity(quality, quality["bundles"][names[0]], fp32, len(rows["prompts"]), method)
     report = {
         "adapter": str(Path(adapter_dir).resolve()),
         "onnx_dir": str(onnx_dir.resolve()),
@@ -177,18 +152,28 @@ def validate_decoder(
     return report
 
 
-def load_decoder_reference(adapter_dir: str | Path, base_model: str | None) -> tuple[Any, Any, str, Callable[[Any], Any]]:
-    """(unmerged decoder + adapter, tokenizer, method, the function that merges it): a MetaTT adapter or a PEFT LoRA."""
-    merge: Callable[[Any], Any]
-    if is_lora_adapter(adapter_dir):
-        model, record, tokenizer = load_lora(adapter_dir, base_model=base_model)
-        kind, method, merge = record["task_type"], "lora", merge_lora
-    else:
-        model, config, tokenizer = load_adapter(adapter_dir, base_model=base_model)
-        kind, method, merge = config.extra.get("task_type", "classification"), config.method, merge_and_unload
-    if kind != "causal-lm":
-        raise MetaTTError(f"{adapter_dir} is a classification adapter; validate it without decoder options")
-    return model, tokenizer, method, merge
+def _refuse(classifier_only: dict[str, Any], onnx_dir: Path) -> None:
+    """One line naming every classifier option given (not None) to a decoder validation."""
+    if given := [flag for flag, value in classifier_only.items() if value is not None]:
+        raise MetaTTError(
+            f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to a decoder export ({onnx_dir}); drop "
+            f"{'it' if len(given) == 1 else 'them'} (a decoder takes --compare for more bundles, --prompt-lengths and --new-tokens)"
+        )
+
+
+def _parity(quality: dict, main: dict, fp32: bool, prompts: int, method: str) -> dict:
+    """The first bundle against the adapter: logits within fp32_tolerance (NaN fails, export/parity.py) and greedy tokens identical, for fp32."""
+    tolerance = fp32_tolerance(quality["max_abs_logit"]) if fp32 else None
+    return {
+        "max_abs_logit_diff": main["max_abs_logit_diff"],
+        "greedy_identical": main["greedy_identical"],
+        "prompts": prompts,
+        "max_abs_logit": quality["max_abs_logit"],
+        "tolerance": tolerance,
+        "enforced": fp32,
+        "passed": within({**main, "tolerance": tolerance}) and (not fp32 or main["greedy_identical"] == 1.0),
+        "reference": f"PyTorch eager, base model + unmerged {'PEFT LoRA' if method == 'lora' else 'MetaTT'} adapter, float32, CPU",
+    }
 
 
 def _bundle_name(manifest: dict, folder: Path) -> str:
@@ -240,7 +225,7 @@ def _quality(model, tokenizer, sessions: dict, rows: dict) -> dict:
     out: dict[str, Any] = {
         "examples": len(rows["ids"]),
         "max_new_tokens": n_new,
-        "max_abs_logit": max(float(np.abs(lg).max()) for lg in pt_logits),
+        "max_abs_logit": max_abs(pt_logits),
         "pytorch": pytorch,
         "bundles": {},
     }
@@ -249,7 +234,7 @@ def _quality(model, tokenizer, sessions: dict, rows: dict) -> dict:
         s = scores(logits, tokens)
         out["bundles"][name] = {
             **s,
-            "max_abs_logit_diff": max(float(np.abs(a - b).max()) for a, b in zip(logits, pt_logits)),
+            "max_abs_logit_diff": max_abs_diff(logits, pt_logits),
             "greedy_identical": sum(a == b for a, b in zip(tokens, pt_tokens)) / len(tokens),
             "exact_match_change_points": round(100 * (s["exact_match"] - pytorch["exact_match"]), 3),
             "perplexity_change": s["perplexity"] - pytorch["perplexity"],

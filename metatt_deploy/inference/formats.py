@@ -189,6 +189,11 @@ def is_decoder_model(path: str | Path) -> bool:
     return (Path(path) / MANIFEST_NAME).is_file() and is_decoder_export(read_manifest(path))
 
 
+def model_task_type(path: str | Path) -> str:
+    """The task type of an export or bundle, ``CAUSAL_LM`` or ``CLASSIFICATION``: the key servers dispatch on."""
+    return CAUSAL_LM if is_decoder_model(path) else CLASSIFICATION
+
+
 def base_dir(bundle: str | Path, info: dict) -> Path:
     """The bundle's base model folder (config + tokenizer)."""
     return Path(bundle) / info.get("base_dir", BASE_DIR)

@@ -151,11 +151,20 @@ def create_app(engine: Engine | Callable[[], Engine], settings: ServeSettings | 
         docs=settings.docs,
     )
 
-    def state_of(request: Request) -> ServerState:
-        return request.app.state.server
-
     limit_requests(app, settings)
     install_error_handlers(app, lambda request, code: state_of(request).metrics.observe_request(UNKNOWN_TASK, code, 0.0))
+    classify_routes(app, settings)
+    status_routes(app)
+    admin_routes(app, settings)
+    return app
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def classify_routes(app: FastAPI, settings: ServeSettings) -> None:
+    """POST /v1/classify and GET /v1/tasks."""
 
     @app.post("/v1/classify", response_model=ClassifyResponse, response_model_exclude_none=True, responses=ERRORS)
     async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
@@ -193,6 +202,10 @@ def create_app(engine: Engine | Callable[[], Engine], settings: ServeSettings | 
         served = [t for t in engine.tasks if t not in state.removing]
         return TasksResponse(model_id=engine_id(engine), tasks=[TaskInfo(name=t, labels=engine.labels(t)) for t in served])
 
+
+def status_routes(app: FastAPI) -> None:
+    """GET /healthz, /readyz and /metrics."""
+
     @app.get("/healthz", response_model=Status)
     async def healthz() -> Status:
         """Liveness: the process and its event loop answer."""
@@ -215,6 +228,10 @@ def create_app(engine: Engine | Callable[[], Engine], settings: ServeSettings | 
         state.metrics.queue_depth.set(state.batcher.depth)
         body, content_type = state.metrics.exposition()
         return Response(body, media_type=content_type)
+
+
+def admin_routes(app: FastAPI, settings: ServeSettings) -> None:
+    """POST and DELETE /admin/tasks/{name}: hot add and remove of a factored bundle's tasks (bearer token)."""
 
     @app.post("/admin/tasks/{name}", response_model=AdminResponse, status_code=201, responses=ERRORS)
     async def add_task(name: str, request: Request) -> AdminResponse:
@@ -262,8 +279,6 @@ def create_app(engine: Engine | Callable[[], Engine], settings: ServeSettings | 
             state.metrics.tasks.set(len(engine.tasks))
         log.info("task %s removed", name)
         return AdminResponse(task=name, action="removed", tasks=list(engine.tasks))
-
-    return app
 
 
 def admin_method(engine, name: str):

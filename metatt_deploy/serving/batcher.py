@@ -3,7 +3,9 @@
 A factored bundle routes each row to its own task inside one ONNX Runtime call, so the batcher
 need not group by task: it takes rows first-in first-out from one queue, whatever their task,
 until ``max_batch`` rows are waiting or the oldest has waited ``max_wait_ms``, runs them in one
-call on a single inference thread, and resolves each row's future with its logits.
+call on a single inference thread, and resolves each row's future with its logits. Mixing tasks
+mixes lengths; the engine runs a batch's rows in calls of similar length (`Runtime.logits`,
+which alone knows the token counts), so a short row is not padded to a long one.
 ``cross_task=False`` batches only rows of the oldest row's task (what a server of one model per
 task can do; kept to measure the difference). The queue is bounded in rows: a request that does
 not fit is refused at once (`QueueFull`) instead of waiting without limit, and `close` drains
@@ -20,14 +22,33 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from metatt_deploy.serving.worker import Worker
+
 RunBatch = Callable[[list[Any], list[str]], Sequence[np.ndarray]]  # (texts, task per row) -> logits per row
 OnBatch = Callable[[int, int, float], None]  # (rows, distinct tasks, seconds) after each call
+
+
+def answer_rows(run: RunBatch, texts: list[Any], tasks: list[str]) -> list[np.ndarray | Exception]:
+    """Each row's logits from one call of ``run``, or, when that call raises, from a call of its own.
+
+    Only the rows that fail alone get an exception (as their answer, not raised), so one row the
+    model cannot take never fails the other clients' rows it shared a call with. Both batchers use
+    it: this module's and Ray Serve's ``@serve.batch`` (ray_app.py).
+    """
+    try:
+        out: list[np.ndarray | Exception] = list(run(texts, tasks))
+        if len(out) != len(texts):
+            raise RuntimeError(f"the model answered {len(out)} rows for {len(texts)}")
+        return out
+    except Exception as e:
+        if len(texts) == 1:
+            return [e]
+        return [answer_rows(run, [text], [task])[0] for text, task in zip(texts, tasks)]
 
 
 class QueueFull(Exception):
@@ -69,34 +90,21 @@ class Batcher:
         self.on_batch = on_batch
         self._rows: deque[_Row] = deque()
         self._running: dict[str, int] = {}  # task -> rows taken and not yet answered
-        self._wake: asyncio.Event | None = None
-        self._worker: asyncio.Task | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._closing = False
+        self.worker = Worker("metatt-infer")
 
     # ------------------------------------------------------------ life cycle
 
     def start(self) -> None:
         """Start the worker on the running event loop."""
-        if self._worker is None:
-            self._wake = asyncio.Event()
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metatt-infer")
-            self._worker = asyncio.get_running_loop().create_task(self._loop())
+        self.worker.start(self._loop)
 
     async def close(self) -> None:
         """Refuse new rows, answer every queued one, then stop the worker and its thread."""
-        self._closing = True
-        if self._worker is not None:
-            self._notify()
-            await self._worker
-            self._worker = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        await self.worker.stop()
 
     @property
     def accepting(self) -> bool:
-        return self._worker is not None and not self._closing
+        return self.worker.accepting
 
     @property
     def depth(self) -> int:
@@ -118,12 +126,8 @@ class Batcher:
         loop = asyncio.get_running_loop()
         rows = [_Row(text, task, loop.create_future()) for text in texts]
         self._rows.extend(rows)
-        self._notify()
+        self.worker.notify()
         return list(await asyncio.gather(*(r.future for r in rows)))
-
-    def _notify(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
 
     # ------------------------------------------------------------ the worker
 
@@ -148,47 +152,25 @@ class Batcher:
         self._rows = kept
         return taken
 
-    async def _call(self, loop: asyncio.AbstractEventLoop, rows: list[_Row]) -> list[Any] | Exception:
-        """One model call on the inference thread: its logits per row, or the exception it raised (the worker keeps going)."""
-        try:
-            out = await loop.run_in_executor(self._executor, self.run, [r.text for r in rows], [r.task for r in rows])
-        except Exception as e:
-            return e
-        return list(out) if len(out) == len(rows) else RuntimeError(f"the model answered {len(out)} rows for {len(rows)}")
-
-    async def _alone(self, loop: asyncio.AbstractEventLoop, row: _Row) -> Any:
-        """One row's logits from a call of its own, or the exception that call raised."""
-        answer = await self._call(loop, [row])
-        return answer if isinstance(answer, Exception) else answer[0]
-
     async def _loop(self) -> None:
-        assert self._wake is not None
-        loop = asyncio.get_running_loop()
         while True:
             while not self._rows:
-                if self._closing:
+                if self.worker.closing:
                     return
-                self._wake.clear()
-                await self._wake.wait()
+                await self.worker.wait()
             # wait for a full batch, but never longer than max_wait after the oldest row arrived
-            while self._ready() < self.max_batch and not self._closing:
+            while self._ready() < self.max_batch and not self.worker.closing:
                 remaining = self._rows[0].enqueued + self.max_wait - time.monotonic()
                 if remaining <= 0:
                     break
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), remaining)
-                except asyncio.TimeoutError:
-                    break
+                await self.worker.wait(remaining)
             batch = self._take()
             if not batch:
                 continue
             for row in batch:
                 self._running[row.task] = self._running.get(row.task, 0) + 1
             started = time.perf_counter()
-            answers = await self._call(loop, batch)
-            if isinstance(answers, Exception):  # each row alone: only the rows that fail alone get an exception
-                answers = [answers] if len(batch) == 1 else [await self._alone(loop, row) for row in batch]
+            answers = await self.worker.call(answer_rows, self.run, [r.text for r in batch], [r.task for r in batch])
             for row, answer in zip(batch, answers):
                 self._running[row.task] -= 1
                 if row.future.done():  # the caller went away (cancelled)

@@ -29,7 +29,6 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,6 +38,7 @@ from metatt_deploy.inference.decode import Decoding, KVBatch, SamplingParams, St
 from metatt_deploy.serving.batcher import Closed, QueueFull
 from metatt_deploy.serving.generate import Binding, Generator
 from metatt_deploy.serving.http import log
+from metatt_deploy.serving.worker import Worker
 
 # Event a request receives: a Step of its decode loop, or the error that ended it
 Event = Step | Exception
@@ -225,20 +225,14 @@ class Scheduler:
         self.max_queue = max_queue
         self.on_step = on_step
         self.on_event = on_event
-        self._wake: asyncio.Event | None = None
-        self._worker: asyncio.Task | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._closing = False
+        self.worker = Worker("metatt-llm")
 
     def start(self) -> None:
-        if self._worker is None:
-            self._wake = asyncio.Event()
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metatt-llm")
-            self._worker = asyncio.get_running_loop().create_task(self._loop())
+        self.worker.start(self._loop)
 
     @property
     def accepting(self) -> bool:
-        return self._worker is not None and not self._closing
+        return self.worker.accepting
 
     @property
     def waiting(self) -> int:
@@ -251,12 +245,11 @@ class Scheduler:
         if len(self.engine.waiting) + len(seqs) > self.max_queue:
             raise QueueFull(f"queue full ({len(self.engine.waiting)} of {self.max_queue} requests waiting)")
         self.engine.waiting.extend(seqs)
-        assert self._wake is not None
-        self._wake.set()
+        self.worker.notify()
 
     async def close(self, grace_s: float = 0.0) -> None:
         """Take no new requests, let running ones finish for up to ``grace_s``, then cancel the rest and stop the worker."""
-        self._closing = True
+        self.worker.closing = True
         deadline = time.monotonic() + grace_s
         while self.engine.busy() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -265,27 +258,17 @@ class Scheduler:
         for seq in [*engine.waiting, *prefilling, *(r for lane in engine.lanes.values() for r in lane.rows)]:
             seq.cancelled = True
             seq.deliver(Closed("the server shut down before this request finished"))
-        if self._worker is not None:
-            assert self._wake is not None
-            self._wake.set()
-            await self._worker
-            self._worker = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        await self.worker.stop()
 
     async def _loop(self) -> None:
-        assert self._wake is not None
-        loop = asyncio.get_running_loop()
         while True:
             while not self.engine.busy():
-                if self._closing:
+                if self.worker.closing:
                     return
-                self._wake.clear()
-                await self._wake.wait()
+                await self.worker.wait()
             started = time.perf_counter()
             try:
-                events, stats = await loop.run_in_executor(self._executor, self.engine.step)
+                events, stats = await self.worker.call(self.engine.step)
             except Exception as e:  # a model failure: every sequence in the batch is told; the worker keeps going
                 log.exception("a decode step failed")
                 for seq in self.engine.fail_all():

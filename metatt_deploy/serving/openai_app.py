@@ -219,8 +219,9 @@ class OpenAIHttpProtocol(JsonHttpProtocol):
 class LLMServer:
     """The generator (once loaded), its scheduler and metrics, and readiness."""
 
-    def __init__(self, factory: Callable[[], Generator], settings: LLMSettings):
+    def __init__(self, factory: Callable[[], Generator], settings: LLMSettings, background_load: bool = True):
         self.factory = factory
+        self.background_load = background_load
         self.settings = settings
         self.metrics = LLMMetrics()
         self.generator: Generator | None = None
@@ -233,7 +234,13 @@ class LLMServer:
         self._draining = False
 
     async def start(self) -> None:
-        self._loader = asyncio.get_running_loop().create_task(self._load())
+        """Load in the background (/healthz answers meanwhile), or, where the host routes only to started apps (Ray), before returning."""
+        if self.background_load:
+            self._loader = asyncio.get_running_loop().create_task(self._load())
+            return
+        await self._load()
+        if self.load_error is not None:
+            raise MetaTTError(f"the model did not load: {self.load_error}")
 
     async def _load(self) -> None:
         started = time.perf_counter()
@@ -364,57 +371,69 @@ class Choice:
     finish_reason: str | None = None
 
 
-def create_openai_app(factory: Callable[[], Generator], settings: LLMSettings | None = None) -> FastAPI:
-    """The FastAPI app over a decoder (``factory`` loads the `Generator`, called in the background)."""
+def create_openai_app(factory: Callable[[], Generator], settings: LLMSettings | None = None, *, background_load: bool = True) -> FastAPI:
+    """The FastAPI app over a decoder (``factory`` loads the `Generator`: in the background, or at start-up without ``background_load``)."""
     settings = (settings or LLMSettings()).check()
     app = service_app(
-        lambda: LLMServer(factory, settings),
+        lambda: LLMServer(factory, settings, background_load),
         title="metatt-deploy (OpenAI-compatible)",
         summary="Generation for many tasks on one small LLM (a MetaTT factored bundle), each task a model, batched continuously.",
         docs=settings.docs,
     )
 
-    def server_of(request: Request) -> LLMServer:
-        return request.app.state.server
-
     install_openai_errors(app, settings, lambda code: app.state.server.metrics.requests.labels(UNKNOWN_TASK, str(code)).inc())
+    completion_routes(app)
+    status_routes(app)
+    admin_routes(app)
+    return app
 
-    async def complete(request: Request, body: _Request, kind: str) -> Response:
-        server = server_of(request)
-        task_label = UNKNOWN_TASK
-        code = 500
+
+def server_of(request: Request) -> LLMServer:
+    return request.app.state.server
+
+
+async def complete(request: Request, body: _Request, kind: str) -> Response:
+    """Both completion endpoints: checks, the request's sequences submitted to the scheduler, the answer (streamed or whole)."""
+    server = server_of(request)
+    settings = server.settings
+    task_label = UNKNOWN_TASK
+    code = 500
+    try:
+        generator, scheduler = server.ready()
+        unsupported(body)
+        task = server.task_of(generator, body.model)
+        task_label = body.model
+        prompts = await asyncio.to_thread(encode_prompts, generator, body)
+        default_max = None if isinstance(body, CompletionRequest) else (generator.context or 0) - max(map(len, prompts))
+        params = sampling(body, max(map(len, prompts)), generator.context, default_max if default_max and default_max > 0 else None)
+        binding = generator.binding(task)
+        queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        choices = [
+            Choice(Seq(body.model, ids, params, binding, Decoding(params, generator.eos_ids, generator.tokenizer), _put(queue, i), i))
+            for i, ids in enumerate(prompts)
+        ]
         try:
-            generator, scheduler = server.ready()
-            unsupported(body)
-            task = server.task_of(generator, body.model)
-            task_label = body.model
-            prompts = await asyncio.to_thread(encode_prompts, generator, body)
-            default_max = None if isinstance(body, CompletionRequest) else (generator.context or 0) - max(map(len, prompts))
-            params = sampling(body, max(map(len, prompts)), generator.context, default_max if default_max and default_max > 0 else None)
-            binding = generator.binding(task)
-            queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-            choices = [
-                Choice(Seq(body.model, ids, params, binding, Decoding(params, generator.eos_ids, generator.tokenizer), _put(queue, i), i))
-                for i, ids in enumerate(prompts)
-            ]
-            try:
-                scheduler.submit([c.seq for c in choices])
-            except QueueFull as e:
-                raise OpenAIError(429, f"{e}; retry later", "queue_full", {"Retry-After": str(settings.retry_after_s)}) from None
-            except Closed as e:
-                raise ApiError(503, f"{e}; retry on another replica", {"Retry-After": str(settings.retry_after_s)}) from None
-            server.metrics.prompt_tokens.labels(body.model).inc(sum(map(len, prompts)))
-            answer = Answer(kind, body.model, choices, queue)
-            if body.stream:
-                code = 200
-                return StreamingResponse(answer.sse(request, server), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-            code, result = await answer.collect(request)
-            return JSONResponse(result, status_code=code)
-        except ApiError as e:
-            code = e.code
-            raise
-        finally:
-            server.metrics.requests.labels(task_label, str(code)).inc()
+            scheduler.submit([c.seq for c in choices])
+        except QueueFull as e:
+            raise OpenAIError(429, f"{e}; retry later", "queue_full", {"Retry-After": str(settings.retry_after_s)}) from None
+        except Closed as e:
+            raise ApiError(503, f"{e}; retry on another replica", {"Retry-After": str(settings.retry_after_s)}) from None
+        server.metrics.prompt_tokens.labels(body.model).inc(sum(map(len, prompts)))
+        answer = Answer(kind, body.model, choices, queue)
+        if body.stream:
+            code = 200
+            return StreamingResponse(answer.sse(request, server), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        code, result = await answer.collect(request)
+        return JSONResponse(result, status_code=code)
+    except ApiError as e:
+        code = e.code
+        raise
+    finally:
+        server.metrics.requests.labels(task_label, str(code)).inc()
+
+
+def completion_routes(app: FastAPI) -> None:
+    """GET /v1/models, POST /v1/chat/completions and /v1/completions."""
 
     @app.get("/v1/models", response_model=ModelList)
     async def models(request: Request) -> ModelList:
@@ -432,6 +451,10 @@ def create_openai_app(factory: Callable[[], Generator], settings: LLMSettings | 
     async def completions(body: CompletionRequest, request: Request) -> Response:
         """The continuation of ``prompt`` (as is, no chat template); streamed as server-sent events with ``stream``."""
         return await complete(request, body, "text")
+
+
+def status_routes(app: FastAPI) -> None:
+    """GET /healthz, /readyz and /metrics."""
 
     @app.get("/healthz", response_model=Status)
     async def healthz() -> Status:
@@ -457,6 +480,10 @@ def create_openai_app(factory: Callable[[], Generator], settings: LLMSettings | 
             server.metrics.waiting.set(server.scheduler.waiting)
         content, content_type = server.metrics.exposition()
         return Response(content, media_type=content_type)
+
+
+def admin_routes(app: FastAPI) -> None:
+    """POST and DELETE /admin/tasks/{name}: hot add and remove of a factored bundle's tasks (bearer token)."""
 
     @app.post("/admin/tasks/{name}", response_model=AdminResponse, status_code=201)
     async def add_task(name: str, request: Request) -> AdminResponse:
@@ -488,12 +515,12 @@ def create_openai_app(factory: Callable[[], Generator], settings: LLMSettings | 
                 raise OpenAIError(404, f"unknown task '{name}'; this server has tasks: {', '.join(generator.tasks)}", "model_not_found")
             server.removing.add(name)
             try:
-                deadline = time.monotonic() + settings.drain_timeout_s
+                deadline = time.monotonic() + server.settings.drain_timeout_s
                 while scheduler.engine.pending(name) and time.monotonic() < deadline:
                     await asyncio.sleep(0.01)
                 if scheduler.engine.pending(name):
                     raise ApiError(
-                        503, f"task '{name}' still has sequences after {settings.drain_timeout_s:g} s; retry", {"Retry-After": "1"}
+                        503, f"task '{name}' still has sequences after {server.settings.drain_timeout_s:g} s; retry", {"Retry-After": "1"}
                     )
                 generator.remove_task(name)
             finally:
@@ -501,8 +528,6 @@ def create_openai_app(factory: Callable[[], Generator], settings: LLMSettings | 
             server.metrics.tasks.set(len(generator.tasks))
         log.info("task %s removed", name)
         return AdminResponse(task=name, action="removed", tasks=list(generator.tasks))
-
-    return app
 
 
 def _put(queue: asyncio.Queue, index: int) -> Callable[[Event], None]:

@@ -62,11 +62,37 @@ from metatt_deploy.inference.text import TextTokenizer
 Text = str | Sequence[str]  # a sentence, or a (sentence, sentence) pair
 FORMS = ("auto", "tasks", "adapter")
 DEFAULT_MAX_LENGTH = 128  # tokens, as in training; a factored bundle records its own
+CALL_OVERHEAD_TOKENS = (
+    16  # a model call's fixed cost in padded tokens: 10 to 16 measured (MiniLM, 1 thread; docs/reports/serving-bucketing.md)
+)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def length_buckets(lengths: Sequence[int], overhead: int = CALL_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Row indices grouped into model calls, cheapest first by the cost ``calls x overhead + sum of rows x longest row``.
+
+    A batch pads every row to its longest, so rows of different lengths (tasks differ in length:
+    tweets and sentence pairs are longer than movie sentences) pay for tokens they do not have;
+    a call of its own pays ``overhead`` instead. Rows sorted by length are cut where the padding
+    saved outweighs one more call: the exact optimum of that cost over contiguous runs (dynamic
+    programming, O(rows^2); rows <= max_batch).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    best = [0] + [0] * len(order)  # best[j]: cheapest cost of the j shortest rows
+    cut = [0] * (len(order) + 1)  # where the last call of best[j] starts
+    for j in range(1, len(order) + 1):
+        longest = lengths[order[j - 1]]
+        best[j], cut[j] = min((best[i] + overhead + (j - i) * longest, i) for i in range(j))
+    buckets: list[list[int]] = []
+    j = len(order)
+    while j:
+        buckets.append(order[cut[j] : j])
+        j = cut[j]
+    return buckets[::-1]
 
 
 def scored(task: str, logits: np.ndarray, labels: Sequence[str]) -> dict:
@@ -236,16 +262,31 @@ class Runtime:
     # ------------------------------------------------------------ inference
 
     def logits(self, texts: Sequence[Text], task: str | int | None = None, tasks: Sequence[str | int] | None = None) -> list[np.ndarray]:
-        """Per row, its task's logits (cut from the padded layout to the task's label count)."""
+        """Per row, its task's logits (cut from the padded layout to the task's label count).
+
+        Rows are tokenized once, then run in calls of similar lengths (`length_buckets`), each
+        call padded only to its own longest row: what a row costs no longer depends on which
+        other rows (of any task) share its batch.
+        """
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             return []
         names = self._row_tasks(len(texts), task, tasks)
         encoding = self.encode(texts)
+        out: list[np.ndarray] = [np.empty(0)] * len(texts)
+        for rows in length_buckets(encoding["attention_mask"].sum(axis=1).tolist()):
+            columns = encoding["attention_mask"][rows].any(axis=0)  # drop the columns that are padding in every row of this call
+            sub = {k: v[rows][:, columns] for k, v in encoding.items()}
+            for i, row in zip(rows, self._run(sub, [names[i] for i in rows])):
+                out[i] = row
+        return out
+
+    def _run(self, encoding: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+        """One padded batch through the graph(s) its tasks need: the task-id graph, or the adapter graph per added task."""
         if self.kind == "export":
             session = self._tasks_graph()  # model.onnx, opened at load
             return list(session.run(["logits"], onnx_feeds(session, encoding))[0].astype(np.float32))
-        out: list[np.ndarray | None] = [None] * len(texts)
+        out: list[np.ndarray | None] = [None] * len(names)
         use_graph = [self.form != "adapter" and t in self.baked for t in names]
         if self.form == "tasks" and not all(use_graph):
             missing = sorted({t for t, g in zip(names, use_graph) if not g})

@@ -1,7 +1,8 @@
 """`metatt-deploy serve`: the app on uvicorn, in one process or several worker processes.
 
-The model decides the app, once: a decoder export or factored decoder bundle gets the
-OpenAI-compatible generation API (openai_app.py), a classifier the classify API (app.py).
+The model decides the app, once: `BACKENDS`, keyed by the export's task type
+(`inference.formats.model_task_type`), gives a decoder export or factored decoder bundle the
+OpenAI-compatible generation API (openai_app.py) and a classifier the classify API (app.py).
 
 Start-up fails fast: every option is checked, the port is bound and the model is loaded and
 warmed once before uvicorn starts, so a server that cannot serve (a file or folder that is no
@@ -30,7 +31,7 @@ from fastapi import FastAPI
 from uvicorn.supervisors import Multiprocess
 
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.inference.formats import is_decoder_model
+from metatt_deploy.inference.formats import CAUSAL_LM, CLASSIFICATION, model_task_type
 from metatt_deploy.serving.app import create_app
 from metatt_deploy.serving.generate import Generator
 from metatt_deploy.serving.http import DrainingServer, JsonHttpProtocol, ServeSettings, bind, check_number, log
@@ -71,18 +72,42 @@ def load_runtime(config: ServeConfig) -> Runtime:
     return runtime
 
 
-def build_app(config: ServeConfig) -> FastAPI:
-    if is_decoder_model(config.model):
-        return decoder_app(lambda: Generator(config.model, form=config.form, threads=config.threads), config)
-    return create_app(lambda: load_runtime(config), config.settings)
+def load_generator(config: ServeConfig) -> Generator:
+    """The decoder, opened (a MetaTTError if it cannot serve); the app's scheduler warms every task before /readyz turns 200."""
+    return Generator(config.model, form=config.form, threads=config.threads)
+
+
+def classifier_app(runtime: Runtime | Callable[[], Runtime], config: ServeConfig) -> FastAPI:
+    return create_app(runtime, config.settings)
 
 
 def decoder_app(generator: Generator | Callable[[], Generator], config: ServeConfig) -> FastAPI:
-    """The OpenAI-compatible app (the scheduler warms every task before /readyz turns 200), with the server's admin token and /docs setting."""
+    """The OpenAI-compatible app, with the server's admin token and /docs setting."""
     factory = generator if callable(generator) else lambda: generator
     settings = config.settings
     llm = replace(config.llm, admin_token=settings.admin_token, docs=settings.docs, body_timeout_s=settings.body_timeout_s)
     return create_openai_app(factory, llm)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How one task type is served: its model, loaded at start-up, and the app over it (or over a function that loads it)."""
+
+    load: Callable[[ServeConfig], Any]
+    app: Callable[[Any, ServeConfig], FastAPI]
+    http: type[JsonHttpProtocol]  # uvicorn's protocol: its answer to malformed HTTP is in the app's error shape
+
+
+BACKENDS: dict[str, Backend] = {
+    CLASSIFICATION: Backend(load_runtime, classifier_app, JsonHttpProtocol),
+    CAUSAL_LM: Backend(load_generator, decoder_app, OpenAIHttpProtocol),
+}
+
+
+def build_app(config: ServeConfig) -> FastAPI:
+    """The app for ``config.model``, which it loads in the background (a worker process's start)."""
+    backend = BACKENDS[model_task_type(config.model)]
+    return backend.app(lambda: backend.load(config), config)
 
 
 def app_from_env() -> FastAPI:
@@ -121,15 +146,14 @@ def serve(
     config.llm.check()
     if not Path(config.model).exists():
         raise MetaTTError(f"model {config.model} not found; pass a factored bundle (merge --factored) or an export (metatt-deploy export)")
-    decoder = is_decoder_model(config.model)
-    protocol = OpenAIHttpProtocol if decoder else JsonHttpProtocol
+    backend = BACKENDS[model_task_type(config.model)]
     sock = bind(host, port)
     try:
-        model: Runtime | Generator = Generator(config.model, form=config.form, threads=config.threads) if decoder else load_runtime(config)
+        model = backend.load(config)
         settings = config.settings
         if workers == 1:
-            app = decoder_app(model, config) if isinstance(model, Generator) else create_app(model, settings)
-            DrainingServer(uvicorn_config(app, settings, graceful_s, log_level, protocol)).run(sockets=[sock])
+            app = backend.app(model, config)
+            DrainingServer(uvicorn_config(app, settings, graceful_s, log_level, backend.http)).run(sockets=[sock])
             return
         del model  # each worker loads its own
         os.environ[CONFIG_ENV] = config.to_json()
@@ -138,7 +162,7 @@ def serve(
         if not os.environ.get(MULTIPROC_ENV):
             os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="metatt-metrics-")
         factory = "metatt_deploy.serving.server:app_from_env"
-        Multiprocess(uvicorn_config(factory, settings, graceful_s, log_level, protocol, factory=True, workers=workers), [sock]).run()
+        Multiprocess(uvicorn_config(factory, settings, graceful_s, log_level, backend.http, factory=True, workers=workers), [sock]).run()
     finally:
         sock.close()
 

@@ -167,12 +167,13 @@ class MultiTaskConfig(TrainConfig):
             raise MetaTTError("every --task-weight must be a positive finite number (NAME=W)")
 
     def sample_limits(self) -> dict[str, int] | None:
-        limits = {
-            k: v
-            for k, v in (("train", self.max_train_samples), ("validation", self.max_eval_samples), ("test", self.max_eval_samples))
-            if v
-        }
-        return limits or None
+        return sample_limits(self.max_train_samples, self.max_eval_samples)
+
+
+def sample_limits(max_train: int | None, max_eval: int | None) -> dict[str, int] | None:
+    """The per-split sample caps of --max-train-samples / --max-eval-samples (None: every row)."""
+    limits = {k: v for k, v in (("train", max_train), ("validation", max_eval), ("test", max_eval)) if v}
+    return limits or None
 
 
 # Settings added after runs were saved without them, with the value those runs trained under (so

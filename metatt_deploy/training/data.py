@@ -60,6 +60,15 @@ class TaskData:
         return len(self.label_names)
 
 
+def recorded_text_columns(tasks: Sequence[Any]) -> dict[str, list[str]]:
+    """Task -> text columns of the classifier tasks among ``tasks``, for the adapter config (`MetaTTConfig.text_columns`).
+
+    Recorded so that predict and serve know a pair task from a single-sentence one by what it was
+    trained on, not by guessing from its labels; a text-to-text task (a causal LM's) has none.
+    """
+    return {t.name: list(t.text_columns) for t in tasks if isinstance(t, TaskData)}
+
+
 @contextlib.contextmanager
 def quiet_datasets() -> Iterator[None]:
     """No progress bars or error logs from ``datasets`` while reading files: reading a local file

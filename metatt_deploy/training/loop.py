@@ -233,7 +233,6 @@ def run_loop(cfg: TrainConfig, run: Path, resuming: bool, recipe: Recipe, accele
     optimizer, scheduler = build_optimizer(recipe.model)
     restore_moments(optimizer, recipe.model, moments)
     model, optimizer = accelerator.prepare(recipe.model, optimizer)
-    world, rank = accelerator.num_processes, accelerator.process_index
 
     def checkpoint() -> None:
         if accelerator.is_main_process:
@@ -250,25 +249,7 @@ def run_loop(cfg: TrainConfig, run: Path, resuming: bool, recipe: Recipe, accele
         plan = epoch_plan(lengths, batch_size, recipe.probs, cfg.seed, epoch)
         for t, idx in plan[state["step_in_epoch"] :]:
             t0 = time.perf_counter()
-            seed_step(cfg.seed, state["global_step"])
-            share = idx[rank::world]
-            weight = len(share) * world / len(idx)  # 1.0 in one process
-            if recipe.loss_weights is not None:
-                weight *= recipe.loss_weights[t]
-            batch = recipe.collate(t, [rows[t][i] for i in (share or idx[:1])])
-            batch = {k: (v.to(accelerator.device) if hasattr(v, "to") else v) for k, v in batch.items()}
-            loss = model(**batch).loss
-            check_loss(loss, state["global_step"] + 1)
-            accelerator.backward(loss * weight if weight != 1.0 else loss)
-            _record_gradients(state["grad"], recipe.adapter, t)
-            if cfg.max_grad_norm > 0:
-                norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-                _record_clipping(state["grad"], norm, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if recipe.after_step is not None:
-                recipe.after_step()
+            loss = train_step(cfg, recipe, model, (optimizer, scheduler), accelerator, state, t, idx)
             state["step_times"].append(time.perf_counter() - t0)
             state["global_step"] += 1
             state["step_in_epoch"] += 1
@@ -281,25 +262,8 @@ def run_loop(cfg: TrainConfig, run: Path, resuming: bool, recipe: Recipe, accele
                 checkpoint()
             if state["global_step"] >= total_steps:
                 break
-        fields, score, line = recipe.evaluate(model)
-        entry = {"epoch": epoch + 1, "step": state["global_step"], **fields}
-        if cfg.max_grad_norm > 0:
-            entry.update(clipping_fields(state["grad"]))
-        if recipe.gradient_fields is not None:
-            entry.update(recipe.gradient_fields(state["grad"]))
-        if recipe.adapter is not None:
-            entry["ranks"] = tt_ranks(recipe.adapter.cores)
-        state["history"].append(entry)
+        end_epoch(cfg, recipe, model, accelerator, state, run, progress.write)
         state["grad"] = fresh_grad_stats(n_cores, len(rows))
-        if accelerator.is_main_process:
-            progress.write(f"epoch {epoch + 1}: {line}")
-        # a later stage of the rank schedule supersedes earlier ones: best among the epochs at the
-        # lowest ranks reached so far (ties keep the earliest epoch)
-        stage = sum(1 for cut in recipe.schedule if cut <= epoch)
-        if state["best"] is None or (stage, score) > (state["best_stage"], state["best_score"]):
-            state["best"], state["best_score"], state["best_stage"] = entry, score, stage
-            if accelerator.is_main_process:
-                recipe.save_best(accelerator.unwrap_model(model), run / "best")
         state["epoch"] += 1
         state["step_in_epoch"] = 0
         checkpoint()
@@ -308,6 +272,63 @@ def run_loop(cfg: TrainConfig, run: Path, resuming: bool, recipe: Recipe, accele
         accelerator.print(note, flush=True)
     accelerator.wait_for_everyone()
     return state
+
+
+def train_step(
+    cfg: TrainConfig, recipe: Recipe, model: nn.Module, optim, accelerator: Accelerator, state: dict, t: int, idx
+) -> torch.Tensor:
+    """One optimizer step on task ``t``'s global batch ``idx`` (rows ``rank::N`` in this process); returns the loss.
+
+    Dropout is seeded from (seed, step); the loss is weighted by this process's share of the rows
+    (and the task's loss weight); gradients are recorded (and clipped) before AdamW steps.
+    """
+    optimizer, scheduler = optim
+    seed_step(cfg.seed, state["global_step"])
+    world, rank = accelerator.num_processes, accelerator.process_index
+    share = idx[rank::world]
+    weight = len(share) * world / len(idx)  # 1.0 in one process
+    if recipe.loss_weights is not None:
+        weight *= recipe.loss_weights[t]
+    batch = recipe.collate(t, [recipe.rows[t][i] for i in (share or idx[:1])])
+    batch = {k: (v.to(accelerator.device) if hasattr(v, "to") else v) for k, v in batch.items()}
+    loss = model(**batch).loss
+    check_loss(loss, state["global_step"] + 1)
+    accelerator.backward(loss * weight if weight != 1.0 else loss)
+    _record_gradients(state["grad"], recipe.adapter, t)
+    if cfg.max_grad_norm > 0:
+        norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+        _record_clipping(state["grad"], norm, cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if recipe.after_step is not None:
+        recipe.after_step()
+    return loss
+
+
+def end_epoch(cfg: TrainConfig, recipe: Recipe, model: nn.Module, accelerator: Accelerator, state: dict, run: Path, log) -> None:
+    """Evaluate the epoch, append its history entry and, if it is the best so far, save its adapter.
+
+    A later stage of the rank schedule supersedes earlier ones: best among the epochs at the
+    lowest ranks reached so far (ties keep the earliest epoch).
+    """
+    epoch = state["epoch"]
+    fields, score, line = recipe.evaluate(model)
+    entry = {"epoch": epoch + 1, "step": state["global_step"], **fields}
+    if cfg.max_grad_norm > 0:
+        entry.update(clipping_fields(state["grad"]))
+    if recipe.gradient_fields is not None:
+        entry.update(recipe.gradient_fields(state["grad"]))
+    if recipe.adapter is not None:
+        entry["ranks"] = tt_ranks(recipe.adapter.cores)
+    state["history"].append(entry)
+    if accelerator.is_main_process:
+        log(f"epoch {epoch + 1}: {line}")
+    stage = sum(1 for cut in recipe.schedule if cut <= epoch)
+    if state["best"] is None or (stage, score) > (state["best_stage"], state["best_score"]):
+        state["best"], state["best_score"], state["best_stage"] = entry, score, stage
+        if accelerator.is_main_process:
+            recipe.save_best(accelerator.unwrap_model(model), run / "best")
 
 
 def _record_gradients(stats: dict[str, Any], adapter: MetaTT | None, task: int) -> None:

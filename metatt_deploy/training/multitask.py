@@ -10,14 +10,13 @@ The same recipe trains classifiers (`TaskData`: one head per task, accuracy) and
 models (`TextTask`, training/lm_data.py: no head, response-only loss, exact match of greedy
 answers with the perplexity of the references, as a single-task causal run scores them); what
 differs is the run's `TaskKind` (training/kinds.py), picked once from the type of its tasks.
+Parsing the train verb's options into a config and tasks is the CLI's (cli/train.py).
 """
 
 from __future__ import annotations
 
-import functools
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,8 +24,8 @@ import torch
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
-from metatt_deploy.adapters.base_model import DEFAULT_MODEL, load_tokenizer
-from metatt_deploy.adapters.config import MetaTTConfig
+from metatt_deploy.adapters.base_model import load_tokenizer
+from metatt_deploy.adapters.config import TEXT_COLUMNS, MetaTTConfig
 from metatt_deploy.adapters.heads import routers
 from metatt_deploy.adapters.model import get_adapter
 from metatt_deploy.adapters.multitask import (
@@ -35,29 +34,17 @@ from metatt_deploy.adapters.multitask import (
     extend_tasks,
     load_multitask,
     parameter_counts,
-    routed,
     save_multitask,
 )
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text
 from metatt_deploy.common.report import markdown_table, save_figure
-from metatt_deploy.training.config import DEFAULT_BATCH_SIZE, MultiTaskConfig
-from metatt_deploy.training.data import TaskData, load_task
+from metatt_deploy.training.config import MultiTaskConfig
+from metatt_deploy.training.data import SPLITS, TaskData, recorded_text_columns
 from metatt_deploy.training.guards import exclusive_run
-from metatt_deploy.training.kinds import AUTO, CAUSAL_LM_KIND, CLASSIFIER_KIND, kind_for_model, kind_of_task
-from metatt_deploy.training.lm_data import TextTask, load_text_task
-from metatt_deploy.training.lm_eval import evaluate_generation
-from metatt_deploy.training.loop import (
-    MODEL_INPUTS,
-    Recipe,
-    evaluate,
-    make_accelerator,
-    make_loader,
-    prepare_run,
-    rank_schedule,
-    run_loop,
-    start_ranks,
-)
+from metatt_deploy.training.kinds import CLASSIFIER_KIND, Scoring, TaskKind, TaskSpec, kind_of_task, with_task
+from metatt_deploy.training.lm_data import TextTask
+from metatt_deploy.training.loop import MODEL_INPUTS, Recipe, make_accelerator, prepare_run, rank_schedule, run_loop, start_ranks
 from metatt_deploy.training.metrics import PRIMARY_METRIC
 from metatt_deploy.training.sampling import task_loss_weights, task_probabilities
 
@@ -67,15 +54,6 @@ METRIC_SHORT = {"accuracy": "acc", "exact_match": "exact match"}  # the metric t
 
 
 # ---------------------------------------------------------------- task specs
-
-
-@dataclass
-class TaskSpec:
-    """One ``--task`` value: NAME=SOURCE, SOURCE a builtin/hub data set or data files."""
-
-    name: str
-    dataset: str | None = None
-    files: list[str] = field(default_factory=list)
 
 
 def parse_task_spec(text: str) -> TaskSpec:
@@ -93,38 +71,22 @@ def parse_task_spec(text: str) -> TaskSpec:
     if any(i.lower().endswith(DATA_SUFFIXES) for i in items):
         if not 1 <= len(items) <= 3 or not all(i.lower().endswith(DATA_SUFFIXES) for i in items):
             raise MetaTTError(f"bad --task '{text}': give 1 to 3 data files (train[,validation[,test]]), each {'/'.join(DATA_SUFFIXES)}")
-        return TaskSpec(name, files=items)
+        return TaskSpec(name, files=dict(zip(SPLITS, items)))
     if len(items) != 1:
         raise MetaTTError(f"bad --task '{text}': a data set name has no commas; files must end in {'/'.join(DATA_SUFFIXES)}")
     return TaskSpec(name, dataset=source)
 
 
-def load_task_spec(spec: TaskSpec | str, *, max_samples: dict[str, int] | None = None, seed: int = 0, **options):
-    """The TaskData of a ``--task`` value (named NAME), through data.load_task."""
+def load_task_spec(
+    spec: TaskSpec | str, kind: TaskKind = CLASSIFIER_KIND, *, max_samples: dict[str, int] | None = None, seed: int = 0, **options
+) -> TaskData | TextTask:
+    """The task of a ``--task`` value (named NAME), read as ``kind`` reads its data (column options: a classifier's)."""
     spec = parse_task_spec(spec) if isinstance(spec, str) else spec
-    files = dict(zip(("train", "validation", "test"), spec.files))
-    task = load_task(name=spec.name, dataset=spec.dataset, max_samples=max_samples, seed=seed, **files, **options)
-    task.name = spec.name
-    return task
-
-
-def load_text_spec(spec: TaskSpec | str, *, max_samples: dict[str, int] | None = None, seed: int = 0) -> TextTask:
-    """The TextTask of a ``--task`` value for a causal LM (builtin task as text-to-text, or prompt/response files)."""
-    spec = parse_task_spec(spec) if isinstance(spec, str) else spec
-    files = dict(zip(("train", "validation", "test"), spec.files))
-    task = load_text_task(dataset=spec.dataset, max_samples=max_samples, seed=seed, **files)
-    task.name = spec.name
-    return task
+    return kind.read(spec, max_samples, seed, options)
 
 
 def _core_names(config: MetaTTConfig) -> list[str]:
     return [f"G{k + 1} ({n})" for k, n in enumerate(config.mode_names)]
-
-
-def _with_task(collator, task: int, features):
-    batch = collator(features)
-    batch["task_ids"] = task
-    return batch
 
 
 def _freeze_for_new_task(mtm: MultiTaskModel, new: int):
@@ -166,12 +128,50 @@ def _save_best(model: nn.Module, directory: Path, tokenizer) -> None:
     save_multitask(cast(MultiTaskModel, model), directory, tokenizer, force=True)
 
 
-def _evaluate_lm(mtm: MultiTaskModel, task: int, split, tokenizer, batch_size: int) -> dict[str, Any]:
-    """Exact match and perplexity of one task of a multi-task causal LM (its slice routed for every step)."""
-    with routed(mtm.model, task):
-        metrics = evaluate_generation(mtm.model, tokenizer, split, batch_size)
-    mtm.train()
-    return {k: metrics[k] for k in ("exact_match", "perplexity", "examples")}
+def _start_model(cfg: MultiTaskConfig, kind: TaskKind, tasks: Sequence[TaskData | TextTask]):
+    """(model, tokenizer, ids of the tasks this run trains, the add-task restore hook or None).
+
+    Joint training builds a fresh (4+1)D adapter on the kind's base model; --add-task loads the
+    frozen adapter, which must be of the tasks' kind, and appends one task slice (and head).
+    """
+    if not cfg.add_task_from:
+        tokenizer = load_tokenizer(cfg.model)
+        mtm = build_multitask(
+            kind.load_base(cfg.model, tasks[0].label_names),
+            [t.name for t in tasks],
+            {t.name: t.label_names for t in tasks},
+            method=cfg.method,
+            rank=start_ranks(cfg, N_BONDS_4PLUS1[cfg.method]),
+            alpha=cfg.alpha,
+            init=cfg.init,
+            targets=cfg.targets,
+            base_model=cfg.model,
+            seed=cfg.seed,
+            extra={"max_length": cfg.max_length, TEXT_COLUMNS: recorded_text_columns(tasks)},
+        )
+        return mtm, tokenizer, list(range(len(tasks))), None
+    mtm, _, tokenizer = load_multitask(cfg.add_task_from, base_model=cfg.model)
+    if mtm.adapter_config.kind is not kind.model:
+        raise MetaTTError(
+            f"{cfg.add_task_from} is a {mtm.adapter_config.kind.name} adapter; add a task of the same kind "
+            f"(text-to-text tasks for a causal LM, labelled ones for a classifier), not a {kind.name} task"
+        )
+    columns = recorded_text_columns(tasks).get(tasks[0].name, [])
+    new = extend_tasks(mtm, tasks[0].name, tasks[0].label_names, seed=cfg.seed, text_columns=columns)
+    return mtm, tokenizer, [new], _freeze_for_new_task(mtm, new)
+
+
+def _announce(accelerator, mtm: MultiTaskModel, tasks: Sequence[TaskData | TextTask], probs, loss_weights) -> None:
+    """The run's first line: adapter size, task sampling and loss weights."""
+    counts, config = parameter_counts(mtm), mtm.adapter_config
+    accelerator.print(
+        f"{config.method} ({'+'.join(config.mode_names)}): {counts['adapter_total']:,} adapter parameters "
+        f"({counts['shared_cores']:,} shared), {counts['total']:,} with the heads; "
+        "task sampling "
+        + ", ".join(f"{t.name} {p:.2f}" for t, p in zip(tasks, probs))
+        + ("; loss weights " + ", ".join(f"{t.name} {w:g}" for t, w in zip(tasks, loss_weights)) if loss_weights else ""),
+        flush=True,
+    )
 
 
 @exclusive_run
@@ -188,62 +188,22 @@ def train_multitask(cfg: MultiTaskConfig, tasks: Sequence[TaskData | TextTask], 
     accelerator = make_accelerator(find_unused_parameters=True)
     run, resuming = prepare_run(cfg, force, accelerator)
     torch.manual_seed(cfg.seed)
-    restore = None
-    if cfg.add_task_from:
-        mtm, _, tokenizer = load_multitask(cfg.add_task_from, base_model=cfg.model)
-        if mtm.adapter_config.causal_lm != kind.causal:
-            what = "a causal LM" if mtm.adapter_config.causal_lm else "a classifier"
-            raise MetaTTError(f"{cfg.add_task_from} is {what}; add a task of the same kind (text-to-text tasks for a causal LM)")
-        new = extend_tasks(mtm, tasks[0].name, tasks[0].label_names, seed=cfg.seed)
-        restore = _freeze_for_new_task(mtm, new)
-        train_ids = [new]
-    else:
-        tokenizer = load_tokenizer(cfg.model)
-        model = kind.load_base(cfg.model, tasks[0].label_names)
-        mtm = build_multitask(
-            model,
-            [t.name for t in tasks],
-            {t.name: t.label_names for t in tasks},
-            method=cfg.method,
-            rank=start_ranks(cfg, N_BONDS_4PLUS1[cfg.method]),
-            alpha=cfg.alpha,
-            init=cfg.init,
-            targets=cfg.targets,
-            base_model=cfg.model,
-            seed=cfg.seed,
-            extra={"max_length": cfg.max_length},
-        )
-        train_ids = list(range(len(tasks)))
+    mtm, tokenizer, train_ids, restore = _start_model(cfg, kind, tasks)
     mtm.train()
-    adapter = mtm.metatt
-    schedule = rank_schedule(cfg, adapter)
-
+    schedule = rank_schedule(cfg, mtm.metatt)
     splits = []
     for task in tasks:
         s = kind.tokenize(task, tokenizer, cfg.max_length, mtm.model)
         if "train" not in s or "validation" not in s:
             raise MetaTTError(f"task '{task.name}' needs a train and a validation split; give train.jsonl,validation.jsonl")
         splits.append(s)
-    collator = kind.collator(tokenizer)
+    scoring = Scoring(accelerator, tokenizer, kind.collator(tokenizer), cfg.eval_batch_size)
     columns = [c for c in MODEL_INPUTS if c in splits[0]["train"].column_names]
     rows = [s["train"].select_columns(columns).to_list() for s in splits]
     probs = task_probabilities([len(r) for r in rows], cfg.task_sampling, cfg.temperature)
-    val_loaders = {
-        i: accelerator.prepare(make_loader(splits[k]["validation"], functools.partial(_with_task, collator, i), cfg.eval_batch_size))
-        for k, i in enumerate(train_ids)
-        if not kind.causal
-    }
-    counts = parameter_counts(mtm)
-    config = mtm.adapter_config
-    accelerator.print(
-        f"{config.method} ({'+'.join(config.mode_names)}): {counts['adapter_total']:,} adapter parameters "
-        f"({counts['shared_cores']:,} shared), {counts['total']:,} with the heads; "
-        "task sampling "
-        + ", ".join(f"{t.name} {p:.2f}" for t, p in zip(tasks, probs))
-        + ("; loss weights " + ", ".join(f"{t.name} {w:g}" for t, w in zip(tasks, loss_weights)) if loss_weights else ""),
-        flush=True,
-    )
-    core_names = _core_names(config)
+    validation = [kind.eval_input(splits[k]["validation"], i, scoring, True) for k, i in enumerate(train_ids)]
+    _announce(accelerator, mtm, tasks, probs, loss_weights)
+    core_names = _core_names(mtm.adapter_config)
 
     def gradient_fields(grad: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -252,15 +212,10 @@ def train_multitask(cfg: MultiTaskConfig, tasks: Sequence[TaskData | TextTask], 
         }
 
     def evaluate_epoch(model: nn.Module) -> tuple[dict[str, Any], float, str]:
-        if kind.causal:
-            m = cast(MultiTaskModel, accelerator.unwrap_model(model))
-            metrics = {
-                tasks[k].name: _evaluate_lm(m, i, splits[k]["validation"], tokenizer, cfg.eval_batch_size) for k, i in enumerate(train_ids)
-            }
-        else:
-            metrics = {
-                tasks[k].name: evaluate(model, val_loaders[i], accelerator, len(tasks[k].label_names)) for k, i in enumerate(train_ids)
-            }
+        metrics = {
+            tasks[k].name: kind.score_task(model, i, validation[k], scoring, len(tasks[k].label_names), True)
+            for k, i in enumerate(train_ids)
+        }
         fields, score = kind.score(metrics)
         mean = fields[f"mean_{primary}"]
         line = ", ".join(f"{n} {METRIC_SHORT[primary]} {m[primary]:.4f}" for n, m in metrics.items()) + f"; mean {mean:.4f}"
@@ -270,12 +225,12 @@ def train_multitask(cfg: MultiTaskConfig, tasks: Sequence[TaskData | TextTask], 
         model=mtm,
         rows=rows,
         probs=probs.tolist(),
-        collate=lambda t, batch_rows: _with_task(collator, train_ids[t], batch_rows),
+        collate=lambda t, batch_rows: with_task(scoring.collator, train_ids[t], batch_rows),
         evaluate=evaluate_epoch,
         save_best=lambda model, directory: _save_best(model, directory, tokenizer),
         param_groups=lambda model: _param_groups(cfg, model),
         task_names=[t.name for t in tasks],
-        adapter=adapter,
+        adapter=mtm.metatt,
         after_step=restore,
         gradient_fields=gradient_fields,
         description="train multi-task",
@@ -283,12 +238,22 @@ def train_multitask(cfg: MultiTaskConfig, tasks: Sequence[TaskData | TextTask], 
         loss_weights=loss_weights,
     )
     state = run_loop(cfg, run, resuming, recipe, accelerator)
+    result = _result(cfg, kind, mtm, tasks, rows, probs, train_ids, state)
+    if accelerator.is_main_process:
+        result["test"] = _test(cfg, kind, tasks, splits, scoring, run)
+        atomic_write_json(run / "metrics.json", result)
+        write_multitask_report(run, result)
+    accelerator.end_training()
+    return result
 
-    result = {
-        "method": config.method,
+
+def _result(cfg: MultiTaskConfig, kind: TaskKind, mtm: MultiTaskModel, tasks, rows, probs, train_ids: list[int], state: dict) -> dict:
+    """metrics.json's fields of a finished loop (the test scores are added by the main process)."""
+    return {
+        "method": mtm.adapter_config.method,
         "mode": "add-task" if cfg.add_task_from else "joint",
         "task_type": kind.name,
-        "primary_metric": primary,
+        "primary_metric": kind.primary_metric,
         "model": cfg.model,
         "tasks": [
             {
@@ -308,23 +273,19 @@ def train_multitask(cfg: MultiTaskConfig, tasks: Sequence[TaskData | TextTask], 
         "step_time_median_s": statistics.median(state["step_times"]) if state["step_times"] else None,
         "steps": state["global_step"],
     }
-    if accelerator.is_main_process:
-        best, _, _ = load_multitask(run / "best", base_model=cfg.model, tokenizer=False)
-        result["test"] = {}
-        for k, task in enumerate(tasks):
-            if "test" in splits[k]:
-                i = best.tasks.index(task.name)
-                if kind.causal:
-                    result["test"][task.name] = _evaluate_lm(
-                        best.to(accelerator.device), i, splits[k]["test"], tokenizer, cfg.eval_batch_size
-                    )
-                    continue
-                loader = make_loader(splits[k]["test"], functools.partial(_with_task, collator, i), cfg.eval_batch_size)
-                result["test"][task.name] = evaluate(best.to(accelerator.device), loader, None, len(task.label_names))
-        atomic_write_json(run / "metrics.json", result)
-        write_multitask_report(run, result)
-    accelerator.end_training()
-    return result
+
+
+def _test(cfg: MultiTaskConfig, kind: TaskKind, tasks, splits: list[dict], scoring: Scoring, run: Path) -> dict[str, Any]:
+    """Every task's test split scored in this process alone, with the best epoch's adapter reloaded from ``run/best``."""
+    best, _, _ = load_multitask(run / "best", base_model=cfg.model, tokenizer=False)
+    best = best.to(scoring.accelerator.device)
+    scores = {}
+    for k, task in enumerate(tasks):
+        if "test" in splits[k]:
+            i = best.tasks.index(task.name)
+            source = kind.eval_input(splits[k]["test"], i, scoring, False)
+            scores[task.name] = kind.score_task(best, i, source, scoring, len(task.label_names), False)
+    return scores
 
 
 def _trainable_summary(mtm: MultiTaskModel, trained: list[int]) -> dict:
@@ -421,61 +382,3 @@ def write_multitask_report(run: Path, result: dict) -> None:
     ax2.legend()
     ax2.grid(alpha=0.3)
     save_figure(fig, run / "curves.png")
-
-
-def train_from_cli(
-    *,
-    output: str,
-    specs: list[str],
-    add_task: str | None,
-    from_adapter: str | None,
-    text_columns=None,
-    label_column: str = "label",
-    label_names=None,
-    model: str | None = None,
-    task_kind: str = AUTO,
-    force: bool = False,
-    **knobs,
-) -> dict:
-    """`metatt-deploy train --task ... | --add-task ... --from ...`: load every task, build the config, train.
-
-    ``task_kind`` (auto, classification, causal-lm) as for a single-task run: auto reads it from
-    the model (the adapter's, with --add-task); causal-lm with the default model uses the
-    embedded decoder.
-    """
-    if add_task:
-        if specs:
-            raise MetaTTError("--add-task trains one new task against a frozen adapter; drop --task")
-        if not from_adapter:
-            raise MetaTTError("--add-task needs --from ADAPTER (the multi-task adapter to extend, a run's best/)")
-        base = MetaTTConfig.load(from_adapter)
-        if not base.multitask:
-            raise MetaTTError(f"{from_adapter} is a single-task adapter; --add-task extends one trained with several --task")
-        if model in (None, DEFAULT_MODEL):
-            model = base.base_model
-        if task_kind == AUTO:
-            task_kind = CAUSAL_LM_KIND.name if base.causal_lm else CLASSIFIER_KIND.name
-        specs = [add_task]
-    elif from_adapter:
-        raise MetaTTError("--from is used with --add-task only; add --add-task NAME=SOURCE")
-    kind = kind_for_model(model, task_kind)
-    model = kind.model_or_default(model)
-    parsed = [parse_task_spec(s) for s in specs]
-    names = [p.name for p in parsed]
-    if len(set(names)) != len(names):
-        raise MetaTTError(f"task names repeat ({', '.join(names)}); give each --task a distinct NAME")
-    if label_names and (len(parsed) > 1 or kind.causal):
-        raise MetaTTError("--labels names one classification task's labels; with several --task, or text-to-text tasks, drop it")
-    knobs["eval_batch_size"] = kind.eval_batch_size(knobs.get("batch_size", DEFAULT_BATCH_SIZE))
-    cfg = MultiTaskConfig(output=output, model=model, tasks=list(specs), add_task_from=from_adapter, **knobs)
-    cfg.check()
-    if kind.causal:
-        text_tasks = [load_text_spec(p, max_samples=cfg.sample_limits(), seed=cfg.seed) for p in parsed]
-        return train_multitask(cfg, text_tasks, force=force)
-    options = {"label_column": label_column}
-    if text_columns:
-        options["text_columns"] = text_columns
-    if label_names:
-        options["label_names"] = label_names
-    tasks = [load_task_spec(p, max_samples=cfg.sample_limits(), seed=cfg.seed, **options) for p in parsed]
-    return train_multitask(cfg, tasks, force=force)

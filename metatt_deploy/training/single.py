@@ -20,15 +20,17 @@ from transformers import DataCollatorWithPadding, PreTrainedModel
 
 from metatt_deploy.adapters import model as mt
 from metatt_deploy.adapters.base_model import load_classifier, load_tokenizer
+from metatt_deploy.adapters.config import TEXT_COLUMNS
 from metatt_deploy.adapters.layer import MetaTT
 from metatt_deploy.adapters.lora import load_lora, lora_record, write_lora_record
-from metatt_deploy.adapters.targets import find_targets, head_modules, is_causal_lm
+from metatt_deploy.adapters.model_kinds import head_modules, model_kind
+from metatt_deploy.adapters.targets import find_targets
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_dir, atomic_write_json
 from metatt_deploy.common.report import write_training_report
 from metatt_deploy.training.checkpoint import trainable_parameters
 from metatt_deploy.training.config import PEFT_METHODS, TrainConfig
-from metatt_deploy.training.data import TaskData, tokenize_task
+from metatt_deploy.training.data import TaskData, recorded_text_columns, tokenize_task
 from metatt_deploy.training.guards import exclusive_run
 from metatt_deploy.training.lm_data import TextTask
 from metatt_deploy.training.loop import (
@@ -49,10 +51,13 @@ from metatt_deploy.tt.cores import tt_ranks
 N_BONDS = {"metatt-4d": 3, "metatt-5d": 4}  # single-task adapters: modes - 1
 
 
-def wrap_model(cfg: TrainConfig, model: nn.Module, task_name: str, label_names: list[str]) -> tuple[nn.Module, MetaTT | None]:
+def wrap_model(
+    cfg: TrainConfig, model: nn.Module, task_name: str, label_names: list[str], text_columns: dict[str, list[str]] | None = None
+) -> tuple[nn.Module, MetaTT | None]:
     """Attach the adapter (MetaTT, PEFT LoRA or VeRA); returns (model to train, MetaTT adapter or None).
 
-    Causal LMs have no head (``label_names`` empty); their PEFT model is PEFT's causal-LM kind.
+    Causal LMs have no head (``label_names`` empty); their PEFT model is PEFT's kind for the base (adapters/model_kinds.py).
+    ``text_columns`` (`recorded_text_columns`) go into a MetaTT adapter's config.
     """
     if cfg.method in PEFT_METHODS:
         return get_peft_model(cast(PreTrainedModel, model), peft_config(cfg, model)), None
@@ -66,6 +71,7 @@ def wrap_model(cfg: TrainConfig, model: nn.Module, task_name: str, label_names: 
         tasks=[task_name],
         label_names={task_name: label_names},
         base_model=cfg.model,
+        extra={TEXT_COLUMNS: text_columns} if text_columns else None,
     )
     return model, mt.attach(model, config, seed=cfg.seed)
 
@@ -80,7 +86,7 @@ def peft_config(cfg: TrainConfig, model: nn.Module) -> PeftConfig:
     """
     _, _, modules = find_targets(model, cfg.targets)
     common: dict[str, Any] = dict(
-        task_type="CAUSAL_LM" if is_causal_lm(model) else None,
+        task_type=model_kind(model).peft_task_type,
         r=cfg.rank,
         target_modules=[m.name for m in modules],
         modules_to_save=head_modules(model),
@@ -115,6 +121,7 @@ def save_trained(cfg: TrainConfig, model: nn.Module, tokenizer, directory: Path,
             rank=cfg.rank,
             lora_alpha=cfg.lora_alpha or cfg.rank,
             targets=cfg.targets,
+            text_columns=recorded_text_columns([task]).get(task.name),
         )
         with atomic_dir(directory, force=True) as tmp:
             cast(PeftModel, model).save_pretrained(str(tmp), safe_serialization=True)
@@ -166,7 +173,9 @@ def train(cfg: TrainConfig, task: TaskData, force: bool = False) -> dict:
     run, resuming = prepare_run(cfg, force, accelerator)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
-    model, adapter = wrap_model(cfg, load_classifier(cfg.model, task.label_names), task.name, task.label_names)
+    model, adapter = wrap_model(
+        cfg, load_classifier(cfg.model, task.label_names), task.name, task.label_names, recorded_text_columns([task])
+    )
     schedule = rank_schedule(cfg, adapter)
 
     splits = tokenize_task(task, tokenizer, cfg.max_length)

@@ -18,7 +18,8 @@ from transformers import BertConfig, BertForSequenceClassification, BertModel
 
 from metatt_deploy.adapters.base_model import load_classifier, load_tokenizer, resolve_model
 from metatt_deploy.adapters.model import attach, build_config, load_adapter, save_adapter
-from metatt_deploy.adapters.targets import NEW_MODULES_ATTR, head_modules
+from metatt_deploy.adapters.model_kinds import head_modules
+from metatt_deploy.adapters.targets import NEW_MODULES_ATTR
 from metatt_deploy.common.errors import MetaTTError
 
 CONFIG = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, max_position_embeddings=64)

@@ -9,7 +9,8 @@ from tiny_models import save_tiny_bert
 
 from metatt_deploy.adapters.base_model import load_classifier
 from metatt_deploy.adapters.lora import LORA_RECORD, load_lora
-from metatt_deploy.adapters.model import base_fingerprint, fingerprint, head_modules
+from metatt_deploy.adapters.model import base_fingerprint, fingerprint
+from metatt_deploy.adapters.model_kinds import head_modules
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.training.config import TrainConfig
 from metatt_deploy.training.single import train

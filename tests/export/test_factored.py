@@ -24,7 +24,7 @@ from metatt_deploy.adapters import model as mt
 from metatt_deploy.adapters.heads import PAD_LOGIT, routers
 from metatt_deploy.adapters.multitask import extend_tasks, save_multitask
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.export.factored import load_bundle, write_bundle
+from metatt_deploy.export.factored import folder_bytes, load_bundle, write_bundle
 from metatt_deploy.export.merge import merge_adapter
 from metatt_deploy.inference.formats import ADAPTER_GRAPH, BUNDLE_JSON, SHARED_FILE, TASK_GRAPH, TASKS_DIR, read_bundle, task_records
 
@@ -92,6 +92,11 @@ def test_bundle_layout_and_each_weight_once(tiny) -> None:
         adapter_size = sum(c.numel() for c in mtm.metatt.cores)
         heads = sum(p.numel() for r in routers(mtm.model) for p in r.parameters())
         assert total <= sum(p.numel() for p in base_params.values()) + adapter_size + heads
+    # model_adapter.onnx reads the base from base/model.safetensors (model_tasks.onnx keeps a copy for the web app)
+    weights = (bundle / "base" / "model.safetensors").stat().st_size
+    assert info["onnx"]["adapter_graph"]["external_data"]["shared_bytes"] > 0.9 * weights
+    assert (bundle / ADAPTER_GRAPH).stat().st_size < 0.2 * (bundle / TASK_GRAPH).stat().st_size
+    assert "external_data" not in info["onnx"]["task_graph"]
 
 
 def _references(mtm, tokenizer, texts, t):
@@ -184,7 +189,8 @@ def test_a_task_trained_later_joins_the_deployed_bundle(tiny, tmp_path) -> None:
                 p.add_(0.2)
     grown_dir = save_multitask(grown, tmp_path / "grown", tokenizer)
     summary = write_bundle(grown_dir, deployed, tasks=["late"])
-    assert summary == {"bundle": str(deployed), "bundle_id": read_bundle(deployed)["bundle_id"], "tasks": ["late"], "added": True}
+    expected = {"bundle": str(deployed), "bundle_id": read_bundle(deployed)["bundle_id"], "tasks": ["late"], "added": True}
+    assert summary == {**expected, "bytes": folder_bytes(deployed)}
     assert all((deployed / f).read_bytes() == b for f, b in graphs.items())  # nothing re-exported
     assert [r["task"] for r in task_records(deployed)] == [*LABELS, "late"]
     enc = encode(tokenizer, SENTENCES)

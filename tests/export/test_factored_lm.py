@@ -17,7 +17,7 @@ from tiny_decoders import save_tiny_multitask
 from metatt_deploy.adapters.base_model import load_tokenizer
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.export.decoder_runs import greedy, load_ort_decoder
-from metatt_deploy.export.factored import load_bundle
+from metatt_deploy.export.factored import folder_bytes, load_bundle
 from metatt_deploy.export.merge import merge_adapter, merge_factored
 from metatt_deploy.export.onnx import export_onnx
 from metatt_deploy.inference.decode import until_eos
@@ -61,6 +61,39 @@ def test_decoder_bundle_holds_base_and_shared_cores_once_and_a_slice_per_task(bu
     default = next(i for i in adapter_graph.graph.initializer if i.name == "task_slice")
     assert list(default.dims) == [0, 4]  # an empty default: a run without an active adapter fails
     assert load_bundle(out).tasks == TASKS
+
+
+def test_bundle_stores_the_base_once_and_reports_its_real_size(tmp_path) -> None:
+    """Both graphs read the base from base/model.safetensors: the whole bundle (base + two graphs + tasks +
+    tokenizer) is under 1.2x one merged export of the same model (it was 3.0x with a copy in each graph).
+    A wider tiny Llama, so that weights outweigh the graphs' nodes as in a real model."""
+    base, adapter = save_tiny_multitask(tmp_path, TASKS, 1, hidden=256)
+    summary = merge_factored(adapter, tmp_path / "bundle")
+    out = tmp_path / "bundle"
+    merge_adapter(adapter, tmp_path / "merged", task="sent")
+    merged = export_onnx(tmp_path / "merged", tmp_path / "onnx")
+    merged_bytes = folder_bytes(Path(merged))
+    weights = (out / "base" / "model.safetensors").stat().st_size
+    assert weights > 0.8 * merged_bytes  # the check below is about weights, not the graphs' nodes
+    assert summary["bytes"] == folder_bytes(out) < 1.2 * merged_bytes, (summary["bytes"], merged_bytes)
+    info = json.loads((out / "bundle.json").read_text())
+    assert info["bytes_without_bundle_json"] == summary["bytes"] - (out / "bundle.json").stat().st_size
+    for key, graph_file in (("adapter_graph", ADAPTER_GRAPH), ("task_graph", TASK_GRAPH)):
+        shared = info["onnx"][key]["external_data"]
+        assert shared["files"] == ["base/model.safetensors"] and shared["shared_bytes"] > 0.95 * weights, shared
+        # independent of the writer: every external initializer names that file, and the graph file is small
+        graph = onnx.load(str(out / graph_file), load_external_data=False)
+        external = [i for i in graph.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
+        assert external and {e.value for i in external for e in i.external_data if e.key == "location"} == {"base/model.safetensors"}
+        assert (out / graph_file).stat().st_size < 0.2 * weights
+    # the factored graph, reading the shared file, gives the merged export's logits (the same task, greedy)
+    tok = load_tokenizer(str(out / "base"))
+    ids = tok.apply_chat_template([{"role": "user", "content": PROMPTS[2]}], add_generation_prompt=True)
+    gen = Generator(out, form="tasks")
+    gen.use("sent")
+    assert gen.greedy(ids, NEW) == until_eos(
+        greedy(load_ort_decoder(merged), ids, NEW, tok.eos_token_id, tok.pad_token_id), tok.eos_token_id
+    )
 
 
 def test_generation_per_task_is_token_identical_to_that_tasks_merged_export(bundle) -> None:

@@ -26,8 +26,12 @@ from metatt_deploy.adapters.model import attach, build_config, get_adapter, load
 from metatt_deploy.cli import app
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.export.merge import MERGE_RECORD, merge_adapter, merge_factored
+from metatt_deploy.export.onnx import export_onnx
 from metatt_deploy.export.peft import to_peft
+from metatt_deploy.inference.formats import read_manifest
+from metatt_deploy.inference.tasks import text_inputs
 from metatt_deploy.training.config import TrainConfig
+from metatt_deploy.training.data import load_task
 from metatt_deploy.training.single import train
 from metatt_deploy.tt.cores import tt_full, tt_ranks
 from metatt_deploy.tt.rounding import round_tt, sweep
@@ -224,6 +228,7 @@ def lora_run(tiny_base, tiny_task, tmp_path_factory) -> Path:
 def test_lora_run_merges_like_a_metatt_adapter(lora_run, tiny_task, tmp_path) -> None:
     record = merge_adapter(lora_run, tmp_path / "merged")
     assert (record["method"], record["task"], record["ranks"]) == ("lora", tiny_task.name, [4])
+    assert record["text_columns"] == list(tiny_task.text_columns) == ["text"]  # recorded by training, carried by merge
     assert json.loads((tmp_path / "merged" / MERGE_RECORD).read_text()) == record
     peft_model, lora, tokenizer = load_lora(lora_run)
     assert lora["label_names"] == tiny_task.label_names
@@ -235,6 +240,27 @@ def test_lora_run_merges_like_a_metatt_adapter(lora_run, tiny_task, tmp_path) ->
     assert (expected - got).abs().max() <= 1e-5
     with torch.no_grad(), peft_model.disable_adapter():
         assert (peft_model(**enc).logits - expected).abs().max() > 1e-4  # the LoRA pairs do something
+
+
+def test_a_pair_tasks_recorded_columns_reach_the_export_and_predict_refuses_one_sentence(tiny_base_128, tmp_path) -> None:
+    """Trained on sentence pairs with labels that name no relation: only the recorded columns can tell predict it is a pair task."""
+    for split, n in (("train", 16), ("validation", 8)):
+        rows = [{"sentence1": f"a cat {i}", "sentence2": f"a dog {i % 3}", "label": "same" if i % 2 else "other"} for i in range(n)]
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = load_task(train=str(tmp_path / "train.jsonl"), validation=str(tmp_path / "validation.jsonl"))
+    assert task.text_columns == ("sentence1", "sentence2") and text_inputs({"labels": task.label_names}) == 1  # labels say single
+    cfg = TrainConfig(output=str(tmp_path / "run"), model=str(tiny_base_128), rank=4, epochs=1, batch_size=8, max_length=16)
+    train(cfg, task)
+    record = merge_adapter(tmp_path / "run" / "best", tmp_path / "merged")
+    assert record["text_columns"] == ["sentence1", "sentence2"]
+    export_onnx(tmp_path / "merged", tmp_path / "onnx")
+    assert read_manifest(tmp_path / "onnx")["text_columns"] == ["sentence1", "sentence2"]
+    runner = CliRunner()
+    result = runner.invoke(app, ["predict", str(tmp_path / "onnx"), "--text", "a cat sleeps"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "takes a sentence pair" in lines[0], result.output
+    result = runner.invoke(app, ["predict", str(tmp_path / "onnx"), "--text", "a cat 1 ||| a dog 1"])
+    assert result.exit_code == 0 and json.loads(result.output.strip().splitlines()[0])["label"] in ("same", "other"), result.output
 
 
 def test_lora_refusals(lora_run, tmp_path) -> None:

@@ -62,6 +62,8 @@ def test_fp32_export_parity_manifest_and_ort_loading(tiny, fp32):
         assert parity["max_abs_logit_diff"] <= FP32_ATOL == parity["tolerance"]
         assert parity["label_agreement"] == 1.0 and parity["examples"] == len(SAMPLE_SENTENCES) + 1
         assert parity["max_abs_logit"] > 0.1  # the tiny model's logits are not all ~0: the bound means something
+        # judged against float64 PyTorch too: both distances and the float32 reference's own rounding are recorded
+        assert 0 < parity["reference_float32_vs_float64"] < FP32_ATOL and parity["max_abs_diff_float64"] <= FP32_ATOL
     assert m["parity"]["final"]["loaded_with"].endswith("ORTModelForSequenceClassification")
     # provenance: adapter (from metatt_merge.json), base model, versions, opset, hashes
     assert m["adapter"]["path"] == str(tiny.adapter.resolve()) and m["adapter"]["method"] == "metatt-4d"
@@ -154,7 +156,7 @@ def test_cli_export(tiny, fp32, tmp_path):
         assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
     result = runner.invoke(app, ["export", str(tiny.merged), "-o", str(tmp_path / "cli"), "--optimize"])
     assert result.exit_code == 0, result.output
-    assert "max |logit diff|" in result.output and "Attention 2" in result.output
+    assert "max |logit diff| vs PyTorch float32 " in result.output and ", float64 " in result.output and "Attention 2" in result.output
     assert (tmp_path / "cli" / "model.onnx").is_file()
 
 
@@ -207,8 +209,29 @@ def test_non_finite_weights_and_parity_figures_fail(tiny, tmp_path):
     with pytest.raises(MetaTTError, match="model weight classifier.bias holds NaN or Inf"):
         export_onnx(broken, tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    with pytest.raises(MetaTTError, match="differs from the PyTorch model by nan"):
-        export_module._enforce({"max_abs_logit_diff": float("nan"), "tolerance": FP32_ATOL}, "the ONNX export")
+
+
+def test_a_wrong_graph_fails_against_both_float32_and_float64_pytorch(tiny, tmp_path, monkeypatch):
+    """A perturbed initializer (the head's bias, +1e-2): far from both references, so not float32 rounding."""
+    import onnx
+    from onnx import numpy_helper
+
+    run_main_export = export_module._run_main_export
+
+    def perturbed(source, tmp, opset):
+        run_main_export(source, tmp, opset)
+        graph = onnx.load(str(tmp / "model.onnx"))
+        bias = next(i for i in graph.graph.initializer if i.name == "classifier.bias")
+        bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + np.float32(1e-2), bias.name))
+        onnx.save(graph, str(tmp / "model.onnx"))
+
+    monkeypatch.setattr(export_module, "_run_main_export", perturbed)
+    with pytest.raises(MetaTTError) as e:
+        export_onnx(tiny.merged, tmp_path / "wrong")
+    message = str(e.value)
+    assert message.startswith("the fp32 ONNX export differs from the PyTorch model (max |logit diff| 0.01 from float64 PyTorch and 0.01")
+    assert "so float32 rounding cannot explain it); the graph computes something else than the model" in message
+    assert not (tmp_path / "wrong").exists()
 
 
 def test_mpnet_adapter_merges_and_exports_within_fp32_parity(tmp_path):

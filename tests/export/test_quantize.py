@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.export.onnx import export_onnx
+from metatt_deploy.export.options import Calibration
 from metatt_deploy.export.quantize import cpu_flags, default_reduce_range, has_vnni, load_calibration_rows
 
 WORDS = ["good", "bad", "great", "awful", "fine", "dull", "lovely", "boring"]
@@ -25,7 +26,7 @@ def static(tmp_path_factory):
     data = root / "calibration.jsonl"
     rows = [{"text": f"this film was {WORDS[i % 8]} and {WORDS[(i * 3) % 8]} " * (1 + i % 4), "label": str(i % 2)} for i in range(60)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return tiny, export_onnx(tiny.merged, root / "static", quantize="int8-static", calibration=str(data), calibration_rows=32)
+    return tiny, export_onnx(tiny.merged, root / "static", quantize="int8-static", calibration=Calibration(str(data), max_rows=32))
 
 
 def test_reduce_range_only_without_vnni(tmp_path) -> None:
@@ -81,9 +82,7 @@ def test_histogram_calibration_pads_rows_to_one_shape(static, tmp_path) -> None:
         tiny.merged,
         tmp_path / "pct",
         quantize="int8-static",
-        calibration=str(data),
-        calibration_method="percentile",
-        fp32_down_projections=False,
+        calibration=Calibration(str(data), method="percentile", fp32_down_projections=False),
     )
     q = json.loads((out / "manifest.json").read_text())["quantization"]
     assert q["calibration"]["method"] == "percentile" and q["calibration"]["fed"].startswith("one row per call, zero-padded")
@@ -99,7 +98,7 @@ def test_calibration_errors(tmp_path) -> None:
     with pytest.raises(MetaTTError, match="needs --calibration"):
         export_onnx(tiny.merged, tmp_path / "out", quantize="int8-static")
     with pytest.raises(MetaTTError, match="--calibration applies to --quantize"):
-        export_onnx(tiny.merged, tmp_path / "out", calibration="movie-sentiment")
+        export_onnx(tiny.merged, tmp_path / "out", calibration=Calibration("movie-sentiment"))
     with pytest.raises(MetaTTError, match="unknown layout"):
         export_onnx(tiny.merged, tmp_path / "out", layout="tfjs")
     with pytest.raises(MetaTTError, match="unknown format"):
@@ -113,5 +112,5 @@ def test_static_calibration_rows_are_truncated_to_the_models_own_length(tmp_path
     save_tiny_bert(base, 0, intermediate_size=64, max_position_embeddings=48, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
     data = tmp_path / "long.jsonl"
     data.write_text("".join(json.dumps({"text": "a long review " * 50, "label": str(i % 2)}) + "\n" for i in range(8)))
-    out = export_onnx(base, tmp_path / "static", quantize="int8-static", calibration=str(data), calibration_rows=8)
+    out = export_onnx(base, tmp_path / "static", quantize="int8-static", calibration=Calibration(str(data), max_rows=8))
     assert json.loads((out / "manifest.json").read_text())["variant"]["quantize"] == "int8-static"

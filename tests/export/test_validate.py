@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 from onnx_fixtures import LABELLED, build_tiny, write_jsonl
 from typer.testing import CliRunner
@@ -13,7 +12,7 @@ from typer.testing import CliRunner
 from metatt_deploy.cli import app
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.export.onnx import FP32_ATOL, export_onnx
-from metatt_deploy.export.validate import REPORT_JSON, REPORT_MD, parity_figures, report_paths, summarize, time_round_robin, validate
+from metatt_deploy.export.validate import REPORT_JSON, REPORT_MD, report_paths, validate
 
 FAST = dict(batch_sizes=(1, 2), seq_len=16, repeats=3, warmup=1)
 
@@ -166,42 +165,7 @@ def test_reports_go_beside_the_bundle_not_into_it(tiny, exports, tmp_path):
     assert report_paths(bundle, tmp_path / "r") == (tmp_path / "r" / REPORT_JSON, tmp_path / "r" / REPORT_MD)
 
 
-def test_round_robin_timing_and_summary():
-    calls = {"a": 0, "b": 0}
-
-    def make(key):
-        def fn():
-            calls[key] += 1
-
-        return fn
-
-    times = time_round_robin({"a": make("a"), "b": make("b")}, warmup=2, repeats=7, rounds=3)
-    assert [len(times["a"]), len(times["b"])] == [7, 7]
-    assert calls == {"a": 7 + 2 + 1 + 1, "b": 7 + 2 + 1 + 1}  # warm-up 2 on the first round, 1 after
-    s = summarize([0.001, 0.002, 0.003])
-    assert s["p50_ms"] == 2.0 and s["repeats"] == 3 and s["p95_ms"] <= 3.0
-
-
-# ------------------------------------------------------------------ issue 10: provenance, relative parity, NaN
-
-
-def test_parity_figures_relative_to_the_adapters_effect():
-    base = np.zeros((4, 2), dtype=np.float32)
-    pt = base + np.float32(5e-5)  # an adapter that moves the logits by less than the 1e-4 tolerance
-    honest = validation_figures(pt, pt + np.float32(1e-7), base)
-    assert honest["passed"] and honest["relative_to_adapter_effect"] == pytest.approx(2e-3, rel=0.1)
-    lost = validation_figures(pt, base.copy(), base)  # an export without the update: within 1e-4, yet wrong
-    assert lost["max_abs_logit_diff"] < FP32_ATOL and lost["closer_to_base"] and not lost["passed"]
-    assert "closer to the base model" in lost["failure"]
-    nan = validation_figures(pt, np.full_like(pt, np.nan), base)
-    assert not nan["passed"] and nan["failure"] == "NaN or Inf logits"
-    assert not parity_figures(pt, np.full_like(pt, np.nan), base, None)["passed"]  # int8: reported only, but NaN fails
-    zero = validation_figures(base, base.copy(), base)  # a fresh (zero) adapter: nothing to tell apart, passes
-    assert zero["passed"] and zero["relative_to_adapter_effect"] is None
-
-
-def validation_figures(pt, ox, base):
-    return parity_figures(pt, ox, base, FP32_ATOL)
+# ------------------------------------------------------------------ issue 10: provenance (relative parity: tests/export/test_parity.py)
 
 
 def test_an_export_of_another_adapter_is_refused_before_any_work(tiny, exports, tmp_path):

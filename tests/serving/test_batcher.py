@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from metatt_deploy.serving.batcher import Batcher, Closed, QueueFull
+from metatt_deploy.serving.batcher import Batcher, Closed, QueueFull, answer_rows
 
 
 class Fake:
@@ -120,3 +120,21 @@ def test_close_drains_queued_rows_then_refuses() -> None:
 
     run(main())
     assert sum(map(len, fake.calls)) == 7
+
+
+def test_answer_rows_gives_each_failing_row_its_own_exception_and_the_others_their_logits() -> None:
+    """The rule both batchers (ours and Ray's @serve.batch) apply: one call; if it raises, each row alone."""
+    fake = Fake()
+
+    def poisoned(texts, tasks):
+        if "poison" in texts:
+            raise ValueError("poison")
+        return fake(texts, tasks)
+
+    answers = answer_rows(poisoned, ["ab", "poison", "abc"], ["t", "u", "t"])
+    assert isinstance(answers[1], ValueError)
+    assert [a.tolist() for a in (answers[0], answers[2])] == [[2, ord("t")], [3, ord("t")]]
+    assert fake.calls == [["t"], ["t"]]  # the failed shared call, then each row alone (the poisoned one failed again)
+    short = answer_rows(lambda texts, tasks: fake(texts, tasks)[:1], ["a", "b"], ["t", "t"])  # a model answering too few rows
+    assert [type(a) for a in short] == [np.ndarray, np.ndarray]  # alone, each row is answered
+    assert isinstance(answer_rows(lambda texts, tasks: [], ["a"], ["t"])[0], RuntimeError)

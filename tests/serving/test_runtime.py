@@ -26,7 +26,7 @@ from metatt_deploy.export.factored import write_bundle
 from metatt_deploy.export.onnx import export_onnx
 from metatt_deploy.inference.formats import TASKS_DIR
 from metatt_deploy.inference.tasks import text_inputs
-from metatt_deploy.serving.runtime import Runtime, read_inputs
+from metatt_deploy.serving.runtime import Runtime, length_buckets, read_inputs
 
 TOL = 1e-4
 TEXTS = ["A wonderful film.", ("A man sleeps.", "A man is awake."), "ok", "Dull and slow."]
@@ -70,6 +70,50 @@ def test_predict_any_task_and_mixed_batches_without_reloading(served) -> None:
     for text, task, row in zip(TEXTS, TASKS, mixed):
         assert np.abs(ra.logits([text], task=task)[0] - row).max() <= TOL
     assert set(ra._adapters) == {"movie", "nli", "four"}
+
+
+def partitions(items: list[int]):
+    """Every way to split ``items`` into non-empty groups (the brute-force reference for `length_buckets`)."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for split in partitions(rest):
+        yield [[first], *split]
+        for k in range(len(split)):
+            yield [*split[:k], [first, *split[k]], *split[k + 1 :]]
+
+
+def cost(groups: list[list[int]], lengths: list[int], overhead: int) -> int:
+    return sum(overhead + len(g) * max(lengths[i] for i in g) for g in groups)
+
+
+@pytest.mark.parametrize("overhead", [0, 8, 64, 1000])
+def test_length_buckets_cost_no_more_than_the_best_split_found_by_brute_force(overhead: int) -> None:
+    rng = np.random.default_rng(overhead)
+    for _ in range(30):
+        lengths = rng.integers(3, 120, size=int(rng.integers(1, 8))).tolist()
+        buckets = length_buckets(lengths, overhead)
+        assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))  # every row once
+        assert cost(buckets, lengths, overhead) == min(cost(p, lengths, overhead) for p in partitions(list(range(len(lengths)))))
+    assert length_buckets([9, 9, 9], 0) == [[0, 1, 2]]  # equal lengths: one call, however cheap a call is
+    assert length_buckets([5, 100, 6], 1000) == [[0, 2, 1]]  # calls dearer than any padding: one call
+
+
+def test_rows_of_different_lengths_run_in_calls_of_their_own_length_and_equal_each_row_alone(served, monkeypatch) -> None:
+    _, _, mtm, tokenizer, bundle = served
+    rt = Runtime(bundle, threads=1)
+    long = "A wonderful film, " * 20 + "truly."
+    texts = ["ok", long, ("A man sleeps.", "A man is awake."), "fine", long + " Yes.", "Dull."]
+    tasks = ["four", "movie", "nli", "movie", "four", "four"]
+    widths: list[int] = []
+    run = rt._run
+    monkeypatch.setattr(rt, "_run", lambda enc, names: widths.append(enc["input_ids"].shape[1]) or run(enc, names))
+    mixed = rt.logits(texts, tasks=tasks)
+    assert len(widths) >= 2 and min(widths) < 16 < max(widths)  # the short rows were not padded to the long ones
+    for text, task, row in zip(texts, tasks, mixed):
+        assert np.abs(row - reference(mtm, tokenizer, text, task)).max() <= TOL
+        assert np.abs(row - rt.logits([text], task=task)[0]).max() <= 1e-5
 
 
 def test_unknown_tasks_and_bad_inputs_are_errors(served) -> None:

@@ -21,16 +21,18 @@ import pytest
 import uvicorn
 from multitask_fixtures import build_tiny_multitask
 from servers import free_port, stop, uvicorn_thread, wait_ready
+from tiny_decoders import save_tiny_multitask
 from typer.testing import CliRunner
 
 from metatt_deploy.cli import app as cli
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.export.factored import write_bundle
+from metatt_deploy.export.merge import merge_factored
 from metatt_deploy.serving import http as http_module
 from metatt_deploy.serving.app import create_app
 from metatt_deploy.serving.http import ServeSettings
 from metatt_deploy.serving.runtime import Runtime
-from metatt_deploy.serving.server import ServeConfig, read_admin_token
+from metatt_deploy.serving.server import CONFIG_ENV, ServeConfig, app_from_env, read_admin_token
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -75,6 +77,7 @@ def test_a_server_that_cannot_serve_exits_2_with_one_line(bundle: Path, tmp_path
     runner = CliRunner()
     for args, match in (
         ([str(tmp_path / "missing")], "not found"),
+        ([str(tmp_path / "missing"), "--ray-replicas", "1"], "not found"),  # before Ray starts
         ([str(data)], "is not a factored bundle"),
         ([str(tmp_path / "folder")], "neither a factored bundle"),
         ([str(bundle), "--form", "fast"], "unknown form 'fast'"),
@@ -311,3 +314,18 @@ def test_requests_sent_during_shutdown_are_answered(bundle: Path, monkeypatch) -
         status, _ = http_answer(idle)
         idle.close()
         assert status == 200
+
+
+def test_the_export_task_type_picks_the_app_in_every_worker(bundle: Path, tmp_path: Path, monkeypatch) -> None:
+    """A worker process's app (built from the environment, model loaded in its lifespan) is the classify API for a classifier
+    and the OpenAI API for a decoder bundle: one table keyed by the export's task type, not a branch per call site."""
+    _, adapter = save_tiny_multitask(tmp_path, ["alpha", "beta"], seed=1)
+    merge_factored(adapter, tmp_path / "llm")
+    for model, route, body in (
+        (bundle, "/v1/classify", {"task": "movie", "texts": ["fine"]}),
+        (tmp_path / "llm", "/v1/completions", {"model": "beta", "prompt": "fine", "max_tokens": 2}),
+    ):
+        monkeypatch.setenv(CONFIG_ENV, ServeConfig(model=str(model), threads=1).to_json())
+        with uvicorn_thread(app_from_env(), ServeSettings()) as (url, _):
+            r = httpx.post(url + route, json=body, timeout=30)
+            assert r.status_code == 200, r.text

@@ -69,11 +69,14 @@ def test_cli_trains_a_decoder_from_its_architecture_and_refuses_mismatched_data(
     base = save_tiny_decoder(tmp_path, "llama")
     paths = write_task(tmp_path)
     common = ["train", "--model", str(base), "--rank", "2", "--targets", "q,v", "--epochs", "1", "--batch-size", "16", "--max-length", "64"]
-    result = CliRunner().invoke(
-        app, [*common, "--train", str(paths["train"]), "--validation", str(paths["validation"]), "-o", str(tmp_path / "r")]
-    )
+    data = ["--train", str(paths["train"]), "--validation", str(paths["validation"])]
+    result = CliRunner().invoke(app, [*common, *data, "--task-name", "qa", "-o", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
     assert "best validation exact match" in result.output
+    assert MetaTTConfig.load(tmp_path / "r" / "best").tasks == ["qa"]  # --task-name names a decoder's task too
+    result = CliRunner().invoke(app, [*common, *data, "--labels", "yes,no", "-o", str(tmp_path / "labels")])
+    assert result.exit_code == 2 and "--labels names one classification task's labels" in result.output
+    assert not (tmp_path / "labels").exists()
     # a classification file handed to a causal-LM run, and text-to-text data handed to a classifier run
     result = CliRunner().invoke(app, [*common, "--train", str(tiny_task_dir / "train.jsonl"), "-o", str(tmp_path / "bad")])
     assert result.exit_code == 2 and "not prompt/response or messages" in result.output

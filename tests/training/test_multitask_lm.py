@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from multitask_fixtures import assert_only_new_slice_moved
+from multitask_fixtures import assert_only_new_slice_moved, train_specs
 from tiny_decoders import save_tiny_decoder
 from typer.testing import CliRunner
 
 from metatt_deploy.adapters.multitask import bundle_id, load_multitask
 from metatt_deploy.cli import app
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.training.multitask import train_from_cli
 
 TASKS = {
     "sent": [(f"Review: this was {w} today", a) for w, a in (("good", "positive"), ("bad", "negative"), ("great", "positive"))],
@@ -39,7 +38,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("mt-lm")
     base = save_tiny_decoder(root, "llama")
     specs = [_files(root, "sent", 24), _files(root, "nli", 16), _files(root, "city", 16)]
-    result = train_from_cli(output=str(root / "run"), specs=specs, add_task=None, from_adapter=None, model=str(base), **KNOBS)
+    result = train_specs(str(root / "run"), specs, model=str(base), **KNOBS)
     return root, base, result
 
 
@@ -84,9 +83,7 @@ def test_causal_multitask_model_routes_tasks_per_row_and_per_generation(trained)
 def test_add_task_to_a_causal_adapter_moves_only_its_slice(trained) -> None:
     root, _, _ = trained
     spec = _files(root, "city", 8).replace("city=", "extra=")
-    result = train_from_cli(
-        output=str(root / "added"), specs=[], add_task=spec, from_adapter=str(root / "run" / "best"), model=None, epochs=1, batch_size=8
-    )
+    result = train_specs(str(root / "added"), [spec], add_task_from=str(root / "run" / "best"), epochs=1, batch_size=8)
     old, old_cfg, _ = load_multitask(root / "run" / "best", tokenizer=False)
     new, new_cfg, _ = load_multitask(root / "added" / "best", tokenizer=False)
     assert new_cfg.tasks == ["sent", "nli", "city", "extra"] and new_cfg.causal_lm

@@ -11,14 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from multitask_fixtures import assert_only_new_slice_moved, build_tiny_multitask
+from multitask_fixtures import assert_only_new_slice_moved, build_tiny_multitask, train_specs
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from metatt_deploy.adapters.heads import routers
 from metatt_deploy.adapters.multitask import bundle_id, load_multitask
+from metatt_deploy.cli import app
 from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.export.factored import write_bundle
+from metatt_deploy.inference.formats import task_records
 from metatt_deploy.training.config import MultiTaskConfig
-from metatt_deploy.training.multitask import parse_task_spec, train_from_cli
+from metatt_deploy.training.multitask import parse_task_spec
 from metatt_deploy.training.sampling import epoch_plan, parse_task_weights, task_loss_weights, task_probabilities
 
 # ---------------------------------------------------------------- specs and sampling
@@ -27,9 +31,9 @@ from metatt_deploy.training.sampling import epoch_plan, parse_task_weights, task
 def test_task_specs() -> None:
     assert parse_task_spec("snli") == parse_task_spec("snli=snli")
     s = parse_task_spec("nli=snli")
-    assert (s.name, s.dataset, s.files) == ("nli", "snli", [])
+    assert (s.name, s.dataset, s.files) == ("nli", "snli", {})
     s = parse_task_spec("mine=data/tr.jsonl, data/va.csv,data/te.tsv")
-    assert s.dataset is None and s.files == ["data/tr.jsonl", "data/va.csv", "data/te.tsv"]
+    assert s.dataset is None and s.files == {"train": "data/tr.jsonl", "validation": "data/va.csv", "test": "data/te.tsv"}
     assert parse_task_spec("g=glue/mrpc").dataset == "glue/mrpc"
     for bad in ("=snli", "a b=snli", "x=a.jsonl,b.txt", "x=a.jsonl,b.jsonl,c.jsonl,d.jsonl", "x=snli,imdb"):
         with pytest.raises(MetaTTError, match="--task"):
@@ -122,6 +126,13 @@ def _nli(rng):
     }
 
 
+def _pair(rng):
+    """A pair task whose labels name no relation: only its recorded text columns say it takes pairs."""
+    i = rng.randrange(20)
+    j = i if i % 2 else i + 1
+    return {"sentence1": f"item {i}", "sentence2": f"item {j}", "label": "same" if i == j else "other"}
+
+
 def _four(rng):
     i = rng.randrange(20)
     return {"text": f"item {i} here", "label": f"c{i % 4}"}
@@ -135,7 +146,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("mt-train")
     base, _, _, _ = build_tiny_multitask(root)
     specs = [_task_files(root, "sent", _sentiment, 24), _task_files(root, "nli", _nli, 16), _task_files(root, "four", _four, 20)]
-    result = train_from_cli(output=str(root / "run"), specs=specs, add_task=None, from_adapter=None, model=str(base), **KNOBS)
+    result = train_specs(str(root / "run"), specs, model=str(base), **KNOBS)
     return root, base, specs, result
 
 
@@ -162,11 +173,9 @@ def test_joint_training_logs_every_task_and_core(trained) -> None:
 def test_rank_schedule_in_a_joint_run_ends_at_the_final_ranks(trained) -> None:
     """The one loop cuts a (4+1)D train too; best/ is chosen among epochs at the final ranks."""
     root, base, specs, _ = trained
-    result = train_from_cli(
-        output=str(root / "scheduled"),
-        specs=specs,
-        add_task=None,
-        from_adapter=None,
+    result = train_specs(
+        str(root / "scheduled"),
+        specs,
         model=str(base),
         **{**KNOBS, "rank_schedule": "4,1:2"},
     )
@@ -182,11 +191,9 @@ def test_task_weight_scales_that_tasks_gradient(trained) -> None:
     root, base, specs, _ = trained
 
     def one_step(name: str, weights: dict[str, float]) -> tuple[str, np.ndarray]:
-        result = train_from_cli(
-            output=str(root / name),
-            specs=specs,
-            add_task=None,
-            from_adapter=None,
+        result = train_specs(
+            str(root / name),
+            specs,
             model=str(base),
             **{**KNOBS, "max_steps": 1, "task_weights": weights},
         )
@@ -221,11 +228,11 @@ def test_interrupted_run_resumes_to_the_same_result(trained, monkeypatch) -> Non
 
     monkeypatch.setattr(loop_module, "epoch_plan", interrupted)
     with pytest.raises(TypeError):  # the (None, None) sentinel step
-        train_from_cli(output=str(root / "resumed"), specs=specs, add_task=None, from_adapter=None, model=str(base), **KNOBS)
+        train_specs(str(root / "resumed"), specs, model=str(base), **KNOBS)
     state = json.loads((root / "resumed" / "checkpoint" / "state.json").read_text())
     assert state["epoch"] == 1 and state["global_step"] == 9
     monkeypatch.setattr(loop_module, "epoch_plan", original)
-    again = train_from_cli(output=str(root / "resumed"), specs=specs, add_task=None, from_adapter=None, model=str(base), **KNOBS)
+    again = train_specs(str(root / "resumed"), specs, model=str(base), **KNOBS)
     assert again["steps"] == result["steps"]
     for a, b in zip(again["history"], result["history"]):
         for task in a["tasks"]:
@@ -244,13 +251,11 @@ def test_interrupted_run_resumes_to_the_same_result(trained, monkeypatch) -> Non
 
 def test_add_task_trains_only_the_new_slice_and_head(trained) -> None:
     root, _, _, _ = trained
-    spec = _task_files(root, "extra", _sentiment, 16)
-    result = train_from_cli(
-        output=str(root / "added"),
-        specs=[],
-        add_task=spec,
-        from_adapter=str(root / "run" / "best"),
-        model=None,
+    spec = _task_files(root, "extra", _pair, 16)
+    result = train_specs(
+        str(root / "added"),
+        [spec],
+        add_task_from=str(root / "run" / "best"),
         epochs=1,
         batch_size=8,
         max_length=24,
@@ -268,13 +273,26 @@ def test_add_task_trains_only_the_new_slice_and_head(trained) -> None:
     assert bundle_id(old_cfg, list(old.metatt.cores)) == bundle_id(new_cfg, list(new.metatt.cores))
     assert result["trainable_parameters"]["trained_in_this_run"] == 16 + 2 * 32 + 2
     assert set(result["history"][0]["tasks"]) == {"extra"}
+    # every task's training columns are recorded, the added one's too, and reach a deployed bundle's task records
+    assert {t: new_cfg.text_columns(t) for t in new_cfg.tasks} == {
+        "sent": ["text"],
+        "nli": ["premise", "hypothesis"],
+        "four": ["text"],
+        "extra": ["sentence1", "sentence2"],
+    }
+    bundle = root / "bundle"
+    write_bundle(root / "run" / "best", bundle)
+    write_bundle(root / "added" / "best", bundle, tasks=["extra"])
+    assert {r["task"]: r["text_columns"] for r in task_records(bundle)}["extra"] == ["sentence1", "sentence2"]
+    res = CliRunner().invoke(app, ["predict", str(bundle), "--task", "extra", "--text", "item 1"])
+    assert res.exit_code == 2 and "task 'extra' takes a sentence pair" in res.output, res.output
+    res = CliRunner().invoke(app, ["predict", str(bundle), "--task", "extra", "--text", "item 1 ||| item 1"])
+    assert res.exit_code == 0, res.output
     with pytest.raises(MetaTTError, match="already in this adapter"):
-        train_from_cli(
-            output=str(root / "again"),
-            specs=[],
-            add_task=spec.replace("extra=", "nli="),
-            from_adapter=str(root / "run" / "best"),
-            model=None,
+        train_specs(
+            str(root / "again"),
+            [spec.replace("extra=", "nli=")],
+            add_task_from=str(root / "run" / "best"),
             epochs=1,
             batch_size=8,
             max_length=24,

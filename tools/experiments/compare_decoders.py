@@ -26,12 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the user tools i
 from grid_runs import add_clipping_option, reuse  # noqa: E402
 from lm_zero_shot import zero_shot  # noqa: E402
 
-from metatt_deploy.adapters.base_model import DEFAULT_DECODER  # noqa: E402
+from metatt_deploy import DEFAULT_DECODER, TrainConfig, load_text_task, train_causal  # noqa: E402
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text  # noqa: E402
 from metatt_deploy.common.report import markdown_table  # noqa: E402
-from metatt_deploy.training.causal import train_causal  # noqa: E402
-from metatt_deploy.training.config import TrainConfig  # noqa: E402
-from metatt_deploy.training.lm_data import load_text_task  # noqa: E402
 
 TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]
 

@@ -18,11 +18,10 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from grid_runs import add_clipping_option, reuse
 
+from metatt_deploy import TrainConfig, load_task, train
 from metatt_deploy.common.files import atomic_write_text
 from metatt_deploy.common.report import markdown_table, save_figure
-from metatt_deploy.training.config import DEFAULT_MAX_GRAD_NORM, TrainConfig
-from metatt_deploy.training.data import load_task
-from metatt_deploy.training.single import train
+from metatt_deploy.training.config import DEFAULT_MAX_GRAD_NORM
 
 
 def run_single(

@@ -40,9 +40,9 @@ from grid_runs import (
     setup_threads,
 )
 
+from metatt_deploy import TrainConfig
 from metatt_deploy.common.files import atomic_write_text
 from metatt_deploy.common.report import markdown_table, plt, save_figure
-from metatt_deploy.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = ("metatt-4d", "metatt-5d", "lora", "vera")

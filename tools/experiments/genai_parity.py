@@ -39,12 +39,11 @@ sys.path.insert(0, str(ROOT / "tools"))  # bench_multitask_decoders, a user tool
 
 from bench_multitask_decoders import SOURCES, make_adapter  # noqa: E402
 
-from metatt_deploy.adapters.base_model import DEFAULT_DECODER, load_tokenizer  # noqa: E402
+from metatt_deploy import DEFAULT_DECODER, GenAIGenerator, Generator, load_text_task, merge_factored, to_peft  # noqa: E402
+from metatt_deploy.adapters.base_model import load_tokenizer  # noqa: E402
 from metatt_deploy.common.report import markdown_table  # noqa: E402
 from metatt_deploy.export.factored import load_bundle  # noqa: E402
 from metatt_deploy.export.genai import GENAI_FILES, export_genai  # noqa: E402
-from metatt_deploy.export.merge import merge_factored  # noqa: E402
-from metatt_deploy.export.peft import to_peft  # noqa: E402
 from metatt_deploy.inference.decode import until_eos  # noqa: E402
 from metatt_deploy.inference.formats import (  # noqa: E402
     ADAPTER_GRAPH,
@@ -55,9 +54,7 @@ from metatt_deploy.inference.formats import (  # noqa: E402
     task_records,
 )
 from metatt_deploy.inference.genai import import_genai  # noqa: E402
-from metatt_deploy.serving.genai import GenAIGenerator  # noqa: E402
-from metatt_deploy.serving.generate import Generator  # noqa: E402
-from metatt_deploy.training.lm_data import load_text_task, prompt_ids  # noqa: E402
+from metatt_deploy.training.lm_data import prompt_ids  # noqa: E402
 
 KIB = 1024
 

@@ -21,7 +21,8 @@ import time
 import traceback
 from pathlib import Path
 
-from metatt_deploy.training.config import DEFAULT_MAX_GRAD_NORM, TrainConfig, changed_settings
+from metatt_deploy import TrainConfig
+from metatt_deploy.training.config import DEFAULT_MAX_GRAD_NORM, changed_settings
 from metatt_deploy.training.data import TaskData
 from metatt_deploy.training.multitask import load_task_spec
 
@@ -71,7 +72,7 @@ def load_subset(spec: str, n_train: int | None, n_eval: int | None, seed: int = 
 
 def run_resumable(cfg: TrainConfig, task: TaskData) -> dict:
     """The metrics of the run in ``cfg.output``: reused when finished, else resumed or started."""
-    from metatt_deploy.training.single import train
+    from metatt_deploy import train
 
     out = Path(cfg.output)
     if (done := reuse(cfg)) is not None:

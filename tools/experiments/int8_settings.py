@@ -37,10 +37,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 
+from metatt_deploy import export_onnx, merge_adapter
 from metatt_deploy.adapters.base_model import load_tokenizer
 from metatt_deploy.adapters.config import MetaTTConfig
-from metatt_deploy.export.merge import merge_adapter
-from metatt_deploy.export.onnx import export_onnx, library_versions
+from metatt_deploy.common.timing import summarize, time_round_robin
+from metatt_deploy.export.held_out import load_held_out
+from metatt_deploy.export.onnx import library_versions
 from metatt_deploy.export.quantize import (
     TextCalibrationReader,
     cpu_summary,
@@ -48,7 +50,6 @@ from metatt_deploy.export.quantize import (
     quantize_dynamic_int8,
     quantize_static_int8,
 )
-from metatt_deploy.export.validate import load_held_out, summarize, time_round_robin
 from metatt_deploy.inference.formats import ONNX_NAME
 from metatt_deploy.inference.sessions import make_session, onnx_feeds
 

@@ -26,10 +26,10 @@ import numpy as np
 from compare_lora import run_single
 from grid_runs import add_clipping_option, reuse
 
+from metatt_deploy import MultiTaskConfig, train_multitask
 from metatt_deploy.common.files import atomic_write_text
 from metatt_deploy.common.report import markdown_table, save_figure
-from metatt_deploy.training.config import MultiTaskConfig
-from metatt_deploy.training.multitask import load_task_spec, parse_task_spec, train_multitask
+from metatt_deploy.training.multitask import load_task_spec, parse_task_spec
 from metatt_deploy.training.sampling import parse_task_weights
 
 JOINT = "joint MetaTT-(4+1)D"

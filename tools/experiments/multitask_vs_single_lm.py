@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runnable from a checkout, uninstalled
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the user tools it builds on (tools/)
@@ -38,12 +39,13 @@ from bench_multitask_decoders import bundle_and_exports, task_parity  # noqa: E4
 from compare_decoders import TARGETS, mean_se, run_one  # noqa: E402
 from grid_runs import add_clipping_option, reuse  # noqa: E402
 
-from metatt_deploy.adapters.base_model import DEFAULT_DECODER, load_tokenizer  # noqa: E402
+from metatt_deploy import DEFAULT_DECODER, MultiTaskConfig, train_multitask  # noqa: E402
+from metatt_deploy.adapters.base_model import load_tokenizer  # noqa: E402
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text  # noqa: E402
 from metatt_deploy.common.report import markdown_table, save_figure  # noqa: E402
-from metatt_deploy.training.config import MultiTaskConfig  # noqa: E402
+from metatt_deploy.training.kinds import CAUSAL_LM_KIND  # noqa: E402
 from metatt_deploy.training.lm_data import TextTask, prompt_ids  # noqa: E402
-from metatt_deploy.training.multitask import TaskSpec, load_text_spec, parse_task_spec, train_multitask  # noqa: E402
+from metatt_deploy.training.multitask import TaskSpec, load_task_spec, parse_task_spec  # noqa: E402
 
 JOINT = "joint"
 LABELS = {
@@ -62,7 +64,7 @@ def sizes(args: argparse.Namespace) -> dict[str, int]:
 
 def joint_tasks(args: argparse.Namespace, specs: list[TaskSpec], seed: int) -> list[TextTask]:
     """Every task's rows for the joint run: ``load_text_task(dataset, sizes, seed)``, as for its single-task runs."""
-    return [load_text_spec(spec, max_samples=sizes(args), seed=seed) for spec in specs]
+    return [cast(TextTask, load_task_spec(spec, CAUSAL_LM_KIND, max_samples=sizes(args), seed=seed)) for spec in specs]
 
 
 def joint_dir(args: argparse.Namespace, specs: list[TaskSpec], seed: int) -> Path:

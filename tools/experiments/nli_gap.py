@@ -42,9 +42,9 @@ from grid_runs import (
     setup_threads,
 )
 
+from metatt_deploy import TrainConfig
 from metatt_deploy.common.files import atomic_write_text
 from metatt_deploy.common.report import markdown_table
-from metatt_deploy.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 FFN = ["q", "k", "v", "o", "up", "down"]

@@ -40,10 +40,9 @@ from pathlib import Path
 
 from grid_runs import add_clipping_option, finished, guarded, log_path, run_resumable
 
+from metatt_deploy import TrainConfig, load_task
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text
 from metatt_deploy.common.report import markdown_table, plt, save_figure
-from metatt_deploy.training.config import TrainConfig
-from metatt_deploy.training.data import load_task
 from metatt_deploy.training.schedule import parse_rank_schedule
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,7 +19,7 @@ tokenizer and configs are copied beside it). Every bundle is then measured the s
 Finished bundles and each model's measurements (``WORK/NAME/result.json``) are reused: delete them
 to measure again. Writes ``OUT.md`` and ``OUT.json``.
 
-    python tools/bench_int4.py --model smollm2=runs/smol/best --model gemma3=runs/gemma/best --data movie-sentiment
+    python tools/experiments/bench_int4.py --model smollm2=runs/smol/best --model gemma3=runs/gemma/best --data movie-sentiment
 """
 
 from __future__ import annotations
@@ -34,22 +34,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout, uninstalled
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runnable from a checkout, uninstalled
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from metatt_deploy.common.errors import MetaTTError  # noqa: E402
+from metatt_deploy import MetaTTError, export_onnx, load_text_task, merge_adapter  # noqa: E402
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text  # noqa: E402
 from metatt_deploy.common.report import markdown_table  # noqa: E402
 from metatt_deploy.export.decoder_runs import greedy, load_ort_decoder, teacher_forced_logits  # noqa: E402
 from metatt_deploy.export.int4 import Int4Options, quantize_int4  # noqa: E402
-from metatt_deploy.export.merge import merge_adapter  # noqa: E402
-from metatt_deploy.export.onnx import export_onnx  # noqa: E402
 from metatt_deploy.export.onnx_files import model_bytes  # noqa: E402
 from metatt_deploy.export.quality import QualityGate, decoder_examples, decoder_quality, score_decoder  # noqa: E402
 from metatt_deploy.inference.formats import ONNX_NAME  # noqa: E402
-from metatt_deploy.training.lm_data import load_text_task, tokenize_text_task  # noqa: E402
+from metatt_deploy.training.lm_data import tokenize_text_task  # noqa: E402
 from metatt_deploy.training.lm_eval import exact_match, max_new_tokens_for, nll_from_logits, strip_after_eos  # noqa: E402
 
 SETTINGS: dict[str, Int4Options] = {
@@ -214,7 +212,7 @@ def args_prompts(report: dict[str, Any]) -> int:
 
 def render(report: dict[str, Any]) -> str:
     lines = [
-        "# int4 settings against fp32 (tools/bench_int4.py)",
+        "# int4 settings against fp32 (tools/experiments/bench_int4.py)",
         "",
         f"{args_prompts(report)} test prompts of {report['data']} per model; decode: batch 1, {report['threads']} ONNX Runtime threads, "
         f"{report['new_tokens']} forced tokens after a {DECODE_PROMPT}-token prompt, median of {report['repeats']} round-robin "
@@ -272,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
-        "command": "python tools/bench_int4.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python tools/experiments/bench_int4.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "models": {},
     }
     try:
