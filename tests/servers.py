@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import httpx
 
-from metatt_deploy.serving.http import DrainingServer, ServeSettings, bind
+from metatt_deploy.serving.http import DrainingServer, JsonHttpProtocol, ServeSettings, bind
 from metatt_deploy.serving.server import uvicorn_config
 
 
@@ -49,11 +49,11 @@ def stop(process: subprocess.Popen) -> str:
 
 
 @contextlib.contextmanager
-def uvicorn_thread(app, settings: ServeSettings, graceful_s: int = 20) -> Iterator[tuple[str, DrainingServer]]:
-    """``app`` served as `metatt-deploy serve` serves it (socket from `bind`, the same uvicorn config), in a thread."""
+def uvicorn_thread(app, settings: ServeSettings, graceful_s: int = 20, http=JsonHttpProtocol) -> Iterator[tuple[str, DrainingServer]]:
+    """``app`` served as `metatt-deploy serve` serves it (socket from `bind`, the same uvicorn config, ``http`` its protocol), in a thread."""
     port = free_port()
     sock = bind("127.0.0.1", port)
-    server = DrainingServer(uvicorn_config(app, settings, graceful_s, "warning"))
+    server = DrainingServer(uvicorn_config(app, settings, graceful_s, "warning", http))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

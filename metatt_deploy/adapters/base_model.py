@@ -90,10 +90,23 @@ def resolve_model(name: str | None) -> str:
 
 
 def friendly_load(fn, name: str, what: str):
+    """``fn()`` (a library loading a model's files); whatever it raises is one MetaTTError line.
+
+    A library reading a damaged file raises whatever its parser hits: OSError or ValueError for
+    missing or unparsable files, SafetensorError for a corrupt model.safetensors, a bare
+    ``Exception`` from the tokenizers library for a corrupt tokenizer.json, TypeError,
+    AttributeError or KeyError for a config value of the wrong type (an int where a dict is read).
+    The fuzz tests (tests/test_cli_fuzz_decoders.py) found each of these.
+    """
     try:
         return fn()
-    except (OSError, ValueError) as e:
-        raise MetaTTError(f"cannot load {what} '{name}' ({first_line(e)}); pass a local model folder, or a hub name while online") from None
+    except MetaTTError:
+        raise
+    except Exception as e:
+        kind = "" if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: "
+        raise MetaTTError(
+            f"cannot load {what} '{name}' ({kind}{first_line(e)}); pass a local model folder, or a hub name while online"
+        ) from None
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:

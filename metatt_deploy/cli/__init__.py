@@ -13,6 +13,7 @@ import importlib
 from typing import Annotated, Any
 
 import typer
+from typer._click.exceptions import ClickException, UsageError
 from typer.core import TyperGroup
 
 from metatt_deploy import __version__
@@ -48,6 +49,15 @@ def missing_extra(name: str, error: ImportError) -> Any:
     return typer.main.get_command(stub)
 
 
+class OneLineUsageError(ClickException):
+    """A usage error shown the CLI's way: one ``error:`` line, exit 2 (click's own is three lines: usage, hint, error)."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        typer.secho(f"error: {self.format_message()}", fg=typer.colors.RED, err=True)
+
+
 class LazyVerbs(TyperGroup):
     """The CLI's group: each verb's module is imported on first use.
 
@@ -67,6 +77,14 @@ class LazyVerbs(TyperGroup):
                 raise
             return missing_extra(cmd_name, e)
         return typer.main.get_group(module.app).get_command(ctx, cmd_name)
+
+    def invoke(self, ctx: Any) -> Any:
+        """Run the verb; a value its options cannot parse (``--top-k 1e-9``) is one ``error:`` line and exit 2, as every user error."""
+        try:
+            return super().invoke(ctx)
+        except UsageError as e:
+            where = f"; see '{e.ctx.command_path} --help'" if e.ctx is not None else ""
+            raise OneLineUsageError(f"{e.format_message().rstrip('.')}{where}") from None
 
     def format_commands(self, ctx: Any, formatter: Any) -> None:
         """The verb list without importing any verb (their one-line help is in VERBS)."""

@@ -36,10 +36,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
 
-from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.common.files import atomic_write_json, read_json
+from metatt_deploy.adapters.base_model import friendly_load
+from metatt_deploy.common.errors import MetaTTError, first_line
+from metatt_deploy.common.files import atomic_write_json, check_utf8, read_json
 from metatt_deploy.export.factored import load_bundle
 from metatt_deploy.inference.formats import (
     ADAPTER_GRAPH,
@@ -161,6 +163,7 @@ def genai_tokenizer_files(tokenizer_dir: Path) -> tuple[dict, dict, dict]:
             config["tokenizer_class"] = "GPT2Tokenizer"
     template = tokenizer_dir / "chat_template.jinja"
     if "chat_template" not in config and template.is_file():
+        check_utf8(template, "chat template")
         config["chat_template"] = template.read_text(encoding="utf-8")
         changes["chat_template"] = "inlined into tokenizer_config.json"
     return data, config, changes
@@ -170,9 +173,13 @@ def check_tokenizer(og_tokenizer: Any, hf_tokenizer: Any) -> int:
     """Probe texts (and their chat-template prompts) encode to transformers' ids and decode back; returns the count."""
     texts = list(PROBES)
     if getattr(hf_tokenizer, "chat_template", None):
-        texts += [
-            hf_tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in PROBES
-        ]
+        try:
+            texts += [
+                hf_tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+                for p in PROBES
+            ]
+        except jinja2.TemplateError as e:  # a damaged chat_template.jinja
+            raise MetaTTError(f"the tokenizer's chat template does not render ({first_line(e)}); re-save the tokenizer") from None
     for text in texts:
         expected = list(hf_tokenizer(text).input_ids)
         got = [int(i) for i in og_tokenizer.encode(text)]
@@ -206,8 +213,9 @@ def export_genai(bundle: str | Path, *, force: bool = False) -> dict:
     if info.get("genai") and not force:
         raise MetaTTError(f"{bundle} already holds GenAI files ({GENAI_CONFIG}); pass --force to write them again")
     base = bundle / info.get("base_dir", BASE_DIR)
-    hf_config = AutoConfig.from_pretrained(base)
-    generation = GenerationConfig.from_pretrained(base) if (base / "generation_config.json").is_file() else None
+    hf_config = friendly_load(lambda: AutoConfig.from_pretrained(base), str(base), "model config")
+    has_generation = (base / "generation_config.json").is_file()
+    generation = friendly_load(lambda: GenerationConfig.from_pretrained(base), str(base), "generation config") if has_generation else None
     config = genai_config(hf_config, generation)
     tokenizer_json, tokenizer_config, changes = genai_tokenizer_files(base)
     written = [bundle / name for name in GENAI_FILES]
@@ -215,8 +223,11 @@ def export_genai(bundle: str | Path, *, force: bool = False) -> dict:
         atomic_write_json(bundle / GENAI_TOKENIZER, tokenizer_json)
         atomic_write_json(bundle / GENAI_TOKENIZER_CONFIG, tokenizer_config)
         atomic_write_json(bundle / GENAI_CONFIG, config)
-        model = og.Model(str(bundle))
-        hf_tokenizer = AutoTokenizer.from_pretrained(base)
+        try:
+            model = og.Model(str(bundle))
+        except (RuntimeError, UnicodeDecodeError) as e:  # a corrupt graph or config (whose bytes in GenAI's message may not be UTF-8)
+            raise MetaTTError(f"ONNX Runtime GenAI cannot load {bundle} ({first_line(e)}); rebuild it with merge --factored") from None
+        hf_tokenizer = friendly_load(lambda: AutoTokenizer.from_pretrained(base), str(base), "tokenizer")
         probes = check_tokenizer(og.Tokenizer(model), hf_tokenizer)
         parity = _parity(og, model, bundle, info, hf_tokenizer, load_bundle(bundle))
     except BaseException:

@@ -396,7 +396,11 @@ def generation_eos_ids(folder: str | Path) -> list[int]:
     for name in ("generation_config.json", "config.json"):
         path = folder / name
         if path.is_file():
-            value = read_json(path, name).get("eos_token_id")
+            data = read_json(path, name)
+            value = data.get("eos_token_id") if isinstance(data, dict) else None
             if value is not None:
-                return [int(v) for v in (value if isinstance(value, list) else [value])]
+                ids = value if isinstance(value, list) else [value]
+                if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ids):
+                    raise MetaTTError(f"{path}: eos_token_id {str(value)[:60]} is not a token id or a list of them; re-save the model")
+                return list(ids)
     return []

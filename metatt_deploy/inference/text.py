@@ -160,6 +160,19 @@ class TokenizerSettings:
         )
 
 
+def proper_text(text: str) -> str:
+    """``text``, if UTF-8 can encode it; else one MetaTTError line (the tokenizers library raises a bare TypeError).
+
+    A lone UTF-16 surrogate arrives from a JSON string such as ``"\\ud800"`` or from command-line
+    bytes that are not UTF-8; a server must answer it as the client's mistake, not a 500.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MetaTTError("not valid Unicode text (an unpaired surrogate?); send UTF-8 text") from None
+    return text
+
+
 class TextTokenizer:
     """A model folder's tokenizer as transformers' ``AutoTokenizer`` would load it, on the ``tokenizers`` library alone."""
 
@@ -231,7 +244,7 @@ class TextTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """The ids of ``text`` as ``tok(text).input_ids`` (or with ``add_special_tokens=False``), untruncated."""
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+        return list(self.tokenizer.encode(proper_text(text), add_special_tokens=add_special_tokens).ids)
 
     def encode_batch(self, rows: Sequence[Row], max_length: int) -> dict[str, np.ndarray]:
         """Sentences and sentence pairs (mixed allowed) as one padded int64 batch for a classifier.
@@ -320,7 +333,7 @@ class TextTokenizer:
         Special tokens the tokenizer itself adds (a BOS) are still added; for text without such
         strings the ids equal `encode`'s.
         """
-        return list(self._literal.encode(text, add_special_tokens=add_special_tokens).ids)
+        return list(self._literal.encode(proper_text(text), add_special_tokens=add_special_tokens).ids)
 
     def chat_ids(self, messages: Sequence[dict], add_generation_prompt: bool = True, **extra: Any) -> list[int]:
         """``apply_chat_template(messages, tokenize=True)``, the messages' contents encoded as data.

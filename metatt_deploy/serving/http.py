@@ -261,10 +261,11 @@ class BodyLimit:
     not sent as JSON is 415 before any of its body is read. The app then reads the buffered body.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float):
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float, shape: Callable[[int, str], JSONResponse] | None = None):
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        self.error = shape or error  # the server's error shape: the classify API's, or OpenAI's (openai_app.py)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -273,11 +274,11 @@ class BodyLimit:
         headers = {k.lower(): v for k, v in scope["headers"]}
         kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower().decode("latin-1")
         if scope["method"] == "POST" and scope["path"].startswith("/v1/") and kind != "application/json":
-            answer = error(415, f"content type '{kind or 'none'}'; send the body as JSON with 'Content-Type: application/json'")
+            answer = self.error(415, f"content type '{kind or 'none'}'; send the body as JSON with 'Content-Type: application/json'")
             return await self._close_with(answer, scope, receive, send)
         length = headers.get(b"content-length")
         if length is not None and not length.isdigit():  # h11 refuses these first; other servers (Ray's proxy) may not
-            return await self._close_with(error(400, "malformed Content-Length; send the body's size in bytes"), scope, receive, send)
+            return await self._close_with(self.error(400, "malformed Content-Length; send the body's size in bytes"), scope, receive, send)
         if length is not None and int(length) > self.max_bytes:
             return await self._close_with(self._too_large(), scope, receive, send)
         chunks: list[bytes] = []
@@ -288,7 +289,7 @@ class BodyLimit:
             try:
                 message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0))
             except asyncio.TimeoutError:
-                answer = error(408, f"the request body did not arrive within {self.timeout_s:g} s; send it at once")
+                answer = self.error(408, f"the request body did not arrive within {self.timeout_s:g} s; send it at once")
                 return await self._close_with(answer, scope, receive, send)
             if message["type"] == "http.disconnect":
                 return  # the client went away: nobody to answer
@@ -305,7 +306,7 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     def _too_large(self) -> JSONResponse:
-        return error(413, f"request body over {self.max_bytes} bytes; send fewer or shorter texts")
+        return self.error(413, f"request body over {self.max_bytes} bytes; send fewer or shorter texts")
 
     @staticmethod
     async def _close_with(answer: JSONResponse, scope: Scope, receive: Receive, send: Send) -> None:
@@ -341,6 +342,9 @@ class JsonHttpProtocol(H11Protocol):
     """
 
     _draining = False  # shutdown has begun: every request from now on is the connection's last
+    malformed: dict[str, Any] = {
+        "error": "malformed HTTP request (request line, headers or body framing such as Content-Length); send valid HTTP/1.1"
+    }
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -372,9 +376,7 @@ class JsonHttpProtocol(H11Protocol):
             self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
-        body = json.dumps(
-            {"error": "malformed HTTP request (request line, headers or body framing such as Content-Length); send valid HTTP/1.1"}
-        ).encode()
+        body = json.dumps(self.malformed).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
         for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body), h11.EndOfMessage()):
             self.transport.write(self.conn.send(event) or b"")

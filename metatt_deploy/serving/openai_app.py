@@ -44,7 +44,7 @@ from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.inference.decode import Decoding, SamplingParams, Step
 from metatt_deploy.serving.batcher import Closed, QueueFull
 from metatt_deploy.serving.generate import Generator
-from metatt_deploy.serving.http import ApiError, log, one_line, service_app
+from metatt_deploy.serving.http import ApiError, BodyLimit, JsonHttpProtocol, log, one_line, printable, service_app
 from metatt_deploy.serving.llm_engine import Event, LLMEngine, Scheduler, Seq, StepStats
 from metatt_deploy.serving.metrics import UNKNOWN_TASK, LLMMetrics
 from metatt_deploy.serving.schemas import AdminResponse, Status
@@ -60,7 +60,8 @@ class LLMSettings:
     max_running: int = 16  # sequences decoding together (slots); a step's rows
     max_tokens_per_step: int = 128  # prompt tokens prefilled per step (longer prompts are spread over steps)
     max_queue: int = 256  # requests waiting for a slot; beyond that 429
-    max_body_bytes: int = 1 << 20  # request body (413 beyond)
+    max_body_bytes: int = 1 << 20  # request body, however it is framed (413 beyond)
+    body_timeout_s: float = 10.0  # the whole body must arrive within this (408 beyond): a trickling client holds no connection
     admin_token: str | None = None
     docs: bool = False  # /docs and /redoc load their scripts from a CDN: off unless asked for (serve --docs)
     retry_after_s: int = 1
@@ -164,7 +165,7 @@ def unsupported(body: _Request) -> None:
 
 def openai_error(code: int, message: str, headers: dict[str, str] | None = None, err_code: str | None = None) -> JSONResponse:
     kind = ERROR_TYPES.get(code, "invalid_request_error")
-    body = {"error": {"message": message, "type": kind, "param": None, "code": err_code}}
+    body = {"error": {"message": printable(message), "type": kind, "param": None, "code": err_code}}  # echoed input may hold surrogates
     return JSONResponse(body, status_code=code, headers=headers)
 
 
@@ -198,19 +199,18 @@ def install_openai_errors(app: FastAPI, settings: LLMSettings, on_refused: Calla
         log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
         return openai_error(500, f"internal error ({type(exc).__name__}); the server log has the details")
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            on_refused(413)
-            return openai_error(
-                413, f"request body over {settings.max_body_bytes} bytes; send a shorter prompt", err_code="request_too_large"
-            )
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if request.method == "POST" and request.url.path.startswith("/v1/") and kind != "application/json":
-            on_refused(415)
-            return openai_error(415, f"content type '{kind or 'none'}'; send the body as JSON with 'Content-Type: application/json'")
-        return await call_next(request)
+    def refused(code: int, reason: str) -> JSONResponse:
+        on_refused(code)
+        return openai_error(code, reason, err_code="request_too_large" if code == 413 else None)
+
+    # counts bytes as they arrive (a chunked body too), with a deadline for the whole body; 415 before any is read
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s, shape=refused)
+
+
+class OpenAIHttpProtocol(JsonHttpProtocol):
+    """`JsonHttpProtocol` whose 400 for an unparsable request (bad framing, request line or header) is in OpenAI's error shape."""
+
+    malformed = {"error": {"message": JsonHttpProtocol.malformed["error"], "type": "invalid_request_error", "param": None, "code": None}}
 
 
 # ---------------------------------------------------------------- the server
@@ -535,7 +535,7 @@ def _put(queue: asyncio.Queue, index: int) -> Callable[[Event], None]:
 
 
 def encode_prompts(generator: Generator, body: _Request) -> list[list[int]]:
-    """The token ids of each prompt: chat messages through the chat template, completion prompts as they are."""
+    """The token ids of each prompt: chat messages through the chat template, completion prompts as they are (user text as data)."""
     if isinstance(body, ChatRequest):
         if not generator.tokenizer.chat_template:
             raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions with a prompt")
@@ -547,7 +547,10 @@ def encode_prompts(generator: Generator, body: _Request) -> list[list[int]]:
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts or any(not p for p in prompts):
         raise ApiError(400, "prompt: give a non-empty text (or a list of them)")
-    return [generator.tokenizer.encode(p) for p in prompts]
+    try:  # as `generate --raw` encodes them: special-token strings in a prompt are text, never control tokens
+        return [generator.encode(p, raw=True) for p in prompts]
+    except MetaTTError as e:
+        raise ApiError(400, f"prompt: {e}") from None
 
 
 class Answer:

@@ -36,7 +36,7 @@ from metatt_deploy.serving.app import create_app
 from metatt_deploy.serving.generate import Generator
 from metatt_deploy.serving.http import DrainingServer, JsonHttpProtocol, ServeSettings, bind, check_number, log
 from metatt_deploy.serving.metrics import MULTIPROC_ENV
-from metatt_deploy.serving.openai_app import LLMSettings, create_openai_app
+from metatt_deploy.serving.openai_app import LLMSettings, OpenAIHttpProtocol, create_openai_app
 from metatt_deploy.serving.runtime import Runtime
 
 CONFIG_ENV = "METATT_SERVE_CONFIG"
@@ -84,7 +84,9 @@ def classifier_app(runtime: Runtime | Callable[[], Runtime], config: ServeConfig
 def decoder_app(generator: Generator | Callable[[], Generator], config: ServeConfig) -> FastAPI:
     """The OpenAI-compatible app, with the server's admin token and /docs setting."""
     factory = generator if callable(generator) else lambda: generator
-    return create_openai_app(factory, replace(config.llm, admin_token=config.settings.admin_token, docs=config.settings.docs))
+    settings = config.settings
+    llm = replace(config.llm, admin_token=settings.admin_token, docs=settings.docs, body_timeout_s=settings.body_timeout_s)
+    return create_openai_app(factory, llm)
 
 
 @dataclass(frozen=True)
@@ -93,9 +95,13 @@ class Backend:
 
     load: Callable[[ServeConfig], Any]
     app: Callable[[Any, ServeConfig], FastAPI]
+    http: type[JsonHttpProtocol]  # uvicorn's protocol: its answer to malformed HTTP is in the app's error shape
 
 
-BACKENDS: dict[str, Backend] = {CLASSIFICATION: Backend(load_runtime, classifier_app), CAUSAL_LM: Backend(load_generator, decoder_app)}
+BACKENDS: dict[str, Backend] = {
+    CLASSIFICATION: Backend(load_runtime, classifier_app, JsonHttpProtocol),
+    CAUSAL_LM: Backend(load_generator, decoder_app, OpenAIHttpProtocol),
+}
 
 
 def build_app(config: ServeConfig) -> FastAPI:
@@ -112,11 +118,14 @@ def app_from_env() -> FastAPI:
     return build_app(ServeConfig.from_json(text))
 
 
-def uvicorn_config(app: Any, settings: ServeSettings, graceful_s: int, log_level: str, **more: Any) -> uvicorn.Config:
-    """uvicorn's settings for a server on a socket bound by `bind`: the JSON-error protocol and the settings' keep-alive time."""
+def uvicorn_config(
+    app: Any, settings: ServeSettings, graceful_s: int, log_level: str, http: type[JsonHttpProtocol] = JsonHttpProtocol, **more: Any
+) -> uvicorn.Config:
+    """uvicorn's settings for a server on a socket bound by `bind`: the JSON-error protocol (``http``: OpenAIHttpProtocol for a
+    decoder, whose errors are in OpenAI's shape) and the settings' keep-alive time."""
     return uvicorn.Config(
         app,
-        http=JsonHttpProtocol,
+        http=http,
         timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]  # a float works (loop.call_later)
         timeout_graceful_shutdown=graceful_s,
         log_level=log_level,
@@ -144,7 +153,7 @@ def serve(
         settings = config.settings
         if workers == 1:
             app = backend.app(model, config)
-            DrainingServer(uvicorn_config(app, settings, graceful_s, log_level)).run(sockets=[sock])
+            DrainingServer(uvicorn_config(app, settings, graceful_s, log_level, backend.http)).run(sockets=[sock])
             return
         del model  # each worker loads its own
         os.environ[CONFIG_ENV] = config.to_json()
@@ -153,7 +162,7 @@ def serve(
         if not os.environ.get(MULTIPROC_ENV):
             os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="metatt-metrics-")
         factory = "metatt_deploy.serving.server:app_from_env"
-        Multiprocess(uvicorn_config(factory, settings, graceful_s, log_level, factory=True, workers=workers), [sock]).run()
+        Multiprocess(uvicorn_config(factory, settings, graceful_s, log_level, backend.http, factory=True, workers=workers), [sock]).run()
     finally:
         sock.close()
 

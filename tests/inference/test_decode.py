@@ -4,6 +4,7 @@ ends on EOS / stop ids / stop strings / max tokens with the right reason, and sa
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -263,3 +264,13 @@ def test_kv_batch_rows_join_padded_left_and_leave_with_their_padding_cut() -> No
     first.take([2, 1])  # the long row leaves: two columns are padding in every remaining row
     np.testing.assert_array_equal(first.mask, [[1, 1], [0, 1]])
     assert first.past[graph.past_names[0]].shape == (2, 1, 2, 2) and (first.past[graph.past_names[0]] == 2).all()
+
+
+@pytest.mark.parametrize("value", ["../../outside", [2, "x"], True, -1, [1.5]])
+def test_an_eos_id_that_is_no_token_id_is_one_line(tmp_path: Path, value) -> None:
+    """A damaged generation_config.json (found by the decoder fuzz: int('../../outside') was a traceback in generate)."""
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": value}))
+    with pytest.raises(MetaTTError, match="is not a token id"):
+        generation_eos_ids(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    assert generation_eos_ids(tmp_path) == [2, 7]

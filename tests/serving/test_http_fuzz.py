@@ -22,17 +22,14 @@ pause; each answer is checked against the runtime's logits for that row alone (<
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import random
-import socket
-import threading
-from collections import Counter
+from collections.abc import Callable
 
 import httpx
 import numpy as np
 import pytest
+from fuzzing import SEED, json_cases, raw_http_cases, spoil_body
 from multitask_fixtures import build_tiny_multitask
 from servers import uvicorn_thread
 
@@ -41,7 +38,6 @@ from metatt_deploy.serving.app import create_app
 from metatt_deploy.serving.http import ServeSettings
 from metatt_deploy.serving.runtime import Runtime
 
-SEED = int(os.environ.get("METATT_FUZZ_SEED", "0"))
 PLAN = {"json": 220, "wire": 100, "burst": 2}  # 322 cases; a burst case is 150 requests
 SETTINGS = ServeSettings(max_texts=8, max_chars=300, max_body_bytes=8192, max_queue=2048, body_timeout_s=0.5, keep_alive_s=1.0)
 VALID = {"movie": ["A wonderful film.", "Dull and slow."], "nli": [["A man sleeps.", "A man is awake."]], "four": ["ok", "fine then"]}
@@ -67,43 +63,25 @@ def served(tmp_path_factory):
 # ---------------------------------------------------------------- valid traffic alongside
 
 
-class ValidClients:
-    """Threads sending valid requests of every task without pause; each answer is checked against the runtime alone."""
+def ask_valid(reference: dict) -> Callable[[httpx.Client, random.Random], list[str]]:
+    """A valid request of a random task; what was wrong with its answer (compared with the runtime's logits for each row alone)."""
 
-    def __init__(self, url: str, reference: dict, threads: int = 2):
-        self.url, self.reference = url, reference
-        self.stop = threading.Event()
-        self.answered = 0
-        self.wrong: list[str] = []
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+    def ask(client: httpx.Client, rng: random.Random) -> list[str]:
+        task = rng.choice(list(VALID))
+        texts = VALID[task]
+        return check(reference, task, texts, client.post("/v1/classify", json={"task": task, "texts": texts, "return_logits": True}))
 
-    def __enter__(self) -> ValidClients:
-        for t in self.threads:
-            t.start()
-        return self
+    return ask
 
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(30)
 
-    def _run(self, seed: int) -> None:
-        rng = random.Random(seed)
-        with httpx.Client(base_url=self.url, timeout=30) as client:
-            while not self.stop.is_set():
-                task = rng.choice(list(VALID))
-                texts = VALID[task]
-                r = client.post("/v1/classify", json={"task": task, "texts": texts, "return_logits": True})
-                self.check(task, texts, r)
-
-    def check(self, task: str, texts: list, r: httpx.Response) -> None:
-        if r.status_code != 200:
-            self.wrong.append(f"{task}: {r.status_code} {r.text[:200]}")
-            return
-        for text, p in zip(texts, r.json()["predictions"]):
-            if np.abs(np.array(p["logits"]) - self.reference[(task, json.dumps(text))]).max() > 1e-5:
-                self.wrong.append(f"{task}: wrong logits for {text!r}")
-        self.answered += 1
+def check(reference: dict, task: str, texts: list, r: httpx.Response) -> list[str]:
+    if r.status_code != 200:
+        return [f"{task}: {r.status_code} {r.text[:200]}"]
+    return [
+        f"{task}: wrong logits for {text!r}"
+        for text, p in zip(texts, r.json()["predictions"])
+        if np.abs(np.array(p["logits"]) - reference[(task, json.dumps(text))]).max() > 1e-5
+    ]
 
 
 def assert_answer(status: int, body: bytes, case: object) -> None:
@@ -135,21 +113,7 @@ def json_case(rng: random.Random) -> tuple[str, str, dict[str, str], bytes]:
         body[rng.choice(["text", "extra", "\ud800", ""])] = 1
     if rng.random() < 0.1:
         del body[rng.choice(["task", "texts"])]
-    raw = json.dumps(body).encode()  # ensure_ascii: lone surrogates travel as \\ud800 escapes, as a JSON client sends them
-    headers = {"content-type": "application/json"}
-    roll = rng.random()
-    if roll < 0.08:
-        raw = raw[: rng.randrange(len(raw))]  # truncated JSON
-    elif roll < 0.12:
-        raw = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64)))  # not JSON, maybe not UTF-8
-    elif roll < 0.15:
-        raw = json.dumps(body, ensure_ascii=False).encode("utf-8", "surrogatepass")  # surrogates as raw (invalid) UTF-8
-    elif roll < 0.18:
-        headers = {"content-type": rng.choice(["text/plain", "application/x-www-form-urlencoded", "", "application/json; charset=latin-1"])}
-    elif roll < 0.2:
-        raw = b"[" * 5000 + b"]" * 5000  # deep nesting
-    elif roll < 0.23:
-        raw = json.dumps({"task": "movie", "texts": ["x" * 250] * 40}).encode()  # over the body limit
+    headers, raw = spoil_body(rng, body, {"task": "movie", "texts": ["x" * 250] * 40})
     method, path = "POST", "/v1/classify"
     if rng.random() < 0.08:
         method, path = rng.choice(
@@ -160,99 +124,22 @@ def json_case(rng: random.Random) -> tuple[str, str, dict[str, str], bytes]:
 
 def test_json_bodies_get_2xx_or_a_one_line_4xx_while_valid_clients_are_answered(served) -> None:
     url, reference = served
-    rng = random.Random(SEED)
-    codes: Counter = Counter()
-    with ValidClients(url, reference) as valid, httpx.Client(base_url=url, timeout=30) as client:
-        for _ in range(PLAN["json"]):
-            method, path, headers, raw = json_case(rng)
-            r = client.request(method, path, content=raw, headers=headers)
-            assert_answer(r.status_code, r.content, (method, path, raw[:200]))
-            if r.status_code == 200 and path == "/v1/classify":
-                body = json.loads(raw)
-                assert len(r.json()["predictions"]) == len(body["texts"])
-            codes[r.status_code] += 1
-    assert not valid.wrong and valid.answered >= 20, (valid.wrong[:5], valid.answered)
+
+    def check_ok(method: str, path: str, raw: bytes, r: httpx.Response) -> None:
+        if path == "/v1/classify":
+            assert len(r.json()["predictions"]) == len(json.loads(raw)["texts"])
+
+    codes = json_cases(url, ask_valid(reference), PLAN["json"], json_case, assert_answer, check_ok)
     assert {200, 400, 404, 413, 415, 422} <= set(codes), codes  # the generator reaches every kind of answer
 
 
 # ---------------------------------------------------------------- wire cases
 
 
-def wire_case(rng: random.Random) -> bytes:
-    """A raw HTTP/1.1 exchange: framing, headers and request lines a client can get wrong."""
-    body = json.dumps({"task": "movie", "texts": ["fine"]}).encode()
-    head = b"POST /v1/classify HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\n"
-    kind = rng.randrange(9)
-    if kind == 0:  # malformed Content-Length
-        length = rng.choice([b"abc", b"-5", b"1e3", b" ", b"0x10", b"12, 13", b"99999999999999999999", b"\xff"])
-        return head + b"Content-Length: " + length + b"\r\n\r\n" + body
-    if kind == 1:  # two different Content-Lengths
-        return head + b"Content-Length: %d\r\nContent-Length: %d\r\n\r\n" % (len(body), len(body) + 1) + body
-    if kind == 2:  # a Content-Length shorter than the body (the rest is read as the next request) or longer (body timeout)
-        return head + b"Content-Length: %d\r\n\r\n" % max(len(body) + rng.choice([-10, -1, 5]), 0) + body
-    if kind == 3:  # chunked with bad sizes or encoding
-        chunks = rng.choice(
-            [b"zz\r\n{}\r\n0\r\n\r\n", b"2\r\n{}\r\n", b"-1\r\n\r\n", b"5\r\n{}\r\n0\r\n\r\n", b"ffffffffffffffff\r\nab\r\n"]
-        )
-        return head + b"Transfer-Encoding: chunked\r\n\r\n" + chunks
-    if kind == 4:  # chunked over the limit, in chunks of random sizes
-        size = rng.choice([100, 1000, 4000])
-        piece = b" " * size
-        return head + b"Transfer-Encoding: chunked\r\n\r\n" + (b"%x\r\n%s\r\n" % (size, piece)) * (9000 // size + 2) + b"0\r\n\r\n"
-    if kind == 5:  # both framings at once
-        return head + b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n" % len(body) + body
-    if kind == 6:  # garbage request line or header
-        return rng.choice(
-            [
-                b"GARBAGE\r\n\r\n",
-                b"POST /v1/classify HTTP/9.9\r\nHost: t\r\n\r\n",
-                b"POST /v1/classify HTTP/1.1\r\nHost: t\r\nBad Header\r\n\r\n",
-                b"POST /v1/classify HTTP/1.1\r\nHost: t\r\nX: " + b"a" * 70000 + b"\r\n\r\n",
-                b"\x00\x01\x02\r\n\r\n",
-                bytes(rng.randrange(256) for _ in range(50)) + b"\r\n\r\n",
-            ]
-        )
-    if kind == 7:  # pipelined: a valid request, then a bad one
-        return head + b"Content-Length: %d\r\n\r\n" % len(body) + body + b"POST /v1/classify HTTP/1.1\r\nContent-Length: x\r\n\r\n"
-    return head + b"Content-Length: %d\r\n\r\n" % len(body) + body  # a valid one, as a control
-
-
-def read_answers(sock: socket.socket) -> list[tuple[int, bytes]]:
-    """Every (status, body) the server sends on ``sock`` before it closes (or goes quiet for 3 s)."""
-    sock.settimeout(3)
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except (TimeoutError, ConnectionResetError):
-        pass
-    answers = []
-    while data.startswith(b"HTTP/1.1 "):
-        head, _, rest = data.partition(b"\r\n\r\n")
-        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")))
-        answers.append((int(head.split()[1]), rest[:length]))
-        data = rest[length:]
-    assert not data, data[:200]  # nothing but whole answers
-    return answers
-
-
 def test_raw_http_gets_2xx_or_a_one_line_4xx_while_valid_clients_are_answered(served) -> None:
     url, reference = served
-    port = int(url.rsplit(":", 1)[1])
-    rng = random.Random(SEED + 1)
-    codes: Counter = Counter()
-    with ValidClients(url, reference) as valid:
-        for _ in range(PLAN["wire"]):
-            request = wire_case(rng)
-            with socket.create_connection(("127.0.0.1", port)) as sock:
-                with contextlib.suppress(OSError):  # the server may answer and close before taking everything
-                    sock.sendall(request)
-                answers = read_answers(sock)
-            assert answers, request[:200]  # every exchange is answered, never just dropped
-            for status, body in answers:
-                assert_answer(status, body, request[:200])
-                codes[status] += 1
-    assert not valid.wrong and valid.answered >= 10, (valid.wrong[:5], valid.answered)
+    valid_body = json.dumps({"task": "movie", "texts": ["fine"]}).encode()
+    codes = raw_http_cases(url, ask_valid(reference), "/v1/classify", valid_body, PLAN["wire"], assert_answer)
     assert {200, 400, 408, 413} <= set(codes), codes
 
 
@@ -288,12 +175,10 @@ def test_bursts_of_valid_and_bad_rows_fail_only_the_bad_requests(served) -> None
     failed_valid = 0
     for _ in range(PLAN["burst"]):
         requests, responses = asyncio.run(burst())
-        checker = ValidClients(url, reference)
         for (task, texts, ok), r in zip(requests, responses):
             assert_answer(r.status_code, r.content, (task, texts))
             if ok:
-                checker.check(task, texts, r)
+                failed_valid += len(check(reference, task, texts, r))
             else:
                 assert 400 <= r.status_code < 500
-        failed_valid += len(checker.wrong)
     assert failed_valid == 0
