@@ -104,9 +104,13 @@ def friendly_load(fn, name: str, what: str):
         raise
     except Exception as e:
         kind = "" if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: "
-        raise MetaTTError(
-            f"cannot load {what} '{name}' ({kind}{first_line(e)}); pass a local model folder, or a hub name while online"
-        ) from None
+        local = Path(name).exists()  # a folder that exists was found: its files are what failed
+        hint = (
+            "a file in it is damaged or incomplete; save or copy the model again"
+            if local
+            else "pass a local model folder, or a hub name while online"
+        )
+        raise MetaTTError(f"cannot load {what} '{name}' ({kind}{first_line(e)}); {hint}") from None
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:

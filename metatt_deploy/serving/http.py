@@ -306,7 +306,7 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     def _too_large(self) -> JSONResponse:
-        return self.error(413, f"request body over {self.max_bytes} bytes; send fewer or shorter texts")
+        return self.error(413, f"request body over {self.max_bytes} bytes; send a smaller request (fewer or shorter texts or messages)")
 
     @staticmethod
     async def _close_with(answer: JSONResponse, scope: Scope, receive: Receive, send: Send) -> None:

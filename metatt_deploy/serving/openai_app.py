@@ -31,7 +31,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request, Response
@@ -44,7 +44,7 @@ from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.inference.decode import Decoding, SamplingParams, Step
 from metatt_deploy.serving.batcher import Closed, QueueFull
 from metatt_deploy.serving.generate import Generator
-from metatt_deploy.serving.http import ApiError, BodyLimit, JsonHttpProtocol, log, one_line, printable, service_app
+from metatt_deploy.serving.http import ApiError, BodyLimit, JsonHttpProtocol, ServeSettings, log, one_line, printable, service_app
 from metatt_deploy.serving.llm_engine import Event, LLMEngine, Scheduler, Seq, StepStats
 from metatt_deploy.serving.metrics import UNKNOWN_TASK, LLMMetrics
 from metatt_deploy.serving.schemas import AdminResponse, Status
@@ -72,6 +72,17 @@ class LLMSettings:
             if getattr(self, name) < 1:
                 raise MetaTTError(f"--{name.replace('_', '-')} must be at least 1")
         return self
+
+
+def with_server_settings(llm: LLMSettings, settings: ServeSettings) -> LLMSettings:
+    """``llm`` with what every server shares taken from ``settings`` (serve's options): the admin token, /docs, the body limits."""
+    return replace(
+        llm,
+        admin_token=settings.admin_token,
+        docs=settings.docs,
+        body_timeout_s=settings.body_timeout_s,
+        max_body_bytes=settings.max_body_bytes,
+    )
 
 
 # ---------------------------------------------------------------- request and response bodies

@@ -37,7 +37,6 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -57,7 +56,7 @@ from metatt_deploy.serving.http import (
     install_error_handlers,
     limit_requests,
 )
-from metatt_deploy.serving.openai_app import LLMSettings, create_openai_app
+from metatt_deploy.serving.openai_app import LLMSettings, create_openai_app, with_server_settings
 from metatt_deploy.serving.runtime import Runtime
 from metatt_deploy.serving.schemas import ClassifyRequest, ClassifyResponse, Status, TaskInfo, TasksResponse
 
@@ -206,7 +205,7 @@ def run(
     import ray
 
     serve = _ray_serve()
-    decoder = replace(llm or LLMSettings(), admin_token=settings.admin_token, docs=settings.docs)
+    decoder = with_server_settings(llm or LLMSettings(), settings)
     builders: dict[str, Callable[[], Any]] = {  # by the export's task type, as server.BACKENDS
         CLASSIFICATION: lambda: build_app(model, replicas=replicas, settings=settings, threads=threads, form=form),
         CAUSAL_LM: lambda: build_decoder_app(model, replicas=replicas, settings=decoder, threads=threads, form=form),

@@ -22,7 +22,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from metatt_deploy.serving.app import create_app
 from metatt_deploy.serving.generate import Generator
 from metatt_deploy.serving.http import DrainingServer, JsonHttpProtocol, ServeSettings, bind, check_number, log
 from metatt_deploy.serving.metrics import MULTIPROC_ENV
-from metatt_deploy.serving.openai_app import LLMSettings, OpenAIHttpProtocol, create_openai_app
+from metatt_deploy.serving.openai_app import LLMSettings, OpenAIHttpProtocol, create_openai_app, with_server_settings
 from metatt_deploy.serving.runtime import Runtime
 
 CONFIG_ENV = "METATT_SERVE_CONFIG"
@@ -82,11 +82,9 @@ def classifier_app(runtime: Runtime | Callable[[], Runtime], config: ServeConfig
 
 
 def decoder_app(generator: Generator | Callable[[], Generator], config: ServeConfig) -> FastAPI:
-    """The OpenAI-compatible app, with the server's admin token and /docs setting."""
+    """The OpenAI-compatible app, with the server's admin token, /docs setting and body limits."""
     factory = generator if callable(generator) else lambda: generator
-    settings = config.settings
-    llm = replace(config.llm, admin_token=settings.admin_token, docs=settings.docs, body_timeout_s=settings.body_timeout_s)
-    return create_openai_app(factory, llm)
+    return create_openai_app(factory, with_server_settings(config.llm, config.settings))
 
 
 @dataclass(frozen=True)

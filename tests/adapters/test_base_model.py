@@ -16,7 +16,7 @@ import torch
 from tiny_models import inputs, logits, random_cores
 from transformers import BertConfig, BertForSequenceClassification, BertModel
 
-from metatt_deploy.adapters.base_model import load_classifier, load_tokenizer, resolve_model
+from metatt_deploy.adapters.base_model import friendly_load, load_classifier, load_tokenizer, resolve_model
 from metatt_deploy.adapters.model import attach, build_config, load_adapter, save_adapter
 from metatt_deploy.adapters.model_kinds import head_modules
 from metatt_deploy.adapters.targets import NEW_MODULES_ATTR
@@ -116,14 +116,20 @@ def test_a_classifier_base_with_another_label_count_gets_a_fresh_head(tiny_base)
     assert model.classifier.out_features == 3 and model.config.id2label[2] == "contradiction"
 
 
+def absent() -> None:
+    raise OSError("org/absent is not a local folder and the hub cannot be reached")
+
+
 def test_a_corrupt_weights_or_tokenizer_file_is_one_line(tiny_base, tmp_path: Path) -> None:
     """safetensors raises SafetensorError and tokenizers a bare Exception: both become one MetaTTError line (issue 27 fuzz)."""
     weights = Path(shutil.copytree(tiny_base, tmp_path / "weights"))
     path = next(weights.glob("*.safetensors"))
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(MetaTTError, match="cannot load model"):
+    with pytest.raises(MetaTTError, match="cannot load model.*damaged or incomplete; save or copy the model again"):
         load_classifier(str(weights), ["a", "b"])
     tokenizer = Path(shutil.copytree(tiny_base, tmp_path / "tokenizer"))
     (tokenizer / "tokenizer.json").write_text("")
-    with pytest.raises(MetaTTError, match="cannot load tokenizer"):
+    with pytest.raises(MetaTTError, match="cannot load tokenizer.*damaged or incomplete"):
         load_tokenizer(str(tokenizer))
+    with pytest.raises(MetaTTError, match="a hub name while online"):  # a name that is no folder: the hub hint
+        friendly_load(absent, "org/absent", "tokenizer")
