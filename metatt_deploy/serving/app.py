@@ -30,8 +30,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import numpy as np
-from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Request
 
 from metatt_deploy.common.errors import MetaTTError, first_line
 from metatt_deploy.serving.batcher import Batcher, Closed, QueueFull
@@ -47,11 +46,11 @@ from metatt_deploy.serving.http import (
     install_error_handlers,
     limit_requests,
     log,
-    printable,
     service_app,
+    status_routes,
 )
 from metatt_deploy.serving.metrics import UNKNOWN_TASK, ServerMetrics
-from metatt_deploy.serving.schemas import AdminResponse, ClassifyRequest, ClassifyResponse, Status, TaskInfo, TasksResponse
+from metatt_deploy.serving.schemas import AdminResponse, ClassifyRequest, ClassifyResponse, TaskInfo, TasksResponse
 
 
 def as_factory(engine: Engine | Callable[[], Engine]) -> Callable[[], Engine]:
@@ -154,7 +153,7 @@ def create_app(engine: Engine | Callable[[], Engine], settings: ServeSettings | 
     limit_requests(app, settings)
     install_error_handlers(app, lambda request, code: state_of(request).metrics.observe_request(UNKNOWN_TASK, code, 0.0))
     classify_routes(app, settings)
-    status_routes(app)
+    status_routes(app, readiness, exposition)
     admin_routes(app, settings)
     return app
 
@@ -203,31 +202,17 @@ def classify_routes(app: FastAPI, settings: ServeSettings) -> None:
         return TasksResponse(model_id=engine_id(engine), tasks=[TaskInfo(name=t, labels=engine.labels(t)) for t in served])
 
 
-def status_routes(app: FastAPI) -> None:
-    """GET /healthz, /readyz and /metrics."""
+def readiness(request: Request) -> str:
+    """/readyz's detail: the tasks served, and any task record skipped at start-up with its reason."""
+    engine = state_of(request).ready_engine()
+    skipped = "".join(f"; skipped {name}: {reason}" for name, reason in getattr(engine, "skipped", {}).items())
+    return f"{len(engine.tasks)} task(s){skipped}"
 
-    @app.get("/healthz", response_model=Status)
-    async def healthz() -> Status:
-        """Liveness: the process and its event loop answer."""
-        return Status(status="ok")
 
-    @app.get("/readyz", response_model=Status, responses={503: {"model": Status}})
-    async def readyz(request: Request) -> Response:
-        """Readiness: loaded, warm and accepting requests (route traffic here only while this is 200)."""
-        try:
-            engine = state_of(request).ready_engine()
-        except ApiError as e:
-            return JSONResponse(Status(status="unready", detail=e.reason).model_dump(), status_code=503, headers=e.headers)
-        skipped = "".join(f"; skipped {name}: {reason}" for name, reason in getattr(engine, "skipped", {}).items())
-        return JSONResponse(Status(status="ready", detail=printable(f"{len(engine.tasks)} task(s){skipped}")).model_dump())
-
-    @app.get("/metrics", response_class=Response)
-    async def metrics(request: Request) -> Response:
-        """Prometheus metrics (text format)."""
-        state = state_of(request)
-        state.metrics.queue_depth.set(state.batcher.depth)
-        body, content_type = state.metrics.exposition()
-        return Response(body, media_type=content_type)
+def exposition(request: Request) -> tuple[bytes, str]:
+    state = state_of(request)
+    state.metrics.queue_depth.set(state.batcher.depth)
+    return state.metrics.exposition()
 
 
 def admin_routes(app: FastAPI, settings: ServeSettings) -> None:

@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import h11
 import numpy as np
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -47,7 +47,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.serving.runtime import scored
-from metatt_deploy.serving.schemas import ClassifyRequest, ClassifyResponse, ErrorResponse, Prediction
+from metatt_deploy.serving.schemas import ClassifyRequest, ClassifyResponse, ErrorResponse, Prediction, Status
 
 log = logging.getLogger("metatt_deploy.serving")
 
@@ -445,3 +445,31 @@ def service_app(make_state: Callable[[], Any], *, title: str, summary: str, docs
         docs_url="/docs" if docs else None,
         redoc_url="/redoc" if docs else None,
     )
+
+
+def status_routes(app: FastAPI, ready: Callable[[Request], str], exposition: Callable[[Request], tuple[bytes, str]]) -> None:
+    """GET /healthz, /readyz and /metrics, as both servers answer them.
+
+    ``ready(request)`` is the ready server's one-line detail, or raises `ApiError` while it is not
+    (503, with its Retry-After); ``exposition(request)`` is the Prometheus text and its media type.
+    """
+
+    @app.get("/healthz", response_model=Status)
+    async def healthz() -> Status:
+        """Liveness: the process and its event loop answer."""
+        return Status(status="ok")
+
+    @app.get("/readyz", response_model=Status, responses={503: {"model": Status}})
+    async def readyz(request: Request) -> Response:
+        """Readiness: loaded, warm and accepting requests (route traffic here only while this is 200)."""
+        try:
+            detail = ready(request)
+        except ApiError as e:
+            return JSONResponse(Status(status="unready", detail=e.reason).model_dump(), status_code=503, headers=e.headers)
+        return JSONResponse(Status(status="ready", detail=printable(detail)).model_dump())
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics (text format)."""
+        body, content_type = exposition(request)
+        return Response(body, media_type=content_type)

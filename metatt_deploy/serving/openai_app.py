@@ -44,10 +44,20 @@ from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.inference.decode import Decoding, SamplingParams, Step
 from metatt_deploy.serving.batcher import Closed, QueueFull
 from metatt_deploy.serving.generate import Generator
-from metatt_deploy.serving.http import ApiError, BodyLimit, JsonHttpProtocol, ServeSettings, log, one_line, printable, service_app
+from metatt_deploy.serving.http import (
+    ApiError,
+    BodyLimit,
+    JsonHttpProtocol,
+    ServeSettings,
+    log,
+    one_line,
+    printable,
+    service_app,
+    status_routes,
+)
 from metatt_deploy.serving.llm_engine import Event, LLMEngine, Scheduler, Seq, StepStats
 from metatt_deploy.serving.metrics import UNKNOWN_TASK, LLMMetrics
-from metatt_deploy.serving.schemas import AdminResponse, Status
+from metatt_deploy.serving.schemas import AdminResponse
 
 OWNER = "metatt-deploy"
 ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
@@ -394,7 +404,7 @@ def create_openai_app(factory: Callable[[], Generator], settings: LLMSettings | 
 
     install_openai_errors(app, settings, lambda code: app.state.server.metrics.requests.labels(UNKNOWN_TASK, str(code)).inc())
     completion_routes(app)
-    status_routes(app)
+    status_routes(app, readiness, exposition)
     admin_routes(app)
     return app
 
@@ -464,33 +474,19 @@ def completion_routes(app: FastAPI) -> None:
         return await complete(request, body, "text")
 
 
-def status_routes(app: FastAPI) -> None:
-    """GET /healthz, /readyz and /metrics."""
+def readiness(request: Request) -> str:
+    """/readyz's detail: how many models (tasks) are served."""
+    server = server_of(request)
+    generator, _ = server.ready()
+    return f"{len(server.model_ids(generator))} model(s)"
 
-    @app.get("/healthz", response_model=Status)
-    async def healthz() -> Status:
-        """Liveness: the process and its event loop answer."""
-        return Status(status="ok")
 
-    @app.get("/readyz", response_model=Status, responses={503: {"model": Status}})
-    async def readyz(request: Request) -> Response:
-        """Readiness: loaded, warm and accepting requests."""
-        server = server_of(request)
-        try:
-            generator, _ = server.ready()
-        except ApiError as e:
-            return JSONResponse(Status(status="unready", detail=e.reason).model_dump(), status_code=503, headers=e.headers)
-        return JSONResponse(Status(status="ready", detail=f"{len(server.model_ids(generator))} model(s)").model_dump())
-
-    @app.get("/metrics", response_class=Response)
-    async def metrics(request: Request) -> Response:
-        """Prometheus metrics (text format)."""
-        server = server_of(request)
-        if server.scheduler is not None:
-            server.metrics.running.set(server.scheduler.engine.running)
-            server.metrics.waiting.set(server.scheduler.waiting)
-        content, content_type = server.metrics.exposition()
-        return Response(content, media_type=content_type)
+def exposition(request: Request) -> tuple[bytes, str]:
+    server = server_of(request)
+    if server.scheduler is not None:
+        server.metrics.running.set(server.scheduler.engine.running)
+        server.metrics.waiting.set(server.scheduler.waiting)
+    return server.metrics.exposition()
 
 
 def admin_routes(app: FastAPI) -> None:
