@@ -18,13 +18,13 @@ bundle, never inside it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from metatt_deploy.adapters.config import CONFIG_NAME, MetaTTConfig
 from metatt_deploy.adapters.lora import is_lora_adapter, lora_task_type
-from metatt_deploy.adapters.model_kinds import CAUSAL_LM_MODEL, CLASSIFIER_MODEL, ModelKind, model_kind_named, saved_kind
+from metatt_deploy.adapters.model_kinds import CAUSAL_LM_MODEL, CLASSIFIER_MODEL, ModelKind, saved_kind
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.export import validate as validate_cls
 from metatt_deploy.export import validate_lm
@@ -52,7 +52,7 @@ def _decoder_refused(options: ExportOptions) -> list[str]:
         f"--layout {options.layout}": options.layout != "optimum",
         f"--format {','.join(f for f in options.formats if f != 'onnx')}": set(options.formats) != {"onnx"},
     }
-    return [flag for flag, set_ in given.items() if set_]
+    return [option for option, set_ in given.items() if set_]
 
 
 def flag(keyword: str) -> str:
@@ -81,7 +81,6 @@ class ExportKind:
     validate_options: tuple[str, ...]  # the keywords of `validate` this kind's routine takes
     validate_hint: str
     summary_lines: Callable[[dict, Path], list[str]]  # (report, its markdown) -> the lines a person reads
-    validate_defaults: dict[str, Any] = field(default_factory=dict)  # this kind's values of options left None
 
     @property
     def name(self) -> str:
@@ -93,8 +92,13 @@ class ExportKind:
     def run_validation(self, adapter_dir: str | Path, onnx_dir: str | Path, given: dict[str, Any]) -> dict:
         """The kind's validation with the options ``given`` (not None): those it does not take refused first, in one line."""
         given = {k: v for k, v in given.items() if v is not None}
+        adapter = _adapter_kind(Path(adapter_dir))  # None: no adapter, which the kind's validation says in its own words
+        if adapter is not None and adapter is not self:
+            raise MetaTTError(
+                f"{adapter_dir} is a {adapter.noun}'s adapter and {onnx_dir} a {self.noun} export; validate the export of this adapter"
+            )
         refuse([flag(k) for k in given if k not in self.validate_options], f"a {self.noun} export ({onnx_dir})", self.validate_hint)
-        return self.validate(adapter_dir, onnx_dir, **{**self.validate_defaults, **given})
+        return self.validate(adapter_dir, onnx_dir, **given)  # options left out take the routine's own defaults
 
 
 CLASSIFIER_EXPORT = ExportKind(
@@ -123,7 +127,6 @@ DECODER_EXPORT = ExportKind(
     validate_options=(*SHARED_VALIDATE, "compare", "prompt_lengths", "new_tokens"),
     validate_hint="a decoder takes --compare for more bundles, --prompt-lengths and --new-tokens",
     summary_lines=validate_lm.summary_lines,
-    validate_defaults={"max_examples": validate_lm.MIN_PARITY_PROMPTS, "repeats": validate_lm.DECODER_REPEATS},
 )
 EXPORT_KINDS: tuple[ExportKind, ...] = (CLASSIFIER_EXPORT, DECODER_EXPORT)
 
@@ -135,13 +138,18 @@ def export_kind_named(name: str) -> ExportKind:
     raise MetaTTError(f"no export kind for task type '{name}'; use {', '.join(k.name for k in EXPORT_KINDS)}")
 
 
+def _adapter_kind(folder: Path) -> ExportKind | None:
+    """The kind a MetaTT or LoRA adapter folder records; None for a folder that is no adapter."""
+    if (folder / CONFIG_NAME).is_file():
+        return export_kind_named(MetaTTConfig.load(folder).kind.name)
+    if is_lora_adapter(folder):
+        return export_kind_named(lora_task_type(folder))
+    return None
+
+
 def source_kind(model_dir: Path) -> ExportKind:
     """The kind of what ``export_onnx`` is given: a MetaTT or LoRA adapter's recorded kind, else the model folder's saved architectures."""
-    if (model_dir / CONFIG_NAME).is_file():
-        return export_kind_named(MetaTTConfig.load(model_dir).kind.name)
-    if is_lora_adapter(model_dir):
-        return export_kind_named(model_kind_named(lora_task_type(model_dir)).name)
-    return export_kind_named(saved_kind(str(model_dir)).name)
+    return _adapter_kind(model_dir) or export_kind_named(saved_kind(str(model_dir)).name)
 
 
 def bundle_kind(onnx_dir: str | Path) -> ExportKind:

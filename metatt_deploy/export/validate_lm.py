@@ -68,7 +68,7 @@ def validate_decoder(
     compare: Sequence[str | Path] = (),
     prompt_lengths: Sequence[int] = (32, 256),
     new_tokens: int = 32,
-    repeats: int = 5,
+    repeats: int = DECODER_REPEATS,
     max_length: int = 512,
     threads: int | None = None,
     base_model: str | None = None,

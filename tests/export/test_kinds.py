@@ -139,3 +139,12 @@ def test_both_kinds_check_the_adapters_weights_and_report_beside_the_bundle(mode
     json_path, md_path = report_paths(copy)
     assert json_path.parent == md_path.parent == copy.parent and json_path.is_file() and md_path.is_file()
     assert json.loads(json_path.read_text())["parity"] == report["parity"]
+
+
+def test_an_adapter_of_the_other_kind_is_refused_in_one_line_before_any_work(models, tmp_path: Path) -> None:
+    (classifier, classifier_bundle, _), (decoder, decoder_bundle, _) = models["classifier"], models["decoder"]
+    with pytest.raises(MetaTTError, match=f"^{classifier} is a classifier's adapter and {decoder_bundle} a decoder export"):
+        validate(classifier, decoder_bundle, data=str(models["decoder_data"]), output=tmp_path / "r")
+    with pytest.raises(MetaTTError, match=f"^{decoder} is a decoder's adapter and {classifier_bundle} a classifier export"):
+        validate(decoder, classifier_bundle, output=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
