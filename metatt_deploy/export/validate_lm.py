@@ -48,7 +48,7 @@ from metatt_deploy.export.onnx_lm import fp32_tolerance
 from metatt_deploy.export.parity import max_abs, max_abs_diff, within
 from metatt_deploy.export.reference import check_provenance, load_decoder_reference, torch_threads
 from metatt_deploy.export.validate import REPORT_JSON, REPORT_MD, report_path
-from metatt_deploy.inference.formats import context_length, read_manifest
+from metatt_deploy.inference.formats import CAUSAL_LM, DECODER_PIPELINE, context_length, read_manifest
 from metatt_deploy.training.lm_data import load_text_task, tokenize_text_task
 from metatt_deploy.training.lm_eval import exact_match, max_new_tokens_for, nll_from_logits, strip_after_eos
 
@@ -88,7 +88,7 @@ def validate_decoder(
     bundles = [onnx_dir, *[Path(c) for c in compare]]
     manifests = [read_manifest(b) for b in bundles]
     for b, m in zip(bundles, manifests):
-        if m.get("pipeline_task") != "text-generation-with-past":
+        if m.get("pipeline_task") != DECODER_PIPELINE:
             raise MetaTTError(f"{b} is not a decoder export (no KV-cache graph); export the decoder with metatt-deploy export")
     if data is None:
         raise MetaTTError("decoder validation needs held-out prompts with answers; pass --data (a builtin task or a prompt/response JSONL)")
@@ -121,7 +121,7 @@ def validate_decoder(
     report = {
         "adapter": str(Path(adapter_dir).resolve()),
         "onnx_dir": str(onnx_dir.resolve()),
-        "task_type": "causal-lm",
+        "task_type": CAUSAL_LM,
         "method": method,
         "data": data,
         "split": split,
