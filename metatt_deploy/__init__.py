@@ -50,7 +50,7 @@ _TRAINING = {
     "export_onnx": "metatt_deploy.export.onnx",
     "ExportOptions": "metatt_deploy.export.options",
     "Calibration": "metatt_deploy.export.options",
-    "validate": "metatt_deploy.export.validate",
+    "validate": "metatt_deploy.export.kinds",
     "validate_decoder": "metatt_deploy.export.validate_lm",
 }
 _WHERE = {**_RUNTIME, **_TRAINING}
@@ -62,13 +62,13 @@ if TYPE_CHECKING:  # what mypy and editors see (`X as X`: re-exported); at run t
     from metatt_deploy.adapters.base_model import DEFAULT_MODEL as DEFAULT_MODEL
     from metatt_deploy.common.errors import MetaTTError as MetaTTError
     from metatt_deploy.export.factored import write_bundle as write_bundle
+    from metatt_deploy.export.kinds import validate as validate
     from metatt_deploy.export.merge import merge_adapter as merge_adapter
     from metatt_deploy.export.merge import merge_factored as merge_factored
     from metatt_deploy.export.onnx import export_onnx as export_onnx
     from metatt_deploy.export.options import Calibration as Calibration
     from metatt_deploy.export.options import ExportOptions as ExportOptions
     from metatt_deploy.export.peft import to_peft as to_peft
-    from metatt_deploy.export.validate import validate as validate
     from metatt_deploy.export.validate_lm import validate_decoder as validate_decoder
     from metatt_deploy.inference.decode import SamplingParams as SamplingParams
     from metatt_deploy.inference.text import TextTokenizer as TextTokenizer

@@ -66,11 +66,6 @@ class MetaTTConfig:
         return adapter_kind(self.extra)
 
     @property
-    def causal_lm(self) -> bool:
-        """A decoder's adapter, as opposed to a classifier's (the name export/ asks by)."""
-        return self.kind.generates
-
-    @property
     def multitask(self) -> bool:
         return "task" in self.mode_names
 

@@ -20,8 +20,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-# load_causal_lm / load_classifier: export/factored.py still loads bases as mt.load_* (its kind dispatch is export's to do)
-from metatt_deploy.adapters.base_model import load_causal_lm, load_classifier, load_tokenizer  # noqa: F401
+# load_classifier: tests/test_cli_fuzz.py still loads bases as mt.load_classifier (the package itself loads through a ModelKind)
+from metatt_deploy.adapters.base_model import load_classifier, load_tokenizer  # noqa: F401
 from metatt_deploy.adapters.config import DEFAULT_ALPHA, METATT_METHODS, WEIGHTS_NAME, MetaTTConfig, check_finite
 from metatt_deploy.adapters.heads import add_task_heads, select_task_head
 from metatt_deploy.adapters.layer import MetaTT, MetaTTLayer
@@ -93,11 +93,6 @@ def build_config(
     )
     config.validate()
     return config
-
-
-def is_causal_adapter(config: MetaTTConfig) -> bool:
-    """Whether the adapter sits on a causal LM (export/peft.py asks by this name)."""
-    return config.kind.generates
 
 
 def _head_dim(model: nn.Module) -> int:

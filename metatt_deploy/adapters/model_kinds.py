@@ -54,6 +54,7 @@ class ModelKind:
     default_labels: Callable[[Any, list[str]], dict[str, list[str]]]  # (HF config, tasks) -> label names when none are given
     output: Callable[[nn.Module, dict[str, Any], torch.Tensor | None], Any]  # a routed forward with its loss
     peft_task_type: str | None  # LoraConfig's task_type for a baseline on this kind
+    peft_record: str  # the task_type a lossless PEFT export (export/peft.py) records; `peft_kind` reads it back
     recorded: dict[str, str] = field(default_factory=dict)  # what the adapter's extra records of the kind
 
     def matches(self, architectures: Iterable[str]) -> bool:
@@ -69,6 +70,7 @@ CLASSIFIER_MODEL = ModelKind(
     default_labels=lambda hf_config, tasks: {tasks[0]: [str(v) for v in hf_config.id2label.values()]},
     output=_classifier_output,
     peft_task_type=None,
+    peft_record="SEQ_CLS",
 )
 CAUSAL_LM_MODEL = ModelKind(
     name=CAUSAL_LM,
@@ -79,6 +81,7 @@ CAUSAL_LM_MODEL = ModelKind(
     default_labels=lambda _hf_config, tasks: {t: [] for t in tasks},
     output=_lm_output,
     peft_task_type="CAUSAL_LM",
+    peft_record="CAUSAL_LM",
     recorded={"task_type": CAUSAL_LM},
 )
 MODEL_KINDS: tuple[ModelKind, ...] = (CAUSAL_LM_MODEL, CLASSIFIER_MODEL)  # first match wins: the classifier is the fallback

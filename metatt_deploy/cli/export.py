@@ -17,6 +17,7 @@ from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import read_json
 from metatt_deploy.export.genai import export_genai
 from metatt_deploy.export.int4 import INT4_ACCURACY_LEVEL, INT4_BLOCK_SIZE, INT4_EDGE_LAYERS, INT4_HEAD_BITS, Int4Options
+from metatt_deploy.export.kinds import validation_kind
 from metatt_deploy.export.merge import merge_adapter, merge_factored
 from metatt_deploy.export.onnx import export_onnx
 from metatt_deploy.export.options import Calibration, ExportOptions
@@ -24,10 +25,8 @@ from metatt_deploy.export.peft import to_peft
 from metatt_deploy.export.quality import MAX_PPL_INCREASE, QualityGate, quality_summary
 from metatt_deploy.export.quantize import CALIBRATION_ROWS
 from metatt_deploy.export.validate import report_paths
-from metatt_deploy.export.validate import validate as run_validation
-from metatt_deploy.export.validate_lm import validate_decoder
 from metatt_deploy.export.web import check_web_runtime, vendor_web_runtime
-from metatt_deploy.inference.formats import GENAI_CONFIG, MANIFEST_NAME, is_decoder_export, read_manifest
+from metatt_deploy.inference.formats import GENAI_CONFIG, MANIFEST_NAME
 
 app = verb_app()
 
@@ -330,7 +329,9 @@ _ValidateSeqLen = Annotated[
     int | None,
     typer.Option(help="Classifiers: tokens per example, truncation for parity and the padded length for timing (default 128)."),
 ]
-_ValidateRepeats = Annotated[int, typer.Option(help="Timed calls per runtime and batch size (medians and p95 are reported).")]
+_ValidateRepeats = Annotated[
+    int | None, typer.Option(help="Timed calls per runtime and batch size (medians and p95 are reported; default 30, decoders 10).")
+]
 _ValidateWarmup = Annotated[int | None, typer.Option(help="Classifiers: untimed warm-up calls per runtime and batch size (default 3).")]
 _ValidateMaxSeconds = Annotated[
     float | None,
@@ -367,8 +368,10 @@ _ValidateOutput = Annotated[
 _ValidateCompare = Annotated[
     list[Path] | None, typer.Option(help="Decoders: more exports of the same model (e.g. int8, int4) measured in the same run.")
 ]
-_ValidatePromptLengths = Annotated[str, typer.Option(help="Decoders: prompt lengths (tokens) at which time to first token is measured.")]
-_ValidateNewTokens = Annotated[int, typer.Option(help="Decoders: tokens generated to measure decode tokens/s.")]
+_ValidatePromptLengths = Annotated[
+    str | None, typer.Option(help="Decoders: prompt lengths (tokens) at which time to first token is measured (default 32,256).")
+]
+_ValidateNewTokens = Annotated[int | None, typer.Option(help="Decoders: tokens generated to measure decode tokens/s (default 32).")]
 
 
 @app.command(context_settings=CONTEXT_SETTINGS)
@@ -381,7 +384,7 @@ def validate(
     max_examples: _ValidateMaxExamples = None,
     batch_sizes: _ValidateBatchSizes = None,
     seq_len: _ValidateSeqLen = None,
-    repeats: _ValidateRepeats = 30,
+    repeats: _ValidateRepeats = None,
     warmup: _ValidateWarmup = None,
     max_seconds: _ValidateMaxSeconds = None,
     threads: _ValidateThreads = None,
@@ -392,8 +395,8 @@ def validate(
     label_column: _ValidateLabelColumn = None,
     output: _ValidateOutput = None,
     compare: _ValidateCompare = None,
-    prompt_lengths: _ValidatePromptLengths = "32,256",
-    new_tokens: _ValidateNewTokens = 32,
+    prompt_lengths: _ValidatePromptLengths = None,
+    new_tokens: _ValidateNewTokens = None,
     force: Force = False,
 ) -> None:
     """Compare an ONNX export with its unmerged adapter: logits parity, label agreement, accuracy, latency.
@@ -404,91 +407,13 @@ def validate(
     """
     check_number(max_seconds, "--max-seconds", low=0)
     quiet_libraries()
-    if is_decoder_export(read_manifest(onnx_dir)):
-        lengths = int_list(prompt_lengths, "--prompt-lengths", "32,256")
-        report = validate_decoder(
-            adapter,
-            onnx_dir,
-            data=data,
-            split=split,
-            max_examples=max_examples or 50,
-            compare=compare or [],
-            prompt_lengths=lengths,
-            new_tokens=new_tokens,
-            repeats=min(repeats, 10),
-            threads=threads,
-            base_model=base_model,
-            output=output,
-            force=force,
-            batch_sizes=int_list(batch_sizes, "--batch-sizes", "1,8") if batch_sizes is not None else None,
-            seq_len=seq_len,
-            warmup=warmup,
-            max_seconds=max_seconds,
-            reference_onnx=reference_onnx,
-            task=task,
-            text_columns=split_list(text_column),
-            label_column=label_column,
-        )
-        echo_decoder_report(report, report_paths(onnx_dir, output)[1])
-        return
-    given: dict[str, Any] = {"seq_len": seq_len, "warmup": warmup, "max_seconds": max_seconds, "label_column": label_column}
-    if batch_sizes is not None:
-        given["batch_sizes"] = int_list(batch_sizes, "--batch-sizes", "1,8")
-    report = run_validation(  # the options left out take validate()'s defaults (decided there, once)
-        adapter,
-        onnx_dir,
-        data=data,
-        split=split,
-        max_examples=max_examples,
-        repeats=repeats,
-        threads=threads,
-        reference_onnx=reference_onnx,
-        base_model=base_model,
-        task=task,
-        text_columns=split_list(text_column),
-        output=output,
-        force=force,
-        log=typer.echo,
-        **{k: v for k, v in given.items() if v is not None},
-    )
-    echo_classifier_report(report, report_paths(onnx_dir, output)[1])
-
-
-def echo_classifier_report(report: dict, markdown: Path) -> None:
-    """The lines a person reads after validating a classifier: parity, accuracy, speed-ups."""
-    parity = report["parity"]
-    tolerance = f"tolerance {parity['tolerance']:.0e}" if parity["enforced"] else "reported only"
-    typer.echo(
-        f"max |logit diff| ONNX vs unmerged adapter {parity['max_abs_logit_diff']:.2e} ({tolerance}); "
-        f"label agreement {parity['label_agreement']:.4f}"
-    )
-    if report["accuracy"]:
-        acc = report["accuracy"]
-        line = f"accuracy: PyTorch {acc['pytorch']:.4f}, ONNX {acc['onnx']:.4f}"
-        if "reference_onnx" in acc:
-            line += f", reference {acc['reference_onnx']:.4f} ({acc['change_vs_reference_points']:+.2f} points)"
+    kind = validation_kind(adapter, onnx_dir)
+    given: dict[str, Any] = {"data": data, "split": split, "max_examples": max_examples, "seq_len": seq_len, "repeats": repeats}
+    given.update({"warmup": warmup, "max_seconds": max_seconds, "threads": threads, "reference_onnx": reference_onnx})
+    given.update({"base_model": base_model, "task": task, "text_columns": split_list(text_column), "label_column": label_column})
+    given.update({"output": output, "force": force, "log": typer.echo, "compare": compare, "new_tokens": new_tokens})
+    given["batch_sizes"] = None if batch_sizes is None else int_list(batch_sizes, "--batch-sizes", "1,8")
+    given["prompt_lengths"] = None if prompt_lengths is None else int_list(prompt_lengths, "--prompt-lengths", "32,256")
+    report = kind.run_validation(adapter, onnx_dir, given)  # options left None take the kind's defaults (export/kinds.py)
+    for line in kind.summary_lines(report, report_paths(onnx_dir, output)[1]):
         typer.echo(line)
-    for s in report["latency"]["speedups"]:
-        extra = f", {s['onnx_vs_reference']:.2f}x vs reference" if "onnx_vs_reference" in s else ""
-        typer.echo(f"batch {s['batch']}: ONNX ({s['provider']}) {s['onnx_vs_pytorch_cpu']:.2f}x vs PyTorch eager{extra}")
-    typer.echo(f"report: {markdown}")
-
-
-def echo_decoder_report(report: dict, markdown: Path) -> None:
-    """The lines a person reads after validating a decoder: parity, exact match, tokens/s."""
-    p, q = report["parity"], report["quality"]
-    tol = f"tolerance {p['tolerance']:.2g}" if p["enforced"] else "reported only"
-    typer.echo(
-        f"max |logit diff| ONNX vs unmerged adapter {p['max_abs_logit_diff']:.2e} ({tol}) on {p['prompts']} prompts; "
-        f"greedy tokens identical on {p['greedy_identical']:.0%}"
-    )
-    line = f"exact match: PyTorch {q['pytorch']['exact_match']:.4f} (perplexity {q['pytorch']['perplexity']:.3f})"
-    for name, b in q["bundles"].items():
-        line += f", ONNX {name} {b['exact_match']:.4f} ({b['perplexity']:.3f})"
-    typer.echo(line)
-    for r in report["latency"]["rows"]:
-        ttft = ", ".join(f"{k[5:-3]} tokens {v:.0f} ms" for k, v in r.items() if k.startswith("ttft_"))
-        typer.echo(
-            f"{r['runtime']}: {r['decode_tokens_per_s']:.1f} tokens/s ({r['decode_vs_pytorch_merged']:.2f}x PyTorch merged); first token: {ttft}"
-        )
-    typer.echo(f"report: {markdown}")

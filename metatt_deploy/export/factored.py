@@ -346,27 +346,23 @@ def _write_task(directory: Path, mtm: MultiTaskModel, t: int, bid: str, onnx: bo
 class _BundleKind:
     """What differs between a classifier bundle and a decoder bundle, chosen once per bundle (`_bundle_kind`).
 
-    ``load_base`` gives the PyTorch base, ``save_beside_graphs`` writes what the graphs' loaders read
+    (The PyTorch base is the adapter's own model kind's, `_load_base`.) ``save_beside_graphs`` writes what the graphs' loaders read
     next to them, ``write_graphs`` writes both ONNX graphs and returns their bundle.json records,
     ``shared_graphs`` are the graphs that read their base weights from ``base/model.safetensors``
     (shared_weights.py) and ``write_web`` writes the browser app (or there is none).
     """
 
     task_type: str
-    load_base: Callable[[str, MetaTTConfig], PreTrainedModel]
     save_beside_graphs: Callable[[PreTrainedModel, Path], None]
     write_graphs: Callable[[MultiTaskModel, Path, Any, int], dict]
     shared_graphs: tuple[str, ...]
     write_web: Callable[[MultiTaskModel, Path, Any], dict] | None
 
 
-def _load_classifier(name: str, config: MetaTTConfig) -> PreTrainedModel:
-    """A classifier with the first task's labels (every task's head is replaced by the bundle's own)."""
-    return cast(PreTrainedModel, mt.load_classifier(name, config.label_names[config.tasks[0]]))
-
-
-def _load_decoder(name: str, config: MetaTTConfig) -> PreTrainedModel:
-    return cast(PreTrainedModel, mt.load_causal_lm(name))
+def _load_base(name: str, config: MetaTTConfig) -> PreTrainedModel:
+    """The adapter's own kind of base (adapters/model_kinds.py), a classifier with the first task's labels
+    (every task's head is replaced by the bundle's own)."""
+    return cast(PreTrainedModel, config.kind.load_base(name, config.label_names.get(config.tasks[0], [])))
 
 
 def _save_decoder_configs(base: PreTrainedModel, folder: Path) -> None:
@@ -401,18 +397,14 @@ def _classifier_web(mtm: MultiTaskModel, folder: Path, tokenizer: Any) -> dict:
 
 _BUNDLE_KINDS = {
     # the web app fetches model_tasks.onnx as one file, so that graph keeps its own copy of the base
-    CLASSIFICATION: _BundleKind(CLASSIFICATION, _load_classifier, _nothing_beside, _classifier_graphs, (ADAPTER_GRAPH,), _classifier_web),
-    CAUSAL_LM: _BundleKind(CAUSAL_LM, _load_decoder, _save_decoder_configs, _decoder_graphs, (ADAPTER_GRAPH, TASK_GRAPH), None),
+    CLASSIFICATION: _BundleKind(CLASSIFICATION, _nothing_beside, _classifier_graphs, (ADAPTER_GRAPH,), _classifier_web),
+    CAUSAL_LM: _BundleKind(CAUSAL_LM, _save_decoder_configs, _decoder_graphs, (ADAPTER_GRAPH, TASK_GRAPH), None),
 }
 
 
 def _bundle_kind(config: MetaTTConfig) -> _BundleKind:
-    """The one place a bundle's kind is decided."""
-    return _BUNDLE_KINDS[CAUSAL_LM if config.causal_lm else CLASSIFICATION]
-
-
-def _load_base(name: str, config: MetaTTConfig) -> PreTrainedModel:
-    return _bundle_kind(config).load_base(name, config)
+    """The one place a bundle's kind is decided: the adapter's model kind (adapters/model_kinds.py)."""
+    return _BUNDLE_KINDS[config.kind.name]
 
 
 def _share_base(folder: Path, graphs: dict, files: tuple[str, ...]) -> None:
@@ -461,7 +453,7 @@ def write_bundle(
         config = mtm.adapter_config
     kind = _bundle_kind(config)
     with atomic_dir(output, force=force, marker=BUNDLE_JSON) as tmp:
-        base = kind.load_base(base_model or config.base_model, config)
+        base = _load_base(base_model or config.base_model, config)
         base.save_pretrained(tmp / BASE_DIR, safe_serialization=True)
         kind.save_beside_graphs(base, tmp)
         del base

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from metatt_deploy.common.errors import MetaTTError, first_line
-from metatt_deploy.export.onnx import SAMPLE_SENTENCES
+from metatt_deploy.export.onnx_classifier import SAMPLE_SENTENCES
 from metatt_deploy.inference.tasks import TEXT_COLUMN_CANDIDATES
 from metatt_deploy.training.data import FILE_FORMATS, check_records, load_task, quiet_datasets
 

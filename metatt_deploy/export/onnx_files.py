@@ -1,17 +1,30 @@
 """The ONNX graph file of an export bundle: its size, its opset and input/output names, whether its weights live beside it, and
-swapping in a rewritten graph (optimised, quantised) without ever leaving a half-written one.
+swapping in a rewritten graph (optimised, quantised) without ever leaving a half-written one; and the library versions
+that manifests and validation reports record.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from metatt_deploy import __version__
 from metatt_deploy.inference.formats import ONNX_NAME
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of this package and of every library an export or a validation ran on."""
+    out = {"metatt_deploy": __version__}
+    for dist in ("onnx", "onnxruntime", "onnxruntime-gpu", "optimum", "optimum-onnx", "transformers", "torch"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[dist.replace("-", "_")] = metadata.version(dist)
+    return out
 
 
 def model_bytes(folder: Path) -> int:

@@ -71,11 +71,7 @@ def export_decoder_into(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    quantize, gate = options.quantize, options.gate
-    if options.optimize or options.dtype != "fp32" or quantize not in (None, "int8", "int4"):
-        raise MetaTTError(
-            "decoders export as fp32, --quantize int8 or --quantize int4; drop --optimize, --dtype and other --quantize forms"
-        )
+    quantize, gate = options.quantize, options.gate  # the options a decoder does not take were refused by its kind (export/kinds.py)
     tokenizer = friendly_load(lambda: AutoTokenizer.from_pretrained(source), str(source), "tokenizer")
     reference = friendly_load(lambda: AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32), str(source), "model").eval()
     prompts = chat_prompts(tokenizer, SAMPLE_PROMPTS)

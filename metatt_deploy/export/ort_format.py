@@ -5,7 +5,7 @@ optimization style ``Fixed``: the graph optimisations of the converting build ar
 baked in, which is what the CPU execution provider of a minimal build expects) on a bundle's
 graph(s) and writes, next to each ``NAME.onnx``, ``NAME.ort``, plus ``required_operators.config``:
 the operator list to give a reduced build (``build.sh --minimal_build --include_ops_by_config``).
-Callers load every ``.ort`` back and compare it with its ``.onnx`` (export/onnx.py does).
+Callers load every ``.ort`` back and compare it with its ``.onnx`` (export/onnx_classifier.py does).
 """
 
 from __future__ import annotations

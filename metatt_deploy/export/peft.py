@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 from metatt_deploy.adapters.config import CONFIG_NAME, WEIGHTS_NAME, MetaTTConfig
 from metatt_deploy.adapters.layer import MetaTT
 from metatt_deploy.adapters.lora import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, is_lora_adapter, lora_record, write_lora_record
-from metatt_deploy.adapters.model import is_causal_adapter, read_weights, split_state
+from metatt_deploy.adapters.model import read_weights, split_state
 from metatt_deploy.adapters.targets import TargetModule
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.common.files import atomic_dir, check_separate, check_writable
@@ -130,7 +130,7 @@ def lora_config_dict(config: MetaTTConfig, ranks: dict[str, int]) -> dict:
     r = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {re.escape(name): rank for name, rank in ranks.items() if rank != r}
     return dict(
-        task_type="CAUSAL_LM" if is_causal_adapter(config) else "SEQ_CLS",
+        task_type=config.kind.peft_record,
         r=r,
         lora_alpha=r,
         rank_pattern=pattern,

@@ -114,14 +114,12 @@ def adapter_disabled(model):
 def load_decoder_reference(adapter_dir: str | Path, base_model: str | None) -> tuple[Any, Any, str, Callable[[Any], Any]]:
     """(unmerged decoder + adapter, tokenizer, method, the function that merges it): a MetaTT adapter or a PEFT LoRA."""
     merge: Callable[[Any], Any]
-    if is_lora_adapter(adapter_dir):
-        model, record, tokenizer = load_lora(adapter_dir, base_model=base_model)
-        kind, method, merge = record["task_type"], "lora", merge_lora
+    if is_lora_adapter(adapter_dir):  # its kind was matched with the bundle's by the export kind (export/kinds.py)
+        model, _, tokenizer = load_lora(adapter_dir, base_model=base_model)
+        method, merge = "lora", merge_lora
     else:
         model, config, tokenizer = load_adapter(adapter_dir, base_model=base_model)
-        kind, method, merge = config.extra.get("task_type", "classification"), config.method, merge_and_unload
-    if kind != "causal-lm":
-        raise MetaTTError(f"{adapter_dir} is a classification adapter; validate it without decoder options")
+        method, merge = config.method, merge_and_unload
     return model, tokenizer, method, merge
 
 

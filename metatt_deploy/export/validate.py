@@ -46,7 +46,8 @@ from metatt_deploy.common.files import atomic_write_json, atomic_write_text, che
 from metatt_deploy.common.report import progress_bar
 from metatt_deploy.common.timing import summarize, time_round_robin
 from metatt_deploy.export.held_out import HeldOut, load_held_out
-from metatt_deploy.export.onnx import FP16_RTOL, FP32_ATOL, library_versions, model_max_tokens
+from metatt_deploy.export.onnx_classifier import FP16_RTOL, FP32_ATOL, model_max_tokens
+from metatt_deploy.export.onnx_files import library_versions
 from metatt_deploy.export.parity import max_abs_diff, parity_figures
 from metatt_deploy.export.reference import Reference, adapter_disabled, check_provenance, load_reference, torch_threads
 from metatt_deploy.inference.formats import ONNX_NAME, read_manifest
@@ -60,7 +61,7 @@ EVAL_BATCH = 16
 # ---------------------------------------------------------------- validation
 
 
-def validate(
+def validate_classifier(
     adapter_dir: str | Path,
     onnx_dir: str | Path,
     *,
@@ -94,10 +95,6 @@ def validate(
     """
 
     onnx_dir = Path(onnx_dir)
-    if not Path(adapter_dir).is_dir():
-        raise MetaTTError(f"adapter directory not found: {adapter_dir}; pass the adapter folder (a run's best/)")
-    if not onnx_dir.is_dir():
-        raise MetaTTError(f"ONNX directory not found: {onnx_dir}; pass a folder written by metatt-deploy export")
     manifest = read_manifest(onnx_dir)
     reference_manifest = read_manifest(reference_onnx) if reference_onnx is not None else None
     _check_timing(batch_sizes, seq_len, repeats, warmup)
@@ -469,3 +466,23 @@ def render_markdown(report: dict) -> str:
                 + " |"
             )
     return "\n".join(lines) + "\n"
+
+
+def summary_lines(report: dict, markdown: Path) -> list[str]:
+    """The lines a person reads after validating a classifier: parity, accuracy, speed-ups, where the report is."""
+    parity = report["parity"]
+    tolerance = f"tolerance {parity['tolerance']:.0e}" if parity["enforced"] else "reported only"
+    lines = [
+        f"max |logit diff| ONNX vs unmerged adapter {parity['max_abs_logit_diff']:.2e} ({tolerance}); "
+        f"label agreement {parity['label_agreement']:.4f}"
+    ]
+    if report["accuracy"]:
+        acc = report["accuracy"]
+        line = f"accuracy: PyTorch {acc['pytorch']:.4f}, ONNX {acc['onnx']:.4f}"
+        if "reference_onnx" in acc:
+            line += f", reference {acc['reference_onnx']:.4f} ({acc['change_vs_reference_points']:+.2f} points)"
+        lines.append(line)
+    for s in report["latency"]["speedups"]:
+        extra = f", {s['onnx_vs_reference']:.2f}x vs reference" if "onnx_vs_reference" in s else ""
+        lines.append(f"batch {s['batch']}: ONNX ({s['provider']}) {s['onnx_vs_pytorch_cpu']:.2f}x vs PyTorch eager{extra}")
+    return [*lines, f"report: {markdown}"]

@@ -24,7 +24,7 @@ export from another adapter of a small effect). Results, as for classifiers besi
 keeps exactly its manifest's files: ``exported/NAME.validation.json``, ``.validation.md`` and
 ``.latency.png`` (or ``validation.json``, ``validation.md`` and ``latency.png`` in ``output``); a
 parity failure is written to the report first, then raised. Options only a classifier export takes
-are refused with one line rather than ignored.
+are refused with one line rather than ignored, by the decoder's export kind (export/kinds.py).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,17 +43,18 @@ from metatt_deploy.common.files import atomic_write_json, atomic_write_text, che
 from metatt_deploy.common.report import markdown_table, save_figure
 from metatt_deploy.common.timing import summarize, time_round_robin
 from metatt_deploy.export.decoder_runs import greedy, load_ort_decoder, teacher_forced_logits
-from metatt_deploy.export.onnx import library_versions
+from metatt_deploy.export.onnx_files import library_versions
 from metatt_deploy.export.onnx_lm import fp32_tolerance
 from metatt_deploy.export.parity import max_abs, max_abs_diff, within
 from metatt_deploy.export.reference import check_provenance, load_decoder_reference, torch_threads
 from metatt_deploy.export.validate import REPORT_JSON, REPORT_MD, report_path
-from metatt_deploy.inference.formats import context_length, read_manifest
+from metatt_deploy.inference.formats import CAUSAL_LM, DECODER_PIPELINE, context_length, read_manifest
 from metatt_deploy.training.lm_data import load_text_task, tokenize_text_task
 from metatt_deploy.training.lm_eval import exact_match, max_new_tokens_for, nll_from_logits, strip_after_eos
 
 REPORT_PNG = "latency.png"
 MIN_PARITY_PROMPTS = 50
+DECODER_REPEATS = 10  # timed generations per runtime and prompt length: a generation takes far longer than a forward
 DECODE_PROMPT = 32
 
 
@@ -61,32 +62,25 @@ def validate_decoder(
     adapter_dir: str | Path,
     onnx_dir: str | Path,
     *,
-    data: str | None,
+    data: str | None = None,
     split: str = "test",
     max_examples: int = MIN_PARITY_PROMPTS,
     compare: Sequence[str | Path] = (),
     prompt_lengths: Sequence[int] = (32, 256),
     new_tokens: int = 32,
-    repeats: int = 5,
+    repeats: int = DECODER_REPEATS,
     max_length: int = 512,
     threads: int | None = None,
     base_model: str | None = None,
     output: str | Path | None = None,
     force: bool = False,
     seed: int = 0,
-    batch_sizes: Sequence[int] | None = None,
-    seq_len: int | None = None,
-    warmup: int | None = None,
-    max_seconds: float | None = None,
-    reference_onnx: str | Path | None = None,
-    task: str | None = None,
-    text_columns: Sequence[str] | None = None,
-    label_column: str | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Compare the decoder bundle ``onnx_dir`` (and ``compare`` bundles) with the unmerged adapter.
 
-    The keywords after ``seed`` are classifier validation's (`validate`), accepted so that one call
-    can carry either kind's options: any of them given (not None) is refused, naming its CLI option.
+    ``log`` receives one-line notes for the console (the data used). The public `validate`
+    (export/kinds.py) refuses the options only a classifier takes before it calls this.
     """
     import torch
 
@@ -94,13 +88,8 @@ def validate_decoder(
     bundles = [onnx_dir, *[Path(c) for c in compare]]
     manifests = [read_manifest(b) for b in bundles]
     for b, m in zip(bundles, manifests):
-        if m.get("pipeline_task") != "text-generation-with-past":
+        if m.get("pipeline_task") != DECODER_PIPELINE:
             raise MetaTTError(f"{b} is not a decoder export (no KV-cache graph); export the decoder with metatt-deploy export")
-    classifier_only: dict[str, Any] = {"--batch-sizes": batch_sizes, "--seq-len": seq_len, "--warmup": warmup, "--max-seconds": max_seconds}
-    classifier_only.update(
-        {"--reference-onnx": reference_onnx, "--task": task, "--text-column": text_columns, "--label-column": label_column}
-    )
-    _refuse(classifier_only, onnx_dir)
     if data is None:
         raise MetaTTError("decoder validation needs held-out prompts with answers; pass --data (a builtin task or a prompt/response JSONL)")
     if max_examples < 1 or new_tokens < 2 or repeats < 1 or not prompt_lengths or min(prompt_lengths) < 1:
@@ -116,6 +105,8 @@ def validate_decoder(
     if context and max(prompt_lengths) + new_tokens > context:
         raise MetaTTError(f"prompt length {max(prompt_lengths)} + {new_tokens} new tokens exceed the model's context of {context}")
     rows = _held_out(data, split, max_examples, seed, tokenizer, min(max_length, context or max_length))
+    if log is not None:
+        log(f"data: {len(rows['prompts'])} prompts of {data} ({split})")
 
     with torch_threads(threads):
         names = [_bundle_name(m, b) for b, m in zip(bundles, manifests)]
@@ -130,7 +121,7 @@ def validate_decoder(
     report = {
         "adapter": str(Path(adapter_dir).resolve()),
         "onnx_dir": str(onnx_dir.resolve()),
-        "task_type": "causal-lm",
+        "task_type": CAUSAL_LM,
         "method": method,
         "data": data,
         "split": split,
@@ -150,15 +141,6 @@ def validate_decoder(
             f"identical on {parity['greedy_identical']:.0%}; report in {md_path}); re-merge and re-export the adapter"
         )
     return report
-
-
-def _refuse(classifier_only: dict[str, Any], onnx_dir: Path) -> None:
-    """One line naming every classifier option given (not None) to a decoder validation."""
-    if given := [flag for flag, value in classifier_only.items() if value is not None]:
-        raise MetaTTError(
-            f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to a decoder export ({onnx_dir}); drop "
-            f"{'it' if len(given) == 1 else 'them'} (a decoder takes --compare for more bundles, --prompt-lengths and --new-tokens)"
-        )
 
 
 def _parity(quality: dict, main: dict, fp32: bool, prompts: int, method: str) -> dict:
@@ -355,3 +337,23 @@ def _plot(latency: dict, path: Path) -> None:
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle("Decoder latency: PyTorch eager vs ONNX Runtime")
     save_figure(fig, path)
+
+
+def summary_lines(report: dict, markdown: Path) -> list[str]:
+    """The lines a person reads after validating a decoder: parity, exact match, tokens/s, where the report is."""
+    p, q = report["parity"], report["quality"]
+    tol = f"tolerance {p['tolerance']:.2g}" if p["enforced"] else "reported only"
+    lines = [
+        f"max |logit diff| ONNX vs unmerged adapter {p['max_abs_logit_diff']:.2e} ({tol}) on {p['prompts']} prompts; "
+        f"greedy tokens identical on {p['greedy_identical']:.0%}"
+    ]
+    line = f"exact match: PyTorch {q['pytorch']['exact_match']:.4f} (perplexity {q['pytorch']['perplexity']:.3f})"
+    for name, b in q["bundles"].items():
+        line += f", ONNX {name} {b['exact_match']:.4f} ({b['perplexity']:.3f})"
+    lines.append(line)
+    for r in report["latency"]["rows"]:
+        ttft = ", ".join(f"{k[5:-3]} tokens {v:.0f} ms" for k, v in r.items() if k.startswith("ttft_"))
+        lines.append(
+            f"{r['runtime']}: {r['decode_tokens_per_s']:.1f} tokens/s ({r['decode_vs_pytorch_merged']:.2f}x PyTorch merged); first token: {ttft}"
+        )
+    return [*lines, f"report: {markdown}"]

@@ -56,8 +56,8 @@ def test_what_an_adapter_records_of_its_kind_is_unchanged(models) -> None:
     """A classifier's adapter records no task_type (as before the kinds), a decoder's records causal-lm; both read back."""
     classifier = build_config(models["bert"], targets=["q", "v"], rank=2)
     decoder = build_config(tiny_decoder("llama", 300), targets=["q", "v"], rank=2)
-    assert "task_type" not in classifier.extra and classifier.kind is CLASSIFIER_MODEL and not classifier.causal_lm
-    assert decoder.extra["task_type"] == "causal-lm" and decoder.kind is CAUSAL_LM_MODEL and decoder.causal_lm
+    assert "task_type" not in classifier.extra and classifier.kind is CLASSIFIER_MODEL and not classifier.kind.generates
+    assert decoder.extra["task_type"] == "causal-lm" and decoder.kind is CAUSAL_LM_MODEL and decoder.kind.generates
     assert decoder.label_names == {"default": []} and decoder.head_modules == []
     assert adapter_kind({}) is CLASSIFIER_MODEL and adapter_kind({"task_type": "causal-lm"}) is CAUSAL_LM_MODEL
     with pytest.raises(MetaTTError, match="unknown task type 'seq2seq'; use causal-lm, classification"):

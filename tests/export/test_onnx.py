@@ -18,8 +18,9 @@ from typer.testing import CliRunner
 from metatt_deploy.adapters.base_model import resolve_model
 from metatt_deploy.cli import app
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.export import onnx as export_module
-from metatt_deploy.export.onnx import FP32_ATOL, SAMPLE_SENTENCES, export_onnx, sha256_file
+from metatt_deploy.export import onnx_classifier as export_module
+from metatt_deploy.export.onnx import export_onnx, sha256_file
+from metatt_deploy.export.onnx_classifier import FP32_ATOL, SAMPLE_SENTENCES
 from metatt_deploy.inference.formats import MANIFEST_NAME
 
 
@@ -138,7 +139,7 @@ def test_user_errors(tiny, fp32, tmp_path):
         export_onnx(tiny.merged, tmp_path / "out", quantize="int8", dtype="fp16")
     with pytest.raises(MetaTTError, match="unknown quantization"):
         export_onnx(tiny.merged, tmp_path / "out", quantize="int3")
-    with pytest.raises(MetaTTError, match="int4 is for decoders"):  # weight-only 4-bit: the decoder form
+    with pytest.raises(MetaTTError, match="^--quantize int4 does not apply to a classifier export"):  # weight-only 4-bit: the decoder form
         export_onnx(tiny.merged, tmp_path / "out", quantize="int4")
     with pytest.raises(MetaTTError, match="is not an adapter"):
         export_onnx(tiny.merged, tmp_path / "out", adapter_dir=tmp_path)

@@ -9,7 +9,8 @@ import onnxruntime as ort
 from onnx_fixtures import build_tiny
 from transformers import AutoTokenizer
 
-from metatt_deploy.export.onnx import FP32_ATOL, export_onnx
+from metatt_deploy.export.onnx import export_onnx
+from metatt_deploy.export.onnx_classifier import FP32_ATOL
 from metatt_deploy.export.ort_format import OPERATOR_CONFIG
 
 

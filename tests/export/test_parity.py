@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.export.onnx import FP32_ATOL
+from metatt_deploy.export.onnx_classifier import FP32_ATOL
 from metatt_deploy.export.parity import enforce, logit_parity, max_abs_diff, parity_figures, reference_logits, within
 
 TOL = 1.1e-4

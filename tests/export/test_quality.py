@@ -20,7 +20,8 @@ from metatt_deploy.cli import app
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.export.decoder_runs import chat_prompts, load_ort_decoder
 from metatt_deploy.export.int4 import Int4Options
-from metatt_deploy.export.onnx import SAMPLE_SENTENCES, export_onnx
+from metatt_deploy.export.onnx import export_onnx
+from metatt_deploy.export.onnx_classifier import SAMPLE_SENTENCES
 from metatt_deploy.export.quality import (
     GATE_NEW_TOKENS,
     GATE_PROMPTS,

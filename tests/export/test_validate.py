@@ -11,8 +11,10 @@ from typer.testing import CliRunner
 
 from metatt_deploy.cli import app
 from metatt_deploy.common.errors import MetaTTError
-from metatt_deploy.export.onnx import FP32_ATOL, export_onnx
-from metatt_deploy.export.validate import REPORT_JSON, REPORT_MD, report_paths, validate
+from metatt_deploy.export.kinds import validate
+from metatt_deploy.export.onnx import export_onnx
+from metatt_deploy.export.onnx_classifier import FP32_ATOL
+from metatt_deploy.export.validate import REPORT_JSON, REPORT_MD, report_paths
 
 FAST = dict(batch_sizes=(1, 2), seq_len=16, repeats=3, warmup=1)
 

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from metatt_deploy.adapters.lora import load_lora
 from metatt_deploy.cli import app
 from metatt_deploy.common.errors import MetaTTError
+from metatt_deploy.export.kinds import validate
 from metatt_deploy.export.onnx import export_onnx
 from metatt_deploy.export.peft import to_peft
 from metatt_deploy.export.quality import QualityGate
@@ -90,10 +91,10 @@ def test_a_metatt_decoder_as_a_peft_lora_validates_against_its_own_export_only(b
 def test_decoder_validation_refuses_the_classifier_options_in_one_line(bundles, tmp_path: Path) -> None:
     adapter_dir, fp32, _, data = bundles
     with pytest.raises(MetaTTError, match=r"^--batch-sizes, --task, --label-column do not apply to a decoder export .*drop them") as e:
-        validate_decoder(adapter_dir, fp32, data=str(data), output=tmp_path / "r", batch_sizes=[1, 8], task="movie", label_column="label")
+        validate(adapter_dir, fp32, data=str(data), output=tmp_path / "r", batch_sizes=[1, 8], task="movie", label_column="label")
     assert "\n" not in str(e.value) and not (tmp_path / "r").exists()
     with pytest.raises(MetaTTError, match=r"^--seq-len does not apply to a decoder export .*drop it"):
-        validate_decoder(adapter_dir, fp32, data=str(data), output=tmp_path / "r", seq_len=128)
+        validate(adapter_dir, fp32, data=str(data), output=tmp_path / "r", seq_len=128)
     result = CliRunner().invoke(app, ["validate", str(adapter_dir), str(fp32), "--data", str(data), "--batch-sizes", "1,8"])
     assert result.exit_code == 2 and "--batch-sizes does not apply to a decoder export" in result.output
 

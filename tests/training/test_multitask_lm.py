@@ -60,7 +60,7 @@ def test_joint_causal_run_scores_every_task_every_epoch(trained) -> None:
     report = (root / "run" / "metrics.md").read_text()
     assert "sent exact match" in report and "sent perplexity" in report
     mtm, config, _ = load_multitask(root / "run" / "best")
-    assert config.causal_lm and config.tasks == ["sent", "nli", "city"] and config.mode_names[3] == "task"
+    assert config.kind.generates and config.tasks == ["sent", "nli", "city"] and config.mode_names[3] == "task"
 
 
 def test_causal_multitask_model_routes_tasks_per_row_and_per_generation(trained) -> None:
@@ -86,7 +86,7 @@ def test_add_task_to_a_causal_adapter_moves_only_its_slice(trained) -> None:
     result = train_specs(str(root / "added"), [spec], add_task_from=str(root / "run" / "best"), epochs=1, batch_size=8)
     old, old_cfg, _ = load_multitask(root / "run" / "best", tokenizer=False)
     new, new_cfg, _ = load_multitask(root / "added" / "best", tokenizer=False)
-    assert new_cfg.tasks == ["sent", "nli", "city", "extra"] and new_cfg.causal_lm
+    assert new_cfg.tasks == ["sent", "nli", "city", "extra"] and new_cfg.kind.generates
     assert_only_new_slice_moved(old, new, new_cfg.mode_names.index("task"))
     assert bundle_id(old_cfg, list(old.metatt.cores)) == bundle_id(new_cfg, list(new.metatt.cores))
     assert result["trainable_parameters"]["trained_in_this_run"] == 16 and set(result["history"][0]["tasks"]) == {"extra"}
