@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 from tiny_models import save_tiny_bert
 
-from metatt_deploy.adapters import model as mt
-from metatt_deploy.adapters.base_model import load_tokenizer
+from metatt_deploy.adapters.base_model import load_classifier, load_tokenizer
 from metatt_deploy.adapters.config import MetaTTConfig
 from metatt_deploy.adapters.heads import routers
 from metatt_deploy.adapters.multitask import build_multitask, save_multitask
@@ -40,7 +39,7 @@ def build_tiny_multitask(root: Path, seed: int = 0, labels: dict | None = None, 
     base = root / "base"
     if not base.exists():
         save_tiny_bert(base, seed, intermediate_size=64, max_position_embeddings=128)
-    model = mt.load_classifier(str(base), labels[next(iter(labels))])
+    model = load_classifier(str(base), labels[next(iter(labels))])
     mtm = build_multitask(model, list(labels), labels, rank=4, base_model=str(base))
     randomise(mtm, core_seed)
     adapter = save_multitask(mtm, root / f"adapter-{core_seed}", tokenizer)

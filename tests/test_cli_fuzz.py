@@ -27,8 +27,7 @@ import torch
 from fuzzing import SEED, CliCases, corrupt_json_file, corrupt_jsonl, corrupt_safetensors, snapshot
 from onnx_fixtures import build_tiny
 
-from metatt_deploy.adapters import model as mt
-from metatt_deploy.adapters.base_model import load_tokenizer
+from metatt_deploy.adapters.base_model import load_classifier, load_tokenizer
 from metatt_deploy.adapters.config import CONFIG_NAME, WEIGHTS_NAME
 from metatt_deploy.adapters.multitask import build_multitask, save_multitask
 from metatt_deploy.export.factored import write_bundle
@@ -73,7 +72,7 @@ def world(tmp_path_factory) -> World:
     tiny = build_tiny(root)
     export = export_onnx(tiny.merged, root / "export")
     labels = {"movie": ["negative", "positive"], "nli": ["entailment", "neutral", "contradiction"]}
-    model = mt.load_classifier(str(tiny.base), labels["movie"])
+    model = load_classifier(str(tiny.base), labels["movie"])
     mtm = build_multitask(model, list(labels), labels, rank=3, base_model=str(tiny.base))
     with torch.no_grad():
         for p in mtm.metatt.cores:

@@ -40,7 +40,8 @@ Internals (what this measures lies below the public API, docs/api.md):
 - metatt_deploy.adapters.model: attaches an unmerged adapter to a PyTorch model: the training graph is one of the runtimes timed, which no deployment runs.
 - metatt_deploy.adapters.multitask: builds a random 2-task (4+1)D adapter for the factored graph when the adapter at hand is single-task (latency does not depend on its values).
 - metatt_deploy.tt.cores: the random cores of that adapter.
-- metatt_deploy.export.onnx: the fixed sample sentences every export is timed on, and the library versions recorded with the figures.
+- metatt_deploy.export.onnx_classifier: the fixed sample sentences every classifier export is timed on.
+- metatt_deploy.export.onnx_files: the library versions recorded with the figures.
 - metatt_deploy.export.quantize: the CPU's instruction-set flags, recorded with the int8 figures they explain.
 - metatt_deploy.export.held_out: validate's own held-out reader, so accuracy is read as validate reads it.
 - metatt_deploy.common.timing: validate's round-robin timer and summary, so these figures are measured as validate measures them.
@@ -76,7 +77,8 @@ from metatt_deploy.adapters.model import attach, build_config, get_adapter, load
 from metatt_deploy.common.errors import first_line
 from metatt_deploy.common.timing import summarize, time_round_robin
 from metatt_deploy.export.held_out import load_held_out  # noqa: E402
-from metatt_deploy.export.onnx import SAMPLE_SENTENCES, library_versions  # noqa: E402
+from metatt_deploy.export.onnx_classifier import SAMPLE_SENTENCES  # noqa: E402
+from metatt_deploy.export.onnx_files import library_versions  # noqa: E402
 from metatt_deploy.export.options import Calibration
 from metatt_deploy.export.quantize import cpu_summary
 from metatt_deploy.inference.sessions import make_session, onnx_feeds  # noqa: E402

@@ -20,8 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-# load_classifier: tests/test_cli_fuzz.py still loads bases as mt.load_classifier (the package itself loads through a ModelKind)
-from metatt_deploy.adapters.base_model import load_classifier, load_tokenizer  # noqa: F401
+from metatt_deploy.adapters.base_model import load_tokenizer
 from metatt_deploy.adapters.config import DEFAULT_ALPHA, METATT_METHODS, WEIGHTS_NAME, MetaTTConfig, check_finite
 from metatt_deploy.adapters.heads import add_task_heads, select_task_head
 from metatt_deploy.adapters.layer import MetaTT, MetaTTLayer

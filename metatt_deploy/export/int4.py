@@ -250,6 +250,8 @@ def edge_matmuls(graph: Any, edge_layers: int) -> list[str]:
     if not layer_of:
         return []
     last = max(layer_of.values())
+    if edge_layers > last + 1:  # a typo, not a choice: every layer is already 8-bit at (last + 1) // 2
+        raise MetaTTError(f"--int4-edge-layers is {edge_layers} but the model has {last + 1} decoder layers; give at most {last + 1}")
     return [name for name, layer in layer_of.items() if layer < edge_layers or layer > last - edge_layers]
 
 

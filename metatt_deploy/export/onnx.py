@@ -39,7 +39,6 @@ from metatt_deploy.common.files import (
 from metatt_deploy.common.threads import resolve_threads
 from metatt_deploy.export.kinds import ExportKind, source_kind
 from metatt_deploy.export.merge import MERGE_RECORD, merge_adapter
-from metatt_deploy.export.onnx_classifier import SAMPLE_SENTENCES  # noqa: F401  (tools/bench_latency.py reads it here)
 from metatt_deploy.export.onnx_files import library_versions
 from metatt_deploy.export.options import ExportOptions
 from metatt_deploy.export.quantize import default_reduce_range
@@ -92,6 +91,8 @@ def export_onnx(
     check_separate(output, [model_dir, adapter_dir])
     kind = source_kind(model_dir)
     kind.check_export(options, model_dir)
+    if task is not None and not is_adapter_dir(model_dir):  # a merged model is one task already: --task would be ignored
+        raise MetaTTError(f"--task picks a task of an adapter; {model_dir} is a merged model of one task: drop --task")
     resolve_threads(options.threads)
     calibration = options.calibration.loaded() if options.quantize == "int8-static" else options.calibration
     reduce_range = default_reduce_range() if options.reduce_range is None else options.reduce_range

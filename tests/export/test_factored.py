@@ -21,6 +21,7 @@ import torch
 from multitask_fixtures import LABELS, build_tiny_multitask
 
 from metatt_deploy.adapters import model as mt
+from metatt_deploy.adapters.base_model import load_classifier
 from metatt_deploy.adapters.heads import PAD_LOGIT, routers
 from metatt_deploy.adapters.multitask import extend_tasks, save_multitask
 from metatt_deploy.common.errors import MetaTTError
@@ -74,9 +75,7 @@ def test_bundle_layout_and_each_weight_once(tiny) -> None:
         adapter_file = ort.AdapterFormat.read_adapter(str(bundle / TASKS_DIR / f"{t}.onnx_adapter"))
         params = adapter_file.get_parameters()  # views into the file: keep them referenced while reading
         assert set(params) == set(stored) and all(np.array_equal(params[k].numpy(), stored[k]) for k in stored)
-    base_params = {
-        n: p for n, p in mt.load_classifier(str(root / "base"), ["a", "b"]).named_parameters() if not n.startswith("classifier.")
-    }
+    base_params = {n: p for n, p in load_classifier(str(root / "base"), ["a", "b"]).named_parameters() if not n.startswith("classifier.")}
     n_cores = len(mtm.adapter_config.mode_names)
     for graph_file, cores_in_graph in ((TASK_GRAPH, n_cores), (ADAPTER_GRAPH, n_cores - 1)):
         graph = onnx.load(str(bundle / graph_file))

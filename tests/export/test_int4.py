@@ -157,6 +157,9 @@ def test_edge_layers_are_8_bit_and_the_middle_4_bit(tmp_path: Path) -> None:
     assert settings["matmuls_by_bits"] == {"4": 1, "8": 4}
     bits = {n.name: {a.name: a.i for a in n.attribute}["bits"] for n in onnx.load(str(tmp_path / "int4.onnx")).graph.node}
     assert [bits[f"/model/layers.{i}/mlp/up_proj/MatMul_Q{b}"] for i, b in enumerate([8, 8, 4, 8, 8])] == [8, 8, 4, 8, 8]
+    with pytest.raises(MetaTTError, match="--int4-edge-layers is 6 but the model has 5 decoder layers"):  # a typo, refused
+        quantize_int4(tmp_path / "fp32.onnx", tmp_path / "typo.onnx", Int4Options(edge_layers=6))
+    assert not (tmp_path / "typo.onnx").exists()
 
 
 def duplicated_head_graph(path: Path, hidden: int, same: bool = True) -> np.ndarray:

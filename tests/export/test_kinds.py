@@ -148,3 +148,10 @@ def test_an_adapter_of_the_other_kind_is_refused_in_one_line_before_any_work(mod
     with pytest.raises(MetaTTError, match=f"^{decoder} is a decoder's adapter and {classifier_bundle} a classifier export"):
         validate(decoder, classifier_bundle, output=tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+def test_task_on_a_merged_model_is_refused_not_ignored(models, tmp_path: Path) -> None:
+    """--task picks a task of an adapter; a merged model has one, so the option would silently do nothing."""
+    with pytest.raises(MetaTTError, match="is a merged model of one task: drop --task"):
+        export_onnx(models["classifier_merged"], tmp_path / "out", task="anything")
+    assert os.listdir(tmp_path) == []

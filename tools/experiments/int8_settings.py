@@ -42,7 +42,7 @@ from metatt_deploy.adapters.base_model import load_tokenizer
 from metatt_deploy.adapters.config import MetaTTConfig
 from metatt_deploy.common.timing import summarize, time_round_robin
 from metatt_deploy.export.held_out import load_held_out
-from metatt_deploy.export.onnx import library_versions
+from metatt_deploy.export.onnx_files import library_versions
 from metatt_deploy.export.quantize import (
     TextCalibrationReader,
     cpu_summary,
