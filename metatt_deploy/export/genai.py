@@ -49,6 +49,7 @@ from metatt_deploy.inference.formats import (
     BUNDLE_JSON,
     GENAI_CONFIG,
     context_length,
+    is_decoder_bundle,
     read_bundle,
     task_file,
     task_records,
@@ -208,7 +209,7 @@ def export_genai(bundle: str | Path, *, force: bool = False) -> dict:
     og = import_genai()
     bundle = Path(bundle)
     info = read_bundle(bundle)
-    if info.get("task_type") != "causal-lm" or not info.get("onnx"):
+    if not is_decoder_bundle(info) or not info.get("onnx"):
         raise MetaTTError(f"{bundle} is not a factored bundle of a causal LM with ONNX graphs; --genai needs one (merge --factored)")
     if info.get("genai") and not force:
         raise MetaTTError(f"{bundle} already holds GenAI files ({GENAI_CONFIG}); pass --force to write them again")

@@ -104,7 +104,7 @@ def validate_decoder(
     context = context_length(model.config.to_dict())
     if context and max(prompt_lengths) + new_tokens > context:
         raise MetaTTError(f"prompt length {max(prompt_lengths)} + {new_tokens} new tokens exceed the model's context of {context}")
-    rows = _held_out(data, split, max_examples, seed, tokenizer, min(max_length, context or max_length))
+    rows = held_out_prompts(data, split, max_examples, seed, tokenizer, min(max_length, context or max_length))
     if log is not None:
         log(f"data: {len(rows['prompts'])} prompts of {data} ({split})")
 
@@ -162,7 +162,7 @@ def _bundle_name(manifest: dict, folder: Path) -> str:
     return (manifest.get("variant", {}).get("quantize") or "fp32") if manifest else folder.name
 
 
-def _held_out(data: str, split: str, max_examples: int, seed: int, tokenizer, max_length: int) -> dict:
+def held_out_prompts(data: str, split: str, max_examples: int, seed: int, tokenizer, max_length: int) -> dict:
     """Prompts, full teacher-forcing ids, labels and reference answers of ``max_examples`` rows."""
     path = Path(data)
     if path.suffix.lower() in (".jsonl", ".json") or path.exists():

@@ -39,16 +39,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runnable from a 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from metatt_deploy import MetaTTError, export_onnx, load_text_task, merge_adapter  # noqa: E402
+from metatt_deploy import MetaTTError, export_onnx, merge_adapter  # noqa: E402
 from metatt_deploy.common.files import atomic_write_json, atomic_write_text  # noqa: E402
 from metatt_deploy.common.report import markdown_table  # noqa: E402
 from metatt_deploy.export.decoder_runs import greedy, load_ort_decoder, teacher_forced_logits  # noqa: E402
 from metatt_deploy.export.int4 import Int4Options, quantize_int4  # noqa: E402
 from metatt_deploy.export.onnx_files import model_bytes  # noqa: E402
 from metatt_deploy.export.quality import QualityGate, decoder_examples, decoder_quality, score_decoder  # noqa: E402
+from metatt_deploy.export.validate_lm import held_out_prompts  # noqa: E402
 from metatt_deploy.inference.formats import ONNX_NAME  # noqa: E402
-from metatt_deploy.training.lm_data import tokenize_text_task  # noqa: E402
-from metatt_deploy.training.lm_eval import exact_match, max_new_tokens_for, nll_from_logits, strip_after_eos  # noqa: E402
+from metatt_deploy.training.lm_eval import exact_match, nll_from_logits, strip_after_eos  # noqa: E402
 
 SETTINGS: dict[str, Int4Options] = {
     "int4, 4-bit head (before)": Int4Options(head_bits=4, edge_layers=0),
@@ -81,19 +81,6 @@ def prepare(name: str, adapter: Path, work: Path, settings: dict[str, Int4Option
             stage.rename(folder)
         bundles[label] = folder
     return bundles
-
-
-def held_out(data: str, prompts: int, tokenizer: Any) -> dict[str, Any]:
-    task = load_text_task(dataset=data, max_samples={"test": prompts}, seed=0)
-    task.splits = {"test": task.splits["test"]}
-    ds = tokenize_text_task(task, tokenizer, 512)["test"][:]
-    return {
-        "ids": ds["input_ids"],
-        "labels": ds["labels"],
-        "prompts": [ids[:n] for ids, n in zip(ds["input_ids"], ds["prompt_length"])],
-        "responses": ds["response"],
-        "max_new_tokens": max_new_tokens_for([len(i) - n for i, n in zip(ds["input_ids"], ds["prompt_length"])]),
-    }
 
 
 def quality(model: Any, tokenizer: Any, rows: dict[str, Any]) -> dict[str, Any]:
@@ -155,7 +142,7 @@ def bench_model(name: str, adapter: Path, args: argparse.Namespace, done: dict[s
     measured = {r["setting"] for r in done["rows"]} - {"fp32"} if done else set()
     bundles = {k: v for k, v in prepare(name, adapter, args.work, args.settings).items() if k not in measured}
     tokenizer = AutoTokenizer.from_pretrained(bundles["fp32"])
-    rows = held_out(args.data, args.prompts, tokenizer)
+    rows = held_out_prompts(args.data, "test", args.prompts, 0, tokenizer, 512)
     task = json.loads((bundles["fp32"] / "manifest.json").read_text()).get("task")
     examples, source = decoder_examples(QualityGate(task=task), tokenizer, 2048)
     results: dict[str, Any] = {}
