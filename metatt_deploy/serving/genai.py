@@ -27,16 +27,15 @@ from metatt_deploy.inference.formats import (
     is_decoder_bundle,
     read_bundle,
     read_model_config,
-    task_records,
 )
 from metatt_deploy.inference.genai import genai_tokens, import_genai
 from metatt_deploy.inference.sessions import checked_adapter_file
-from metatt_deploy.inference.tasks import resolve_task
+from metatt_deploy.inference.task_table import ServesTasks, TaskTable
 from metatt_deploy.inference.text import TextStream, TextTokenizer
 from metatt_deploy.serving.generate import checked_prompt, encode_prompt
 
 
-class GenAIGenerator:
+class GenAIGenerator(ServesTasks):
     """A factored decoder bundle on ONNX Runtime GenAI: one model, one adapter per task, switched per call."""
 
     def __init__(self, bundle: str | Path, threads: int | None = None):
@@ -53,8 +52,7 @@ class GenAIGenerator:
         self.og, self.bundle, self.info = og, bundle, info
         self.model = og.Model(config)
         self.adapters = og.Adapters(self.model)
-        self.records = {r["task"]: r for r in task_records(bundle, info)}
-        self.tasks = list(self.records)
+        self.table = TaskTable.of_bundle(bundle, info)
         self.loaded: set[str] = set()
         self.task: str | None = None
         self.tokenizer = TextTokenizer.from_folder(base_dir(bundle, info))
@@ -64,9 +62,7 @@ class GenAIGenerator:
         """Choose the task of the next calls (its adapter file is checked and loaded on first use, then kept)."""
         if isinstance(task, (list, tuple)):
             raise MetaTTError("ONNX Runtime GenAI answers one task per generator; one task per row needs --form tasks on ONNX Runtime")
-        if isinstance(task, str) and task.isascii() and task.isdigit():
-            task = int(task)
-        name = self.tasks[resolve_task(self.tasks, task, "bundle")]
+        name = self.table.name(task)
         if name not in self.loaded:
             self.adapters.load(str(checked_adapter_file(self.bundle, self.info, self.records[name])), name)
             self.loaded.add(name)

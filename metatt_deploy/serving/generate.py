@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -31,7 +32,6 @@ from metatt_deploy.inference.formats import (
     ONNX_NAME,
     TASK_GRAPH,
     TASK_IDS,
-    added_task_record,
     base_dir,
     context_length,
     is_bundle,
@@ -40,10 +40,9 @@ from metatt_deploy.inference.formats import (
     read_bundle,
     read_manifest,
     read_model_config,
-    task_records,
 )
 from metatt_deploy.inference.sessions import adapter_run_options, load_task_adapter, make_session
-from metatt_deploy.inference.tasks import resolve_task
+from metatt_deploy.inference.task_table import ServesTasks, TaskTable
 from metatt_deploy.inference.text import TextTokenizer
 
 DECODER_FORMS = ("adapter", "tasks", "auto")
@@ -58,6 +57,41 @@ class Binding:
     graph: DecoderGraph
     feeds: dict[str, np.ndarray] | None
     run_options: ort.RunOptions | None
+
+
+class DecodingBackend(Protocol):
+    """What the decoder server (`openai_app`, `llm_engine`) needs of a generator: its tasks, their bindings, prompts and limits.
+
+    `Generator` (the numpy decode loop on ONNX Runtime) is the one backend that serves it; the
+    server is typed against this so what it relies on is written down in one place.
+    `GenAIGenerator` does not fit: ONNX Runtime GenAI runs its own loop, with no per-step binding
+    the scheduler could batch.
+    """
+
+    @property
+    def bundle(self) -> Path: ...  # the export's folder: a single-task export's model id is its name
+
+    @property
+    def tasks(self) -> list[str]: ...  # empty for a single-task export
+
+    @property
+    def context(self) -> int | None: ...
+
+    @property
+    def eos_ids(self) -> list[int]: ...
+
+    @property
+    def tokenizer(self) -> TextTokenizer: ...
+
+    def encode(self, prompt: str, raw: bool = False, system: str | None = None) -> list[int]: ...
+
+    def steps(self, ids: Sequence[int], params: SamplingParams, task: str | None = None) -> Iterator[Step]: ...
+
+    def binding(self, task: str | None) -> Binding: ...
+
+    def add_task(self, name: str) -> dict: ...
+
+    def remove_task(self, name: str) -> None: ...
 
 
 def encode_prompt(tokenizer: TextTokenizer, prompt: str, raw: bool = False, system: str | None = None) -> list[int]:
@@ -86,7 +120,7 @@ def checked_prompt(ids: list[int], max_new_tokens: int, context: int | None) -> 
     return ids
 
 
-class Generator:
+class Generator(ServesTasks):
     """A decoder export or factored decoder bundle, loaded once, that turns prompts into streamed answers."""
 
     def __init__(self, bundle: str | Path, threads: int | None = None, form: str = "adapter", providers: list[str] | None = None):
@@ -96,7 +130,6 @@ class Generator:
         if form not in DECODER_FORMS:
             raise MetaTTError(f"unknown form '{form}'; use {' or '.join(DECODER_FORMS)}")
         self.form = form
-        self.records: dict[str, dict] = {}
         self.info: dict = {}
         self.baked: list[str] = []
         self.adapters: dict[str, ort.LoraAdapter] = {}  # loaded once, kept: a freed LoraAdapter leaves the empty defaults
@@ -107,36 +140,30 @@ class Generator:
                 raise MetaTTError(
                     f"{self.bundle} is not a factored bundle of a causal LM with ONNX graphs; generate needs one (merge --factored)"
                 )
-            self.records = {r["task"]: r for r in task_records(self.bundle, self.info)}
+            self.table = TaskTable.of_bundle(self.bundle, self.info)
             self.baked = list(self.info["onnx"]["task_graph"]["tasks"])
             folder, graph_file = base_dir(self.bundle, self.info), ADAPTER_GRAPH if form == "adapter" else TASK_GRAPH
         elif is_decoder_export(read_manifest(self.bundle)):
             if form == "tasks":
                 raise MetaTTError(f"form 'tasks' applies to factored bundles; {self.bundle} is a single-task export, drop it")
             folder, graph_file = self.bundle, ONNX_NAME
+            self.table = TaskTable.single_task(self.bundle)  # no named task: requests name the export itself
         else:
             raise MetaTTError(f"{self.bundle} is not a decoder export (no KV-cache graph); generate needs an exported causal LM")
-        self.tasks = list(self.records)
         self.tokenizer = TextTokenizer.from_folder(folder)
         config = read_model_config(folder)
         self.context = context_length(config)
         self.eos_ids = generation_eos_ids(folder)
-        graph_folder = self.bundle if self.records else folder
+        graph_folder = folder if self.table.fixed else self.bundle
         self.config, self.providers, self.threads = config, providers, threads
         self.graph = DecoderGraph(make_session(graph_folder / graph_file, providers, threads), config)
         self._adapter_graph: DecoderGraph | None = self.graph if form == "adapter" else None
 
-    # ------------------------------------------------------------ tasks
-
-    def task_name(self, task: str | int | None) -> str:
-        """A served task's name from a name or an index (digits only in ASCII count as an index)."""
-        if isinstance(task, str) and task.isascii() and task.isdigit():
-            task = int(task)
-        return self.tasks[resolve_task(self.tasks, task, "bundle")]
+    # ------------------------------------------------------------ tasks (the table decides; see `TaskTable`)
 
     def use(self, task: str | int) -> None:
         """Choose the task of later calls (nothing is reloaded; an adapter file is checked and read once)."""
-        if not self.records:
+        if self.table.fixed:
             raise MetaTTError("this export serves one task; --task applies to factored bundles (merge --factored)")
         name = self.task_name(task)
         self.task_inputs(name)  # fails now, not at the first step, for a task the graph cannot run
@@ -147,9 +174,12 @@ class Generator:
         binding = self.binding(task)
         return binding.feeds, binding.run_options
 
-    def binding(self, task: str | None) -> Binding:
-        """The graph that runs ``task``, its inputs, and its lane: rows of one lane may share a call."""
-        if not self.records:
+    def binding(self, task: str | None, record: dict | None = None) -> Binding:
+        """The graph that runs ``task``, its inputs, and its lane: rows of one lane may share a call.
+
+        ``record`` is the task's record when it is not served yet (`add_task` checks a task before publishing it).
+        """
+        if self.table.fixed:
             return Binding("model", self.graph, None, None)
         if task is None:
             raise MetaTTError(f"this bundle serves several tasks; choose one with --task ({', '.join(self.tasks)})")
@@ -160,33 +190,18 @@ class Generator:
                 f"task '{task}' was added after model_tasks.onnx was written; use form 'adapter' for it (baked tasks: {', '.join(self.baked)})"
             )
         if task not in self.adapters:
-            self.adapters[task] = load_task_adapter(self.bundle, self.info, self.records[task])
+            self.adapters[task] = load_task_adapter(self.bundle, self.info, record or self.records[task])
         if self._adapter_graph is None:
             self._adapter_graph = DecoderGraph(make_session(self.bundle / ADAPTER_GRAPH, self.providers, self.threads), self.config)
         return Binding(f"{ADAPTER_GRAPH}:{task}", self._adapter_graph, None, adapter_run_options(self.adapters[task]))
 
     def add_task(self, name: str) -> dict:
         """Serve the bundle's ``tasks/NAME.json`` from now on (written after this Generator opened); its adapter is checked and loaded now."""
-        if not self.records:
-            raise MetaTTError(f"{self.bundle} is a single-task export: its task is fixed; serve a factored bundle to add tasks")
-        rec = added_task_record(self.bundle, self.info, name, self.tasks)
-        self.records = {**self.records, name: rec}
-        try:
-            self.binding(name)
-        except MetaTTError:
-            self.records = {t: r for t, r in self.records.items() if t != name}
-            raise
-        self.tasks = list(self.records)
-        return rec
+        return self.table.add(name, self.binding)
 
     def remove_task(self, name: str) -> None:
         """Stop serving a task (its files stay in the bundle); callers finish its running sequences first."""
-        if not self.records:
-            raise MetaTTError(f"{self.bundle} is a single-task export: its task is fixed; serve a factored bundle to remove tasks")
-        name = self.task_name(name)
-        self.records = {t: r for t, r in self.records.items() if t != name}
-        self.tasks = list(self.records)
-        self.adapters.pop(name, None)
+        self.adapters.pop(self.table.remove(name), None)
 
     # ------------------------------------------------------------ generation
 

@@ -55,7 +55,8 @@ log = logging.getLogger("metatt_deploy.serving")
 class Engine(Protocol):
     """What a server needs from a model: `Runtime` is one."""
 
-    tasks: list[str]
+    @property
+    def tasks(self) -> list[str]: ...  # read-only: `Runtime`'s come from its task table, changed only by add_task / remove_task
 
     def labels(self, task: str) -> list[str]: ...
 

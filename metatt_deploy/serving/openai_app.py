@@ -43,7 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.inference.decode import Decoding, SamplingParams, Step
 from metatt_deploy.serving.batcher import Closed, QueueFull
-from metatt_deploy.serving.generate import Generator
+from metatt_deploy.serving.generate import DecodingBackend
 from metatt_deploy.serving.http import (
     ApiError,
     BodyLimit,
@@ -240,12 +240,12 @@ class OpenAIHttpProtocol(JsonHttpProtocol):
 class LLMServer:
     """The generator (once loaded), its scheduler and metrics, and readiness."""
 
-    def __init__(self, factory: Callable[[], Generator], settings: LLMSettings, background_load: bool = True):
+    def __init__(self, factory: Callable[[], DecodingBackend], settings: LLMSettings, background_load: bool = True):
         self.factory = factory
         self.background_load = background_load
         self.settings = settings
         self.metrics = LLMMetrics()
-        self.generator: Generator | None = None
+        self.generator: DecodingBackend | None = None
         self.scheduler: Scheduler | None = None
         self.load_error: str | None = None
         self.removing: set[str] = set()
@@ -293,11 +293,11 @@ class LLMServer:
         if self.scheduler is not None:
             await self.scheduler.close()
 
-    def served(self, generator: Generator) -> list[str | None]:
+    def served(self, generator: DecodingBackend) -> list[str | None]:
         """The tasks to warm: a bundle's tasks, or the single export's one (None)."""
         return list(generator.tasks) or [None]
 
-    def model_ids(self, generator: Generator) -> list[str]:
+    def model_ids(self, generator: DecodingBackend) -> list[str]:
         """The ids /v1/models lists: a bundle's task names, or the export's one name."""
         return [t for t in generator.tasks if t not in self.removing] if generator.tasks else [export_id(generator)]
 
@@ -323,7 +323,7 @@ class LLMServer:
 
     # ------------------------------------------------------------ checks used by the endpoints
 
-    def ready(self) -> tuple[Generator, Scheduler]:
+    def ready(self) -> tuple[DecodingBackend, Scheduler]:
         retry = {"Retry-After": str(self.settings.retry_after_s)}
         if self.load_error is not None:
             raise ApiError(503, f"the model did not load: {self.load_error}")
@@ -333,7 +333,7 @@ class LLMServer:
             raise ApiError(503, "the model is still loading", retry)
         return self.generator, self.scheduler
 
-    def task_of(self, generator: Generator, model: str) -> str | None:
+    def task_of(self, generator: DecodingBackend, model: str) -> str | None:
         """The task a request's ``model`` names (None for a single-task export), else 404 listing the served ids."""
         ids = self.model_ids(generator)
         if model not in ids:
@@ -349,13 +349,13 @@ class LLMServer:
             raise ApiError(401, "admin endpoints need the header 'Authorization: Bearer <admin token>'")
 
 
-def warm(generator: Generator, task: str | None) -> None:
+def warm(generator: DecodingBackend, task: str | None) -> None:
     """Two tokens of ``task``: its graph and adapter are loaded and run before the first request."""
     for _ in generator.steps(generator.encode("warm-up", raw=True), SamplingParams(max_tokens=2), task):
         pass
 
 
-def export_id(generator: Generator) -> str:
+def export_id(generator: DecodingBackend) -> str:
     """A single-task export's model id: its folder's name."""
     return generator.bundle.resolve().name
 
@@ -392,8 +392,10 @@ class Choice:
     finish_reason: str | None = None
 
 
-def create_openai_app(factory: Callable[[], Generator], settings: LLMSettings | None = None, *, background_load: bool = True) -> FastAPI:
-    """The FastAPI app over a decoder (``factory`` loads the `Generator`: in the background, or at start-up without ``background_load``)."""
+def create_openai_app(
+    factory: Callable[[], DecodingBackend], settings: LLMSettings | None = None, *, background_load: bool = True
+) -> FastAPI:
+    """The FastAPI app over a decoder: ``factory`` loads its `DecodingBackend` (a `Generator`), in the background or, without ``background_load``, at start-up."""
     settings = (settings or LLMSettings()).check()
     app = service_app(
         lambda: LLMServer(factory, settings, background_load),
@@ -541,7 +543,7 @@ def _put(queue: asyncio.Queue, index: int) -> Callable[[Event], None]:
     return lambda event: queue.put_nowait((index, event))
 
 
-def encode_prompts(generator: Generator, body: _Request) -> list[list[int]]:
+def encode_prompts(generator: DecodingBackend, body: _Request) -> list[list[int]]:
     """The token ids of each prompt: chat messages through the chat template, completion prompts as they are (user text as data)."""
     if isinstance(body, ChatRequest):
         if not generator.tokenizer.chat_template:

@@ -31,7 +31,7 @@ valid Unicode, and a sentence pair for a single-sentence task or one sentence fo
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -47,16 +47,15 @@ from metatt_deploy.inference.formats import (
     TASK_GRAPH,
     TASK_IDS,
     TASKS_DIR,
-    added_task_record,
     base_dir,
     is_bundle,
     is_decoder_bundle,
     read_bundle,
     read_manifest,
-    task_records,
 )
 from metatt_deploy.inference.sessions import adapter_run_options, load_task_adapter, make_session, onnx_feeds
-from metatt_deploy.inference.tasks import TEXT_COLUMN_CANDIDATES, resolve_task, text_inputs
+from metatt_deploy.inference.task_table import ServesTasks, TaskTable
+from metatt_deploy.inference.tasks import TEXT_COLUMN_CANDIDATES, text_inputs
 from metatt_deploy.inference.text import TextTokenizer
 
 Text = str | Sequence[str]  # a sentence, or a (sentence, sentence) pair
@@ -102,7 +101,7 @@ def scored(task: str, logits: np.ndarray, labels: Sequence[str]) -> dict:
     return {"task": task, "label": labels[k], "label_id": k, "score": float(p[k]), "scores": {lab: float(v) for lab, v in zip(labels, p)}}
 
 
-class Runtime:
+class Runtime(ServesTasks):
     """An export on ONNX Runtime with its tokenizer: a factored bundle or a single-task export.
 
     ``kind`` is "factored" or "export". ``form`` (and the task/adapter graphs) concern factored
@@ -127,7 +126,6 @@ class Runtime:
         self._task_session = None
         self._adapter_session = None
         self._adapters: dict[str, ort.LoraAdapter] = {}
-        self.skipped: dict[str, str] = {}  # task record file -> why it is not served
         if not is_bundle(self.bundle) and (self.bundle / ONNX_NAME).is_file():
             self._open_export(max_length)
             return
@@ -143,11 +141,10 @@ class Runtime:
         if not self.info.get("onnx"):
             raise MetaTTError(f"bundle {self.bundle} has no ONNX graphs; write it with merge --factored (without --no-onnx)")
         self.max_length = max_length or int(self.info.get("max_length", DEFAULT_MAX_LENGTH))
-        self.records = {r["task"]: r for r in task_records(self.bundle, self.info, self.skipped)}
+        self.table = TaskTable.of_bundle(self.bundle, self.info, keep_going=True)
         if not self.records:
             reasons = "; ".join(self.skipped.values()) or f"{TASKS_DIR}/ holds no task record"
             raise MetaTTError(f"bundle {self.bundle} has no task that can be served: {reasons}")
-        self.tasks = list(self.records)
         self.baked = list(self.info["onnx"]["task_graph"]["tasks"])
         self.tokenizer = TextTokenizer.from_folder(base_dir(self.bundle, self.info))
         if form == "tasks":
@@ -168,8 +165,9 @@ class Runtime:
             raise MetaTTError(f"{self.bundle} records no labels (manifest.json or config.json); re-export the model")
         names = [str(labels[k]) for k in sorted(labels, key=int)]
         task = self.info.get("task") or self.info.get("name") or self.bundle.resolve().name
-        self.records = {task: {"task": task, "labels": names, "num_labels": len(names), "text_columns": self.info.get("text_columns")}}
-        self.tasks = [task]
+        self.table = TaskTable.single_task(
+            self.bundle, {"task": task, "labels": names, "num_labels": len(names), "text_columns": self.info.get("text_columns")}
+        )
         self.baked = []
         self.max_length = max_length or int(self.info.get("max_length", DEFAULT_MAX_LENGTH))
         self.tokenizer = TextTokenizer.from_folder(self.bundle)
@@ -199,14 +197,12 @@ class Runtime:
             self._adapters[task] = load_task_adapter(self.bundle, self.info, rec or self.records[task])
         return adapter_run_options(self._adapters[task])
 
-    # ------------------------------------------------------------ tasks and inputs
+    # ------------------------------------------------------------ tasks and inputs (the table decides; see `TaskTable`)
 
-    def task_name(self, task: str | int | None) -> str:
-        """A task name from a name or an index into ``tasks``; unknown ones are errors (a skipped one says why)."""
-        reason = self.skipped.get(f"{task}.json") if isinstance(task, str) else None
-        if reason is not None:
-            raise MetaTTError(f"task '{task}' is not served: {reason}")
-        return self.tasks[resolve_task(self.tasks, task, what="bundle")]
+    @property
+    def skipped(self) -> Mapping[str, str]:
+        """Task record file -> why it is not served (a broken record does not take the other tasks down)."""
+        return self.table.skipped
 
     def text_inputs(self, task: str) -> int:
         """1 if ``task`` takes one sentence per row, 2 if a sentence pair (see `inference.tasks.text_inputs`)."""
@@ -340,26 +336,19 @@ class Runtime:
         file fails now and the first request pays nothing. The task appears in one assignment:
         a concurrent `logits` call sees the old task set or the new one, never half of it.
         """
-        if self.kind != "factored":
-            raise MetaTTError(f"{self.bundle} is a single-task export: its task is fixed; serve a factored bundle to add tasks")
-        rec = added_task_record(self.bundle, self.info, name, self.tasks)
+        return self.table.add(name, self._check_added)
+
+    def _check_added(self, name: str, rec: dict) -> None:
+        """Before an added task is published: the graph that will run it exists and its adapter loads."""
         if self.form == "tasks" and name not in self.baked:
             raise MetaTTError(f"task '{name}' was added after model_tasks.onnx was exported; serve with form 'auto' or 'adapter'")
         if self.form == "adapter" or name not in self.baked:
             self._adapter_graph()
             self._run_options(name, rec)
-        self.records = {**self.records, name: rec}
-        self.tasks = list(self.records)
-        return rec
 
     def remove_task(self, name: str) -> None:
         """Stop serving a task (its files stay in the bundle); callers drain its in-flight rows first."""
-        if self.kind != "factored":
-            raise MetaTTError(f"{self.bundle} is a single-task export: its task is fixed; serve a factored bundle to remove tasks")
-        name = self.task_name(name)
-        self.records = {t: r for t, r in self.records.items() if t != name}
-        self.tasks = list(self.records)
-        self._adapters.pop(name, None)
+        self._adapters.pop(self.table.remove(name), None)
 
 
 PAIR_SEPARATOR = " ||| "
