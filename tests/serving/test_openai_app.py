@@ -254,7 +254,7 @@ def test_a_full_queue_answers_429_with_retry_after_and_a_disconnect_frees_its_sl
         while engine.running == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert engine.running == 1
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30  # generous on a loaded machine: what proves the slot was freed is the token count
     while engine.running and time.monotonic() < deadline:
         time.sleep(0.02)
     assert engine.running == 0 and generated(served, "alpha") < 200  # it left long before its 400 tokens
