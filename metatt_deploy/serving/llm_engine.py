@@ -36,7 +36,7 @@ import numpy as np
 from metatt_deploy.common.errors import MetaTTError
 from metatt_deploy.inference.decode import Decoding, KVBatch, SamplingParams, Step
 from metatt_deploy.serving.batcher import Closed, QueueFull
-from metatt_deploy.serving.generate import Binding, DecodingBackend
+from metatt_deploy.serving.generate import Binding
 from metatt_deploy.serving.http import log
 from metatt_deploy.serving.worker import Worker
 
@@ -99,10 +99,9 @@ def row_feeds(rows: Sequence[Seq]) -> dict[str, np.ndarray] | None:
 class LLMEngine:
     """The scheduler's state and its step; runs on one thread (the `Scheduler`'s worker)."""
 
-    def __init__(self, generator: DecodingBackend, *, max_running: int, max_tokens_per_step: int):
+    def __init__(self, *, max_running: int, max_tokens_per_step: int):
         if max_running < 1 or max_tokens_per_step < 1:
             raise MetaTTError("--max-running and --max-tokens-per-step must be at least 1")
-        self.generator = generator
         self.max_running = max_running
         self.max_tokens_per_step = max_tokens_per_step
         self.waiting: deque[Seq] = deque()

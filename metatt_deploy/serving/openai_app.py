@@ -277,7 +277,7 @@ class LLMServer:
             self.load_error = f"{type(e).__name__}: {e}"
             log.exception("the model did not load")
             return
-        engine = LLMEngine(generator, max_running=self.settings.max_running, max_tokens_per_step=self.settings.max_tokens_per_step)
+        engine = LLMEngine(max_running=self.settings.max_running, max_tokens_per_step=self.settings.max_tokens_per_step)
         self.scheduler = Scheduler(engine, max_queue=self.settings.max_queue, on_step=self._on_step, on_event=self._on_event)
         self.scheduler.start()
         self.generator = generator

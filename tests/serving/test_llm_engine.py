@@ -49,7 +49,7 @@ def test_sequences_joining_and_leaving_get_the_tokens_they_get_alone(bundle: Pat
     ]
     alone = [tokens(list(gen.steps(gen.encode(p), params, t))) for t, p, params in jobs]
     assert len({tuple(a) for a in alone}) > 8
-    engine = LLMEngine(gen, max_running=6, max_tokens_per_step=16)  # chat prompts of ~20 tokens: prefilled over 2+ steps
+    engine = LLMEngine(max_running=6, max_tokens_per_step=16)  # chat prompts of ~20 tokens: prefilled over 2+ steps
     logs: list[list[Step]] = [[] for _ in jobs]
     seqs = [sequence(gen, t, p, params, log) for (t, p, params), log in zip(jobs, logs)]
     cancelled_log: list[Step] = []
