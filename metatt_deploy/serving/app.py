@@ -45,6 +45,7 @@ from metatt_deploy.serving.http import (
     engine_id,
     install_error_handlers,
     limit_requests,
+    load_warm,
     log,
     service_app,
     status_routes,
@@ -96,17 +97,8 @@ class ServerState:
 
     async def _load(self) -> None:
         started = time.perf_counter()
-        try:
-            engine = await asyncio.to_thread(self.factory)
-            for task in list(engine.tasks):  # warm every graph and adapter before saying ready
-                await asyncio.to_thread(engine.logits, ["warm-up"], tasks=[task])
-        except MetaTTError as e:
-            self.load_error = str(e)
-            log.error("the model did not load: %s", e)
-            return
-        except Exception as e:  # a bug: keep the process up, unready, and say why in /readyz
-            self.load_error = f"{type(e).__name__}: {e}"
-            log.exception("the model did not load")
+        engine, self.load_error = await load_warm(self.factory, warm_every_task)
+        if engine is None:
             return
         self.engine = engine
         self.metrics.tasks.set(len(engine.tasks))
@@ -200,6 +192,12 @@ def classify_routes(app: FastAPI, settings: ServeSettings) -> None:
         engine = state.ready_engine()
         served = [t for t in engine.tasks if t not in state.removing]
         return TasksResponse(model_id=engine_id(engine), tasks=[TaskInfo(name=t, labels=engine.labels(t)) for t in served])
+
+
+def warm_every_task(engine: Engine) -> None:
+    """One row of every task: its graph and adapter are loaded and run before /readyz says ready."""
+    for task in list(engine.tasks):
+        engine.logits(["warm-up"], tasks=[task])
 
 
 def readiness(request: Request) -> str:

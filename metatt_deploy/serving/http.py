@@ -474,3 +474,22 @@ def status_routes(app: FastAPI, ready: Callable[[Request], str], exposition: Cal
         """Prometheus metrics (text format)."""
         body, content_type = exposition(request)
         return Response(body, media_type=content_type)
+
+
+async def load_warm(factory: Callable[[], Any], warm: Callable[[Any], None]) -> tuple[Any, str | None]:
+    """Both servers' start-up: build the model on a thread, warm it there; ``(model, None)`` or ``(None, why)``.
+
+    A model that cannot load is logged and its reason returned for /readyz: a user's error
+    (`MetaTTError`) as its one line, anything else (a bug) with its type and a logged traceback.
+    The process stays up, unready, either way; `server.py` turns this into exit 2 at start-up.
+    """
+    try:
+        model = await asyncio.to_thread(factory)
+        await asyncio.to_thread(warm, model)
+    except MetaTTError as e:
+        log.error("the model did not load: %s", e)
+        return None, str(e)
+    except Exception as e:
+        log.exception("the model did not load")
+        return None, f"{type(e).__name__}: {e}"
+    return model, None

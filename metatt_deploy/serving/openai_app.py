@@ -49,6 +49,7 @@ from metatt_deploy.serving.http import (
     BodyLimit,
     JsonHttpProtocol,
     ServeSettings,
+    load_warm,
     log,
     one_line,
     printable,
@@ -263,19 +264,14 @@ class LLMServer:
         if self.load_error is not None:
             raise MetaTTError(f"the model did not load: {self.load_error}")
 
+    def warm_every_task(self, generator: DecodingBackend) -> None:
+        for task in self.served(generator):  # every graph and adapter runs before /readyz says ready
+            warm(generator, task)
+
     async def _load(self) -> None:
         started = time.perf_counter()
-        try:
-            generator = await asyncio.to_thread(self.factory)
-            for task in self.served(generator):  # warm every graph and adapter before saying ready
-                await asyncio.to_thread(warm, generator, task)
-        except MetaTTError as e:
-            self.load_error = str(e)
-            log.error("the model did not load: %s", e)
-            return
-        except Exception as e:  # a bug: keep the process up, unready, and say why in /readyz
-            self.load_error = f"{type(e).__name__}: {e}"
-            log.exception("the model did not load")
+        generator, self.load_error = await load_warm(self.factory, self.warm_every_task)
+        if generator is None:
             return
         engine = LLMEngine(max_running=self.settings.max_running, max_tokens_per_step=self.settings.max_tokens_per_step)
         self.scheduler = Scheduler(engine, max_queue=self.settings.max_queue, on_step=self._on_step, on_event=self._on_event)
