@@ -7,7 +7,8 @@ Without --bundle's folder, a 3-task MetaTT-(4+1)D adapter on the embedded SmolLM
 made with random cores (as tools/bench_multitask_decoders.py does; speed does not depend on
 training) and merged into a factored bundle. Then `metatt-deploy serve BUNDLE` runs as a
 subprocess and, at each concurrency C, closed-loop clients (C at a time, C x --requests requests,
-streamed chat completions, greedy, --max-tokens each) run three loads, interleaved:
+streamed chat completions, greedy, --max-tokens each) run three loads, interleaved, after one untimed
+warm-up round of every task and prompt:
 
 - mixed: request i asks task i mod 3;
 - single: every request asks the first task;
@@ -43,7 +44,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from servers import free_port, wait_ready  # noqa: E402
 
-from metatt_deploy import Generator, SamplingParams  # noqa: E402
+from metatt_deploy import Generator, LLMSettings, SamplingParams  # noqa: E402
 from metatt_deploy.common.report import markdown_table, save_figure  # noqa: E402
 
 PROMPTS = [
@@ -183,7 +184,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-running", type=int, default=16)
-    parser.add_argument("--max-tokens-per-step", type=int, default=128)
+    parser.add_argument("--max-tokens-per-step", type=int, default=LLMSettings.max_tokens_per_step)
     parser.add_argument("--long-requests", type=int, default=0)
     parser.add_argument("--long-max-tokens", type=int, default=4)
     parser.add_argument("--long-concurrency", type=int, default=16)
@@ -205,6 +206,9 @@ def main() -> None:
     long: dict = {}
     try:
         wait_ready(url, 600, server)
+        # untimed: every task and prompt once, at the highest level, so that the first measured cell does not
+        # pay ONNX Runtime's first runs of each batch shape (arena growth, kernel choice) for the others
+        asyncio.run(closed_loop(url, [(t, p) for t in tasks for p in PROMPTS], max(levels), args.max_tokens))
         for c in levels:
             n = c * args.requests
             mixed_jobs = [(tasks[i % len(tasks)], PROMPTS[i % len(PROMPTS)]) for i in range(n)]

@@ -42,10 +42,12 @@ def serve(
             help="Rows (classifier; default 1024) or requests (decoder; default 256) allowed to wait; beyond that 429 with Retry-After."
         ),
     ] = None,
-    max_running: Annotated[int, typer.Option(help="Decoder: sequences decoding together, one row each in every step's model call.")] = 16,
+    max_running: Annotated[
+        int, typer.Option(help="Decoder: sequences decoding together, one row each in every step's model call.")
+    ] = LLMSettings.max_running,
     max_tokens_per_step: Annotated[
         int, typer.Option(help="Decoder: prompt tokens prefilled per step; a longer prompt is prefilled over several steps.")
-    ] = 128,
+    ] = LLMSettings.max_tokens_per_step,
     max_texts: Annotated[int, typer.Option(help="Texts per request (413 beyond).")] = 64,
     max_chars: Annotated[int, typer.Option(help="Characters per text (413 beyond).")] = 4096,
     batch_across_tasks: Annotated[

@@ -69,7 +69,7 @@ class LLMSettings:
     """Scheduling, limits and admin access of the generation server (the options of `metatt-deploy serve` on a decoder)."""
 
     max_running: int = 16  # sequences decoding together (slots); a step's rows
-    max_tokens_per_step: int = 128  # prompt tokens prefilled per step (longer prompts are spread over steps)
+    max_tokens_per_step: int = 256  # prompt tokens prefilled per step (longer prompts are spread over steps; docs/serving-llm.md)
     max_queue: int = 256  # requests waiting for a slot; beyond that 429
     max_body_bytes: int = 1 << 20  # request body, however it is framed (413 beyond)
     body_timeout_s: float = 10.0  # the whole body must arrive within this (408 beyond): a trickling client holds no connection
